@@ -1,0 +1,5 @@
+"""``python -m rlaif`` (and ``torchrun -m rlaif``) runs the CLI."""
+
+from rlaif.cli import main
+
+main()

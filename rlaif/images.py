@@ -1,0 +1,45 @@
+"""Image I/O off the model's critical path: PNG encoding and writing on worker threads."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from rlaif.files import atomic_path
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a PNG atomically (no metadata, so equal pixels give equal bytes)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+class ImageWriter:
+    """Saves PNGs on ``workers`` threads; at most ``max_pending`` wait, so memory stays bounded.
+
+    zlib releases the GIL, so encoding overlaps with the next batch's denoising. Use as a context
+    manager: leaving it waits for every write and re-raises the first failure.
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 64) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlaif-png")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, image: Image.Image, path: Path) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(save_png, image, path))
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)

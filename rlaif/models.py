@@ -1,0 +1,82 @@
+"""Load SD1.5 / SD2.x / SDXL-family text-to-image pipelines from a hub id, a local folder or a tiny alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from rlaif.errors import RlaifError
+from rlaif.tiny import tiny_model_dir
+
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,  # SD1.x and SD2.x
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TINY_ALIASES = ("tiny", "tiny-xl")
+# diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
+_DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+
+
+def resolve_model(model: str) -> str:
+    """Map the aliases ``tiny`` / ``tiny-xl`` to their local folders; hub ids and paths pass through."""
+    return str(tiny_model_dir(model)) if model in TINY_ALIASES else model
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
+
+
+def load_pipeline(
+    model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None
+) -> DiffusionPipeline:
+    """Load ``model`` (hub id, folder, ``tiny`` or ``tiny-xl``) in ``dtype`` on ``device``.
+
+    ``scheduler`` names a diffusers scheduler class compatible with the model's own (for example
+    ``EulerDiscreteScheduler``); it is built from the model's scheduler config.
+    """
+    if dtype not in DTYPES:
+        raise RlaifError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = resolve_model(model)
+    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+        raise RlaifError(f"model folder {source} does not exist")
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except Exception as exc:
+        raise RlaifError(f"cannot read model {model!r}: {_first_line(exc)}") from exc
+    pipeline_class = PIPELINES.get(index.get("_class_name", ""))
+    if pipeline_class is None:
+        raise RlaifError(
+            f"model {model!r} is a {index.get('_class_name')}; rlaif supports {', '.join(PIPELINES)} models"
+        )
+    options = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    try:
+        pipe = pipeline_class.from_pretrained(source, **{_DTYPE_KWARG: DTYPES[dtype]}, **options)
+    except Exception as exc:
+        raise RlaifError(f"cannot load model {model!r}: {_first_line(exc)}") from exc
+    if scheduler is not None:
+        pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:
+    """The scheduler class called ``name`` among those compatible with ``pipe``'s scheduler."""
+    choices = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
+    if name not in choices:
+        raise RlaifError(f"unknown --scheduler {name!r}; this model accepts: {', '.join(sorted(choices))}")
+    return choices[name]
+
+
+def default_size(pipe: DiffusionPipeline) -> int:
+    """The model's native resolution in pixels (UNet sample size times the VAE scale factor)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

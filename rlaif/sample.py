@@ -1,0 +1,187 @@
+"""``rlaif sample``: prompts -> candidate images + samples table.
+
+Work is a fixed list of batches (prompt-major, ``batch_size`` images each, candidates of several prompts
+packed together). Each rank of a distributed run takes every ``world``-th batch; a batch whose images all
+exist is skipped, so a killed run resumes where it stopped. Every image's noise comes from its own seed
+(``rlaif.seeding``), and a batch always holds the same images, so resumed and sharded runs reproduce an
+uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+
+from accelerate import PartialState
+
+from rlaif.errors import RlaifError
+from rlaif.files import remove_stale_temporaries, write_json
+from rlaif.images import ImageWriter
+from rlaif.models import default_size, load_pipeline
+from rlaif.prompts import load_prompts
+from rlaif.seeding import generator, image_seed
+from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` with this process's image counts."""
+
+# Settings that change the pixels: a rerun into the same folder must repeat them.
+GENERATION_KEYS = ("model", "scheduler", "steps", "guidance", "width", "height", "negative_prompt", "seed", "dtype")
+
+
+@dataclass
+class SampleConfig:
+    """Settings of ``rlaif sample``; field help texts are the CLI's help texts."""
+
+    model: str = field(metadata={"help": "Hub id, local diffusers folder, or the offline aliases tiny / tiny-xl."})
+    prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
+    out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
+    per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
+    steps: int = field(default=30, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."})
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
+    seed: int = field(default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."})
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass (may mix prompts)."})
+    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
+    device: str | None = field(default=None, metadata={"help": "Device, e.g. cuda:0 or cpu; default: this process's accelerator."})
+    scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class, e.g. EulerDiscreteScheduler; default: the model's."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file (default: prompt / Prompt / caption)."})
+
+    def validate(self) -> None:
+        """Reject impossible settings before anything is loaded or written."""
+        for name in ("per_prompt", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name``."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    sample_id: str
+    prompt_id: str
+    prompt: str
+    candidate: int
+    seed: int
+
+    @property
+    def image(self) -> str:
+        """Path of the PNG, relative to the output folder."""
+        return f"images/{self.prompt_id}/{self.candidate:04d}.png"
+
+
+def plan_jobs(prompts: list[str], per_prompt: int, run_seed: int) -> list[Job]:
+    """Every image of the run, prompt-major, each with its own seed."""
+    jobs = []
+    for prompt in prompts:
+        pid = prompt_id(prompt)
+        for candidate in range(per_prompt):
+            seed = image_seed(run_seed, prompt, candidate)
+            jobs.append(Job(f"{pid}-{candidate:04d}", pid, prompt, candidate, seed))
+    return jobs
+
+
+def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Cut the job list into fixed consecutive batches; their composition never depends on rank or resume."""
+    return [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the images, for run.json."""
+    found = {"python": platform.python_version()}
+    for name in ("rlaif", "torch", "diffusers", "transformers", "accelerate"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def check_resumable(run_file: Path, generation: dict) -> None:
+    """Refuse to add images made with other generation settings to an existing run folder."""
+    if not run_file.exists():
+        return
+    try:
+        previous = json.loads(run_file.read_text())["generation"]
+    except (ValueError, KeyError) as exc:
+        raise RlaifError(f"{run_file} is not an rlaif run file; use an empty --out folder") from exc
+    changed = [f"{key} {previous.get(key)!r} -> {generation[key]!r}" for key in generation
+               if previous.get(key) != generation[key]]
+    if changed:
+        raise RlaifError(
+            f"{run_file.parent} holds images made with other settings ({'; '.join(changed)}); "
+            "rerun with the same settings to resume, or choose another --out"
+        )
+
+
+def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
+    """Generate every missing image of ``config`` and write the samples table; return its path."""
+    config.validate()
+    prompts = load_prompts(config.prompts, config.prompt_column)
+    state = PartialState()
+    pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler)
+    width = config.width or default_size(pipe)
+    height = config.height or default_size(pipe)
+    settings = {**asdict(config), "out": str(config.out), "width": width, "height": height,
+                "scheduler": type(pipe.scheduler).__name__}
+    generation = {key: settings[key] for key in GENERATION_KEYS}
+    run_file = config.out / "run.json"
+    check_resumable(run_file, generation)
+    if state.is_main_process:
+        if config.out.exists():
+            remove_stale_temporaries(config.out)
+        write_json({"generation": generation, "settings": settings, "versions": versions(),
+                    "prompts": len(prompts)}, run_file)
+    state.wait_for_everyone()
+
+    jobs = plan_jobs(prompts, config.per_prompt, config.seed)
+    mine = plan_batches(jobs, config.batch_size)[state.process_index :: state.num_processes]
+    total = sum(len(batch) for batch in mine)
+    done = 0
+    with ImageWriter() as writer:
+        for batch in mine:
+            missing = [job for job in batch if not (config.out / job.image).exists()]
+            if missing:
+                images = pipe(
+                    prompt=[job.prompt for job in batch],
+                    negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
+                    num_inference_steps=config.steps,
+                    guidance_scale=config.guidance,
+                    width=width,
+                    height=height,
+                    generator=[generator(job.seed) for job in batch],
+                ).images
+                for job, image in zip(batch, images):
+                    if job in missing:
+                        writer.submit(image, config.out / job.image)
+            done += len(batch)
+            if progress:
+                progress(done, total)
+    state.wait_for_everyone()
+
+    table = config.out / "samples.parquet"
+    if state.is_main_process:
+        absent = [job.image for job in jobs if not (config.out / job.image).exists()]
+        if absent:
+            raise RlaifError(f"{len(absent)} images are missing under {config.out} (first: {absent[0]}); rerun")
+        fixed = {"model": config.model, "scheduler": settings["scheduler"], "steps": config.steps,
+                 "guidance": config.guidance, "width": width, "height": height,
+                 "negative_prompt": config.negative_prompt}
+        write_table([{**asdict(job), "image": job.image, **fixed} for job in jobs], table, SAMPLES_SCHEMA)
+    state.wait_for_everyone()
+    return table

@@ -1,0 +1,56 @@
+"""Table schemas (DESIGN.md), validation on read, and atomic Parquet writes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import polars as pl
+
+from rlaif.errors import RlaifError
+from rlaif.files import atomic_path
+
+SAMPLES_SCHEMA: dict[str, pl.DataType] = {
+    "sample_id": pl.String(),
+    "prompt_id": pl.String(),
+    "prompt": pl.String(),
+    "candidate": pl.Int64(),
+    "seed": pl.Int64(),
+    "image": pl.String(),  # path relative to the table's folder
+    "model": pl.String(),
+    "scheduler": pl.String(),
+    "steps": pl.Int64(),
+    "guidance": pl.Float64(),
+    "width": pl.Int64(),
+    "height": pl.Int64(),
+    "negative_prompt": pl.String(),
+}
+
+
+def prompt_id(prompt: str) -> str:
+    """A short stable id for a prompt text (the same text always gets the same id)."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def write_table(rows: list[dict] | pl.DataFrame, path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Build a table with ``schema`` (columns in schema order) and write it to ``path`` atomically."""
+    frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows, schema=schema)
+    frame = frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
+    return frame
+
+
+def read_table(path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Read a Parquet table and check that it has ``schema``'s columns, with one clear error if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise RlaifError(f"table {path} does not exist")
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as exc:
+        raise RlaifError(f"table {path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+    missing = [name for name in schema if name not in frame.columns]
+    if missing:
+        raise RlaifError(f"table {path} lacks column(s) {', '.join(missing)}")
+    return frame

@@ -1,0 +1,48 @@
+"""Shared test helpers: run the real CLI in a subprocess, the shared data folder, prompt files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROMPTS = [
+    "a small red circle on a blue background",
+    "a large green square on a white background",
+    "a small yellow triangle on a black background",
+    "a large purple circle on a orange background",
+    "a small white square on a red background",
+    "a large black triangle on a yellow background",
+    "a small orange circle on a green background",
+    "a large blue square on a purple background",
+]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for CLI subprocesses: offline, quiet, one thread per process unless told."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``rlaif ARGS`` as a user would, returning the completed process (stdout/stderr as text)."""
+    return subprocess.run([sys.executable, "-m", "rlaif", *map(str, args)], capture_output=True, text=True,
+                          env=env or cli_env(), timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test shares one temporary rlaif cache, never the user's."""
+    monkeypatch.setenv("RLAIF_CACHE", str(tmp_path_factory.getbasetemp() / "rlaif-cache"))
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "8prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path

@@ -1,0 +1,89 @@
+"""Model loading: tiny folders through plain diffusers, the hub-id path through an offline HF cache."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from conftest import cli_env, run_cli
+from rlaif.errors import RlaifError
+from rlaif.models import load_pipeline
+from rlaif.tiny import TINY_SD_DIR, tiny_model_dir
+
+
+def test_tiny_folders_load_with_plain_diffusers(tmp_path):
+    assert run_cli("tiny", "--out", tmp_path / "sd").returncode == 0
+    assert run_cli("tiny", "--out", tmp_path / "xl", "--xl").returncode == 0
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    xl = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl")
+    assert xl.unet.config.addition_embed_type == "text_time"
+    assert xl.text_encoder_2 is not None and sd.text_encoder is not None
+    for pipe in (sd, xl):
+        image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+        assert image.shape == (64, 64, 3)
+
+
+def test_tiny_xl_is_deterministic_and_cached(tmp_path):
+    first = tiny_model_dir("tiny-xl")
+    assert run_cli("tiny", "--out", tmp_path / "xl", "--xl").returncode == 0
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        assert (first / name).read_bytes() == (tmp_path / "xl" / name).read_bytes()
+    assert tiny_model_dir("tiny-xl") == first
+
+
+def _mean_rgb(pipe, prompt: str) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    images = pipe([prompt] * 8, num_inference_steps=20, generator=generators, output_type="np").images
+    return images.mean(axis=(0, 1, 2))
+
+
+def test_pretrained_tiny_model_follows_the_prompt_colour():
+    pipe = load_pipeline("tiny")
+    red = _mean_rgb(pipe, "a small black circle on a red background")
+    blue = _mean_rgb(pipe, "a small black circle on a blue background")
+    # Mostly background: the red-background images are redder, the blue-background ones bluer.
+    assert red[0] - red[2] > 0.2
+    assert blue[2] - blue[0] > 0.2
+
+
+def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file):
+    repo = tmp_path / "hf" / "hub" / "models--rlaif-test--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    shutil.copytree(TINY_SD_DIR, repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567")
+    env = cli_env(HF_HOME=str(tmp_path / "hf"))
+    result = run_cli("sample", "--model", "rlaif-test/tiny-sd", "--prompts", prompts_file, "--per-prompt", 1,
+                     "--steps", 2, "--out", tmp_path / "out", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 8
+    missing = run_cli("sample", "--model", "rlaif-test/not-there", "--prompts", prompts_file,
+                      "--out", tmp_path / "out2", env=env)
+    assert missing.returncode == 2 and "cannot read model 'rlaif-test/not-there'" in missing.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_scheduler_by_class_name_and_unknown_ones():
+    assert type(load_pipeline("tiny", scheduler="EulerDiscreteScheduler").scheduler).__name__ == "EulerDiscreteScheduler"
+    with pytest.raises(RlaifError, match="unknown --scheduler 'Nope'.*DDIMScheduler"):
+        load_pipeline("tiny", scheduler="Nope")
+
+
+def test_dtype_is_applied():
+    assert load_pipeline("tiny", dtype="bf16").unet.dtype == torch.bfloat16
+
+
+def test_unreadable_model_folder(tmp_path):
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(RlaifError, match="cannot read model"):
+        load_pipeline(str(tmp_path / "broken"))
+    with pytest.raises(RlaifError, match="does not exist"):
+        load_pipeline(str(tmp_path / "absent"))
+
+
+def test_python_m_rlaif_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "rlaif", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "sample" in result.stdout and "tiny" in result.stdout

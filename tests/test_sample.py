@@ -1,0 +1,151 @@
+"""`rlaif sample` end to end through the real CLI: outputs, resume after SIGKILL, sharding, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from conftest import PROMPTS, cli_env, run_cli
+from rlaif.seeding import image_seed
+from rlaif.tables import SAMPLES_SCHEMA, prompt_id
+
+FAST = ("--steps", 4, "--batch-size", 4)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes), except run.json and the table."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("run.json", "samples.parquet")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted single-process run (one thread, like each torchrun rank) to compare against."""
+    folder = tmp_path_factory.mktemp("reference")
+    prompts = folder / "8prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    result = run_cli("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", folder / "out",
+                     *FAST, env=cli_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    return prompts, folder / "out"
+
+
+def test_writes_32_pngs_and_a_valid_table(reference):
+    _, out = reference
+    table = pl.read_parquet(out / "samples.parquet")
+    assert table.columns == list(SAMPLES_SCHEMA)
+    assert table.height == 32 and len(list((out / "images").rglob("*.png"))) == 32
+    assert table["sample_id"].n_unique() == 32
+    for row in table.iter_rows(named=True):
+        assert row["prompt_id"] == prompt_id(row["prompt"])
+        assert row["seed"] == image_seed(0, row["prompt"], row["candidate"])
+        assert Image.open(out / row["image"]).size == (row["width"], row["height"]) == (64, 64)
+        assert (row["model"], row["scheduler"], row["steps"]) == ("tiny", "DDIMScheduler", 4)
+    run = json.loads((out / "run.json").read_text())
+    assert run["generation"]["steps"] == 4 and run["versions"]["torch"]
+    assert sorted(table["prompt"].unique()) == sorted(PROMPTS)
+
+
+def test_tiny_xl_writes_pngs_and_table(tmp_path, prompts_file):
+    result = run_cli("sample", "--model", "tiny-xl", "--prompts", prompts_file, "--per-prompt", 4,
+                     "--out", tmp_path / "xl", "--steps", 2, "--batch-size", 16)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "xl" / "images").rglob("*.png"))) == 32
+    table = pl.read_parquet(tmp_path / "xl" / "samples.parquet")
+    assert table.height == 32 and set(table["scheduler"]) == {"EulerDiscreteScheduler"}
+
+
+def test_rerun_with_same_arguments_skips_finished_images(reference, tmp_path):
+    prompts, out = reference
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    result = run_cli("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", out, *FAST,
+                     env=cli_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+
+@pytest.mark.parametrize("kill_after_pngs", [1, 13])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, kill_after_pngs):
+    prompts, expected = reference
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "rlaif", "sample", "--model", "tiny", "--prompts", str(prompts),
+            "--per-prompt", "4", "--out", str(out), *map(str, FAST)]
+    env = cli_env(OMP_NUM_THREADS="1")
+    victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.rglob("*.png"))) < kill_after_pngs and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "samples.parquet").exists(), "the run finished before it could be killed"
+    assert len(list(out.rglob("*.png"))) < 32
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == tree(expected)  # byte-identical PNGs, no temporaries left behind
+    assert pl.read_parquet(out / "samples.parquet").equals(pl.read_parquet(expected / "samples.parquet"))
+
+
+def test_two_processes_shard_and_match_one_process(reference, tmp_path):
+    prompts, expected = reference
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + os.getpid() % 1000), "-m", "rlaif", "sample", "--model", "tiny", "--prompts", str(prompts),
+         "--per-prompt", "4", "--out", str(out), *map(str, FAST)],
+        env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == tree(expected)
+    assert pl.read_parquet(out / "samples.parquet").equals(pl.read_parquet(expected / "samples.parquet"))
+
+
+def test_other_generation_settings_are_refused(reference):
+    prompts, out = reference
+    before = tree(out)
+    result = run_cli("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", out,
+                     "--steps", 5, "--batch-size", 4)
+    assert result.returncode == 2
+    assert "steps 4 -> 5" in result.stderr and str(out) in result.stderr
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--per-prompt", 0), "--per-prompt must be at least 1"),
+        (("--width", 60), "--width must be a positive multiple of 8"),
+        (("--scheduler", "NoSuchScheduler"), "unknown --scheduler 'NoSuchScheduler'"),
+        (("--dtype", "fp8"), "--dtype 'fp8'"),
+    ],
+)
+def test_bad_options_fail_cleanly(tmp_path, prompts_file, args, message):
+    result = run_cli("sample", "--model", "tiny", "--prompts", prompts_file, "--out", tmp_path / "out", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]  # one line
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_name_the_culprit(tmp_path, prompts_file):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "p.csv").write_text("text\nhello\n")
+    (tmp_path / "notamodel").mkdir()
+    cases = [
+        (("--prompts", tmp_path / "absent.txt"), f"prompts file {tmp_path / 'absent.txt'} does not exist"),
+        (("--prompts", tmp_path / "empty.txt"), "holds no prompts"),
+        (("--prompts", tmp_path / "p.csv"), "has no column"),
+        (("--prompts", prompts_file, "--model", tmp_path / "notamodel"), f"cannot read model '{tmp_path / 'notamodel'}'"),
+    ]
+    for args, message in cases:
+        model = () if "--model" in args else ("--model", "tiny")
+        result = run_cli("sample", *model, *args, "--out", tmp_path / "out")
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
