@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from rlaif.cli_options import default, option
 from rlaif.errors import RlaifError
+from rlaif.sample import SampleConfig
 
 app = typer.Typer(
     help="Align text-to-image diffusion models to AI feedback: sample -> label -> train -> eval.",
@@ -40,39 +43,34 @@ def progress_bar(unit: str) -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
-from rlaif.sample import SampleConfig  # noqa: E402  (after the Typer app, so `--help` stays quick to read)
-
-H = SampleConfig.help
+S = SampleConfig
 
 
 @app.command()
 def sample(
-    model: str = typer.Option(..., "--model", "-m", help=H("model")),
-    prompts: str = typer.Option(..., "--prompts", "-p", help=H("prompts")),
-    out: Path = typer.Option(..., "--out", "-o", help=H("out")),
-    per_prompt: int = typer.Option(4, "--per-prompt", "-n", help=H("per_prompt")),
-    steps: int = typer.Option(30, help=H("steps")),
-    guidance: float = typer.Option(7.5, help=H("guidance")),
-    width: int = typer.Option(None, help=H("width")),
-    height: int = typer.Option(None, help=H("height")),
-    negative_prompt: str = typer.Option("", help=H("negative_prompt")),
-    seed: int = typer.Option(0, help=H("seed")),
-    batch_size: int = typer.Option(8, help=H("batch_size")),
-    dtype: str = typer.Option("fp32", help=H("dtype")),
-    device: str = typer.Option(None, help=H("device")),
-    scheduler: str = typer.Option(None, help=H("scheduler")),
-    prompt_column: str = typer.Option(None, help=H("prompt_column")),
+    model: Annotated[str, option(S, "model", "--model", "-m")],
+    prompts: Annotated[str, option(S, "prompts", "--prompts", "-p")],
+    out: Annotated[Path, option(S, "out", "--out", "-o")],
+    per_prompt: Annotated[int, option(S, "per_prompt", "--per-prompt", "-n")] = default(S, "per_prompt"),
+    steps: Annotated[int, option(S, "steps")] = default(S, "steps"),
+    guidance: Annotated[float, option(S, "guidance")] = default(S, "guidance"),
+    width: Annotated[Optional[int], option(S, "width")] = default(S, "width"),  # noqa: UP045 (typer)
+    height: Annotated[Optional[int], option(S, "height")] = default(S, "height"),  # noqa: UP045
+    negative_prompt: Annotated[str, option(S, "negative_prompt")] = default(S, "negative_prompt"),
+    seed: Annotated[int, option(S, "seed")] = default(S, "seed"),
+    batch_size: Annotated[int, option(S, "batch_size")] = default(S, "batch_size"),
+    dtype: Annotated[str, option(S, "dtype")] = default(S, "dtype"),
+    device: Annotated[Optional[str], option(S, "device")] = default(S, "device"),  # noqa: UP045
+    scheduler: Annotated[Optional[str], option(S, "scheduler")] = default(S, "scheduler"),  # noqa: UP045
+    prompt_column: Annotated[Optional[str], option(S, "prompt_column")] = default(S, "prompt_column"),  # noqa: UP045
 ) -> None:
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
+    config = SampleConfig(**locals())
+    config.validate()
     from accelerate import PartialState
 
     from rlaif.sample import run_sample
 
-    config = SampleConfig(model=model, prompts=prompts, out=out, per_prompt=per_prompt, steps=steps,
-                          guidance=guidance, width=width, height=height, negative_prompt=negative_prompt,
-                          seed=seed, batch_size=batch_size, dtype=dtype, device=device, scheduler=scheduler,
-                          prompt_column=prompt_column)
-    config.validate()
     show = PartialState().is_main_process
     with progress_bar("images") as bar:
         task = bar.add_task("sampling", total=None, visible=show)
@@ -83,8 +81,8 @@ def sample(
 
 @app.command()
 def tiny(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the diffusers pipeline into."),
-    xl: bool = typer.Option(False, "--xl", help="Write the SDXL-style tiny model instead of the SD1.5-style one."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline into.")],
+    xl: Annotated[bool, typer.Option("--xl", help="Write the SDXL-style tiny model, not the SD1.5-style one.")] = False,
 ) -> None:
     """Write the tiny offline model (also reachable as --model tiny / tiny-xl) as a diffusers folder."""
     from rlaif.tiny import write_tiny

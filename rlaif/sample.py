@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -43,15 +43,27 @@ class SampleConfig:
     per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
     steps: int = field(default=30, metadata={"help": "Denoising steps."})
     guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."})
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."})
+    width: int | None = field(
+        default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."}
+    )
+    height: int | None = field(
+        default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
+    )
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
-    seed: int = field(default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."})
+    seed: int = field(
+        default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass (may mix prompts)."})
     dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
-    device: str | None = field(default=None, metadata={"help": "Device, e.g. cuda:0 or cpu; default: this process's accelerator."})
-    scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class, e.g. EulerDiscreteScheduler; default: the model's."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file (default: prompt / Prompt / caption)."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device, e.g. cuda:0 or cpu; default: this process's accelerator."}
+    )
+    scheduler: str | None = field(
+        default=None, metadata={"help": "Diffusers scheduler class, e.g. EulerDiscreteScheduler; default: the model's."}
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Prompt column of a table file (default: prompt / Prompt / caption)."}
+    )
 
     def validate(self) -> None:
         """Reject impossible settings before anything is loaded or written."""
@@ -63,10 +75,6 @@ class SampleConfig:
             if value is not None and (value < 8 or value % 8):
                 raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
 
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The help text of field ``name``."""
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
                     height=height,
                     generator=[generator(job.seed) for job in batch],
                 ).images
-                for job, image in zip(batch, images):
+                for job, image in zip(batch, images, strict=True):
                     if job in missing:
                         writer.submit(image, config.out / job.image)
             done += len(batch)

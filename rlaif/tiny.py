@@ -16,7 +16,6 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -30,7 +29,9 @@ TINY_XL_VERSION = 1  # bump when the tiny-xl recipe changes, so stale caches are
 RESOLUTION = 64
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The noise schedule of SD1.5 / SDXL.
-NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+NOISE_SCHEDULE = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000
+}
 
 
 def _byte_symbols() -> list[str]:

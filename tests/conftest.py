@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub; hub ids resolve from local caches
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS = [
     "a small red circle on a blue background",

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import cli_env, run_cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from conftest import cli_env, run_cli
 from rlaif.errors import RlaifError
 from rlaif.models import load_pipeline
 from rlaif.tiny import TINY_SD_DIR, tiny_model_dir
@@ -67,7 +67,8 @@ def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file):
 
 
 def test_scheduler_by_class_name_and_unknown_ones():
-    assert type(load_pipeline("tiny", scheduler="EulerDiscreteScheduler").scheduler).__name__ == "EulerDiscreteScheduler"
+    euler = load_pipeline("tiny", scheduler="EulerDiscreteScheduler")
+    assert type(euler.scheduler).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(RlaifError, match="unknown --scheduler 'Nope'.*DDIMScheduler"):
         load_pipeline("tiny", scheduler="Nope")
 

@@ -3,8 +3,8 @@ import shutil
 
 import polars as pl
 import pytest
-
 from conftest import SHARED_DATA
+
 from rlaif.cache import cache_dir
 from rlaif.errors import RlaifError
 from rlaif.prompts import load_prompts

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
 
-from conftest import PROMPTS, cli_env, run_cli
 from rlaif.seeding import image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id
 
@@ -128,8 +128,8 @@ def test_other_generation_settings_are_refused(reference):
 def test_bad_options_fail_cleanly(tmp_path, prompts_file, args, message):
     result = run_cli("sample", "--model", "tiny", "--prompts", prompts_file, "--out", tmp_path / "out", *args)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]  # one line
-    assert message in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -141,7 +141,7 @@ def test_bad_inputs_name_the_culprit(tmp_path, prompts_file):
         (("--prompts", tmp_path / "absent.txt"), f"prompts file {tmp_path / 'absent.txt'} does not exist"),
         (("--prompts", tmp_path / "empty.txt"), "holds no prompts"),
         (("--prompts", tmp_path / "p.csv"), "has no column"),
-        (("--prompts", prompts_file, "--model", tmp_path / "notamodel"), f"cannot read model '{tmp_path / 'notamodel'}'"),
+        (("--prompts", prompts_file, "--model", tmp_path / "notamodel"), f"model '{tmp_path / 'notamodel'}'"),
     ]
     for args, message in cases:
         model = () if "--model" in args else ("--model", "tiny")

@@ -2,8 +2,8 @@ import hashlib
 
 import torch
 
-from rlaif.seeding import generator, image_seed
 from rlaif.sample import plan_batches, plan_jobs
+from rlaif.seeding import generator, image_seed
 
 
 def test_image_seed_is_sha256_of_its_inputs():
