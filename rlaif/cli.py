@@ -14,6 +14,7 @@ from rich.text import Text
 
 from rlaif.cli_options import default, option
 from rlaif.errors import RlaifError
+from rlaif.label import LabelConfig
 from rlaif.sample import SampleConfig
 
 app = typer.Typer(
@@ -77,6 +78,56 @@ def sample(
         table = run_sample(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if show:
         err.print(f"wrote {table}")
+
+
+L = LabelConfig
+
+
+@app.command()
+def label(
+    samples_dir: Annotated[Path, typer.Argument(help=L.__dataclass_fields__["samples_dir"].metadata["help"])],
+    scorers: Annotated[list[str], option(L, "scorers", "--scorer", "-s")],
+    out: Annotated[Optional[Path], option(L, "out", "--out", "-o")] = default(L, "out"),  # noqa: UP045
+    strategy: Annotated[str, option(L, "strategy")] = default(L, "strategy"),
+    top_k: Annotated[int, option(L, "top_k")] = default(L, "top_k"),
+    min_margin: Annotated[float, option(L, "min_margin")] = default(L, "min_margin"),
+    keep_ties: Annotated[bool, option(L, "keep_ties")] = default(L, "keep_ties"),
+    combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
+    batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
+    device: Annotated[Optional[str], option(L, "device")] = default(L, "device"),  # noqa: UP045
+) -> None:
+    """Score every sample with AI scorers and write winner/loser pairs (scores are cached per scorer)."""
+    config = LabelConfig(**locals())
+    config.validate()
+    from rlaif.label import run_label
+
+    with progress_bar("images") as bar:
+        tasks: dict[str, int] = {}
+
+        def advance(scorer: str, done: int, total: int) -> None:
+            if scorer not in tasks:
+                tasks[scorer] = bar.add_task(f"scoring {scorer}", total=total)
+            bar.update(tasks[scorer], completed=done)
+
+        pairs = run_label(config, progress=advance)
+    err.print(f"wrote {pairs}")
+
+
+scorers_app = typer.Typer(help="Inspect the available scorers.", no_args_is_help=True)
+app.add_typer(scorers_app, name="scorers")
+
+
+@scorers_app.command("list")
+def scorers_list() -> None:
+    """Print every available scorer: name, where it comes from, what it measures."""
+    from rich.table import Table
+
+    from rlaif.scoring import available_scorers
+
+    table = Table("name", "from", "measures", box=None)
+    for entry in available_scorers().values():
+        table.add_row(entry.name, entry.source, entry.description)
+    Console().print(table)
 
 
 @app.command()

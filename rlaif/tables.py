@@ -26,6 +26,25 @@ SAMPLES_SCHEMA: dict[str, pl.DataType] = {
     "negative_prompt": pl.String(),
 }
 
+SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "sample_id": pl.String(),
+    "scorer": pl.String(),
+    "score": pl.Float64(),
+    "prompt": pl.String(),
+}
+PAIRS_SCHEMA: dict[str, pl.DataType] = {
+    "prompt_id": pl.String(),
+    "sample_id_0": pl.String(),
+    "sample_id_1": pl.String(),
+    "caption": pl.String(),
+    "image_0": pl.String(),  # paths relative to the pairs table's folder
+    "image_1": pl.String(),
+    "label_0": pl.Float64(),  # 1: image_0 wins, 0: image_1 wins, 0.5: tie
+    "score_0": pl.Float64(),  # the combined preference values the label came from
+    "score_1": pl.Float64(),
+    "scorer": pl.String(),  # NAME:WEIGHT[+NAME:WEIGHT...]
+}
+
 
 def prompt_id(prompt: str) -> str:
     """A short stable id for a prompt text (the same text always gets the same id)."""
