@@ -104,3 +104,13 @@ class LoadedScorer:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             raise RlaifError(f"scorer {self.name!r} returned a NaN, infinite or non-numeric score")
         return [float(v) for v in values]
+
+
+def unique_prompts(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Each distinct prompt once, and for every input prompt its index into that list.
+
+    Scorers encode the distinct prompts once per batch and gather: ``text_features[index]``.
+    """
+    distinct = list(dict.fromkeys(prompts))
+    position = {prompt: i for i, prompt in enumerate(distinct)}
+    return distinct, torch.tensor([position[p] for p in prompts], dtype=torch.long)

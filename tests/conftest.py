@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub; hub ids resolve from local caches
+# Tests never reach a hub: hub ids resolve from a private offline Hugging Face cache that tests fill with
+# tiny files in the original layouts (set before huggingface_hub is imported, which reads it once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rlaif-test-hf-")
+REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS = [
@@ -22,6 +28,15 @@ PROMPTS = [
     "a small orange circle on a green background",
     "a large blue square on a purple background",
 ]
+
+
+def install_in_hf_cache(repo_id: str, files: Path) -> None:
+    """Lay out ``files`` (a folder) as the cached snapshot of hub model ``repo_id``, so that
+    ``from_pretrained(repo_id)`` / ``hf_hub_download(repo_id, name)`` resolve to it offline."""
+    repo = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    shutil.copytree(files, repo / "snapshots" / REVISION, dirs_exist_ok=True)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

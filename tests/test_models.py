@@ -1,13 +1,12 @@
 """Model loading: tiny folders through plain diffusers, the hub-id path through an offline HF cache."""
 
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli
+from conftest import install_in_hf_cache, run_cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rlaif.errors import RlaifError
@@ -51,17 +50,13 @@ def test_pretrained_tiny_model_follows_the_prompt_colour():
 
 
 def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file):
-    repo = tmp_path / "hf" / "hub" / "models--rlaif-test--tiny-sd"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
-    shutil.copytree(TINY_SD_DIR, repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567")
-    env = cli_env(HF_HOME=str(tmp_path / "hf"))
+    install_in_hf_cache("rlaif-test/tiny-sd", TINY_SD_DIR)
     result = run_cli("sample", "--model", "rlaif-test/tiny-sd", "--prompts", prompts_file, "--per-prompt", 1,
-                     "--steps", 2, "--out", tmp_path / "out", env=env)
+                     "--steps", 2, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 8
     missing = run_cli("sample", "--model", "rlaif-test/not-there", "--prompts", prompts_file,
-                      "--out", tmp_path / "out2", env=env)
+                      "--out", tmp_path / "out2")
     assert missing.returncode == 2 and "cannot read model 'rlaif-test/not-there'" in missing.stderr
     assert not (tmp_path / "out2").exists()
 

@@ -1,0 +1,38 @@
+"""Scorer plugins for the tests, loaded by ``module:attr`` (the tests put this folder on PYTHONPATH)."""
+
+import os
+
+import torch
+
+
+class _Scorer:
+    def __init__(self, fn):
+        self.score = fn
+
+
+def raising(device="cpu"):
+    def score(images, prompts):
+        raise RuntimeError("model exploded")
+    return _Scorer(score)
+
+
+def wrong_length(device="cpu"):
+    return _Scorer(lambda images, prompts: [1.0] * (len(images) + 1))
+
+
+def nan(device="cpu"):
+    return _Scorer(lambda images, prompts: torch.full((len(images),), float("nan")))
+
+
+def constant(device="cpu"):
+    return _Scorer(lambda images, prompts: [1.0] * len(images))
+
+
+def counting_brightness(device="cpu"):
+    """Mean brightness, counting scored images in the file named by RLAIF_TEST_COUNT."""
+    def score(images, prompts):
+        with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
+            log.write(f"{len(images)}\n")
+        return torch.tensor([float(torch.tensor(list(image.convert("L").getdata())).float().mean())
+                             for image in images])
+    return _Scorer(score)

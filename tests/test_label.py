@@ -1,0 +1,104 @@
+"""`rlaif label` through the real CLI on tiny samples: tables, cache reuse, plugin faults."""
+
+import io
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import PROMPTS, cli_env, run_cli
+from PIL import Image
+
+from rlaif.tables import PAIRS_SCHEMA, SCORES_SCHEMA
+
+PLUGINS = str(Path(__file__).parent)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("label")
+    (folder / "p.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    result = run_cli("sample", "--model", "tiny", "--prompts", folder / "p.txt", "--per-prompt", 4,
+                     "--steps", 4, "--batch-size", 16, "--out", folder / "run")
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
+@pytest.fixture
+def fresh(samples, tmp_path):
+    """A private copy of the samples folder (tests write scores and pairs into it)."""
+    return Path(shutil.copytree(samples, tmp_path / "run"))
+
+
+def jpeg_kb(path: Path) -> float:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.tell() / 1000
+
+
+def test_compressibility_pairs_match_an_independent_jpeg_computation(fresh):
+    result = run_cli("label", fresh, "--scorer", "compressibility")
+    assert result.returncode == 0, result.stderr
+    scores = pl.read_parquet(fresh / "scores.parquet")
+    pairs = pl.read_parquet(fresh / "pairs.parquet")
+    assert scores.columns == list(SCORES_SCHEMA) and pairs.columns == list(PAIRS_SCHEMA)
+    samples = pl.read_parquet(fresh / "samples.parquet")
+    expected = {sid: -jpeg_kb(fresh / image) for sid, image in zip(samples["sample_id"], samples["image"],
+                                                                     strict=True)}
+    assert dict(zip(scores["sample_id"], scores["score"], strict=True)) == pytest.approx(expected)
+    assert pairs.height == 4  # best-worst: one pair per prompt
+    for row in pairs.iter_rows(named=True):
+        best = max((s for s in expected if s.startswith(row["prompt_id"])), key=expected.get)
+        winner = row["sample_id_0"] if row["label_0"] == 1.0 else row["sample_id_1"]
+        assert winner == best
+        assert (fresh / row["image_0"]).is_file() and row["caption"] in PROMPTS
+
+
+def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
+    env = cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=str(tmp_path / "count"))
+    first = run_cli("label", fresh, "--scorer", "label_plugins:counting_brightness", env=env)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("label", fresh, "--scorer", "label_plugins:counting_brightness", "--scorer",
+                     "compressibility:2", "--strategy", "all-pairs", "--out", tmp_path / "elsewhere.parquet", env=env)
+    assert second.returncode == 0, second.stderr
+    assert sum(map(int, (tmp_path / "count").read_text().split())) == 16  # scored once, not twice
+    scores = pl.read_parquet(fresh / "scores.parquet")
+    assert scores.group_by("scorer").len().sort("scorer")["len"].to_list() == [16, 16]
+    pairs = pl.read_parquet(tmp_path / "elsewhere.parquet")
+    assert (tmp_path / pairs["image_0"][0]).resolve().is_file()  # image paths are relative to the table
+    assert set(pairs["scorer"]) == {"label_plugins:counting_brightness:1+compressibility:2"}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ("label_plugins:raising", "scorer 'label_plugins:raising' raised RuntimeError: model exploded"),
+        ("label_plugins:wrong_length", "returned 17 scores for 16 images"),
+        ("label_plugins:nan", "returned a NaN"),
+        ("label_plugins:absent", "scorer 'label_plugins:absent' cannot be imported"),
+        ("no-such-scorer", "unknown scorer 'no-such-scorer'; available: compressibility"),
+        ("label_plugins:constant", "no pairs"),
+    ],
+)
+def test_plugin_faults_are_one_clear_line(fresh, plugin, message):
+    result = run_cli("label", fresh, "--scorer", plugin, "--batch-size", 64, env=cli_env(PYTHONPATH=PLUGINS))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("error: "), result.stderr
+    assert not (fresh / "pairs.parquet").exists()
+
+
+def test_missing_samples_table_and_corrupt_image(fresh, tmp_path):
+    result = run_cli("label", tmp_path / "nowhere", "--scorer", "compressibility")
+    assert result.returncode == 2 and "samples.parquet does not exist" in result.stderr
+    image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][3]
+    image.write_bytes(b"not a png")
+    result = run_cli("label", fresh, "--scorer", "compressibility")
+    assert result.returncode == 2 and f"image {image} cannot be read" in result.stderr
+    assert not (fresh / "scores.parquet").exists()
+
+
+def test_scorers_list_shows_builtins():
+    result = run_cli("scorers", "list")
+    assert result.returncode == 0
+    assert "compressibility" in result.stdout and "built-in" in result.stdout
