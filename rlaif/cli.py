@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from rlaif.cli_options import default, option
+from rlaif.cli_options import argument, default, option
 from rlaif.errors import RlaifError
 from rlaif.label import LabelConfig
 from rlaif.sample import SampleConfig
@@ -55,15 +55,15 @@ def sample(
     per_prompt: Annotated[int, option(S, "per_prompt", "--per-prompt", "-n")] = default(S, "per_prompt"),
     steps: Annotated[int, option(S, "steps")] = default(S, "steps"),
     guidance: Annotated[float, option(S, "guidance")] = default(S, "guidance"),
-    width: Annotated[Optional[int], option(S, "width")] = default(S, "width"),  # noqa: UP045 (typer)
-    height: Annotated[Optional[int], option(S, "height")] = default(S, "height"),  # noqa: UP045
+    width: Annotated[int | None, option(S, "width")] = default(S, "width"),
+    height: Annotated[int | None, option(S, "height")] = default(S, "height"),
     negative_prompt: Annotated[str, option(S, "negative_prompt")] = default(S, "negative_prompt"),
     seed: Annotated[int, option(S, "seed")] = default(S, "seed"),
     batch_size: Annotated[int, option(S, "batch_size")] = default(S, "batch_size"),
     dtype: Annotated[str, option(S, "dtype")] = default(S, "dtype"),
-    device: Annotated[Optional[str], option(S, "device")] = default(S, "device"),  # noqa: UP045
-    scheduler: Annotated[Optional[str], option(S, "scheduler")] = default(S, "scheduler"),  # noqa: UP045
-    prompt_column: Annotated[Optional[str], option(S, "prompt_column")] = default(S, "prompt_column"),  # noqa: UP045
+    device: Annotated[str | None, option(S, "device")] = default(S, "device"),
+    scheduler: Annotated[str | None, option(S, "scheduler")] = default(S, "scheduler"),
+    prompt_column: Annotated[str | None, option(S, "prompt_column")] = default(S, "prompt_column"),
 ) -> None:
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
     config = SampleConfig(**locals())
@@ -85,16 +85,16 @@ L = LabelConfig
 
 @app.command()
 def label(
-    samples_dir: Annotated[Path, typer.Argument(help=L.__dataclass_fields__["samples_dir"].metadata["help"])],
+    samples_dir: Annotated[Path, argument(L, "samples_dir")],
     scorers: Annotated[list[str], option(L, "scorers", "--scorer", "-s")],
-    out: Annotated[Optional[Path], option(L, "out", "--out", "-o")] = default(L, "out"),  # noqa: UP045
+    out: Annotated[Path | None, option(L, "out", "--out", "-o")] = default(L, "out"),
     strategy: Annotated[str, option(L, "strategy")] = default(L, "strategy"),
     top_k: Annotated[int, option(L, "top_k")] = default(L, "top_k"),
     min_margin: Annotated[float, option(L, "min_margin")] = default(L, "min_margin"),
     keep_ties: Annotated[bool, option(L, "keep_ties")] = default(L, "keep_ties"),
     combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
-    device: Annotated[Optional[str], option(L, "device")] = default(L, "device"),  # noqa: UP045
+    device: Annotated[str | None, option(L, "device")] = default(L, "device"),
 ) -> None:
     """Score every sample with AI scorers and write winner/loser pairs (scores are cached per scorer)."""
     config = LabelConfig(**locals())

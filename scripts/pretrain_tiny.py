@@ -4,7 +4,10 @@ Deterministic (fixed seeds, fixed step counts); a few CPU minutes on 2 cores. St
 reconstruct shapes pictures; stage 2 freezes it and trains the UNet and text encoder with the standard
 epsilon-prediction objective (10% caption dropout, for classifier-free guidance).
 
-    python scripts/pretrain_tiny.py [--vae-steps N] [--unet-steps N] [--out DIR]
+The committed weights were made in two runs (the second continues the first):
+
+    python scripts/pretrain_tiny.py
+    python scripts/pretrain_tiny.py --init rlaif/assets/tiny-sd --vae-steps 0 --unet-steps 1500 --lr 5e-4 --seed 1
 """
 
 from __future__ import annotations
@@ -59,12 +62,12 @@ def encode_dataset(vae, rng: random.Random, size: int) -> tuple[torch.Tensor, li
 
 
 def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[str]], steps: int,
-               rng: random.Random) -> None:
+               rng: random.Random, lr: float) -> None:
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     all_latents, all_captions = data
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
         index = rng.sample(range(len(all_captions)), 48)
         latents = all_latents[index]
@@ -89,21 +92,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=900)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet stage")
     parser.add_argument("--dataset-size", type=int, default=6400, help="scenes encoded once for the UNet stage")
+    parser.add_argument("--init", type=Path, help="continue from this tiny folder (its VAE is kept if --vae-steps 0)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TINY_SD_DIR)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    parts = build_sd_components(seed=0)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    if args.init:
+        parts = {**build_sd_components(seed=args.seed), **StableDiffusionPipeline.from_pretrained(args.init).components}
+    else:
+        parts = build_sd_components(seed=args.seed)
     start = time.time()
-    train_vae(parts["vae"], args.vae_steps, rng)
+    if args.vae_steps:
+        train_vae(parts["vae"], args.vae_steps, rng)
+        with torch.no_grad():
+            latents = parts["vae"].encode(batch(rng, 256)[0]).latent_dist.sample()
+        parts["vae"].register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     parts["vae"].requires_grad_(False).eval()
-    with torch.no_grad():
-        latents = parts["vae"].encode(batch(rng, 256)[0]).latent_dist.sample()
-    parts["vae"].register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     print(f"vae done in {time.time() - start:.0f}s, scaling_factor {parts['vae'].config.scaling_factor}", flush=True)
     data = encode_dataset(parts["vae"], rng, args.dataset_size)
-    train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng)
+    train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng, args.lr)
     print(f"all done in {time.time() - start:.0f}s", flush=True)
     StableDiffusionPipeline(**parts).save_pretrained(args.out, safe_serialization=True)
 
