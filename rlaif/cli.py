@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from rlaif.cli_options import argument, default, option
@@ -38,10 +49,21 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
-def progress_bar(unit: str) -> Progress:
-    """A rich progress bar on stderr with count, rate and ETA."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-                    TimeRemainingColumn(), console=err, transient=False)
+@contextlib.contextmanager
+def progress_bars(unit: str, visible: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """Rich progress bars on stderr (count, rate, ETA), one per description, created on first report so
+    that nothing is drawn when a run fails before its work starts."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=not visible) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def report(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=done, total=total)
+
+        yield report
 
 
 S = SampleConfig
@@ -73,9 +95,8 @@ def sample(
     from rlaif.sample import run_sample
 
     show = PartialState().is_main_process
-    with progress_bar("images") as bar:
-        task = bar.add_task("sampling", total=None, visible=show)
-        table = run_sample(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with progress_bars("images", visible=show) as report:
+        table = run_sample(config, progress=lambda done, total: report("sampling", done, total))
     if show:
         err.print(f"wrote {table}")
 
@@ -101,15 +122,8 @@ def label(
     config.validate()
     from rlaif.label import run_label
 
-    with progress_bar("images") as bar:
-        tasks: dict[str, int] = {}
-
-        def advance(scorer: str, done: int, total: int) -> None:
-            if scorer not in tasks:
-                tasks[scorer] = bar.add_task(f"scoring {scorer}", total=total)
-            bar.update(tasks[scorer], completed=done)
-
-        pairs = run_label(config, progress=advance)
+    with progress_bars("images") as report:
+        pairs = run_label(config, progress=lambda scorer, done, total: report(f"scoring {scorer}", done, total))
     err.print(f"wrote {pairs}")
 
 

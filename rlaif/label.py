@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
 from rlaif.scoring import LoadedScorer
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
 
+WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
 
@@ -55,14 +57,16 @@ class LabelConfig:
 
 
 def parse_weights(specs: list[str]) -> dict[str, float]:
-    """``["pickscore:2", "pkg.mod:factory"]`` -> ``{"pickscore": 2.0, "pkg.mod:factory": 1.0}``."""
+    """``["pickscore:2", "pkg.mod:factory"]`` -> ``{"pickscore": 2.0, "pkg.mod:factory": 1.0}``.
+
+    A trailing ``:NUMBER`` is a weight; anything else after a colon belongs to a ``module:attr`` name.
+    """
     weights: dict[str, float] = {}
     for spec in specs:
-        name, _, tail = spec.rpartition(":")
-        try:
-            weight = float(tail)
-        except ValueError:
-            name, weight = spec, 1.0
+        name, weight = spec, 1.0
+        match = WEIGHTED.fullmatch(spec)
+        if match:
+            name, weight = match["name"], float(match["weight"])
         if not name or weight <= 0:
             raise RlaifError(f"--scorer {spec!r}: expected NAME or NAME:WEIGHT with a positive weight")
         if name in weights:

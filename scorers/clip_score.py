@@ -1,0 +1,36 @@
+"""CLIP score (Hessel et al., 2021): text-image alignment, max(100 * cos, 0) per image, with OpenCLIP.
+
+Defaults to ViT-L-14 with the OpenAI weights and OpenCLIP's own preprocessing for them (shortest side to
+224, bicubic, centre crop, OpenAI mean/std); ``arch`` and ``pretrained`` choose another OpenCLIP model.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from PIL import Image
+
+from scorers.openclip_common import image_text_cosine, pixel_batch
+
+ARCH = "ViT-L-14"
+PRETRAINED = "openai"
+SCALE = 100.0
+
+
+class ClipScore:
+    name = "clip"
+
+    def __init__(self, device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> None:
+        self.device = torch.device(device)
+        model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        pixels = pixel_batch(images, self.preprocess, self.device)
+        return (SCALE * image_text_cosine(self.model, self.tokenizer, pixels, prompts)).clamp(min=0)
+
+
+def clip(device: str | torch.device = "cpu", **options: str) -> ClipScore:
+    """CLIP score: prompt-image alignment, max(100 * cosine, 0) with OpenCLIP ViT-L-14 (OpenAI weights)."""
+    return ClipScore(device, **options)

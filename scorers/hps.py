@@ -1,0 +1,69 @@
+"""HPSv2 and HPSv2.1 (Wu et al., 2023): OpenCLIP ViT-H-14 fine-tuned on Human Preference Dataset v2.
+
+As in the reference ``hpsv2.score``: the architecture is created without pretrained weights, the
+checkpoint's ``state_dict`` is loaded strictly, images are scaled so the longest side is 224 (bicubic),
+zero-padded centred to a square, normalised with OpenAI mean/std; score = cosine of the normalised
+image and text embeddings (about 0.2-0.35 for typical images).
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
+from torchvision.transforms import functional as TF
+
+from scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
+
+ARCH = "ViT-H-14"
+REPO = "xswu/HPSv2"
+CHECKPOINTS = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
+
+
+def resize_longest_and_pad(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the longest side is ``size`` (bicubic), then zero-pad centred to ``size`` x ``size``.
+
+    Identical to the reference ResizeMaxSize wherever that works; where the longest side already equals
+    ``size`` the reference skips the padding too and hands the ViT a non-square image it cannot take,
+    so we pad such images instead of failing.
+    """
+    width, height = image.size
+    if max(width, height) != size:
+        scale = size / max(width, height)
+        height, width = round(height * scale), round(width * scale)
+        image = TF.resize(image, [height, width], interpolation=InterpolationMode.BICUBIC)
+    pad_h, pad_w = size - height, size - width
+    if pad_h == pad_w == 0:
+        return image
+    return TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+
+
+class HumanPreferenceScore:
+    def __init__(self, version: str, device: str | torch.device = "cpu", arch: str = ARCH, repo: str = REPO) -> None:
+        self.name = version
+        self.device = torch.device(device)
+        model = open_clip.create_model(arch, pretrained=None)
+        checkpoint = torch.load(hf_hub_download(repo, CHECKPOINTS[version]), map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, tuple) else size
+        self.preprocess = Compose([lambda image: resize_longest_and_pad(image, size), ToTensor(),
+                                   Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        return image_text_cosine(self.model, self.tokenizer, pixel_batch(images, self.preprocess, self.device),
+                                 prompts)
+
+
+def hpsv2(device: str | torch.device = "cpu", **options: str) -> HumanPreferenceScore:
+    """HPSv2: human preference (HPD v2), cosine of OpenCLIP ViT-H-14 embeddings."""
+    return HumanPreferenceScore("hpsv2", device, **options)
+
+
+def hpsv21(device: str | torch.device = "cpu", **options: str) -> HumanPreferenceScore:
+    """HPSv2.1: HPSv2 retrained on more data, cosine of OpenCLIP ViT-H-14 embeddings."""
+    return HumanPreferenceScore("hpsv2.1", device, **options)

@@ -1,0 +1,25 @@
+"""What the OpenCLIP-based built-ins share: OpenAI normalisation constants and batched cosine scoring."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from rlaif.scoring import unique_prompts
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pixel_batch(images: list[Image.Image], preprocess, device: torch.device) -> torch.Tensor:
+    """Preprocess each image (its own transform, so sizes may differ) and stack them into one batch."""
+    return torch.stack([preprocess(image.convert("RGB")) for image in images]).to(device)
+
+
+@torch.no_grad()
+def image_text_cosine(model, tokenizer, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Cosine between each image's and its prompt's normalised embeddings; each distinct prompt encoded once."""
+    distinct, index = unique_prompts(prompts)
+    image = model.encode_image(pixels, normalize=True)
+    text = model.encode_text(tokenizer(distinct).to(pixels.device), normalize=True)
+    return (image * text[index.to(pixels.device)]).sum(dim=-1)
