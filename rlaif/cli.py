@@ -106,8 +106,9 @@ L = LabelConfig
 
 @app.command()
 def label(
-    samples_dir: Annotated[Path, argument(L, "samples_dir")],
     scorers: Annotated[list[str], option(L, "scorers", "--scorer", "-s")],
+    samples_dir: Annotated[Path | None, argument(L, "samples_dir")] = None,
+    relabel: Annotated[Path | None, option(L, "relabel")] = default(L, "relabel"),
     out: Annotated[Path | None, option(L, "out", "--out", "-o")] = default(L, "out"),
     strategy: Annotated[str, option(L, "strategy")] = default(L, "strategy"),
     top_k: Annotated[int, option(L, "top_k")] = default(L, "top_k"),
@@ -117,14 +118,32 @@ def label(
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
     device: Annotated[str | None, option(L, "device")] = default(L, "device"),
 ) -> None:
-    """Score every sample with AI scorers and write winner/loser pairs (scores are cached per scorer)."""
+    """Score every sample with AI scorers and write winner/loser pairs (scores are cached per scorer).
+
+    With --relabel TABLE, label a Pick-a-Pic style pair table instead and print the agreement with its
+    human labels.
+    """
     config = LabelConfig(**locals())
     config.validate()
-    from rlaif.label import run_label
+    from accelerate import PartialState
 
-    with progress_bars("images") as report:
-        pairs = run_label(config, progress=lambda scorer, done, total: report(f"scoring {scorer}", done, total))
-    err.print(f"wrote {pairs}")
+    from rlaif.label import run_label, run_relabel
+
+    show = PartialState().is_main_process
+    with progress_bars("images", visible=show) as report:
+        def progress(scorer: str, done: int, total: int) -> None:
+            report(f"scoring {scorer}", done, total)
+
+        if config.relabel is None:
+            written = run_label(config, progress)
+        else:
+            written, agreement = run_relabel(config, progress)
+    if not show:
+        return
+    err.print(f"wrote {written}")
+    if config.relabel is not None:
+        print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree}/{agreement.compared} "
+              f"non-tied pairs; {agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
 
 
 scorers_app = typer.Typer(help="Inspect the available scorers.", no_args_is_help=True)

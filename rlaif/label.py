@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -10,14 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from PIL import Image
 
 from rlaif.errors import RlaifError
+from rlaif.files import atomic_path
 from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
 from rlaif.scoring import LoadedScorer
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
 
 WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
 
@@ -26,10 +31,14 @@ Progress = Callable[[str, int, int], None]
 class LabelConfig:
     """Settings of ``rlaif label``; field help texts are the CLI's help texts."""
 
-    samples_dir: Path = field(metadata={"help": "Folder written by `rlaif sample` (holds samples.parquet)."})
+    samples_dir: Path | None = field(metadata={"help": "Folder written by `rlaif sample` (holds samples.parquet)."})
     scorers: list[str] = field(metadata={"help": "Scorer NAME[:WEIGHT] (repeat for an ensemble); a name from "
                                          "`rlaif scorers list` or module:attr."})
-    out: Path | None = field(default=None, metadata={"help": "Pairs table; default SAMPLES_DIR/pairs.parquet."})
+    out: Path | None = field(default=None, metadata={"help": "Pairs table; default SAMPLES_DIR/pairs.parquet "
+                                                     "(with --relabel: TABLE.ai-labels.parquet)."})
+    relabel: Path | None = field(default=None, metadata={"help": "Instead of SAMPLES_DIR: a Pick-a-Pic style "
+                                                         "pair table (caption, jpg_0, jpg_1, label_0) to label "
+                                                         "with AI feedback beside its human labels."})
     strategy: str = field(default="best-worst", metadata={"help": f"Pairing: {' | '.join(STRATEGIES)}."})
     top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom."})
     min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
@@ -44,6 +53,8 @@ class LabelConfig:
         """Reject impossible settings before anything is loaded or written."""
         if not self.scorers:
             raise RlaifError("give at least one --scorer")
+        if (self.samples_dir is None) == (self.relabel is None):
+            raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
         if self.strategy not in STRATEGIES:
             raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.combine not in COMBINE_RULES:
@@ -75,28 +86,55 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
     return weights
 
 
-def read_images(paths: list[Path], pool: ThreadPoolExecutor) -> list[Image.Image]:
-    """Decode ``paths`` as RGB on the pool's threads; an unreadable file is a user error naming it."""
-    def load(path: Path) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise RlaifError(f"image {path} cannot be read: {exc}") from exc
-    return list(pool.map(load, paths))
+ImageSource = Path | bytes
+
+
+def open_image(source: ImageSource, name: str) -> Image.Image:
+    """Decode a file or encoded bytes as RGB; an unreadable image is a user error naming ``name``."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise RlaifError(f"image {name} cannot be read: {exc}") from exc
 
 
 def batched_images(
-    paths: list[Path], batch_size: int, pool: ThreadPoolExecutor
+    sources: list[ImageSource], names: list[str], batch_size: int, pool: ThreadPoolExecutor
 ) -> Iterator[tuple[int, list[Image.Image]]]:
-    """Yield (start, images) batches, decoding the next batch on the pool while the caller scores this one."""
-    starts = range(0, len(paths), batch_size)
-    upcoming = pool.submit(read_images, paths[0:batch_size], pool) if paths else None
-    for start in starts:
+    """Yield (start, images) batches, decoding on the pool's threads one batch ahead of the caller."""
+    def load(start: int) -> list[Image.Image]:
+        stop = start + batch_size
+        return list(pool.map(open_image, sources[start:stop], names[start:stop]))
+
+    upcoming = pool.submit(load, 0)
+    for start in range(0, len(sources), batch_size):
         current = upcoming.result()
-        following = start + batch_size
-        upcoming = pool.submit(read_images, paths[following : following + batch_size], pool)
+        upcoming = pool.submit(load, start + batch_size)
         yield start, current
+
+
+def score_images(
+    spec: str, sources: list[ImageSource], names: list[str], prompts: list[str], config: LabelConfig,
+    progress: Progress | None,
+) -> list[float]:
+    """Score every image with scorer ``spec``. Under accelerate/torchrun each process scores every N-th
+    image and all processes get the full list back, in order."""
+    state = PartialState()
+    mine = list(range(state.process_index, len(sources), state.num_processes))
+    scorer = LoadedScorer(spec, device=config.device or state.device)
+    values: list[float] = []
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
+        batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], config.batch_size, pool)
+        for start, images in batches:
+            values += scorer(images, [prompts[i] for i in mine[start : start + len(images)]])
+            if progress:
+                progress(spec, len(values), len(mine))
+    if state.num_processes == 1:
+        return values
+    ordered = [0.0] * len(sources)
+    for index, value in gather_object(list(zip(mine, values, strict=True))):
+        ordered[index] = value
+    return ordered
 
 
 def score_missing(
@@ -108,15 +146,9 @@ def score_missing(
     todo = samples.filter(~pl.col("sample_id").is_in(list(done)))
     if todo.is_empty():
         return cached.clear()
-    scorer = LoadedScorer(spec, device=config.device or "cpu")
     prompts = todo["prompt"].to_list()
     paths = [root / image for image in todo["image"].to_list()]
-    values: list[float] = []
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
-        for start, images in batched_images(paths, config.batch_size, pool):
-            values += scorer(images, prompts[start : start + len(images)])
-            if progress:
-                progress(spec, len(values), len(paths))
+    values = score_images(spec, paths, [str(p) for p in paths], prompts, config, progress)
     return pl.DataFrame({"sample_id": todo["sample_id"], "scorer": spec, "score": values, "prompt": prompts},
                         schema=SCORES_SCHEMA)
 
@@ -132,7 +164,9 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
     for spec in weights:
         new = score_missing(samples, root, scores, spec, config, progress)
         if not new.is_empty():
-            scores = write_table(pl.concat([scores.select(list(SCORES_SCHEMA)), new]), scores_path, SCORES_SCHEMA)
+            scores = pl.concat([scores.select(list(SCORES_SCHEMA)), new])
+            if PartialState().is_main_process:
+                write_table(scores, scores_path, SCORES_SCHEMA)
 
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
@@ -151,5 +185,65 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
         image_1=pl.col("sample_id_1").replace_strict(images),
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
-    write_table(pairs, out, PAIRS_SCHEMA)
+    if PartialState().is_main_process:
+        write_table(pairs, out, PAIRS_SCHEMA)
     return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie."""
+
+    pairs: int
+    compared: int
+    agree: int
+    ai_ties: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.agree / self.compared if self.compared else float("nan")
+
+
+def _image_bytes(column: pl.Series) -> list[bytes]:
+    """Pick-a-Pic stores images as binary; Hugging Face image columns as structs with a ``bytes`` field."""
+    if column.dtype == pl.Struct:
+        column = column.struct.field("bytes")
+    return column.to_list()
+
+
+def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
+    """Score both images of every pair of a Pick-a-Pic style table, write AI labels beside the human ones
+    (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``) and measure agreement.
+
+    Several scorers vote per pair: each scorer's two scores become z-scores within the pair (+1 / -1, or
+    0 for a tie), weighted and averaged, so ``ai_label_0`` is the weighted majority.
+    """
+    config.validate()
+    weights = parse_weights(config.scorers)
+    source = Path(config.relabel)
+    table = read_table(source, {name: pl.String() for name in RELABEL_COLUMNS})
+    captions = table["caption"].to_list()
+    images = _image_bytes(table["jpg_0"]) + _image_bytes(table["jpg_1"])
+    names = [f"{source} row {i} jpg_{side}" for side in (0, 1) for i in range(table.height)]
+    ids = [f"{i}:{side}" for side in (0, 1) for i in range(table.height)]
+    parts = [pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids, "scorer": spec,
+                           "score": score_images(spec, images, names, captions * 2, config, progress)})
+             for spec in weights]
+    value = dict(preference(pl.concat(parts), weights, config.combine).select("sample_id", "value").iter_rows())
+    score_0 = pl.Series([value[f"{i}:0"] for i in range(table.height)], dtype=pl.Float64)
+    score_1 = pl.Series([value[f"{i}:1"] for i in range(table.height)], dtype=pl.Float64)
+    ai_label = pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5)
+    labelled = table.with_columns(ai_score_0=score_0, ai_score_1=score_1, ai_label_0=ai_label,
+                                  ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())))
+    human = labelled.filter(pl.col("label_0").cast(pl.Float64).is_in([0.0, 1.0]))
+    agreement = Agreement(
+        pairs=table.height,
+        compared=human.height,
+        agree=human.filter(pl.col("ai_label_0") == pl.col("label_0").cast(pl.Float64)).height,
+        ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height,
+    )
+    out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
+    if PartialState().is_main_process:
+        with atomic_path(out) as tmp:
+            labelled.write_parquet(tmp)
+    return out, agreement

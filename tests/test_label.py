@@ -102,3 +102,31 @@ def test_scorers_list_shows_builtins():
     result = run_cli("scorers", "list")
     assert result.returncode == 0
     assert "compressibility" in result.stdout and "built-in" in result.stdout
+
+
+def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
+    table = pl.read_parquet(samples / "samples.parquet")
+    paths = [samples / image for image in table["image"].to_list()]
+    kb = [jpeg_kb(p) for p in paths]
+    rows = []
+    for i in range(0, 12, 2):  # six pairs; humans agree with compressibility on the first four
+        a, b = i, i + 1
+        prefers_0 = kb[a] < kb[b]
+        label = float(prefers_0) if i < 8 else float(not prefers_0)
+        rows.append({"caption": table["prompt"][a], "jpg_0": paths[a].read_bytes(), "jpg_1": paths[b].read_bytes(),
+                     "label_0": label, "label_1": 1 - label})
+    rows.append({**rows[0], "label_0": 0.5, "label_1": 0.5})  # a human tie is not compared
+    pl.DataFrame(rows).write_parquet(tmp_path / "pickapic.parquet")
+    result = run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility")
+    assert result.returncode == 0, result.stderr
+    assert "agreement with human labels: 0.667 (4/6 non-tied pairs; 7 pairs, 0 AI ties)" in result.stdout
+    out = pl.read_parquet(tmp_path / "pickapic.ai-labels.parquet")
+    assert out.columns[:5] == ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    assert out["ai_score_0"].to_list() == pytest.approx([-kb[i] for i in range(0, 12, 2)] + [-kb[0]])
+    assert out["ai_label_0"].to_list()[:4] == out["label_0"].to_list()[:4]
+
+
+def test_relabel_needs_pick_a_pic_columns(tmp_path):
+    pl.DataFrame({"caption": ["x"], "jpg_0": [b"x"]}).write_parquet(tmp_path / "bad.parquet")
+    result = run_cli("label", "--relabel", tmp_path / "bad.parquet", "--scorer", "compressibility")
+    assert result.returncode == 2 and "lacks column(s) jpg_1, label_0" in result.stderr

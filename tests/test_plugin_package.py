@@ -6,7 +6,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import PROMPTS, cli_env, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_scorer"
