@@ -115,6 +115,7 @@ def label(
     min_margin: Annotated[float, option(L, "min_margin")] = default(L, "min_margin"),
     keep_ties: Annotated[bool, option(L, "keep_ties")] = default(L, "keep_ties"),
     combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
+    scorer_options: Annotated[list[str], option(L, "scorer_options", "--scorer-option")] = [],  # noqa: B006
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
     device: Annotated[str | None, option(L, "device")] = default(L, "device"),
 ) -> None:

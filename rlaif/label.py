@@ -45,6 +45,8 @@ class LabelConfig:
     keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (default: drop)."})
     combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
                                                      "(per prompt, then weighted mean)."})
+    scorer_options: list[str] = field(default_factory=list, metadata={
+        "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
     batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
     device: str | None = field(default=None, metadata={"help": "Device for model-based scorers; default: "
                                                        "this process's accelerator."})
@@ -65,6 +67,19 @@ class LabelConfig:
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
         parse_weights(self.scorers)
+        parse_options(self.scorer_options)
+
+
+def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["clip.arch=ViT-H-14"]`` -> ``{"clip": {"arch": "ViT-H-14"}}`` (the scorer name may contain dots)."""
+    options: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, equals, value = spec.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not (equals and dot and name and key.isidentifier()):
+            raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
+        options.setdefault(name, {})[key] = value
+    return options
 
 
 def parse_weights(specs: list[str]) -> dict[str, float]:
@@ -121,7 +136,8 @@ def score_images(
     image and all processes get the full list back, in order."""
     state = PartialState()
     mine = list(range(state.process_index, len(sources), state.num_processes))
-    scorer = LoadedScorer(spec, device=config.device or state.device)
+    options = parse_options(config.scorer_options).get(spec, {})
+    scorer = LoadedScorer(spec, device=config.device or state.device, **options)
     values: list[float] = []
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
         batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], config.batch_size, pool)
