@@ -1,7 +1,10 @@
 """`rlaif label` through the real CLI on tiny samples: tables, cache reuse, plugin faults."""
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -130,3 +133,18 @@ def test_relabel_needs_pick_a_pic_columns(tmp_path):
     pl.DataFrame({"caption": ["x"], "jpg_0": [b"x"]}).write_parquet(tmp_path / "bad.parquet")
     result = run_cli("label", "--relabel", tmp_path / "bad.parquet", "--scorer", "compressibility")
     assert result.returncode == 2 and "lacks column(s) jpg_1, label_0" in result.stderr
+
+
+def test_two_processes_score_the_same_as_one(fresh, tmp_path):
+    single = run_cli("label", fresh, "--scorer", "compressibility", "--batch-size", 3)
+    assert single.returncode == 0, single.stderr
+    expected = pl.read_parquet(fresh / "scores.parquet")
+    (fresh / "scores.parquet").unlink()
+    (fresh / "pairs.parquet").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(30500 + os.getpid() % 1000), "-m", "rlaif", "label", str(fresh), "--scorer", "compressibility",
+         "--batch-size", "3"], env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert pl.read_parquet(fresh / "scores.parquet").equals(expected)
+    assert (fresh / "pairs.parquet").is_file()
