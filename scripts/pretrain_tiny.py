@@ -4,10 +4,8 @@ Deterministic (fixed seeds, fixed step counts); a few CPU minutes on 2 cores. St
 reconstruct shapes pictures; stage 2 freezes it and trains the UNet and text encoder with the standard
 epsilon-prediction objective (10% caption dropout, for classifier-free guidance).
 
-The committed weights were made in two runs (the second continues the first):
-
-    python scripts/pretrain_tiny.py
-    python scripts/pretrain_tiny.py --init rlaif/assets/tiny-sd --vae-steps 0 --unet-steps 1500 --lr 5e-4 --seed 1
+The committed weights are what ``python scripts/pretrain_tiny.py`` (the defaults) writes, ~15 CPU minutes.
+``--init DIR --vae-steps 0`` continues training an existing tiny folder's UNet and text encoder.
 """
 
 from __future__ import annotations
