@@ -89,7 +89,6 @@ def sample(
 ) -> None:
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
     config = SampleConfig(**locals())
-    config.validate()
     from accelerate import PartialState
 
     from rlaif.sample import run_sample
@@ -125,7 +124,6 @@ def label(
     human labels.
     """
     config = LabelConfig(**locals())
-    config.validate()
     from accelerate import PartialState
 
     from rlaif.label import run_label, run_relabel
