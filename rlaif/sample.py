@@ -187,9 +187,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
         absent = [job.image for job in jobs if not (config.out / job.image).exists()]
         if absent:
             raise RlaifError(f"{len(absent)} images are missing under {config.out} (first: {absent[0]}); rerun")
-        fixed = {"model": config.model, "scheduler": settings["scheduler"], "steps": config.steps,
-                 "guidance": config.guidance, "width": width, "height": height,
-                 "negative_prompt": config.negative_prompt}
-        write_table([{**asdict(job), "image": job.image, **fixed} for job in jobs], table, SAMPLES_SCHEMA)
+        shared = {key: value for key, value in generation.items() if key in SAMPLES_SCHEMA}
+        write_table([{**asdict(job), "image": job.image, **shared} for job in jobs], table, SAMPLES_SCHEMA)
     state.wait_for_everyone()
     return table

@@ -1,0 +1,1 @@
+"""Diffusion-DPO training (Wallace et al., 2023)."""
