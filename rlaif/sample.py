@@ -187,7 +187,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
         absent = [job.image for job in jobs if not (config.out / job.image).exists()]
         if absent:
             raise RlaifError(f"{len(absent)} images are missing under {config.out} (first: {absent[0]}); rerun")
+        # Run-wide columns come from the generation settings; the job's own fields (its seed) take precedence.
         shared = {key: value for key, value in generation.items() if key in SAMPLES_SCHEMA}
-        write_table([{**asdict(job), "image": job.image, **shared} for job in jobs], table, SAMPLES_SCHEMA)
+        write_table([{**shared, **asdict(job), "image": job.image} for job in jobs], table, SAMPLES_SCHEMA)
     state.wait_for_everyone()
     return table
