@@ -7,13 +7,12 @@ four, no activations); the output is the predicted 1-10 rating.
 
 from __future__ import annotations
 
-import open_clip
 import torch
 from PIL import Image
 from torch import nn
 
 from rlaif.cache import cached_download
-from scorers.openclip_common import pixel_batch
+from scorers.openclip_common import load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
 PRETRAINED = "openai"
@@ -47,8 +46,7 @@ class Aesthetic:
 
     def __init__(self, device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> None:
         self.device = torch.device(device)
-        model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-        self.model = model.eval().to(self.device)
+        self.model, self.preprocess = load_pretrained(arch, pretrained, self.device)
         self.head = load_head(str(cached_download(HEAD_URL, HEAD_FILE))).to(self.device)
 
     @torch.no_grad()

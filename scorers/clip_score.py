@@ -10,7 +10,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from scorers.openclip_common import image_text_cosine, pixel_batch
+from scorers.openclip_common import image_text_cosine, load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
 PRETRAINED = "openai"
@@ -22,8 +22,7 @@ class ClipScore:
 
     def __init__(self, device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> None:
         self.device = torch.device(device)
-        model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-        self.model = model.eval().to(self.device)
+        self.model, self.preprocess = load_pretrained(arch, pretrained, self.device)
         self.tokenizer = open_clip.get_tokenizer(arch)
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import open_clip
 import torch
 from PIL import Image
 
@@ -9,6 +10,13 @@ from rlaif.scoring import unique_prompts
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_pretrained(arch: str, pretrained: str, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """An OpenCLIP model with its pretrained weights (tag or file) in eval mode on ``device``, and its
+    evaluation preprocessing."""
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    return model.eval().to(device), preprocess
 
 
 def pixel_batch(images: list[Image.Image], preprocess, device: torch.device) -> torch.Tensor:
