@@ -24,9 +24,11 @@ from rich.progress import (
 from rich.text import Text
 
 from rlaif.cli_options import argument, default, option
+from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.label import LabelConfig
 from rlaif.sample import SampleConfig
+from rlaif.train.trainer import TrainConfig
 
 app = typer.Typer(
     help="Align text-to-image diffusion models to AI feedback: sample -> label -> train -> eval.",
@@ -89,11 +91,9 @@ def sample(
 ) -> None:
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
     config = SampleConfig(**locals())
-    from accelerate import PartialState
-
     from rlaif.sample import run_sample
 
-    show = PartialState().is_main_process
+    show = process_state().is_main_process
     with progress_bars("images", visible=show) as report:
         table = run_sample(config, progress=lambda done, total: report("sampling", done, total))
     if show:
@@ -124,11 +124,9 @@ def label(
     human labels.
     """
     config = LabelConfig(**locals())
-    from accelerate import PartialState
-
     from rlaif.label import run_label, run_relabel
 
-    show = PartialState().is_main_process
+    show = process_state().is_main_process
     with progress_bars("images", visible=show) as report:
         def progress(scorer: str, done: int, total: int) -> None:
             report(f"scoring {scorer}", done, total)
@@ -143,6 +141,49 @@ def label(
     if config.relabel is not None:
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree}/{agreement.compared} "
               f"non-tied pairs; {agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
+
+
+T = TrainConfig
+
+
+@app.command()
+def train(
+    pairs: Annotated[Path, argument(T, "pairs")],
+    model: Annotated[str, option(T, "model", "--model", "-m")],
+    out: Annotated[Path, option(T, "out", "--out", "-o")],
+    full: Annotated[bool, option(T, "full")] = default(T, "full"),
+    lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
+    lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
+    lora_targets: Annotated[str, option(T, "lora_targets")] = default(T, "lora_targets"),
+    loss: Annotated[str, option(T, "loss")] = default(T, "loss"),
+    beta: Annotated[float, option(T, "beta")] = default(T, "beta"),
+    learning_rate: Annotated[float, option(T, "learning_rate")] = default(T, "learning_rate"),
+    scale_lr: Annotated[bool, option(T, "scale_lr")] = default(T, "scale_lr"),
+    warmup_steps: Annotated[int, option(T, "warmup_steps")] = default(T, "warmup_steps"),
+    max_steps: Annotated[int, option(T, "max_steps")] = default(T, "max_steps"),
+    batch_size: Annotated[int, option(T, "batch_size")] = default(T, "batch_size"),
+    accumulation: Annotated[int, option(T, "accumulation")] = default(T, "accumulation"),
+    max_grad_norm: Annotated[float, option(T, "max_grad_norm")] = default(T, "max_grad_norm"),
+    optimizer: Annotated[str, option(T, "optimizer")] = default(T, "optimizer"),
+    mixed_precision: Annotated[str, option(T, "mixed_precision")] = default(T, "mixed_precision"),
+    gradient_checkpointing: Annotated[bool, option(T, "gradient_checkpointing")] = default(T, "gradient_checkpointing"),
+    resolution: Annotated[int | None, option(T, "resolution")] = default(T, "resolution"),
+    random_crop: Annotated[bool, option(T, "random_crop")] = default(T, "random_crop"),
+    hflip: Annotated[bool, option(T, "hflip")] = default(T, "hflip"),
+    caption_dropout: Annotated[float, option(T, "caption_dropout")] = default(T, "caption_dropout"),
+    checkpoint_every: Annotated[int, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
+    resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
+    seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
+) -> None:
+    """Fine-tune a model on winner/loser pairs with Diffusion-DPO (LoRA by default; --full for all weights)."""
+    config = TrainConfig(**locals())
+    from rlaif.train.trainer import run_train
+
+    show = process_state().is_main_process
+    with progress_bars("steps", visible=show) as report:
+        written = run_train(config, progress=lambda step, total, logs: report("training", step, total))
+    if show:
+        err.print(f"wrote {written}")
 
 
 scorers_app = typer.Typer(help="Inspect the available scorers.", no_args_is_help=True)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from PIL import Image
 
+from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path
 from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
@@ -134,7 +134,7 @@ def score_images(
 ) -> list[float]:
     """Score every image with scorer ``spec``. Under accelerate/torchrun each process scores every N-th
     image and all processes get the full list back, in order."""
-    state = PartialState()
+    state = process_state()
     mine = list(range(state.process_index, len(sources), state.num_processes))
     options = parse_options(config.scorer_options).get(spec, {})
     scorer = LoadedScorer(spec, device=config.device or state.device, **options)
@@ -181,7 +181,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
         new = score_missing(samples, root, scores, spec, config, progress)
         if not new.is_empty():
             scores = pl.concat([scores.select(list(SCORES_SCHEMA)), new])
-            if PartialState().is_main_process:
+            if process_state().is_main_process:
                 write_table(scores, scores_path, SCORES_SCHEMA)
 
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
@@ -201,7 +201,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
         image_1=pl.col("sample_id_1").replace_strict(images),
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         write_table(pairs, out, PAIRS_SCHEMA)
     return out
 
@@ -259,7 +259,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height,
     )
     out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         with atomic_path(out) as tmp:
             labelled.write_parquet(tmp)
     return out, agreement

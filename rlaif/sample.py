@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from accelerate import PartialState
-
+from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
@@ -141,7 +140,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
     """Generate every missing image of ``config`` and write the samples table; return its path."""
     config.validate()
     prompts = load_prompts(config.prompts, config.prompt_column)
-    state = PartialState()
+    state = process_state()
     pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler)
     width = config.width or default_size(pipe)
     height = config.height or default_size(pipe)
@@ -154,7 +153,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
         if config.out.exists():
             remove_stale_temporaries(config.out)
         write_json({"generation": generation, "settings": settings, "versions": versions(),
-                    "prompts": len(prompts)}, run_file)
+                    "prompts": len(prompts), "processes": state.num_processes}, run_file)
     state.wait_for_everyone()
 
     jobs = plan_jobs(prompts, config.per_prompt, config.seed)

@@ -102,6 +102,7 @@ def test_two_processes_shard_and_match_one_process(reference, tmp_path):
         env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
+    assert json.loads((out / "run.json").read_text())["processes"] == 2  # really sharded, not run twice
     assert tree(out) == tree(expected)
     assert pl.read_parquet(out / "samples.parquet").equals(pl.read_parquet(expected / "samples.parquet"))
 
