@@ -52,18 +52,18 @@ class RateColumn(ProgressColumn):
 
 
 @contextlib.contextmanager
-def progress_bars(unit: str, visible: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """Rich progress bars on stderr (count, rate, ETA), one per description, created on first report so
-    that nothing is drawn when a run fails before its work starts."""
+def progress_bars(unit: str, visible: bool = True) -> Iterator[Callable[..., None]]:
+    """Rich progress bars on stderr (count, rate, ETA, optional live info), one per description, created on
+    first report so that nothing is drawn when a run fails before its work starts."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeRemainingColumn())
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=err, disable=not visible) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def report(description: str, done: int, total: int) -> None:
+        def report(description: str, done: int, total: int, info: str = "") -> None:
             if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total)
-            bar.update(tasks[description], completed=done, total=total)
+                tasks[description] = bar.add_task(description, total=total, info=info)
+            bar.update(tasks[description], completed=done, total=total, info=info)
 
         yield report
 
@@ -181,7 +181,11 @@ def train(
 
     show = process_state().is_main_process
     with progress_bars("steps", visible=show) as report:
-        written = run_train(config, progress=lambda step, total, logs: report("training", step, total))
+        def progress(step: int, total: int, logs: dict[str, float]) -> None:
+            report("training", step, total, f"loss {logs['loss']:.4f} acc {logs.get('implicit_acc', 0):.2f} "
+                                            f"lr {logs['lr']:.2e} {logs['pairs_per_s']:.1f} pairs/s")
+
+        written = run_train(config, progress=progress)
     if show:
         err.print(f"wrote {written}")
 

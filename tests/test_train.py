@@ -88,3 +88,22 @@ def test_two_processes_equal_one_with_the_same_global_batch(pairs, tmp_path):
     a = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_sdxl_style_training_writes_a_loadable_lora(pairs, tmp_path):
+    result = run_cli("train", pairs, "--out", tmp_path / "xl", "--max-steps", 2, "--model", "tiny-xl",
+                     "--batch-size", 2, "--random-crop", "--hflip")
+    assert result.returncode == 0, result.stderr
+    assert log(tmp_path / "xl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    pipe = load_pipeline("tiny-xl")
+    pipe.load_lora_weights(tmp_path / "xl")
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pairs, tmp_path):
+    result = run_cli("train", pairs, "--out", tmp_path / "o", "--max-steps", 4, "--model", "tiny", "--batch-size", 2,
+                     "--learning-rate", 1e30, "--checkpoint-every", 1)
+    assert result.returncode == 2
+    assert "error: loss became nan at step 2; the last good checkpoint is kept" in result.stderr
+    assert (tmp_path / "o" / "checkpoints" / "checkpoint_0" / "position.json").exists()
+    assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,6 +168,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     micro_per_step = config.accumulation
     while step < config.max_steps:
         logs: dict[str, float] = {}
+        started = time.perf_counter()
         for micro in range(micro_per_step):
             position = (step * micro_per_step + micro) * config.batch_size * accelerator.num_processes
             start = position + accelerator.process_index * config.batch_size
@@ -188,6 +190,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                              "(lower --learning-rate or --beta, or use --mixed-precision bf16)")
         step += 1
         logs["lr"] = schedule.get_last_lr()[0]
+        logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
                 log.write(json.dumps({"step": step, **logs}) + "\n")
