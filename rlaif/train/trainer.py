@@ -8,6 +8,7 @@ process's RNG state, so N processes with a global batch B compute the gradient o
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -90,11 +91,12 @@ def _generator(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(_rng(*key).getrandbits(63))
 
 
-def pair_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The pairs' order in ``epoch``: a permutation that depends only on (seed, epoch)."""
+@functools.lru_cache(maxsize=2)
+def pair_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The pairs' order in ``epoch``: a permutation that depends only on (seed, epoch), computed once."""
     order = list(range(count))
     _rng("order", seed, epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 class Conditioning:
