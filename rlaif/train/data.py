@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from rlaif.errors import RlaifError
+from rlaif.tables import read_table
 
 ImageSource = Path | bytes
 RLAIF_COLUMNS = ("caption", "image_0", "image_1", "label_0")
@@ -33,12 +34,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     """Winner-first pairs from an rlaif pairs table (image paths relative to it) or a Pick-a-Pic v2 table
     (image bytes); ties (label_0 = 0.5) carry no preference and are dropped."""
     path = Path(path)
-    if not path.is_file():
-        raise RlaifError(f"pairs table {path} does not exist")
-    try:
-        table = pl.read_parquet(path)
-    except Exception as exc:
-        raise RlaifError(f"pairs table {path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+    table = read_table(path, {})  # which columns are needed depends on the format, checked below
     if all(c in table.columns for c in RLAIF_COLUMNS):
         first, second = ([path.parent / p for p in table[c].to_list()] for c in ("image_0", "image_1"))
     elif all(c in table.columns for c in PICKAPIC_COLUMNS):
