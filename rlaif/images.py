@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import io
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import polars as pl
 from PIL import Image
 
+from rlaif.errors import RlaifError
 from rlaif.files import atomic_path
+
+ImageSource = Path | bytes
+"""An image file, or encoded image bytes (as Pick-a-Pic tables hold them)."""
+
+
+def open_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode a file or encoded bytes as RGB; an unreadable image is a user error naming ``name`` (or the file)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise RlaifError(f"image {name or source} cannot be read: {exc}") from exc
+
+
+def image_bytes(column: pl.Series) -> list[bytes]:
+    """Encoded images of a table column: Pick-a-Pic stores binary, Hugging Face image columns structs with
+    a ``bytes`` field."""
+    return (column.struct.field("bytes") if column.dtype == pl.Struct else column).to_list()
 
 
 def save_png(image: Image.Image, path: Path) -> None:

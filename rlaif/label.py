@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from PIL import Image
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path
+from rlaif.images import ImageSource, image_bytes, open_rgb
 from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
 from rlaif.scoring import LoadedScorer
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
@@ -101,25 +101,13 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
     return weights
 
 
-ImageSource = Path | bytes
-
-
-def open_image(source: ImageSource, name: str) -> Image.Image:
-    """Decode a file or encoded bytes as RGB; an unreadable image is a user error naming ``name``."""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise RlaifError(f"image {name} cannot be read: {exc}") from exc
-
-
 def batched_images(
     sources: list[ImageSource], names: list[str], batch_size: int, pool: ThreadPoolExecutor
 ) -> Iterator[tuple[int, list[Image.Image]]]:
     """Yield (start, images) batches, decoding on the pool's threads one batch ahead of the caller."""
     def load(start: int) -> list[Image.Image]:
         stop = start + batch_size
-        return list(pool.map(open_image, sources[start:stop], names[start:stop]))
+        return list(pool.map(open_rgb, sources[start:stop], names[start:stop]))
 
     upcoming = pool.submit(load, 0)
     for start in range(0, len(sources), batch_size):
@@ -220,13 +208,6 @@ class Agreement:
         return self.agree / self.compared if self.compared else float("nan")
 
 
-def _image_bytes(column: pl.Series) -> list[bytes]:
-    """Pick-a-Pic stores images as binary; Hugging Face image columns as structs with a ``bytes`` field."""
-    if column.dtype == pl.Struct:
-        column = column.struct.field("bytes")
-    return column.to_list()
-
-
 def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
     """Score both images of every pair of a Pick-a-Pic style table, write AI labels beside the human ones
     (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``) and measure agreement.
@@ -239,7 +220,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     source = Path(config.relabel)
     table = read_table(source, {name: pl.String() for name in RELABEL_COLUMNS})
     captions = table["caption"].to_list()
-    images = _image_bytes(table["jpg_0"]) + _image_bytes(table["jpg_1"])
+    images = image_bytes(table["jpg_0"]) + image_bytes(table["jpg_1"])
     names = [f"{source} row {i} jpg_{side}" for side in (0, 1) for i in range(table.height)]
     ids = [f"{i}:{side}" for side in (0, 1) for i in range(table.height)]
     parts = [pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids, "scorer": spec,

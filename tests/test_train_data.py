@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from rlaif.errors import RlaifError
-from rlaif.train.data import augment_pair, load_pairs, open_rgb
+from rlaif.images import open_rgb
+from rlaif.train.data import augment_pair, load_pairs
 
 
 def png(color, size=(40, 30)) -> bytes:

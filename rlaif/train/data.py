@@ -3,7 +3,6 @@ augment winner and loser identically (same resize, crop and flip), as Diffusion-
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,9 @@ import torch
 from PIL import Image
 
 from rlaif.errors import RlaifError
+from rlaif.images import ImageSource, image_bytes
 from rlaif.tables import read_table
 
-ImageSource = Path | bytes
 RLAIF_COLUMNS = ("caption", "image_0", "image_1", "label_0")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -38,7 +37,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     if all(c in table.columns for c in RLAIF_COLUMNS):
         first, second = ([path.parent / p for p in table[c].to_list()] for c in ("image_0", "image_1"))
     elif all(c in table.columns for c in PICKAPIC_COLUMNS):
-        first, second = (_bytes(table[c]) for c in ("jpg_0", "jpg_1"))
+        first, second = (image_bytes(table[c]) for c in ("jpg_0", "jpg_1"))
     else:
         raise RlaifError(f"pairs table {path} has neither the rlaif columns ({', '.join(RLAIF_COLUMNS)}) nor the "
                          f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(table.columns)}")
@@ -52,16 +51,6 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     if not pairs:
         raise RlaifError(f"pairs table {path} holds no pairs with a preference (all ties or empty)")
     return pairs
-
-
-def _bytes(column: pl.Series) -> list[bytes]:
-    return (column.struct.field("bytes") if column.dtype == pl.Struct else column).to_list()
-
-
-def open_rgb(source: ImageSource) -> Image.Image:
-    """Decode a file or encoded bytes as RGB."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return image.convert("RGB")
 
 
 @dataclass(frozen=True)

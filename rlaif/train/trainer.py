@@ -28,8 +28,9 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
 from rlaif.files import write_json
+from rlaif.images import open_rgb
 from rlaif.models import default_size, load_pipeline
-from rlaif.train.data import PreferencePair, augment_pair, load_pairs, open_rgb
+from rlaif.train.data import PreferencePair, augment_pair, load_pairs
 from rlaif.train.loss import LOSS_TYPES, diffusion_dpo_loss, sft_loss
 
 Progress = Callable[[int, int, dict[str, float]], None]
