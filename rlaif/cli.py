@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from rlaif.cli_options import argument, default, option
+from rlaif.cli_options import argument, config_from_cli, default, option
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.label import LabelConfig
@@ -148,9 +148,10 @@ T = TrainConfig
 
 @app.command()
 def train(
-    pairs: Annotated[Path, argument(T, "pairs")],
-    model: Annotated[str, option(T, "model", "--model", "-m")],
-    out: Annotated[Path, option(T, "out", "--out", "-o")],
+    ctx: typer.Context,
+    pairs: Annotated[Path | None, argument(T, "pairs")] = None,
+    model: Annotated[str | None, option(T, "model", "--model", "-m")] = None,
+    out: Annotated[Path | None, option(T, "out", "--out", "-o")] = None,
     full: Annotated[bool, option(T, "full")] = default(T, "full"),
     lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
     lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
@@ -171,12 +172,20 @@ def train(
     random_crop: Annotated[bool, option(T, "random_crop")] = default(T, "random_crop"),
     hflip: Annotated[bool, option(T, "hflip")] = default(T, "hflip"),
     caption_dropout: Annotated[float, option(T, "caption_dropout")] = default(T, "caption_dropout"),
+    no_cache: Annotated[bool, option(T, "no_cache")] = default(T, "no_cache"),
+    report_to: Annotated[str | None, option(T, "report_to")] = default(T, "report_to"),
     checkpoint_every: Annotated[int, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
     seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="TOML file of these settings (names as the options, with _ for -); flags given on the "
+                         "command line win. See examples/*.toml for the paper's recipes.")] = None,
 ) -> None:
-    """Fine-tune a model on winner/loser pairs with Diffusion-DPO (LoRA by default; --full for all weights)."""
-    config = TrainConfig(**locals())
+    """Fine-tune a model on winner/loser pairs with Diffusion-DPO (LoRA by default; --full for all weights).
+
+    PAIRS, --model and --out are required, on the command line or in --config.
+    """
+    config = config_from_cli(TrainConfig, ctx, locals(), config_file)
     from rlaif.train.trainer import run_train
 
     show = process_state().is_main_process

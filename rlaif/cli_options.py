@@ -1,11 +1,23 @@
-"""Typer options generated from a stage's config dataclass, so help texts and defaults live in one place."""
+"""Typer options generated from a stage's config dataclass, so help texts and defaults live in one place, and
+config files (TOML) read onto the same dataclasses."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
 from typing import Any
 
 import typer
+
+from rlaif.errors import RlaifError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 
 def _field(config: type, name: str) -> dataclasses.Field:
@@ -27,3 +39,56 @@ def argument(config: type, name: str) -> Any:
 def default(config: type, name: str) -> Any:
     """The default of field ``name`` of ``config`` (for the CLI function's signature)."""
     return _field(config, name).default
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from TOML) as type ``hint`` (a config field's annotation), or a one-line error at ``where``."""
+    choices = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for choice in choices:
+        if choice is bool and isinstance(value, bool):
+            return value
+        if choice in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+            if choice is float or isinstance(value, int):
+                return choice(value)
+        if choice is str and isinstance(value, str):
+            return value
+        if choice is Path and isinstance(value, str):
+            return Path(value)
+        if typing.get_origin(choice) is list and isinstance(value, list):
+            return [_coerce(item, typing.get_args(choice)[0], where) for item in value]
+    names = " or ".join(getattr(c, "__name__", str(c)) for c in choices if c is not type(None))
+    raise RlaifError(f"{where}: expected {names}, got {value!r}")
+
+
+def read_settings(path: Path, config: type, section: str | None = None) -> dict[str, Any]:
+    """Settings for dataclass ``config`` from TOML file ``path`` (or its table ``section``), checked by name and
+    type; paths stay as written (relative ones are relative to the working directory)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RlaifError(f"config file {path} cannot be read: {exc}") from exc
+    if section is not None:
+        data = data.get(section, {})
+    hints = typing.get_type_hints(config)
+    where = f"{path}" + (f" [{section}]" if section else "")
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(hints)}")
+    return {name: _coerce(value, hints[name], f"{where} {name}") for name, value in data.items()}
+
+
+def config_from_cli(config: type, ctx: typer.Context, values: dict[str, Any], config_file: Path | None) -> Any:
+    """Build ``config`` from a command's parameter ``values``: settings from ``config_file`` fill every
+    parameter not given on the command line (flags override the file); required fields must come from one."""
+    merged = {f.name: values[f.name] for f in dataclasses.fields(config)}
+    if config_file is not None:
+        for name, value in read_settings(config_file, config).items():
+            source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
+            if getattr(source, "name", None) != "COMMANDLINE":
+                merged[name] = value
+    for spec in dataclasses.fields(config):
+        if spec.default is dataclasses.MISSING and merged[spec.name] is None:
+            flag = next((p.opts[0] if p.param_type_name == "option" else p.name.upper()
+                         for p in ctx.command.params if p.name == spec.name), spec.name)
+            raise RlaifError(f"missing {flag}: give it on the command line or in --config")
+    return config(**merged)

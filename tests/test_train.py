@@ -1,11 +1,13 @@
 """`rlaif train` on the tiny model through the real CLI: loss at step 0, LoRA output in diffusers format,
-resume from a checkpoint, two processes."""
+killed and resumed, the latent cache, trackers, two processes."""
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_lora_dpo_loads_into_diffusers_and_changes_images(pairs, tmp_path):
 
 
 @pytest.mark.parametrize("full", [False, True])
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
 def test_first_step_loss_is_ln2(pairs, tmp_path, full, precision):
     args = ["--full"] if full else []
     result = run_cli("train", pairs, "--out", tmp_path / "o", "--max-steps", 1, "--mixed-precision", precision,
@@ -58,17 +60,59 @@ def test_first_step_loss_is_ln2(pairs, tmp_path, full, precision):
     assert (tmp_path / "o" / ("unet" if full else "pytorch_lora_weights.safetensors")).exists()
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(pairs, tmp_path):
-    whole = run_cli("train", pairs, "--out", tmp_path / "whole", "--max-steps", 6, *FAST)
+def weights(out):
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(pairs, tmp_path):
+    """SIGKILL before the first checkpoint and again between checkpoints, each time rerun with --resume
+    latest; a checkpoint cut short by a kill is ignored. Each run has its own latent cache, so both compute
+    the same encodings in the same batches."""
+    args = ["train", pairs, "--max-steps", 8, "--checkpoint-every", 2, *FAST]
+    whole = run_cli(*args, "--out", tmp_path / "whole", env=cli_env(RLAIF_CACHE=str(tmp_path / "cache-whole")))
     assert whole.returncode == 0, whole.stderr
-    first = run_cli("train", pairs, "--out", tmp_path / "parts", "--max-steps", 3, "--checkpoint-every", 3, *FAST)
-    assert first.returncode == 0, first.stderr
-    second = run_cli("train", pairs, "--out", tmp_path / "parts", "--max-steps", 6, "--resume", "latest", *FAST)
-    assert second.returncode == 0, second.stderr
-    a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "parts" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-    assert [e["step"] for e in log(tmp_path / "parts")] == [1, 2, 3, 4, 5, 6]
+    parts = tmp_path / "parts"
+    env = cli_env(RLAIF_CACHE=str(tmp_path / "cache-parts"))
+    for kill_after in (1, 5):
+        process = subprocess.Popen([sys.executable, "-m", "rlaif", *map(str, args), "--out", str(parts),
+                                    "--resume", "latest"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        log_path = parts / "train_log.jsonl"
+        while process.poll() is None and not (log_path.exists() and
+                                              log_path.read_text().count("\n") >= kill_after):
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    (parts / "checkpoints" / "step_00000006.partial").mkdir()  # as a kill while saving would leave it
+    (parts / "checkpoints" / "step_00000006.partial" / "model.safetensors").write_bytes(b"cut short")
+    last = run_cli(*args, "--out", parts, "--resume", "latest", env=env)
+    assert last.returncode == 0, last.stderr
+    assert max_difference(weights(tmp_path / "whole"), weights(parts)) < 1e-6
+    assert [e["step"] for e in log(parts)] == list(range(1, 9))
+    assert not list((parts / "checkpoints").glob("*.partial"))
+    again = run_cli(*args, "--out", parts, env=env)  # without --resume, a run with checkpoints is not overwritten
+    assert again.returncode == 2 and "already holds checkpoints (last: step_00000008); pass --resume" in again.stderr
+
+
+def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(pairs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cached = run_cli("train", pairs, "--out", tmp_path / "cached", "--max-steps", 3, "--report-to", "tensorboard",
+                     *FAST, env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
+    plain = run_cli("train", pairs, "--out", tmp_path / "plain", "--max-steps", 3, "--no-cache", *FAST,
+                    env=cli_env(RLAIF_CACHE=str(tmp_path / "unused")))
+    assert cached.returncode == plain.returncode == 0, cached.stderr + plain.stderr
+    assert max_difference(weights(tmp_path / "cached"), weights(tmp_path / "plain")) < 1e-6
+    assert list((tmp_path / "cache" / "train").rglob("*.safetensors")) and not (tmp_path / "unused").exists()
+    board = EventAccumulator(str(tmp_path / "cached" / "logs" / "rlaif-train")).Reload()
+    logged = [(e.step, e.value) for e in board.Scalars("loss")]
+    assert logged == [(e["step"], pytest.approx(e["loss"])) for e in log(tmp_path / "cached")]
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(pairs, tmp_path):
@@ -105,5 +149,5 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pairs, tmp_p
                      "--learning-rate", 1e30, "--checkpoint-every", 1)
     assert result.returncode == 2
     assert "error: loss became nan at step 2; the last good checkpoint is kept" in result.stderr
-    assert (tmp_path / "o" / "checkpoints" / "checkpoint_0" / "position.json").exists()
+    assert (tmp_path / "o" / "checkpoints" / "step_00000001" / "position.json").exists()
     assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()

@@ -1,5 +1,6 @@
 """Training pairs: both table formats, winner-first order, ties dropped, identical augmentation."""
 
+import dataclasses
 import io
 import random
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
-from rlaif.train.data import augment_pair, load_pairs
+from rlaif.train.data import apply_augmentation, load_pairs, plan_augmentation
 
 
 def png(color, size=(40, 30)) -> bytes:
@@ -52,14 +53,17 @@ def test_augmentation_is_shared_by_winner_and_loser():
     chosen, rejected = Image.fromarray(base), Image.fromarray(255 - base)
     seen_flip = set()
     for seed in range(8):
-        pair = augment_pair(chosen, rejected, 32, random_crop=True, hflip=True, rng=random.Random(seed))
-        assert pair.chosen.shape == pair.rejected.shape == (3, 32, 32)
+        plan = plan_augmentation(chosen.size, 32, random_crop=True, hflip=True, rng=random.Random(seed))
+        a, b = apply_augmentation(chosen, plan), apply_augmentation(rejected, plan)
+        assert a.shape == b.shape == (3, 32, 32)
         # rejected is the pixel-wise inverse of chosen before resizing; bicubic resize is linear up to clipping,
         # so the same crop and flip keep them (almost) exact inverses of each other
-        assert torch.allclose(pair.chosen, -pair.rejected, atol=0.02)
-        assert pair.original_size == (48, 80) and 0 <= pair.crop_top_left[1] <= 53 - 32
-        seen_flip.add(bool(torch.equal(pair.chosen, augment_pair(chosen, rejected, 32, True, False,
-                                                                  random.Random(seed)).chosen)))
+        assert torch.allclose(a, -b, atol=0.02)
+        assert plan.original_size == (48, 80) and plan.resized == (53, 32) and 0 <= plan.left <= 53 - 32
+        seen_flip.add(plan.flip)
+        if plan.flip:  # the flip is the only difference from the unflipped plan
+            unflipped = apply_augmentation(chosen, dataclasses.replace(plan, flip=False))
+            assert torch.equal(a, unflipped.flip(-1))
     assert seen_flip == {True, False}  # some pairs flipped, some not
-    centre = augment_pair(chosen, rejected, 32, random_crop=False, hflip=False, rng=random.Random(0))
-    assert centre.crop_top_left == (0, (53 - 32) // 2)
+    centre = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
+    assert centre.crop_top_left == (0, (53 - 32) // 2) and centre.key == "53x32-0-10-0-32"

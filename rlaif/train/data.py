@@ -54,33 +54,47 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
 
 
 @dataclass(frozen=True)
-class AugmentedPair:
-    """Both images of a pair as [-1, 1] tensors (3, R, R), with the SDXL micro-conditioning they share."""
+class Augmentation:
+    """One resize, crop and flip, decided once per pair and applied to both of its images. It fully describes
+    the transform (whatever the image's own size), so it is also part of the latent cache's key."""
 
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    original_size: tuple[int, int]  # (height, width) of the chosen image before any resize
-    crop_top_left: tuple[int, int]  # (top, left) in the resized image
+    resized: tuple[int, int]  # (width, height) both images are resized to
+    top: int
+    left: int
+    flip: bool
+    resolution: int  # side of the square crop
+    original_size: tuple[int, int]  # (height, width) of the chosen image, for SDXL micro-conditioning
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        return self.top, self.left
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe description of the transform."""
+        return f"{self.resized[0]}x{self.resized[1]}-{self.top}-{self.left}-{int(self.flip)}-{self.resolution}"
 
 
-def augment_pair(chosen: Image.Image, rejected: Image.Image, resolution: int, random_crop: bool, hflip: bool,
-                 rng: random.Random) -> AugmentedPair:
-    """Resize both images to the chosen image's resized size (shortest side = ``resolution``), then apply
-    one crop (centre, or random from ``rng``) and one flip decision (with ``hflip``, p = 0.5) to both."""
-    width, height = chosen.size
+def plan_augmentation(size: tuple[int, int], resolution: int, random_crop: bool, hflip: bool,
+                      rng: random.Random) -> Augmentation:
+    """The transform of a pair whose chosen image is ``size`` (width, height): resize so the shortest side is
+    ``resolution``, crop a square (centre, or random from ``rng``), flip with p = 0.5 when ``hflip``."""
+    width, height = size
     scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    images = [image.resize(size, Image.BICUBIC) for image in (chosen, rejected)]
+    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if random_crop:
-        top, left = rng.randint(0, size[1] - resolution), rng.randint(0, size[0] - resolution)
+        top, left = rng.randint(0, resized[1] - resolution), rng.randint(0, resized[0] - resolution)
     else:
-        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+        top, left = (resized[1] - resolution) // 2, (resized[0] - resolution) // 2
     flip = hflip and rng.random() < 0.5
-    tensors = []
-    for image in images:
-        image = image.crop((left, top, left + resolution, top + resolution))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensors.append(torch.from_numpy(array).permute(2, 0, 1))
-    return AugmentedPair(tensors[0], tensors[1], (height, width), (top, left))
+    return Augmentation(resized, top, left, flip, resolution, (height, width))
+
+
+def apply_augmentation(image: Image.Image, augmentation: Augmentation) -> torch.Tensor:
+    """``image`` transformed by ``augmentation`` as a [-1, 1] tensor (3, R, R)."""
+    a = augmentation
+    image = image.resize(a.resized, Image.BICUBIC).crop((a.left, a.top, a.left + a.resolution, a.top + a.resolution))
+    if a.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)

@@ -7,12 +7,16 @@ process's RNG state, so N processes with a global batch B compute the gradient o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
+import importlib.util
 import json
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,18 +25,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from accelerate.utils import extract_model_from_parallel as unwrap
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 
+from rlaif.cache import cache_dir
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
-from rlaif.files import write_json
-from rlaif.images import open_rgb
+from rlaif.files import atomic_path, write_json
 from rlaif.models import default_size, load_pipeline
-from rlaif.train.data import PreferencePair, augment_pair, load_pairs
+from rlaif.train.data import PreferencePair, load_pairs, plan_augmentation
+from rlaif.train.encoding import Encoder
 from rlaif.train.loss import LOSS_TYPES, diffusion_dpo_loss, sft_loss
 
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, max_steps, logs)`` after every optimizer step."""
 
@@ -60,14 +67,22 @@ class TrainConfig:
     accumulation: int = field(default=1, metadata={"help": "Gradient accumulation micro-steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no | fp16 | bf16: autocast for policy and reference alike (weights stay fp32). On CPU, fp16 "
+                "runs without loss scaling; prefer bf16 there."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations."})
     resolution: int | None = field(default=None, metadata={"help": "Training resolution; default: the model's."})
     random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
     hflip: bool = field(default=False, metadata={"help": "Random horizontal flip (same for both images)."})
     caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
+    no_cache: bool = field(default=False, metadata={
+        "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
+                "($RLAIF_CACHE/train, keyed by content, model and augmentation)."})
+    report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
+                                                                 "(accelerate trackers; logs under OUT/logs)."})
     checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})
+    resume: str | None = field(default=None, metadata={
+        "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
 
     def validate(self) -> None:
@@ -82,6 +97,11 @@ class TrainConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.caption_dropout <= 1:
             raise RlaifError("--caption-dropout must be between 0 and 1")
+        if self.report_to not in (None, "tensorboard", "wandb", "all"):
+            raise RlaifError(f"--report-to {self.report_to!r} is not tensorboard, wandb or all")
+        for tracker in ("tensorboard", "wandb"):
+            if self.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
+                raise RlaifError(f"--report-to {self.report_to} needs the {tracker} package: pip install {tracker}")
 
 
 def _rng(*key: object) -> random.Random:
@@ -100,40 +120,22 @@ def pair_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-class Conditioning:
-    """Text conditioning of SD1.x/2.x or SDXL pipelines (embeddings and, for SDXL, pooled + time ids)."""
-
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        self.xl = isinstance(pipe, StableDiffusionXLPipeline)
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str], sizes: list[tuple[int, int]], crops: list[tuple[int, int]],
-                 resolution: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-        encoded = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        if not self.xl:
-            return encoded[0], {}
-        time_ids = torch.tensor([[*size, *crop, resolution, resolution] for size, crop in zip(sizes, crops,
-                                                                                               strict=True)],
-                                dtype=encoded[0].dtype, device=device)
-        return encoded[0], {"text_embeds": encoded[2], "time_ids": time_ids}
-
-
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
     pairs = load_pairs(config.pairs)
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=str(config.out), automatic_checkpoint_naming=True),
+        log_with=config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
+    resume_from = _resume_point(config, accelerator)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device)
     resolution = config.resolution or default_size(pipe)
-    unet, vae = pipe.unet, pipe.vae
-    for module in (vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
-                                              getattr(pipe, "text_encoder_2", None)) if m is not None)):
+    unet = pipe.unet
+    for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
+                                                   getattr(pipe, "text_encoder_2", None)) if m is not None)):
         module.requires_grad_(False)
     reference = None
     if config.full:
@@ -157,29 +159,30 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         optimizer = Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
-    conditioning = Conditioning(pipe)
+    encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
 
     step = 0
-    if config.resume:
-        folder = _checkpoint_folder(config.out, config.resume)
-        accelerator.load_state(str(folder))
-        step = json.loads((folder / "position.json").read_text())["step"]
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        step = json.loads((resume_from / "position.json").read_text())["step"]
     log_path = config.out / "train_log.jsonl"
     if accelerator.is_main_process:
         _keep_log_until(log_path, step)
-    micro_per_step = config.accumulation
+    if config.report_to:
+        accelerator.init_trackers("rlaif-train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                                         for k, v in asdict(config).items()})
     while step < config.max_steps:
         logs: dict[str, float] = {}
         started = time.perf_counter()
-        for micro in range(micro_per_step):
-            position = (step * micro_per_step + micro) * config.batch_size * accelerator.num_processes
+        for micro in range(config.accumulation):
+            position = (step * config.accumulation + micro) * config.batch_size * accelerator.num_processes
             start = position + accelerator.process_index * config.batch_size
-            indices = [_pair_index(start + i, len(pairs), config.seed) for i in range(config.batch_size)]
+            positions = list(range(start, start + config.batch_size))
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(
-                    config, [pairs[i] for i in indices], [start + i for i in range(config.batch_size)],
-                    vae, unet, reference, conditioning, noise_scheduler, resolution, accelerator)
+                    config, [pairs[_pair_index(pos, len(pairs), config.seed)] for pos in positions], positions,
+                    encoder, unet, reference, noise_scheduler, resolution, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -187,7 +190,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 schedule.step()
                 optimizer.zero_grad()
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                logs[name] = logs.get(name, 0.0) + float(accelerator.reduce(value.float(), "mean")) / micro_per_step
+                mean = float(accelerator.reduce(value.float(), "mean"))
+                logs[name] = logs.get(name, 0.0) + mean / config.accumulation
         if not math.isfinite(logs["loss"]):
             raise RlaifError(f"loss became {logs['loss']} at step {step + 1}; the last good checkpoint is kept "
                              "(lower --learning-rate or --beta, or use --mixed-precision bf16)")
@@ -197,6 +201,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
                 log.write(json.dumps({"step": step, **logs}) + "\n")
+        if config.report_to:
+            accelerator.log(logs, step=step)
         if progress:
             progress(step, config.max_steps, logs)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -215,26 +221,27 @@ def _pair_index(position: int, count: int, seed: int) -> int:
     return pair_order(count, seed, epoch)[offset]
 
 
-def _dpo_micro_step(config, batch: list[PreferencePair], positions: list[int], vae, unet, reference,
-                    conditioning, noise_scheduler, resolution, accelerator):
-    """Loss of one micro-batch: winners and losers share noise, timestep and (dropped) caption."""
-    device = accelerator.device
-    augmented = [augment_pair(open_rgb(p.chosen), open_rgb(p.rejected), resolution, config.random_crop,
-                              config.hflip, _rng("augment", config.seed, pos)) for p, pos in zip(batch, positions,
-                                                                                                 strict=True)]
-    pixels = torch.stack([a.chosen for a in augmented] + [a.rejected for a in augmented]).to(device)
-    with torch.no_grad():
-        posterior = vae.encode(pixels.float()).latent_dist
-        draws = [torch.randn(posterior.mean.shape[1:], generator=_generator("vae", config.seed, pos, side))
-                 for side in ("chosen", "rejected") for pos in positions]  # per image, not per batch
-        latents = posterior.mean + posterior.std * torch.stack(draws).to(device)
-        latents = latents * vae.config.scaling_factor
+def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions: list[int], encoder: Encoder, unet,
+                    reference, noise_scheduler, resolution: int, device: torch.device):
+    """Loss and metrics of one micro-batch: winners and losers share augmentation, noise, timestep and
+    (dropped) caption. Policy and reference run under the same autocast, so at step 0 they compute the same
+    function and the loss is ln 2 in every precision (the official script's bf16 reference gives 1.59)."""
+    plans = [plan_augmentation(encoder.size(p.chosen), resolution, config.random_crop, config.hflip,
+                               _rng("augment", config.seed, pos)) for p, pos in zip(batch, positions, strict=True)]
+    posterior = encoder.latent_distribution([p.chosen for p in batch] + [p.rejected for p in batch], plans + plans,
+                                            device)
+    draws = [torch.randn(posterior.mean.shape[1:], generator=_generator("vae", config.seed, pos, side))
+             for side in ("chosen", "rejected") for pos in positions]  # per image, not per batch
+    latents = (posterior.mean + posterior.std * torch.stack(draws).to(device)) * encoder.pipe.vae.config.scaling_factor
     captions = ["" if _rng("drop", config.seed, pos).random() < config.caption_dropout else p.caption
                 for p, pos in zip(batch, positions, strict=True)]
-    embeds, added = conditioning(captions, [a.original_size for a in augmented],
-                                 [a.crop_top_left for a in augmented], resolution, device)
+    embeds, pooled = encoder.text(captions, device)
+    kwargs = {}
+    if pooled is not None:  # SDXL micro-conditioning: each pair's original size, crop and target size
+        time_ids = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in plans],
+                                dtype=embeds.dtype, device=device)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)}
     embeds = embeds.repeat(2, 1, 1)
-    added = {k: v.repeat(2, *([1] * (v.ndim - 1))) for k, v in added.items()}
     noise = torch.cat([torch.randn(latents.shape[1:], generator=_generator("noise", config.seed, pos))[None]
                        for pos in positions]).to(device)
     timesteps = torch.tensor([_rng("t", config.seed, pos).randrange(noise_scheduler.config.num_train_timesteps)
@@ -243,17 +250,17 @@ def _dpo_micro_step(config, batch: list[PreferencePair], positions: list[int], v
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, timesteps)
-    kwargs = {"added_cond_kwargs": added} if added else {}
-    model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
+                              enabled=config.mixed_precision != "no")
+    with autocast:
+        model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
     if config.loss == "sft":
         return sft_loss(model_pred, target), {}
-    # The reference runs under the same autocast as the policy: at step 0 both compute the same function,
-    # so the loss is ln 2 in every precision (the official script's bf16 reference gives 1.59 instead).
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), autocast:
         if reference is not None:
             ref_pred = reference(noisy, timesteps, embeds, **kwargs).sample
         else:
-            inner = accelerator.unwrap_model(unet)
+            inner = unwrap(unet)
             inner.disable_adapters()
             ref_pred = inner(noisy, timesteps, embeds, **kwargs).sample
             inner.enable_adapters()
@@ -261,38 +268,76 @@ def _dpo_micro_step(config, batch: list[PreferencePair], positions: list[int], v
 
 
 def _keep_log_until(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (a resumed run rewrites them), creating the folder and file if needed."""
+    """Drop log lines past ``step`` (a resumed run rewrites them) and a line cut short by a kill, creating the
+    folder and file if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _checkpoint_folder(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        folder = Path(resume)
-    else:
-        found = sorted((out / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-        if not found:
-            raise RlaifError(f"--resume latest: no checkpoint under {out / 'checkpoints'}")
-        folder = found[-1]
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders whose writing finished, oldest first."""
+    found = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and (p / "position.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0); refuses to overwrite a run without --resume.
+    Checkpoints cut short by a kill (``*.partial``) are removed."""
+    if accelerator.is_main_process:
+        for partial in (config.out / "checkpoints").glob("*.partial"):
+            shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    complete = _complete_checkpoints(config.out)
+    if config.resume is None:
+        if complete:
+            raise RlaifError(f"{config.out} already holds checkpoints (last: {complete[-1].name}); pass --resume "
+                             "latest to continue that run, or choose another --out")
+        return None
+    if config.resume == "latest":
+        return complete[-1] if complete else None  # killed before its first checkpoint: start again
+    folder = Path(config.resume)
     if not (folder / "position.json").exists():
-        raise RlaifError(f"--resume {resume}: {folder} is not a complete rlaif checkpoint")
+        raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
     return folder
 
 
 def _save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
-    folder = Path(accelerator.save_state())
+    """Weights, optimizer, schedule and RNG states under checkpoints/step_N, written as step_N.partial and
+    renamed once every process has written its part (and position.json marks it complete)."""
+    final = out / "checkpoints" / f"step_{step:08d}"
+    partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
-        write_json({"step": step}, folder / "position.json")  # written last: marks the checkpoint complete
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json({"step": step}, partial / "position.json")
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
+        os.replace(partial, final)
     accelerator.wait_for_everyone()
 
 
 def _save_weights(unet, pipe, config: TrainConfig) -> None:
+    """The LoRA (diffusers format) or the full UNet folder, staged and then moved into ``config.out``."""
+    staging = config.out / ".weights.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     if config.full:
-        unet.save_pretrained(config.out / "unet", safe_serialization=True)
-        return
-    from peft.utils import get_peft_model_state_dict
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+    else:
+        from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    type(pipe).save_lora_weights(str(config.out), unet_lora_layers=layers, safe_serialization=True)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, safe_serialization=True)
+    for entry in staging.iterdir():
+        target = config.out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()

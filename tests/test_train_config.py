@@ -1,0 +1,60 @@
+"""`rlaif train --config FILE.toml`: the paper's recipes in examples/, command-line flags overriding the file,
+and one-line errors for bad files."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_train import log, pairs  # noqa: F401 - the module-scoped pairs table fixture
+
+from rlaif.cli_options import read_settings
+from rlaif.errors import RlaifError
+from rlaif.train.trainer import TrainConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize(("recipe", "warmup", "resolution", "optimizer"), [
+    ("sd15_dpo.toml", 500, 512, "adamw"), ("sdxl_dpo.toml", 200, 1024, "adafactor")])
+def test_paper_recipes(recipe, warmup, resolution, optimizer):
+    settings = read_settings(EXAMPLES / recipe, TrainConfig)
+    config = TrainConfig(pairs=Path("p.parquet"), out=Path("o"), **settings)
+    config.validate()
+    processes = 16  # the official launchers' GPU count, for which the files are written
+    assert config.batch_size * config.accumulation * processes == 2048
+    assert config.scale_lr and math.isclose(config.learning_rate * 2048, 2.048e-5)
+    assert (config.beta, config.max_steps, config.warmup_steps, config.resolution) == (5000, 2000, warmup,
+                                                                                          resolution)
+    assert config.optimizer == optimizer and config.gradient_checkpointing == (optimizer == "adafactor")
+    assert config.caption_dropout == 0.2 and config.loss == "sigmoid"
+
+
+def test_flags_override_the_config_file(pairs, tmp_path):  # noqa: F811
+    (tmp_path / "run.toml").write_text(f'model = "tiny"\nout = "{tmp_path / "o"}"\nmax_steps = 3\nbatch_size = 2\n'
+                                       'learning_rate = 0.001\nbeta = 2500.0\n')
+    result = run_cli("train", pairs, "--config", tmp_path / "run.toml", "--max-steps", 2)
+    assert result.returncode == 0, result.stderr
+    assert [e["step"] for e in log(tmp_path / "o")] == [1, 2]  # the flag won
+    recorded = json.loads((tmp_path / "o" / "train.json").read_text())["config"]
+    assert (recorded["beta"], recorded["batch_size"], recorded["learning_rate"]) == ("2500.0", "2", "0.001")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('model = "tiny"\nbetta = 1.0\n', "run.toml: unknown setting 'betta'"),
+    ('model = "tiny"\nbeta = "high"\n', "run.toml beta: expected float, got 'high'"),
+    ('max_steps = 2\n', "missing --model: give it on the command line or in --config"),
+    ('model = [\n', "config file"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    (tmp_path / "run.toml").write_text(text)
+    result = run_cli("train", tmp_path / "p.parquet", "--out", tmp_path / "o", "--config", tmp_path / "run.toml")
+    assert result.returncode == 2 and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_integers_are_not_booleans(tmp_path):
+    (tmp_path / "run.toml").write_text("full = 1\n")
+    with pytest.raises(RlaifError, match="full: expected bool, got 1"):
+        read_settings(tmp_path / "run.toml", TrainConfig)

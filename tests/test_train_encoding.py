@@ -1,0 +1,99 @@
+"""The training latent/text cache: each image is encoded once per augmentation and each caption once, the
+cached values equal fresh ones, and the keys follow content, augmentation and weights."""
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlaif.models import load_pipeline
+from rlaif.train.data import plan_augmentation
+from rlaif.train.encoding import Encoder
+
+CPU = torch.device("cpu")
+
+
+class CallCounter:
+    """Wraps a real method and counts its calls (the computation itself is untouched)."""
+
+    def __init__(self, method):
+        self.method, self.calls = method, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.method(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(64, 64), (80, 64), (64, 96)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def files(folder):
+    return sorted(p for p in folder.rglob("*.safetensors"))
+
+
+def test_latents_are_encoded_once_per_image_and_augmentation(pipe, images, tmp_path, monkeypatch):
+    counter = CallCounter(pipe.vae.encode)
+    monkeypatch.setattr(pipe.vae, "encode", counter)
+    cache = tmp_path / "cache"
+    plans = [plan_augmentation(Image.open(p).size, 64, True, False, random.Random(i)) for i, p in enumerate(images)]
+    first = Encoder(pipe, cache).latent_distribution(images, plans, CPU)
+    assert counter.calls == 1 and len(files(cache / "latents")) == 3
+    again = Encoder(pipe, cache).latent_distribution(images, plans, CPU)  # a new run: everything from disk
+    assert counter.calls == 1 and torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
+    fresh = Encoder(pipe, None).latent_distribution(images, plans, CPU)
+    assert counter.calls == 2 and torch.allclose(fresh.mean, first.mean, atol=1e-6)
+    assert len(files(cache / "latents")) == 3  # --no-cache writes nothing
+    flipped = [dataclasses.replace(plans[0], flip=True)]
+    mirrored = Encoder(pipe, cache).latent_distribution(images[:1], flipped, CPU)
+    assert counter.calls == 3 and len(files(cache / "latents")) == 4
+    assert not torch.allclose(mirrored.mean, first.mean[:1])
+
+
+def test_changed_weights_get_their_own_cache(pipe, tmp_path):
+    before = Encoder(pipe, tmp_path).latent_dir
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.bias.add_(1e-3)
+    try:
+        assert Encoder(pipe, tmp_path).latent_dir != before
+    finally:
+        with torch.no_grad():
+            pipe.vae.encoder.conv_in.bias.sub_(1e-3)
+    assert Encoder(pipe, tmp_path).latent_dir == before
+
+
+def test_each_caption_is_encoded_once(pipe, tmp_path, monkeypatch):
+    counter = CallCounter(pipe.encode_prompt)
+    monkeypatch.setattr(pipe, "encode_prompt", counter)
+    cached = Encoder(pipe, tmp_path)
+    embeds, pooled = cached.text(["a red circle", "", "a red circle"], CPU)
+    assert counter.calls == 1 and pooled is None and len(files(tmp_path / "text")) == 2
+    assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
+    again, _ = Encoder(pipe, tmp_path).text(["", "a red circle"], CPU)
+    assert counter.calls == 1 and torch.equal(again, embeds[[1, 0]])
+    fresh, _ = Encoder(pipe, None).text(["a red circle", "", "a red circle"], CPU)
+    assert counter.calls == 2 and torch.allclose(fresh, embeds, atol=1e-6)
+
+
+def test_sdxl_text_cache_keeps_the_pooled_embeddings(tmp_path):
+    xl = load_pipeline("tiny-xl")
+    embeds, pooled = Encoder(xl, tmp_path).text(["a blue square", "a red circle"], CPU)
+    again, again_pooled = Encoder(xl, tmp_path).text(["a blue square", "a red circle"], CPU)
+    reference = xl.encode_prompt(["a blue square", "a red circle"], device=CPU, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    assert torch.allclose(embeds, reference[0], atol=1e-6) and torch.allclose(pooled, reference[2], atol=1e-6)
+    assert torch.equal(again, embeds) and torch.equal(again_pooled, pooled)
