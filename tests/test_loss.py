@@ -62,6 +62,7 @@ def test_hinge_ipo_and_sft():
     assert float(hinge) == pytest.approx(sum(max(0.0, 1 - t) for t in terms) / 2, rel=1e-5)
     ipo, _ = diffusion_dpo_loss(model_pred, ref_pred, target, loss_type="ipo")
     assert float(ipo) == pytest.approx(sum((t / 5000 - 1 / 10000) ** 2 for t in terms) / 2, rel=1e-5)
-    assert float(sft_loss(model_pred, target)) == pytest.approx(float(((model_pred[:2] - target[:2]) ** 2).mean()))
+    winners, winner_target = model_pred[:2], target[:2]
+    assert float(sft_loss(winners, winner_target)) == pytest.approx(float(((winners - winner_target) ** 2).mean()))
     with pytest.raises(ValueError, match="unknown loss_type"):
         diffusion_dpo_loss(model_pred, ref_pred, target, loss_type="nope")

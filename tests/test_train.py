@@ -134,11 +134,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(pairs, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-def test_sdxl_style_training_writes_a_loadable_lora(pairs, tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "sft"])
+def test_sdxl_style_training_writes_a_loadable_lora(pairs, tmp_path, loss):
     result = run_cli("train", pairs, "--out", tmp_path / "xl", "--max-steps", 2, "--model", "tiny-xl",
-                     "--batch-size", 2, "--random-crop", "--hflip")
+                     "--batch-size", 2, "--random-crop", "--hflip", "--loss", loss)
     assert result.returncode == 0, result.stderr
-    assert log(tmp_path / "xl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    if loss == "sigmoid":
+        assert log(tmp_path / "xl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    else:  # SFT: the MSE of the winners' noise prediction, a positive number
+        assert 0 < log(tmp_path / "xl")[0]["loss"] < 10
     pipe = load_pipeline("tiny-xl")
     pipe.load_lora_weights(tmp_path / "xl")
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())

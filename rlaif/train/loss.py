@@ -68,7 +68,6 @@ def diffusion_dpo_loss(
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
 
 
-def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The SFT baseline: plain MSE on the winners (the first half of a ``[winners; losers]`` batch)."""
-    winners = model_pred.shape[0] // 2
-    return per_sample_mse(model_pred[:winners], target[:winners]).mean()
+def sft_loss(winner_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The SFT baseline: plain MSE on the winners only (callers run the model on winners only, half the work)."""
+    return per_sample_mse(winner_pred, target).mean()

@@ -236,11 +236,11 @@ def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions:
     captions = ["" if _rng("drop", config.seed, pos).random() < config.caption_dropout else p.caption
                 for p, pos in zip(batch, positions, strict=True)]
     embeds, pooled = encoder.text(captions, device)
-    kwargs = {}
+    added = {}
     if pooled is not None:  # SDXL micro-conditioning: each pair's original size, crop and target size
         time_ids = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in plans],
                                 dtype=embeds.dtype, device=device)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)}
+        added = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)}
     embeds = embeds.repeat(2, 1, 1)
     noise = torch.cat([torch.randn(latents.shape[1:], generator=_generator("noise", config.seed, pos))[None]
                        for pos in positions]).to(device)
@@ -252,17 +252,23 @@ def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions:
         noise_scheduler.get_velocity(latents, noise, timesteps)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
-    with autocast:
-        model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
+    rows = slice(0, len(batch)) if config.loss == "sft" else slice(None)  # SFT: the model sees winners only
+
+    def predict(model) -> torch.Tensor:
+        conditions = {"added_cond_kwargs": {k: v[rows] for k, v in added.items()}} if added else {}
+        with autocast:
+            return model(noisy[rows], timesteps[rows], embeds[rows], **conditions).sample
+
+    model_pred = predict(unet)
     if config.loss == "sft":
-        return sft_loss(model_pred, target), {}
-    with torch.no_grad(), autocast:
+        return sft_loss(model_pred, target[rows]), {}
+    with torch.no_grad():
         if reference is not None:
-            ref_pred = reference(noisy, timesteps, embeds, **kwargs).sample
+            ref_pred = predict(reference)
         else:
             inner = unwrap(unet)
             inner.disable_adapters()
-            ref_pred = inner(noisy, timesteps, embeds, **kwargs).sample
+            ref_pred = predict(inner)
             inner.enable_adapters()
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
 

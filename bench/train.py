@@ -1,0 +1,230 @@
+"""Training speed and memory of `rlaif train` on the tiny model; every figure is a ratio measured in one run.
+
+(a) pairs/s of `rlaif train` against the official per-step algorithm (re-implemented below from the official
+    DiffusionDPO ``train.py``: images decoded and transformed, VAE and text encoder run every step, a separate
+    reference UNet copy), same model, pairs, batch, fp32, full fine-tuning on both sides; also rlaif with
+    --no-cache, which isolates the cache's share.
+(b) DPO step time / SFT step time of `rlaif train` (LoRA) on the same pairs (arithmetic floor about 2.7:
+    DPO runs forward+backward on winners and losers plus a reference forward, SFT forward+backward on winners).
+(c) peak memory of LoRA-DPO / LoRA-SFT: each run in a fresh process; peak resident memory over the training
+    steps (the high-water mark is reset after step 1, when model, optimizer and caches are resident).
+(d) the first step's loss in fp32, fp16 and bf16, rlaif (LoRA and full) and the official bf16 recipe (reference
+    weights cast to bf16, policy fp32 under autocast). The ln 2 property itself is a test:
+    tests/test_train.py::test_first_step_loss_is_ln2.
+
+    python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+from torchvision import transforms
+
+from rlaif.cli import quiet_libraries
+from rlaif.label import LabelConfig, run_label
+from rlaif.models import load_pipeline
+from rlaif.sample import SampleConfig, run_sample
+from rlaif.train.data import PreferencePair, load_pairs
+from rlaif.train.trainer import TrainConfig, run_train
+
+PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "shapes.txt"
+BETA = 5000.0
+
+
+def make_pairs(folder: Path) -> Path:
+    """Tiny-model samples (8 prompts x 4) labelled by compressibility, all pairs: 48 pairs."""
+    run_sample(SampleConfig(model="tiny", prompts=str(PROMPTS), out=folder, per_prompt=4, steps=4, batch_size=32))
+    run_label(LabelConfig(samples_dir=folder, scorers=["compressibility"], strategy="all-pairs"))
+    return folder / "pairs.parquet"
+
+
+def rlaif_step_seconds(pairs: Path, out: Path, **settings) -> list[float]:
+    """Per-step wall times of `rlaif train` (from its log), after a first untimed run that warms the cache."""
+    config = dict(pairs=pairs, model="tiny", max_steps=settings.pop("max_steps"), learning_rate=1e-5, **settings)
+    log = out / "train_log.jsonl"
+    run_train(TrainConfig(out=out / "warm", **{**config, "max_steps": 12}))
+    run_train(TrainConfig(out=out, **config))
+    batch = config.get("batch_size", 1)
+    return [batch / json.loads(line)["pairs_per_s"] for line in log.read_text().splitlines()][2:]
+
+
+class OfficialStyle:
+    """The official script's training step, written from its algorithm: per step, decode and transform the
+    pair images, VAE-encode and sample latents, encode captions (with dropout), run the policy and a separate
+    reference copy. ``precision`` "bf16" reproduces its mixed-precision handling: VAE, text encoder and
+    reference cast to bf16, the policy's fp32 weights under autocast."""
+
+    def __init__(self, precision: str = "no", resolution: int = 64) -> None:
+        pipe = load_pipeline("tiny")
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.reference = copy.deepcopy(self.unet).requires_grad_(False).to(self.dtype)
+        self.vae.requires_grad_(False).to(self.dtype)
+        self.text_encoder.requires_grad_(False).to(self.dtype)
+        self.unet.train()
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5)
+        self.transform = transforms.Compose([
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5])])
+        self.precision = precision
+        self.timing = {"data + VAE + text": 0.0, "UNet policy + reference + update": 0.0}
+
+    def step(self, batch: list[PreferencePair]) -> float:
+        started = time.perf_counter()
+        pixels = torch.stack([torch.cat([self.transform(Image.open(p.chosen).convert("RGB")),
+                                         self.transform(Image.open(p.rejected).convert("RGB"))]) for p in batch])
+        feed = torch.cat(pixels.chunk(2, dim=1)).to(self.dtype)  # [winners; losers]
+        with torch.no_grad():
+            latents = self.vae.encode(feed).latent_dist.sample() * self.vae.config.scaling_factor
+            captions = ["" if torch.rand(()) < 0.2 else p.caption for p in batch]
+            ids = self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_tensors="pt").input_ids
+            hidden = self.text_encoder(ids)[0].repeat(2, 1, 1)
+        encoded = time.perf_counter()
+        noise = torch.randn_like(latents.chunk(2)[0]).repeat(2, 1, 1, 1)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(batch),)).repeat(2)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            model_pred = self.unet(noisy, timesteps, hidden).sample
+        model_losses = (model_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        model_w, model_l = model_losses.chunk(2)
+        with torch.no_grad():
+            ref_pred = self.reference(noisy, timesteps, hidden).sample
+            ref_w, ref_l = (ref_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+        inside = -0.5 * BETA * ((model_w - model_l) - (ref_w - ref_l))
+        loss = -F.logsigmoid(inside).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        done = time.perf_counter()
+        self.timing["data + VAE + text"] += encoded - started
+        self.timing["UNet policy + reference + update"] += done - encoded
+        return float(loss.detach())
+
+
+def official_step_seconds(pairs: list[PreferencePair], steps: int, batch: int) -> tuple[list[float], dict]:
+    torch.manual_seed(0)
+    official = OfficialStyle()
+    seconds = []
+    for step in range(steps + 2):
+        chosen = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
+        started = time.perf_counter()
+        official.step(chosen)
+        seconds.append(time.perf_counter() - started)
+    return seconds[2:], official.timing
+
+
+def probe_memory(pairs: Path, loss: str, steps: int, batch: int) -> None:
+    """(child process) Peak resident memory over LoRA training steps 2..N, printed as JSON."""
+    baseline = {}
+
+    def progress(step: int, total: int, logs: dict) -> None:
+        if step == 1:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+            baseline["rss_kb"] = _status_kb("VmRSS")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_train(TrainConfig(pairs=pairs, model="tiny", out=Path(tmp), loss=loss, batch_size=batch, max_steps=steps),
+                  progress)
+    print(json.dumps({"baseline_kb": baseline["rss_kb"], "peak_kb": _status_kb("VmHWM")}))
+
+
+def _status_kb(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def memory(pairs: Path, loss: str, steps: int, batch: int) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--probe-memory", loss, "--pairs", str(pairs),
+                             "--steps", str(steps), "--batch-size", str(batch)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def first_losses(pairs_path: Path, pairs: list[PreferencePair], batch: int, folder: Path) -> dict[str, float]:
+    losses = {}
+    for precision in ("no", "fp16", "bf16"):
+        for full in (False, True):
+            out = folder / f"first-{precision}-{full}"
+            # a process per precision: accelerate fixes the mixed precision once per process
+            subprocess.run([sys.executable, "-m", "rlaif", "train", str(pairs_path), "--model", "tiny", "--out",
+                            str(out), "--batch-size", str(batch), "--max-steps", "1", "--mixed-precision", precision,
+                            *(["--full"] if full else [])], capture_output=True, check=True)
+            first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+            losses[f"rlaif {'full' if full else 'LoRA'} {precision}"] = first
+    torch.manual_seed(0)
+    losses["official-style full bf16 (bf16 reference)"] = OfficialStyle("bf16").step(pairs[:batch])
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--probe-memory", choices=["sigmoid", "sft"], help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    quiet_libraries()
+    if args.probe_memory:
+        probe_memory(args.pairs, args.probe_memory, args.steps, args.batch_size)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pairs_path = make_pairs(folder / "run")
+        pairs = load_pairs(pairs_path)
+        times: dict[str, list[float]] = {}
+        timing: dict[str, float] = {}
+        for repeat in range(args.repeats):  # alternate the contenders so that drift hits all of them
+            official, breakdown = official_step_seconds(pairs, args.steps, args.batch_size)
+            times.setdefault("official-style (full)", []).extend(official)
+            for name, value in breakdown.items():
+                timing[name] = timing.get(name, 0.0) + value
+            for name, settings in {"rlaif (full, cache)": {"full": True},
+                                   "rlaif (full, --no-cache)": {"full": True, "no_cache": True},
+                                   "rlaif LoRA DPO": {}, "rlaif LoRA SFT": {"loss": "sft"}}.items():
+                out = folder / f"{name.replace(' ', '_')}-{repeat}"
+                times.setdefault(name, []).extend(rlaif_step_seconds(
+                    pairs_path, out, max_steps=args.steps, batch_size=args.batch_size, **settings))
+        dpo, sft = memory(pairs_path, "sigmoid", args.steps, args.batch_size), \
+            memory(pairs_path, "sft", args.steps, args.batch_size)
+        losses = first_losses(pairs_path, pairs, args.batch_size, folder)
+    step = {name: statistics.median(values) for name, values in times.items()}
+    print(f"tiny (64 px), {len(pairs)} pairs, batch {args.batch_size} pairs, fp32, {args.steps} timed steps x "
+          f"{args.repeats} repeats (median step), threads={torch.get_num_threads()}")
+    for name, seconds in step.items():
+        print(f"  {name:28s}: {args.batch_size / seconds:7.2f} pairs/s  ({seconds * 1000:.1f} ms/step)")
+    total = sum(timing.values())
+    print("  official-style breakdown: " + ", ".join(f"{k} {v / total:.1%}" for k, v in timing.items()))
+    official = step["official-style (full)"]
+    print(f"(a) rlaif full / official-style pairs/s   : {official / step['rlaif (full, cache)']:.3f}x"
+          f"  (--no-cache: {official / step['rlaif (full, --no-cache)']:.3f}x)")
+    print(f"(b) DPO / SFT step time (LoRA)            : {step['rlaif LoRA DPO'] / step['rlaif LoRA SFT']:.2f}")
+    above = [(run["peak_kb"] - run["baseline_kb"]) / 1024 for run in (dpo, sft)]
+    print(f"(c) peak memory LoRA-DPO / LoRA-SFT       : {dpo['peak_kb'] / sft['peak_kb']:.3f}  (peak RSS "
+          f"{dpo['peak_kb'] / 1024:.0f} vs {sft['peak_kb'] / 1024:.0f} MiB; above the resident model after step 1: "
+          f"{above[0]:.1f} vs {above[1]:.1f} MiB)")
+    print("(d) first-step loss (ln 2 = 0.6931):")
+    for name, value in losses.items():
+        print(f"  {name:44s}: {value:.4f}{'' if abs(value - math.log(2)) < 1e-3 else '  (not ln 2)'}")
+
+
+if __name__ == "__main__":
+    main()
