@@ -26,6 +26,7 @@ from rich.text import Text
 from rlaif.cli_options import argument, config_from_cli, default, option
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
+from rlaif.eval import EvalConfig
 from rlaif.label import LabelConfig
 from rlaif.sample import SampleConfig
 from rlaif.train.trainer import TrainConfig
@@ -76,6 +77,7 @@ def sample(
     model: Annotated[str, option(S, "model", "--model", "-m")],
     prompts: Annotated[str, option(S, "prompts", "--prompts", "-p")],
     out: Annotated[Path, option(S, "out", "--out", "-o")],
+    tuned: Annotated[Path | None, option(S, "tuned")] = default(S, "tuned"),
     per_prompt: Annotated[int, option(S, "per_prompt", "--per-prompt", "-n")] = default(S, "per_prompt"),
     steps: Annotated[int, option(S, "steps")] = default(S, "steps"),
     guidance: Annotated[float, option(S, "guidance")] = default(S, "guidance"),
@@ -113,6 +115,7 @@ def label(
     top_k: Annotated[int, option(L, "top_k")] = default(L, "top_k"),
     min_margin: Annotated[float, option(L, "min_margin")] = default(L, "min_margin"),
     keep_ties: Annotated[bool, option(L, "keep_ties")] = default(L, "keep_ties"),
+    invert: Annotated[bool, option(L, "invert")] = default(L, "invert"),
     combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
     scorer_options: Annotated[list[str], option(L, "scorer_options", "--scorer-option")] = [],  # noqa: B006
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
@@ -152,6 +155,7 @@ def train(
     pairs: Annotated[Path | None, argument(T, "pairs")] = None,
     model: Annotated[str | None, option(T, "model", "--model", "-m")] = None,
     out: Annotated[Path | None, option(T, "out", "--out", "-o")] = None,
+    init: Annotated[Path | None, option(T, "init")] = default(T, "init"),
     full: Annotated[bool, option(T, "full")] = default(T, "full"),
     lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
     lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
@@ -197,6 +201,94 @@ def train(
         written = run_train(config, progress=progress)
     if show:
         err.print(f"wrote {written}")
+
+
+E = EvalConfig
+
+
+@app.command("eval")
+def evaluate(
+    base: Annotated[str, option(E, "base", "--base")],
+    tuned: Annotated[Path, option(E, "tuned", "--tuned")],
+    prompts: Annotated[str, option(E, "prompts", "--prompts", "-p")],
+    out: Annotated[Path, option(E, "out", "--out", "-o")],
+    scorers: Annotated[list[str], option(E, "scorers", "--scorer", "-s")],
+    per_prompt: Annotated[int, option(E, "per_prompt", "--per-prompt", "-n")] = default(E, "per_prompt"),
+    seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
+    steps: Annotated[int, option(E, "steps")] = default(E, "steps"),
+    guidance: Annotated[float, option(E, "guidance")] = default(E, "guidance"),
+    batch_size: Annotated[int, option(E, "batch_size")] = default(E, "batch_size"),
+    dtype: Annotated[str, option(E, "dtype")] = default(E, "dtype"),
+    scheduler: Annotated[str | None, option(E, "scheduler")] = default(E, "scheduler"),
+    prompt_column: Annotated[str | None, option(E, "prompt_column")] = default(E, "prompt_column"),
+    scorer_options: Annotated[list[str], option(E, "scorer_options", "--scorer-option")] = [],  # noqa: B006
+    train_log: Annotated[Path | None, option(E, "train_log")] = default(E, "train_log"),
+    resamples: Annotated[int, option(E, "resamples")] = default(E, "resamples"),
+    grid: Annotated[int, option(E, "grid")] = default(E, "grid"),
+) -> None:
+    """Compare a tuned model with its base on held-out prompts: same seeds, same scorers; win rates with 95%
+    bootstrap intervals in OUT/eval.parquet and a self-contained OUT/report.html."""
+    config = EvalConfig(**locals())
+    from rlaif.eval import run_eval
+
+    show = process_state().is_main_process
+    with progress_bars("items", visible=show) as report:
+        table = run_eval(config, progress=report)
+    if show:
+        print_win_rates(table)
+        err.print(f"wrote {table} and {config.out / 'report.html'}")
+
+
+def print_win_rates(table: Path) -> None:
+    """Print an eval.parquet as a table on stdout."""
+    import polars as pl
+    from rich.table import Table
+
+    view = Table("scorer", "n", "win rate", "95% CI", "mean base", "mean tuned", box=None)
+    for row in pl.read_parquet(table).iter_rows(named=True):
+        view.add_row(row["scorer"], str(row["n"]), f"{row['win_rate']:.3f}",
+                     f"{row['ci_low']:.3f}-{row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}")
+    Console().print(view)
+
+
+DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.toml"
+
+
+def _run_loop(config: Path, out: Path | None, control: bool) -> None:
+    from rlaif.loop import read_loop, run_loop
+
+    plan = read_loop(config, out, control)
+    show = process_state().is_main_process
+    with progress_bars("items", visible=show) as report:
+        table = run_loop(plan, progress=report)
+    if show:
+        print_win_rates(table)
+        err.print(f"wrote {plan.loop.out} (open {plan.loop.out / 'report.html'})")
+
+
+@app.command()
+def loop(
+    config: Annotated[Path, typer.Option("--config", help="Loop config (TOML): a [loop] table (model, prompts, "
+                                          "eval_prompts, out, rounds) and [sample] [label] [train] [eval] tables of "
+                                          "each command's settings. See rlaif/assets/demo.toml.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: [loop] out.")] = None,
+    control: Annotated[bool, typer.Option("--control", help="Swap winners and losers (a control run: the reward "
+                                                             "should go down).")] = False,
+) -> None:
+    """Sample, label, train and evaluate for one or more rounds (round r+1 starts from round r's model);
+    resumable stage by stage: rerun the same command to continue."""
+    _run_loop(config, out, control)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
+    control: Annotated[bool, typer.Option("--control", help="Swap winners and losers: the compressibility win "
+                                                             "rate should fall below 0.5.")] = False,
+) -> None:
+    """The whole loop on the tiny model, offline, in a few CPU minutes: DPO on JPEG compressibility (the DDPO
+    reward), evaluated on held-out prompts and seeds; leaves OUT/report.html."""
+    _run_loop(DEMO_CONFIG, out, control)
 
 
 scorers_app = typer.Typer(help="Inspect the available scorers.", no_args_is_help=True)

@@ -42,6 +42,8 @@ class LabelConfig:
     strategy: str = field(default="best-worst", metadata={"help": f"Pairing: {' | '.join(STRATEGIES)}."})
     top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom."})
     min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
+    invert: bool = field(default=False, metadata={
+        "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})
     keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (default: drop)."})
     combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
                                                      "(per prompt, then weighted mean)."})
@@ -157,21 +159,28 @@ def score_missing(
                         schema=SCORES_SCHEMA)
 
 
+def update_scores(samples: pl.DataFrame, config: LabelConfig, progress: Progress | None = None) -> pl.DataFrame:
+    """The scores table of ``config.samples_dir`` for every scorer of ``config``: cached rows are reused,
+    missing ones computed and the table rewritten after each scorer."""
+    root = config.samples_dir
+    scores_path = root / "scores.parquet"
+    scores = read_table(scores_path, SCORES_SCHEMA) if scores_path.exists() else pl.DataFrame(schema=SCORES_SCHEMA)
+    for spec in parse_weights(config.scorers):
+        new = score_missing(samples, root, scores, spec, config, progress)
+        if not new.is_empty():
+            scores = pl.concat([scores.select(list(SCORES_SCHEMA)), new])
+            if process_state().is_main_process:
+                write_table(scores, scores_path, SCORES_SCHEMA)
+    return scores
+
+
 def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
     """Score every sample with every scorer (reusing cached scores) and write the pairs table."""
     config.validate()
     weights = parse_weights(config.scorers)
     root = config.samples_dir
     samples = read_table(root / "samples.parquet", SAMPLES_SCHEMA)
-    scores_path = root / "scores.parquet"
-    scores = read_table(scores_path, SCORES_SCHEMA) if scores_path.exists() else pl.DataFrame(schema=SCORES_SCHEMA)
-    for spec in weights:
-        new = score_missing(samples, root, scores, spec, config, progress)
-        if not new.is_empty():
-            scores = pl.concat([scores.select(list(SCORES_SCHEMA)), new])
-            if process_state().is_main_process:
-                write_table(scores, scores_path, SCORES_SCHEMA)
-
+    scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
     pairs = make_pairs(preference(long, weights, config.combine), config.strategy, config.top_k,
@@ -183,6 +192,8 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
     relative = Path(os.path.relpath(root.resolve(), out.resolve().parent))
     images = {sid: str(relative / image) for sid, image in zip(keyed["sample_id"], keyed["image"], strict=True)}
     captions = dict(zip(keyed["prompt_id"], keyed["prompt"], strict=True))
+    if config.invert:
+        pairs = pairs.with_columns(label_0=1.0 - pl.col("label_0"))
     pairs = pairs.with_columns(
         caption=pl.col("prompt_id").replace_strict(captions),
         image_0=pl.col("sample_id_0").replace_strict(images),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError
@@ -32,12 +33,14 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_pipeline(
-    model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None
+    model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None,
+    tuned: str | Path | None = None,
 ) -> DiffusionPipeline:
     """Load ``model`` (hub id, folder, ``tiny`` or ``tiny-xl``) in ``dtype`` on ``device``.
 
     ``scheduler`` names a diffusers scheduler class compatible with the model's own (for example
-    ``EulerDiscreteScheduler``); it is built from the model's scheduler config.
+    ``EulerDiscreteScheduler``); it is built from the model's scheduler config. ``tuned`` is an ``rlaif train``
+    output folder whose weights go on top (``apply_tuned``).
     """
     if dtype not in DTYPES:
         raise RlaifError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -61,7 +64,38 @@ def load_pipeline(
     if scheduler is not None:
         pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if tuned is not None:
+        apply_tuned(pipe, tuned)
+    return pipe
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
+    """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet (``unet/``), or its LoRA fused
+    into the UNet. A LoRA trained on top of another output (``init`` in its train.json) gets that one first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RlaifError(f"tuned model folder {folder} does not exist")
+    if (folder / "unet").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{_DTYPE_KWARG: pipe.unet.dtype})
+        pipe.unet = unet.to(pipe.device)
+    elif (folder / LORA_FILE).is_file():
+        init = _train_settings(folder).get("init")
+        if init:
+            apply_tuned(pipe, init)
+        pipe.load_lora_weights(folder)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    else:
+        raise RlaifError(f"tuned model {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+
+
+def _train_settings(folder: Path) -> dict:
+    path = folder / "train.json"
+    return json.loads(path.read_text())["config"] if path.is_file() else {}
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

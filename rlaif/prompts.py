@@ -13,6 +13,7 @@ from rlaif.errors import RlaifError
 PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
 DEFAULT_COLUMNS = ("prompt", "Prompt", "caption")
 SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
+CATEGORY_COLUMNS = ("Category", "Challenge", "category")
 
 
 def load_prompts(source: str, column: str | None = None) -> list[str]:
@@ -21,6 +22,12 @@ def load_prompts(source: str, column: str | None = None) -> list[str]:
     ``source`` is a file path or ``parti`` (PartiPrompts.tsv, downloaded once and cached). Tables take the
     ``column`` given, else the first of ``prompt``, ``Prompt``, ``caption`` that exists.
     """
+    return load_prompt_table(source, column)["prompt"].to_list()
+
+
+def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
+    """The distinct prompts of ``source`` (see ``load_prompts``) as column ``prompt``, with the category columns
+    the file has (PartiPrompts' ``Category`` and ``Challenge``), taken from each prompt's first row."""
     path = cached_download(PARTI_URL, "PartiPrompts.tsv") if source == "parti" else Path(source)
     if not path.is_file():
         raise RlaifError(f"prompts file {path} does not exist")
@@ -28,15 +35,19 @@ def load_prompts(source: str, column: str | None = None) -> list[str]:
     if suffix not in SUFFIXES:
         raise RlaifError(f"prompts file {path}: unsupported type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if suffix == ".txt":
-        prompts = path.read_text(encoding="utf-8").splitlines()
+        table = pl.DataFrame({"prompt": path.read_text(encoding="utf-8").splitlines()}, schema={"prompt": pl.String})
     elif suffix == ".jsonl":
-        prompts = _jsonl_prompts(path, column or "prompt")
+        table = pl.DataFrame({"prompt": _jsonl_prompts(path, column or "prompt")}, schema={"prompt": pl.String})
     else:
-        prompts = _table_column(_read_table(path, suffix), path, column)
-    distinct = list(dict.fromkeys(p.strip() for p in prompts if p is not None and p.strip()))
-    if not distinct:
+        raw = _read_table(path, suffix)
+        categories = [c for c in CATEGORY_COLUMNS if c in raw.columns and c != column]
+        table = pl.DataFrame({"prompt": _table_column(raw, path, column)}, schema={"prompt": pl.String})
+        table = table.with_columns(raw.select(pl.col(c).cast(pl.String) for c in categories))
+    table = (table.with_columns(pl.col("prompt").str.strip_chars()).filter(pl.col("prompt").str.len_chars() > 0)
+             .unique("prompt", keep="first", maintain_order=True))
+    if table.is_empty():
         raise RlaifError(f"prompts file {path} holds no prompts")
-    return distinct
+    return table
 
 
 def _read_table(path: Path, suffix: str) -> pl.DataFrame:

@@ -29,7 +29,8 @@ Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with this process's image counts."""
 
 # Settings that change the pixels: a rerun into the same folder must repeat them.
-GENERATION_KEYS = ("model", "scheduler", "steps", "guidance", "width", "height", "negative_prompt", "seed", "dtype")
+GENERATION_KEYS = ("model", "tuned", "scheduler", "steps", "guidance", "width", "height", "negative_prompt", "seed",
+                   "dtype")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SampleConfig:
     model: str = field(metadata={"help": "Hub id, local diffusers folder, or the offline aliases tiny / tiny-xl."})
     prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
     out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
+    tuned: Path | None = field(default=None, metadata={
+        "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
     per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
     steps: int = field(default=30, metadata={"help": "Denoising steps."})
     guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
@@ -141,10 +144,11 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
     config.validate()
     prompts = load_prompts(config.prompts, config.prompt_column)
     state = process_state()
-    pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler)
+    pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler, config.tuned)
     width = config.width or default_size(pipe)
     height = config.height or default_size(pipe)
-    settings = {**asdict(config), "out": str(config.out), "width": width, "height": height,
+    settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
+                "width": width, "height": height,
                 "scheduler": type(pipe.scheduler).__name__}
     generation = {key: settings[key] for key in GENERATION_KEYS}
     run_file = config.out / "run.json"

@@ -38,7 +38,7 @@ def test_flags_override_the_config_file(pairs, tmp_path):  # noqa: F811
     assert result.returncode == 0, result.stderr
     assert [e["step"] for e in log(tmp_path / "o")] == [1, 2]  # the flag won
     recorded = json.loads((tmp_path / "o" / "train.json").read_text())["config"]
-    assert (recorded["beta"], recorded["batch_size"], recorded["learning_rate"]) == ("2500.0", "2", "0.001")
+    assert (recorded["beta"], recorded["batch_size"], recorded["learning_rate"]) == (2500.0, 2, 0.001)
 
 
 @pytest.mark.parametrize(("text", "message"), [

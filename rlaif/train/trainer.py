@@ -51,6 +51,9 @@ class TrainConfig:
     pairs: Path = field(metadata={"help": "Pairs table: rlaif pairs.parquet or a Pick-a-Pic v2 style table."})
     model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
+    init: Path | None = field(default=None, metadata={
+        "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
+                "also the reference (iterative Diffusion-DPO)."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
@@ -131,7 +134,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     )
     resume_from = _resume_point(config, accelerator)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
-    pipe = load_pipeline(config.model, "fp32", accelerator.device)
+    pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
     unet = pipe.unet
     for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
@@ -210,8 +213,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_weights(accelerator.unwrap_model(unet), pipe, config)
-        write_json({"config": {k: str(v) for k, v in asdict(config).items()}, "steps": step},
-                   config.out / "train.json")
+        settings = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+        write_json({"config": settings, "steps": step}, config.out / "train.json")
     accelerator.end_training()
     return config.out
 

@@ -1,0 +1,152 @@
+"""``rlaif eval``: base vs tuned model on held-out prompts, same seeds, scored by the same scorers.
+
+Each (prompt, seed) gives one comparison per scorer: 1 if the tuned image scores higher, 0.5 on a tie, 0
+otherwise. The win rate is their mean, with a 95% percentile-bootstrap interval over comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rlaif.errors import RlaifError
+from rlaif.label import LabelConfig, parse_options, parse_weights, update_scores
+from rlaif.prompts import load_prompt_table
+from rlaif.report import write_report
+from rlaif.sample import SampleConfig, run_sample
+from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+
+EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
+               "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64}
+CATEGORY_SCHEMA = {"column": pl.String, "category": pl.String, **EVAL_SCHEMA}
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``."""
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``rlaif eval``; field help texts are the CLI's help texts."""
+
+    base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
+    tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
+    prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
+    out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})
+    scorers: list[str] = field(metadata={"help": "Scorer name (repeat for several; each gets its own win rate)."})
+    per_prompt: int = field(default=4, metadata={"help": "Seeds per prompt (one comparison each)."})
+    seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
+                                                   "the training samples' seed so seeds are held out too."})
+    steps: int = field(default=30, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass and per scorer call."})
+    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
+    scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class; default: the model's."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file."})
+    scorer_options: list[str] = field(default_factory=list, metadata={"help": "NAME.KEY=VALUE for scorer NAME."})
+    train_log: Path | None = field(default=None, metadata={
+        "help": "train_log.jsonl whose curves go into the report; default: TUNED/train_log.jsonl if present."})
+    resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples of the confidence interval."})
+    grid: int = field(default=24, metadata={"help": "Base | tuned image pairs shown in the report."})
+
+    def validate(self) -> None:
+        if not self.scorers:
+            raise RlaifError("give at least one --scorer")
+        for name in ("per_prompt", "steps", "batch_size", "resamples"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.tuned.is_dir():
+            raise RlaifError(f"--tuned {self.tuned} does not exist")
+        parse_weights(self.scorers)
+        parse_options(self.scorer_options)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """How often the tuned model beats the base model, with a 95% bootstrap interval."""
+
+    n: int
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    mean_base: float
+    mean_tuned: float
+
+
+def win_rate(base: np.ndarray, tuned: np.ndarray, resamples: int = 2000, seed: int = 0) -> WinRate:
+    """Win rate of ``tuned`` over ``base`` (paired scores; ties count 0.5) and its 95% percentile-bootstrap
+    interval from ``resamples`` resamples of the comparisons (a fixed ``seed``: the same data, the same CI)."""
+    base, tuned = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
+    if base.shape != tuned.shape or base.ndim != 1 or base.size == 0:
+        raise ValueError("base and tuned must be equally long, non-empty score vectors")
+    wins = (tuned > base) + 0.5 * (tuned == base)
+    draws = np.random.default_rng(seed).integers(0, wins.size, size=(resamples, wins.size))
+    means = wins[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return WinRate(int(wins.size), float(wins.mean()), float(low), float(high), float(base.mean()),
+                   float(tuned.mean()))
+
+
+def compare(paired: pl.DataFrame, resamples: int, by: list[str]) -> pl.DataFrame:
+    """One win-rate row per scorer (and per value of each column in ``by``) from paired scores
+    (columns scorer, score_base, score_tuned, and the ``by`` columns)."""
+    rows = []
+    for column in by or [None]:
+        keys = ["scorer"] + ([column] if column else [])
+        for key, group in paired.group_by(keys, maintain_order=True):
+            result = win_rate(group["score_base"].to_numpy(), group["score_tuned"].to_numpy(), resamples)
+            row = {"scorer": key[0], **result.__dict__}
+            if column:
+                row.update(column=column, category=str(key[1]))
+            rows.append(row)
+    schema = CATEGORY_SCHEMA if by else EVAL_SCHEMA
+    return pl.DataFrame(rows, schema=schema).sort([c for c in ("scorer", "column", "category") if c in schema])
+
+
+def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None) -> Path:
+    """Sample base and tuned images with the same seeds, score both, write eval.parquet (and
+    eval_by_category.parquet when the prompts have categories) and report.html; return the eval table.
+    ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base)."""
+    config.validate()
+    prompt_table = load_prompt_table(config.prompts, config.prompt_column)
+    sides = {"base": (base_dir or config.out / "base", None), "tuned": (config.out / "tuned", config.tuned)}
+    scores = {}
+    for side, (folder, tuned) in sides.items():
+        run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,
+                                per_prompt=config.per_prompt, steps=config.steps, guidance=config.guidance,
+                                seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
+                                scheduler=config.scheduler, prompt_column=config.prompt_column),
+                   progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)))
+        samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
+        label = LabelConfig(samples_dir=folder, scorers=config.scorers, scorer_options=config.scorer_options,
+                            batch_size=config.batch_size)
+        side_scores = update_scores(samples, label, progress and (
+            lambda scorer, done, total, side=side: progress(f"scoring {side} {scorer}", done, total)))
+        scores[side] = side_scores.join(samples.select("sample_id", "prompt_id", "candidate", "seed", "image"),
+                                        on="sample_id").with_columns(image=pl.lit(str(folder)) + "/" + pl.col("image"))
+    names = list(parse_weights(config.scorers))
+    keys = ["scorer", "prompt_id", "candidate"]
+    paired = (scores["base"].filter(pl.col("scorer").is_in(names))
+              .join(scores["tuned"].select(*keys, "seed", "score", "image"), on=keys, suffix="_tuned")
+              .rename({"score": "score_base", "image": "image_base"}))
+    if paired.filter(pl.col("seed") != pl.col("seed_tuned")).height:
+        raise RlaifError(f"base and tuned samples under {config.out} were made with different seeds; "
+                         "use an empty --out")
+    categories = [c for c in prompt_table.columns if c != "prompt"]
+    ids = prompt_table.with_columns(prompt_id=pl.col("prompt").map_elements(prompt_id, pl.String))
+    paired = paired.join(ids.select("prompt_id", *categories), on="prompt_id", how="left")
+    summary = compare(paired, config.resamples, [])
+    out = config.out / "eval.parquet"
+    write_table(summary, out, EVAL_SCHEMA)
+    by_category = compare(paired, config.resamples, categories) if categories else None
+    if by_category is not None:
+        write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
+    log_path = config.train_log or config.tuned / "train_log.jsonl"
+    train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+        if log_path.is_file() else []
+    write_report(config.out / "report.html", summary, by_category, paired.sort("prompt", "candidate"), names,
+                 train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid)
+    return out

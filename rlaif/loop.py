@@ -1,0 +1,141 @@
+"""``rlaif loop``: sample -> label -> train -> eval for one or more rounds (round r+1 samples from, starts from
+and is referenced to round r's model: iterative Diffusion-DPO), every stage's output under one run folder.
+
+A config file has a ``[loop]`` table (model, prompts, eval_prompts, out, rounds) and one table per stage
+(``[sample]``, ``[label]``, ``[train]``, ``[eval]``) holding that command's settings. Relative prompt paths are
+relative to the config file. Finished stages are recorded in OUT/loop.json, so a rerun continues with the
+first unfinished one (each stage is itself resumable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rlaif.cli_options import read_settings
+from rlaif.errors import RlaifError
+from rlaif.eval import EvalConfig, run_eval
+from rlaif.files import atomic_path, write_json
+from rlaif.label import LabelConfig, parse_weights, run_label
+from rlaif.sample import SampleConfig, run_sample
+from rlaif.train.trainer import TrainConfig, run_train
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(description, done, total)``."""
+STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
+SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
+               "train": {"pairs", "model", "out", "init", "resume"}, "eval": {"base", "tuned", "prompts", "out"}}
+
+
+@dataclass
+class LoopConfig:
+    """The ``[loop]`` table of a loop config file."""
+
+    model: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
+    prompts: str = field(metadata={"help": "Training prompts (sampled every round)."})
+    eval_prompts: str = field(metadata={"help": "Held-out prompts for the evaluation after every round."})
+    out: Path = field(metadata={"help": "Run folder: round_N/{samples,train,eval}, eval_base/, report.html."})
+    rounds: int = field(default=1, metadata={"help": "Rounds of sample -> label -> train -> eval."})
+
+
+@dataclass
+class LoopPlan:
+    """A loop config file, read and checked: the loop settings and each stage's own settings."""
+
+    loop: LoopConfig
+    stages: dict[str, dict[str, Any]]
+    source: dict[str, Any]  # everything as read, recorded in loop.json
+
+
+def read_loop(path: Path, out: Path | None = None, control: bool = False) -> LoopPlan:
+    """Read loop config ``path``; ``out`` replaces its output folder; ``control`` swaps winners and losers."""
+    path = Path(path)
+    loop = read_settings(path, LoopConfig, "loop")
+    if out is not None:
+        loop["out"] = Path(out)
+    for name in ("prompts", "eval_prompts"):
+        if name in loop and loop[name] != "parti" and not Path(loop[name]).is_absolute():
+            loop[name] = str(path.parent / loop[name])
+    missing = [f.name for f in dataclasses.fields(LoopConfig)
+               if f.default is dataclasses.MISSING and f.name not in loop]
+    if missing:
+        raise RlaifError(f"{path} [loop]: missing {', '.join(missing)}")
+    stages = {}
+    for stage, config in STAGES.items():
+        settings = read_settings(path, config, stage)
+        fixed = sorted(set(settings) & SET_BY_LOOP[stage])
+        if fixed:
+            raise RlaifError(f"{path} [{stage}]: {fixed[0]!r} is set by the loop, not per stage")
+        stages[stage] = settings
+    if "scorers" not in stages["label"]:
+        raise RlaifError(f"{path} [label]: missing scorers")
+    if control:
+        stages["label"]["invert"] = True
+    stages["eval"].setdefault("scorers", list(parse_weights(stages["label"]["scorers"])))
+    config = LoopConfig(**loop)
+    if config.rounds < 1:
+        raise RlaifError(f"{path} [loop]: rounds must be at least 1")
+    source = {"loop": {k: str(v) for k, v in dataclasses.asdict(config).items()}, **stages}
+    return LoopPlan(config, stages, source)
+
+
+def _state(plan: LoopPlan) -> dict:
+    """OUT/loop.json: the settings it was started with and the stages done; other settings are refused."""
+    path = plan.loop.out / "loop.json"
+    if not path.exists():
+        return {"settings": plan.source, "done": [], "rounds": {}}
+    state = json.loads(path.read_text())
+    if state.get("settings") != json.loads(json.dumps(plan.source)):
+        raise RlaifError(f"{plan.loop.out} holds a loop run with other settings; rerun with the same config to "
+                         "continue it, or choose another --out")
+    return state
+
+
+def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
+    """Run every unfinished stage of every round; return the final round's eval table."""
+    loop, stages = plan.loop, plan.stages
+    state = _state(plan)
+    loop.out.mkdir(parents=True, exist_ok=True)
+
+    def finished(key: str) -> None:
+        state["done"].append(key)
+        write_json(state, loop.out / "loop.json")
+
+    def report(prefix: str) -> Callable[..., None] | None:
+        return progress and (lambda description, done, total: progress(f"{prefix} {description}", done, total))
+
+    previous: Path | None = None
+    for number in range(1, loop.rounds + 1):
+        folder = loop.out / f"round_{number}"
+        samples, train_out, eval_out = folder / "samples", folder / "train", folder / "eval"
+        if f"{number}/sample" not in state["done"]:
+            sample = {**stages["sample"], "seed": stages["sample"].get("seed", 0) + number - 1}
+            run_sample(SampleConfig(model=loop.model, prompts=loop.prompts, out=samples, tuned=previous, **sample),
+                       progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)))
+            finished(f"{number}/sample")
+        if f"{number}/label" not in state["done"]:
+            run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))
+            finished(f"{number}/label")
+        if f"{number}/train" not in state["done"]:
+            run_train(TrainConfig(pairs=samples / "pairs.parquet", model=loop.model, out=train_out, init=previous,
+                                  resume="latest", **stages["train"]),
+                      progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t)))
+            finished(f"{number}/train")
+        if f"{number}/eval" not in state["done"]:
+            table = run_eval(EvalConfig(base=loop.model, tuned=train_out, prompts=loop.eval_prompts, out=eval_out,
+                                        **stages["eval"]), report(f"round {number} eval"),
+                             base_dir=loop.out / "eval_base")
+            state["rounds"][str(number)] = pl.read_parquet(table).to_dicts()
+            finished(f"{number}/eval")
+        previous = train_out
+    final = loop.out / f"round_{loop.rounds}" / "eval"
+    with atomic_path(loop.out / "report.html") as tmp:
+        shutil.copyfile(final / "report.html", tmp)
+    return final / "eval.parquet"
