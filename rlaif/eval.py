@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.label import LabelConfig, parse_options, parse_weights, update_scores
 from rlaif.prompts import load_prompt_table
@@ -139,9 +140,11 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     ids = prompt_table.with_columns(prompt_id=pl.col("prompt").map_elements(prompt_id, pl.String))
     paired = paired.join(ids.select("prompt_id", *categories), on="prompt_id", how="left")
     summary = compare(paired, config.resamples, [])
-    out = config.out / "eval.parquet"
-    write_table(summary, out, EVAL_SCHEMA)
     by_category = compare(paired, config.resamples, categories) if categories else None
+    out = config.out / "eval.parquet"
+    if not process_state().is_main_process:
+        return out
+    write_table(summary, out, EVAL_SCHEMA)
     if by_category is not None:
         write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
     log_path = config.train_log or config.tuned / "train_log.jsonl"

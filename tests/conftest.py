@@ -15,6 +15,7 @@ import pytest
 # tiny files in the original layouts (set before huggingface_hub is imported, which reads it once).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rlaif-test-hf-")
+os.environ["RLAIF_CACHE"] = tempfile.mkdtemp(prefix="rlaif-test-cache-")  # session fixtures; tests get their own
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -56,6 +57,20 @@ def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.Comp
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test shares one temporary rlaif cache, never the user's."""
     monkeypatch.setenv("RLAIF_CACHE", str(tmp_path_factory.getbasetemp() / "rlaif-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pairs table on ``tiny`` (4 prompts x 4 candidates, compressibility, all pairs), shared by the
+    training and evaluation tests."""
+    folder = tmp_path_factory.mktemp("pairs")
+    (folder / "p.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    sampled = run_cli("sample", "--model", "tiny", "--prompts", folder / "p.txt", "--per-prompt", 4, "--steps", 4,
+                      "--batch-size", 16, "--out", folder / "run")
+    assert sampled.returncode == 0, sampled.stderr
+    labelled = run_cli("label", folder / "run", "--scorer", "compressibility", "--strategy", "all-pairs")
+    assert labelled.returncode == 0, labelled.stderr
+    return folder / "run" / "pairs.parquet"
 
 
 @pytest.fixture

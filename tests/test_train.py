@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import PROMPTS, cli_env, run_cli
+from conftest import cli_env, run_cli
 from safetensors.torch import load_file
 
 from rlaif.models import load_pipeline
@@ -19,24 +19,13 @@ from rlaif.models import load_pipeline
 FAST = ("--model", "tiny", "--batch-size", 2, "--learning-rate", 1e-3)
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train")
-    (folder / "p.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
-    assert run_cli("sample", "--model", "tiny", "--prompts", folder / "p.txt", "--per-prompt", 4, "--steps", 4,
-                   "--batch-size", 16, "--out", folder / "run").returncode == 0
-    result = run_cli("label", folder / "run", "--scorer", "compressibility", "--strategy", "all-pairs")
-    assert result.returncode == 0, result.stderr
-    return folder / "run" / "pairs.parquet"
-
-
 def log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_lora_dpo_loads_into_diffusers_and_changes_images(pairs, tmp_path):
+def test_lora_dpo_loads_into_diffusers_and_changes_images(tiny_pairs, tmp_path):
     out = tmp_path / "lora"
-    result = run_cli("train", pairs, "--out", out, "--max-steps", 50, *FAST)
+    result = run_cli("train", tiny_pairs, "--out", out, "--max-steps", 50, *FAST)
     assert result.returncode == 0, result.stderr
     entries = log(out)
     assert len(entries) == 50 and entries[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -51,9 +40,9 @@ def test_lora_dpo_loads_into_diffusers_and_changes_images(pairs, tmp_path):
 
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
-def test_first_step_loss_is_ln2(pairs, tmp_path, full, precision):
+def test_first_step_loss_is_ln2(tiny_pairs, tmp_path, full, precision):
     args = ["--full"] if full else []
-    result = run_cli("train", pairs, "--out", tmp_path / "o", "--max-steps", 1, "--mixed-precision", precision,
+    result = run_cli("train", tiny_pairs, "--out", tmp_path / "o", "--max-steps", 1, "--mixed-precision", precision,
                      *args, *FAST)
     assert result.returncode == 0, result.stderr
     assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -69,11 +58,11 @@ def max_difference(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(pairs, tmp_path):
+def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(tiny_pairs, tmp_path):
     """SIGKILL before the first checkpoint and again between checkpoints, each time rerun with --resume
     latest; a checkpoint cut short by a kill is ignored. Each run has its own latent cache, so both compute
     the same encodings in the same batches."""
-    args = ["train", pairs, "--max-steps", 8, "--checkpoint-every", 2, *FAST]
+    args = ["train", tiny_pairs, "--max-steps", 8, "--checkpoint-every", 2, *FAST]
     whole = run_cli(*args, "--out", tmp_path / "whole", env=cli_env(RLAIF_CACHE=str(tmp_path / "cache-whole")))
     assert whole.returncode == 0, whole.stderr
     parts = tmp_path / "parts"
@@ -100,12 +89,12 @@ def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(pairs, tmp_path
     assert again.returncode == 2 and "already holds checkpoints (last: step_00000008); pass --resume" in again.stderr
 
 
-def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(pairs, tmp_path):
+def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cached = run_cli("train", pairs, "--out", tmp_path / "cached", "--max-steps", 3, "--report-to", "tensorboard",
+    cached = run_cli("train", tiny_pairs, "--out", tmp_path / "cached", "--max-steps", 3, "--report-to", "tensorboard",
                      *FAST, env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
-    plain = run_cli("train", pairs, "--out", tmp_path / "plain", "--max-steps", 3, "--no-cache", *FAST,
+    plain = run_cli("train", tiny_pairs, "--out", tmp_path / "plain", "--max-steps", 3, "--no-cache", *FAST,
                     env=cli_env(RLAIF_CACHE=str(tmp_path / "unused")))
     assert cached.returncode == plain.returncode == 0, cached.stderr + plain.stderr
     assert max_difference(weights(tmp_path / "cached"), weights(tmp_path / "plain")) < 1e-6
@@ -115,16 +104,16 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(pairs, tmp_path):
     assert logged == [(e["step"], pytest.approx(e["loss"])) for e in log(tmp_path / "cached")]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(pairs, tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_pairs, tmp_path):
     """Global batch 2 either way: one process accumulating two micro-batches of one pair, or two processes
     of one pair each. (Adam's first steps are sign(gradient) * lr, so comparing different micro-batch shapes
     would only measure float noise on near-zero gradients.)"""
-    one = run_cli("train", pairs, "--out", tmp_path / "one", "--max-steps", 3, "--model", "tiny", "--batch-size", 1,
-                  "--accumulation", 2, "--learning-rate", 1e-3, env=cli_env(OMP_NUM_THREADS="1"))
+    one = run_cli("train", tiny_pairs, "--out", tmp_path / "one", "--max-steps", 3, "--model", "tiny",
+                  "--batch-size", 1, "--accumulation", 2, "--learning-rate", 1e-3, env=cli_env(OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(31500 + os.getpid() % 1000), "-m", "rlaif", "train", str(pairs), "--out", str(tmp_path / "two"),
+         str(31500 + os.getpid() % 1000), "-m", "rlaif", "train", str(tiny_pairs), "--out", str(tmp_path / "two"),
          "--max-steps", "3", "--model", "tiny", "--batch-size", "1", "--learning-rate", "1e-3"],
         env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
@@ -135,8 +124,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(pairs, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "sft"])
-def test_sdxl_style_training_writes_a_loadable_lora(pairs, tmp_path, loss):
-    result = run_cli("train", pairs, "--out", tmp_path / "xl", "--max-steps", 2, "--model", "tiny-xl",
+def test_sdxl_style_training_writes_a_loadable_lora(tiny_pairs, tmp_path, loss):
+    result = run_cli("train", tiny_pairs, "--out", tmp_path / "xl", "--max-steps", 2, "--model", "tiny-xl",
                      "--batch-size", 2, "--random-crop", "--hflip", "--loss", loss)
     assert result.returncode == 0, result.stderr
     if loss == "sigmoid":
@@ -148,9 +137,9 @@ def test_sdxl_style_training_writes_a_loadable_lora(pairs, tmp_path, loss):
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pairs, tmp_path):
-    result = run_cli("train", pairs, "--out", tmp_path / "o", "--max-steps", 4, "--model", "tiny", "--batch-size", 2,
-                     "--learning-rate", 1e30, "--checkpoint-every", 1)
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_pairs, tmp_path):
+    result = run_cli("train", tiny_pairs, "--out", tmp_path / "o", "--max-steps", 4, "--model", "tiny",
+                     "--batch-size", 2, "--learning-rate", 1e30, "--checkpoint-every", 1)
     assert result.returncode == 2
     assert "error: loss became nan at step 2; the last good checkpoint is kept" in result.stderr
     assert (tmp_path / "o" / "checkpoints" / "step_00000001" / "position.json").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_train import log, pairs  # noqa: F401 - the module-scoped pairs table fixture
+from test_train import log
 
 from rlaif.cli_options import read_settings
 from rlaif.errors import RlaifError
@@ -31,10 +31,10 @@ def test_paper_recipes(recipe, warmup, resolution, optimizer):
     assert config.caption_dropout == 0.2 and config.loss == "sigmoid"
 
 
-def test_flags_override_the_config_file(pairs, tmp_path):  # noqa: F811
+def test_flags_override_the_config_file(tiny_pairs, tmp_path):
     (tmp_path / "run.toml").write_text(f'model = "tiny"\nout = "{tmp_path / "o"}"\nmax_steps = 3\nbatch_size = 2\n'
                                        'learning_rate = 0.001\nbeta = 2500.0\n')
-    result = run_cli("train", pairs, "--config", tmp_path / "run.toml", "--max-steps", 2)
+    result = run_cli("train", tiny_pairs, "--config", tmp_path / "run.toml", "--max-steps", 2)
     assert result.returncode == 0, result.stderr
     assert [e["step"] for e in log(tmp_path / "o")] == [1, 2]  # the flag won
     recorded = json.loads((tmp_path / "o" / "train.json").read_text())["config"]

@@ -1,0 +1,136 @@
+"""`rlaif eval`: win rates against independent computations, categories, the report in a real browser."""
+
+import html.parser
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import PROMPTS, run_cli
+from PIL import Image
+
+from rlaif.eval import compare, win_rate
+from scorers.jpeg import jpeg_kilobytes
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_the_estimate():
+    result = win_rate(np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 2.0, 1.0, 5.0]))
+    assert (result.n, result.win_rate, result.mean_base, result.mean_tuned) == (4, 0.625, 2.5, 2.5)
+    assert result.ci_low <= 0.625 <= result.ci_high
+    assert win_rate(np.zeros(5), np.ones(5)).__dict__ == {"n": 5, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                                                         "mean_base": 0.0, "mean_tuned": 1.0}
+    # n = 2000 comparisons with p = 0.7: the bootstrap interval matches the normal one, 0.7 +- 1.96 * 0.01025
+    rng = np.random.default_rng(1)
+    wins = rng.permutation(np.r_[np.ones(1400), np.zeros(600)])
+    result = win_rate(np.full(2000, 0.5), wins)
+    half_width = 1.96 * np.sqrt(0.7 * 0.3 / 2000)
+    assert result.win_rate == 0.7 and abs((result.ci_high - result.ci_low) / 2 - half_width) < 0.1 * half_width
+    assert win_rate(np.full(2000, 0.5), wins) == result  # a fixed seed: the same data, the same interval
+    with pytest.raises(ValueError):
+        win_rate(np.zeros(3), np.zeros(4))
+
+
+def test_compare_breaks_down_by_category():
+    paired = pl.DataFrame({"scorer": ["s"] * 4, "score_base": [0.0, 0.0, 1.0, 1.0], "score_tuned": [1.0, 1.0, 0.0, 1.0],
+                           "Category": ["A", "A", "B", "B"]})
+    rows = compare(paired, 100, ["Category"]).select("category", "n", "win_rate", "mean_tuned").rows()
+    assert rows == [("A", 2, 1.0, 1.0), ("B", 2, 0.25, 0.5)]
+    (overall,) = compare(paired, 100, []).rows(named=True)
+    assert (overall["n"], overall["win_rate"]) == (4, 0.625)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_pairs):
+    """A LoRA trained for a few steps on tiny, evaluated on 4 prompts with PartiPrompts-style categories."""
+    folder = tmp_path_factory.mktemp("eval")
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", folder / "lora",
+                      "--max-steps", 8, "--batch-size", 2, "--learning-rate", 1e-3)
+    assert trained.returncode == 0, trained.stderr
+    pl.DataFrame({"Prompt": PROMPTS[4:8], "Category": ["Shapes", "Shapes", "Colours", "Colours"],
+                  "Challenge": ["Basic"] * 4}).write_csv(folder / "held_out.tsv", separator="\t")
+    result = run_cli("eval", "--base", "tiny", "--tuned", folder / "lora", "--prompts", folder / "held_out.tsv",
+                     "--scorer", "compressibility", "--scorer", "incompressibility", "--per-prompt", 3, "--steps", 6,
+                     "--batch-size", 12, "--out", folder / "eval", "--grid", 5)
+    assert result.returncode == 0, result.stderr
+    return folder / "eval", result
+
+
+def test_eval_tables_match_an_independent_computation(evaluated):
+    out, result = evaluated
+    base = pl.read_parquet(out / "base" / "samples.parquet").sort("sample_id")
+    tuned = pl.read_parquet(out / "tuned" / "samples.parquet").sort("sample_id")
+    assert base["seed"].to_list() == tuned["seed"].to_list() and base.height == 12  # identical seeds
+    kb_base = np.array([jpeg_kilobytes(Image.open(out / "base" / p)) for p in base["image"]])
+    kb_tuned = np.array([jpeg_kilobytes(Image.open(out / "tuned" / p)) for p in tuned["image"]])
+    assert not np.array_equal(kb_base, kb_tuned)  # the LoRA changed the images
+    expected = ((kb_tuned < kb_base) + 0.5 * (kb_tuned == kb_base)).mean()
+    table = {row["scorer"]: row for row in pl.read_parquet(out / "eval.parquet").iter_rows(named=True)}
+    assert table["compressibility"]["n"] == 12
+    assert table["compressibility"]["win_rate"] == pytest.approx(expected)
+    assert table["incompressibility"]["win_rate"] == pytest.approx(1 - expected)
+    assert table["compressibility"]["mean_base"] == pytest.approx(-kb_base.mean())
+    assert table["compressibility"]["ci_low"] <= expected <= table["compressibility"]["ci_high"]
+    by_category = pl.read_parquet(out / "eval_by_category.parquet").filter(pl.col("scorer") == "compressibility")
+    assert sorted(zip(by_category["column"], by_category["category"], by_category["n"], strict=True)) == [
+        ("Category", "Colours", 6), ("Category", "Shapes", 6), ("Challenge", "Basic", 12)]
+    assert f"{table['compressibility']['win_rate']:.3f}" in result.stdout
+
+
+class Page(html.parser.HTMLParser):
+    """Collects what a person would look for on the report."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.curves, self.cells, self._in_cell = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag == "svg" and "curve" in attrs.get("class", ""):
+            self.curves.append(attrs["data-metric"])
+        if tag == "td":
+            self._in_cell = True
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell and data.strip():
+            self.cells.append(data.strip())
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
+    out, _ = evaluated
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr
+    page = Page()
+    page.feed(dom.stdout)
+    assert len(page.images) == 10 and [i["class"] for i in page.images[:2]] == ["base", "tuned"]
+    assert all(i["src"].startswith("data:image/png;base64,") for i in page.images)  # self-contained
+    assert page.curves == ["loss", "implicit_acc", "reward_margin"]
+    rows = pl.read_parquet(out / "eval.parquet")
+    for row in rows.iter_rows(named=True):
+        assert row["scorer"] in page.cells and f"{row['win_rate']:.3f}" in page.cells
+    shot = tmp_path / "shot.png"
+    rendered = subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1400",
+                               (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # the tiny model's images, not text or borders
+    assert colourful.mean() > 0.05
+
+
+def test_eval_of_a_missing_tuned_folder_is_one_line(tmp_path):
+    result = run_cli("eval", "--base", "tiny", "--tuned", tmp_path / "nope", "--prompts", tmp_path / "p.txt",
+                     "--scorer", "compressibility", "--out", tmp_path / "o")
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --tuned {tmp_path / 'nope'} does not exist"
+    assert not (tmp_path / "o").exists()
