@@ -131,25 +131,22 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     names = list(parse_weights(config.scorers))
     keys = ["scorer", "prompt_id", "candidate"]
     paired = (scores["base"].filter(pl.col("scorer").is_in(names))
-              .join(scores["tuned"].select(*keys, "seed", "score", "image"), on=keys, suffix="_tuned")
-              .rename({"score": "score_base", "image": "image_base"}))
-    if paired.filter(pl.col("seed") != pl.col("seed_tuned")).height:
-        raise RlaifError(f"base and tuned samples under {config.out} were made with different seeds; "
-                         "use an empty --out")
+              .join(scores["tuned"].select(*keys, "score", "image"), on=keys, suffix="_tuned")
+              .rename({"score": "score_base", "image": "image_base"}))  # same prompt and candidate: same seed
     categories = [c for c in prompt_table.columns if c != "prompt"]
     ids = prompt_table.with_columns(prompt_id=pl.col("prompt").map_elements(prompt_id, pl.String))
     paired = paired.join(ids.select("prompt_id", *categories), on="prompt_id", how="left")
     summary = compare(paired, config.resamples, [])
     by_category = compare(paired, config.resamples, categories) if categories else None
     out = config.out / "eval.parquet"
-    if not process_state().is_main_process:
-        return out
-    write_table(summary, out, EVAL_SCHEMA)
-    if by_category is not None:
-        write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
-    log_path = config.train_log or config.tuned / "train_log.jsonl"
-    train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
-        if log_path.is_file() else []
-    write_report(config.out / "report.html", summary, by_category, paired.sort("prompt", "candidate"), names,
-                 train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid)
+    if process_state().is_main_process:
+        write_table(summary, out, EVAL_SCHEMA)
+        if by_category is not None:
+            write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
+        log_path = config.train_log or config.tuned / "train_log.jsonl"
+        train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+            if log_path.is_file() else []
+        write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
+                     train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid)
+    process_state().wait_for_everyone()
     return out

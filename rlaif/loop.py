@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from rlaif.cli_options import read_settings
+from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EvalConfig, run_eval
 from rlaif.files import atomic_path, write_json
@@ -51,7 +52,7 @@ class LoopPlan:
 
     loop: LoopConfig
     stages: dict[str, dict[str, Any]]
-    source: dict[str, Any]  # everything as read, recorded in loop.json
+    source: dict[str, Any]  # everything as read (JSON values), recorded in loop.json
 
 
 def read_loop(path: Path, out: Path | None = None, control: bool = False) -> LoopPlan:
@@ -82,7 +83,7 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
-    source = {"loop": {k: str(v) for k, v in dataclasses.asdict(config).items()}, **stages}
+    source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
     return LoopPlan(config, stages, source)
 
 
@@ -92,7 +93,7 @@ def _state(plan: LoopPlan) -> dict:
     if not path.exists():
         return {"settings": plan.source, "done": [], "rounds": {}}
     state = json.loads(path.read_text())
-    if state.get("settings") != json.loads(json.dumps(plan.source)):
+    if state.get("settings") != plan.source:
         raise RlaifError(f"{plan.loop.out} holds a loop run with other settings; rerun with the same config to "
                          "continue it, or choose another --out")
     return state
@@ -102,11 +103,13 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
     """Run every unfinished stage of every round; return the final round's eval table."""
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
+    main = process_state().is_main_process
     loop.out.mkdir(parents=True, exist_ok=True)
 
     def finished(key: str) -> None:
         state["done"].append(key)
-        write_json(state, loop.out / "loop.json")
+        if main:
+            write_json(state, loop.out / "loop.json")
 
     def report(prefix: str) -> Callable[..., None] | None:
         return progress and (lambda description, done, total: progress(f"{prefix} {description}", done, total))
@@ -136,6 +139,7 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
             finished(f"{number}/eval")
         previous = train_out
     final = loop.out / f"round_{loop.rounds}" / "eval"
-    with atomic_path(loop.out / "report.html") as tmp:
-        shutil.copyfile(final / "report.html", tmp)
+    if main:
+        with atomic_path(loop.out / "report.html") as tmp:
+            shutil.copyfile(final / "report.html", tmp)
     return final / "eval.parquet"
