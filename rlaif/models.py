@@ -9,6 +9,7 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from safetensors import safe_open
 
 from rlaif.errors import RlaifError
 from rlaif.tiny import tiny_model_dir
@@ -71,6 +72,7 @@ def load_pipeline(
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "sample_size")
 
 
 def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
@@ -79,18 +81,34 @@ def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise RlaifError(f"tuned model folder {folder} does not exist")
-    if (folder / "unet").is_dir():
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{_DTYPE_KWARG: pipe.unet.dtype})
-        pipe.unet = unet.to(pipe.device)
-    elif (folder / LORA_FILE).is_file():
+    if not ((folder / "unet").is_dir() or (folder / LORA_FILE).is_file()):
+        raise RlaifError(f"tuned model {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+    try:
+        if (folder / "unet").is_dir():
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{_DTYPE_KWARG: pipe.unet.dtype})
+            differ = [k for k in INTERFACE_KEYS if unet.config.get(k) != pipe.unet.config.get(k)]
+            if differ:
+                raise RlaifError(f"{folder / 'unet'} does not fit this model ({', '.join(differ)} differ): was it "
+                                 "trained on another one?")
+            pipe.unet = unet.to(pipe.device)
+            return
         init = _train_settings(folder).get("init")
         if init:
             apply_tuned(pipe, init)
-        pipe.load_lora_weights(folder)
+        with safe_open(folder / LORA_FILE, "pt") as weights:
+            expected = sum(1 for key in weights.keys() if key.startswith("unet."))
+        pipe.load_lora_weights(folder, adapter_name="rlaif")
+        loaded = sum(1 for name, _ in pipe.unet.named_parameters() if ".rlaif." in name)
+        if loaded != expected:
+            raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {expected} LoRA tensors fit this model's UNet; "
+                             "was it trained on another model?")
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-    else:
-        raise RlaifError(f"tuned model {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+    except RlaifError:
+        raise
+    except Exception as exc:  # mismatched shapes or keys: trained on another model
+        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): "
+                         f"{_first_line(exc)}") from exc
 
 
 def _train_settings(folder: Path) -> dict:

@@ -88,3 +88,25 @@ def test_unreadable_model_folder(tmp_path):
 def test_python_m_rlaif_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "rlaif", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "sample" in result.stdout and "tiny" in result.stdout
+
+
+def test_tuned_weights_for_another_model_are_refused(tmp_path):
+    """`--tuned` outputs made for tiny-xl do not silently half-apply to tiny, and the other way round."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    xl = load_pipeline("tiny-xl")
+    xl.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_v"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(xl.unet))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl-lora", unet_lora_layers=layers)
+    with pytest.raises(RlaifError, match="32 of its 64 LoRA tensors fit this model's UNet"):
+        load_pipeline("tiny", tuned=tmp_path / "xl-lora")
+    assert load_pipeline("tiny-xl", tuned=tmp_path / "xl-lora") is not None  # where it belongs, it applies
+    load_pipeline("tiny").unet.save_pretrained(tmp_path / "full" / "unet")  # a full fine-tuning output's layout
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    result = run_cli("sample", "--model", "tiny-xl", "--tuned", tmp_path / "full", "--prompts", tmp_path / "p.txt",
+                     "--out", tmp_path / "o")
+    assert result.returncode == 2 and not (tmp_path / "o").exists()
+    assert result.stderr.strip() == (f"error: {tmp_path / 'full' / 'unet'} does not fit this model "
+                                     "(addition_embed_type differ): was it trained on another one?")
