@@ -6,10 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
 from conftest import PROMPTS, cli_env, run_cli
+
+from rlaif.loop import read_loop
 
 SMALL_LOOP = """
 [loop]
@@ -112,3 +115,12 @@ def test_control_with_swapped_labels_lowers_the_reward(tmp_path):
     assert row["win_rate"] <= 0.35, row
     pairs = pl.read_parquet(tmp_path / "control" / "round_1" / "samples" / "pairs.parquet")
     assert (pairs["score_0"] > pairs["score_1"]).eq(pairs["label_0"] == 0.0).all()  # the lower score "wins"
+
+
+def test_the_sdxl_loop_example_reads():
+    example = Path(__file__).resolve().parents[1] / "examples" / "loop_sdxl_pickscore.toml"
+    plan = read_loop(example, out=Path("elsewhere"))
+    assert (plan.loop.rounds, plan.loop.eval_prompts, plan.loop.out) == (2, "parti", Path("elsewhere"))
+    assert plan.loop.prompts == str(example.parent / "prompts.txt")
+    assert plan.stages["eval"]["scorers"] == ["pickscore", "hpsv2.1"]  # eval defaults to the label scorers
+    assert plan.stages["train"]["gradient_checkpointing"] and plan.stages["sample"]["dtype"] == "fp16"
