@@ -240,13 +240,15 @@ def evaluate(
 
 
 def print_win_rates(table: Path) -> None:
-    """Print an eval.parquet as a table on stdout."""
+    """Print an eval.parquet (or a loop's rounds.parquet, with its round column) as a table on stdout."""
     import polars as pl
     from rich.table import Table
 
-    view = Table("scorer", "n", "win rate", "95% CI", "mean base", "mean tuned", box=None)
-    for row in pl.read_parquet(table).iter_rows(named=True):
-        view.add_row(row["scorer"], str(row["n"]), f"{row['win_rate']:.3f}",
+    rows = pl.read_parquet(table)
+    extra = ["round"] if "round" in rows.columns else []
+    view = Table(*extra, "scorer", "n", "win rate", "95% CI", "mean base", "mean tuned", box=None)
+    for row in rows.iter_rows(named=True):
+        view.add_row(*(str(row[c]) for c in extra), row["scorer"], str(row["n"]), f"{row['win_rate']:.3f}",
                      f"{row['ci_low']:.3f}-{row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}")
     Console().print(view)
 

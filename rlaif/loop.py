@@ -22,12 +22,14 @@ import polars as pl
 from rlaif.cli_options import read_settings
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.eval import EvalConfig, run_eval
+from rlaif.eval import EVAL_SCHEMA, EvalConfig, run_eval
 from rlaif.files import atomic_path, write_json
 from rlaif.label import LabelConfig, parse_weights, run_label
 from rlaif.sample import SampleConfig, run_sample
+from rlaif.tables import write_table
 from rlaif.train.trainer import TrainConfig, run_train
 
+ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(description, done, total)``."""
 STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -100,7 +102,7 @@ def _state(plan: LoopPlan) -> dict:
 
 
 def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
-    """Run every unfinished stage of every round; return the final round's eval table."""
+    """Run every unfinished stage of every round; return OUT/rounds.parquet, every round's win rates."""
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
     main = process_state().is_main_process
@@ -139,7 +141,11 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
             finished(f"{number}/eval")
         previous = train_out
     final = loop.out / f"round_{loop.rounds}" / "eval"
+    rounds = loop.out / "rounds.parquet"
     if main:
         with atomic_path(loop.out / "report.html") as tmp:
             shutil.copyfile(final / "report.html", tmp)
-    return final / "eval.parquet"
+        write_table([{"round": int(number), **row} for number, rows in state["rounds"].items() for row in rows],
+                     rounds, ROUNDS_SCHEMA)
+    process_state().wait_for_everyone()
+    return rounds
