@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,13 +19,27 @@ ImageSource = Path | bytes
 """An image file, or encoded image bytes (as Pick-a-Pic tables hold them)."""
 
 
-def open_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode a file or encoded bytes as RGB; an unreadable image is a user error naming ``name`` (or the file)."""
+@contextlib.contextmanager
+def _opened(source: ImageSource, name: str | None) -> Iterator[Image.Image]:
+    """A file or encoded bytes opened lazily by PIL; an unreadable image is a user error naming ``name`` (or
+    the file)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")
+            yield image
     except (OSError, ValueError) as exc:
         raise RlaifError(f"image {name or source} cannot be read: {exc}") from exc
+
+
+def open_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode a file or encoded bytes as RGB."""
+    with _opened(source, name) as image:
+        return image.convert("RGB")
+
+
+def image_size(source: ImageSource, name: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image, read from its header without decoding the pixels."""
+    with _opened(source, name) as image:
+        return image.size
 
 
 def image_bytes(column: pl.Series) -> list[bytes]:

@@ -10,18 +10,16 @@ distribution with the pair's own seed, so the cache never changes what is traine
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rlaif.files import atomic_path
-from rlaif.images import ImageSource, open_rgb
+from rlaif.images import ImageSource, image_size, open_rgb
 from rlaif.train.data import Augmentation, apply_augmentation
 
 
@@ -63,11 +61,7 @@ class Encoder:
     def size(self, source: ImageSource) -> tuple[int, int]:
         """(width, height) of an image, read from its header only."""
         if source not in self._sizes:
-            try:
-                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                    self._sizes[source] = image.size
-            except (OSError, ValueError):
-                return open_rgb(source).size  # raises the one-line error naming the image
+            self._sizes[source] = image_size(source)
         return self._sizes[source]
 
     def _content_hash(self, source: ImageSource) -> str:
