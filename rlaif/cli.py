@@ -156,6 +156,7 @@ def train(
     model: Annotated[str | None, option(T, "model", "--model", "-m")] = None,
     out: Annotated[Path | None, option(T, "out", "--out", "-o")] = None,
     init: Annotated[Path | None, option(T, "init")] = default(T, "init"),
+    label_column: Annotated[str | None, option(T, "label_column")] = default(T, "label_column"),
     full: Annotated[bool, option(T, "full")] = default(T, "full"),
     lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
     lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
@@ -181,6 +182,7 @@ def train(
     checkpoint_every: Annotated[int, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
     seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
+    overwrite: Annotated[bool, option(T, "overwrite")] = default(T, "overwrite"),
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of these settings (names as the options, with _ for -); flags given on the "
                          "command line win. See examples/*.toml for the paper's recipes.")] = None,
@@ -336,8 +338,10 @@ def main() -> None:
     quiet_libraries()
     try:
         app()
-    except RlaifError as exc:
+    except (RlaifError, OSError) as exc:  # OSError: a file-system fault (read-only folder, disk full, ...)
         if os.environ.get("RLAIF_DEBUG") == "1":
             raise
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        message = str(exc) if isinstance(exc, RlaifError) else \
+            f"{exc.strerror or type(exc).__name__}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

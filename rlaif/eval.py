@@ -16,11 +16,13 @@ import polars as pl
 
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.label import LabelConfig, parse_options, parse_weights, update_scores
+from rlaif.files import check_out_dir
+from rlaif.label import LabelConfig, check_scorers, parse_weights, update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import SampleConfig, run_sample
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+from rlaif.train.outputs import check_output
 
 EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
                "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64}
@@ -54,15 +56,24 @@ class EvalConfig:
     grid: int = field(default=24, metadata={"help": "Base | tuned image pairs shown in the report."})
 
     def validate(self) -> None:
+        """Reject impossible settings, unknown scorers and options, and a --tuned that is no train output,
+        before anything is sampled."""
+        self.check_values()
+        check_output(self.tuned)
+        check_out_dir(self.out, "--out")
+
+    def check_values(self) -> None:
+        """Reject impossible settings and unknown scorers or options (paths aside)."""
         if not self.scorers:
             raise RlaifError("give at least one --scorer")
         for name in ("per_prompt", "steps", "batch_size", "resamples"):
             if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.tuned.is_dir():
-            raise RlaifError(f"--tuned {self.tuned} does not exist")
-        parse_weights(self.scorers)
-        parse_options(self.scorer_options)
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.grid < 0:
+            raise RlaifError(f"--grid must not be negative, got {self.grid}")
+        if self.guidance < 0:
+            raise RlaifError(f"--guidance must not be negative, got {self.guidance}")
+        check_scorers(self.scorers, self.scorer_options)
 
 
 @dataclass(frozen=True)
@@ -113,14 +124,16 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base)."""
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column)
-    sides = {"base": (base_dir or config.out / "base", None), "tuned": (config.out / "tuned", config.tuned)}
+    # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
+    sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
     scores = {}
     for side, (folder, tuned) in sides.items():
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,
                                 per_prompt=config.per_prompt, steps=config.steps, guidance=config.guidance,
                                 seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
                                 scheduler=config.scheduler, prompt_column=config.prompt_column),
-                   progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)))
+                   progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
+                   replace_stale=True)  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
         label = LabelConfig(samples_dir=folder, scorers=config.scorers, scorer_options=config.scorer_options,
                             batch_size=config.batch_size)

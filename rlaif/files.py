@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlaif.errors import RlaifError
+
 TMP_MARK = ".tmp-"
 
 
@@ -26,10 +28,32 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_out_dir(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made: an existing file, a file among its
+    parents, or a parent folder this user cannot write to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RlaifError(f"{option} {path} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise RlaifError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RlaifError(f"{option} {path}: {existing} is not writable")
+
+
 def write_json(data: Any, target: str | os.PathLike[str]) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def publish(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes of any other output: libraries that
+    write through private temporary files leave 0600, unreadable by the group that shares the results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [Path(path), *(Path(path).rglob("*") if Path(path).is_dir() else [])]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -15,10 +16,10 @@ from PIL import Image
 
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path
+from rlaif.files import atomic_path, check_out_dir
 from rlaif.images import ImageSource, image_bytes, open_rgb
 from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
-from rlaif.scoring import LoadedScorer
+from rlaif.scoring import LoadedScorer, check_options, resolve_factory
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
 
 WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
@@ -54,11 +55,19 @@ class LabelConfig:
                                                        "this process's accelerator."})
 
     def validate(self) -> None:
-        """Reject impossible settings before anything is loaded or written."""
-        if not self.scorers:
-            raise RlaifError("give at least one --scorer")
+        """Reject impossible settings, unknown scorers and unusable paths before anything is loaded or written."""
         if (self.samples_dir is None) == (self.relabel is None):
             raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
+        self.check_values()
+        if self.out is not None:
+            check_out_dir(self.out.parent, "--out")
+            if self.out.is_dir():
+                raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
+
+    def check_values(self) -> None:
+        """Reject impossible settings and unknown scorers or options (paths aside)."""
+        if not self.scorers:
+            raise RlaifError("give at least one --scorer")
         if self.strategy not in STRATEGIES:
             raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.combine not in COMBINE_RULES:
@@ -68,8 +77,19 @@ class LabelConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
-        parse_weights(self.scorers)
-        parse_options(self.scorer_options)
+        check_scorers(self.scorers, self.scorer_options)
+
+
+def check_scorers(scorers: list[str], scorer_options: list[str]) -> None:
+    """Every scorer exists and takes the options given to it: checked before any work."""
+    weights = parse_weights(scorers)
+    for spec in weights:
+        resolve_factory(spec)
+    for spec, options in parse_options(scorer_options).items():
+        if spec not in weights:
+            raise RlaifError(f"--scorer-option {spec}.{next(iter(options))}: {spec!r} is not one of the scorers "
+                             f"({', '.join(weights)})")
+        check_options(spec, options)
 
 
 def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
@@ -119,22 +139,20 @@ def batched_images(
 
 
 def score_images(
-    spec: str, sources: list[ImageSource], names: list[str], prompts: list[str], config: LabelConfig,
+    scorer: LoadedScorer, sources: list[ImageSource], names: list[str], prompts: list[str], batch_size: int,
     progress: Progress | None,
 ) -> list[float]:
-    """Score every image with scorer ``spec``. Under accelerate/torchrun each process scores every N-th
-    image and all processes get the full list back, in order."""
+    """Score every image with ``scorer``. Under accelerate/torchrun each process scores every N-th image and
+    all processes get the full list back, in order."""
     state = process_state()
     mine = list(range(state.process_index, len(sources), state.num_processes))
-    options = parse_options(config.scorer_options).get(spec, {})
-    scorer = LoadedScorer(spec, device=config.device or state.device, **options)
     values: list[float] = []
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
-        batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], config.batch_size, pool)
+        batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], batch_size, pool)
         for start, images in batches:
             values += scorer(images, [prompts[i] for i in mine[start : start + len(images)]])
             if progress:
-                progress(spec, len(values), len(mine))
+                progress(scorer.spec, len(values), len(mine))
     if state.num_processes == 1:
         return values
     ordered = [0.0] * len(sources)
@@ -143,34 +161,51 @@ def score_images(
     return ordered
 
 
-def score_missing(
-    samples: pl.DataFrame, root: Path, cached: pl.DataFrame, spec: str, config: LabelConfig,
-    progress: Progress | None,
-) -> pl.DataFrame:
-    """Score the samples that ``cached`` lacks for scorer ``spec``; return only the new rows."""
-    done = set(cached.filter(pl.col("scorer") == spec)["sample_id"].to_list())
-    todo = samples.filter(~pl.col("sample_id").is_in(list(done)))
-    if todo.is_empty():
-        return cached.clear()
-    prompts = todo["prompt"].to_list()
-    paths = [root / image for image in todo["image"].to_list()]
-    values = score_images(spec, paths, [str(p) for p in paths], prompts, config, progress)
-    return pl.DataFrame({"sample_id": todo["sample_id"], "scorer": spec, "score": values, "prompt": prompts},
-                        schema=SCORES_SCHEMA)
+def load_scorers(config: LabelConfig) -> dict[str, LoadedScorer]:
+    """Every scorer of ``config`` loaded with its options, on ``config.device`` or this process's device."""
+    options = parse_options(config.scorer_options)
+    device = config.device or process_state().device
+    return {spec: LoadedScorer(spec, device=device, **options.get(spec, {})) for spec in parse_weights(config.scorers)}
+
+
+def file_hashes(root: Path, images: list[str]) -> list[str]:
+    """SHA-256 of each image file's bytes: a rewritten image is a new image to score."""
+    return [hashlib.sha256((root / image).read_bytes()).hexdigest() for image in images]
+
+
+def read_score_cache(path: Path) -> pl.DataFrame:
+    """The cached scores of a samples folder; a cache from before the keyed columns counts as empty."""
+    if not path.exists():
+        return pl.DataFrame(schema=SCORES_SCHEMA)
+    cached = read_table(path, {})
+    if any(name not in cached.columns for name in SCORES_SCHEMA):
+        return pl.DataFrame(schema=SCORES_SCHEMA)
+    return cached.select([pl.col(name).cast(dtype) for name, dtype in SCORES_SCHEMA.items()])
 
 
 def update_scores(samples: pl.DataFrame, config: LabelConfig, progress: Progress | None = None) -> pl.DataFrame:
-    """The scores table of ``config.samples_dir`` for every scorer of ``config``: cached rows are reused,
-    missing ones computed and the table rewritten after each scorer."""
+    """The scores table of ``config.samples_dir`` for every scorer of ``config``. A cached score is reused only
+    if it was made by the same scorer key (name, options, version, weights) from the same image bytes; every
+    other one is recomputed, and the table rewritten after each scorer."""
     root = config.samples_dir
     scores_path = root / "scores.parquet"
-    scores = read_table(scores_path, SCORES_SCHEMA) if scores_path.exists() else pl.DataFrame(schema=SCORES_SCHEMA)
-    for spec in parse_weights(config.scorers):
-        new = score_missing(samples, root, scores, spec, config, progress)
-        if not new.is_empty():
-            scores = pl.concat([scores.select(list(SCORES_SCHEMA)), new])
-            if process_state().is_main_process:
-                write_table(scores, scores_path, SCORES_SCHEMA)
+    scores = read_score_cache(scores_path)
+    current = samples.select("sample_id", "prompt", "image").with_columns(
+        image_sha256=pl.Series(file_hashes(root, samples["image"].to_list()), dtype=pl.String))
+    for spec, scorer in load_scorers(config).items():
+        valid = scores.filter((pl.col("scorer") == spec) & (pl.col("scorer_key") == scorer.key))
+        todo = current.join(valid.select("sample_id", "image_sha256"), on=["sample_id", "image_sha256"], how="anti")
+        if todo.is_empty():
+            continue
+        paths = [root / image for image in todo["image"].to_list()]
+        values = score_images(scorer, paths, [str(p) for p in paths], todo["prompt"].to_list(), config.batch_size,
+                              progress)
+        new = todo.select("sample_id", "prompt", "image_sha256").with_columns(
+            scorer=pl.lit(spec), score=pl.Series(values, dtype=pl.Float64), scorer_key=pl.lit(scorer.key))
+        stale = (pl.col("scorer") == spec) & pl.col("sample_id").is_in(todo["sample_id"].implode())
+        scores = pl.concat([scores.filter(~stale), new.select(list(SCORES_SCHEMA))])
+        if process_state().is_main_process:
+            write_table(scores, scores_path, SCORES_SCHEMA)
     return scores
 
 
@@ -235,8 +270,8 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     names = [f"{source} row {i} jpg_{side}" for side in (0, 1) for i in range(table.height)]
     ids = [f"{i}:{side}" for side in (0, 1) for i in range(table.height)]
     parts = [pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids, "scorer": spec,
-                           "score": score_images(spec, images, names, captions * 2, config, progress)})
-             for spec in weights]
+                           "score": score_images(scorer, images, names, captions * 2, config.batch_size, progress)})
+             for spec, scorer in load_scorers(config).items()]
     value = dict(preference(pl.concat(parts), weights, config.combine).select("sample_id", "value").iter_rows())
     score_0 = pl.Series([value[f"{i}:0"] for i in range(table.height)], dtype=pl.Float64)
     score_1 = pl.Series([value[f"{i}:1"] for i in range(table.height)], dtype=pl.Float64)

@@ -10,6 +10,7 @@ first unfinished one (each stage is itself resumable).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -34,7 +35,8 @@ Progress = Callable[[str, int, int], None]
 """Called as ``progress(description, done, total)``."""
 STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
-               "train": {"pairs", "model", "out", "init", "resume"}, "eval": {"base", "tuned", "prompts", "out"}}
+               "train": {"pairs", "model", "out", "init", "resume", "overwrite"},
+               "eval": {"base", "tuned", "prompts", "out"}}
 
 
 @dataclass
@@ -85,8 +87,38 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
+    check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
     return LoopPlan(config, stages, source)
+
+
+def round_seed(seed: int, number: int) -> int:
+    """The sampling seed of round ``number``: the [sample] seed in round 1, then one derived from it, far from
+    any small seed (the evaluation's included), so later rounds sample new noise and never the held-out one."""
+    if number == 1:
+        return seed
+    digest = hashlib.sha256(f"rlaif-round:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") | 1 << 31
+
+
+def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]) -> None:
+    """Every stage's settings, scorers and scorer options checked before the first stage starts, and the
+    rounds' sampling seeds kept apart from the evaluation's (held-out seeds)."""
+    placeholders = {"sample": {"model": loop.model, "prompts": loop.prompts, "out": loop.out},
+                    "label": {"samples_dir": loop.out}, "train": {"pairs": loop.out, "model": loop.model,
+                                                                  "out": loop.out},
+                    "eval": {"base": loop.model, "tuned": loop.out, "prompts": loop.eval_prompts, "out": loop.out}}
+    for stage, config in STAGES.items():
+        try:
+            config(**placeholders[stage], **stages[stage]).check_values()
+        except RlaifError as exc:
+            raise RlaifError(f"{path} [{stage}]: {exc}") from exc
+    sample_seed = stages["sample"].get("seed", SampleConfig.seed)
+    eval_seed = stages["eval"].get("seed", EvalConfig.seed)
+    clash = [n for n in range(1, loop.rounds + 1) if round_seed(sample_seed, n) == eval_seed]
+    if clash:
+        raise RlaifError(f"{path}: round {clash[0]} would sample with seed {eval_seed}, the [eval] seed; keep "
+                         "[sample] seed and [eval] seed apart so the evaluation's seeds stay held out")
 
 
 def _state(plan: LoopPlan) -> dict:
@@ -121,7 +153,7 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
         folder = loop.out / f"round_{number}"
         samples, train_out, eval_out = folder / "samples", folder / "train", folder / "eval"
         if f"{number}/sample" not in state["done"]:
-            sample = {**stages["sample"], "seed": stages["sample"].get("seed", 0) + number - 1}
+            sample = {**stages["sample"], "seed": round_seed(stages["sample"].get("seed", SampleConfig.seed), number)}
             run_sample(SampleConfig(model=loop.model, prompts=loop.prompts, out=samples, tuned=previous, **sample),
                        progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)))
             finished(f"{number}/sample")
@@ -130,7 +162,7 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
             run_train(TrainConfig(pairs=samples / "pairs.parquet", model=loop.model, out=train_out, init=previous,
-                                  resume="latest", **stages["train"]),
+                                  resume="latest", overwrite=True, **stages["train"]),
                       progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t)))
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import diffusers
+import huggingface_hub
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from safetensors import safe_open
 
 from rlaif.errors import RlaifError
 from rlaif.tiny import tiny_model_dir
@@ -21,7 +20,7 @@ PIPELINES: dict[str, type[DiffusionPipeline]] = {
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_ALIASES = ("tiny", "tiny-xl")
 # diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
-_DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 
 
 def resolve_model(model: str) -> str:
@@ -33,6 +32,13 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
 
 
+def _missing_offline(source: str) -> bool:
+    """True when ``source`` is a hub id that offline mode cannot load because it was never downloaded."""
+    if _looks_like_path(source) or not huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    return not isinstance(huggingface_hub.try_to_load_from_cache(source, "model_index.json"), str)
+
+
 def load_pipeline(
     model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None,
     tuned: str | Path | None = None,
@@ -41,7 +47,7 @@ def load_pipeline(
 
     ``scheduler`` names a diffusers scheduler class compatible with the model's own (for example
     ``EulerDiscreteScheduler``); it is built from the model's scheduler config. ``tuned`` is an ``rlaif train``
-    output folder whose weights go on top (``apply_tuned``).
+    output folder whose weights go on top (``rlaif.train.outputs.apply_tuned``).
     """
     if dtype not in DTYPES:
         raise RlaifError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -51,6 +57,9 @@ def load_pipeline(
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception as exc:
+        if _missing_offline(source):
+            raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                             f"fetch it with `hf download {model}` while online (or unset HF_HUB_OFFLINE)") from exc
         raise RlaifError(f"cannot read model {model!r}: {_first_line(exc)}") from exc
     pipeline_class = PIPELINES.get(index.get("_class_name", ""))
     if pipeline_class is None:
@@ -59,7 +68,7 @@ def load_pipeline(
         )
     options = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
-        pipe = pipeline_class.from_pretrained(source, **{_DTYPE_KWARG: DTYPES[dtype]}, **options)
+        pipe = pipeline_class.from_pretrained(source, **{DTYPE_KWARG: DTYPES[dtype]}, **options)
     except Exception as exc:
         raise RlaifError(f"cannot load model {model!r}: {_first_line(exc)}") from exc
     if scheduler is not None:
@@ -67,53 +76,10 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if tuned is not None:
+        from rlaif.train.outputs import apply_tuned  # outputs reads models' constants: import it late
+
         apply_tuned(pipe, tuned)
     return pipe
-
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "sample_size")
-
-
-def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
-    """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet (``unet/``), or its LoRA fused
-    into the UNet. A LoRA trained on top of another output (``init`` in its train.json) gets that one first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RlaifError(f"tuned model folder {folder} does not exist")
-    if not ((folder / "unet").is_dir() or (folder / LORA_FILE).is_file()):
-        raise RlaifError(f"tuned model {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
-    try:
-        if (folder / "unet").is_dir():
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{_DTYPE_KWARG: pipe.unet.dtype})
-            differ = [k for k in INTERFACE_KEYS if unet.config.get(k) != pipe.unet.config.get(k)]
-            if differ:
-                raise RlaifError(f"{folder / 'unet'} does not fit this model ({', '.join(differ)} differ): was it "
-                                 "trained on another one?")
-            pipe.unet = unet.to(pipe.device)
-            return
-        init = _train_settings(folder).get("init")
-        if init:
-            apply_tuned(pipe, init)
-        with safe_open(folder / LORA_FILE, "pt") as weights:
-            expected = sum(1 for key in weights.keys() if key.startswith("unet."))
-        pipe.load_lora_weights(folder, adapter_name="rlaif")
-        loaded = sum(1 for name, _ in pipe.unet.named_parameters() if ".rlaif." in name)
-        if loaded != expected:
-            raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {expected} LoRA tensors fit this model's UNet; "
-                             "was it trained on another model?")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    except RlaifError:
-        raise
-    except Exception as exc:  # mismatched shapes or keys: trained on another model
-        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): "
-                         f"{_first_line(exc)}") from exc
-
-
-def _train_settings(folder: Path) -> dict:
-    path = folder / "train.json"
-    return json.loads(path.read_text())["config"] if path.is_file() else {}
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -18,12 +19,13 @@ from pathlib import Path
 
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import remove_stale_temporaries, write_json
+from rlaif.files import check_out_dir, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import default_size, load_pipeline
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
+from rlaif.train.outputs import check_output, weights_identity
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with this process's image counts."""
@@ -68,7 +70,14 @@ class SampleConfig:
     )
 
     def validate(self) -> None:
-        """Reject impossible settings before anything is loaded or written."""
+        """Reject impossible settings and unusable paths before anything is loaded or written."""
+        self.check_values()
+        check_out_dir(self.out, "--out")
+        if self.tuned is not None:
+            check_output(self.tuned)
+
+    def check_values(self) -> None:
+        """Reject impossible settings (paths aside)."""
         for name in ("per_prompt", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -76,6 +85,8 @@ class SampleConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
+        if self.guidance < 0:
+            raise RlaifError(f"--guidance must not be negative, got {self.guidance}")
 
 
 
@@ -139,8 +150,10 @@ def check_resumable(run_file: Path, generation: dict) -> None:
         )
 
 
-def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
-    """Generate every missing image of ``config`` and write the samples table; return its path."""
+def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: bool = False) -> Path:
+    """Generate every missing image of ``config`` and write the samples table; return its path. A folder
+    made with other generation settings is refused, or with ``replace_stale`` (a folder the caller owns)
+    emptied and made again."""
     config.validate()
     prompts = load_prompts(config.prompts, config.prompt_column)
     state = process_state()
@@ -150,8 +163,18 @@ def run_sample(config: SampleConfig, progress: Progress | None = None) -> Path:
     settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
                 "width": width, "height": height,
                 "scheduler": type(pipe.scheduler).__name__}
-    generation = {key: settings[key] for key in GENERATION_KEYS}
+    # the tuned model is identified by its weights, not its path: retraining into the same folder is new
+    generation = {**{key: settings[key] for key in GENERATION_KEYS},
+                  "tuned": config.tuned and weights_identity(config.tuned)}
     run_file = config.out / "run.json"
+    if replace_stale and state.is_main_process:
+        try:
+            check_resumable(run_file, generation)
+        except RlaifError:  # made by other settings or another model: none of it may be reused
+            for name in ("images", "samples.parquet", "scores.parquet", "run.json"):
+                target = config.out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    state.wait_for_everyone()
     check_resumable(run_file, generation)
     if state.is_main_process:
         if config.out.exists():

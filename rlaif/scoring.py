@@ -2,17 +2,25 @@
 
 A scorer factory is called as ``factory(device=..., **options)`` and returns an object with
 ``score(images, prompts) -> torch.Tensor | Sequence[float]``: one value per image, higher is better.
-It may expose ``name`` and ``description``. Built-ins register through the same entry-point group as
-third-party plugins.
+It may expose ``name``, ``description`` and ``identity``: a string that changes whenever its weights do
+(``files_identity`` of the checkpoint it loaded, say). Built-ins register through the same entry-point group
+as third-party plugins.
+
+Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
+distribution's, or its source file's hash for a ``module:attr`` outside any distribution) and its identity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, packages_distributions, version
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -79,10 +87,52 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
         raise RlaifError(f"scorer {spec!r} ({entries[spec].source}) cannot be imported: {exc}") from exc
 
 
+def check_options(spec: str, options: dict[str, str]) -> None:
+    """Refuse options that scorer ``spec``'s factory does not take, before anything is loaded."""
+    _, factory = resolve_factory(spec)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a factory without a signature (a C callable): let it decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # it forwards what it gets: only loading it can tell
+    accepted = [name for name in parameters if name != "device"]
+    for key in options:
+        if key not in accepted:
+            raise RlaifError(f"--scorer-option {spec}.{key}: scorer {spec!r} takes "
+                             f"{', '.join(accepted) or 'no options'}")
+
+
+def plugin_version(spec: str) -> str:
+    """The version of the code behind scorer ``spec``: its distribution's version, or for a ``module:attr``
+    outside any distribution the hash of the module's source file."""
+    if ":" not in spec:
+        point = next((p for p in entry_points(group=GROUP) if p.name == spec), None)
+        return f"{point.dist.name}=={point.dist.version}" if point is not None and point.dist else "unknown"
+    module = importlib.import_module(spec.partition(":")[0])
+    top = module.__name__.split(".")[0]
+    dists = packages_distributions().get(top, [])
+    if dists:
+        return f"{dists[0]}=={version(dists[0])}"
+    source = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16] if source else "unknown"
+
+
+def files_identity(path: str | Path) -> str:
+    """A cheap identity of a weights file or folder: resolved path, sizes and modification times (a hub
+    snapshot's path holds its revision, so a new revision is a new identity)."""
+    path = Path(path).resolve()
+    if not path.exists():  # not a file: a hub id whose revision the caller could not see
+        return str(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 class LoadedScorer:
     """A scorer instance plus the checks every call gets: right length, finite numbers, errors named."""
 
-    def __init__(self, spec: str, device: str | torch.device = "cpu", **options: object) -> None:
+    def __init__(self, spec: str, device: str | torch.device = "cpu", **options: str) -> None:
+        check_options(spec, options)
         self.spec, factory = resolve_factory(spec)
         try:
             self.scorer = factory(device=device, **options)
@@ -91,6 +141,10 @@ class LoadedScorer:
         except Exception as exc:
             raise RlaifError(f"scorer {self.spec!r} failed to load: {exc}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
+        described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec),
+                     "identity": getattr(self.scorer, "identity", None)}
+        self.key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Changes whenever the scores could: scores cached under another key are recomputed."""
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         """Score a batch, returning plain floats; any plugin fault becomes one clear error naming it."""

@@ -31,6 +31,8 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
     "scorer": pl.String(),
     "score": pl.Float64(),
     "prompt": pl.String(),
+    "scorer_key": pl.String(),  # rlaif.scoring.LoadedScorer.key: name, options, version, weights
+    "image_sha256": pl.String(),  # of the image file the score was made from
 }
 PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "prompt_id": pl.String(),

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from rlaif.cache import cached_download
+from rlaif.scoring import files_identity
 from scorers.openclip_common import load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
@@ -47,7 +48,9 @@ class Aesthetic:
     def __init__(self, device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> None:
         self.device = torch.device(device)
         self.model, self.preprocess = load_pretrained(arch, pretrained, self.device)
-        self.head = load_head(str(cached_download(HEAD_URL, HEAD_FILE))).to(self.device)
+        head = cached_download(HEAD_URL, HEAD_FILE)
+        self.identity = files_identity(head)
+        self.head = load_head(str(head)).to(self.device)
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -56,6 +59,6 @@ class Aesthetic:
         return self.head(embedding.float()).squeeze(-1)
 
 
-def aesthetic(device: str | torch.device = "cpu", **options: str) -> Aesthetic:
+def aesthetic(device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> Aesthetic:
     """LAION aesthetic predictor v2: predicted 1-10 rating of how pleasing an image looks (prompt unused)."""
-    return Aesthetic(device, **options)
+    return Aesthetic(device, arch, pretrained)

@@ -30,6 +30,6 @@ class ClipScore:
         return (SCALE * image_text_cosine(self.model, self.tokenizer, pixels, prompts)).clamp(min=0)
 
 
-def clip(device: str | torch.device = "cpu", **options: str) -> ClipScore:
+def clip(device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> ClipScore:
     """CLIP score: prompt-image alignment, max(100 * cosine, 0) with OpenCLIP ViT-L-14 (OpenAI weights)."""
-    return ClipScore(device, **options)
+    return ClipScore(device, arch, pretrained)

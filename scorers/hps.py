@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from torchvision.transforms import functional as TF
 
+from rlaif.scoring import files_identity
 from scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
 
 ARCH = "ViT-H-14"
@@ -45,7 +46,9 @@ class HumanPreferenceScore:
         self.name = version
         self.device = torch.device(device)
         model = open_clip.create_model(arch, pretrained=None)
-        checkpoint = torch.load(hf_hub_download(repo, CHECKPOINTS[version]), map_location="cpu", weights_only=True)
+        path = hf_hub_download(repo, CHECKPOINTS[version])
+        self.identity = files_identity(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
         self.model = model.eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -59,11 +62,11 @@ class HumanPreferenceScore:
                                  prompts)
 
 
-def hpsv2(device: str | torch.device = "cpu", **options: str) -> HumanPreferenceScore:
+def hpsv2(device: str | torch.device = "cpu", arch: str = ARCH, repo: str = REPO) -> HumanPreferenceScore:
     """HPSv2: human preference (HPD v2), cosine of OpenCLIP ViT-H-14 embeddings."""
-    return HumanPreferenceScore("hpsv2", device, **options)
+    return HumanPreferenceScore("hpsv2", device, arch, repo)
 
 
-def hpsv21(device: str | torch.device = "cpu", **options: str) -> HumanPreferenceScore:
+def hpsv21(device: str | torch.device = "cpu", arch: str = ARCH, repo: str = REPO) -> HumanPreferenceScore:
     """HPSv2.1: HPSv2 retrained on more data, cosine of OpenCLIP ViT-H-14 embeddings."""
-    return HumanPreferenceScore("hpsv2.1", device, **options)
+    return HumanPreferenceScore("hpsv2.1", device, arch, repo)

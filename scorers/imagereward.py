@@ -22,7 +22,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from rlaif.scoring import unique_prompts
+from rlaif.scoring import files_identity, unique_prompts
 from scorers.aesthetic import AestheticHead
 from scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, pixel_batch
 
@@ -113,7 +113,9 @@ class ImageReward:
 
     def __init__(self, device: str | torch.device = "cpu", repo: str = REPO, tokenizer: str = TOKENIZER) -> None:
         self.device = torch.device(device)
-        state = torch.load(hf_hub_download(repo, CHECKPOINT), map_location="cpu", weights_only=True)
+        checkpoint = hf_hub_download(repo, CHECKPOINT)
+        self.identity = files_identity(checkpoint)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         with open(hf_hub_download(repo, MED_CONFIG)) as file:
             med = json.load(file)
         parts = split_checkpoint(state)
@@ -146,6 +148,6 @@ class ImageReward:
         return (rewards - REWARD_MEAN) / REWARD_STD
 
 
-def imagereward(device: str | torch.device = "cpu", **options: str) -> ImageReward:
+def imagereward(device: str | torch.device = "cpu", repo: str = REPO, tokenizer: str = TOKENIZER) -> ImageReward:
     """ImageReward v1.0: human preference (ImageRewardDB), BLIP ViT-L + cross-attending BERT, normalised."""
-    return ImageReward(device, **options)
+    return ImageReward(device, repo, tokenizer)

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel
 
-from rlaif.scoring import unique_prompts
+from rlaif.scoring import files_identity, unique_prompts
 
 MODEL = "yuvalkirstain/PickScore_v1"
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -34,6 +34,8 @@ class PickScore:
         self.image_processor = IMAGE_PROCESSOR.from_pretrained(processor)
         self.tokenizer = AutoTokenizer.from_pretrained(processor)
         self.model = CLIPModel.from_pretrained(model).eval().to(self.device)
+        # a hub load records the snapshot it read; a local folder is identified by its files
+        self.identity = getattr(self.model.config, "_commit_hash", None) or files_identity(model)
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -48,6 +50,6 @@ class PickScore:
         return self.model.logit_scale.exp() * (image_emb * text_emb[index.to(self.device)]).sum(dim=-1)
 
 
-def pickscore(device: str | torch.device = "cpu", **options: str) -> PickScore:
+def pickscore(device: str | torch.device = "cpu", model: str = MODEL, processor: str = PROCESSOR) -> PickScore:
     """PickScore v1: human preference for a prompt (Pick-a-Pic), logit-scaled CLIP-H cosine."""
-    return PickScore(device, **options)
+    return PickScore(device, model, processor)

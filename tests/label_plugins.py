@@ -36,3 +36,16 @@ def counting_brightness(device="cpu"):
         return torch.tensor([float(torch.tensor(list(image.convert("L").getdata())).float().mean())
                              for image in images])
     return _Scorer(score)
+
+
+def channel_mean(device="cpu", channel="0"):
+    """Mean of one RGB channel (an option), counting scored images in RLAIF_TEST_COUNT; its identity (the
+    stand-in for a weights file) comes from RLAIF_TEST_WEIGHTS."""
+    def score(images, prompts):
+        with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
+            log.write(f"{len(images)}\n")
+        return [float(torch.tensor(list(image.getchannel(int(channel)).getdata())).float().mean())
+                for image in images]
+    scorer = _Scorer(score)
+    scorer.identity = os.environ.get("RLAIF_TEST_WEIGHTS", "")
+    return scorer

@@ -134,3 +134,32 @@ def test_eval_of_a_missing_tuned_folder_is_one_line(tmp_path):
                      "--scorer", "compressibility", "--out", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.strip() == f"error: --tuned {tmp_path / 'nope'} does not exist"
     assert not (tmp_path / "o").exists()
+
+
+def test_retraining_into_the_same_folder_remakes_the_tuned_samples(tiny_pairs, tmp_path):
+    """Tuned samples are keyed by the tuned weights' content, not the folder's path: a model retrained into
+    the same folder is sampled and scored anew; the base samples are reused."""
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[4:6]) + "\n")
+    train = ["train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 3,
+             "--batch-size", 2, "--learning-rate", 1e-2]
+    evaluate = ["eval", "--base", "tiny", "--tuned", tmp_path / "lora", "--prompts", tmp_path / "p.txt",
+                "--scorer", "compressibility", "--per-prompt", 2, "--steps", 4, "--out", tmp_path / "eval"]
+
+    def images(side):
+        return {p.relative_to(tmp_path): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted((tmp_path / "eval" / side / "images").rglob("*.png"))}
+
+    assert run_cli(*train).returncode == 0
+    assert run_cli(*evaluate).returncode == 0
+    tuned_before, base_before = images("tuned"), images("base")
+    retrained = run_cli(*train, "--overwrite", "--seed", 7, "--learning-rate", 3e-2)
+    assert retrained.returncode == 0, retrained.stderr
+    result = run_cli(*evaluate)
+    assert result.returncode == 0, result.stderr
+    tuned_after = images("tuned")
+    assert tuned_after.keys() == tuned_before.keys()
+    assert all(tuned_after[k][0] != tuned_before[k][0] for k in tuned_after)  # every tuned image made anew
+    assert images("base") == base_before  # same bytes, never rewritten
+    (row,) = pl.read_parquet(tmp_path / "eval" / "eval.parquet").rows(named=True)
+    expected = np.mean([-jpeg_kilobytes(Image.open(tmp_path / k)) for k in tuned_after])
+    assert row["mean_tuned"] == pytest.approx(expected)

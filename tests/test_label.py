@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from conftest import PROMPTS, cli_env, run_cli
@@ -148,3 +149,46 @@ def test_two_processes_score_the_same_as_one(fresh, tmp_path):
     assert result.returncode == 0, result.stderr
     assert pl.read_parquet(fresh / "scores.parquet").equals(expected)
     assert (fresh / "pairs.parquet").is_file()
+
+
+def scored(count_file: Path) -> int:
+    """How many images the counting plugins scored so far."""
+    return sum(int(n) for n in count_file.read_text().split()) if count_file.exists() else 0
+
+
+def channel_means(folder: Path, channel: int) -> dict[str, float]:
+    samples = pl.read_parquet(folder / "samples.parquet")
+    return {sid: float(np.asarray(Image.open(folder / image).convert("RGB"))[..., channel].mean())
+            for sid, image in zip(samples["sample_id"], samples["image"], strict=True)}
+
+
+def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh, tmp_path):
+    """Each thing that changes a score makes the cache recompute it: a scorer option, the scorer's weights
+    (its identity), the plugin's code, and the image file's bytes. Anything else reuses the cache."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    shutil.copy(Path(PLUGINS) / "label_plugins.py", plugins)
+    count = tmp_path / "count"
+    scorer = "label_plugins:channel_mean"
+
+    def label(channel: int, weights: str = "w1") -> float:
+        env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS=weights)
+        result = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel={channel}",
+                         env=env)
+        assert result.returncode == 0, result.stderr
+        scores = pl.read_parquet(fresh / "scores.parquet")
+        assert scores.height == 16  # one row per sample and scorer: stale rows are replaced, not added
+        assert dict(zip(scores["sample_id"], scores["score"], strict=True)) == pytest.approx(
+            channel_means(fresh, channel))
+        return scored(count)
+
+    assert label(0) == 16
+    assert label(0) == 16  # same everything: all 16 cached
+    assert label(1) == 32  # another option value: all rescored, with the new option
+    assert label(1, weights="w2") == 48  # other weights behind the same name and options
+    with open(plugins / "label_plugins.py", "a") as source:
+        source.write("\n# a new version of the plugin\n")
+    assert label(1, weights="w2") == 64
+    image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][5]
+    Image.new("RGB", Image.open(image).size, (10, 200, 30)).save(image)  # rewritten in place
+    assert label(1, weights="w2") == 65  # only the rewritten image, now scored from its new pixels

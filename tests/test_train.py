@@ -104,23 +104,37 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_p
     assert logged == [(e["step"], pytest.approx(e["loss"])) for e in log(tmp_path / "cached")]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_pairs, tmp_path):
-    """Global batch 2 either way: one process accumulating two micro-batches of one pair, or two processes
-    of one pair each. (Adam's first steps are sign(gradient) * lr, so comparing different micro-batch shapes
-    would only measure float noise on near-zero gradients.)"""
-    one = run_cli("train", tiny_pairs, "--out", tmp_path / "one", "--max-steps", 3, "--model", "tiny",
-                  "--batch-size", 1, "--accumulation", 2, "--learning-rate", 1e-3, env=cli_env(OMP_NUM_THREADS="1"))
-    assert one.returncode == 0, one.stderr
+def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_path):
+    """Global batch 4 as 1 process x 4 pairs, 2 processes x 2 pairs, or 1 process x 1 pair x 4 accumulation
+    steps. Plain SGD without clipping makes every update exactly -lr * gradient, so a gradient scaled by the
+    process count or the accumulation, or a schedule stepped per process, shows in the weights; the warm-up
+    makes the learning rate differ from step to step, so a schedule running ahead shows in the log."""
+    common = ["train", tiny_pairs, "--model", "tiny", "--optimizer", "sgd", "--max-grad-norm", 0,
+              "--warmup-steps", 3, "--max-steps", 4, "--learning-rate", 0.01]
+    env = cli_env(OMP_NUM_THREADS="1")
+    one = run_cli(*common, "--out", tmp_path / "one", "--batch-size", 4, env=env)
+    accumulated = run_cli(*common, "--out", tmp_path / "accumulated", "--batch-size", 1, "--accumulation", 4, env=env)
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(31500 + os.getpid() % 1000), "-m", "rlaif", "train", str(tiny_pairs), "--out", str(tmp_path / "two"),
-         "--max-steps", "3", "--model", "tiny", "--batch-size", "1", "--learning-rate", "1e-3"],
-        env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr
-    assert [e["step"] for e in log(tmp_path / "two")] == [1, 2, 3]  # one log writer: the processes formed a group
-    a = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+         str(31500 + os.getpid() % 1000), "-m", "rlaif", *map(str, common), "--out", str(tmp_path / "two"),
+         "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=600)
+    for result in (one, accumulated, two):
+        assert result.returncode == 0, result.stderr
+    lrs = [0.0, 0.01 / 3, 0.02 / 3, 0.01]  # linear warm-up over 3 optimizer steps, the rate each update used
+    for run in ("one", "accumulated", "two"):
+        assert [e["step"] for e in log(tmp_path / run)] == [1, 2, 3, 4]  # one log writer: one process group
+        assert [e["lr"] for e in log(tmp_path / run)] == pytest.approx(lrs, rel=1e-12)
+    a = weights(tmp_path / "one")
+    # LoRA up-projections start at zero, so their size is the size of the updates. Updates of >= 1e-3 against
+    # float32 round-off of batched vs per-pair UNet passes (~1e-7 relative): a gradient or learning rate off
+    # by a factor of 2 would differ by >= 5e-4, 50x the tolerance.
+    update = max(float(w.abs().max()) for k, w in a.items() if ".up." in k)
+    print(f"largest update {update:.3g}; differences: two processes "
+          f"{max_difference(weights(tmp_path / 'two'), a):.3g}, accumulation "
+          f"{max_difference(weights(tmp_path / 'accumulated'), a):.3g}")
+    assert update > 1e-3
+    assert max_difference(weights(tmp_path / "two"), a) < 1e-5
+    assert max_difference(weights(tmp_path / "accumulated"), a) < 1e-5
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "sft"])

@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,16 +28,16 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import extract_model_from_parallel as unwrap
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.utils import convert_state_dict_to_diffusers
 
 from rlaif.cache import cache_dir
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path, write_json
+from rlaif.files import atomic_path, check_out_dir, write_json
 from rlaif.models import default_size, load_pipeline
 from rlaif.train.data import PreferencePair, load_pairs, plan_augmentation
 from rlaif.train.encoding import Encoder
 from rlaif.train.loss import LOSS_TYPES, diffusion_dpo_loss, sft_loss
+from rlaif.train.outputs import TRAIN_FILE, check_output, save_outputs
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -54,6 +54,9 @@ class TrainConfig:
     init: Path | None = field(default=None, metadata={
         "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
                 "also the reference (iterative Diffusion-DPO)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Column holding the preference (1: image 0 wins, 0: image 1 wins, 0.5: tie); default: ai_label_0 "
+                "when the table has it (written by `rlaif label --relabel`), else label_0."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
@@ -68,8 +71,8 @@ class TrainConfig:
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-step."})
     accumulation: int = field(default=1, metadata={"help": "Gradient accumulation micro-steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd."})
     mixed_precision: str = field(default="no", metadata={
         "help": "no | fp16 | bf16: autocast for policy and reference alike (weights stay fp32). On CPU, fp16 "
                 "runs without loss scaling; prefer bf16 there."})
@@ -87,17 +90,36 @@ class TrainConfig:
     resume: str | None = field(default=None, metadata={
         "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the finished run in OUT (default: refuse)."})
 
     def validate(self) -> None:
+        """Reject impossible settings and unusable paths before anything is loaded or written."""
+        self.check_values()
+        if not Path(self.pairs).is_file():
+            raise RlaifError(f"pairs table {self.pairs} does not exist")
+        check_out_dir(self.out, "--out")
+        if self.init is not None:
+            check_output(self.init, "--init")
+
+    def check_values(self) -> None:
+        """Reject impossible settings (paths aside: ``rlaif loop`` checks these before their files exist)."""
         if self.loss not in (*LOSS_TYPES, "sft"):
             raise RlaifError(f"--loss {self.loss!r} is not one of {', '.join((*LOSS_TYPES, 'sft'))}")
-        if self.optimizer not in ("adamw", "adafactor"):
-            raise RlaifError(f"--optimizer {self.optimizer!r} is not adamw or adafactor")
+        if self.optimizer not in OPTIMIZERS:
+            raise RlaifError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise RlaifError(f"--mixed-precision {self.mixed_precision!r} is not no, fp16 or bf16")
-        for name in ("max_steps", "batch_size", "accumulation", "lora_rank"):
+        for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("beta", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if not 0 <= self.caption_dropout <= 1:
             raise RlaifError("--caption-dropout must be between 0 and 1")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):
@@ -126,7 +148,7 @@ def pair_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
-    pairs = load_pairs(config.pairs)
+    pairs = load_pairs(config.pairs, config.label_column)
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -136,13 +158,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
+    training_target(pipe.scheduler.config.prediction_type, None, None, None, None)  # refuse unknown types early
     unet = pipe.unet
     for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
                                                    getattr(pipe, "text_encoder_2", None)) if m is not None)):
         module.requires_grad_(False)
     reference = None
     if config.full:
-        reference = copy.deepcopy(unet).eval()
+        reference = copy.deepcopy(unet).eval() if config.loss != "sft" else None  # SFT never asks the reference
         unet.requires_grad_(True)
     else:
         from peft import LoraConfig
@@ -154,14 +177,12 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     params = [p for p in unet.parameters() if p.requires_grad]
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
-    if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=lr)
-    else:
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
+    optimizer = make_optimizer(config.optimizer, params, lr)
+    # The schedule stays out of accelerator.prepare: accelerate's wrapper steps it once per process per
+    # optimizer step, which would end a warm-up N times too early on N processes. It is stepped below, once
+    # per optimizer step, so it is a function of optimizer steps whatever the process count and accumulation.
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
-    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
 
@@ -169,6 +190,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         step = json.loads((resume_from / "position.json").read_text())["step"]
+        for _ in range(step):  # the schedule is a pure function of the optimizer steps taken
+            schedule.step()
     log_path = config.out / "train_log.jsonl"
     if accelerator.is_main_process:
         _keep_log_until(log_path, step)
@@ -176,7 +199,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         accelerator.init_trackers("rlaif-train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                          for k, v in asdict(config).items()})
     while step < config.max_steps:
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {"lr": schedule.get_last_lr()[0]}  # the rate this step's update uses
         started = time.perf_counter()
         for micro in range(config.accumulation):
             position = (step * config.accumulation + micro) * config.batch_size * accelerator.num_processes
@@ -187,19 +210,18 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                     config, [pairs[_pair_index(pos, len(pairs), config.seed)] for pos in positions], positions,
                     encoder, unet, reference, noise_scheduler, resolution, accelerator.device)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                schedule.step()
                 optimizer.zero_grad()
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 mean = float(accelerator.reduce(value.float(), "mean"))
                 logs[name] = logs.get(name, 0.0) + mean / config.accumulation
+        schedule.step()
         if not math.isfinite(logs["loss"]):
             raise RlaifError(f"loss became {logs['loss']} at step {step + 1}; the last good checkpoint is kept "
                              "(lower --learning-rate or --beta, or use --mixed-precision bf16)")
         step += 1
-        logs["lr"] = schedule.get_last_lr()[0]
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
@@ -209,14 +231,55 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         if progress:
             progress(step, config.max_steps, logs)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(accelerator, config.out, step)
+            _save_checkpoint(accelerator, config, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_weights(accelerator.unwrap_model(unet), pipe, config)
-        settings = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-        write_json({"config": settings, "steps": step}, config.out / "train.json")
+        save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full,
+                     config.init and Path(config.init), {"config": _settings(config), "steps": step})
     accelerator.end_training()
     return config.out
+
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``name`` (one of OPTIMIZERS) over ``params``; plain SGD has no state, so its updates are exactly
+    ``-lr * gradient`` (what the multi-process tests compare)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
+
+
+def training_target(prediction_type: str, latents: torch.Tensor | None, noise: torch.Tensor | None,
+                    timesteps: torch.Tensor | None, noise_scheduler) -> torch.Tensor | None:
+    """What the UNet is trained to predict: the noise (``epsilon``), the velocity (``v_prediction``) or the
+    clean latents (``sample``); any other type is refused. With ``latents=None`` it only checks the type."""
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise RlaifError(f"the model's scheduler predicts {prediction_type!r}; rlaif trains epsilon, v_prediction "
+                         "and sample models")
+    if latents is None:
+        return None
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` with its LoRA adapters off (the reference of LoRA training), switched back on whatever
+    happens inside, so an exception never leaves the policy running as the reference."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
 
 
 def _pair_index(position: int, count: int, seed: int) -> int:
@@ -251,8 +314,7 @@ def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions:
                               for pos in positions], device=device)
     noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-        noise_scheduler.get_velocity(latents, noise, timesteps)
+    target = training_target(noise_scheduler.config.prediction_type, latents, noise, timesteps, noise_scheduler)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
     rows = slice(0, len(batch)) if config.loss == "sft" else slice(None)  # SFT: the model sees winners only
@@ -269,10 +331,8 @@ def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions:
         if reference is not None:
             ref_pred = predict(reference)
         else:
-            inner = unwrap(unet)
-            inner.disable_adapters()
-            ref_pred = predict(inner)
-            inner.enable_adapters()
+            with adapters_disabled(unwrap(unet)) as inner:
+                ref_pred = predict(inner)
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
 
 
@@ -295,12 +355,29 @@ def _complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
+# Settings that may change between a run and its resumption: they do not change what a step computes.
+RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite")
+
+
+def _settings(config: TrainConfig) -> dict:
+    """The run's settings as JSON values, paths made absolute (for train.json and checkpoints)."""
+    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
 def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0); refuses to overwrite a run without --resume.
+    """The checkpoint to resume from (None: start at step 0). Refuses to overwrite a finished run without
+    --overwrite, a run with checkpoints without --resume, and to resume a run made with other settings.
     Checkpoints cut short by a kill (``*.partial``) are removed."""
+    finished = config.out / TRAIN_FILE
+    if finished.exists() and not config.overwrite:
+        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
+                         "another --out")
     if accelerator.is_main_process:
         for partial in (config.out / "checkpoints").glob("*.partial"):
             shutil.rmtree(partial)
+        if config.overwrite and config.resume is None:  # asked for: the old run goes before the new one starts
+            shutil.rmtree(config.out / "checkpoints", ignore_errors=True)
+            finished.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     complete = _complete_checkpoints(config.out)
     if config.resume is None:
@@ -309,17 +386,28 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
                              "latest to continue that run, or choose another --out")
         return None
     if config.resume == "latest":
-        return complete[-1] if complete else None  # killed before its first checkpoint: start again
-    folder = Path(config.resume)
-    if not (folder / "position.json").exists():
-        raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
+        if not complete:
+            return None  # killed before its first checkpoint: start again
+        folder = complete[-1]
+    else:
+        folder = Path(config.resume)
+        if not (folder / "position.json").exists():
+            raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
+    saved = json.loads((folder / "position.json").read_text()).get("settings", {})
+    now = _settings(config)
+    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
+    if changed:
+        raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
+                         "with the same settings, or start a new run in another --out")
     return folder
 
 
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
-    """Weights, optimizer, schedule and RNG states under checkpoints/step_N, written as step_N.partial and
+def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
+    """Weights, optimizer and RNG states (the schedule follows from the step) under checkpoints/step_N, written
+    as step_N.partial and
     renamed once every process has written its part (and position.json marks it complete)."""
-    final = out / "checkpoints" / f"step_{step:08d}"
+    final = config.out / "checkpoints" / f"step_{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -327,26 +415,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json({"step": step}, partial / "position.json")
+        write_json({"step": step, "settings": _settings(config)}, partial / "position.json")
         shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
         os.replace(partial, final)
     accelerator.wait_for_everyone()
-
-
-def _save_weights(unet, pipe, config: TrainConfig) -> None:
-    """The LoRA (diffusers format) or the full UNet folder, staged and then moved into ``config.out``."""
-    staging = config.out / ".weights.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    if config.full:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-    else:
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        type(pipe).save_lora_weights(str(staging), unet_lora_layers=layers, safe_serialization=True)
-    for entry in staging.iterdir():
-        target = config.out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging.rmdir()

@@ -1,0 +1,173 @@
+"""What ``rlaif train`` writes, and the one reader of it.
+
+An output folder holds either ``unet/`` (full fine-tuning) or ``pytorch_lora_weights.safetensors`` (a LoRA in
+diffusers format), plus ``train.json``. Every output is self-contained: it alone reproduces the whole chain of
+rounds it was trained on (``--init``), in plain diffusers (``pipe.load_lora_weights(folder)`` or
+``UNet2DConditionModel.from_pretrained(folder / "unet")``):
+
+- each LoRA's scale ``alpha / rank`` is folded into its up-projection, and the file's adapter metadata says
+  ``lora_alpha = r`` (scale 1), so every loader reads the same model whatever alpha it assumes;
+- a LoRA trained on top of a LoRA output is saved as one LoRA whose factors concatenate the rounds' factors
+  (rank r1 + r2 + ...): ``B1 A1 + B2 A2 = [B1 B2] [A1; A2]``, exact, no SVD;
+- a LoRA trained on top of a full UNet output is fused into that UNet and saved as ``unet/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from rlaif.errors import RlaifError
+from rlaif.files import publish, write_json
+from rlaif.models import DTYPE_KWARG
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TRAIN_FILE = "train.json"
+FORMAT = 2  # 2: self-contained (earlier rounds inside); 1 (absent): a LoRA that needed its `init` applied first
+INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "sample_size")
+
+
+def is_full(folder: Path) -> bool:
+    """True for a full fine-tuning output (``unet/``), False for a LoRA output."""
+    return (Path(folder) / "unet").is_dir()
+
+
+def check_output(folder: str | Path, option: str = "--tuned") -> Path:
+    """``folder`` as a Path if it holds an ``rlaif train`` output in the current format, else a one-line error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RlaifError(f"{option} {folder} does not exist")
+    if not (is_full(folder) or (folder / LORA_FILE).is_file()):
+        raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+    info = _train_info(folder)
+    if info.get("config", {}).get("init") and info.get("format", 1) < FORMAT:
+        raise RlaifError(f"{option} {folder} was written by an older rlaif: it holds only its own round, not the "
+                         f"rounds it was trained on; retrain it")
+    return folder
+
+
+def _train_info(folder: Path) -> dict:
+    path = folder / TRAIN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def weights_identity(folder: str | Path) -> str:
+    """A content hash of an output's weights (and nothing else): equal iff the model it applies is equal."""
+    folder = check_output(folder)
+    files = sorted(p for p in (folder / "unet").rglob("*") if p.is_file()) if is_full(folder) else [folder / LORA_FILE]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
+    """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet, or its LoRA fused in."""
+    folder = check_output(folder)
+    try:
+        if is_full(folder):
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{DTYPE_KWARG: pipe.unet.dtype})
+            differ = [k for k in INTERFACE_KEYS if unet.config.get(k) != pipe.unet.config.get(k)]
+            if differ:
+                raise RlaifError(f"{folder / 'unet'} does not fit this model ({', '.join(differ)} differ): was it "
+                                 "trained on another one?")
+            pipe.unet = unet.to(pipe.device)
+            return
+        with safe_open(folder / LORA_FILE, "pt") as weights:
+            expected = sum(1 for key in weights.keys() if key.startswith("unet."))
+        pipe.load_lora_weights(folder, adapter_name="rlaif")
+        loaded = sum(1 for name, _ in pipe.unet.named_parameters() if ".rlaif." in name)
+        if loaded != expected:
+            raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {expected} LoRA tensors fit this model's UNet; "
+                             "was it trained on another model?")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    except RlaifError:
+        raise
+    except Exception as exc:  # mismatched shapes or keys: trained on another model
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): {first}") from exc
+
+
+def scaled_lora_factors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's trained LoRA in PEFT key format (``MODULE.lora_A.weight``, ``MODULE.lora_B.weight``) with each
+    module's scale ``alpha / r`` folded into ``lora_B``, so that ``W + B A`` is the trained layer."""
+    from peft.tuners.lora import LoraLayer
+
+    factors = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            factors[f"{name}.lora_A.weight"] = module.lora_A["default"].weight.detach().float().cpu().clone()
+            factors[f"{name}.lora_B.weight"] = (module.lora_B["default"].weight.detach().float().cpu()
+                                                * module.scaling["default"])
+    return factors
+
+
+def concatenate_loras(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One LoRA equal to applying ``first`` and then ``second`` (both scale 1, PEFT key format): per module,
+    ``A = [A1; A2]`` and ``B = [B1 B2]``; a module only one of them adapts gets zero factors for the other."""
+    def ranks(factors: dict[str, torch.Tensor]) -> int:
+        return next(t.shape[0] for k, t in factors.items() if k.endswith("lora_A.weight"))
+
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in (*first, *second)})
+    r1, r2 = ranks(first), ranks(second)
+    joined = {}
+    for module in modules:
+        a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        shape_a = (first.get(a_key) if a_key in first else second[a_key]).shape[1:]
+        shape_b = (first.get(b_key) if b_key in first else second[b_key]).shape
+        a1 = first.get(a_key, torch.zeros(r1, *shape_a))
+        a2 = second.get(a_key, torch.zeros(r2, *shape_a))
+        b1 = first.get(b_key, torch.zeros(shape_b[0], r1, *shape_b[2:]))
+        b2 = second.get(b_key, torch.zeros(shape_b[0], r2, *shape_b[2:]))
+        joined[a_key], joined[b_key] = torch.cat([a1, a2], dim=0), torch.cat([b1, b2], dim=1)
+    return joined
+
+
+def read_lora(folder: Path) -> dict[str, torch.Tensor]:
+    """An output's LoRA (scale 1, as written by ``save_outputs``) in PEFT key format."""
+    unet_keys = {k.removeprefix("unet."): v for k, v in load_file(folder / LORA_FILE).items() if k.startswith("unet.")}
+    return {k: v.float() for k, v in convert_unet_state_dict_to_peft(unet_keys).items()}
+
+
+def save_outputs(unet: torch.nn.Module, pipe: DiffusionPipeline, out: Path, full: bool, init: Path | None,
+                 info: dict) -> None:
+    """Write the trained model self-contained into ``out`` (staged, then moved in) and ``train.json`` with
+    ``info``. ``unet`` holds the trained weights (with PEFT adapters unless ``full``); ``init`` is the output it
+    started from, whose rounds the result must include."""
+    staging = out / ".weights.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    if full or (init is not None and is_full(init)):
+        if not full:  # a LoRA on top of a full UNet output: fuse it in (its base weights are that UNet)
+            unet.fuse_lora(lora_scale=1.0)
+            unet.unload_lora()
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+    else:
+        factors = scaled_lora_factors(unet)
+        if init is not None:
+            factors = concatenate_loras(read_lora(init), factors)
+        rank = next(t.shape[0] for k, t in factors.items() if k.endswith("lora_A.weight"))
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in factors})
+        type(pipe).save_lora_weights(
+            str(staging), unet_lora_layers=convert_state_dict_to_diffusers(factors), safe_serialization=True,
+            unet_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": modules})
+    publish(staging)
+    for entry in staging.iterdir():
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+    write_json({**info, "format": FORMAT}, out / TRAIN_FILE)

@@ -1,0 +1,162 @@
+"""Bad input, every command: one line naming the fault, exit code 2, and the file tree exactly as it was.
+
+The CLI runs in this process (``rlaif.cli.main`` with its argv), as every case must fail before any model is
+loaded; a case that got as far as sampling or training would show here as a slow test or a changed tree.
+"""
+
+import hashlib
+import io
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from rlaif.cli import main
+
+LOOP = """[loop]
+model = "tiny"
+prompts = "p.txt"
+eval_prompts = "p.txt"
+out = "loop-out"
+{loop}
+[label]
+{label}
+[train]
+{train}
+[eval]
+{eval}
+[sample]
+{sample}
+"""
+
+
+def loop_config(tree: Path, name: str, **tables: str) -> Path:
+    path = tree / f"{name}.toml"
+    tables = {"label": "scorers = ['compressibility']", **tables}
+    path.write_text(LOOP.format(**{k: tables.get(k, "") for k in ("loop", "label", "train", "eval", "sample")}))
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A working folder holding what users point rlaif at: prompts, a pairs table, a train output, a file."""
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # shape of a train output
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+    pl.DataFrame({"caption": ["a"], "jpg_0": [image.getvalue()], "jpg_1": [image.getvalue()],
+                  "label_0": [1.0]}).write_parquet(tmp_path / "pap.parquet")
+    for name, tables in {
+        "unknown-scorer": {"label": "scorers = ['pickscroe']"},
+        "bad-lr": {"train": "learning_rate = -1.0"},
+        "same-seeds": {"sample": "seed = 1", "eval": "seed = 1"},
+        "unknown-key": {"train": "learnin_rate = 1e-5"},
+        "bad-option": {"label": "scorers = ['compressibility']\nscorer_options = ['compressibility.quality=3']"},
+        "grid": {"eval": "grid = -1"},
+    }.items():
+        loop_config(tmp_path, name, **tables)
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+CASES = [
+    # sample
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--per-prompt", "0"], "--per-prompt must be at least 1"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--width", "100"], "--width must be a positive multiple of 8"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "-1"], "--guidance must not be negative"),
+    (["sample", "-m", "tiny", "-p", "missing.txt", "-o", "s"], "prompts file missing.txt does not exist"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "a-file"], "--out a-file is a file, not a folder"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "a-file/s"], "--out a-file/s: a-file is a file, not a folder"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "empty"], "--tuned empty holds neither"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "nowhere"], "--tuned nowhere does not exist"),
+    (["sample", "-m", "./no-model", "-p", "p.txt", "-o", "s"], "model folder ./no-model does not exist"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--dtype", "fp64"], "--dtype 'fp64' is not one of"),
+    # label
+    (["label", "empty", "-s", "pickscroe"], "unknown scorer 'pickscroe'"),
+    (["label", "empty", "-s", "compressibility", "--scorer-option", "compressibility.quality=3"],
+     "--scorer-option compressibility.quality: scorer 'compressibility' takes no options"),
+    (["label", "empty", "-s", "compressibility", "--scorer-option", "clip.arch=ViT-B-32"],
+     "--scorer-option clip.arch: 'clip' is not one of the scorers (compressibility)"),
+    (["label", "empty", "-s", "compressibility", "--scorer-option", "noequals"], "expected NAME.KEY=VALUE"),
+    (["label", "empty", "-s", "compressibility", "--strategy", "best"], "--strategy 'best' is not one of"),
+    (["label", "empty", "-s", "compressibility", "--min-margin", "-1"], "--min-margin must not be negative"),
+    (["label", "empty", "-s", "compressibility", "--top-k", "0"], "--top-k must be at least 1"),
+    (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
+    (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "a-file/x.parquet"],
+     "a-file is a file, not a folder"),
+    # train
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--learning-rate", "-1"], "--learning-rate must be positive"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--beta", "0"], "--beta must be positive, got 0.0"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "lion"], "--optimizer 'lion' is not one of"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--caption-dropout", "2"], "--caption-dropout must be"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--warmup-steps", "-5"], "--warmup-steps must not be negative"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--resolution", "100"], "--resolution must be a positive"),
+    (["train", "missing.parquet", "-m", "tiny", "-o", "t"], "pairs table missing.parquet does not exist"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "a-file"], "--out a-file is a file, not a folder"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--init", "empty"], "--init empty holds neither"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--label-column", "ai_label_0"],
+     "pairs table pap.parquet has no column 'ai_label_0' (--label-column)"),
+    (["train", "pap.parquet", "-o", "t"], "missing --model"),
+    # eval
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "pickscroe"],
+     "unknown scorer 'pickscroe'"),
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--grid", "-1"],
+     "--grid must not be negative, got -1"),
+    (["eval", "--base", "tiny", "--tuned", "empty", "-p", "p.txt", "-o", "e", "-s", "compressibility"],
+     "--tuned empty holds neither"),
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "a-file", "-s", "compressibility"],
+     "--out a-file is a file, not a folder"),
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility",
+      "--scorer-option", "compressibility.x=1"], "scorer 'compressibility' takes no options"),
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility",
+      "--per-prompt", "0"], "--per-prompt must be at least 1"),
+    # loop
+    (["loop", "--config", "unknown-scorer.toml"], "unknown-scorer.toml [label]: unknown scorer 'pickscroe'"),
+    (["loop", "--config", "bad-lr.toml"], "bad-lr.toml [train]: --learning-rate must be positive, got -1.0"),
+    (["loop", "--config", "same-seeds.toml"], "round 1 would sample with seed 1, the [eval] seed"),
+    (["loop", "--config", "unknown-key.toml"], "unknown-key.toml [train]: unknown setting 'learnin_rate'"),
+    (["loop", "--config", "bad-option.toml"], "scorer 'compressibility' takes no options"),
+    (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
+    (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(argv)[:60] for argv, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tree, argv, message, monkeypatch, capsys):
+    monkeypatch.chdir(tree)
+    monkeypatch.setattr(sys, "argv", ["rlaif", *argv])
+    before = snapshot(tree)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert snapshot(tree) == before
+
+
+def test_a_filesystem_fault_is_one_line(tree, monkeypatch, capsys):
+    """An OSError from deep inside (a folder that turned read-only, a full disk) is one line, not a traceback.
+    (Tests run as root, for whom no folder is read-only, so the fault is raised where the table is written.)"""
+    from rlaif import label
+
+    def fail(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(tree / "run" / "scores.parquet"))
+
+    monkeypatch.setattr(label, "run_label", fail)
+    monkeypatch.chdir(tree)
+    monkeypatch.setattr(sys, "argv", ["rlaif", "label", "empty", "-s", "compressibility"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: Permission denied: {tree / 'run' / 'scores.parquet'}"

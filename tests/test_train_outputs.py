@@ -1,0 +1,112 @@
+"""What `rlaif train` writes is the model it trained: LoRA alpha survives saving, chained rounds are
+self-contained, finished runs are not overwritten, resumed runs keep their settings, files are readable.
+
+"The model it trained" is read independently of rlaif's writer: the last checkpoint holds the trained UNet's
+state (base weights, with earlier rounds fused in, plus the LoRA factors), loaded here into a fresh UNet
+with PEFT adapters of the run's rank and alpha.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from rlaif.models import load_pipeline
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FAST = ("--model", "tiny", "--batch-size", 2, "--learning-rate", 1e-2, "--max-steps", 3, "--checkpoint-every", 3)
+
+
+def trained_unet(out, rank=None, alpha=None):
+    """The trained UNet as it was in memory at the last step, rebuilt from its checkpoint."""
+    unet = load_pipeline("tiny").unet
+    if rank is not None:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGETS))
+    (checkpoint,) = sorted((out / "checkpoints").iterdir())[-1:]
+    unet.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
+    return unet.eval()
+
+
+@torch.no_grad()
+def unet_output(unet):
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+    latents = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    text = torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    return unet(latents, torch.tensor([100, 700]), text).sample
+
+
+def diffusers_lora_unet(out):
+    """The tiny model with the output loaded by plain diffusers (no rlaif code): not fused, adapter active."""
+    pipe = load_pipeline("tiny")
+    pipe.load_lora_weights(out)
+    return pipe.unet.eval()
+
+
+# float32 forwards of a tiny UNet: outputs ~1, accumulation over a few hundred terms per layer, so equal
+# models agree to ~1e-6; a lost alpha/rank scale or a dropped round changes outputs by >= 1e-3 (asserted).
+SAME = 1e-5
+
+
+def test_lora_alpha_survives_saving(tiny_pairs, tmp_path):
+    out = tmp_path / "a16r4"
+    result = run_cli("train", tiny_pairs, "--out", out, "--lora-rank", 4, "--lora-alpha", 16, *FAST)
+    assert result.returncode == 0, result.stderr
+    trained = unet_output(trained_unet(out, rank=4, alpha=16))
+    assert (trained - unet_output(load_pipeline("tiny").unet)).abs().max() > 1e-3  # training moved the model
+    assert (unet_output(diffusers_lora_unet(out)) - trained).abs().max() < SAME
+    assert (unet_output(load_pipeline("tiny", tuned=out).unet) - trained).abs().max() < SAME  # rlaif's reader
+
+
+@pytest.mark.parametrize("first", ["lora", "full"])
+def test_round_two_alone_reproduces_the_chain(tiny_pairs, tmp_path, first):
+    round_1, round_2 = tmp_path / "round_1", tmp_path / "round_2"
+    args = ["--full"] if first == "full" else ["--lora-rank", 4, "--lora-alpha", 8]
+    result = run_cli("train", tiny_pairs, "--out", round_1, *args, *FAST)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("train", tiny_pairs, "--out", round_2, "--init", round_1, "--lora-rank", 2, "--lora-alpha", 4,
+                     "--seed", 1, *FAST)
+    assert result.returncode == 0, result.stderr
+    chained = unet_output(trained_unet(round_2, rank=2, alpha=4))  # round 1 fused in its base weights
+    round_1_only = unet_output(load_pipeline("tiny", tuned=round_1).unet)
+    assert (chained - round_1_only).abs().max() > 1e-3  # round 2 changed something on top of round 1
+    shutil.move(round_1, tmp_path / "moved-away")
+    if first == "lora":  # one LoRA of rank 4 + 2 holding both rounds, scale folded in
+        plain = diffusers_lora_unet(round_2)
+        assert {m.lora_A["default_0"].weight.shape[0] for m in plain.modules() if hasattr(m, "lora_A")
+                and "default_0" in m.lora_A} == {6}
+    else:  # a LoRA on a full UNet is fused into it
+        from diffusers import UNet2DConditionModel
+
+        plain = UNet2DConditionModel.from_pretrained(round_2 / "unet")
+    assert (unet_output(plain) - chained).abs().max() < SAME
+    assert (unet_output(load_pipeline("tiny", tuned=round_2).unet) - chained).abs().max() < SAME
+
+
+def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pairs, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("train", tiny_pairs, "--out", out, *FAST).returncode == 0
+    weights = out / "pytorch_lora_weights.safetensors"
+    before = weights.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as every other output
+    again = run_cli("train", tiny_pairs, "--out", out, *FAST, "--seed", 5)
+    assert again.returncode == 2
+    assert f"error: {out} holds a finished training run; pass --overwrite to replace it" in again.stderr
+    assert weights.read_bytes() == before
+    changed = run_cli("train", tiny_pairs, "--out", out, *FAST, "--max-steps", 4, "--resume", "latest",
+                      "--overwrite", "--seed", 5, "--beta", 100)
+    assert changed.returncode == 2
+    assert "that run was made with other settings (beta 5000.0 -> 100.0; seed 0 -> 5)" in changed.stderr
+    assert weights.read_bytes() == before
+    longer = run_cli("train", tiny_pairs, "--out", out, *FAST, "--max-steps", 4, "--resume", "latest", "--overwrite")
+    assert longer.returncode == 0, longer.stderr  # more steps is a resumable change
+    assert weights.read_bytes() != before
+    replaced = run_cli("train", tiny_pairs, "--out", out, *FAST, "--seed", 5, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]  # the old run's are gone
