@@ -31,9 +31,9 @@ from PIL import Image  # noqa: E402
 from rlaif.cli import quiet_libraries  # noqa: E402
 from rlaif.label import LabelConfig, run_label  # noqa: E402
 from rlaif.sample import SampleConfig, run_sample  # noqa: E402
-from scorers.hps import CHECKPOINTS, REPO, HumanPreferenceScore  # noqa: E402
+from rlaif.scorers.hps import CHECKPOINTS, REPO, HumanPreferenceScore  # noqa: E402
 
-PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "shapes.txt"
+PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
 
 
 def install_checkpoint(arch: str) -> None:
@@ -77,7 +77,7 @@ def main() -> None:
     install_checkpoint(args.arch)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        run_sample(SampleConfig(model="tiny", prompts=str(PROMPTS), out=run, per_prompt=args.per_prompt, steps=4,
+        run_sample(SampleConfig(model="tiny", prompts=PROMPTS, out=run, per_prompt=args.per_prompt, steps=4,
                                 batch_size=32))
         samples = pl.read_parquet(run / "samples.parquet")
         paths, prompts = [run / p for p in samples["image"]], samples["prompt"].to_list()

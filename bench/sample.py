@@ -25,7 +25,7 @@ from rlaif.prompts import load_prompts
 from rlaif.sample import SampleConfig, plan_jobs, run_sample
 from rlaif.seeding import generator
 
-PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "shapes.txt"
+PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     quiet_libraries()
-    prompts = load_prompts(str(PROMPTS))
+    prompts = load_prompts(PROMPTS)
     count = len(prompts) * args.per_prompt
     times: dict[str, list[float]] = {"naive": [], "rlaif": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,7 @@ def main() -> None:
                 if name == "naive":
                     naive(args.model, prompts, args.per_prompt, args.steps, out)
                 else:
-                    run_sample(SampleConfig(model=args.model, prompts=str(PROMPTS), out=out, steps=args.steps,
+                    run_sample(SampleConfig(model=args.model, prompts=PROMPTS, out=out, steps=args.steps,
                                             per_prompt=args.per_prompt, batch_size=args.batch_size))
                 times[name].append(time.perf_counter() - start)
         a, b = Path(tmp) / "naive-0", Path(tmp) / "rlaif-0"

@@ -41,13 +41,13 @@ from rlaif.sample import SampleConfig, run_sample
 from rlaif.train.data import PreferencePair, load_pairs
 from rlaif.train.trainer import TrainConfig, run_train
 
-PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "shapes.txt"
+PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
 BETA = 5000.0
 
 
 def make_pairs(folder: Path) -> Path:
     """Tiny-model samples (8 prompts x 4) labelled by compressibility, all pairs: 48 pairs."""
-    run_sample(SampleConfig(model="tiny", prompts=str(PROMPTS), out=folder, per_prompt=4, steps=4, batch_size=32))
+    run_sample(SampleConfig(model="tiny", prompts=PROMPTS, out=folder, per_prompt=4, steps=4, batch_size=32))
     run_label(LabelConfig(samples_dir=folder, scorers=["compressibility"], strategy="all-pairs"))
     return folder / "pairs.parquet"
 

@@ -26,6 +26,7 @@ from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, EvalConfig, run_eval
 from rlaif.files import atomic_path, write_json
 from rlaif.label import LabelConfig, parse_weights, run_label
+from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import SampleConfig, run_sample
 from rlaif.tables import write_table
 from rlaif.train.trainer import TrainConfig, run_train
@@ -66,8 +67,8 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     if out is not None:
         loop["out"] = Path(out)
     for name in ("prompts", "eval_prompts"):
-        if name in loop and loop[name] != "parti" and not Path(loop[name]).is_absolute():
-            loop[name] = str(path.parent / loop[name])
+        if name in loop:  # a relative path is relative to the config file; a bundled set's name stays a name
+            loop[name] = resolve_prompt_source(loop[name], path.parent)
     missing = [f.name for f in dataclasses.fields(LoopConfig)
                if f.default is dataclasses.MISSING and f.name not in loop]
     if missing:

@@ -1,16 +1,23 @@
-"""Read prompt lists from .txt, .csv, .tsv, .jsonl or .parquet files, or the named set ``parti``."""
+"""Read prompt lists from .txt, .csv, .tsv, .jsonl or .parquet files, or a named set shipped with rlaif
+(``parti``, ``demo-train``, ``demo-eval``, ``shapes``: the files of the top-level ``data/`` folder)."""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import polars as pl
 
-from rlaif.cache import cached_download
 from rlaif.errors import RlaifError
 
-PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
+# Named prompt sets -> files of data/ (installed as the package rlaif.data; provenance in data/README.md).
+PROMPT_SETS = {
+    "parti": "PartiPrompts.tsv",  # google-research/parti, Apache-2.0 (data/LICENSE.parti)
+    "demo-train": "demo_train_prompts.txt",  # the tiny world's 96 training scenes (`rlaif demo`)
+    "demo-eval": "demo_eval_prompts.txt",  # its 48 held-out scenes
+    "shapes": "shapes.txt",  # 8 scenes of the tiny world (bench/)
+}
 DEFAULT_COLUMNS = ("prompt", "Prompt", "caption")
 SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 CATEGORY_COLUMNS = ("Category", "Challenge", "category")
@@ -19,8 +26,8 @@ CATEGORY_COLUMNS = ("Category", "Challenge", "category")
 def load_prompts(source: str, column: str | None = None) -> list[str]:
     """Return the distinct, non-blank prompts of ``source`` in file order.
 
-    ``source`` is a file path or ``parti`` (PartiPrompts.tsv, downloaded once and cached). Tables take the
-    ``column`` given, else the first of ``prompt``, ``Prompt``, ``caption`` that exists.
+    ``source`` is a file path or the name of a bundled set (``PROMPT_SETS``: ``parti`` is PartiPrompts.tsv).
+    Tables take the ``column`` given, else the first of ``prompt``, ``Prompt``, ``caption`` that exists.
     """
     return load_prompt_table(source, column)["prompt"].to_list()
 
@@ -28,7 +35,7 @@ def load_prompts(source: str, column: str | None = None) -> list[str]:
 def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
     """The distinct prompts of ``source`` (see ``load_prompts``) as column ``prompt``, with the category columns
     the file has (PartiPrompts' ``Category`` and ``Challenge``), taken from each prompt's first row."""
-    path = cached_download(PARTI_URL, "PartiPrompts.tsv") if source == "parti" else Path(source)
+    path = prompt_set_path(source) if source in PROMPT_SETS else Path(source)
     if not path.is_file():
         raise RlaifError(f"prompts file {path} does not exist")
     suffix = path.suffix.lower()
@@ -48,6 +55,28 @@ def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
     if table.is_empty():
         raise RlaifError(f"prompts file {path} holds no prompts")
     return table
+
+
+def prompt_set_path(name: str) -> Path:
+    """The installed file of the bundled prompt set ``name`` (a key of ``PROMPT_SETS``)."""
+    return data_dir() / PROMPT_SETS[name]
+
+
+def data_dir() -> Path:
+    """The project's data folder: the package ``rlaif.data`` when installed (a wheel or ``pip install -e``),
+    else, for a source checkout imported without installing it, ``data/`` beside ``rlaif/``."""
+    try:
+        return Path(str(resources.files("rlaif.data")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "data"
+
+
+def resolve_prompt_source(source: str, base: Path) -> str:
+    """``source`` as given in a config file in folder ``base``: a bundled set's name or an absolute path stays
+    as it is, a relative path is taken relative to ``base``."""
+    if source in PROMPT_SETS or Path(source).is_absolute():
+        return source
+    return str(Path(base) / source)
 
 
 def _read_table(path: Path, suffix: str) -> pl.DataFrame:

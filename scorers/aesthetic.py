@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from rlaif.cache import cached_download
+from rlaif.scorers.openclip_common import load_pretrained, pixel_batch
 from rlaif.scoring import files_identity
-from scorers.openclip_common import load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
 PRETRAINED = "openai"

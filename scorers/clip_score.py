@@ -10,7 +10,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from scorers.openclip_common import image_text_cosine, load_pretrained, pixel_batch
+from rlaif.scorers.openclip_common import image_text_cosine, load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
 PRETRAINED = "openai"

@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from torchvision.transforms import functional as TF
 
+from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
 from rlaif.scoring import files_identity
-from scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
 
 ARCH = "ViT-H-14"
 REPO = "xswu/HPSv2"

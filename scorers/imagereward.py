@@ -22,9 +22,9 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from rlaif.scorers.aesthetic import AestheticHead
+from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, pixel_batch
 from rlaif.scoring import files_identity, unique_prompts
-from scorers.aesthetic import AestheticHead
-from scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, pixel_batch
 
 REPO = "THUDM/ImageReward"
 CHECKPOINT = "ImageReward.pt"

@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real CLI in a subprocess, the shared data folder, prompt files."""
+"""Shared test helpers: run the real CLI in a subprocess, the test fixture folder, prompt files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rlaif-test-hf-")
 os.environ["RLAIF_CACHE"] = tempfile.mkdtemp(prefix="rlaif-test-cache-")  # session fixtures; tests get their own
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # test fixtures from public sources (tests/data/README.md)
 PROMPTS = [
     "a small red circle on a blue background",
     "a large green square on a white background",

@@ -11,7 +11,7 @@ from conftest import PROMPTS, run_cli
 from PIL import Image
 
 from rlaif.eval import compare, win_rate
-from scorers.jpeg import jpeg_kilobytes
+from rlaif.scorers.jpeg import jpeg_kilobytes
 
 
 def test_win_rate_counts_ties_as_half_and_brackets_the_estimate():

@@ -7,6 +7,16 @@ import torch
 
 from rlaif.train.loss import diffusion_dpo_loss, sft_loss
 
+U = 2.0**-24  # float32 unit roundoff: rlaif computes the loss in float32, official() below in float64
+NOISE = 0.1  # predictions are target + NOISE * randn, so every per-sample MSE is ~ NOISE**2
+
+
+def inside_tolerance(beta: float) -> float:
+    """Bound on the float32 error of inside = -0.5 * beta * (4 MSEs, signed): each MSE (a pairwise float32 sum of
+    256 squares) is off by at most ~log2(256) = 8 ulps, u * NOISE**2 each; the loss and the reward margin
+    (slope <= 1 in inside) inherit it. 4.8e-5 at beta 5000, where a real bug moves the loss by > 0.1."""
+    return 0.5 * beta * 4 * 8 * U * NOISE**2
+
 
 def official(model_pred, ref_pred, target, beta):
     """Written the way the official train.py computes it, sample by sample."""
@@ -26,20 +36,22 @@ def official(model_pred, ref_pred, target, beta):
 def test_sigmoid_loss_matches_official_formula(beta):
     torch.manual_seed(0)
     target = torch.randn(8, 4, 8, 8)
-    model_pred = target + 0.1 * torch.randn_like(target)
-    ref_pred = target + 0.1 * torch.randn_like(target)
+    model_pred = target + NOISE * torch.randn_like(target)
+    ref_pred = target + NOISE * torch.randn_like(target)
     loss, metrics = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta)
     expected, accuracy, terms = official(model_pred, ref_pred, target, beta)
-    assert float(loss) == pytest.approx(expected, rel=1e-6, abs=1e-6)
-    assert float(metrics["implicit_acc"]) == pytest.approx(accuracy)
-    assert float(metrics["reward_margin"]) == pytest.approx(sum(terms) / len(terms), rel=1e-5, abs=1e-5)
+    # rel: the float32 rounding of the result itself (16 u); abs: the MSEs' rounding through inside (seen 4e-7)
+    assert float(loss) == pytest.approx(expected, rel=1e-6, abs=inside_tolerance(beta))
+    assert float(metrics["implicit_acc"]) == accuracy  # exact: a count over 4 pairs
+    assert float(metrics["reward_margin"]) == pytest.approx(sum(terms) / len(terms), rel=1e-6,
+                                                            abs=inside_tolerance(beta))
 
 
 def test_identical_model_and_reference_give_ln2():
     torch.manual_seed(1)
     target, pred = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
     loss, metrics = diffusion_dpo_loss(pred, pred.clone(), target)
-    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)  # inside is exactly 0; ln 2 in float32 is off by 2e-8
     assert float(metrics["implicit_acc"]) == 0.0
 
 
@@ -56,13 +68,62 @@ def test_no_gradient_reaches_the_reference():
 def test_hinge_ipo_and_sft():
     torch.manual_seed(3)
     target = torch.randn(4, 4, 8, 8)
-    model_pred, ref_pred = target + 0.1 * torch.randn_like(target), target + 0.1 * torch.randn_like(target)
+    model_pred, ref_pred = target + NOISE * torch.randn_like(target), target + NOISE * torch.randn_like(target)
+    # beta 500 puts both terms (0.63, 0.35) inside the hinge's margin of 1 (at beta 5000 both are past it: loss 0)
+    _, _, terms = official(model_pred, ref_pred, target, 500.0)
+    assert all(0 < t < 1 for t in terms)
+    hinge, _ = diffusion_dpo_loss(model_pred, ref_pred, target, beta=500.0, loss_type="hinge")
+    assert float(hinge) == pytest.approx(sum(1 - t for t in terms) / 2, rel=1e-6, abs=inside_tolerance(500.0))
     _, _, terms = official(model_pred, ref_pred, target, 5000.0)
-    hinge, _ = diffusion_dpo_loss(model_pred, ref_pred, target, loss_type="hinge")
-    assert float(hinge) == pytest.approx(sum(max(0.0, 1 - t) for t in terms) / 2, rel=1e-5)
     ipo, _ = diffusion_dpo_loss(model_pred, ref_pred, target, loss_type="ipo")
-    assert float(ipo) == pytest.approx(sum((t / 5000 - 1 / 10000) ** 2 for t in terms) / 2, rel=1e-5)
+    # h = inside / beta (~1e-3) carries the MSEs' rounding (<= 16 u NOISE**2 = 1e-8); squaring h - 1 / (2 beta)
+    # (~6e-4) doubles its relative error: <= 3.2e-5 (seen 2.4e-7)
+    assert float(ipo) == pytest.approx(sum((t / 5000 - 1 / 10000) ** 2 for t in terms) / 2, rel=1e-4)
     winners, winner_target = model_pred[:2], target[:2]
-    assert float(sft_loss(winners, winner_target)) == pytest.approx(float(((winners - winner_target) ** 2).mean()))
+    # the same 512 float32 squares summed in another order (per sample, then over samples): a few u apart
+    assert float(sft_loss(winners, winner_target)) == pytest.approx(float(((winners - winner_target) ** 2).mean()),
+                                                                    rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss_type"):
         diffusion_dpo_loss(model_pred, ref_pred, target, loss_type="nope")
+
+
+def test_training_targets_follow_the_prediction_type():
+    from diffusers import DDPMScheduler
+
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import training_target
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert training_target("epsilon", latents, noise, t, scheduler) is noise
+    assert training_target("sample", latents, noise, t, scheduler) is latents
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)  # v = sqrt(a) * noise - sqrt(1 - a) * x0
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    assert torch.allclose(training_target("v_prediction", latents, noise, t, scheduler), velocity, atol=1e-6)
+    with pytest.raises(RlaifError, match="predicts 'flow_prediction'; rlaif trains epsilon, v_prediction and sample"):
+        training_target("flow_prediction", None, None, None, None)
+
+
+def test_adapters_come_back_on_after_an_error_and_sft_has_no_reference():
+    from peft import LoraConfig
+
+    from rlaif.models import load_pipeline
+    from rlaif.train.trainer import TrainConfig, adapters_disabled, frozen_reference
+
+    unet = load_pipeline("tiny").unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q"]))
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+              torch.randn(1, 5, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        policy = unet(*inputs).sample
+        with pytest.raises(RuntimeError, match="in the reference pass"), adapters_disabled(unet):
+            assert not torch.allclose(unet(*inputs).sample, policy)  # adapters off: another function
+            raise RuntimeError("in the reference pass")
+        assert torch.equal(unet(*inputs).sample, policy)  # back on
+    config = TrainConfig(pairs=None, model="tiny", out=None, full=True)
+    assert isinstance(frozen_reference(unet, config), type(unet))
+    config.loss = "sft"
+    assert frozen_reference(unet, config) is None
+    config.loss, config.full = "sigmoid", False
+    assert frozen_reference(unet, config) is None

@@ -8,13 +8,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import SHARED_DATA, install_in_hf_cache
+from conftest import TEST_DATA, install_in_hf_cache
 from PIL import Image
 
 from rlaif.cache import cache_dir
+from rlaif.scorers.aesthetic import HEAD_FILE, load_head
+from rlaif.scorers.hps import CHECKPOINTS, REPO
 from rlaif.scoring import LoadedScorer
-from scorers.aesthetic import HEAD_FILE, load_head
-from scorers.hps import CHECKPOINTS, REPO
 
 ARCH = "rlaif-tiny-clip"
 SIZE = 32
@@ -88,6 +88,8 @@ def test_hps_matches_reference_formula(tiny_clip, images, tmp_path, version):
     scorer = LoadedScorer(version, arch=ARCH)
     got = scorer(images, PROMPTS)
     expected = [cosine(model, to_pixels(longest_side_pad(im)), p) for im, p in zip(images, PROMPTS, strict=True)]
+    # Cosines (|v| <= 1) of 768-d float32 embeddings from 2-layer, 32-wide towers: rounding ~ sqrt(768) * u ~ 2e-6
+    # (u = 2**-24; worst case 768 * u = 5e-5); seen 2e-8. The four scores differ by > 4e-3.
     assert got == pytest.approx(expected, abs=1e-5)
     assert len({round(v, 5) for v in got}) == 4
 
@@ -110,11 +112,11 @@ def test_clip_score_matches_formula(tiny_clip, images, tmp_path):
     got = scorer(images, PROMPTS)
     expected = [max(100 * cosine(model, to_pixels(shortest_side_crop(im)), p), 0.0)
                 for im, p in zip(images, PROMPTS, strict=True)]
-    assert got == pytest.approx(expected, abs=1e-3)
+    assert got == pytest.approx(expected, abs=1e-3)  # 100 x cosine: 100 x the HPS bound above (seen 1.4e-6)
 
 
 def test_real_aesthetic_head_loads_strictly():
-    head = load_head(str(SHARED_DATA / HEAD_FILE))
+    head = load_head(str(TEST_DATA / HEAD_FILE))
     assert [tuple(head.layers[i].weight.shape) for i in (0, 2, 4, 6, 7)] == [(1024, 768), (128, 1024), (64, 128),
                                                                              (16, 64), (1, 16)]
 
@@ -123,11 +125,11 @@ def test_aesthetic_matches_formula_with_the_real_head(tiny_clip, images, tmp_pat
     model, _ = tiny_clip
     target = cache_dir() / "downloads" / HEAD_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(SHARED_DATA / HEAD_FILE, target)
+    shutil.copy(TEST_DATA / HEAD_FILE, target)
     torch.save(model.state_dict(), tmp_path / "weights.bin")
     scorer = LoadedScorer("aesthetic", arch=ARCH, pretrained=str(tmp_path / "weights.bin"))
     got = scorer(images, PROMPTS)
-    state = torch.load(SHARED_DATA / HEAD_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(TEST_DATA / HEAD_FILE, map_location="cpu", weights_only=True)
     expected = []
     for image in images:
         with torch.no_grad():
@@ -136,5 +138,7 @@ def test_aesthetic_matches_formula_with_the_real_head(tiny_clip, images, tmp_pat
         for i in (0, 2, 4, 6, 7):  # linear layers only: dropout is off at inference, there are no activations
             x = state[f"layers.{i}.weight"] @ x + state[f"layers.{i}.bias"]
         expected.append(float(x[0]))
+    # Scores ~4 through 5 float32 layers (n <= 1024) from a unit vector: ~ sqrt(5) * sqrt(1024) * u ~ 4e-6 of the
+    # score, 2e-5 (seen 5e-7); the four scores differ by > 6e-3.
     assert got == pytest.approx(expected, abs=1e-4)
     assert len({round(v, 4) for v in got}) == 4

@@ -29,6 +29,7 @@ def test_zscore_ensemble_matches_hand_computation():
     # prompt a: x = [1, 4, 2, 4] -> mean 2.75, population std sqrt(1.6875); y = [0, 0, 3, 1] -> mean 1, std sqrt(1.5)
     zx = [(v - 2.75) / math.sqrt(1.6875) for v in (1, 4, 2, 4)]
     zy = [(v - 1.0) / math.sqrt(1.5) for v in (0, 0, 3, 1)]
+    # pytest.approx's default (rel 1e-6, abs 1e-12): float64 on both sides, a few operations apart (~1e-15)
     for i in range(4):
         assert got[f"a{i}"] == pytest.approx((3 * zx[i] + zy[i]) / 4)
     # prompt b: x is constant (z = 0), y = [2, 1, 0] -> z = [1.2247, 0, -1.2247]
@@ -40,6 +41,7 @@ def test_rank_ensemble_matches_hand_computation():
     y = SCORES.with_columns(scorer=pl.lit("y"), score=-pl.col("score"))
     got = values(preference(pl.concat([SCORES, y]), {"x": 2.0, "y": 1.0}, rule="rank"))
     # a: x ranks (1, 3.5, 2, 3.5) -> (0, 5/6, 1/3, 5/6); y is reversed -> (1, 1/6, 2/3, 1/6)
+    # pytest.approx's default (rel 1e-6): float64 fractions on both sides (~1e-16 apart)
     assert got["a0"] == pytest.approx((2 * 0 + 1) / 3)
     assert got["a1"] == pytest.approx((2 * 5 / 6 + 1 / 6) / 3)
     assert got["a2"] == pytest.approx((2 / 3 + 2 / 3) / 3)

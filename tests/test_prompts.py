@@ -1,13 +1,13 @@
 import json
-import shutil
+from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import SHARED_DATA
 
-from rlaif.cache import cache_dir
 from rlaif.errors import RlaifError
-from rlaif.prompts import load_prompts
+from rlaif.prompts import PROMPT_SETS, load_prompt_table, load_prompts, prompt_set_path, resolve_prompt_source
+
+DATA = Path(__file__).resolve().parents[1] / "data"  # the checkout's data/, installed as rlaif.data
 
 
 def test_txt_skips_blank_lines_and_repeats(tmp_path):
@@ -17,18 +17,42 @@ def test_txt_skips_blank_lines_and_repeats(tmp_path):
 
 
 def test_parti_tsv_reads_every_prompt():
-    prompts = load_prompts(str(SHARED_DATA / "PartiPrompts.tsv"))
-    expected = pl.read_csv(SHARED_DATA / "PartiPrompts.tsv", separator="\t", quote_char=None)["Prompt"]
+    prompts = load_prompts(str(DATA / "PartiPrompts.tsv"))
+    expected = pl.read_csv(DATA / "PartiPrompts.tsv", separator="\t", quote_char=None)["Prompt"]
     assert len(expected) == 1632
     assert prompts == list(dict.fromkeys(p.strip() for p in expected))
     assert any('"' in p for p in prompts)  # quotes inside prompts survive
 
 
-def test_named_parti_set_comes_from_the_cache(tmp_path):
-    target = cache_dir() / "downloads" / "PartiPrompts.tsv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(SHARED_DATA / "PartiPrompts.tsv", target)
-    assert load_prompts("parti") == load_prompts(str(SHARED_DATA / "PartiPrompts.tsv"))
+def test_named_parti_set_is_the_bundled_file_with_categories():
+    """``parti`` needs no network: it is data/PartiPrompts.tsv, installed with the package."""
+    assert load_prompts("parti") == load_prompts(str(DATA / "PartiPrompts.tsv"))
+    table = load_prompt_table("parti")
+    assert table.columns == ["prompt", "Category", "Challenge"]
+    assert table["Category"].n_unique() == 12 and table["Challenge"].n_unique() == 11
+
+
+@pytest.mark.parametrize(("name", "count"), [("parti", 1632), ("demo-train", 96), ("demo-eval", 48), ("shapes", 8)])
+def test_every_named_set_is_installed_and_loads(name, count):
+    path = prompt_set_path(name)
+    assert path.is_file() and path.name == PROMPT_SETS[name]
+    assert path.read_bytes() == (DATA / PROMPT_SETS[name]).read_bytes()
+    assert len(load_prompts(name)) == count
+
+
+def test_demo_sets_are_disjoint_scenes_of_the_tiny_world():
+    from rlaif.shapes import VOCABULARY
+
+    train, held_out = load_prompts("demo-train"), load_prompts("demo-eval")
+    assert not set(train) & set(held_out)
+    assert {word for p in train + held_out + load_prompts("shapes") for word in p.split()} <= set(VOCABULARY)
+
+
+def test_config_paths_are_relative_to_the_config_but_names_are_not(tmp_path):
+    assert resolve_prompt_source("parti", tmp_path) == "parti"
+    assert resolve_prompt_source("demo-train", tmp_path) == "demo-train"
+    assert resolve_prompt_source("p.txt", tmp_path) == str(tmp_path / "p.txt")
+    assert resolve_prompt_source(str(tmp_path / "q.txt"), Path("elsewhere")) == str(tmp_path / "q.txt")
 
 
 def test_csv_jsonl_parquet_and_explicit_column(tmp_path):

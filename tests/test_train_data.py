@@ -67,3 +67,17 @@ def test_augmentation_is_shared_by_winner_and_loser():
     assert seen_flip == {True, False}  # some pairs flipped, some not
     centre = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
     assert centre.crop_top_left == (0, (53 - 32) // 2) and centre.key == "53x32-0-10-0-32"
+
+
+def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):
+    """`rlaif label --relabel` writes ai_label_0 beside the human label_0: training takes the AI labels by
+    default, the human ones (or any column) when --label-column says so."""
+    red, blue = png("red"), png("blue")
+    pl.DataFrame({"caption": ["a", "b"], "jpg_0": [red, red], "jpg_1": [blue, blue], "label_0": [1.0, 1.0],
+                  "ai_label_0": [0.0, 0.5]}).write_parquet(tmp_path / "relabelled.parquet")
+    (ai,) = load_pairs(tmp_path / "relabelled.parquet")  # the AI tie on "b" is dropped
+    assert (ai.caption, ai.chosen, ai.rejected) == ("a", blue, red)
+    human = load_pairs(tmp_path / "relabelled.parquet", "label_0")
+    assert [(p.caption, p.chosen) for p in human] == [("a", red), ("b", red)]
+    with pytest.raises(RlaifError, match="has no column 'label_1' \\(--label-column\\)"):
+        load_pairs(tmp_path / "relabelled.parquet", "label_1")

@@ -44,10 +44,6 @@ def load_pairs(path: str | Path, label: str | None = None) -> list[PreferencePai
     are dropped."""
     path = Path(path)
     table = read_table(path, {})  # which columns are needed depends on the format, checked below
-    label = label_column(table.columns, label)
-    if label not in table.columns:
-        raise RlaifError(f"pairs table {path} has no column {label!r} (--label-column); columns: "
-                         f"{', '.join(table.columns)}")
     if all(c in table.columns for c in RLAIF_COLUMNS):
         first, second = ([path.parent / p for p in table[c].to_list()] for c in ("image_0", "image_1"))
     elif all(c in table.columns for c in PICKAPIC_COLUMNS):
@@ -55,6 +51,10 @@ def load_pairs(path: str | Path, label: str | None = None) -> list[PreferencePai
     else:
         raise RlaifError(f"pairs table {path} has neither the rlaif columns ({', '.join(RLAIF_COLUMNS)}) nor the "
                          f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(table.columns)}")
+    label = label_column(table.columns, label)
+    if label not in table.columns:
+        raise RlaifError(f"pairs table {path} has no column {label!r} (--label-column); columns: "
+                         f"{', '.join(table.columns)}")
     pairs = []
     try:
         labels = table[label].cast(pl.Float64)

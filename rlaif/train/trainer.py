@@ -163,9 +163,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
                                                    getattr(pipe, "text_encoder_2", None)) if m is not None)):
         module.requires_grad_(False)
-    reference = None
+    reference = frozen_reference(unet, config)
     if config.full:
-        reference = copy.deepcopy(unet).eval() if config.loss != "sft" else None  # SFT never asks the reference
         unet.requires_grad_(True)
     else:
         from peft import LoraConfig
@@ -238,6 +237,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                      config.init and Path(config.init), {"config": _settings(config), "steps": step})
     accelerator.end_training()
     return config.out
+
+
+def frozen_reference(unet: torch.nn.Module, config: TrainConfig) -> torch.nn.Module | None:
+    """The reference model of full DPO fine-tuning: a frozen copy of the starting UNet. None for LoRA (the
+    reference is the same UNet with adapters off) and for SFT (which has no reference term)."""
+    if not config.full or config.loss == "sft":
+        return None
+    return copy.deepcopy(unet).requires_grad_(False).eval()
 
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
