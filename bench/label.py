@@ -29,8 +29,9 @@ from huggingface_hub import hf_hub_download  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rlaif.cli import quiet_libraries  # noqa: E402
-from rlaif.label import LabelConfig, run_label  # noqa: E402
-from rlaif.sample import SampleConfig, run_sample  # noqa: E402
+from rlaif.config import LabelConfig, SampleConfig  # noqa: E402
+from rlaif.label import run_label  # noqa: E402
+from rlaif.sample import run_sample  # noqa: E402
 from rlaif.scorers.hps import CHECKPOINTS, REPO, HumanPreferenceScore  # noqa: E402
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from rlaif.cli import quiet_libraries
+from rlaif.config import SampleConfig
 from rlaif.models import load_pipeline
 from rlaif.prompts import load_prompts
-from rlaif.sample import SampleConfig, plan_jobs, run_sample
+from rlaif.sample import plan_jobs, run_sample
 from rlaif.seeding import generator
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)

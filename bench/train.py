@@ -35,11 +35,12 @@ from PIL import Image
 from torchvision import transforms
 
 from rlaif.cli import quiet_libraries
-from rlaif.label import LabelConfig, run_label
+from rlaif.config import LabelConfig, SampleConfig, TrainConfig
+from rlaif.label import run_label
 from rlaif.models import load_pipeline
-from rlaif.sample import SampleConfig, run_sample
+from rlaif.sample import run_sample
 from rlaif.train.data import PreferencePair, load_pairs
-from rlaif.train.trainer import TrainConfig, run_train
+from rlaif.train.trainer import run_train
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
 BETA = 5000.0

@@ -2,71 +2,40 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from rlaif.cli_options import argument, config_from_cli, default, option
-from rlaif.distributed import process_state
+from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.errors import RlaifError
-from rlaif.eval import EvalConfig
-from rlaif.label import LabelConfig
-from rlaif.sample import SampleConfig
-from rlaif.train.trainer import TrainConfig
 
 app = typer.Typer(
     help="Align text-to-image diffusion models to AI feedback: sample -> label -> train -> eval.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-err = Console(stderr=True)
 
 
-class RateColumn(ProgressColumn):
-    """Items per second, named after the unit being counted."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+def say(message: str) -> None:
+    """One line on stderr (what a command did; errors go through ``main``)."""
+    print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def progress_bars(unit: str, visible: bool = True) -> Iterator[Callable[..., None]]:
-    """Rich progress bars on stderr (count, rate, ETA, optional live info), one per description, created on
-    first report so that nothing is drawn when a run fails before its work starts."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=err, disable=not visible) as bar:
-        tasks: dict[str, TaskID] = {}
+def start(unit: str):
+    """What every command does before its work: quiet the libraries' own bars and logs, and return whether this
+    is the main process (the one that reports) and its progress reporter (bars or log lines)."""
+    from rlaif.cli_progress import progress_output
+    from rlaif.distributed import process_state
 
-        def report(description: str, done: int, total: int, info: str = "") -> None:
-            if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total, info=info)
-            bar.update(tasks[description], completed=done, total=total, info=info)
-
-        yield report
+    quiet_libraries()
+    show = process_state().is_main_process
+    return show, progress_output(unit, visible=show)
 
 
 S = SampleConfig
@@ -95,11 +64,11 @@ def sample(
     config = SampleConfig(**locals())
     from rlaif.sample import run_sample
 
-    show = process_state().is_main_process
-    with progress_bars("images", visible=show) as report:
+    show, output = start("images")
+    with output as report:
         table = run_sample(config, progress=lambda done, total: report("sampling", done, total))
     if show:
-        err.print(f"wrote {table}")
+        say(f"wrote {table}")
 
 
 L = LabelConfig
@@ -129,19 +98,22 @@ def label(
     config = LabelConfig(**locals())
     from rlaif.label import run_label, run_relabel
 
-    show = process_state().is_main_process
-    with progress_bars("images", visible=show) as report:
+    show, output = start("images")
+    with output as report:
         def progress(scorer: str, done: int, total: int) -> None:
             report(f"scoring {scorer}", done, total)
 
         if config.relabel is None:
-            written = run_label(config, progress)
+            made = run_label(config, progress)
         else:
             written, agreement = run_relabel(config, progress)
     if not show:
         return
-    err.print(f"wrote {written}")
-    if config.relabel is not None:
+    if config.relabel is None:
+        say(f"wrote {made.path}: {made.pairs} pairs from {made.prompts} prompts ({made.ties} tied pairs dropped, "
+            f"{made.below_margin} under --min-margin)")
+    else:
+        say(f"wrote {written}")
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree}/{agreement.compared} "
               f"non-tied pairs; {agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
 
@@ -194,15 +166,25 @@ def train(
     config = config_from_cli(TrainConfig, ctx, locals(), config_file)
     from rlaif.train.trainer import run_train
 
-    show = process_state().is_main_process
-    with progress_bars("steps", visible=show) as report:
+    show, output = start("steps")
+    last: dict[str, float] = {}
+    with output as report:
         def progress(step: int, total: int, logs: dict[str, float]) -> None:
-            report("training", step, total, f"loss {logs['loss']:.4f} acc {logs.get('implicit_acc', 0):.2f} "
-                                            f"lr {logs['lr']:.2e} {logs['pairs_per_s']:.1f} pairs/s")
+            last.update(logs, step=step)
+            report("training", step, total, training_info(logs))
 
         written = run_train(config, progress=progress)
     if show:
-        err.print(f"wrote {written}")
+        from rlaif.train.outputs import weights_path
+
+        say(f"trained {int(last['step'])} steps: final loss {last['loss']:.4f}, {training_info(last)}; weights in "
+            f"{weights_path(written)}")
+
+
+def training_info(logs: dict[str, float]) -> str:
+    """The short live summary of a training step: loss, and the implicit accuracy for DPO."""
+    accuracy = f" acc {logs['implicit_acc']:.2f}" if "implicit_acc" in logs else ""
+    return f"loss {logs['loss']:.4f}{accuracy}"
 
 
 E = EvalConfig
@@ -210,7 +192,7 @@ E = EvalConfig
 
 @app.command("eval")
 def evaluate(
-    base: Annotated[str, option(E, "base", "--base")],
+    base: Annotated[str, option(E, "base", "--model", "-m", "--base")],
     tuned: Annotated[Path, option(E, "tuned", "--tuned")],
     prompts: Annotated[str, option(E, "prompts", "--prompts", "-p")],
     out: Annotated[Path, option(E, "out", "--out", "-o")],
@@ -222,6 +204,10 @@ def evaluate(
     batch_size: Annotated[int, option(E, "batch_size")] = default(E, "batch_size"),
     dtype: Annotated[str, option(E, "dtype")] = default(E, "dtype"),
     scheduler: Annotated[str | None, option(E, "scheduler")] = default(E, "scheduler"),
+    width: Annotated[int | None, option(E, "width")] = default(E, "width"),
+    height: Annotated[int | None, option(E, "height")] = default(E, "height"),
+    negative_prompt: Annotated[str, option(E, "negative_prompt")] = default(E, "negative_prompt"),
+    device: Annotated[str | None, option(E, "device")] = default(E, "device"),
     prompt_column: Annotated[str | None, option(E, "prompt_column")] = default(E, "prompt_column"),
     scorer_options: Annotated[list[str], option(E, "scorer_options", "--scorer-option")] = [],  # noqa: B006
     train_log: Annotated[Path | None, option(E, "train_log")] = default(E, "train_log"),
@@ -233,17 +219,18 @@ def evaluate(
     config = EvalConfig(**locals())
     from rlaif.eval import run_eval
 
-    show = process_state().is_main_process
-    with progress_bars("items", visible=show) as report:
+    show, output = start("items")
+    with output as report:
         table = run_eval(config, progress=report)
     if show:
         print_win_rates(table)
-        err.print(f"wrote {table} and {config.out / 'report.html'}")
+        say(f"wrote {table} and {config.out / 'report.html'}")
 
 
 def print_win_rates(table: Path) -> None:
     """Print an eval.parquet (or a loop's rounds.parquet, with its round column) as a table on stdout."""
     import polars as pl
+    from rich.console import Console
     from rich.table import Table
 
     rows = pl.read_parquet(table)
@@ -262,12 +249,12 @@ def _run_loop(config: Path, out: Path | None, control: bool) -> None:
     from rlaif.loop import read_loop, run_loop
 
     plan = read_loop(config, out, control)
-    show = process_state().is_main_process
-    with progress_bars("items", visible=show) as report:
+    show, output = start("items")
+    with output as report:
         table = run_loop(plan, progress=report)
     if show:
         print_win_rates(table)
-        err.print(f"wrote {plan.loop.out} (open {plan.loop.out / 'report.html'})")
+        say(f"wrote {plan.loop.out} (open {plan.loop.out / 'report.html'})")
 
 
 @app.command()
@@ -302,6 +289,7 @@ app.add_typer(scorers_app, name="scorers")
 @scorers_app.command("list")
 def scorers_list() -> None:
     """Print every available scorer: name, where it comes from, what it measures."""
+    from rich.console import Console
     from rich.table import Table
 
     from rlaif.scoring import available_scorers
@@ -320,7 +308,7 @@ def tiny(
     """Write the tiny offline model (also reachable as --model tiny / tiny-xl) as a diffusers folder."""
     from rlaif.tiny import write_tiny
 
-    err.print(f"wrote {write_tiny(out, xl=xl)}")
+    say(f"wrote {write_tiny(out, xl=xl)}")
 
 
 def quiet_libraries() -> None:
@@ -334,14 +322,24 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    quiet_libraries()
+    """Console entry point: user errors become one line on stderr and exit code 2; Ctrl-C says how to go on."""
     try:
         app()
     except (RlaifError, OSError) as exc:  # OSError: a file-system fault (read-only folder, disk full, ...)
         if os.environ.get("RLAIF_DEBUG") == "1":
             raise
-        message = str(exc) if isinstance(exc, RlaifError) else \
-            f"{exc.strerror or type(exc).__name__}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
-        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        say(f"error: {error_line(exc)}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        say("interrupted: nothing finished is lost; rerun the same command to continue where it stopped (for "
+            "rlaif train, add --resume latest: it goes on from the last --checkpoint-every checkpoint)")
+        sys.exit(130)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees for an error: its message, or for an OSError what failed on which file."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        files = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        return f"{exc.strerror or type(exc).__name__}: {files}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())

@@ -4,6 +4,7 @@ config files (TOML) read onto the same dataclasses."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 import typing
@@ -24,11 +25,21 @@ def _field(config: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(config) if f.name == name)
 
 
+@functools.cache
+def _hints(config: type) -> dict[str, Any]:
+    """The resolved field types of ``config``: resolving them is slow, and typer asks for every option often."""
+    return typing.get_type_hints(config)
+
+
 def option(config: type, name: str, *flags: str) -> Any:
-    """A ``typer.Option`` for field ``name`` of dataclass ``config``, with the field's help text."""
+    """A ``typer.Option`` for field ``name`` of dataclass ``config``, with the field's help text. A list field
+    is an option given once per value, shown as ``--flag VALUE`` (its help says "repeatable")."""
     spec = _field(config, name)
     flags = flags or (f"--{name.replace('_', '-')}",)
-    return typer.Option(*flags, help=spec.metadata["help"], show_default=spec.default is not dataclasses.MISSING)
+    repeated = typing.get_origin(_hints(config)[name]) is list
+    return typer.Option(*flags, help=spec.metadata["help"] + (" Repeatable." if repeated else ""),
+                        metavar=spec.metadata.get("metavar", "VALUE") if repeated else None,
+                        show_default=spec.default is not dataclasses.MISSING and not repeated)
 
 
 def argument(config: type, name: str) -> Any:

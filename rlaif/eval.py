@@ -8,72 +8,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from rlaif.config import EvalConfig, LabelConfig, SampleConfig
 from rlaif.distributed import process_state
-from rlaif.errors import RlaifError
-from rlaif.files import check_out_dir
-from rlaif.label import LabelConfig, check_scorers, parse_weights, update_scores
+from rlaif.label import update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
-from rlaif.sample import SampleConfig, run_sample
+from rlaif.sample import run_sample
+from rlaif.scoring import parse_weights
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
-from rlaif.train.outputs import check_output
 
 EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
                "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64}
 CATEGORY_SCHEMA = {"column": pl.String, "category": pl.String, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``."""
-
-
-@dataclass
-class EvalConfig:
-    """Settings of ``rlaif eval``; field help texts are the CLI's help texts."""
-
-    base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
-    tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
-    prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
-    out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})
-    scorers: list[str] = field(metadata={"help": "Scorer name (repeat for several; each gets its own win rate)."})
-    per_prompt: int = field(default=4, metadata={"help": "Seeds per prompt (one comparison each)."})
-    seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
-                                                   "the training samples' seed so seeds are held out too."})
-    steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
-    batch_size: int = field(default=8, metadata={"help": "Images per forward pass and per scorer call."})
-    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
-    scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class; default: the model's."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file."})
-    scorer_options: list[str] = field(default_factory=list, metadata={"help": "NAME.KEY=VALUE for scorer NAME."})
-    train_log: Path | None = field(default=None, metadata={
-        "help": "train_log.jsonl whose curves go into the report; default: TUNED/train_log.jsonl if present."})
-    resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples of the confidence interval."})
-    grid: int = field(default=24, metadata={"help": "Base | tuned image pairs shown in the report."})
-
-    def validate(self) -> None:
-        """Reject impossible settings, unknown scorers and options, and a --tuned that is no train output,
-        before anything is sampled."""
-        self.check_values()
-        check_output(self.tuned)
-        check_out_dir(self.out, "--out")
-
-    def check_values(self) -> None:
-        """Reject impossible settings and unknown scorers or options (paths aside)."""
-        if not self.scorers:
-            raise RlaifError("give at least one --scorer")
-        for name in ("per_prompt", "steps", "batch_size", "resamples"):
-            if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.grid < 0:
-            raise RlaifError(f"--grid must not be negative, got {self.grid}")
-        if self.guidance < 0:
-            raise RlaifError(f"--guidance must not be negative, got {self.guidance}")
-        check_scorers(self.scorers, self.scorer_options)
 
 
 @dataclass(frozen=True)
@@ -131,12 +85,13 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,
                                 per_prompt=config.per_prompt, steps=config.steps, guidance=config.guidance,
                                 seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
-                                scheduler=config.scheduler, prompt_column=config.prompt_column),
+                                scheduler=config.scheduler, prompt_column=config.prompt_column, width=config.width,
+                                height=config.height, negative_prompt=config.negative_prompt, device=config.device),
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
                    replace_stale=True)  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
         label = LabelConfig(samples_dir=folder, scorers=config.scorers, scorer_options=config.scorer_options,
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, device=config.device)
         side_scores = update_scores(samples, label, progress and (
             lambda scorer, done, total, side=side: progress(f"scoring {side} {scorer}", done, total)))
         scores[side] = side_scores.join(samples.select("sample_id", "prompt_id", "candidate", "seed", "image"),

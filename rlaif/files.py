@@ -56,6 +56,18 @@ def publish(path: str | os.PathLike[str]) -> None:
         entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """A cheap identity of a file or folder: resolved path, sizes and modification times of its files (a file
+    rewritten in place is a new identity; a hub snapshot's path holds its revision). Not a content hash: for
+    tables and checkpoints of hundreds of GB, reading them whole would cost more than the work they guard."""
+    path = Path(path)
+    if not path.exists():  # not a file: a hub id, identified by name alone
+        return str(path)
+    path = path.resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete temporaries left by killed runs under ``folder``; return how many were removed."""
     removed = 0

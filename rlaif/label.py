@@ -4,123 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 from accelerate.utils import gather_object
 from PIL import Image
 
+from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path, check_out_dir
+from rlaif.files import atomic_path
 from rlaif.images import ImageSource, image_bytes, open_rgb
-from rlaif.pairing import COMBINE_RULES, STRATEGIES, make_pairs, preference
-from rlaif.scoring import LoadedScorer, check_options, resolve_factory
+from rlaif.pairing import make_pairs, preference
+from rlaif.scoring import LoadedScorer, parse_options, parse_weights
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
 
-WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
-
-
-@dataclass
-class LabelConfig:
-    """Settings of ``rlaif label``; field help texts are the CLI's help texts."""
-
-    samples_dir: Path | None = field(metadata={"help": "Folder written by `rlaif sample` (holds samples.parquet)."})
-    scorers: list[str] = field(metadata={"help": "Scorer NAME[:WEIGHT] (repeat for an ensemble); a name from "
-                                         "`rlaif scorers list` or module:attr."})
-    out: Path | None = field(default=None, metadata={"help": "Pairs table; default SAMPLES_DIR/pairs.parquet "
-                                                     "(with --relabel: TABLE.ai-labels.parquet)."})
-    relabel: Path | None = field(default=None, metadata={"help": "Instead of SAMPLES_DIR: a Pick-a-Pic style "
-                                                         "pair table (caption, jpg_0, jpg_1, label_0) to label "
-                                                         "with AI feedback beside its human labels."})
-    strategy: str = field(default="best-worst", metadata={"help": f"Pairing: {' | '.join(STRATEGIES)}."})
-    top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom."})
-    min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
-    invert: bool = field(default=False, metadata={
-        "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})
-    keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (default: drop)."})
-    combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
-                                                     "(per prompt, then weighted mean)."})
-    scorer_options: list[str] = field(default_factory=list, metadata={
-        "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
-    batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
-    device: str | None = field(default=None, metadata={"help": "Device for model-based scorers; default: "
-                                                       "this process's accelerator."})
-
-    def validate(self) -> None:
-        """Reject impossible settings, unknown scorers and unusable paths before anything is loaded or written."""
-        if (self.samples_dir is None) == (self.relabel is None):
-            raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
-        self.check_values()
-        if self.out is not None:
-            check_out_dir(self.out.parent, "--out")
-            if self.out.is_dir():
-                raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
-
-    def check_values(self) -> None:
-        """Reject impossible settings and unknown scorers or options (paths aside)."""
-        if not self.scorers:
-            raise RlaifError("give at least one --scorer")
-        if self.strategy not in STRATEGIES:
-            raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.combine not in COMBINE_RULES:
-            raise RlaifError(f"--combine {self.combine!r} is not one of {', '.join(COMBINE_RULES)}")
-        for name in ("top_k", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.min_margin < 0:
-            raise RlaifError("--min-margin must not be negative")
-        check_scorers(self.scorers, self.scorer_options)
-
-
-def check_scorers(scorers: list[str], scorer_options: list[str]) -> None:
-    """Every scorer exists and takes the options given to it: checked before any work."""
-    weights = parse_weights(scorers)
-    for spec in weights:
-        resolve_factory(spec)
-    for spec, options in parse_options(scorer_options).items():
-        if spec not in weights:
-            raise RlaifError(f"--scorer-option {spec}.{next(iter(options))}: {spec!r} is not one of the scorers "
-                             f"({', '.join(weights)})")
-        check_options(spec, options)
-
-
-def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
-    """``["clip.arch=ViT-H-14"]`` -> ``{"clip": {"arch": "ViT-H-14"}}`` (the scorer name may contain dots)."""
-    options: dict[str, dict[str, str]] = {}
-    for spec in specs:
-        target, equals, value = spec.partition("=")
-        name, dot, key = target.rpartition(".")
-        if not (equals and dot and name and key.isidentifier()):
-            raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
-        options.setdefault(name, {})[key] = value
-    return options
-
-
-def parse_weights(specs: list[str]) -> dict[str, float]:
-    """``["pickscore:2", "pkg.mod:factory"]`` -> ``{"pickscore": 2.0, "pkg.mod:factory": 1.0}``.
-
-    A trailing ``:NUMBER`` is a weight; anything else after a colon belongs to a ``module:attr`` name.
-    """
-    weights: dict[str, float] = {}
-    for spec in specs:
-        name, weight = spec, 1.0
-        match = WEIGHTED.fullmatch(spec)
-        if match:
-            name, weight = match["name"], float(match["weight"])
-        if not name or weight <= 0:
-            raise RlaifError(f"--scorer {spec!r}: expected NAME or NAME:WEIGHT with a positive weight")
-        if name in weights:
-            raise RlaifError(f"--scorer {name!r} is given twice")
-        weights[name] = weight
-    return weights
 
 
 def batched_images(
@@ -161,11 +65,13 @@ def score_images(
     return ordered
 
 
-def load_scorers(config: LabelConfig) -> dict[str, LoadedScorer]:
-    """Every scorer of ``config`` loaded with its options, on ``config.device`` or this process's device."""
+def load_scorers(config: LabelConfig) -> Iterator[LoadedScorer]:
+    """Each scorer of ``config`` in turn, loaded with its options on ``config.device`` or this process's
+    device; one at a time (the caller drops each before asking for the next), never all in memory at once."""
     options = parse_options(config.scorer_options)
     device = config.device or process_state().device
-    return {spec: LoadedScorer(spec, device=device, **options.get(spec, {})) for spec in parse_weights(config.scorers)}
+    for spec in parse_weights(config.scorers):
+        yield LoadedScorer(spec, device=device, **options.get(spec, {}))
 
 
 def file_hashes(root: Path, images: list[str]) -> list[str]:
@@ -192,24 +98,36 @@ def update_scores(samples: pl.DataFrame, config: LabelConfig, progress: Progress
     scores = read_score_cache(scores_path)
     current = samples.select("sample_id", "prompt", "image").with_columns(
         image_sha256=pl.Series(file_hashes(root, samples["image"].to_list()), dtype=pl.String))
-    for spec, scorer in load_scorers(config).items():
-        valid = scores.filter((pl.col("scorer") == spec) & (pl.col("scorer_key") == scorer.key))
+    for scorer in load_scorers(config):
+        valid = scores.filter((pl.col("scorer") == scorer.spec) & (pl.col("scorer_key") == scorer.key))
         todo = current.join(valid.select("sample_id", "image_sha256"), on=["sample_id", "image_sha256"], how="anti")
-        if todo.is_empty():
-            continue
-        paths = [root / image for image in todo["image"].to_list()]
-        values = score_images(scorer, paths, [str(p) for p in paths], todo["prompt"].to_list(), config.batch_size,
-                              progress)
-        new = todo.select("sample_id", "prompt", "image_sha256").with_columns(
-            scorer=pl.lit(spec), score=pl.Series(values, dtype=pl.Float64), scorer_key=pl.lit(scorer.key))
-        stale = (pl.col("scorer") == spec) & pl.col("sample_id").is_in(todo["sample_id"].implode())
-        scores = pl.concat([scores.filter(~stale), new.select(list(SCORES_SCHEMA))])
-        if process_state().is_main_process:
-            write_table(scores, scores_path, SCORES_SCHEMA)
+        if not todo.is_empty():
+            paths = [root / image for image in todo["image"].to_list()]
+            values = score_images(scorer, paths, [str(p) for p in paths], todo["prompt"].to_list(),
+                                  config.batch_size, progress)
+            new = todo.select("sample_id", "prompt", "image_sha256").with_columns(
+                scorer=pl.lit(scorer.spec), score=pl.Series(values, dtype=pl.Float64), scorer_key=pl.lit(scorer.key))
+            stale = (pl.col("scorer") == scorer.spec) & pl.col("sample_id").is_in(todo["sample_id"].implode())
+            scores = pl.concat([scores.filter(~stale), new.select(list(SCORES_SCHEMA))])
+            if process_state().is_main_process:
+                write_table(scores, scores_path, SCORES_SCHEMA)
+        del scorer  # freed before the next scorer loads
     return scores
 
 
-def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
+@dataclass(frozen=True)
+class Labelled:
+    """What ``run_label`` made: the pairs table and how many pairs, from how many prompts, and how many
+    compared pairs were dropped as exact ties or as closer than --min-margin."""
+
+    path: Path
+    pairs: int
+    prompts: int
+    ties: int
+    below_margin: int
+
+
+def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled:
     """Score every sample with every scorer (reusing cached scores) and write the pairs table."""
     config.validate()
     weights = parse_weights(config.scorers)
@@ -218,8 +136,10 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
-    pairs = make_pairs(preference(long, weights, config.combine), config.strategy, config.top_k,
-                       config.min_margin, config.keep_ties)
+    values = preference(long, weights, config.combine)
+    pairs = make_pairs(values, config.strategy, config.top_k, config.min_margin, config.keep_ties)
+    compared = make_pairs(values, config.strategy, config.top_k, 0.0, keep_ties=True)  # before any dropping
+    ties = 0 if config.keep_ties else compared.filter(pl.col("label_0") == 0.5).height
     if pairs.is_empty():
         raise RlaifError(f"no pairs: under {', '.join(weights)} every prompt's candidates tie or differ by less "
                          "than --min-margin; sample more candidates, lower --min-margin or use --keep-ties")
@@ -237,7 +157,8 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Path:
     )
     if process_state().is_main_process:
         write_table(pairs, out, PAIRS_SCHEMA)
-    return out
+    process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
+    return Labelled(out, pairs.height, pairs["prompt_id"].n_unique(), ties, compared.height - ties - pairs.height)
 
 
 @dataclass(frozen=True)
@@ -269,9 +190,12 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     images = image_bytes(table["jpg_0"]) + image_bytes(table["jpg_1"])
     names = [f"{source} row {i} jpg_{side}" for side in (0, 1) for i in range(table.height)]
     ids = [f"{i}:{side}" for side in (0, 1) for i in range(table.height)]
-    parts = [pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids, "scorer": spec,
-                           "score": score_images(scorer, images, names, captions * 2, config.batch_size, progress)})
-             for spec, scorer in load_scorers(config).items()]
+    parts = []
+    for scorer in load_scorers(config):
+        parts.append(pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids,
+                                   "scorer": scorer.spec, "score": score_images(scorer, images, names, captions * 2,
+                                                                                config.batch_size, progress)}))
+        del scorer
     value = dict(preference(pl.concat(parts), weights, config.combine).select("sample_id", "value").iter_rows())
     score_0 = pl.Series([value[f"{i}:0"] for i in range(table.height)], dtype=pl.Float64)
     score_1 = pl.Series([value[f"{i}:1"] for i in range(table.height)], dtype=pl.Float64)
@@ -289,4 +213,5 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     if process_state().is_main_process:
         with atomic_path(out) as tmp:
             labelled.write_parquet(tmp)
+    process_state().wait_for_everyone()
     return out, agreement

@@ -21,15 +21,17 @@ from typing import Any
 import polars as pl
 
 from rlaif.cli_options import read_settings
+from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.eval import EVAL_SCHEMA, EvalConfig, run_eval
+from rlaif.eval import EVAL_SCHEMA, run_eval
 from rlaif.files import atomic_path, write_json
-from rlaif.label import LabelConfig, parse_weights, run_label
+from rlaif.label import run_label
 from rlaif.prompts import resolve_prompt_source
-from rlaif.sample import SampleConfig, run_sample
+from rlaif.sample import run_sample
+from rlaif.scoring import parse_weights
 from rlaif.tables import write_table
-from rlaif.train.trainer import TrainConfig, run_train
+from rlaif.train.trainer import run_train
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]

@@ -15,8 +15,7 @@ from itertools import combinations, product
 
 import polars as pl
 
-STRATEGIES = ("best-worst", "all-pairs", "top-vs-bottom")
-COMBINE_RULES = ("zscore", "rank")
+from rlaif.config import COMBINE_RULES, STRATEGIES
 
 
 def preference(scores: pl.DataFrame, weights: dict[str, float], rule: str = "zscore") -> pl.DataFrame:

@@ -13,19 +13,20 @@ import json
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from rlaif.config import SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import check_out_dir, remove_stale_temporaries, write_json
+from rlaif.files import remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import default_size, load_pipeline
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
-from rlaif.train.outputs import check_output, weights_identity
+from rlaif.train.outputs import weights_identity
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with this process's image counts."""
@@ -33,61 +34,6 @@ Progress = Callable[[int, int], None]
 # Settings that change the pixels: a rerun into the same folder must repeat them.
 GENERATION_KEYS = ("model", "tuned", "scheduler", "steps", "guidance", "width", "height", "negative_prompt", "seed",
                    "dtype")
-
-
-@dataclass
-class SampleConfig:
-    """Settings of ``rlaif sample``; field help texts are the CLI's help texts."""
-
-    model: str = field(metadata={"help": "Hub id, local diffusers folder, or the offline aliases tiny / tiny-xl."})
-    prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
-    out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
-    tuned: Path | None = field(default=None, metadata={
-        "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
-    per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
-    steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
-    width: int | None = field(
-        default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."}
-    )
-    height: int | None = field(
-        default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
-    )
-    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
-    seed: int = field(
-        default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
-    )
-    batch_size: int = field(default=8, metadata={"help": "Images per forward pass (may mix prompts)."})
-    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
-    device: str | None = field(
-        default=None, metadata={"help": "Device, e.g. cuda:0 or cpu; default: this process's accelerator."}
-    )
-    scheduler: str | None = field(
-        default=None, metadata={"help": "Diffusers scheduler class, e.g. EulerDiscreteScheduler; default: the model's."}
-    )
-    prompt_column: str | None = field(
-        default=None, metadata={"help": "Prompt column of a table file (default: prompt / Prompt / caption)."}
-    )
-
-    def validate(self) -> None:
-        """Reject impossible settings and unusable paths before anything is loaded or written."""
-        self.check_values()
-        check_out_dir(self.out, "--out")
-        if self.tuned is not None:
-            check_output(self.tuned)
-
-    def check_values(self) -> None:
-        """Reject impossible settings (paths aside)."""
-        for name in ("per_prompt", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
-        if self.guidance < 0:
-            raise RlaifError(f"--guidance must not be negative, got {self.guidance}")
-
 
 
 @dataclass(frozen=True)

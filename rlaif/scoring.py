@@ -3,7 +3,7 @@
 A scorer factory is called as ``factory(device=..., **options)`` and returns an object with
 ``score(images, prompts) -> torch.Tensor | Sequence[float]``: one value per image, higher is better.
 It may expose ``name``, ``description`` and ``identity``: a string that changes whenever its weights do
-(``files_identity`` of the checkpoint it loaded, say). Built-ins register through the same entry-point group
+(``rlaif.files.file_identity`` of the checkpoint it loaded, say). Built-ins register through the same entry-point group
 as third-party plugins.
 
 Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
@@ -12,23 +12,28 @@ distribution's, or its source file's hash for a ``module:attr`` outside any dist
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points, packages_distributions, version
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from rlaif.errors import RlaifError
 
+if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
+    import torch
+    from PIL import Image
+
 GROUP = "rlaif.scorers"
+WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 
 
 @runtime_checkable
@@ -59,6 +64,19 @@ def available_scorers() -> dict[str, ScorerEntry]:
 
 
 def _describe(point) -> str:
+    """The first line of the factory's docstring, read from its source without importing it (importing a
+    model-based scorer costs seconds: torch, transformers); the import is the fallback for compiled code."""
+    module, _, attr = point.value.partition(":")
+    try:
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
+    except (ImportError, OSError, SyntaxError, ValueError):
+        tree = None
+    if tree is not None:
+        name = attr.split(".")[0]
+        node = next((n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name == name), None)
+        doc = ast.get_docstring(node) if node is not None else None
+        return doc.strip().splitlines()[0] if doc else ""
     try:
         factory = point.load()
     except Exception as exc:  # a broken plugin must not hide the others
@@ -107,7 +125,7 @@ def plugin_version(spec: str) -> str:
     """The version of the code behind scorer ``spec``: its distribution's version, or for a ``module:attr``
     outside any distribution the hash of the module's source file."""
     if ":" not in spec:
-        point = next((p for p in entry_points(group=GROUP) if p.name == spec), None)
+        point = {p.name: p for p in entry_points(group=GROUP)}.get(spec)  # the last one wins, as in available_scorers
         return f"{point.dist.name}=={point.dist.version}" if point is not None and point.dist else "unknown"
     module = importlib.import_module(spec.partition(":")[0])
     top = module.__name__.split(".")[0]
@@ -116,16 +134,6 @@ def plugin_version(spec: str) -> str:
         return f"{dists[0]}=={version(dists[0])}"
     source = getattr(module, "__file__", None)
     return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16] if source else "unknown"
-
-
-def files_identity(path: str | Path) -> str:
-    """A cheap identity of a weights file or folder: resolved path, sizes and modification times (a hub
-    snapshot's path holds its revision, so a new revision is a new identity)."""
-    path = Path(path).resolve()
-    if not path.exists():  # not a file: a hub id whose revision the caller could not see
-        return str(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 class LoadedScorer:
@@ -152,6 +160,8 @@ class LoadedScorer:
             raw = self.scorer.score(images, prompts)
         except Exception as exc:
             raise RlaifError(f"scorer {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        import torch
+
         values = raw.detach().float().cpu().flatten().tolist() if isinstance(raw, torch.Tensor) else list(raw)
         if len(values) != len(images):
             raise RlaifError(f"scorer {self.name!r} returned {len(values)} scores for {len(images)} images")
@@ -165,6 +175,51 @@ def unique_prompts(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
 
     Scorers encode the distinct prompts once per batch and gather: ``text_features[index]``.
     """
+    import torch
+
     distinct = list(dict.fromkeys(prompts))
     position = {prompt: i for i, prompt in enumerate(distinct)}
     return distinct, torch.tensor([position[p] for p in prompts], dtype=torch.long)
+
+
+def check_scorers(scorers: list[str], scorer_options: list[str]) -> None:
+    """Every scorer exists and takes the options given to it: checked before any work."""
+    weights = parse_weights(scorers)
+    for spec in weights:
+        resolve_factory(spec)
+    for spec, options in parse_options(scorer_options).items():
+        if spec not in weights:
+            raise RlaifError(f"--scorer-option {spec}.{next(iter(options))}: {spec!r} is not one of the scorers "
+                             f"({', '.join(weights)})")
+        check_options(spec, options)
+
+
+def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["clip.arch=ViT-H-14"]`` -> ``{"clip": {"arch": "ViT-H-14"}}`` (the scorer name may contain dots)."""
+    options: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, equals, value = spec.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not (equals and dot and name and key.isidentifier()):
+            raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
+        options.setdefault(name, {})[key] = value
+    return options
+
+
+def parse_weights(specs: list[str]) -> dict[str, float]:
+    """``["pickscore:2", "pkg.mod:factory"]`` -> ``{"pickscore": 2.0, "pkg.mod:factory": 1.0}``.
+
+    A trailing ``:NUMBER`` is a weight; anything else after a colon belongs to a ``module:attr`` name.
+    """
+    weights: dict[str, float] = {}
+    for spec in specs:
+        name, weight = spec, 1.0
+        match = WEIGHTED.fullmatch(spec)
+        if match:
+            name, weight = match["name"], float(match["weight"])
+        if not name or weight <= 0:
+            raise RlaifError(f"--scorer {spec!r}: expected NAME or NAME:WEIGHT with a positive weight")
+        if name in weights:
+            raise RlaifError(f"--scorer {name!r} is given twice")
+        weights[name] = weight
+    return weights

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from rlaif.cache import cached_download
+from rlaif.files import file_identity
 from rlaif.scorers.openclip_common import load_pretrained, pixel_batch
-from rlaif.scoring import files_identity
 
 ARCH = "ViT-L-14"
 PRETRAINED = "openai"
@@ -49,7 +49,7 @@ class Aesthetic:
         self.device = torch.device(device)
         self.model, self.preprocess = load_pretrained(arch, pretrained, self.device)
         head = cached_download(HEAD_URL, HEAD_FILE)
-        self.identity = files_identity(head)
+        self.identity = file_identity(head)
         self.head = load_head(str(head)).to(self.device)
 
     @torch.no_grad()

@@ -46,7 +46,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # shape of a train output
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the files of a train output
+    (tmp_path / "lora" / "train.json").write_text('{"format": 2, "config": {}}')
     image = io.BytesIO()
     Image.new("RGB", (8, 8)).save(image, format="PNG")
     pl.DataFrame({"caption": ["a"], "jpg_0": [image.getvalue()], "jpg_1": [image.getvalue()],

@@ -108,8 +108,9 @@ def test_training_targets_follow_the_prediction_type():
 def test_adapters_come_back_on_after_an_error_and_sft_has_no_reference():
     from peft import LoraConfig
 
+    from rlaif.config import TrainConfig
     from rlaif.models import load_pipeline
-    from rlaif.train.trainer import TrainConfig, adapters_disabled, frozen_reference
+    from rlaif.train.trainer import adapters_disabled, frozen_reference
 
     unet = load_pipeline("tiny").unet
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q"]))

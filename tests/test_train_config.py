@@ -10,8 +10,8 @@ from conftest import run_cli
 from test_train import log
 
 from rlaif.cli_options import read_settings
+from rlaif.config import TrainConfig
 from rlaif.errors import RlaifError
-from rlaif.train.trainer import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

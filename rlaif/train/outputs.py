@@ -48,16 +48,26 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
         raise RlaifError(f"{option} {folder} does not exist")
     if not (is_full(folder) or (folder / LORA_FILE).is_file()):
         raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+    if not (folder / TRAIN_FILE).is_file():
+        raise RlaifError(f"{option} {folder} has no {TRAIN_FILE}: not a finished `rlaif train` output")
     info = _train_info(folder)
-    if info.get("config", {}).get("init") and info.get("format", 1) < FORMAT:
-        raise RlaifError(f"{option} {folder} was written by an older rlaif: it holds only its own round, not the "
-                         f"rounds it was trained on; retrain it")
+    config = info.get("config", {})
+    if info.get("format", 1) < FORMAT and (config.get("init") or (
+            not config.get("full") and config.get("lora_alpha") != config.get("lora_rank"))):
+        raise RlaifError(f"{option} {folder} was written by an older rlaif that saved it incompletely (without its "
+                         "earlier rounds, or without its LoRA alpha); retrain it")
     return folder
 
 
 def _train_info(folder: Path) -> dict:
     path = folder / TRAIN_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def weights_path(folder: str | Path) -> Path:
+    """Where an output's weights are: its ``unet/`` folder or its LoRA file."""
+    folder = Path(folder)
+    return folder / "unet" if is_full(folder) else folder / LORA_FILE
 
 
 def weights_identity(folder: str | Path) -> str:
@@ -108,10 +118,13 @@ def scaled_lora_factors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     factors = {}
     for name, module in unet.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            factors[f"{name}.lora_A.weight"] = module.lora_A["default"].weight.detach().float().cpu().clone()
-            factors[f"{name}.lora_B.weight"] = (module.lora_B["default"].weight.detach().float().cpu()
-                                                * module.scaling["default"])
+        if not isinstance(module, LoraLayer):
+            continue
+        if "default" not in module.lora_A:  # an embedding LoRA keeps its factors elsewhere: never trained here
+            raise RlaifError(f"LoRA layer {name} is not a linear or convolution LoRA; use other --lora-targets")
+        factors[f"{name}.lora_A.weight"] = module.lora_A["default"].weight.detach().float().cpu().clone()
+        factors[f"{name}.lora_B.weight"] = (module.lora_B["default"].weight.detach().float().cpu()
+                                            * module.scaling["default"])
     return factors
 
 
@@ -142,6 +155,13 @@ def read_lora(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in convert_unet_state_dict_to_peft(unet_keys).items()}
 
 
+def remove_outputs(out: Path) -> None:
+    """Remove a finished run's weights and train.json from ``out`` (for --overwrite), nothing else."""
+    shutil.rmtree(out / "unet", ignore_errors=True)
+    (out / LORA_FILE).unlink(missing_ok=True)
+    (out / TRAIN_FILE).unlink(missing_ok=True)
+
+
 def save_outputs(unet: torch.nn.Module, pipe: DiffusionPipeline, out: Path, full: bool, init: Path | None,
                  info: dict) -> None:
     """Write the trained model self-contained into ``out`` (staged, then moved in) and ``train.json`` with
@@ -164,6 +184,7 @@ def save_outputs(unet: torch.nn.Module, pipe: DiffusionPipeline, out: Path, full
             str(staging), unet_lora_layers=convert_state_dict_to_diffusers(factors), safe_serialization=True,
             unet_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": modules})
     publish(staging)
+    remove_outputs(out)  # a LoRA must not sit beside an older full UNet, nor the other way round
     for entry in staging.iterdir():
         target = out / entry.name
         if target.is_dir():

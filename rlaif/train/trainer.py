@@ -11,7 +11,6 @@ import contextlib
 import copy
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,103 +29,19 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 from rlaif.cache import cache_dir
+from rlaif.config import TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path, check_out_dir, write_json
+from rlaif.files import atomic_path, file_identity, publish, write_json
 from rlaif.models import default_size, load_pipeline
 from rlaif.train.data import PreferencePair, load_pairs, plan_augmentation
 from rlaif.train.encoding import Encoder
-from rlaif.train.loss import LOSS_TYPES, diffusion_dpo_loss, sft_loss
-from rlaif.train.outputs import TRAIN_FILE, check_output, save_outputs
+from rlaif.train.loss import diffusion_dpo_loss, sft_loss
+from rlaif.train.outputs import TRAIN_FILE, remove_outputs, save_outputs, weights_identity
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, max_steps, logs)`` after every optimizer step."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of ``rlaif train``; field help texts are the CLI's help texts."""
-
-    pairs: Path = field(metadata={"help": "Pairs table: rlaif pairs.parquet or a Pick-a-Pic v2 style table."})
-    model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
-    out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
-    init: Path | None = field(default=None, metadata={
-        "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
-                "also the reference (iterative Diffusion-DPO)."})
-    label_column: str | None = field(default=None, metadata={
-        "help": "Column holding the preference (1: image 0 wins, 0: image 1 wins, 0.5: tie); default: ai_label_0 "
-                "when the table has it (written by `rlaif label --relabel`), else label_0."})
-    full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
-    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "LoRA target modules."})
-    loss: str = field(default="sigmoid", metadata={"help": f"{' | '.join(LOSS_TYPES)} (DPO) or sft."})
-    beta: float = field(default=5000.0, metadata={"help": "DPO beta (official: 5000 for SD1.5 and SDXL)."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (per sample if --scale-lr)."})
-    scale_lr: bool = field(default=False, metadata={
-        "help": "Multiply the learning rate by the global batch (pairs x accumulation x processes), as the "
-                "official code does."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the constant schedule."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-step."})
-    accumulation: int = field(default=1, metadata={"help": "Gradient accumulation micro-steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd."})
-    mixed_precision: str = field(default="no", metadata={
-        "help": "no | fp16 | bf16: autocast for policy and reference alike (weights stay fp32). On CPU, fp16 "
-                "runs without loss scaling; prefer bf16 there."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations."})
-    resolution: int | None = field(default=None, metadata={"help": "Training resolution; default: the model's."})
-    random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
-    hflip: bool = field(default=False, metadata={"help": "Random horizontal flip (same for both images)."})
-    caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
-    no_cache: bool = field(default=False, metadata={
-        "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
-                "($RLAIF_CACHE/train, keyed by content, model and augmentation)."})
-    report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
-                                                                 "(accelerate trackers; logs under OUT/logs)."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
-    resume: str | None = field(default=None, metadata={
-        "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
-    seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace the finished run in OUT (default: refuse)."})
-
-    def validate(self) -> None:
-        """Reject impossible settings and unusable paths before anything is loaded or written."""
-        self.check_values()
-        if not Path(self.pairs).is_file():
-            raise RlaifError(f"pairs table {self.pairs} does not exist")
-        check_out_dir(self.out, "--out")
-        if self.init is not None:
-            check_output(self.init, "--init")
-
-    def check_values(self) -> None:
-        """Reject impossible settings (paths aside: ``rlaif loop`` checks these before their files exist)."""
-        if self.loss not in (*LOSS_TYPES, "sft"):
-            raise RlaifError(f"--loss {self.loss!r} is not one of {', '.join((*LOSS_TYPES, 'sft'))}")
-        if self.optimizer not in OPTIMIZERS:
-            raise RlaifError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise RlaifError(f"--mixed-precision {self.mixed_precision!r} is not no, fp16 or bf16")
-        for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("beta", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise RlaifError("--caption-dropout must be between 0 and 1")
-        if self.report_to not in (None, "tensorboard", "wandb", "all"):
-            raise RlaifError(f"--report-to {self.report_to!r} is not tensorboard, wandb or all")
-        for tracker in ("tensorboard", "wandb"):
-            if self.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
-                raise RlaifError(f"--report-to {self.report_to} needs the {tracker} package: pip install {tracker}")
 
 
 def _rng(*key: object) -> random.Random:
@@ -169,8 +84,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     else:
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=config.lora_targets.split(",")))
+        try:
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                        init_lora_weights="gaussian", target_modules=config.lora_targets.split(",")))
+        except ValueError as exc:  # peft: no module matches a target name
+            raise RlaifError(f"--lora-targets {config.lora_targets}: {str(exc).splitlines()[0]}") from exc
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -198,7 +116,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         accelerator.init_trackers("rlaif-train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                          for k, v in asdict(config).items()})
     while step < config.max_steps:
-        logs: dict[str, float] = {"lr": schedule.get_last_lr()[0]}  # the rate this step's update uses
+        logs: dict[str, float] = {"lr": optimizer.param_groups[0]["lr"]}  # the rate this step's update uses
         started = time.perf_counter()
         for micro in range(config.accumulation):
             position = (step * config.accumulation + micro) * config.batch_size * accelerator.num_processes
@@ -235,7 +153,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full,
                      config.init and Path(config.init), {"config": _settings(config), "steps": step})
-    accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): it ends the process group a loop still needs
+            tracker.finish()
+    accelerator.wait_for_everyone()  # the weights are on disk before any process goes on to use them
     return config.out
 
 
@@ -245,9 +165,6 @@ def frozen_reference(unet: torch.nn.Module, config: TrainConfig) -> torch.nn.Mod
     if not config.full or config.loss == "sft":
         return None
     return copy.deepcopy(unet).requires_grad_(False).eval()
-
-
-OPTIMIZERS = ("adamw", "adafactor", "sgd")
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -363,7 +280,8 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
-RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite")
+RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
+                     "gradient_checkpointing")
 
 
 def _settings(config: TrainConfig) -> dict:
@@ -371,20 +289,29 @@ def _settings(config: TrainConfig) -> dict:
     return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
+def _identities(config: TrainConfig, processes: int) -> dict:
+    """What else a step depends on, beyond the settings: the pairs table's file (path, size, time: a table
+    rewritten in place is another table), the content of the --init weights, and the process count (with
+    the per-process batch, the global batch)."""
+    return {"pairs_file": file_identity(config.pairs), "processes": processes,
+            "init_weights": config.init and weights_identity(config.init)}
+
+
 def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
     """The checkpoint to resume from (None: start at step 0). Refuses to overwrite a finished run without
     --overwrite, a run with checkpoints without --resume, and to resume a run made with other settings.
     Checkpoints cut short by a kill (``*.partial``) are removed."""
-    finished = config.out / TRAIN_FILE
-    if finished.exists() and not config.overwrite:
+    if (config.out / TRAIN_FILE).exists() and not config.overwrite:
         raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
                          "another --out")
     if accelerator.is_main_process:
-        for partial in (config.out / "checkpoints").glob("*.partial"):
+        for partial in (config.out / "checkpoints").glob("step_*.partial"):
             shutil.rmtree(partial)
-        if config.overwrite and config.resume is None:  # asked for: the old run goes before the new one starts
-            shutil.rmtree(config.out / "checkpoints", ignore_errors=True)
-            finished.unlink(missing_ok=True)
+        if config.overwrite:  # asked for: the old run's outputs go before the new one starts (its checkpoints too
+            remove_outputs(config.out)  # unless resuming), so a failed run never leaves them looking current
+            if config.resume is None:
+                for checkpoint in _complete_checkpoints(config.out):
+                    shutil.rmtree(checkpoint)
     accelerator.wait_for_everyone()
     complete = _complete_checkpoints(config.out)
     if config.resume is None:
@@ -400,8 +327,12 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
         folder = Path(config.resume)
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
-    saved = json.loads((folder / "position.json").read_text()).get("settings", {})
-    now = _settings(config)
+    position = json.loads((folder / "position.json").read_text())
+    if "settings" not in position:
+        raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
+                         "new run in another --out")
+    saved = {**position["settings"], **position.get("identities", {})}
+    now = {**_settings(config), **_identities(config, accelerator.num_processes)}
     changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
     if changed:
@@ -422,7 +353,9 @@ def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json({"step": step, "settings": _settings(config)}, partial / "position.json")
+        write_json({"step": step, "settings": _settings(config),
+                    "identities": _identities(config, accelerator.num_processes)}, partial / "position.json")
         shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
+        publish(partial)
         os.replace(partial, final)
     accelerator.wait_for_everyone()

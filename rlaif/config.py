@@ -1,0 +1,285 @@
+"""Every stage's settings as one dataclass (TRL style): field help texts are the CLI's help texts, and each
+config validates itself in one place. Importing this module is cheap (no torch, polars or diffusers), so the
+CLI parses arguments and prints help at once; checks that need those libraries import them when they run.
+
+``check_values`` rejects impossible settings; ``validate`` also checks the paths (``rlaif loop`` checks every
+stage's values before the files of later stages exist).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlaif.errors import RlaifError
+from rlaif.files import check_out_dir
+from rlaif.scoring import check_scorers
+
+# The choices of settings, named here so that help texts need no heavy import; the modules that implement
+# them (rlaif.pairing, rlaif.train.loss, rlaif.train.trainer, rlaif.models) use these names.
+STRATEGIES = ("best-worst", "all-pairs", "top-vs-bottom")
+COMBINE_RULES = ("zscore", "rank")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # the DPO losses; "sft" is the baseline without a reference
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+DTYPES = ("fp32", "fp16", "bf16")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _check_generation(config: SampleConfig | EvalConfig) -> None:
+    """The image-generation settings that sample and eval share."""
+    for name in ("width", "height"):
+        value = getattr(config, name)
+        if value is not None and (value < 8 or value % 8):
+            raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
+    if config.guidance < 0:
+        raise RlaifError(f"--guidance must not be negative, got {config.guidance}")
+    if config.dtype not in DTYPES:
+        raise RlaifError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _check_tuned(folder: Path, option: str) -> None:
+    from rlaif.train.outputs import check_output  # diffusers: imported only when a command runs
+
+    check_output(folder, option)
+
+
+@dataclass
+class SampleConfig:
+    """Settings of ``rlaif sample``; field help texts are the CLI's help texts."""
+
+    model: str = field(metadata={"help": "Hub id, local diffusers folder, or the offline aliases tiny / tiny-xl."})
+    prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
+    out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
+    tuned: Path | None = field(default=None, metadata={
+        "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
+    per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
+    steps: int = field(default=30, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    width: int | None = field(
+        default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."}
+    )
+    height: int | None = field(
+        default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
+    )
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
+    seed: int = field(
+        default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass (may mix prompts)."})
+    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device, e.g. cuda:0 or cpu; default: this process's accelerator."}
+    )
+    scheduler: str | None = field(
+        default=None, metadata={"help": "Diffusers scheduler class, e.g. EulerDiscreteScheduler; default: the model's."}
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Prompt column of a table file (default: prompt / Prompt / caption)."}
+    )
+
+    def validate(self) -> None:
+        """Reject impossible settings and unusable paths before anything is loaded or written."""
+        self.check_values()
+        check_out_dir(self.out, "--out")
+        if self.tuned is not None:
+            _check_tuned(self.tuned, "--tuned")
+
+    def check_values(self) -> None:
+        """Reject impossible settings (paths aside)."""
+        for name in ("per_prompt", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _check_generation(self)
+
+
+@dataclass
+class LabelConfig:
+    """Settings of ``rlaif label``; field help texts are the CLI's help texts."""
+
+    samples_dir: Path | None = field(metadata={"help": "Folder written by `rlaif sample` (holds samples.parquet)."})
+    scorers: list[str] = field(metadata={"metavar": "NAME[:WEIGHT]", "help": "Scorer NAME[:WEIGHT] (repeat for an "
+                                         "ensemble); a name from "
+                                         "`rlaif scorers list` or module:attr."})
+    out: Path | None = field(default=None, metadata={"help": "Pairs table; default SAMPLES_DIR/pairs.parquet "
+                                                     "(with --relabel: TABLE.ai-labels.parquet)."})
+    relabel: Path | None = field(default=None, metadata={"help": "Instead of SAMPLES_DIR: a Pick-a-Pic style "
+                                                         "pair table (caption, jpg_0, jpg_1, label_0) to label "
+                                                         "with AI feedback beside its human labels."})
+    strategy: str = field(default="best-worst", metadata={"help": f"Pairing: {' | '.join(STRATEGIES)}."})
+    top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom."})
+    min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
+    invert: bool = field(default=False, metadata={
+        "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})
+    keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (default: drop)."})
+    combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
+                                                     "(per prompt, then weighted mean)."})
+    scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE", 
+        "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
+    device: str | None = field(default=None, metadata={"help": "Device for model-based scorers; default: "
+                                                       "this process's accelerator."})
+
+    def validate(self) -> None:
+        """Reject impossible settings, unknown scorers and unusable paths before anything is loaded or written."""
+        if (self.samples_dir is None) == (self.relabel is None):
+            raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
+        self.check_values()
+        if self.out is not None:
+            check_out_dir(self.out.parent, "--out")
+            if self.out.is_dir():
+                raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
+
+    def check_values(self) -> None:
+        """Reject impossible settings and unknown scorers or options (paths aside)."""
+        if not self.scorers:
+            raise RlaifError("give at least one --scorer")
+        if self.strategy not in STRATEGIES:
+            raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.combine not in COMBINE_RULES:
+            raise RlaifError(f"--combine {self.combine!r} is not one of {', '.join(COMBINE_RULES)}")
+        for name in ("top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.min_margin < 0:
+            raise RlaifError("--min-margin must not be negative")
+        check_scorers(self.scorers, self.scorer_options)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``rlaif train``; field help texts are the CLI's help texts."""
+
+    pairs: Path = field(metadata={"help": "Pairs table: rlaif pairs.parquet or a Pick-a-Pic v2 style table."})
+    model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
+    out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
+    init: Path | None = field(default=None, metadata={
+        "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
+                "also the reference (iterative Diffusion-DPO)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Column holding the preference (1: image 0 wins, 0: image 1 wins, 0.5: tie); default: ai_label_0 "
+                "when the table has it (written by `rlaif label --relabel`), else label_0."})
+    full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
+    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "LoRA target modules."})
+    loss: str = field(default="sigmoid", metadata={"help": f"{' | '.join(LOSS_TYPES)} (DPO) or sft."})
+    beta: float = field(default=5000.0, metadata={"help": "DPO beta (official: 5000 for SD1.5 and SDXL)."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (per sample if --scale-lr)."})
+    scale_lr: bool = field(default=False, metadata={
+        "help": "Multiply the learning rate by the global batch (pairs x accumulation x processes), as the "
+                "official code does."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the constant schedule."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-step."})
+    accumulation: int = field(default=1, metadata={"help": "Gradient accumulation micro-steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd."})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no | fp16 | bf16: autocast for policy and reference alike (weights stay fp32). On CPU, fp16 "
+                "runs without loss scaling; prefer bf16 there."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations."})
+    resolution: int | None = field(default=None, metadata={"help": "Training resolution; default: the model's."})
+    random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
+    hflip: bool = field(default=False, metadata={"help": "Random horizontal flip (same for both images)."})
+    caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
+    no_cache: bool = field(default=False, metadata={
+        "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
+                "($RLAIF_CACHE/train, keyed by content, model and augmentation)."})
+    report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
+                                                                 "(accelerate trackers; logs under OUT/logs)."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
+    resume: str | None = field(default=None, metadata={
+        "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the finished run in OUT (default: refuse)."})
+
+    def validate(self) -> None:
+        """Reject impossible settings and unusable paths before anything is loaded or written."""
+        self.check_values()
+        if not Path(self.pairs).is_file():
+            raise RlaifError(f"pairs table {self.pairs} does not exist")
+        check_out_dir(self.out, "--out")
+        if self.init is not None:
+            _check_tuned(self.init, "--init")
+
+    def check_values(self) -> None:
+        """Reject impossible settings (paths aside: ``rlaif loop`` checks these before their files exist)."""
+        if self.loss not in (*LOSS_TYPES, "sft"):
+            raise RlaifError(f"--loss {self.loss!r} is not one of {', '.join((*LOSS_TYPES, 'sft'))}")
+        if self.optimizer not in OPTIMIZERS:
+            raise RlaifError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise RlaifError(f"--mixed-precision {self.mixed_precision!r} is not no, fp16 or bf16")
+        for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("beta", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise RlaifError("--caption-dropout must be between 0 and 1")
+        if self.report_to not in (None, "tensorboard", "wandb", "all"):
+            raise RlaifError(f"--report-to {self.report_to!r} is not tensorboard, wandb or all")
+        for tracker in ("tensorboard", "wandb"):
+            if self.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
+                raise RlaifError(f"--report-to {self.report_to} needs the {tracker} package: pip install {tracker}")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``rlaif eval``; field help texts are the CLI's help texts."""
+
+    base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
+    tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
+    prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
+    out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})
+    scorers: list[str] = field(metadata={"metavar": "NAME", "help": "Scorer name (repeat for several; each gets its "
+                                                                    "own win rate)."})
+    per_prompt: int = field(default=4, metadata={"help": "Seeds per prompt (one comparison each)."})
+    seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
+                                                   "the training samples' seed so seeds are held out too."})
+    steps: int = field(default=30, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass and per scorer call."})
+    dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
+    scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class; default: the model's."})
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the "
+                                                              "model's."})
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: "
+                                                               "the model's."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image, base and tuned."})
+    device: str | None = field(default=None, metadata={"help": "Device for sampling and scoring, e.g. cuda:0; "
+                                                               "default: this process's accelerator."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file."})
+    scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE",
+                                                                      "help": "Option KEY=VALUE for scorer NAME."})
+    train_log: Path | None = field(default=None, metadata={
+        "help": "train_log.jsonl whose curves go into the report; default: TUNED/train_log.jsonl if present."})
+    resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples of the confidence interval."})
+    grid: int = field(default=24, metadata={"help": "Base | tuned image pairs shown in the report."})
+
+    def validate(self) -> None:
+        """Reject impossible settings, unknown scorers and options, and a --tuned that is no train output,
+        before anything is sampled."""
+        self.check_values()
+        _check_tuned(self.tuned, "--tuned")
+        check_out_dir(self.out, "--out")
+
+    def check_values(self) -> None:
+        """Reject impossible settings and unknown scorers or options (paths aside)."""
+        if not self.scorers:
+            raise RlaifError("give at least one --scorer")
+        for name in ("per_prompt", "steps", "batch_size", "resamples"):
+            if getattr(self, name) < 1:
+                raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.grid < 0:
+            raise RlaifError(f"--grid must not be negative, got {self.grid}")
+        _check_generation(self)
+        check_scorers(self.scorers, self.scorer_options)
+

@@ -1,0 +1,81 @@
+"""The CLI as a user meets it: instant help, conventional options, progress as log lines or bars."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+from conftest import PROMPTS, run_cli
+
+from rlaif.cli_progress import LineReporter, bar_columns
+
+HEAVY = ("torch", "diffusers", "transformers", "polars", "accelerate", "open_clip", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"], ["label", "--help"], ["train", "--help"],
+                                  ["eval", "--help"], ["loop", "--help"], ["scorers", "list"]])
+def test_help_and_scorers_list_import_no_heavy_library(argv):
+    """What makes `rlaif --help` answer at once (bench/cli.py times it): nothing heavy is imported."""
+    code = ("import sys; sys.argv = ['rlaif', *sys.argv[1:]]\nfrom rlaif.cli import main\ntry:\n    main()\n"
+            f"except SystemExit:\n    pass\nprint('LOADED', *sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "LOADED"
+
+
+def test_options_read_as_flags_and_repeatable_values():
+    help_text = run_cli("label", "--help", env=None).stdout
+    assert "--keep-ties " in help_text and "--keep-ties <bool>" not in help_text and "<bool>" not in help_text
+    assert "-s, --scorer NAME[:WEIGHT]" in help_text and "list[str]" not in help_text
+    loop_help = " ".join(run_cli("loop", "--help").stdout.split())
+    assert "[loop] table" in loop_help and "[sample] [label] [train] [eval]" in loop_help
+    eval_help = run_cli("eval", "--help").stdout
+    for flag in ("-m, --model, --base", "--device", "--width", "--height", "--negative-prompt"):
+        assert flag in eval_help, flag
+
+
+def test_log_lines_are_throttled_and_carry_rate_eta_and_info():
+    now = [0.0]
+    stream = io.StringIO()
+    report = LineReporter("steps", stream, every=10.0, clock=lambda: now[0])
+    for step in range(1, 101):
+        now[0] = step * 0.5  # 2 steps/s: 50 s in all
+        report("training", step, 100, f"loss {1 / step:.4f}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 + 4 + 1  # the first (t = 0.5 s), one per 10 s (10.5 ... 40.5 s), and the last (50 s)
+    assert lines[0].startswith("training: 1/100 steps (1%), - steps/s, ETA -:--:--, loss 1.0000")
+    assert lines[1] == "training: 21/100 steps (21%), 2.00 steps/s, ETA 0:00:40, loss 0.0476"
+    assert lines[-1] == "training: 100/100 steps (100%), 2.00 steps/s, ETA 0:00:00, loss 0.0100"
+
+
+def test_bars_fit_80_columns_with_loss_and_eta():
+    from rich.console import Console
+    from rich.progress import Progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    progress = Progress(*bar_columns("steps"), console=console, auto_refresh=False)
+    task = progress.add_task("training", total=150, info="loss 0.6931 acc 0.50")
+    progress.update(task, completed=40)
+    console.print(progress.make_tasks_table(progress.tasks))
+    (line,) = [row for row in out.getvalue().splitlines() if row.strip()]
+    assert len(line.rstrip()) <= 80 and "40/150" in line and "loss 0.6931 acc 0.50" in line
+    assert "-:--:--" in line or "0:0" in line  # the ETA column survived
+
+
+def test_a_command_in_a_log_prints_progress_lines_and_a_summary(tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    sampled = run_cli("sample", "-m", "tiny", "-p", tmp_path / "p.txt", "-n", 2, "--steps", 2, "-o", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "sampling: 4/4 images (100%)" in sampled.stderr  # stderr is a pipe here: lines, not bars
+    labelled = run_cli("label", tmp_path / "s", "-s", "compressibility")
+    assert labelled.returncode == 0, labelled.stderr
+    assert "scoring compressibility: 4/4 images (100%)" in labelled.stderr
+    assert f"wrote {tmp_path / 's' / 'pairs.parquet'}: 2 pairs from 2 prompts (0 tied pairs dropped, 0 under " \
+           "--min-margin)" in labelled.stderr
+    trained = run_cli("train", tmp_path / "s" / "pairs.parquet", "-m", "tiny", "-o", tmp_path / "t", "--max-steps", 2)
+    assert trained.returncode == 0, trained.stderr
+    assert "training: 2/2 steps (100%)" in trained.stderr and ", loss 0.6" in trained.stderr
+    last = trained.stderr.strip().splitlines()[-1]
+    assert last.startswith("trained 2 steps: final loss 0.") and \
+        last.endswith(f"weights in {tmp_path / 't' / 'pytorch_lora_weights.safetensors'}")
