@@ -66,7 +66,10 @@ def test_rounds_chain_and_a_killed_loop_resumes(small_loop):
     assert state["done"] == [f"{r}/{s}" for r in (1, 2) for s in ("sample", "label", "train", "eval")]
     # round 2 samples from, starts from and is referenced to round 1's model
     round_1 = str((out / "round_1" / "train").resolve())
-    assert json.loads((out / "round_2" / "samples" / "run.json").read_text())["generation"]["tuned"] == round_1
+    from rlaif.train.outputs import weights_identity
+
+    sampled = json.loads((out / "round_2" / "samples" / "run.json").read_text())
+    assert sampled["settings"]["tuned"] == round_1 and sampled["generation"]["tuned"] == weights_identity(round_1)
     assert json.loads((out / "round_2" / "train" / "train.json").read_text())["config"]["init"] == round_1
     assert json.loads((out / "round_1" / "samples" / "run.json").read_text())["generation"]["tuned"] is None
     table = pl.read_parquet(out / "round_2" / "eval" / "eval.parquet")
@@ -128,3 +131,13 @@ def test_the_sdxl_loop_example_reads():
     assert plan.loop.prompts == str(example.parent / "prompts.txt")
     assert plan.stages["eval"]["scorers"] == ["pickscore", "hpsv2.1"]  # eval defaults to the label scorers
     assert plan.stages["train"]["gradient_checkpointing"] and plan.stages["sample"]["dtype"] == "fp16"
+
+
+def test_later_rounds_sample_new_seeds_never_the_eval_seed():
+    from rlaif.loop import round_seed
+
+    for sample_seed in (0, 1, 7):
+        seeds = [round_seed(sample_seed, n) for n in range(1, 9)]
+        assert seeds[0] == sample_seed and len(set(seeds)) == 8
+        assert all(seed >= 2**31 for seed in seeds[1:])  # far from any small eval seed (default 1)
+

@@ -104,10 +104,12 @@ def test_tuned_weights_for_another_model_are_refused(tmp_path):
     xl.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_v"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(xl.unet))
     StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl-lora", unet_lora_layers=layers)
+    (tmp_path / "xl-lora" / "train.json").write_text('{"format": 2, "config": {}}')  # a finished output's files
     with pytest.raises(RlaifError, match="32 of its 64 LoRA tensors fit this model's UNet"):
         load_pipeline("tiny", tuned=tmp_path / "xl-lora")
     assert load_pipeline("tiny-xl", tuned=tmp_path / "xl-lora") is not None  # where it belongs, it applies
     load_pipeline("tiny").unet.save_pretrained(tmp_path / "full" / "unet")  # a full fine-tuning output's layout
+    (tmp_path / "full" / "train.json").write_text('{"format": 2, "config": {"full": true}}')
     (tmp_path / "p.txt").write_text("a red circle\n")
     result = run_cli("sample", "--model", "tiny-xl", "--tuned", tmp_path / "full", "--prompts", tmp_path / "p.txt",
                      "--out", tmp_path / "o")

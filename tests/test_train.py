@@ -60,9 +60,10 @@ def max_difference(a, b):
 
 def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(tiny_pairs, tmp_path):
     """SIGKILL before the first checkpoint and again between checkpoints, each time rerun with --resume
-    latest; a checkpoint cut short by a kill is ignored. Each run has its own latent cache, so both compute
-    the same encodings in the same batches."""
-    args = ["train", tiny_pairs, "--max-steps", 8, "--checkpoint-every", 2, *FAST]
+    latest; a checkpoint cut short by a kill is ignored. The warm-up outlasts the first checkpoints, so a
+    resumed schedule that restarted its warm-up would show in the weights. Each run has its own latent cache,
+    so both compute the same encodings in the same batches."""
+    args = ["train", tiny_pairs, "--max-steps", 8, "--checkpoint-every", 2, "--warmup-steps", 5, *FAST]
     whole = run_cli(*args, "--out", tmp_path / "whole", env=cli_env(RLAIF_CACHE=str(tmp_path / "cache-whole")))
     assert whole.returncode == 0, whole.stderr
     parts = tmp_path / "parts"
@@ -85,8 +86,8 @@ def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(tiny_pairs, tmp
     assert max_difference(weights(tmp_path / "whole"), weights(parts)) < 1e-6
     assert [e["step"] for e in log(parts)] == list(range(1, 9))
     assert not list((parts / "checkpoints").glob("*.partial"))
-    again = run_cli(*args, "--out", parts, env=env)  # without --resume, a run with checkpoints is not overwritten
-    assert again.returncode == 2 and "already holds checkpoints (last: step_00000008); pass --resume" in again.stderr
+    again = run_cli(*args, "--out", parts, env=env)  # without --overwrite, a finished run is not overwritten
+    assert again.returncode == 2 and "holds a finished training run; pass --overwrite" in again.stderr
 
 
 def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_path):

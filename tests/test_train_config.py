@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_paper_recipes(recipe, warmup, resolution, optimizer):
     settings = read_settings(EXAMPLES / recipe, TrainConfig)
     config = TrainConfig(pairs=Path("p.parquet"), out=Path("o"), **settings)
-    config.validate()
+    config.check_values()
     processes = 16  # the official launchers' GPU count, for which the files are written
     assert config.batch_size * config.accumulation * processes == 2048
     assert config.scale_lr and math.isclose(config.learning_rate * 2048, 2.048e-5)

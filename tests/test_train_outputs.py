@@ -110,3 +110,9 @@ def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pa
     replaced = run_cli("train", tiny_pairs, "--out", out, *FAST, "--seed", 5, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]  # the old run's are gone
+    full = run_cli("train", tiny_pairs, "--out", out, *FAST, "--full", "--overwrite")
+    assert full.returncode == 0, full.stderr
+    assert (out / "unet").is_dir() and not weights.exists()  # never a stale LoRA beside the new UNet
+    failed = run_cli("train", tiny_pairs, "--out", out, *FAST, "--overwrite", "--learning-rate", 1e30)
+    assert failed.returncode == 2 and "loss became nan" in failed.stderr
+    assert not (out / "unet").exists() and not (out / "train.json").exists()  # no old run posing as this one

@@ -275,7 +275,8 @@ def _keep_log_until(path: Path, step: int) -> None:
 
 def _complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoint folders whose writing finished, oldest first."""
-    found = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and (p / "position.json").exists()]
+    found = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and p.suffix != ".partial"
+             and (p / "position.json").exists()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
@@ -299,52 +300,55 @@ def _identities(config: TrainConfig, processes: int) -> dict:
 
 def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
     """The checkpoint to resume from (None: start at step 0). Refuses to overwrite a finished run without
-    --overwrite, a run with checkpoints without --resume, and to resume a run made with other settings.
-    Checkpoints cut short by a kill (``*.partial``) are removed."""
+    --overwrite, a run with checkpoints without --resume or --overwrite, and to resume a run made with other
+    settings; only then (nothing refused) does --overwrite remove the old run's outputs. Checkpoints cut short
+    by a kill (``*.partial``) are removed."""
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
         raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
                          "another --out")
+    complete = _complete_checkpoints(config.out)
+    folder = None
+    if config.resume is None and complete and not config.overwrite:
+        raise RlaifError(f"{config.out} already holds checkpoints (last: {complete[-1].name}); pass --resume "
+                         "latest to continue that run, or choose another --out")
+    if config.resume == "latest":
+        folder = complete[-1] if complete else None  # none: killed before its first checkpoint, start again
+    elif config.resume is not None:
+        folder = Path(config.resume)
+        if not (folder / "position.json").exists():
+            raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
+    if folder is not None:
+        _check_same_run(folder, config, accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process has checked before any removes
     if accelerator.is_main_process:
         for partial in (config.out / "checkpoints").glob("step_*.partial"):
             shutil.rmtree(partial)
         if config.overwrite:  # asked for: the old run's outputs go before the new one starts (its checkpoints too
             remove_outputs(config.out)  # unless resuming), so a failed run never leaves them looking current
-            if config.resume is None:
-                for checkpoint in _complete_checkpoints(config.out):
-                    shutil.rmtree(checkpoint)
+            for checkpoint in complete if config.resume is None else []:
+                shutil.rmtree(checkpoint)
     accelerator.wait_for_everyone()
-    complete = _complete_checkpoints(config.out)
-    if config.resume is None:
-        if complete:
-            raise RlaifError(f"{config.out} already holds checkpoints (last: {complete[-1].name}); pass --resume "
-                             "latest to continue that run, or choose another --out")
-        return None
-    if config.resume == "latest":
-        if not complete:
-            return None  # killed before its first checkpoint: start again
-        folder = complete[-1]
-    else:
-        folder = Path(config.resume)
-        if not (folder / "position.json").exists():
-            raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
+    return folder
+
+
+def _check_same_run(folder: Path, config: TrainConfig, processes: int) -> None:
+    """Refuse to resume checkpoint ``folder`` with settings that change what a step computes."""
     position = json.loads((folder / "position.json").read_text())
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
     saved = {**position["settings"], **position.get("identities", {})}
-    now = {**_settings(config), **_identities(config, accelerator.num_processes)}
+    now = {**_settings(config), **_identities(config, processes)}
     changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
-    return folder
 
 
 def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
     """Weights, optimizer and RNG states (the schedule follows from the step) under checkpoints/step_N, written
-    as step_N.partial and
-    renamed once every process has written its part (and position.json marks it complete)."""
+    as step_N.partial and renamed once every process has written its part (position.json marks it complete)."""
     final = config.out / "checkpoints" / f"step_{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
