@@ -235,11 +235,14 @@ def print_win_rates(table: Path) -> None:
 
     rows = pl.read_parquet(table)
     extra = ["round"] if "round" in rows.columns else []
-    view = Table(*extra, "scorer", "n", "win rate", "95% CI", "mean base", "mean tuned", box=None)
+    view = Table(*extra, "scorer", "prompts", "win (95% CI)", "base", "tuned", "delta (95% CI)", "relative", "p",
+                 box=None)
     for row in rows.iter_rows(named=True):
-        view.add_row(*(str(row[c]) for c in extra), row["scorer"], str(row["n"]), f"{row['win_rate']:.3f}",
-                     f"{row['ci_low']:.3f}-{row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}")
-    Console().print(view)
+        view.add_row(*(str(row[c]) for c in extra), row["scorer"], str(row["prompts"]),
+                     f"{row['win_rate']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})", f"{row['mean_base']:.4g}",
+                     f"{row['mean_tuned']:.4g}", f"{row['delta']:+.4g} ({row['delta_low']:+.3g} to "
+                     f"{row['delta_high']:+.3g})", f"{row['relative']:+.1%}", f"{row['p_value']:.2g}")
+    Console(width=None if sys.stdout.isatty() else 160).print(view)  # a log gets whole lines, not wrapped cells
 
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.toml"

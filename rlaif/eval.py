@@ -1,17 +1,17 @@
 """``rlaif eval``: base vs tuned model on held-out prompts, same seeds, scored by the same scorers.
 
 Each (prompt, seed) gives one comparison per scorer: 1 if the tuned image scores higher, 0.5 on a tie, 0
-otherwise. The win rate is their mean, with a 95% percentile-bootstrap interval over comparisons.
+otherwise. The win rate is their mean; beside it the size of the effect, the mean delta (absolute and relative
+to the base mean), and a signed-rank p-value; every interval is a bootstrap over prompts (``rlaif.stats``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig
@@ -21,55 +21,46 @@ from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
+from rlaif.stats import paired_effect
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
 
-EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
-               "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64}
+EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64,
+               "ci_low": pl.Float64, "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64,
+               "delta": pl.Float64, "delta_low": pl.Float64, "delta_high": pl.Float64, "relative": pl.Float64,
+               "relative_low": pl.Float64, "relative_high": pl.Float64, "p_value": pl.Float64}
+BY_PROMPT_SCHEMA = {"scorer": pl.String, "prompt_id": pl.String, "prompt": pl.String, "n": pl.Int64,
+                    "win_rate": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64, "delta": pl.Float64}
 CATEGORY_SCHEMA = {"column": pl.String, "category": pl.String, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``."""
 
 
-@dataclass(frozen=True)
-class WinRate:
-    """How often the tuned model beats the base model, with a 95% bootstrap interval."""
-
-    n: int
-    win_rate: float
-    ci_low: float
-    ci_high: float
-    mean_base: float
-    mean_tuned: float
-
-
-def win_rate(base: np.ndarray, tuned: np.ndarray, resamples: int = 2000, seed: int = 0) -> WinRate:
-    """Win rate of ``tuned`` over ``base`` (paired scores; ties count 0.5) and its 95% percentile-bootstrap
-    interval from ``resamples`` resamples of the comparisons (a fixed ``seed``: the same data, the same CI)."""
-    base, tuned = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
-    if base.shape != tuned.shape or base.ndim != 1 or base.size == 0:
-        raise ValueError("base and tuned must be equally long, non-empty score vectors")
-    wins = (tuned > base) + 0.5 * (tuned == base)
-    draws = np.random.default_rng(seed).integers(0, wins.size, size=(resamples, wins.size))
-    means = wins[draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return WinRate(int(wins.size), float(wins.mean()), float(low), float(high), float(base.mean()),
-                   float(tuned.mean()))
-
-
 def compare(paired: pl.DataFrame, resamples: int, by: list[str]) -> pl.DataFrame:
-    """One win-rate row per scorer (and per value of each column in ``by``) from paired scores
-    (columns scorer, score_base, score_tuned, and the ``by`` columns)."""
+    """One row of effects per scorer (and per value of each column in ``by``) from paired scores (columns
+    scorer, prompt_id, score_base, score_tuned, and the ``by`` columns)."""
     rows = []
     for column in by or [None]:
         keys = ["scorer"] + ([column] if column else [])
         for key, group in paired.group_by(keys, maintain_order=True):
-            result = win_rate(group["score_base"].to_numpy(), group["score_tuned"].to_numpy(), resamples)
-            row = {"scorer": key[0], **result.__dict__}
+            result = paired_effect(group["score_base"].to_numpy(), group["score_tuned"].to_numpy(),
+                                   group["prompt_id"].to_numpy(), resamples)
+            row = {"scorer": key[0], **asdict(result)}
             if column:
                 row.update(column=column, category=str(key[1]))
             rows.append(row)
     schema = CATEGORY_SCHEMA if by else EVAL_SCHEMA
     return pl.DataFrame(rows, schema=schema).sort([c for c in ("scorer", "column", "category") if c in schema])
+
+
+def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
+    """One row per scorer and prompt (``paired``: one row per scorer and comparison): its comparisons, win
+    rate, means and mean delta, for eval_by_prompt.parquet."""
+    won = (pl.col("score_tuned") > pl.col("score_base")).cast(pl.Float64) + \
+        0.5 * (pl.col("score_tuned") == pl.col("score_base")).cast(pl.Float64)
+    return (paired.group_by("scorer", "prompt_id", maintain_order=True)
+            .agg(prompt=pl.col("prompt").first(), n=pl.len(), win_rate=won.mean(),
+                 mean_base=pl.col("score_base").mean(), mean_tuned=pl.col("score_tuned").mean())
+            .with_columns(delta=pl.col("mean_tuned") - pl.col("mean_base")).sort("scorer", "prompt"))
 
 
 def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None) -> Path:
@@ -88,7 +79,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
                                 scheduler=config.scheduler, prompt_column=config.prompt_column, width=config.width,
                                 height=config.height, negative_prompt=config.negative_prompt, device=config.device),
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
-                   replace_stale=True)  # eval's own folders: samples of another model or setting are remade
+                   replace_stale="eval")  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
         label = LabelConfig(samples_dir=folder, scorers=config.scorers, scorer_options=config.scorer_options,
                             batch_size=config.batch_size, device=config.device)
@@ -109,6 +100,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     out = config.out / "eval.parquet"
     if process_state().is_main_process:
         write_table(summary, out, EVAL_SCHEMA)
+        write_table(by_prompt(paired), config.out / "eval_by_prompt.parquet", BY_PROMPT_SCHEMA)
         if by_category is not None:
             write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
         log_path = config.train_log or config.tuned / "train_log.jsonl"

@@ -33,15 +33,20 @@ def _image_uri(path: str | Path) -> str:
 
 
 def _win_table(table: pl.DataFrame, table_id: str, extra: tuple[str, ...] = ()) -> str:
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in (*extra, "scorer", "n", "win rate", "95% CI",
-                                                             "mean base", "mean tuned"))
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in (*extra, "scorer", "prompts", "n", "win rate", "95% CI",
+                                                             "mean base", "mean tuned", "delta (95% CI)",
+                                                             "relative (95% CI)", "p"))
     rows = []
     for row in table.iter_rows(named=True):
         verdict = "good" if row["ci_low"] > 0.5 else "bad" if row["ci_high"] < 0.5 else ""
+        change = "good" if row["delta_low"] > 0 else "bad" if row["delta_high"] < 0 else ""
         cells = [html.escape(str(row[c])) for c in extra] + [
-            html.escape(row["scorer"]), str(row["n"]),
+            html.escape(row["scorer"]), str(row["prompts"]), str(row["n"]),
             f'<span class="{verdict}">{row["win_rate"]:.3f}</span>',
-            f"{row['ci_low']:.3f} - {row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}"]
+            f"{row['ci_low']:.3f} - {row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}",
+            f'<span class="{change}">{row["delta"]:+.4g}</span> ({row["delta_low"]:+.3g} to {row["delta_high"]:+.3g})',
+            f"{row['relative']:+.1%} ({row['relative_low']:+.1%} to {row['relative_high']:+.1%})",
+            f"{row['p_value']:.2g}"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f'<table id="{table_id}"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -89,8 +94,11 @@ def write_report(path: Path, summary: pl.DataFrame, by_category: pl.DataFrame | 
     given) and a base | tuned image grid with scores; ``paired`` holds one row per scorer and comparison."""
     parts = [f"<h1>rlaif evaluation</h1><p>{html.escape(title)}</p>",
              "<h2>Win rate of tuned over base</h2>",
-             "<p>Per prompt and seed: 1 if the tuned image scores higher, 0.5 on a tie; 95% bootstrap interval. "
-             "Green: the interval lies above 0.5; red: below.</p>", _win_table(summary, "win-rates")]
+             "<p>Per prompt and seed: 1 if the tuned image scores higher, 0.5 on a tie. Beside it the size of the "
+             "change: the mean delta (tuned - base), absolute and relative to the base mean. Intervals are 95% "
+             "bootstraps over prompts (a prompt's seeds are correlated); p: Wilcoxon signed-rank test of the "
+             "per-prompt mean deltas. Green: the interval lies above 0.5 (win rate) or 0 (delta); red: below.</p>",
+             _win_table(summary, "win-rates")]
     if by_category is not None:
         parts += ["<h2>By category</h2>", _win_table(by_category, "by-category", ("column", "category"))]
     if train_log:

@@ -22,7 +22,7 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
-from rlaif.models import default_size, load_pipeline
+from rlaif.models import default_size, load_pipeline, model_identity
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
@@ -96,10 +96,18 @@ def check_resumable(run_file: Path, generation: dict) -> None:
         )
 
 
-def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: bool = False) -> Path:
+def _made_by(run_file: Path) -> str | None:
+    """Which command made a samples folder (run.json's ``made_by``), None if unknown."""
+    try:
+        return json.loads(run_file.read_text()).get("made_by")
+    except (OSError, ValueError):
+        return None
+
+
+def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: str | None = None) -> Path:
     """Generate every missing image of ``config`` and write the samples table; return its path. A folder
-    made with other generation settings is refused, or with ``replace_stale`` (a folder the caller owns)
-    emptied and made again."""
+    made with other generation settings is refused; with ``replace_stale`` (the name of the caller that owns
+    the folder, recorded in run.json) a folder that caller made is emptied and made again instead."""
     config.validate()
     prompts = load_prompts(config.prompts, config.prompt_column)
     state = process_state()
@@ -109,11 +117,13 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
                 "width": width, "height": height,
                 "scheduler": type(pipe.scheduler).__name__}
-    # the tuned model is identified by its weights, not its path: retraining into the same folder is new
+    # the models are identified by their weights, not their names: retraining into the same folder, a new hub
+    # revision or a changed model folder makes other images
     generation = {**{key: settings[key] for key in GENERATION_KEYS},
-                  "tuned": config.tuned and weights_identity(config.tuned)}
+                  "tuned": config.tuned and weights_identity(config.tuned),
+                  "model_weights": model_identity(config.model)}
     run_file = config.out / "run.json"
-    if replace_stale and state.is_main_process:
+    if replace_stale and state.is_main_process and _made_by(run_file) == replace_stale:
         try:
             check_resumable(run_file, generation)
         except RlaifError:  # made by other settings or another model: none of it may be reused
@@ -126,7 +136,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
         if config.out.exists():
             remove_stale_temporaries(config.out)
         write_json({"generation": generation, "settings": settings, "versions": versions(),
-                    "prompts": len(prompts), "processes": state.num_processes}, run_file)
+                    "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
+                   run_file)
     state.wait_for_everyone()
 
     jobs = plan_jobs(prompts, config.per_prompt, config.seed)

@@ -10,34 +10,29 @@ import pytest
 from conftest import PROMPTS, run_cli
 from PIL import Image
 
-from rlaif.eval import compare, win_rate
+from rlaif.eval import compare
 from rlaif.scorers.jpeg import jpeg_kilobytes
+from rlaif.stats import paired_effect
 
 
-def test_win_rate_counts_ties_as_half_and_brackets_the_estimate():
-    result = win_rate(np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 2.0, 1.0, 5.0]))
-    assert (result.n, result.win_rate, result.mean_base, result.mean_tuned) == (4, 0.625, 2.5, 2.5)
-    assert result.ci_low <= 0.625 <= result.ci_high
-    assert win_rate(np.zeros(5), np.ones(5)).__dict__ == {"n": 5, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0,
-                                                         "mean_base": 0.0, "mean_tuned": 1.0}
-    # n = 2000 comparisons with p = 0.7: the bootstrap interval matches the normal one, 0.7 +- 1.96 * 0.01025
+def test_with_one_comparison_per_prompt_the_interval_is_the_binomial_one():
+    """Each prompt its own cluster: n = 2000 comparisons with p = 0.7, the bootstrap interval matches the
+    normal one, 0.7 +- 1.96 * 0.01025."""
     rng = np.random.default_rng(1)
     wins = rng.permutation(np.r_[np.ones(1400), np.zeros(600)])
-    result = win_rate(np.full(2000, 0.5), wins)
+    result = paired_effect(np.full(2000, 0.5), wins, np.arange(2000))
     half_width = 1.96 * np.sqrt(0.7 * 0.3 / 2000)
     assert result.win_rate == 0.7 and abs((result.ci_high - result.ci_low) / 2 - half_width) < 0.1 * half_width
-    assert win_rate(np.full(2000, 0.5), wins) == result  # a fixed seed: the same data, the same interval
-    with pytest.raises(ValueError):
-        win_rate(np.zeros(3), np.zeros(4))
+    assert result.delta == pytest.approx(0.2) and result.prompts == 2000
 
 
 def test_compare_breaks_down_by_category():
     paired = pl.DataFrame({"scorer": ["s"] * 4, "score_base": [0.0, 0.0, 1.0, 1.0], "score_tuned": [1.0, 1.0, 0.0, 1.0],
-                           "Category": ["A", "A", "B", "B"]})
+                           "Category": ["A", "A", "B", "B"], "prompt_id": ["p", "q", "r", "r"]})
     rows = compare(paired, 100, ["Category"]).select("category", "n", "win_rate", "mean_tuned").rows()
     assert rows == [("A", 2, 1.0, 1.0), ("B", 2, 0.25, 0.5)]
     (overall,) = compare(paired, 100, []).rows(named=True)
-    assert (overall["n"], overall["win_rate"]) == (4, 0.625)
+    assert (overall["n"], overall["prompts"], overall["win_rate"], overall["delta"]) == (4, 3, 0.625, 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +70,15 @@ def test_eval_tables_match_an_independent_computation(evaluated):
     assert sorted(zip(by_category["column"], by_category["category"], by_category["n"], strict=True)) == [
         ("Category", "Colours", 6), ("Category", "Shapes", 6), ("Challenge", "Basic", 12)]
     assert f"{table['compressibility']['win_rate']:.3f}" in result.stdout
+    delta = -(kb_tuned.mean() - kb_base.mean())
+    assert table["compressibility"]["delta"] == pytest.approx(delta)
+    assert table["compressibility"]["relative"] == pytest.approx(delta / kb_base.mean())
+    assert table["compressibility"]["prompts"] == 4
+    prompts = pl.read_parquet(out / "eval_by_prompt.parquet").filter(pl.col("scorer") == "compressibility")
+    assert prompts.height == 4 and prompts["n"].to_list() == [3] * 4
+    per_prompt = {pid: -(kb_tuned[i] - kb_base[i]).mean() for pid, i in
+                  ((pid, (base["prompt_id"] == pid).to_numpy()) for pid in base["prompt_id"].unique())}
+    assert dict(zip(prompts["prompt_id"], prompts["delta"], strict=True)) == pytest.approx(per_prompt)
 
 
 class Page(html.parser.HTMLParser):
@@ -121,7 +125,7 @@ def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
     for row in rows.iter_rows(named=True):
         assert row["scorer"] in page.cells and f"{row['win_rate']:.3f}" in page.cells
     shot = tmp_path / "shot.png"
-    rendered = subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1400",
+    rendered = subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400",
                                (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)

@@ -150,3 +150,15 @@ def test_bad_inputs_name_the_culprit(tmp_path, prompts_file):
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_model_folder_is_another_model(tmp_path, prompts_file):
+    """Samples are keyed by the model's weights, not its name: after the folder's weights change, a rerun into
+    the same --out is refused instead of mixing images of two models."""
+    assert run_cli("tiny", "--out", tmp_path / "model").returncode == 0
+    args = ["sample", "-m", tmp_path / "model", "-p", prompts_file, "-n", 1, "--steps", 2, "-o", tmp_path / "s"]
+    assert run_cli(*args).returncode == 0
+    weights = next((tmp_path / "model" / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # rewritten in place (fine-tuned, say): a new file
+    again = run_cli(*args)
+    assert again.returncode == 2 and "holds images made with other settings (model_weights" in again.stderr
