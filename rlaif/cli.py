@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -324,8 +325,17 @@ def quiet_libraries() -> None:
         logging.disable_progress_bar()
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Raised by rlaif's own SIGINT handler because typer turns a KeyboardInterrupt into a silent exit."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2; Ctrl-C says how to go on."""
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except (RlaifError, OSError) as exc:  # OSError: a file-system fault (read-only folder, disk full, ...)
@@ -333,10 +343,12 @@ def main() -> None:
             raise
         say(f"error: {error_line(exc)}")
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         say("interrupted: nothing finished is lost; rerun the same command to continue where it stopped (for "
             "rlaif train, add --resume latest: it goes on from the last --checkpoint-every checkpoint)")
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def error_line(exc: BaseException) -> str:

@@ -79,3 +79,21 @@ def test_a_command_in_a_log_prints_progress_lines_and_a_summary(tmp_path):
     last = trained.stderr.strip().splitlines()[-1]
     assert last.startswith("trained 2 steps: final loss 0.") and \
         last.endswith(f"weights in {tmp_path / 't' / 'pytorch_lora_weights.safetensors'}")
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path):
+    import signal
+    import time
+
+    from conftest import cli_env
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    process = subprocess.Popen([sys.executable, "-m", "rlaif", "sample", "-m", "tiny", "-p", str(tmp_path / "p.txt"),
+                                "-n", "4", "--steps", "50", "--batch-size", "1", "-o", str(tmp_path / "s")],
+                               env=cli_env(), stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not list((tmp_path / "s").rglob("*.png")):
+        time.sleep(0.05)  # at work: its first image is written
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing finished is lost; rerun the same command")
