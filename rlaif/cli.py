@@ -198,6 +198,7 @@ def evaluate(
     prompts: Annotated[str, option(E, "prompts", "--prompts", "-p")],
     out: Annotated[Path, option(E, "out", "--out", "-o")],
     scorers: Annotated[list[str], option(E, "scorers", "--scorer", "-s")],
+    held_out: Annotated[list[str], option(E, "held_out", "--held-out")] = [],  # noqa: B006
     per_prompt: Annotated[int, option(E, "per_prompt", "--per-prompt", "-n")] = default(E, "per_prompt"),
     seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
     steps: Annotated[int, option(E, "steps")] = default(E, "steps"),
@@ -234,16 +235,21 @@ def print_win_rates(table: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rlaif.eval import reward_hacking
+
     rows = pl.read_parquet(table)
     extra = ["round"] if "round" in rows.columns else []
-    view = Table(*extra, "scorer", "prompts", "win (95% CI)", "base", "tuned", "delta (95% CI)", "relative", "p",
-                 box=None)
+    view = Table(*extra, "scorer", "role", "prompts", "win (95% CI)", "base", "tuned", "delta (95% CI)", "relative",
+                 "p", box=None)
     for row in rows.iter_rows(named=True):
-        view.add_row(*(str(row[c]) for c in extra), row["scorer"], str(row["prompts"]),
+        view.add_row(*(str(row[c]) for c in extra), row["scorer"], row["role"], str(row["prompts"]),
                      f"{row['win_rate']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})", f"{row['mean_base']:.4g}",
                      f"{row['mean_tuned']:.4g}", f"{row['delta']:+.4g} ({row['delta_low']:+.3g} to "
                      f"{row['delta_high']:+.3g})", f"{row['relative']:+.1%}", f"{row['p_value']:.2g}")
-    Console(width=None if sys.stdout.isatty() else 160).print(view)  # a log gets whole lines, not wrapped cells
+    Console(width=None if sys.stdout.isatty() else 170).print(view)  # a log gets whole lines, not wrapped cells
+    last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
+    for warning in reward_hacking(last):
+        say(f"warning: {warning}")
 
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.toml"

@@ -239,8 +239,11 @@ class EvalConfig:
     tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
     prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
     out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})
-    scorers: list[str] = field(metadata={"metavar": "NAME", "help": "Scorer name (repeat for several; each gets its "
-                                                                    "own win rate)."})
+    scorers: list[str] = field(metadata={"metavar": "NAME", "help": "Scorer the model was trained on (repeat for "
+                                                                    "several; each gets its own row)."})
+    held_out: list[str] = field(default_factory=list, metadata={
+        "metavar": "NAME", "help": "Scorer the model was NOT trained on, reported apart: a rise in the trained "
+                                   "scores with a significant fall here is flagged as reward hacking."})
     per_prompt: int = field(default=4, metadata={"help": "Seeds per prompt (one comparison each)."})
     seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
                                                    "the training samples' seed so seeds are held out too."})
@@ -281,5 +284,8 @@ class EvalConfig:
         if self.grid < 0:
             raise RlaifError(f"--grid must not be negative, got {self.grid}")
         _check_generation(self)
-        check_scorers(self.scorers, self.scorer_options)
+        both = [*self.scorers, *self.held_out]
+        if len(set(both)) < len(both):
+            raise RlaifError("a scorer is given twice (--scorer and --held-out must differ)")
+        check_scorers(both, self.scorer_options)
 

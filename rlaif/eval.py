@@ -24,13 +24,15 @@ from rlaif.scoring import parse_weights
 from rlaif.stats import paired_effect
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
 
-EVAL_SCHEMA = {"scorer": pl.String, "n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64,
-               "ci_low": pl.Float64, "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64,
-               "delta": pl.Float64, "delta_low": pl.Float64, "delta_high": pl.Float64, "relative": pl.Float64,
-               "relative_low": pl.Float64, "relative_high": pl.Float64, "p_value": pl.Float64}
+OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
+EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
+                 "ci_high": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64, "delta": pl.Float64,
+                 "delta_low": pl.Float64, "delta_high": pl.Float64, "relative": pl.Float64,
+                 "relative_low": pl.Float64, "relative_high": pl.Float64, "p_value": pl.Float64}  # rlaif.stats.Effect
+EVAL_SCHEMA = {"scorer": pl.String, "role": pl.String, **EFFECT_SCHEMA}
 BY_PROMPT_SCHEMA = {"scorer": pl.String, "prompt_id": pl.String, "prompt": pl.String, "n": pl.Int64,
                     "win_rate": pl.Float64, "mean_base": pl.Float64, "mean_tuned": pl.Float64, "delta": pl.Float64}
-CATEGORY_SCHEMA = {"column": pl.String, "category": pl.String, **EVAL_SCHEMA}
+CATEGORY_SCHEMA = {"column": pl.String, "category": pl.String, "scorer": pl.String, **EFFECT_SCHEMA}
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``."""
 
@@ -48,8 +50,20 @@ def compare(paired: pl.DataFrame, resamples: int, by: list[str]) -> pl.DataFrame
             if column:
                 row.update(column=column, category=str(key[1]))
             rows.append(row)
-    schema = CATEGORY_SCHEMA if by else EVAL_SCHEMA
+    schema = CATEGORY_SCHEMA if by else {"scorer": pl.String, **EFFECT_SCHEMA}
     return pl.DataFrame(rows, schema=schema).sort([c for c in ("scorer", "column", "category") if c in schema])
+
+
+def reward_hacking(summary: pl.DataFrame) -> list[str]:
+    """Warnings for each held-out scorer that fell significantly (delta interval below 0) while a scorer the
+    model was trained on rose significantly: the model may be exploiting the trained scorer."""
+    rose = summary.filter((pl.col("role") == OPTIMISED) & (pl.col("delta_low") > 0))["scorer"].to_list()
+    fell = summary.filter((pl.col("role") == HELD_OUT) & (pl.col("delta_high") < 0))
+    if not rose:
+        return []
+    return [f"reward hacking? {', '.join(rose)} rose while held-out {row['scorer']} fell significantly "
+            f"({row['relative']:+.1%}, 95% CI {row['relative_low']:+.1%} to {row['relative_high']:+.1%})"
+            for row in fell.iter_rows(named=True)]
 
 
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
@@ -81,13 +95,14 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
                    replace_stale="eval")  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
-        label = LabelConfig(samples_dir=folder, scorers=config.scorers, scorer_options=config.scorer_options,
+        label = LabelConfig(samples_dir=folder, scorers=[*config.scorers, *config.held_out],
+                            scorer_options=config.scorer_options,
                             batch_size=config.batch_size, device=config.device)
         side_scores = update_scores(samples, label, progress and (
             lambda scorer, done, total, side=side: progress(f"scoring {side} {scorer}", done, total)))
         scores[side] = side_scores.join(samples.select("sample_id", "prompt_id", "candidate", "seed", "image"),
                                         on="sample_id").with_columns(image=pl.lit(str(folder)) + "/" + pl.col("image"))
-    names = list(parse_weights(config.scorers))
+    names = [*parse_weights(config.scorers), *config.held_out]
     keys = ["scorer", "prompt_id", "candidate"]
     paired = (scores["base"].filter(pl.col("scorer").is_in(names))
               .join(scores["tuned"].select(*keys, "score", "image"), on=keys, suffix="_tuned")
@@ -95,7 +110,9 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     categories = [c for c in prompt_table.columns if c != "prompt"]
     ids = prompt_table.with_columns(prompt_id=pl.col("prompt").map_elements(prompt_id, pl.String))
     paired = paired.join(ids.select("prompt_id", *categories), on="prompt_id", how="left")
-    summary = compare(paired, config.resamples, [])
+    roles = pl.DataFrame({"scorer": names, "role": [OPTIMISED] * (len(names) - len(config.held_out))
+                          + [HELD_OUT] * len(config.held_out)})
+    summary = compare(paired, config.resamples, []).join(roles, on="scorer").select(list(EVAL_SCHEMA))
     by_category = compare(paired, config.resamples, categories) if categories else None
     out = config.out / "eval.parquet"
     if process_state().is_main_process:
@@ -107,6 +124,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
         train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
             if log_path.is_file() else []
         write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
-                     train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid)
+                     train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid,
+                     warnings=reward_hacking(summary))
     process_state().wait_for_everyone()
     return out

@@ -89,16 +89,22 @@ def _pairs_grid(paired: pl.DataFrame, scorers: list[str], grid: int) -> str:
 
 
 def write_report(path: Path, summary: pl.DataFrame, by_category: pl.DataFrame | None, paired: pl.DataFrame,
-                 scorers: list[str], train_log: list[dict], title: str, grid: int = 24) -> Path:
-    """Write the report: win rates (overall and per category), training curves from ``train_log`` (when
-    given) and a base | tuned image grid with scores; ``paired`` holds one row per scorer and comparison."""
+                 scorers: list[str], train_log: list[dict], title: str, grid: int = 24,
+                 warnings: list[str] = ()) -> Path:
+    """Write the report: warnings first, win rates and effects (overall, marked optimised or held-out, and per
+    category), training curves from ``train_log`` (when given) and a base | tuned image grid with scores;
+    ``paired`` holds one row per scorer and comparison."""
     parts = [f"<h1>rlaif evaluation</h1><p>{html.escape(title)}</p>",
              "<h2>Win rate of tuned over base</h2>",
              "<p>Per prompt and seed: 1 if the tuned image scores higher, 0.5 on a tie. Beside it the size of the "
              "change: the mean delta (tuned - base), absolute and relative to the base mean. Intervals are 95% "
              "bootstraps over prompts (a prompt's seeds are correlated); p: Wilcoxon signed-rank test of the "
              "per-prompt mean deltas. Green: the interval lies above 0.5 (win rate) or 0 (delta); red: below.</p>",
-             _win_table(summary, "win-rates")]
+             "<p>Role: <i>optimised</i> scorers are the ones the model was trained on (their rise measures "
+             "optimisation); <i>held-out</i> ones were not (a fall there while the optimised ones rise suggests "
+             "reward hacking).</p>",
+             _win_table(summary, "win-rates", ("role",))]
+    parts[1:1] = [f'<p class="bad warning">{html.escape(line)}</p>' for line in warnings]
     if by_category is not None:
         parts += ["<h2>By category</h2>", _win_table(by_category, "by-category", ("column", "category"))]
     if train_log:

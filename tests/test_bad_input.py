@@ -121,6 +121,10 @@ CASES = [
       "--scorer-option", "compressibility.x=1"], "scorer 'compressibility' takes no options"),
     (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility",
       "--per-prompt", "0"], "--per-prompt must be at least 1"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--held-out",
+      "compressibility"], "a scorer is given twice (--scorer and --held-out must differ)"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--held-out",
+      "pickscroe"], "unknown scorer 'pickscroe'"),
     # loop
     (["loop", "--config", "unknown-scorer.toml"], "unknown-scorer.toml [label]: unknown scorer 'pickscroe'"),
     (["loop", "--config", "bad-lr.toml"], "bad-lr.toml [train]: --learning-rate must be positive, got -1.0"),

@@ -10,7 +10,7 @@ import pytest
 from conftest import PROMPTS, run_cli
 from PIL import Image
 
-from rlaif.eval import compare
+from rlaif.eval import compare, reward_hacking
 from rlaif.scorers.jpeg import jpeg_kilobytes
 from rlaif.stats import paired_effect
 
@@ -24,6 +24,18 @@ def test_with_one_comparison_per_prompt_the_interval_is_the_binomial_one():
     half_width = 1.96 * np.sqrt(0.7 * 0.3 / 2000)
     assert result.win_rate == 0.7 and abs((result.ci_high - result.ci_low) / 2 - half_width) < 0.1 * half_width
     assert result.delta == pytest.approx(0.2) and result.prompts == 2000
+
+
+def test_reward_hacking_is_flagged_when_the_trained_score_rises_and_a_held_out_one_falls():
+    def row(scorer, role, low, high):
+        return {"scorer": scorer, "role": role, "delta_low": low, "delta_high": high, "relative": (low + high) / 2,
+                "relative_low": low, "relative_high": high}
+
+    summary = pl.DataFrame([row("pickscore", "optimised", 0.02, 0.05), row("aesthetic", "held-out", -0.04, -0.01),
+                            row("clip", "held-out", -0.02, 0.01)])
+    (warning,) = reward_hacking(summary)
+    assert warning.startswith("reward hacking? pickscore rose while held-out aesthetic fell significantly (-2.5%")
+    assert reward_hacking(summary.with_columns(delta_low=pl.lit(-0.01))) == []  # the trained score did not rise
 
 
 def test_compare_breaks_down_by_category():
@@ -45,7 +57,7 @@ def evaluated(tmp_path_factory, tiny_pairs):
     pl.DataFrame({"Prompt": PROMPTS[4:8], "Category": ["Shapes", "Shapes", "Colours", "Colours"],
                   "Challenge": ["Basic"] * 4}).write_csv(folder / "held_out.tsv", separator="\t")
     result = run_cli("eval", "--base", "tiny", "--tuned", folder / "lora", "--prompts", folder / "held_out.tsv",
-                     "--scorer", "compressibility", "--scorer", "incompressibility", "--per-prompt", 3, "--steps", 6,
+                     "--scorer", "compressibility", "--held-out", "incompressibility", "--per-prompt", 3, "--steps", 6,
                      "--batch-size", 12, "--out", folder / "eval", "--grid", 5)
     assert result.returncode == 0, result.stderr
     return folder / "eval", result
@@ -62,6 +74,7 @@ def test_eval_tables_match_an_independent_computation(evaluated):
     expected = ((kb_tuned < kb_base) + 0.5 * (kb_tuned == kb_base)).mean()
     table = {row["scorer"]: row for row in pl.read_parquet(out / "eval.parquet").iter_rows(named=True)}
     assert table["compressibility"]["n"] == 12
+    assert (table["compressibility"]["role"], table["incompressibility"]["role"]) == ("optimised", "held-out")
     assert table["compressibility"]["win_rate"] == pytest.approx(expected)
     assert table["incompressibility"]["win_rate"] == pytest.approx(1 - expected)
     assert table["compressibility"]["mean_base"] == pytest.approx(-kb_base.mean())
