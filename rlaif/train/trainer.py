@@ -69,7 +69,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         log_with=config.report_to,
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
-    resume_from = _resume_point(config, accelerator)
+    identities = _identities(config, accelerator.num_processes)  # hashes the --init weights once per run
+    resume_from = _resume_point(config, accelerator, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
@@ -148,7 +149,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         if progress:
             progress(step, config.max_steps, logs)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(accelerator, config, step)
+            _save_checkpoint(accelerator, config, step, identities)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full,
@@ -298,7 +299,7 @@ def _identities(config: TrainConfig, processes: int) -> dict:
             "init_weights": config.init and weights_identity(config.init)}
 
 
-def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
+def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dict) -> Path | None:
     """The checkpoint to resume from (None: start at step 0). Refuses to overwrite a finished run without
     --overwrite, a run with checkpoints without --resume or --overwrite, and to resume a run made with other
     settings; only then (nothing refused) does --overwrite remove the old run's outputs. Checkpoints cut short
@@ -318,7 +319,7 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
     if folder is not None:
-        _check_same_run(folder, config, accelerator.num_processes)
+        _check_same_run(folder, config, identities)
     accelerator.wait_for_everyone()  # every process has checked before any removes
     if accelerator.is_main_process:
         for partial in (config.out / "checkpoints").glob("step_*.partial"):
@@ -331,14 +332,14 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator) -> Path | None:
     return folder
 
 
-def _check_same_run(folder: Path, config: TrainConfig, processes: int) -> None:
+def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes."""
     position = json.loads((folder / "position.json").read_text())
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
     saved = {**position["settings"], **position.get("identities", {})}
-    now = {**_settings(config), **_identities(config, processes)}
+    now = {**_settings(config), **identities}
     changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
     if changed:
@@ -346,7 +347,7 @@ def _check_same_run(folder: Path, config: TrainConfig, processes: int) -> None:
                          "with the same settings, or start a new run in another --out")
 
 
-def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, identities: dict) -> None:
     """Weights, optimizer and RNG states (the schedule follows from the step) under checkpoints/step_N, written
     as step_N.partial and renamed once every process has written its part (position.json marks it complete)."""
     final = config.out / "checkpoints" / f"step_{step:08d}"
@@ -358,7 +359,7 @@ def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json({"step": step, "settings": _settings(config),
-                    "identities": _identities(config, accelerator.num_processes)}, partial / "position.json")
+                    "identities": identities}, partial / "position.json")
         shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
         publish(partial)
         os.replace(partial, final)
