@@ -102,7 +102,7 @@ def test_training_targets_follow_the_prediction_type():
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
     assert torch.allclose(training_target("v_prediction", latents, noise, t, scheduler), velocity, atol=1e-6)
     with pytest.raises(RlaifError, match="predicts 'flow_prediction'; rlaif trains epsilon, v_prediction and sample"):
-        training_target("flow_prediction", None, None, None, None)
+        training_target("flow_prediction", latents, noise, t, scheduler)
 
 
 def test_adapters_come_back_on_after_an_error_and_sft_has_no_reference():

@@ -74,7 +74,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
-    training_target(pipe.scheduler.config.prediction_type, None, None, None, None)  # refuse unknown types early
+    check_prediction_type(pipe.scheduler.config.prediction_type)
     unet = pipe.unet
     for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
                                                    getattr(pipe, "text_encoder_2", None)) if m is not None)):
@@ -180,15 +180,21 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
 
 
-def training_target(prediction_type: str, latents: torch.Tensor | None, noise: torch.Tensor | None,
-                    timesteps: torch.Tensor | None, noise_scheduler) -> torch.Tensor | None:
-    """What the UNet is trained to predict: the noise (``epsilon``), the velocity (``v_prediction``) or the
-    clean latents (``sample``); any other type is refused. With ``latents=None`` it only checks the type."""
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    """Refuse a model whose scheduler predicts something rlaif does not train (before any work)."""
+    if prediction_type not in PREDICTION_TYPES:
         raise RlaifError(f"the model's scheduler predicts {prediction_type!r}; rlaif trains epsilon, v_prediction "
                          "and sample models")
-    if latents is None:
-        return None
+
+
+def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    noise_scheduler) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (``epsilon``), the velocity (``v_prediction``) or the
+    clean latents (``sample``); any other type is refused."""
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
