@@ -39,7 +39,7 @@ from rlaif.config import LabelConfig, SampleConfig, TrainConfig
 from rlaif.label import run_label
 from rlaif.models import load_pipeline
 from rlaif.sample import run_sample
-from rlaif.train.data import PreferencePair, load_pairs
+from rlaif.train.pair_table import PairTable, PreferencePair
 from rlaif.train.trainer import run_train
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
@@ -190,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pairs_path = make_pairs(folder / "run")
-        pairs = load_pairs(pairs_path)
+        pairs = list(PairTable(pairs_path))
         times: dict[str, list[float]] = {}
         timing: dict[str, float] = {}
         for repeat in range(args.repeats):  # alternate the contenders so that drift hits all of them

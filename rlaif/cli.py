@@ -125,7 +125,7 @@ T = TrainConfig
 @app.command()
 def train(
     ctx: typer.Context,
-    pairs: Annotated[Path | None, argument(T, "pairs")] = None,
+    pairs: Annotated[str | None, argument(T, "pairs")] = None,
     model: Annotated[str | None, option(T, "model", "--model", "-m")] = None,
     out: Annotated[Path | None, option(T, "out", "--out", "-o")] = None,
     init: Annotated[Path | None, option(T, "init")] = default(T, "init"),
@@ -151,8 +151,10 @@ def train(
     hflip: Annotated[bool, option(T, "hflip")] = default(T, "hflip"),
     caption_dropout: Annotated[float, option(T, "caption_dropout")] = default(T, "caption_dropout"),
     no_cache: Annotated[bool, option(T, "no_cache")] = default(T, "no_cache"),
+    cache_dtype: Annotated[str, option(T, "cache_dtype")] = default(T, "cache_dtype"),
+    workers: Annotated[int, option(T, "workers")] = default(T, "workers"),
     report_to: Annotated[str | None, option(T, "report_to")] = default(T, "report_to"),
-    checkpoint_every: Annotated[int, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
+    checkpoint_every: Annotated[int | None, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
     seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
     overwrite: Annotated[bool, option(T, "overwrite")] = default(T, "overwrite"),

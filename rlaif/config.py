@@ -9,6 +9,7 @@ stage's values before the files of later stages exist).
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # the DPO losses; "sft" is the baselin
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("fp32", "fp16", "bf16")
 PRECISIONS = ("no", "fp16", "bf16")
+CACHE_DTYPES = ("fp32", "bf16", "fp16")
+HUB_DATASET = re.compile(r"^[\w.-]+/[\w.-]+$")  # ORG/NAME
 
 
 def _check_generation(config: SampleConfig | EvalConfig) -> None:
@@ -150,7 +153,10 @@ class LabelConfig:
 class TrainConfig:
     """Settings of ``rlaif train``; field help texts are the CLI's help texts."""
 
-    pairs: Path = field(metadata={"help": "Pairs table: rlaif pairs.parquet or a Pick-a-Pic v2 style table."})
+    pairs: str = field(metadata={
+        "help": "Pairs: rlaif pairs.parquet or a Pick-a-Pic v2 style table, as a parquet file, a folder of parquet "
+                "shards (its train-*.parquet when it holds several splits), a datasets.save_to_disk folder or a hub "
+                "dataset id (e.g. yuvalkirstain/pickapic_v2). Read lazily: memory does not grow with the table."})
     model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
     init: Path | None = field(default=None, metadata={
@@ -185,10 +191,18 @@ class TrainConfig:
     caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
     no_cache: bool = field(default=False, metadata={
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
-                "($RLAIF_CACHE/train, keyed by content, model and augmentation)."})
+                "($RLAIF_CACHE/train, keyed by content, model and augmentation; see `rlaif cache info`)."})
+    cache_dtype: str = field(default="fp32", metadata={
+        "help": "fp32 | bf16 | fp16: how cached latents are kept. fp32 trains exactly as without a cache; bf16 and "
+                "fp16 halve the disk a large run's cache needs (fresh latents are rounded the same way)."})
+    workers: int = field(default=2, metadata={
+        "help": "DataLoader worker processes per training process that read, decode and augment pairs ahead of the "
+                "step (0: in the training process). Results do not depend on it."})
     report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
                                                                  "(accelerate trackers; logs under OUT/logs)."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "Save a resumable checkpoint every N steps (0: never). Default: every ~30 minutes when the first "
+                "steps show the run will take longer than that."})
     resume: str | None = field(default=None, metadata={
         "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
@@ -197,8 +211,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible settings and unusable paths before anything is loaded or written."""
         self.check_values()
-        if not Path(self.pairs).is_file():
-            raise RlaifError(f"pairs table {self.pairs} does not exist")
+        if not Path(self.pairs).exists() and not HUB_DATASET.match(str(self.pairs)):
+            raise RlaifError(f"pairs table {self.pairs} does not exist (expected a parquet file, a folder of "
+                             "parquet shards, a datasets.save_to_disk folder or a hub dataset id)")
         check_out_dir(self.out, "--out")
         if self.init is not None:
             _check_tuned(self.init, "--init")
@@ -217,8 +232,10 @@ class TrainConfig:
         for name in ("beta", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise RlaifError(f"--cache-dtype {self.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers"):
+            if (getattr(self, name) or 0) < 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")

@@ -16,3 +16,8 @@ def image_seed(run_seed: int, prompt: str, candidate: int) -> int:
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``; CPU noise is identical on every device the model runs on."""
     return torch.Generator("cpu").manual_seed(seed)
+
+
+def keyed_seed(*key: object) -> int:
+    """A 63-bit seed that is a pure function of ``key`` (e.g. ("noise", run seed, pair position))."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)

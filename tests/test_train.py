@@ -103,26 +103,28 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_p
     assert cached.returncode == plain.returncode == 0, cached.stderr + plain.stderr
     # cached latents are the same float32 tensors the VAE gives each step: the same updates
     assert max_difference(weights(tmp_path / "cached"), weights(tmp_path / "plain")) < 1e-6
-    assert list((tmp_path / "cache" / "train").rglob("*.safetensors")) and not (tmp_path / "unused").exists()
+    assert list((tmp_path / "cache" / "train" / "latents").rglob("shard-*.sqlite"))
+    assert not (tmp_path / "unused").exists()
     board = EventAccumulator(str(tmp_path / "cached" / "logs" / "rlaif-train")).Reload()
     logged = [(e.step, e.value) for e in board.Scalars("loss")]
     assert logged == [(e["step"], pytest.approx(e["loss"])) for e in log(tmp_path / "cached")]
 
 
 def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_path):
-    """Global batch 4 as 1 process x 4 pairs, 2 processes x 2 pairs, or 1 process x 1 pair x 4 accumulation
-    steps. Plain SGD without clipping makes every update exactly -lr * gradient, so a gradient scaled by the
-    process count or the accumulation, or a schedule stepped per process, shows in the weights; the warm-up
-    makes the learning rate differ from step to step, so a schedule running ahead shows in the log."""
+    """Global batch 4 as 1 process x 4 pairs (no DataLoader workers), 2 processes x 2 pairs (2 workers each),
+    or 1 process x 1 pair x 4 accumulation steps. Plain SGD without clipping makes every update exactly
+    -lr * gradient, so a gradient scaled by the process count or the accumulation, or a schedule stepped per
+    process, shows in the weights; the warm-up makes the learning rate differ from step to step, so a schedule
+    running ahead shows in the log."""
     common = ["train", tiny_pairs, "--model", "tiny", "--optimizer", "sgd", "--max-grad-norm", 0,
               "--warmup-steps", 3, "--max-steps", 4, "--learning-rate", 0.01]
     env = cli_env(OMP_NUM_THREADS="1")
-    one = run_cli(*common, "--out", tmp_path / "one", "--batch-size", 4, env=env)
+    one = run_cli(*common, "--out", tmp_path / "one", "--batch-size", 4, "--workers", 0, env=env)
     accumulated = run_cli(*common, "--out", tmp_path / "accumulated", "--batch-size", 1, "--accumulation", 4, env=env)
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(31500 + os.getpid() % 1000), "-m", "rlaif", *map(str, common), "--out", str(tmp_path / "two"),
-         "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=600)
+         "--batch-size", "2", "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
     for result in (one, accumulated, two):
         assert result.returncode == 0, result.stderr
     lrs = [0.0, 0.01 / 3, 0.02 / 3, 0.01]  # linear warm-up over 3 optimizer steps, the rate each update used

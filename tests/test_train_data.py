@@ -1,18 +1,26 @@
-"""Training pairs: both table formats, winner-first order, ties dropped, identical augmentation."""
+"""Training pairs: both table formats in every layout (parquet file, shard folder, datasets folder, hub id),
+winner-first order, ties dropped, the shuffle order, identical augmentation."""
 
 import dataclasses
 import io
+import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REVISION
 from PIL import Image
 
 from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
-from rlaif.train.data import apply_augmentation, load_pairs, plan_augmentation
+from rlaif.train.data import apply_augmentation, plan_augmentation
+from rlaif.train.pair_table import PairTable
 
 
 def png(color, size=(40, 30)) -> bytes:
@@ -25,14 +33,15 @@ def test_pick_a_pic_and_rlaif_tables(tmp_path):
     red, blue = png("red"), png("blue")
     pl.DataFrame({"caption": ["a", "b", "c"], "jpg_0": [red, red, red], "jpg_1": [blue, blue, blue],
                   "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5]}).write_parquet(tmp_path / "pap.parquet")
-    pairs = load_pairs(tmp_path / "pap.parquet")
+    pairs = PairTable(tmp_path / "pap.parquet")
     assert [(p.caption, p.chosen, p.rejected) for p in pairs] == [("a", red, blue), ("b", blue, red)]
+    assert pairs[1].chosen_name == f"{tmp_path / 'pap.parquet'} row 1 jpg_1"
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "r.png").write_bytes(red)
     (tmp_path / "imgs" / "b.png").write_bytes(blue)
     pl.DataFrame({"caption": ["x"], "image_0": ["imgs/r.png"], "image_1": ["imgs/b.png"], "label_0": [0.0]}
                  ).write_parquet(tmp_path / "pairs.parquet")
-    (pair,) = load_pairs(tmp_path / "pairs.parquet")
+    (pair,) = PairTable(tmp_path / "pairs.parquet")
     assert pair.chosen == tmp_path / "imgs" / "b.png" and open_rgb(pair.chosen).getpixel((0, 0)) == (0, 0, 255)
 
 
@@ -44,7 +53,7 @@ def test_pick_a_pic_and_rlaif_tables(tmp_path):
 def test_bad_tables(tmp_path, frame, message):
     pl.DataFrame(frame).write_parquet(tmp_path / "t.parquet")
     with pytest.raises(RlaifError, match=message):
-        load_pairs(tmp_path / "t.parquet")
+        PairTable(tmp_path / "t.parquet")
 
 
 def test_augmentation_is_shared_by_winner_and_loser():
@@ -75,9 +84,85 @@ def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):
     red, blue = png("red"), png("blue")
     pl.DataFrame({"caption": ["a", "b"], "jpg_0": [red, red], "jpg_1": [blue, blue], "label_0": [1.0, 1.0],
                   "ai_label_0": [0.0, 0.5]}).write_parquet(tmp_path / "relabelled.parquet")
-    (ai,) = load_pairs(tmp_path / "relabelled.parquet")  # the AI tie on "b" is dropped
+    (ai,) = PairTable(tmp_path / "relabelled.parquet")  # the AI tie on "b" is dropped
     assert (ai.caption, ai.chosen, ai.rejected) == ("a", blue, red)
-    human = load_pairs(tmp_path / "relabelled.parquet", "label_0")
+    human = PairTable(tmp_path / "relabelled.parquet", "label_0")
     assert [(p.caption, p.chosen) for p in human] == [("a", red), ("b", red)]
     with pytest.raises(RlaifError, match="has no column 'label_1' \\(--label-column\\)"):
-        load_pairs(tmp_path / "relabelled.parquet", "label_1")
+        PairTable(tmp_path / "relabelled.parquet", "label_1")
+
+
+def pick_a_pic_rows(count: int) -> pa.Table:
+    """``count`` Pick-a-Pic rows with distinct images (every third a tie), as pyarrow writes the real shards."""
+    images = [png((i % 256, (7 * i) % 256, 99), size=(8, 8)) for i in range(2 * count)]
+    labels = [(1.0, 0.0, 0.5)[i % 3] for i in range(count)]
+    return pa.table({"caption": [f"caption {i}" for i in range(count)], "jpg_0": images[:count],
+                     "jpg_1": images[count:], "label_0": labels, "label_1": [1 - v for v in labels]})
+
+
+def described(pairs) -> list[tuple]:
+    return [(p.caption, p.chosen, p.rejected) for p in pairs]
+
+
+def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp_path):
+    """One table as a parquet file, as Pick-a-Pic v2's layout (data/train-*.parquet shards of several row groups
+    beside a validation split that must not be read), as a datasets.save_to_disk folder, as a hub dataset id
+    resolved offline from a Hugging Face cache, and read in place from an fsspec URL: the same pairs in the same
+    order."""
+    import datasets
+
+    table = pick_a_pic_rows(30)
+    pq.write_table(table, tmp_path / "whole.parquet")
+    (tmp_path / "pap" / "data").mkdir(parents=True)
+    for shard, start in enumerate((0, 12)):
+        pq.write_table(table.slice(start, 12 if shard == 0 else 18),
+                       tmp_path / "pap" / "data" / f"train-0000{shard}-of-00002.parquet", row_group_size=5)
+    pq.write_table(pick_a_pic_rows(4), tmp_path / "pap" / "data" / "validation-00000-of-00001.parquet")
+    datasets.Dataset(table).save_to_disk(tmp_path / "saved")
+    whole = PairTable(tmp_path / "whole.parquet")
+    assert len(whole) == 20  # 10 ties of 30 dropped
+    shards = PairTable(tmp_path / "pap")
+    assert len(shards.blocks) == 3 + 4  # row groups of 5 rows: 12 -> 3, 18 -> 4
+    assert described(shards) == described(whole) == described(PairTable(tmp_path / "saved"))
+    assert shards[-1].chosen_name.endswith("train-00001-of-00002.parquet row 16 jpg_1")  # row 28: label 0
+    hub = Path(os.environ["HF_HOME"]) / "hub" / "datasets--someone--pairs"  # as hf_hub downloads lay it out
+    (hub / "refs").mkdir(parents=True)
+    (hub / "refs" / "main").write_text(REVISION)
+    (hub / "snapshots" / REVISION).mkdir(parents=True)
+    shutil.copytree(tmp_path / "pap" / "data", hub / "snapshots" / REVISION / "data")
+    assert described(PairTable("someone/pairs")) == described(whole)
+    streamed = PairTable(f"file://{tmp_path / 'pap'}", streaming=True)  # read in place through fsspec
+    assert described(streamed) == described(whole)
+
+
+def test_the_shuffle_is_a_permutation_by_windows_of_blocks(tmp_path, monkeypatch):
+    """Each epoch visits every pair once; blocks (row groups) are shuffled and then pairs within windows of at
+    least SHUFFLE_WINDOW pairs, so a reader keeps only a window of blocks; epochs and seeds differ."""
+    from rlaif.train import pair_table
+
+    pq.write_table(pick_a_pic_rows(60), tmp_path / "t.parquet", row_group_size=6)  # 10 blocks of 4 pairs
+    monkeypatch.setattr(pair_table, "SHUFFLE_WINDOW", 8)  # two blocks per window
+    pair_table._epoch_order.cache_clear()
+    table = PairTable(tmp_path / "t.parquet")
+    epoch = [pair_table.pair_index(p, table, seed=0) for p in range(len(table))]
+    second = [pair_table.pair_index(p, table, seed=0) for p in range(len(table), 2 * len(table))]
+    other = [pair_table.pair_index(p, table, seed=1) for p in range(len(table))]
+    pair_table._epoch_order.cache_clear()
+    assert table._cache_size == 2
+    assert sorted(epoch) == sorted(second) == list(range(40)) and epoch != second and epoch != other
+    blocks = [int(table._block_of[i]) for i in epoch]
+    windows = [set(blocks[i:i + 8]) for i in range(0, 40, 8)]
+    assert all(len(w) == 2 for w in windows) and len(set().union(*windows)) == 10
+
+
+def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
+    from rlaif.train.batches import BatchSettings, MicroBatches
+
+    rows = pick_a_pic_rows(4).to_pylist()
+    rows[3]["jpg_1"] = b"not an image"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    settings = BatchSettings(seed=0, batch_size=3, processes=1, rank=0, resolution=8, random_crop=False, hflip=False,
+                             caption_dropout=0.0, latent_shape=(4, 1, 1), timesteps=10)
+    message = MicroBatches(PairTable(tmp_path / "t.parquet"), settings, None)[0]
+    assert message == f"image {tmp_path / 't.parquet'} row 3 jpg_1 cannot be read: cannot identify image file " \
+                      "<_io.BytesIO object at" + message.split("<_io.BytesIO object at")[1]

@@ -11,7 +11,8 @@ from PIL import Image
 
 from rlaif.models import load_pipeline
 from rlaif.train.data import plan_augmentation
-from rlaif.train.encoding import Encoder
+from rlaif.train.encoding import Encoder, prepare_image
+from rlaif.train.store import store_summary
 
 CPU = torch.device("cpu")
 
@@ -42,8 +43,15 @@ def images(tmp_path):
     return paths
 
 
-def files(folder):
-    return sorted(p for p in folder.rglob("*.safetensors"))
+def items(folder):
+    return store_summary(folder)[0] if folder.exists() else 0
+
+
+def posterior(encoder, images, plans):
+    """Prepared as a DataLoader worker would (cached moments or pixels), then encoded where missing."""
+    prepared = [prepare_image(path.read_bytes(), str(path), plan, encoder.latents)
+                for path, plan in zip(images, plans, strict=True)]
+    return encoder.latent_distribution(prepared, CPU)
 
 
 def test_latents_are_encoded_once_per_image_and_augmentation(pipe, images, tmp_path, monkeypatch):
@@ -51,29 +59,44 @@ def test_latents_are_encoded_once_per_image_and_augmentation(pipe, images, tmp_p
     monkeypatch.setattr(pipe.vae, "encode", counter)
     cache = tmp_path / "cache"
     plans = [plan_augmentation(Image.open(p).size, 64, True, False, random.Random(i)) for i, p in enumerate(images)]
-    first = Encoder(pipe, cache).latent_distribution(images, plans, CPU)
-    assert counter.calls == 1 and len(files(cache / "latents")) == 3
-    again = Encoder(pipe, cache).latent_distribution(images, plans, CPU)  # a new run: everything from disk
+    first = posterior(Encoder(pipe, cache), images, plans)
+    assert counter.calls == 1 and items(cache / "latents") == 3
+    assert len(list((cache / "latents").rglob("*"))) <= 1 + 16  # one folder of shard files, not a file per image
+    again = posterior(Encoder(pipe, cache), images, plans)  # a new run: everything from disk
     assert counter.calls == 1 and torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
-    fresh = Encoder(pipe, None).latent_distribution(images, plans, CPU)
+    fresh = posterior(Encoder(pipe, None), images, plans)
     assert counter.calls == 2 and torch.allclose(fresh.mean, first.mean, atol=1e-6)
-    assert len(files(cache / "latents")) == 3  # --no-cache writes nothing
+    assert items(cache / "latents") == 3  # --no-cache writes nothing
     flipped = [dataclasses.replace(plans[0], flip=True)]
-    mirrored = Encoder(pipe, cache).latent_distribution(images[:1], flipped, CPU)
-    assert counter.calls == 3 and len(files(cache / "latents")) == 4
+    mirrored = posterior(Encoder(pipe, cache), images[:1], flipped)
+    assert counter.calls == 3 and items(cache / "latents") == 4
     assert not torch.allclose(mirrored.mean, first.mean[:1])
 
 
+def test_a_half_precision_cache_computes_the_same_cached_or_not(pipe, images, tmp_path):
+    """bf16 latents take half the disk; fresh moments are rounded the same way, so a run that found them in the
+    cache and one that encoded them get the same numbers (and fp32 keeps its own entries)."""
+    plans = [plan_augmentation(Image.open(p).size, 64, False, False, random.Random(0)) for p in images]
+    fresh = posterior(Encoder(pipe, tmp_path, "bf16"), images, plans)
+    cached = posterior(Encoder(pipe, tmp_path, "bf16"), images, plans)
+    exact = posterior(Encoder(pipe, tmp_path, "fp32"), images, plans)
+    assert torch.equal(fresh.mean, cached.mean) and torch.equal(fresh.std, cached.std)
+    assert not torch.equal(fresh.mean, exact.mean) and torch.allclose(fresh.mean, exact.mean, rtol=1e-2, atol=1e-2)
+    (bf16,) = (tmp_path / "latents").glob("*-bf16")
+    (fp32,) = (tmp_path / "latents").glob("*-fp32")
+    assert items(bf16) == items(fp32) == 3
+
+
 def test_changed_weights_get_their_own_cache(pipe, tmp_path):
-    before = Encoder(pipe, tmp_path).latent_dir
+    before = Encoder(pipe, tmp_path).latents.folder
     with torch.no_grad():
         pipe.vae.encoder.conv_in.bias.add_(1e-3)
     try:
-        assert Encoder(pipe, tmp_path).latent_dir != before
+        assert Encoder(pipe, tmp_path).latents.folder != before
     finally:
         with torch.no_grad():
             pipe.vae.encoder.conv_in.bias.sub_(1e-3)
-    assert Encoder(pipe, tmp_path).latent_dir == before
+    assert Encoder(pipe, tmp_path).latents.folder == before
 
 
 def test_each_caption_is_encoded_once(pipe, tmp_path, monkeypatch):
@@ -81,7 +104,7 @@ def test_each_caption_is_encoded_once(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(pipe, "encode_prompt", counter)
     cached = Encoder(pipe, tmp_path)
     embeds, pooled = cached.text(["a red circle", "", "a red circle"], CPU)
-    assert counter.calls == 1 and pooled is None and len(files(tmp_path / "text")) == 2
+    assert counter.calls == 1 and pooled is None and items(tmp_path / "text") == 2
     assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
     again, _ = Encoder(pipe, tmp_path).text(["", "a red circle"], CPU)
     assert counter.calls == 1 and torch.equal(again, embeds[[1, 0]])

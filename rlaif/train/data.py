@@ -1,73 +1,14 @@
-"""Preference pairs for training: read rlaif or Pick-a-Pic v2 tables, order them winner-first, and
-augment winner and loser identically (same resize, crop and flip), as Diffusion-DPO requires."""
+"""Augmentation of training pairs: winner and loser get the same resize, crop and flip, as Diffusion-DPO
+requires."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from PIL import Image
-
-from rlaif.errors import RlaifError
-from rlaif.images import ImageSource, image_bytes
-from rlaif.tables import read_table
-
-RLAIF_COLUMNS = ("caption", "image_0", "image_1")
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
-AI_LABEL = "ai_label_0"  # written by `rlaif label --relabel` beside the human label_0
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One training pair: the caption, the preferred image and the other one."""
-
-    caption: str
-    chosen: ImageSource
-    rejected: ImageSource
-
-
-def label_column(columns: list[str], chosen: str | None) -> str:
-    """The column holding the preference: ``chosen`` if given, else the AI labels of a relabelled table
-    (``ai_label_0``), else ``label_0``."""
-    if chosen is not None:
-        return chosen
-    return AI_LABEL if AI_LABEL in columns else "label_0"
-
-
-def load_pairs(path: str | Path, label: str | None = None) -> list[PreferencePair]:
-    """Winner-first pairs from an rlaif pairs table (image paths relative to it) or a Pick-a-Pic v2 table
-    (image bytes), preferences from column ``label`` (see ``label_column``); ties (0.5) carry no preference and
-    are dropped."""
-    path = Path(path)
-    table = read_table(path, {})  # which columns are needed depends on the format, checked below
-    if all(c in table.columns for c in RLAIF_COLUMNS):
-        first, second = ([path.parent / p for p in table[c].to_list()] for c in ("image_0", "image_1"))
-    elif all(c in table.columns for c in PICKAPIC_COLUMNS):
-        first, second = (image_bytes(table[c]) for c in ("jpg_0", "jpg_1"))
-    else:
-        raise RlaifError(f"pairs table {path} has neither the rlaif columns ({', '.join(RLAIF_COLUMNS)}) nor the "
-                         f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(table.columns)}")
-    label = label_column(table.columns, label)
-    if label not in table.columns:
-        raise RlaifError(f"pairs table {path} has no column {label!r} (--label-column); columns: "
-                         f"{', '.join(table.columns)}")
-    pairs = []
-    try:
-        labels = table[label].cast(pl.Float64)
-    except pl.exceptions.PolarsError as exc:
-        raise RlaifError(f"pairs table {path}: column {label!r} is not numeric ({table[label].dtype})") from exc
-    for row, (caption, value, a, b) in enumerate(zip(table["caption"], labels, first, second, strict=True)):
-        if value not in (0.0, 0.5, 1.0):
-            raise RlaifError(f"pairs table {path}, row {row}: {label} is {value}, expected 1, 0 or 0.5")
-        if value != 0.5:
-            pairs.append(PreferencePair(caption or "", a, b) if value == 1.0 else PreferencePair(caption or "", b, a))
-    if not pairs:
-        raise RlaifError(f"pairs table {path} holds no pairs with a preference (all ties or empty)")
-    return pairs
 
 
 @dataclass(frozen=True)

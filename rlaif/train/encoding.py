@@ -3,24 +3,27 @@ text conditioning of captions, optionally cached on disk.
 
 The cache keys an image's latent distribution by (VAE weights, image content, augmentation) and a caption's
 embeddings by (text encoders + tokenizers, caption), so each image is encoded once per augmentation variant and
-each caption once, across epochs, runs and processes. The VAE *sample* is drawn afterwards from the cached
-distribution with the pair's own seed, so the cache never changes what is trained.
+each caption once, across epochs, runs and processes, in sharded stores (``rlaif.train.store``). The VAE
+*sample* is drawn afterwards from the cached distribution with the pair's own seed, so the cache never changes
+what is trained.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors.torch import load_file, save_file
 
-from rlaif.files import atomic_path
-from rlaif.images import ImageSource, image_size, open_rgb
+from rlaif.images import open_rgb
 from rlaif.train.data import Augmentation, apply_augmentation
+from rlaif.train.store import TensorStore
+
+STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fingerprint(*parts: object) -> str:
@@ -43,79 +46,83 @@ def _tokenizer_identity(tokenizer) -> tuple:
     return type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items())
 
 
-class Encoder:
-    """VAE moments and text conditioning of ``pipe``'s frozen components; cached under ``cache`` unless None."""
+@dataclass(frozen=True)
+class PreparedImage:
+    """One augmented image on its way to the VAE: its cached moments, or its pixels (and the cache key they
+    will be stored under; None without a cache)."""
 
-    def __init__(self, pipe, cache: Path | None) -> None:
+    key: str | None
+    moments: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+
+def prepare_image(data: bytes, name: str, augmentation: Augmentation, store: TensorStore | None) -> PreparedImage:
+    """The cached moments of an image's ``augmentation`` if ``store`` has them, else its decoded, augmented
+    pixels (runs in DataLoader workers: the main process only encodes what is missing)."""
+    key = None
+    if store is not None:
+        key = f"{hashlib.sha256(data).hexdigest()}-{augmentation.key}"
+        found = store.get(key)
+        if found is not None:
+            return PreparedImage(key, moments=found["moments"])
+    return PreparedImage(key, pixels=apply_augmentation(open_rgb(data, name), augmentation))
+
+
+class Encoder:
+    """VAE moments and text conditioning of ``pipe``'s frozen components; cached under ``cache`` unless None,
+    latents kept as ``cache_dtype`` (fp32: cached equals uncached exactly; bf16/fp16 halve the disk, and fresh
+    moments are rounded the same way, so a run computes the same whether or not a value was cached)."""
+
+    def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32") -> None:
         self.pipe = pipe
         self.xl = isinstance(pipe, StableDiffusionXLPipeline)
-        self.latent_dir = self.text_dir = None
+        self.dtype = STORED_DTYPES[cache_dtype]
+        self.latents = self.texts = None
         if cache is not None:
             encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
             tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-            self.latent_dir = cache / "latents" / fingerprint(pipe.vae)[:24]
-            self.text_dir = cache / "text" / fingerprint(*encoders, *map(_tokenizer_identity, tokenizers))[:24]
-        self._hashes: dict[ImageSource, str] = {}
-        self._sizes: dict[ImageSource, tuple[int, int]] = {}
-
-    def size(self, source: ImageSource) -> tuple[int, int]:
-        """(width, height) of an image, read from its header only."""
-        if source not in self._sizes:
-            self._sizes[source] = image_size(source)
-        return self._sizes[source]
-
-    def _content_hash(self, source: ImageSource) -> str:
-        if source not in self._hashes:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
-            self._hashes[source] = hashlib.sha256(data).hexdigest()
-        return self._hashes[source]
+            self.latents = TensorStore(cache / "latents" / f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}")
+            text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers))[:24]
+            self.texts = TensorStore(cache / "text" / text_key)
 
     @torch.no_grad()
-    def latent_distribution(self, sources: list[ImageSource], augmentations: list[Augmentation],
-                            device: torch.device) -> DiagonalGaussianDistribution:
-        """The VAE posterior (fp32) of each augmented image, computing only what the cache lacks."""
-        paths = [None] * len(sources)
-        moments: list[torch.Tensor | None] = [None] * len(sources)
-        if self.latent_dir is not None:
-            for i, (source, augmentation) in enumerate(zip(sources, augmentations, strict=True)):
-                digest = self._content_hash(source)
-                paths[i] = self.latent_dir / digest[:2] / f"{digest}-{augmentation.key}.safetensors"
-                if paths[i].exists():
-                    moments[i] = load_file(paths[i])["moments"]
+    def latent_distribution(self, images: list[PreparedImage], device: torch.device) -> DiagonalGaussianDistribution:
+        """The VAE posterior (fp32) of each prepared image, encoding (and caching) those not taken from the cache."""
+        moments = [image.moments for image in images]
         missing = [i for i, m in enumerate(moments) if m is None]
         if missing:
-            pixels = torch.stack([apply_augmentation(open_rgb(sources[i]), augmentations[i]) for i in missing])
-            encoded = self.pipe.vae.encode(pixels.to(device, torch.float32)).latent_dist.parameters.float().cpu()
+            pixels = torch.stack([images[i].pixels for i in missing]).to(device, torch.float32)
+            encoded = self.pipe.vae.encode(pixels).latent_dist.parameters.to(self.dtype).cpu()
             for i, row in zip(missing, encoded, strict=True):
                 moments[i] = row
-                if paths[i] is not None:
-                    with atomic_path(paths[i]) as tmp:
-                        save_file({"moments": row.contiguous()}, tmp)
-        return DiagonalGaussianDistribution(torch.stack(moments).to(device))
+                if self.latents is not None and images[i].key is not None:
+                    self.latents.put(images[i].key, {"moments": row})
+        return DiagonalGaussianDistribution(torch.stack(moments).float().to(device))
 
     @torch.no_grad()
     def text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings of each caption and, for SDXL, the pooled embeddings of its second encoder."""
         found: dict[str, dict[str, torch.Tensor]] = {}
-        paths = {}
-        for caption in dict.fromkeys(captions):
-            if self.text_dir is not None:
-                digest = hashlib.sha256(caption.encode()).hexdigest()
-                paths[caption] = self.text_dir / digest[:2] / f"{digest}.safetensors"
-                if paths[caption].exists():
-                    found[caption] = load_file(paths[caption])
-        missing = [c for c in dict.fromkeys(captions) if c not in found]
+        keys = {caption: hashlib.sha256(caption.encode()).hexdigest() for caption in dict.fromkeys(captions)}
+        if self.texts is not None:
+            found = {c: entry for c, key in keys.items() if (entry := self.texts.get(key)) is not None}
+        missing = [c for c in keys if c not in found]
         if missing:
             encoded = self.pipe.encode_prompt(missing, device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
             for j, caption in enumerate(missing):
-                entry = {"embeds": encoded[0][j].float().cpu().contiguous()}
+                entry = {"embeds": encoded[0][j].float().cpu()}
                 if self.xl:
-                    entry["pooled"] = encoded[2][j].float().cpu().contiguous()
+                    entry["pooled"] = encoded[2][j].float().cpu()
                 found[caption] = entry
-                if caption in paths:
-                    with atomic_path(paths[caption]) as tmp:
-                        save_file(entry, tmp)
+                if self.texts is not None:
+                    self.texts.put(keys[caption], entry)
         embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device)
         pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if self.xl else None
         return embeds, pooled
+
+
+def latent_bytes(pipe, resolution: int, cache_dtype: str) -> int:
+    """Disk bytes of one cached latent distribution (mean and log-variance) at ``resolution``."""
+    side = resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return 2 * pipe.vae.config.latent_channels * side * side * STORED_DTYPES[cache_dtype].itemsize

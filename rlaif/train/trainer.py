@@ -1,20 +1,18 @@
 """Diffusion-DPO training loop (accelerate): one readable function, losses from ``rlaif.train.loss``.
 
 Determinism across process counts: the global order of pairs, each pair's augmentation, noise, timestep and
-caption-dropout decision are drawn from generators seeded by (seed, step, pair position), never from a
-process's RNG state, so N processes with a global batch B compute the gradient of one process with batch B.
+caption-dropout decision are drawn from generators seeded by (seed, pair position), never from a process's or
+a DataLoader worker's RNG state (``rlaif.train.batches``), so N processes with a global batch B compute the
+gradient of one process with batch B, with or without workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -32,44 +30,29 @@ from rlaif.cache import cache_dir
 from rlaif.config import TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path, file_identity, publish, write_json
+from rlaif.files import atomic_path, publish, write_json
 from rlaif.models import default_size, load_pipeline
-from rlaif.train.data import PreferencePair, load_pairs, plan_augmentation
-from rlaif.train.encoding import Encoder
+from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
+from rlaif.train.encoding import Encoder, latent_bytes
 from rlaif.train.loss import diffusion_dpo_loss, sft_loss
 from rlaif.train.outputs import TRAIN_FILE, remove_outputs, save_outputs, weights_identity
+from rlaif.train.pair_table import PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, max_steps, logs)`` after every optimizer step."""
 
 
-def _rng(*key: object) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
-
-
-def _generator(*key: object) -> torch.Generator:
-    return torch.Generator().manual_seed(_rng(*key).getrandbits(63))
-
-
-@functools.lru_cache(maxsize=2)
-def pair_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The pairs' order in ``epoch``: a permutation that depends only on (seed, epoch), computed once."""
-    order = list(range(count))
-    _rng("order", seed, epoch).shuffle(order)
-    return tuple(order)
-
-
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
-    pairs = load_pairs(config.pairs, config.label_column)
+    pairs = PairTable(config.pairs, config.label_column)
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
-    identities = _identities(config, accelerator.num_processes)  # hashes the --init weights once per run
+    identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from = _resume_point(config, accelerator, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
@@ -101,8 +84,16 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     # per optimizer step, so it is a function of optimizer steps whatever the process count and accumulation.
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train")
+    encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype)
+    if accelerator.is_main_process and not config.no_cache:
+        check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    settings = BatchSettings(
+        config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
+        config.random_crop, config.hflip, config.caption_dropout,
+        (pipe.vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale),
+        noise_scheduler.config.num_train_timesteps)
 
     step = 0
     if resume_from is not None:
@@ -116,17 +107,20 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if config.report_to:
         accelerator.init_trackers("rlaif-train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                          for k, v in asdict(config).items()})
+    batches = iter(micro_batches(MicroBatches(pairs, settings, encoder.latents), step * config.accumulation,
+                                 config.max_steps * config.accumulation, config.workers))
+    checkpoint_every = config.checkpoint_every
+    loop_started = time.perf_counter()
     while step < config.max_steps:
         logs: dict[str, float] = {"lr": optimizer.param_groups[0]["lr"]}  # the rate this step's update uses
         started = time.perf_counter()
-        for micro in range(config.accumulation):
-            position = (step * config.accumulation + micro) * config.batch_size * accelerator.num_processes
-            start = position + accelerator.process_index * config.batch_size
-            positions = list(range(start, start + config.batch_size))
+        for _ in range(config.accumulation):
+            batch = next(batches)
+            if isinstance(batch, str):  # a user error met in a DataLoader worker
+                raise RlaifError(batch)
             with accelerator.accumulate(unet):
-                loss, metrics = _dpo_micro_step(
-                    config, [pairs[_pair_index(pos, len(pairs), config.seed)] for pos in positions], positions,
-                    encoder, unet, reference, noise_scheduler, resolution, accelerator.device)
+                loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, noise_scheduler,
+                                                resolution, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -148,7 +142,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
             accelerator.log(logs, step=step)
         if progress:
             progress(step, config.max_steps, logs)
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if checkpoint_every is None and step == min(AUTO_CHECKPOINT_PROBE, config.max_steps):
+            checkpoint_every = auto_checkpoint_every(accelerator, time.perf_counter() - loop_started, step,
+                                                     config.max_steps - step)
+        if checkpoint_every and step % checkpoint_every == 0:
             _save_checkpoint(accelerator, config, step, identities)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -213,42 +210,26 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.enable_adapters()
 
 
-def _pair_index(position: int, count: int, seed: int) -> int:
-    epoch, offset = divmod(position, count)
-    return pair_order(count, seed, epoch)[offset]
-
-
-def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions: list[int], encoder: Encoder, unet,
-                    reference, noise_scheduler, resolution: int, device: torch.device):
+def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference, noise_scheduler,
+                    resolution: int, device: torch.device):
     """Loss and metrics of one micro-batch: winners and losers share augmentation, noise, timestep and
     (dropped) caption. Policy and reference run under the same autocast, so at step 0 they compute the same
     function and the loss is ln 2 in every precision (the official script's bf16 reference gives 1.59)."""
-    plans = [plan_augmentation(encoder.size(p.chosen), resolution, config.random_crop, config.hflip,
-                               _rng("augment", config.seed, pos)) for p, pos in zip(batch, positions, strict=True)]
-    posterior = encoder.latent_distribution([p.chosen for p in batch] + [p.rejected for p in batch], plans + plans,
-                                            device)
-    draws = [torch.randn(posterior.mean.shape[1:], generator=_generator("vae", config.seed, pos, side))
-             for side in ("chosen", "rejected") for pos in positions]  # per image, not per batch
-    latents = (posterior.mean + posterior.std * torch.stack(draws).to(device)) * encoder.pipe.vae.config.scaling_factor
-    captions = ["" if _rng("drop", config.seed, pos).random() < config.caption_dropout else p.caption
-                for p, pos in zip(batch, positions, strict=True)]
-    embeds, pooled = encoder.text(captions, device)
+    posterior = encoder.latent_distribution(batch.images, device)
+    latents = (posterior.mean + posterior.std * batch.vae_draws.to(device)) * encoder.pipe.vae.config.scaling_factor
+    embeds, pooled = encoder.text(batch.captions, device)
     added = {}
     if pooled is not None:  # SDXL micro-conditioning: each pair's original size, crop and target size
-        time_ids = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in plans],
-                                dtype=embeds.dtype, device=device)
+        time_ids = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution]
+                                 for a in batch.augmentations], dtype=embeds.dtype, device=device)
         added = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)}
     embeds = embeds.repeat(2, 1, 1)
-    noise = torch.cat([torch.randn(latents.shape[1:], generator=_generator("noise", config.seed, pos))[None]
-                       for pos in positions]).to(device)
-    timesteps = torch.tensor([_rng("t", config.seed, pos).randrange(noise_scheduler.config.num_train_timesteps)
-                              for pos in positions], device=device)
-    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noise, timesteps = batch.noise.to(device).repeat(2, 1, 1, 1), batch.timesteps.to(device).repeat(2)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler.config.prediction_type, latents, noise, timesteps, noise_scheduler)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
-    rows = slice(0, len(batch)) if config.loss == "sft" else slice(None)  # SFT: the model sees winners only
+    rows = slice(0, len(batch.positions)) if config.loss == "sft" else slice(None)  # SFT: winners only
 
     def predict(model) -> torch.Tensor:
         conditions = {"added_cond_kwargs": {k: v[rows] for k, v in added.items()}} if added else {}
@@ -265,6 +246,38 @@ def _dpo_micro_step(config: TrainConfig, batch: list[PreferencePair], positions:
             with adapters_disabled(unwrap(unet)) as inner:
                 ref_pred = predict(inner)
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
+
+
+AUTO_CHECKPOINT_PROBE = 5  # steps timed before deciding on automatic checkpoints
+AUTO_CHECKPOINT_SECONDS = 30 * 60
+
+
+def auto_checkpoint_every(accelerator: Accelerator, elapsed: float, steps: int, remaining: int) -> int:
+    """Checkpoint spacing of a run without --checkpoint-every: every ~30 minutes if what remains is estimated to
+    take longer than that (from the slowest process's first steps, so every process decides the same), else 0."""
+    slowest = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
+    per_step = slowest / max(steps, 1)
+    if per_step * remaining <= AUTO_CHECKPOINT_SECONDS:
+        return 0
+    return max(1, round(AUTO_CHECKPOINT_SECONDS / per_step))
+
+
+def _cache_estimate(config: TrainConfig, pipe, resolution: int, pairs: int, global_batch: int) -> int:
+    """Bytes the latent cache may grow by in this run: every image trained on once per augmentation variant (any
+    random crop or flip makes each position its own variant)."""
+    trained = config.max_steps * config.accumulation * global_batch
+    images = 2 * (trained if config.random_crop or config.hflip else min(pairs, trained))
+    return images * latent_bytes(pipe, resolution, config.cache_dtype)
+
+
+def check_cache_space(folder: Path, needed: int) -> None:
+    """Refuse to start when the cache's filesystem has less free space than the run may write to it."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise RlaifError(f"the training cache ({folder}) may need {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} "
+                         "GiB is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half "
+                         "the size) or --no-cache")
 
 
 def _keep_log_until(path: Path, step: int) -> None:
@@ -297,11 +310,11 @@ def _settings(config: TrainConfig) -> dict:
     return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
-def _identities(config: TrainConfig, processes: int) -> dict:
-    """What else a step depends on, beyond the settings: the pairs table's file (path, size, time: a table
-    rewritten in place is another table), the content of the --init weights, and the process count (with
-    the per-process batch, the global batch)."""
-    return {"pairs_file": file_identity(config.pairs), "processes": processes,
+def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
+    """What else a step depends on, beyond the settings: the pairs table's files (paths, sizes, times: a table
+    rewritten in place is another table; a hub dataset's fingerprint), the content of the --init weights, and
+    the process count (with the per-process batch, the global batch)."""
+    return {"pairs_file": pairs.identity, "processes": processes,
             "init_weights": config.init and weights_identity(config.init)}
 
 

@@ -1,0 +1,116 @@
+"""The micro-batches a process trains on, built ahead of the step by DataLoader workers: pairs read from the
+table, images decoded and augmented (or their latents taken from the cache), caption dropout, VAE-sample noise,
+diffusion noise and timesteps.
+
+Everything in a micro-batch is a pure function of (seed, global pair position), so 1 or N processes and 0 or N
+workers train on exactly the same numbers. Micro-batch ``k`` of a run (k = step x accumulation + micro step)
+holds positions ``k*B*P + rank*B ... + B`` for B pairs per process and P processes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlaif.errors import RlaifError
+from rlaif.images import ImageSource, image_size
+from rlaif.seeding import generator, keyed_seed
+from rlaif.train.data import Augmentation, plan_augmentation
+from rlaif.train.encoding import PreparedImage, prepare_image
+from rlaif.train.pair_table import PairTable, pair_index
+from rlaif.train.store import TensorStore
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What a micro-batch depends on besides the table."""
+
+    seed: int
+    batch_size: int  # pairs per process per micro-batch
+    processes: int
+    rank: int
+    resolution: int
+    random_crop: bool
+    hflip: bool
+    caption_dropout: float
+    latent_shape: tuple[int, int, int]  # (channels, height, width) of one image's latents
+    timesteps: int  # of the training noise schedule
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ready for the UNet once the missing latents are encoded; ``images`` holds the chosen
+    image of every pair, then the rejected ones."""
+
+    positions: list[int]
+    captions: list[str]
+    augmentations: list[Augmentation]
+    images: list[PreparedImage]
+    vae_draws: torch.Tensor  # (2B, C, h, w): one standard normal draw per image, for sampling its posterior
+    noise: torch.Tensor  # (B, C, h, w): shared by a pair's two images
+    timesteps: torch.Tensor  # (B,)
+
+
+def _bytes(source: ImageSource, name: str) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise RlaifError(f"image {name} ({source}) cannot be read: {exc.strerror}") from exc
+
+
+class MicroBatches(Dataset):
+    """Micro-batch ``k`` of this process, by index. A user error inside a worker comes back as its message
+    (DataLoader would wrap the exception in a worker traceback); the training loop raises it as one line."""
+
+    def __init__(self, table: PairTable, settings: BatchSettings, store: TensorStore | None) -> None:
+        self.table, self.settings, self.store = table, settings, store
+
+    def positions(self, k: int) -> list[int]:
+        s = self.settings
+        start = k * s.batch_size * s.processes + s.rank * s.batch_size
+        return list(range(start, start + s.batch_size))
+
+    def __getitem__(self, k: int) -> MicroBatch | str:
+        try:
+            return self._build(k)
+        except RlaifError as exc:
+            return str(exc)
+
+    def _build(self, k: int) -> MicroBatch:
+        s = self.settings
+        positions = self.positions(k)
+        pairs = [self.table[pair_index(position, self.table, s.seed)] for position in positions]
+        augmentations, chosen, rejected, captions = [], [], [], []
+        for pair, position in zip(pairs, positions, strict=True):
+            data = _bytes(pair.chosen, pair.chosen_name), _bytes(pair.rejected, pair.rejected_name)
+            augmentation = plan_augmentation(image_size(data[0], pair.chosen_name), s.resolution, s.random_crop,
+                                             s.hflip, random.Random(keyed_seed("augment", s.seed, position)))
+            augmentations.append(augmentation)
+            chosen.append(prepare_image(data[0], pair.chosen_name, augmentation, self.store))
+            rejected.append(prepare_image(data[1], pair.rejected_name, augmentation, self.store))
+            dropped = random.Random(keyed_seed("drop", s.seed, position)).random() < s.caption_dropout
+            captions.append("" if dropped else pair.caption)
+        draws = [torch.randn(s.latent_shape, generator=generator(keyed_seed("vae", s.seed, position, side)))
+                 for side in ("chosen", "rejected") for position in positions]  # per image, not per batch
+        noise = [torch.randn(s.latent_shape, generator=generator(keyed_seed("noise", s.seed, position)))
+                 for position in positions]
+        timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(s.timesteps) for position in positions]
+        return MicroBatch(positions, captions, augmentations, chosen + rejected, torch.stack(draws),
+                          torch.stack(noise), torch.tensor(timesteps))
+
+
+def _as_is(item: MicroBatch | str) -> MicroBatch | str:
+    return item
+
+
+def micro_batches(dataset: MicroBatches, first: int, stop: int, workers: int) -> DataLoader:
+    """Micro-batches ``first`` .. ``stop - 1`` in order, built by ``workers`` processes (0: in this one) two
+    micro-batches ahead of the step."""
+    return DataLoader(dataset, sampler=range(first, stop), batch_size=None, collate_fn=_as_is,
+                      num_workers=workers, prefetch_factor=2 if workers else None)

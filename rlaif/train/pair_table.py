@@ -1,0 +1,302 @@
+"""Preference pairs read lazily from a table of any size: an rlaif pairs table or a Pick-a-Pic v2 style one, as
+one parquet file, a folder of parquet shards, a ``datasets.save_to_disk`` folder, a hub dataset id (its parquet
+shards, downloaded; or read in place with ``streaming``) or an fsspec URL of parquet shards.
+
+Only an index is held in memory (per pair: its block, its row, which image won); rows are read a block at a
+time when a pair is asked for. A block is a parquet row group, or the whole of a memory-mapped Arrow dataset.
+The training order (``epoch_order``) shuffles blocks and then pairs within windows of a few blocks, so a reader
+keeps only a window's blocks and never makes a pass over the table before the first step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlaif.config import HUB_DATASET
+from rlaif.errors import RlaifError
+from rlaif.files import file_identity
+from rlaif.images import ImageSource
+from rlaif.seeding import keyed_seed
+
+RLAIF_COLUMNS = ("caption", "image_0", "image_1")
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
+AI_LABEL = "ai_label_0"  # written by `rlaif label --relabel` beside the human label_0
+SHUFFLE_WINDOW = 2048  # pairs shuffled together: blocks are added to a window until it holds at least this many
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One training pair: the caption, the preferred image and the other one, and where each came from (for
+    errors naming the table, row and column of an image that cannot be read)."""
+
+    caption: str
+    chosen: ImageSource
+    rejected: ImageSource
+    chosen_name: str = ""
+    rejected_name: str = ""
+
+
+def label_column(columns: Sequence[str], chosen: str | None) -> str:
+    """The column holding the preference: ``chosen`` if given, else the AI labels of a relabelled table
+    (``ai_label_0``), else ``label_0``."""
+    if chosen is not None:
+        return chosen
+    return AI_LABEL if AI_LABEL in columns else "label_0"
+
+
+def parquet_shards(files: list[str], where: str) -> list[str]:
+    """The shards to train on among a folder's parquet ``files``: when it holds several splits named like
+    Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet``, the train split's."""
+    if not files:
+        raise RlaifError(f"pairs {where} holds no parquet files and is not a datasets.save_to_disk folder")
+    train = [f for f in files if f.rsplit("/", 1)[-1].startswith("train")]
+    return train or files
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of hub dataset ``repo_id``'s parquet files (downloaded once into the Hugging Face
+    cache; offline, the cached one). Read as shards, lazily: no Arrow copy of the table is made."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise RlaifError(f"pairs {repo_id}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
+
+
+def remote_shards(source: str) -> list[str]:
+    """The parquet shards under an fsspec URL (``hf://datasets/ORG/NAME``, ``s3://...``; a hub id when streaming),
+    read in place: only the label column and the row groups trained on are fetched."""
+    import fsspec
+
+    url = source if "://" in source else f"hf://datasets/{source}"
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+    except (OSError, ValueError, ImportError) as exc:
+        raise RlaifError(f"pairs {source}: cannot list it ({str(exc).splitlines()[0]})") from exc
+    return [fs.unstrip_protocol(f) for f in parquet_shards(files, source)]
+
+
+def _parquet(file: str) -> pq.ParquetFile:
+    """A parquet file, local or at an fsspec URL (opened for random access)."""
+    if "://" in file:
+        import fsspec
+
+        return pq.ParquetFile(fsspec.open(file, "rb").open())
+    return pq.ParquetFile(file)
+
+
+def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
+    if all(c in columns for c in RLAIF_COLUMNS):
+        return "image_0", "image_1"
+    if all(c in columns for c in PICKAPIC_COLUMNS):
+        return "jpg_0", "jpg_1"
+    raise RlaifError(f"pairs table {where} has neither the rlaif columns ({', '.join(RLAIF_COLUMNS)}) nor the "
+                     f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(columns)}")
+
+
+def _labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int) -> np.ndarray:
+    """A label column as float64, every value checked to be 1, 0 or 0.5."""
+    try:
+        array = np.asarray(values.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise RlaifError(f"pairs table {where}: column {label!r} is not numeric ({values.type})") from exc
+    bad = np.flatnonzero(~np.isin(array, (0.0, 0.5, 1.0)))
+    if bad.size:
+        raise RlaifError(f"pairs table {where}, row {first_row + int(bad[0])}: {label} is {array[bad[0]]}, expected "
+                         "1, 0 or 0.5")
+    return array
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Where a block's rows are: a parquet file's row group, or a whole Arrow dataset (group -1)."""
+
+    file: str
+    group: int
+    first_row: int  # of the block within its file, for error messages
+
+
+class PairTable(Sequence[PreferencePair]):
+    """The pairs with a preference of a table (ties dropped), winner first, read lazily. Picklable (DataLoader
+    workers re-open files on first use) and safe to read from several processes at once."""
+
+    def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False) -> None:
+        self.source = str(source)
+        path = Path(source)
+        if "://" in self.source or (streaming and HUB_DATASET.match(self.source)):
+            self._init_parquet(remote_shards(self.source), remote=True)
+        elif path.is_file():
+            self._init_parquet([str(path)])
+        elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            self._init_arrow(str(path), label)
+            return
+        elif path.is_dir():
+            self._init_parquet(parquet_shards(sorted(map(str, path.rglob("*.parquet"))), self.source))
+        elif HUB_DATASET.match(self.source):
+            self._init_parquet(parquet_shards(sorted(map(str, hub_snapshot(self.source).rglob("*.parquet"))),
+                                              self.source))
+        else:
+            raise RlaifError(f"pairs table {source} does not exist (expected a parquet file, a folder of parquet "
+                             "shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
+        self._index(label)
+
+    # -- building the index ------------------------------------------------------------------------------------
+
+    def _init_parquet(self, files: list[str], remote: bool = False) -> None:
+        self.files = files
+        self.root = Path(files[0]).parent if len(files) == 1 else Path(self.source)  # of rlaif's relative paths
+        self.identity = ";".join(files if remote else (file_identity(f) for f in files))
+
+    def _init_arrow(self, source: str, label: str | None) -> None:
+        self.files, self.root = [source], Path(source)
+        dataset = self._dataset
+        self.identity = f"{source}@{dataset._fingerprint}"
+        table = dataset.data.table
+        columns = table.column_names
+        self.columns = _image_columns(columns, source)
+        self.label = label_column(columns, label)
+        self._check_label(columns, source)
+        labels = _labels(table.column(self.label), source, self.label, 0)
+        self.blocks = [_Block(source, -1, 0)]
+        self._set_index([labels], [0])
+
+    @cached_property
+    def _dataset(self):
+        """The memory-mapped ``datasets.Dataset`` of a save_to_disk folder (a DatasetDict's train split)."""
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(self.source)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; the cause goes into the line
+            raise RlaifError(f"pairs {self.source}: cannot load it with datasets ({str(exc).splitlines()[0]})") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise RlaifError(f"pairs {self.source} has no train split (splits: {', '.join(loaded)})")
+            loaded = loaded["train"]
+        return loaded
+
+    def _check_label(self, columns: Sequence[str], where: str) -> None:
+        if self.label not in columns:
+            raise RlaifError(f"pairs table {where} has no column {self.label!r} (--label-column); columns: "
+                             f"{', '.join(columns)}")
+
+    def _index(self, label: str | None) -> None:
+        blocks, labels, firsts = [], [], []
+        for file in self.files:
+            try:
+                meta = _parquet(file)
+            except (pa.ArrowException, OSError) as exc:
+                raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+            columns = meta.schema_arrow.names
+            if not blocks:
+                self.columns = _image_columns(columns, file)
+                self.label = label_column(columns, label)
+            _image_columns(columns, file)
+            self._check_label(columns, file)
+            first = 0
+            for group in range(meta.metadata.num_row_groups):
+                values = meta.read_row_group(group, columns=[self.label]).column(0)
+                labels.append(_labels(values, file, self.label, first))
+                blocks.append(_Block(file, group, first))
+                firsts.append(first)
+                first += len(values)
+        self.blocks = blocks
+        self._set_index(labels, firsts)
+
+    def _set_index(self, labels: list[np.ndarray], firsts: list[int]) -> None:
+        kept = [np.flatnonzero(values != 0.5) for values in labels]
+        self.block_sizes = np.array([len(k) for k in kept], dtype=np.int64)
+        if not self.block_sizes.sum():
+            raise RlaifError(f"pairs table {self.source} holds no pairs with a preference (all ties or empty)")
+        self._block_of = np.repeat(np.arange(len(kept), dtype=np.int32), self.block_sizes)
+        self._row_of = np.concatenate(kept).astype(np.int64)
+        self._chosen_first = np.concatenate([values[k] == 1.0 for values, k in zip(labels, kept, strict=True)])
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cache_size = window_blocks(self.block_sizes)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __getitem__(self, index: int) -> PreferencePair:  # type: ignore[override]
+        block_number = int(self._block_of[index])
+        block, row = self.blocks[block_number], int(self._row_of[index])
+        values = self._read_block(block_number)
+        caption = values.column("caption")[row].as_py() or ""
+        images = [_image(values.column(c)[row].as_py(), self.root) for c in self.columns]
+        names = [f"{block.file} row {block.first_row + row} {c}" for c in self.columns]
+        if not self._chosen_first[index]:
+            images, names = images[::-1], names[::-1]
+        return PreferencePair(caption, images[0], images[1], names[0], names[1])
+
+    def _read_block(self, number: int) -> pa.Table:
+        """A block's caption and image columns, kept for the next reads (at most a shuffle window of blocks)."""
+        if number in self._cache:
+            self._cache.move_to_end(number)
+            return self._cache[number]
+        block = self.blocks[number]
+        columns = ["caption", *self.columns]
+        if block.group < 0:
+            values = self._dataset.data.table.select(columns)  # memory-mapped: nothing is read until used
+        else:
+            values = _parquet(block.file).read_row_group(block.group, columns=columns)
+        self._cache[number] = values
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return values
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict()}  # workers read their own blocks
+
+
+def _image(value: object, root: Path) -> ImageSource:
+    """An image cell: a path relative to the table (rlaif), bytes (Pick-a-Pic) or a datasets Image struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        return root / value
+    if not isinstance(value, bytes):
+        raise RlaifError(f"pairs table under {root}: an image cell holds {type(value).__name__}, not bytes or a path")
+    return value
+
+
+def window_blocks(block_sizes: np.ndarray) -> int:
+    """The most blocks any shuffle window can hold: the smallest blocks taken until they reach SHUFFLE_WINDOW
+    pairs (an upper bound on what a reader needs to keep)."""
+    reached = np.flatnonzero(np.cumsum(np.sort(block_sizes)) >= SHUFFLE_WINDOW)
+    return int(reached[0]) + 1 if reached.size else len(block_sizes)
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(block_sizes: tuple[int, ...], seed: int, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng(keyed_seed("order", seed, epoch))
+    starts = np.concatenate([[0], np.cumsum(block_sizes)[:-1]])
+    order, window, count = [], [], 0
+    for block in rng.permutation(len(block_sizes)):
+        window.append(np.arange(starts[block], starts[block] + block_sizes[block]))
+        count += block_sizes[block]
+        if count >= SHUFFLE_WINDOW:
+            order.append(rng.permutation(np.concatenate(window)))
+            window, count = [], 0
+    if window:
+        order.append(rng.permutation(np.concatenate(window)))
+    return np.concatenate(order)
+
+
+def pair_index(position: int, table: PairTable, seed: int) -> int:
+    """The pair trained at global ``position``: epochs follow each other, each a permutation that depends only on
+    (seed, epoch and the table's blocks): blocks shuffled, then pairs within windows of SHUFFLE_WINDOW pairs."""
+    epoch, offset = divmod(position, len(table))
+    return int(_epoch_order(tuple(int(s) for s in table.block_sizes), seed, epoch)[offset])

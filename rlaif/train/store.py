@@ -1,0 +1,62 @@
+"""Tensors stored by key in a few SQLite files (the shards): the training cache's storage.
+
+A million cached latents as a million small files hurt every filesystem; here each shard file holds its own
+index (the primary key) and the tensors (safetensors bytes), writes are transactions (a killed writer leaves
+the shard as it was), and several processes and DataLoader workers may read and write at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+SHARDS = 16
+
+
+class TensorStore:
+    """Named tensors by hex key under ``folder`` in SHARDS SQLite files. Picklable: each process opens its own
+    connections on first use."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._connections: dict[int, sqlite3.Connection] = {}
+        self._pid = os.getpid()
+
+    def _connection(self, key: str) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # a forked worker: never share the parent's connections
+            self._connections, self._pid = {}, os.getpid()
+        shard = int(key[:4], 16) % SHARDS
+        if shard not in self._connections:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.folder / f"shard-{shard:02d}.sqlite", timeout=600)
+            connection.execute("CREATE TABLE IF NOT EXISTS items (key TEXT PRIMARY KEY, data BLOB NOT NULL)")
+            self._connections[shard] = connection
+        return self._connections[shard]
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors stored under ``key``, or None."""
+        row = self._connection(key).execute("SELECT data FROM items WHERE key = ?", (key,)).fetchone()
+        return None if row is None else load(row[0])
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store ``tensors`` under ``key`` (replacing what was there) in one transaction."""
+        data = save({name: tensor.contiguous() for name, tensor in tensors.items()})
+        with self._connection(key) as connection:
+            connection.execute("INSERT OR REPLACE INTO items (key, data) VALUES (?, ?)", (key, data))
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "_connections": {}, "_pid": -1}
+
+
+def store_summary(folder: Path) -> tuple[int, int]:
+    """(items, bytes on disk) of every store under ``folder``."""
+    items = size = 0
+    for shard in Path(folder).rglob("shard-*.sqlite"):
+        size += shard.stat().st_size
+        with sqlite3.connect(shard) as connection:
+            items += connection.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+    return items, size
