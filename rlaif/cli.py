@@ -89,6 +89,7 @@ def label(
     combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
     scorer_options: Annotated[list[str], option(L, "scorer_options", "--scorer-option")] = [],  # noqa: B006
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
+    chunk_size: Annotated[int, option(L, "chunk_size")] = default(L, "chunk_size"),
     device: Annotated[str | None, option(L, "device")] = default(L, "device"),
 ) -> None:
     """Score every sample with AI scorers and write winner/loser pairs (scores are cached per scorer).
@@ -97,7 +98,8 @@ def label(
     human labels.
     """
     config = LabelConfig(**locals())
-    from rlaif.label import run_label, run_relabel
+    from rlaif.label import run_label
+    from rlaif.relabel import run_relabel
 
     show, output = start("images")
     with output as report:

@@ -120,6 +120,9 @@ class LabelConfig:
     scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE", 
         "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
     batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
+    chunk_size: int = field(default=4096, metadata={
+        "help": "Images scored between saves of the scores: a killed run loses at most one chunk, and its rerun "
+                "scores only what is missing."})
     device: str | None = field(default=None, metadata={"help": "Device for model-based scorers; default: "
                                                        "this process's accelerator."})
 
@@ -141,7 +144,7 @@ class LabelConfig:
             raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.combine not in COMBINE_RULES:
             raise RlaifError(f"--combine {self.combine!r} is not one of {', '.join(COMBINE_RULES)}")
-        for name in ("top_k", "batch_size"):
+        for name in ("top_k", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:

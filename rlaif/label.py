@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,13 +18,11 @@ from PIL import Image
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path
-from rlaif.images import ImageSource, image_bytes, open_rgb
+from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
 from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
 
-RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
 
@@ -65,6 +65,11 @@ def score_images(
     return ordered
 
 
+def offset(progress: Progress, done_before: int, total: int) -> Progress:
+    """``progress`` for one chunk of a longer job: counts continue from ``done_before`` towards ``total``."""
+    return lambda scorer, done, _: progress(scorer, done_before + done, total)
+
+
 def load_scorers(config: LabelConfig) -> Iterator[LoadedScorer]:
     """Each scorer of ``config`` in turn, loaded with its options on ``config.device`` or this process's
     device; one at a time (the caller drops each before asking for the next), never all in memory at once."""
@@ -79,39 +84,57 @@ def file_hashes(root: Path, images: list[str]) -> list[str]:
     return [hashlib.sha256((root / image).read_bytes()).hexdigest() for image in images]
 
 
-def read_score_cache(path: Path) -> pl.DataFrame:
-    """The cached scores of a samples folder; a cache from before the keyed columns counts as empty."""
-    if not path.exists():
+PARTS = "scores.parts"  # a samples folder's scores made since scores.parquet was last written, one file per chunk
+
+
+def _keyed(frame: pl.DataFrame) -> pl.DataFrame | None:
+    """``frame`` as SCORES_SCHEMA, or None for a file from before the keyed columns (it counts as empty)."""
+    if any(name not in frame.columns for name in SCORES_SCHEMA):
+        return None
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCORES_SCHEMA.items()])
+
+
+def read_score_cache(root: Path) -> pl.DataFrame:
+    """The cached scores of a samples folder: scores.parquet, then the chunks saved after it (later wins)."""
+    files = [root / "scores.parquet"] if (root / "scores.parquet").exists() else []
+    files += sorted((root / PARTS).glob("part-*.parquet"))
+    frames = [f for f in (_keyed(read_table(path, {})) for path in files) if f is not None]
+    if not frames:
         return pl.DataFrame(schema=SCORES_SCHEMA)
-    cached = read_table(path, {})
-    if any(name not in cached.columns for name in SCORES_SCHEMA):
-        return pl.DataFrame(schema=SCORES_SCHEMA)
-    return cached.select([pl.col(name).cast(dtype) for name, dtype in SCORES_SCHEMA.items()])
+    return pl.concat(frames).unique(["sample_id", "scorer"], keep="last", maintain_order=True)
 
 
 def update_scores(samples: pl.DataFrame, config: LabelConfig, progress: Progress | None = None) -> pl.DataFrame:
     """The scores table of ``config.samples_dir`` for every scorer of ``config``. A cached score is reused only
     if it was made by the same scorer key (name, options, version, weights) from the same image bytes; every
-    other one is recomputed, and the table rewritten after each scorer."""
+    other one is recomputed, a chunk of --chunk-size images at a time, each chunk saved as it is made (a kill
+    loses at most one). scores.parquet is rewritten, and the chunks removed, once every scorer is done."""
     root = config.samples_dir
-    scores_path = root / "scores.parquet"
-    scores = read_score_cache(scores_path)
+    state = process_state()
+    scores = read_score_cache(root)
     current = samples.select("sample_id", "prompt", "image").with_columns(
         image_sha256=pl.Series(file_hashes(root, samples["image"].to_list()), dtype=pl.String))
     for scorer in load_scorers(config):
         valid = scores.filter((pl.col("scorer") == scorer.spec) & (pl.col("scorer_key") == scorer.key))
         todo = current.join(valid.select("sample_id", "image_sha256"), on=["sample_id", "image_sha256"], how="anti")
-        if not todo.is_empty():
-            paths = [root / image for image in todo["image"].to_list()]
-            values = score_images(scorer, paths, [str(p) for p in paths], todo["prompt"].to_list(),
-                                  config.batch_size, progress)
-            new = todo.select("sample_id", "prompt", "image_sha256").with_columns(
-                scorer=pl.lit(scorer.spec), score=pl.Series(values, dtype=pl.Float64), scorer_key=pl.lit(scorer.key))
+        made = []
+        for start in range(0, todo.height, config.chunk_size):
+            chunk = todo.slice(start, config.chunk_size)
+            paths = [root / image for image in chunk["image"].to_list()]
+            values = score_images(scorer, paths, [str(p) for p in paths], chunk["prompt"].to_list(),
+                                  config.batch_size, progress and offset(progress, start, todo.height))
+            made.append(chunk.select("sample_id", "prompt", "image_sha256").with_columns(
+                scorer=pl.lit(scorer.spec), score=pl.Series(values, dtype=pl.Float64), scorer_key=pl.lit(scorer.key)))
+            if state.is_main_process:
+                write_table(made[-1], root / PARTS / f"part-{time.time_ns():020d}.parquet", SCORES_SCHEMA)
+        if made:
             stale = (pl.col("scorer") == scorer.spec) & pl.col("sample_id").is_in(todo["sample_id"].implode())
-            scores = pl.concat([scores.filter(~stale), new.select(list(SCORES_SCHEMA))])
-            if process_state().is_main_process:
-                write_table(scores, scores_path, SCORES_SCHEMA)
+            scores = pl.concat([scores.filter(~stale), *(m.select(list(SCORES_SCHEMA)) for m in made)])
         del scorer  # freed before the next scorer loads
+    if state.is_main_process:
+        write_table(scores, root / "scores.parquet", SCORES_SCHEMA)
+        shutil.rmtree(root / PARTS, ignore_errors=True)
+    state.wait_for_everyone()
     return scores
 
 
@@ -159,59 +182,3 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         write_table(pairs, out, PAIRS_SCHEMA)
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
     return Labelled(out, pairs.height, pairs["prompt_id"].n_unique(), ties, compared.height - ties - pairs.height)
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie."""
-
-    pairs: int
-    compared: int
-    agree: int
-    ai_ties: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.agree / self.compared if self.compared else float("nan")
-
-
-def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
-    """Score both images of every pair of a Pick-a-Pic style table, write AI labels beside the human ones
-    (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``) and measure agreement.
-
-    Several scorers vote per pair: each scorer's two scores become z-scores within the pair (+1 / -1, or
-    0 for a tie), weighted and averaged, so ``ai_label_0`` is the weighted majority.
-    """
-    config.validate()
-    weights = parse_weights(config.scorers)
-    source = Path(config.relabel)
-    table = read_table(source, {name: pl.String() for name in RELABEL_COLUMNS})
-    captions = table["caption"].to_list()
-    images = image_bytes(table["jpg_0"]) + image_bytes(table["jpg_1"])
-    names = [f"{source} row {i} jpg_{side}" for side in (0, 1) for i in range(table.height)]
-    ids = [f"{i}:{side}" for side in (0, 1) for i in range(table.height)]
-    parts = []
-    for scorer in load_scorers(config):
-        parts.append(pl.DataFrame({"prompt_id": [i.split(":")[0] for i in ids], "sample_id": ids,
-                                   "scorer": scorer.spec, "score": score_images(scorer, images, names, captions * 2,
-                                                                                config.batch_size, progress)}))
-        del scorer
-    value = dict(preference(pl.concat(parts), weights, config.combine).select("sample_id", "value").iter_rows())
-    score_0 = pl.Series([value[f"{i}:0"] for i in range(table.height)], dtype=pl.Float64)
-    score_1 = pl.Series([value[f"{i}:1"] for i in range(table.height)], dtype=pl.Float64)
-    ai_label = pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5)
-    labelled = table.with_columns(ai_score_0=score_0, ai_score_1=score_1, ai_label_0=ai_label,
-                                  ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())))
-    human = labelled.filter(pl.col("label_0").cast(pl.Float64).is_in([0.0, 1.0]))
-    agreement = Agreement(
-        pairs=table.height,
-        compared=human.height,
-        agree=human.filter(pl.col("ai_label_0") == pl.col("label_0").cast(pl.Float64)).height,
-        ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height,
-    )
-    out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
-    if process_state().is_main_process:
-        with atomic_path(out) as tmp:
-            labelled.write_parquet(tmp)
-    process_state().wait_for_everyone()
-    return out, agreement

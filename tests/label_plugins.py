@@ -1,6 +1,7 @@
 """Scorer plugins for the tests, loaded by ``module:attr`` (the tests put this folder on PYTHONPATH)."""
 
 import os
+import time
 
 import torch
 
@@ -49,3 +50,14 @@ def channel_mean(device="cpu", channel="0"):
     scorer = _Scorer(score)
     scorer.identity = os.environ.get("RLAIF_TEST_WEIGHTS", "")
     return scorer
+
+
+def slow_brightness(device="cpu"):
+    """Mean brightness after RLAIF_TEST_DELAY seconds per image (a stand-in for a large model's pace, so a test
+    can kill a run part-way), counting scored images in RLAIF_TEST_COUNT."""
+    def score(images, prompts):
+        time.sleep(float(os.environ.get("RLAIF_TEST_DELAY", "0")) * len(images))
+        with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
+            log.write(f"{len(images)}\n")
+        return [float(torch.tensor(list(image.convert("L").getdata())).float().mean()) for image in images]
+    return _Scorer(score)

@@ -3,12 +3,15 @@
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
@@ -192,3 +195,69 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][5]
     Image.new("RGB", Image.open(image).size, (10, 200, 30)).save(image)  # rewritten in place
     assert label(1, weights="w2") == 65  # only the rewritten image, now scored from its new pixels
+
+
+def kill_when(args: list, env: dict, ready) -> None:
+    """Run ``rlaif ARGS`` and SIGKILL it as soon as ``ready()`` holds (it must not finish first)."""
+    process = subprocess.Popen([sys.executable, "-m", "rlaif", *map(str, args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not ready():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_relabel_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """SIGKILL while relabelling a 48-pair table in chunks of 8 pairs: no output is half-written, the saved
+    chunks survive, the rerun scores only the chunks that were not saved, and the table it writes (in row groups,
+    chunk by chunk) equals that of a run never killed."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(96):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    labels = rng.integers(0, 2, 48).astype(float)
+    pl.DataFrame({"caption": [f"c{i}" for i in range(48)], "jpg_0": images[:48], "jpg_1": images[48:],
+                  "label_0": labels, "label_1": 1 - labels}).write_parquet(tmp_path / "pap.parquet")
+    args = ["label", "--relabel", tmp_path / "pap.parquet", "--scorer", "label_plugins:slow_brightness",
+            "--chunk-size", 16, "--batch-size", 4]
+
+    def env(name: str, **extra: str) -> dict:
+        return cli_env(PYTHONPATH=PLUGINS, RLAIF_CACHE=str(tmp_path / f"cache-{name}"),
+                       RLAIF_TEST_COUNT=str(tmp_path / f"count-{name}"), **extra)
+
+    whole = run_cli(*args, "-o", tmp_path / "whole.parquet", env=env("whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "parts.parquet"
+    saved = lambda: list((tmp_path / "cache-parts" / "relabel").rglob("chunk-*.parquet"))  # noqa: E731
+    kill_when([*args, "-o", out], env("parts", RLAIF_TEST_DELAY="0.02"), lambda: len(saved()) >= 2)
+    assert not out.exists() and not list(tmp_path.glob(".parts*"))
+    kept = len(saved())
+    assert 2 <= kept < 6
+    again = run_cli(*args, "-o", out, env={**env("parts"), "RLAIF_TEST_COUNT": str(tmp_path / "count-again")})
+    assert again.returncode == 0, again.stderr
+    assert scored(tmp_path / "count-again") == 96 - 16 * kept  # only the chunks not saved before the kill
+    assert pl.read_parquet(out).equals(pl.read_parquet(tmp_path / "whole.parquet"))
+    assert pq.ParquetFile(out).metadata.num_row_groups == 6
+    assert again.stdout.splitlines()[-1] == whole.stdout.splitlines()[-1]  # the same agreement line
+
+
+def test_label_killed_part_way_keeps_the_chunks_it_scored(fresh, tmp_path):
+    """`rlaif label` saves scores chunk by chunk: after a SIGKILL the rerun scores only the missing images and
+    writes the same scores as an uninterrupted run."""
+    args = ["label", fresh, "--scorer", "label_plugins:slow_brightness", "--chunk-size", 4, "--batch-size", 2]
+    env = cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=str(tmp_path / "count"), RLAIF_TEST_DELAY="0.05")
+    kill_when(args, env, lambda: len(list((fresh / "scores.parts").glob("part-*.parquet"))) >= 2)
+    kept = len(list((fresh / "scores.parts").glob("part-*.parquet")))
+    assert kept < 4 and not (fresh / "scores.parquet").exists()
+    done = run_cli(*args, env={**env, "RLAIF_TEST_COUNT": str(tmp_path / "count-again")})
+    assert done.returncode == 0, done.stderr
+    assert scored(tmp_path / "count-again") == 16 - 4 * kept
+    assert not (fresh / "scores.parts").exists()
+    scores = pl.read_parquet(fresh / "scores.parquet")
+    samples = pl.read_parquet(fresh / "samples.parquet")
+    brightness = {sid: float(np.asarray(Image.open(fresh / image).convert("L"), dtype=np.float64).mean())
+                  for sid, image in zip(samples["sample_id"], samples["image"], strict=True)}
+    assert scores.height == 16 and dict(zip(scores["sample_id"], scores["score"], strict=True)) == \
+        pytest.approx(brightness)
