@@ -30,3 +30,35 @@ def cached_download(url: str, name: str) -> Path:
     except (urllib.error.URLError, OSError) as exc:
         raise RlaifError(f"cannot download {url} ({exc}); put the file at {target} to use it offline") from exc
     return target
+
+
+# What lives under the cache root, by part: what `rlaif cache info` lists and `rlaif cache clear PART` removes.
+CACHE_PARTS = {
+    "latents": ("train/latents", "VAE latents of training images (per VAE and --cache-dtype)"),
+    "text": ("train/text", "text-encoder outputs of training captions (per text encoders)"),
+    "relabel": ("relabel", "scores of `label --relabel` chunks (per table, scorer and chunk size)"),
+    "models": ("models", "the tiny offline models built on first use"),
+    "downloads": ("downloads", "files downloaded once (e.g. scorer heads)"),
+}
+
+
+def folder_size(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under ``folder`` (0, 0 when it does not exist)."""
+    files = size = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files += 1
+            size += (Path(root) / name).stat().st_size
+    return files, size
+
+
+def clear_cache(part: str | None) -> int:
+    """Remove one part of the cache (or all of it); return the bytes freed."""
+    import shutil
+
+    if part is not None and part not in CACHE_PARTS:
+        raise RlaifError(f"no cache part {part!r}; parts: {', '.join(CACHE_PARTS)}")
+    folder = cache_dir() / CACHE_PARTS[part][0] if part else cache_dir()
+    freed = folder_size(folder)[1]
+    shutil.rmtree(folder, ignore_errors=True)
+    return freed

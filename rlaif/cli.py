@@ -314,6 +314,34 @@ def scorers_list() -> None:
     Console().print(table)
 
 
+cache_app = typer.Typer(help="Show or clear what rlaif caches ($RLAIF_CACHE, default ~/.cache/rlaif).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Print the cache's location and the size of each part."""
+    from rlaif.cache import CACHE_PARTS, cache_dir, folder_size
+
+    print(f"cache: {cache_dir()}")
+    for name, (folder, about) in CACHE_PARTS.items():
+        files, size = folder_size(cache_dir() / folder)
+        print(f"  {name:10s} {size / 2**20:10.1f} MiB  {files:7d} files  {about}")
+    print(f"  {'total':10s} {folder_size(cache_dir())[1] / 2**20:10.1f} MiB")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    part: Annotated[str | None, typer.Argument(help="latents | text | relabel | models | downloads; default: "
+                                                    "everything.")] = None,
+) -> None:
+    """Remove a part of the cache, or all of it (everything in it is rebuilt when needed)."""
+    from rlaif.cache import clear_cache
+
+    say(f"freed {clear_cache(part) / 2**20:.1f} MiB")
+
+
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline into.")],

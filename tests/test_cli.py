@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROMPTS, run_cli
+from conftest import PROMPTS, cli_env, run_cli
 
 from rlaif.cli_progress import LineReporter, bar_columns
 
@@ -97,3 +97,22 @@ def test_ctrl_c_says_how_to_go_on(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing finished is lost; rerun the same command")
+
+
+def test_cache_info_and_clear(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "train" / "latents" / "vae-fp32").mkdir(parents=True)
+    (cache / "train" / "latents" / "vae-fp32" / "shard-00.sqlite").write_bytes(b"x" * 3 * 2**20)
+    (cache / "relabel" / "k").mkdir(parents=True)
+    (cache / "relabel" / "k" / "chunk-00000-0000000.parquet").write_bytes(b"y" * 2**20)
+    env = cli_env(RLAIF_CACHE=str(cache))
+    info = run_cli("cache", "info", env=env)
+    assert info.returncode == 0 and f"cache: {cache}" in info.stdout
+    assert "latents           3.0 MiB        1 files" in info.stdout and "relabel           1.0 MiB" in info.stdout
+    assert "total             4.0 MiB" in info.stdout
+    cleared = run_cli("cache", "clear", "latents", env=env)
+    assert cleared.returncode == 0 and "freed 3.0 MiB" in cleared.stderr
+    assert not (cache / "train" / "latents").exists() and (cache / "relabel" / "k").exists()
+    wrong = run_cli("cache", "clear", "everything", env=env)
+    assert wrong.returncode == 2 and "no cache part 'everything'; parts: latents, text" in wrong.stderr
+    assert run_cli("cache", "clear", env=env).returncode == 0 and not cache.exists()
