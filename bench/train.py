@@ -12,7 +12,14 @@
     weights cast to bf16, policy fp32 under autocast). The ln 2 property itself is a test:
     tests/test_train.py::test_first_step_loss_is_ln2.
 
-    python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2]
+With ``--official DIR`` (a checkout of SalesforceAIResearch/DiffusionDPO, e.g. fetched from GitHub), instead:
+(e) s/step of the real official ``train.py`` (copied to a temporary folder, its hard xformers requirement
+    switched off, nothing else changed) against `rlaif train`, side by side: the same tiny SD1.5 folder, the
+    same 64-pair Pick-a-Pic v2 style table (256x256 JPEGs), full fine-tuning, fp32, batch 4, centre crop, no
+    flip, no caption dropout, AdamW. Both run under bench/step_timer.py (a clock on every optimizer step, the
+    same for both); the first 5 steps are untimed, and the runs alternate.
+
+    python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2] [--official DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -175,6 +183,66 @@ def first_losses(pairs_path: Path, pairs: list[PreferencePair], batch: int, fold
     return losses
 
 
+def official_script(official: Path, folder: Path) -> Path:
+    """A copy of the official train.py in ``folder`` whose only change is that a missing xformers is allowed
+    (it raises otherwise, and xformers needs CUDA)."""
+    source = (official / "train.py").read_text()
+    required = '        raise ValueError("xformers is not available. Make sure it is installed correctly")'
+    if source.count(required) != 1:
+        raise SystemExit(f"{official / 'train.py'} is not the expected official script (xformers check not found)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.py").write_text(source.replace(required, "        pass  # bench: xformers is optional on CPU"))
+    return folder / "train.py"
+
+
+def step_intervals(times: Path, untimed: int = 5) -> list[float]:
+    """Seconds between consecutive optimizer steps after the first ``untimed`` steps."""
+    stamps = [float(line) for line in times.read_text().split()]
+    return [b - a for a, b in zip(stamps[untimed:], stamps[untimed + 1:], strict=False)]
+
+
+def against_official(official: Path, steps: int, batch: int, repeats: int) -> None:
+    """(e): the real official script and `rlaif train` on the same model and table, alternating."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import pick_a_pic_table
+
+    from rlaif.tiny import write_tiny
+
+    timer = str(Path(__file__).parent / "step_timer.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    seconds: dict[str, list[float]] = {"official train.py": [], "rlaif train": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = write_tiny(folder / "tiny-sd")
+        table = pick_a_pic_table(folder / "pickapic-64", 64, shard_rows=64)  # 'pickapic' in the name: ties dropped
+        script = official_script(official, folder / "official")
+        rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
+                 "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
+                 "--checkpoint-every", "0", "--overwrite", "--out", str(folder / "rlaif")]
+        env["RLAIF_CACHE"] = str(folder / "cache")
+        warm = [*rlaif[:2], str(folder / "warm-times"), *rlaif[3:], "--max-steps", str(steps)]
+        subprocess.run(warm, env=env, check=True, capture_output=True)  # fills the latent cache, as a rerun would
+        for repeat in range(repeats):
+            times = folder / f"official-{repeat}"
+            subprocess.run([sys.executable, timer, str(times), str(script), "--pretrained_model_name_or_path",
+                            str(model), "--dataset_name", str(table), "--train_batch_size", str(batch),
+                            "--max_train_steps", str(steps + 6), "--mixed_precision", "no", "--resolution", "64",
+                            "--no_hflip", "--learning_rate", "1e-5", "--checkpointing_steps", "1000000",
+                            "--output_dir", str(folder / "official-out"), "--cache_dir", str(folder / "hf-cache")],
+                           env=env, check=True, capture_output=True, cwd=script.parent)
+            seconds["official train.py"] += step_intervals(times)
+            times = folder / f"rlaif-{repeat}"
+            subprocess.run([*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6)], env=env, check=True,
+                           capture_output=True)
+            seconds["rlaif train"] += step_intervals(times)
+    step = {name: statistics.median(values) for name, values in seconds.items()}
+    print(f"tiny SD1.5 (64 px), 64-pair Pick-a-Pic table (256x256 JPEGs), full fine-tuning, fp32, batch {batch}, "
+          f"{steps} timed steps x {repeats} repeats (median step), {os.cpu_count()} CPUs")
+    for name, value in step.items():
+        print(f"  {name:18s}: {value * 1000:7.1f} ms/step  ({batch / value:6.2f} pairs/s)")
+    print(f"(e) rlaif / official s/step ratio: {step['official train.py'] / step['rlaif train']:.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
@@ -182,8 +250,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--probe-memory", choices=["sigmoid", "sft"], help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--official", type=Path, help="checkout of SalesforceAIResearch/DiffusionDPO: run (e)")
     args = parser.parse_args()
     quiet_libraries()
+    if args.official:
+        against_official(args.official, args.steps, args.batch_size, args.repeats)
+        return
     if args.probe_memory:
         probe_memory(args.pairs, args.probe_memory, args.steps, args.batch_size)
         return

@@ -154,7 +154,7 @@ def train(
     caption_dropout: Annotated[float, option(T, "caption_dropout")] = default(T, "caption_dropout"),
     no_cache: Annotated[bool, option(T, "no_cache")] = default(T, "no_cache"),
     cache_dtype: Annotated[str, option(T, "cache_dtype")] = default(T, "cache_dtype"),
-    workers: Annotated[int, option(T, "workers")] = default(T, "workers"),
+    workers: Annotated[int | None, option(T, "workers")] = default(T, "workers"),
     report_to: Annotated[str | None, option(T, "report_to")] = default(T, "report_to"),
     checkpoint_every: Annotated[int | None, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),

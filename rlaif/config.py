@@ -120,7 +120,7 @@ class LabelConfig:
     scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE", 
         "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
     batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
-    chunk_size: int = field(default=4096, metadata={
+    chunk_size: int = field(default=2048, metadata={
         "help": "Images scored between saves of the scores: a killed run loses at most one chunk, and its rerun "
                 "scores only what is missing."})
     device: str | None = field(default=None, metadata={"help": "Device for model-based scorers; default: "
@@ -198,9 +198,10 @@ class TrainConfig:
     cache_dtype: str = field(default="fp32", metadata={
         "help": "fp32 | bf16 | fp16: how cached latents are kept. fp32 trains exactly as without a cache; bf16 and "
                 "fp16 halve the disk a large run's cache needs (fresh latents are rounded the same way)."})
-    workers: int = field(default=2, metadata={
+    workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes per training process that read, decode and augment pairs ahead of the "
-                "step (0: in the training process). Results do not depend on it."})
+                "step (0: in the training process). Default: on a GPU, up to 4 (the CPU cores per process less "
+                "one); on CPU only, 0 (the model already uses every core). Results do not depend on it."})
     report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
                                                                  "(accelerate trackers; logs under OUT/logs)."})
     checkpoint_every: int | None = field(default=None, metadata={

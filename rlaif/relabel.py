@@ -80,7 +80,8 @@ def chunks(files: list[str], rows: int, columns: list[str] | None = None) -> Ite
     """The table's rows in chunks of ``rows`` (a file's last chunk may be shorter), read one at a time."""
     for number, file in enumerate(files):
         first = 0
-        for part, batch in enumerate(pq.ParquetFile(file).iter_batches(batch_size=rows, columns=columns)):
+        reader = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering reads the whole file
+        for part, batch in enumerate(reader.iter_batches(batch_size=rows, columns=columns)):
             yield Chunk(f"{number:05d}-{part:07d}", file, first, batch)
             first += batch.num_rows
 
@@ -95,10 +96,11 @@ def _score_chunk(scorer, chunk: Chunk, batch_size: int, progress: Progress | Non
                         schema={"score_0": pl.Float64, "score_1": pl.Float64})
 
 
-def _labelled(chunk: Chunk, folders: dict[str, Path], weights: dict[str, float], combine: str) -> pl.DataFrame:
-    """A chunk's rows with the AI columns: each scorer's two scores combined per pair (``preference``)."""
-    frame = pl.from_arrow(chunk.rows)
-    ids = [str(i) for i in range(frame.height)]
+def _ai_columns(chunk: Chunk, folders: dict[str, Path], weights: dict[str, float], combine: str) -> pl.DataFrame:
+    """A chunk's AI columns (ai_score_0, ai_score_1, ai_label_0, ai_scorer) and its human label_0: each scorer's
+    two scores combined per pair (``preference``). The image columns are never copied."""
+    rows = chunk.rows.num_rows
+    ids = [str(i) for i in range(rows)]
     parts = []
     for spec, folder in folders.items():
         scores = pl.read_parquet(folder / f"chunk-{chunk.name}.parquet")
@@ -108,15 +110,16 @@ def _labelled(chunk: Chunk, folders: dict[str, Path], weights: dict[str, float],
     value = dict(preference(pl.concat(parts), weights, combine).select("sample_id", "value").iter_rows())
     score_0 = pl.Series([value[f"{i}:0"] for i in ids], dtype=pl.Float64)
     score_1 = pl.Series([value[f"{i}:1"] for i in ids], dtype=pl.Float64)
-    ai_label = pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5)
-    return frame.with_columns(ai_score_0=score_0, ai_score_1=score_1, ai_label_0=ai_label,
-                              ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())))
+    label = pl.from_arrow(chunk.rows.column("label_0")).cast(pl.Float64)
+    return pl.DataFrame({"ai_score_0": score_0, "ai_score_1": score_1}).with_columns(
+        ai_label_0=pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5),
+        ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())), label_0=label)
 
 
 def _agreement(labelled: pl.DataFrame) -> Agreement:
-    human = labelled.filter(pl.col("label_0").cast(pl.Float64).is_in([0.0, 1.0]))
+    human = labelled.filter(pl.col("label_0").is_in([0.0, 1.0]))
     return Agreement(pairs=labelled.height, compared=human.height,
-                     agree=human.filter(pl.col("ai_label_0") == pl.col("label_0").cast(pl.Float64)).height,
+                     agree=human.filter(pl.col("ai_label_0") == pl.col("label_0")).height,
                      ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height)
 
 
@@ -170,10 +173,12 @@ def _write_labelled(files: list[str], rows: int, folders: dict[str, Path], weigh
         writer = None
         try:
             for chunk in chunks(files, rows):
-                labelled = _labelled(chunk, folders, weights, combine)
-                part = _agreement(labelled)
+                ai = _ai_columns(chunk, folders, weights, combine)
+                part = _agreement(ai)
                 totals = Agreement(*(a + b for a, b in zip(vars(totals).values(), vars(part).values(), strict=True)))
-                table = labelled.to_arrow()
+                table = pa.Table.from_batches([chunk.rows])
+                for name in ("ai_score_0", "ai_score_1", "ai_label_0", "ai_scorer"):
+                    table = table.append_column(name, ai[name].to_arrow())
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table.cast(writer.schema))
         finally:

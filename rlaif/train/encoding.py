@@ -95,8 +95,8 @@ class Encoder:
             encoded = self.pipe.vae.encode(pixels).latent_dist.parameters.to(self.dtype).cpu()
             for i, row in zip(missing, encoded, strict=True):
                 moments[i] = row
-                if self.latents is not None and images[i].key is not None:
-                    self.latents.put(images[i].key, {"moments": row})
+            if self.latents is not None:
+                self.latents.put({images[i].key: {"moments": moments[i]} for i in missing if images[i].key})
         return DiagonalGaussianDistribution(torch.stack(moments).float().to(device))
 
     @torch.no_grad()
@@ -115,8 +115,8 @@ class Encoder:
                 if self.xl:
                     entry["pooled"] = encoded[2][j].float().cpu()
                 found[caption] = entry
-                if self.texts is not None:
-                    self.texts.put(keys[caption], entry)
+            if self.texts is not None:
+                self.texts.put({keys[caption]: found[caption] for caption in missing})
         embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device)
         pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if self.xl else None
         return embeds, pooled

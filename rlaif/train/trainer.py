@@ -108,7 +108,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         accelerator.init_trackers("rlaif-train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                          for k, v in asdict(config).items()})
     batches = iter(micro_batches(MicroBatches(pairs, settings, encoder.latents), step * config.accumulation,
-                                 config.max_steps * config.accumulation, config.workers))
+                                 config.max_steps * config.accumulation,
+                                 default_workers(accelerator) if config.workers is None else config.workers))
     checkpoint_every = config.checkpoint_every
     loop_started = time.perf_counter()
     while step < config.max_steps:
@@ -246,6 +247,14 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
             with adapters_disabled(unwrap(unet)) as inner:
                 ref_pred = predict(inner)
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
+
+
+def default_workers(accelerator: Accelerator) -> int:
+    """DataLoader workers when --workers is not given: on an accelerator, the CPU cores per process less one (at
+    most 4) decode ahead of the step; on CPU only, none (the model's own threads use every core)."""
+    if accelerator.device.type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // accelerator.num_processes - 1))
 
 
 AUTO_CHECKPOINT_PROBE = 5  # steps timed before deciding on automatic checkpoints
