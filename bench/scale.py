@@ -4,7 +4,8 @@ shards of 500-row row groups), each command in a fresh process with an empty cac
 
 - train (tiny, LoRA, batch 4, --steps optimizer steps, default DataLoader workers): peak PSS of the process
   tree (workers included, shared pages counted once) and peak RSS of the training process alone, time from
-  launch to the first optimizer step, steady pairs/s (median over the steps after the fifth);
+  launch to the first optimizer step, steady pairs/s (median step after the fifth, from the optimizer-step
+  clock of bench/step_timer.py);
 - label --relabel with compressibility (a cheap scorer): peak PSS and images/s;
 - with --official DIR (a checkout of SalesforceAIResearch/DiffusionDPO): the official train.py on the largest
   table, same model, batch and steps, with the same meters.
@@ -18,7 +19,6 @@ Every figure is a ratio to the smallest table, measured in one run: train runs a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -93,6 +93,11 @@ def tables(work: Path, sizes: list[int]) -> dict[int, Path]:
     return made
 
 
+def steady_pairs_per_s(steps: list[float], batch: int = 4) -> float:
+    """Pairs per second from the optimizer-step clock (the same meter for every trainer), after 5 steps."""
+    return batch / statistics.median(b - a for a, b in zip(steps[5:], steps[6:], strict=False))
+
+
 def summary(runs: list[dict]) -> dict:
     """Several runs of one command: the largest memory figures, the median times."""
     return {**{k: max(r[k] for r in runs) for k in ("tree_mib", "alone_mib")},
@@ -123,8 +128,7 @@ def main() -> None:
                 run = metered([sys.executable, "-m", "rlaif", "train", str(table), "--model", str(folder / "tiny"),
                                "--out", str(out), "--batch-size", "4", "--max-steps", str(args.steps),
                                "--checkpoint-every", "0", "--overwrite"], run_env, folder / f"times-{size}-{repeat}")
-                log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().split("\n") if line]
-                run["pairs_per_s"] = statistics.median(e["pairs_per_s"] for e in log[5:])
+                run["pairs_per_s"] = steady_pairs_per_s(run["steps"])
                 results["train"].setdefault(size, []).append(run)
                 shutil.rmtree(folder / f"cache-{size}", ignore_errors=True)  # every run starts with an empty cache
         if not args.skip_relabel:
@@ -146,8 +150,7 @@ def main() -> None:
                  "--mixed_precision", "no", "--output_dir", str(folder / "official-out"), "--resolution", "64",
                  "--no_hflip", "--checkpointing_steps", "1000000", "--cache_dir", str(folder / "official-cache")],
                 env, folder / "times-official")
-            steps = official["steps"]
-            official["pairs_per_s"] = 4 / statistics.median(b - a for a, b in zip(steps[5:], steps[6:], strict=False))
+            official["pairs_per_s"] = steady_pairs_per_s(official["steps"])
     report(results, args, official if args.official else None)
 
 

@@ -130,6 +130,7 @@ def train(
     pairs: Annotated[str | None, argument(T, "pairs")] = None,
     model: Annotated[str | None, option(T, "model", "--model", "-m")] = None,
     out: Annotated[Path | None, option(T, "out", "--out", "-o")] = None,
+    streaming: Annotated[bool, option(T, "streaming")] = default(T, "streaming"),
     init: Annotated[Path | None, option(T, "init")] = default(T, "init"),
     label_column: Annotated[str | None, option(T, "label_column")] = default(T, "label_column"),
     full: Annotated[bool, option(T, "full")] = default(T, "full"),

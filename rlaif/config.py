@@ -26,7 +26,7 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("fp32", "fp16", "bf16")
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("fp32", "bf16", "fp16")
-HUB_DATASET = re.compile(r"^[\w.-]+/[\w.-]+$")  # ORG/NAME
+HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+$")  # ORG/NAME (not a mistyped DIR/FILE.parquet)
 
 
 def _check_generation(config: SampleConfig | EvalConfig) -> None:
@@ -158,10 +158,14 @@ class TrainConfig:
 
     pairs: str = field(metadata={
         "help": "Pairs: rlaif pairs.parquet or a Pick-a-Pic v2 style table, as a parquet file, a folder of parquet "
-                "shards (its train-*.parquet when it holds several splits), a datasets.save_to_disk folder or a hub "
-                "dataset id (e.g. yuvalkirstain/pickapic_v2). Read lazily: memory does not grow with the table."})
+                "shards (its train split when it holds several), a datasets.save_to_disk folder, a hub dataset id "
+                "(e.g. yuvalkirstain/pickapic_v2) or an fsspec URL (hf://..., s3://...). Read lazily: memory does "
+                "not grow with the table."})
     model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
+    streaming: bool = field(default=False, metadata={
+        "help": "With a hub dataset id: read its parquet shards over the network (only the label columns and the "
+                "row groups trained on) instead of downloading them first."})
     init: Path | None = field(default=None, metadata={
         "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
                 "also the reference (iterative Diffusion-DPO)."})
@@ -215,9 +219,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible settings and unusable paths before anything is loaded or written."""
         self.check_values()
-        if not Path(self.pairs).exists() and not HUB_DATASET.match(str(self.pairs)):
+        if not Path(self.pairs).exists() and not HUB_DATASET.match(self.pairs) and "://" not in self.pairs:
             raise RlaifError(f"pairs table {self.pairs} does not exist (expected a parquet file, a folder of "
-                             "parquet shards, a datasets.save_to_disk folder or a hub dataset id)")
+                             "parquet shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
         check_out_dir(self.out, "--out")
         if self.init is not None:
             _check_tuned(self.init, "--init")

@@ -22,7 +22,7 @@ from rlaif.cache import cache_dir
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import atomic_path, file_identity
+from rlaif.files import TMP_MARK, atomic_path, file_identity
 from rlaif.images import image_bytes
 from rlaif.label import Progress, load_scorers, offset, score_images
 from rlaif.pairing import preference
@@ -47,47 +47,86 @@ class Agreement:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``first`` .. ``first + len(rows) - 1`` of one file of the table."""
+    """Rows ``first`` .. ``first + count - 1`` of one file of the table, inside one of its row groups: defined
+    by the files' metadata alone, so every process agrees on the chunks without reading them."""
 
-    name: str  # file number and chunk number, for the score files
+    number: int  # of the file
     file: str
-    first: int
-    rows: pa.RecordBatch
+    group: int
+    first: int  # row in the file
+    offset: int  # row in the row group
+    count: int
+
+    @property
+    def name(self) -> str:
+        """The chunk's score file name: which rows, so scores can never be matched to other rows."""
+        return f"chunk-{self.number:05d}-{self.first:012d}-{self.count}.parquet"
 
 
 def table_files(source: Path) -> list[str]:
-    """The parquet files of a relabel source (a file, or a folder of shards), each checked for the columns."""
+    """The parquet files of a relabel source (a file, or a folder of shards), checked for the columns and for
+    one schema across shards (the output is one table)."""
     from rlaif.train.pair_table import parquet_shards
 
     if source.is_dir():
-        files = parquet_shards(sorted(map(str, source.rglob("*.parquet"))), str(source))
+        files = parquet_shards(sorted(map(str, source.rglob("*.parquet"))), f"table folder {source}")
     elif source.is_file():
         files = [str(source)]
     else:
         raise RlaifError(f"table {source} does not exist")
+    schema = None
     for file in files:
         try:
-            columns = pq.ParquetFile(file).schema_arrow.names
+            found = pq.ParquetFile(file).schema_arrow
         except (pa.ArrowException, OSError) as exc:
             raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
-        missing = [c for c in RELABEL_COLUMNS if c not in columns]
+        missing = [c for c in RELABEL_COLUMNS if c not in found.names]
         if missing:
             raise RlaifError(f"table {file} lacks column(s) {', '.join(missing)}")
+        if schema is not None and not found.equals(schema):
+            raise RlaifError(f"table {file} has other columns or types than {files[0]}; the shards of one table "
+                             "must share a schema")
+        schema = found
     return files
 
 
-def chunks(files: list[str], rows: int, columns: list[str] | None = None) -> Iterator[Chunk]:
-    """The table's rows in chunks of ``rows`` (a file's last chunk may be shorter), read one at a time."""
+def chunks(files: list[str], rows: int) -> list[Chunk]:
+    """The table's rows in chunks of at most ``rows``, each within one row group (a row group's last chunk may be
+    shorter)."""
+    found = []
     for number, file in enumerate(files):
+        meta = pq.ParquetFile(file).metadata
         first = 0
+        for group in range(meta.num_row_groups):
+            size = meta.row_group(group).num_rows
+            found += [Chunk(number, file, group, first + offset, offset, min(rows, size - offset))
+                      for offset in range(0, size, rows)]
+            first += size
+    return found
+
+
+def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None) -> Iterator[tuple[Chunk, pa.Table]]:
+    """The rows of each wanted chunk (only ``columns``, if given), in order, one chunk in memory at a time; row
+    groups holding no wanted chunk are not read."""
+    groups: dict[tuple[str, int], dict[int, Chunk]] = {}
+    for chunk in wanted:
+        groups.setdefault((chunk.file, chunk.group), {})[chunk.offset] = chunk
+    for (file, group), by_offset in groups.items():
         reader = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering reads the whole file
-        for part, batch in enumerate(reader.iter_batches(batch_size=rows, columns=columns)):
-            yield Chunk(f"{number:05d}-{part:07d}", file, first, batch)
-            first += batch.num_rows
+        offset = 0
+        for batch in reader.iter_batches(batch_size=rows, row_groups=[group], columns=columns):
+            if offset in by_offset:
+                if batch.num_rows != by_offset[offset].count:
+                    raise RlaifError(f"table {file} changed while it was read (row group {group})")
+                yield by_offset[offset], pa.Table.from_batches([batch])
+            offset += batch.num_rows
+            if offset > max(by_offset):
+                break
 
 
-def _score_chunk(scorer, chunk: Chunk, batch_size: int, progress: Progress | None) -> pl.DataFrame:
-    frame = pl.from_arrow(chunk.rows)
+def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int, progress: Progress | None) -> pl.DataFrame:
+    """Scores of both images of each of a chunk's pairs (the processes share the images; all get every score)."""
+    frame = pl.from_arrow(rows)
     images = image_bytes(frame["jpg_0"]) + image_bytes(frame["jpg_1"])
     names = [f"{chunk.file} row {chunk.first + i} jpg_{side}" for side in (0, 1) for i in range(frame.height)]
     captions = [c or "" for c in frame["caption"].to_list()]
@@ -96,24 +135,27 @@ def _score_chunk(scorer, chunk: Chunk, batch_size: int, progress: Progress | Non
                         schema={"score_0": pl.Float64, "score_1": pl.Float64})
 
 
-def _ai_columns(chunk: Chunk, folders: dict[str, Path], weights: dict[str, float], combine: str) -> pl.DataFrame:
-    """A chunk's AI columns (ai_score_0, ai_score_1, ai_label_0, ai_scorer) and its human label_0: each scorer's
-    two scores combined per pair (``preference``). The image columns are never copied."""
-    rows = chunk.rows.num_rows
-    ids = [str(i) for i in range(rows)]
+AI_COLUMNS = ("ai_score_0", "ai_score_1", "ai_label_0", "ai_scorer")
+
+
+def _ai_columns(chunk: Chunk, labels: pa.ChunkedArray, folders: dict[str, Path], weights: dict[str, float],
+                combine: str) -> pl.DataFrame:
+    """A chunk's AI columns (ai_score_0, ai_score_1, ai_label_0, ai_scorer) beside its human ``labels``: each
+    scorer's two scores combined per pair (``preference``). The image columns are never needed."""
+    ids = [str(i) for i in range(chunk.count)]
     parts = []
     for spec, folder in folders.items():
-        scores = pl.read_parquet(folder / f"chunk-{chunk.name}.parquet")
+        scores = pl.read_parquet(folder / chunk.name)
         for side in (0, 1):
             parts.append(pl.DataFrame({"prompt_id": ids, "sample_id": [f"{i}:{side}" for i in ids], "scorer": spec,
                                        "score": scores[f"score_{side}"]}))
     value = dict(preference(pl.concat(parts), weights, combine).select("sample_id", "value").iter_rows())
     score_0 = pl.Series([value[f"{i}:0"] for i in ids], dtype=pl.Float64)
     score_1 = pl.Series([value[f"{i}:1"] for i in ids], dtype=pl.Float64)
-    label = pl.from_arrow(chunk.rows.column("label_0")).cast(pl.Float64)
     return pl.DataFrame({"ai_score_0": score_0, "ai_score_1": score_1}).with_columns(
         ai_label_0=pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5),
-        ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())), label_0=label)
+        ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())),
+        label_0=pl.from_arrow(labels).cast(pl.Float64))
 
 
 def _agreement(labelled: pl.DataFrame) -> Agreement:
@@ -123,9 +165,14 @@ def _agreement(labelled: pl.DataFrame) -> Agreement:
                      ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height)
 
 
+def _plus(a: Agreement, b: Agreement) -> Agreement:
+    return Agreement(a.pairs + b.pairs, a.compared + b.compared, a.agree + b.agree, a.ai_ties + b.ai_ties)
+
+
 def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
     """Score both images of every pair of a Pick-a-Pic style table, write AI labels beside the human ones
-    (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``) and measure agreement.
+    (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``; earlier AI columns are replaced) and measure
+    agreement.
 
     Several scorers vote per pair: each scorer's two scores become z-scores within the pair (+1 / -1, or
     0 for a tie), weighted and averaged, so ``ai_label_0`` is the weighted majority.
@@ -135,7 +182,8 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     source = Path(config.relabel)
     files = table_files(source)
     rows = max(1, config.chunk_size // 2)
-    total = 2 * sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    table_chunks = chunks(files, rows)
+    total = 2 * sum(chunk.count for chunk in table_chunks)
     if not total:
         raise RlaifError(f"table {source} has no rows")
     identity = ";".join(file_identity(f) for f in files)
@@ -144,44 +192,49 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     for scorer in load_scorers(config):
         key = hashlib.sha256(f"{identity}\0{scorer.key}\0{rows}".encode()).hexdigest()[:24]
         folder = folders[scorer.spec] = cache_dir() / "relabel" / key
-        done = 0
-        for chunk in chunks(files, rows, ["caption", "jpg_0", "jpg_1"]):
-            path = folder / f"chunk-{chunk.name}.parquet"
-            if not path.exists():
-                scores = _score_chunk(scorer, chunk, config.batch_size, progress and offset(progress, done, total))
-                if state.is_main_process:
-                    with atomic_path(path) as tmp:
-                        scores.write_parquet(tmp)
-                state.wait_for_everyone()
-            done += 2 * chunk.rows.num_rows
+        # the main process decides what is missing, so that every process scores the same chunks
+        todo = [[chunk for chunk in table_chunks if not (folder / chunk.name).exists()]]
+        if state.num_processes > 1:
+            todo = broadcast_object_list(todo)
+        done = total - 2 * sum(chunk.count for chunk in todo[0])
+        for chunk, values in read_chunks(todo[0], rows, ["caption", "jpg_0", "jpg_1"]):
+            scores = _score_chunk(scorer, chunk, values, config.batch_size, progress and offset(progress, done, total))
+            if state.is_main_process:
+                with atomic_path(folder / chunk.name) as tmp:
+                    scores.write_parquet(tmp)
+            state.wait_for_everyone()
+            done += 2 * chunk.count
             if progress:
                 progress(scorer.spec, done, total)
         del scorer  # freed before the next scorer loads
     out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
-    found = [None]
-    if state.is_main_process:
-        found = [_write_labelled(files, rows, folders, weights, config.combine, out)]
-    found = broadcast_object_list(found) if state.num_processes > 1 else found
-    return out, found[0]
+    if not state.is_main_process:  # no collective here: writing a large table outlasts any collective's timeout
+        agreement = Agreement(0, 0, 0, 0)
+        for chunk, values in read_chunks(table_chunks, rows, ["label_0"]):
+            agreement = _plus(agreement, _agreement(_ai_columns(chunk, values["label_0"], folders, weights,
+                                                                config.combine)))
+        return out, agreement
+    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
+        stale.unlink()
+    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out)
 
 
-def _write_labelled(files: list[str], rows: int, folders: dict[str, Path], weights: dict[str, float], combine: str,
-                    out: Path) -> Agreement:
+def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Path], weights: dict[str, float],
+                    combine: str, out: Path) -> Agreement:
     """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically; return the agreement."""
-    totals = Agreement(0, 0, 0, 0)
+    agreement = Agreement(0, 0, 0, 0)
     with atomic_path(out) as tmp:
         writer = None
         try:
-            for chunk in chunks(files, rows):
-                ai = _ai_columns(chunk, folders, weights, combine)
-                part = _agreement(ai)
-                totals = Agreement(*(a + b for a, b in zip(vars(totals).values(), vars(part).values(), strict=True)))
-                table = pa.Table.from_batches([chunk.rows])
-                for name in ("ai_score_0", "ai_score_1", "ai_label_0", "ai_scorer"):
+            for chunk, table in read_chunks(table_chunks, rows):
+                ai = _ai_columns(chunk, table["label_0"], folders, weights, combine)
+                agreement = _plus(agreement, _agreement(ai))
+                table = table.drop_columns([c for c in AI_COLUMNS if c in table.column_names])  # relabelled again
+                for name in AI_COLUMNS:
                     table = table.append_column(name, ai[name].to_arrow())
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table.cast(writer.schema))
         finally:
             if writer is not None:
                 writer.close()
-    return totals
+    return agreement

@@ -131,6 +131,10 @@ def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
     assert out.columns[:5] == ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
     assert out["ai_score_0"].to_list() == pytest.approx([-kb[i] for i in range(0, 12, 2)] + [-kb[0]])
     assert out["ai_label_0"].to_list()[:4] == out["label_0"].to_list()[:4]
+    again = run_cli("label", "--relabel", tmp_path / "pickapic.ai-labels.parquet", "--scorer", "compressibility",
+                    "-o", tmp_path / "again.parquet")  # the AI columns are replaced, not added twice
+    assert again.returncode == 0, again.stderr
+    assert pl.read_parquet(tmp_path / "again.parquet").equals(out)
 
 
 def test_relabel_needs_pick_a_pic_columns(tmp_path):

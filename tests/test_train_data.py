@@ -131,7 +131,7 @@ def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp
     (hub / "snapshots" / REVISION).mkdir(parents=True)
     shutil.copytree(tmp_path / "pap" / "data", hub / "snapshots" / REVISION / "data")
     assert described(PairTable("someone/pairs")) == described(whole)
-    streamed = PairTable(f"file://{tmp_path / 'pap'}", streaming=True)  # read in place through fsspec
+    streamed = PairTable(f"file://{tmp_path / 'pap'}")  # an fsspec URL: read in place, as --streaming does
     assert described(streamed) == described(whole)
 
 

@@ -110,7 +110,7 @@ def _as_is(item: MicroBatch | str) -> MicroBatch | str:
 
 
 def micro_batches(dataset: MicroBatches, first: int, stop: int, workers: int) -> DataLoader:
-    """Micro-batches ``first`` .. ``stop - 1`` in order, built by ``workers`` processes (0: in this one) two
-    micro-batches ahead of the step."""
+    """Micro-batches ``first`` .. ``stop - 1`` in order, built by ``workers`` processes, each up to two
+    micro-batches ahead of the step (0 workers: built in this process when the step asks for them)."""
     return DataLoader(dataset, sampler=range(first, stop), batch_size=None, collate_fn=_as_is,
                       num_workers=workers, prefetch_factor=2 if workers else None)

@@ -10,6 +10,7 @@ keeps only a window's blocks and never makes a pass over the table before the fi
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,11 +54,12 @@ def label_column(columns: Sequence[str], chosen: str | None) -> str:
 
 
 def parquet_shards(files: list[str], where: str) -> list[str]:
-    """The shards to train on among a folder's parquet ``files``: when it holds several splits named like
-    Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet``, the train split's."""
+    """The shards to train on among a folder's parquet ``files``: when it holds several splits, named like
+    Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet`` or in folders (``train/*.parquet``),
+    the train split's."""
     if not files:
-        raise RlaifError(f"pairs {where} holds no parquet files and is not a datasets.save_to_disk folder")
-    train = [f for f in files if f.rsplit("/", 1)[-1].startswith("train")]
+        raise RlaifError(f"{where} holds no parquet files")
+    train = [f for f in files if f.rsplit("/", 1)[-1].startswith("train") or "/train/" in f]
     return train or files
 
 
@@ -65,11 +67,11 @@ def hub_snapshot(repo_id: str) -> Path:
     """The local snapshot of hub dataset ``repo_id``'s parquet files (downloaded once into the Hugging Face
     cache; offline, the cached one). Read as shards, lazily: no Arrow copy of the table is made."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"]))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as exc:
         raise RlaifError(f"pairs {repo_id}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
 
 
@@ -87,13 +89,21 @@ def remote_shards(source: str) -> list[str]:
     return [fs.unstrip_protocol(f) for f in parquet_shards(files, source)]
 
 
-def _parquet(file: str) -> pq.ParquetFile:
-    """A parquet file, local or at an fsspec URL (opened for random access)."""
-    if "://" in file:
-        import fsspec
+_OPENED: dict[tuple, pq.ParquetFile] = {}
 
-        return pq.ParquetFile(fsspec.open(file, "rb").open())
-    return pq.ParquetFile(file)
+
+def _parquet(file: str) -> pq.ParquetFile:
+    """A parquet file, local or at an fsspec URL, opened once per process (its footer read once)."""
+    stat = os.stat(file) if "://" not in file else None
+    key = (os.getpid(), file, stat and (stat.st_size, stat.st_mtime_ns))  # per worker; a rewritten file anew
+    if key not in _OPENED:
+        if "://" in file:
+            import fsspec
+
+            _OPENED[key] = pq.ParquetFile(fsspec.open(file, "rb").open())
+        else:
+            _OPENED[key] = pq.ParquetFile(file)
+    return _OPENED[key]
 
 
 def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
@@ -134,7 +144,10 @@ class PairTable(Sequence[PreferencePair]):
     def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False) -> None:
         self.source = str(source)
         path = Path(source)
-        if "://" in self.source or (streaming and HUB_DATASET.match(self.source)):
+        if streaming and not HUB_DATASET.match(self.source):
+            raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
+                             "read lazily anyway; give an fsspec URL for other remote tables)")
+        if "://" in self.source or streaming:
             self._init_parquet(remote_shards(self.source), remote=True)
         elif path.is_file():
             self._init_parquet([str(path)])
@@ -155,11 +168,10 @@ class PairTable(Sequence[PreferencePair]):
 
     def _init_parquet(self, files: list[str], remote: bool = False) -> None:
         self.files = files
-        self.root = Path(files[0]).parent if len(files) == 1 else Path(self.source)  # of rlaif's relative paths
         self.identity = ";".join(files if remote else (file_identity(f) for f in files))
 
     def _init_arrow(self, source: str, label: str | None) -> None:
-        self.files, self.root = [source], Path(source)
+        self.files = [source]
         dataset = self._dataset
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
@@ -169,7 +181,7 @@ class PairTable(Sequence[PreferencePair]):
         self._check_label(columns, source)
         labels = _labels(table.column(self.label), source, self.label, 0)
         self.blocks = [_Block(source, -1, 0)]
-        self._set_index([labels], [0])
+        self._set_index([labels])
 
     @cached_property
     def _dataset(self):
@@ -192,7 +204,7 @@ class PairTable(Sequence[PreferencePair]):
                              f"{', '.join(columns)}")
 
     def _index(self, label: str | None) -> None:
-        blocks, labels, firsts = [], [], []
+        blocks, labels = [], []
         for file in self.files:
             try:
                 meta = _parquet(file)
@@ -209,12 +221,11 @@ class PairTable(Sequence[PreferencePair]):
                 values = meta.read_row_group(group, columns=[self.label]).column(0)
                 labels.append(_labels(values, file, self.label, first))
                 blocks.append(_Block(file, group, first))
-                firsts.append(first)
                 first += len(values)
         self.blocks = blocks
-        self._set_index(labels, firsts)
+        self._set_index(labels)
 
-    def _set_index(self, labels: list[np.ndarray], firsts: list[int]) -> None:
+    def _set_index(self, labels: list[np.ndarray]) -> None:
         kept = [np.flatnonzero(values != 0.5) for values in labels]
         self.block_sizes = np.array([len(k) for k in kept], dtype=np.int64)
         if not self.block_sizes.sum():
@@ -224,6 +235,7 @@ class PairTable(Sequence[PreferencePair]):
         self._chosen_first = np.concatenate([values[k] == 1.0 for values, k in zip(labels, kept, strict=True)])
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         self._cache_size = window_blocks(self.block_sizes)
+        self._sizes_key = tuple(int(size) for size in self.block_sizes)
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -235,8 +247,10 @@ class PairTable(Sequence[PreferencePair]):
         block, row = self.blocks[block_number], int(self._row_of[index])
         values = self._read_block(block_number)
         caption = values.column("caption")[row].as_py() or ""
-        images = [_image(values.column(c)[row].as_py(), self.root) for c in self.columns]
         names = [f"{block.file} row {block.first_row + row} {c}" for c in self.columns]
+        root = Path(block.file) if block.group < 0 else Path(block.file).parent  # rlaif paths: relative to it
+        images = [_image(values.column(c)[row].as_py(), root, name) for c, name in zip(self.columns, names,
+                                                                                         strict=True)]
         if not self._chosen_first[index]:
             images, names = images[::-1], names[::-1]
         return PreferencePair(caption, images[0], images[1], names[0], names[1])
@@ -261,22 +275,23 @@ class PairTable(Sequence[PreferencePair]):
         return {**self.__dict__, "_cache": OrderedDict()}  # workers read their own blocks
 
 
-def _image(value: object, root: Path) -> ImageSource:
+def _image(value: object, root: Path, name: str) -> ImageSource:
     """An image cell: a path relative to the table (rlaif), bytes (Pick-a-Pic) or a datasets Image struct."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
         return root / value
     if not isinstance(value, bytes):
-        raise RlaifError(f"pairs table under {root}: an image cell holds {type(value).__name__}, not bytes or a path")
+        raise RlaifError(f"image {name} holds {type(value).__name__}, not image bytes or a path")
     return value
 
 
 def window_blocks(block_sizes: np.ndarray) -> int:
-    """The most blocks any shuffle window can hold: the smallest blocks taken until they reach SHUFFLE_WINDOW
-    pairs (an upper bound on what a reader needs to keep)."""
-    reached = np.flatnonzero(np.cumsum(np.sort(block_sizes)) >= SHUFFLE_WINDOW)
-    return int(reached[0]) + 1 if reached.size else len(block_sizes)
+    """The most blocks with pairs that any shuffle window can hold: the smallest such blocks taken until they
+    reach SHUFFLE_WINDOW pairs (an upper bound on what a reader needs to keep)."""
+    sizes = np.sort(block_sizes[block_sizes > 0])
+    reached = np.flatnonzero(np.cumsum(sizes) >= SHUFFLE_WINDOW)
+    return int(reached[0]) + 1 if reached.size else len(sizes)
 
 
 @lru_cache(maxsize=2)
@@ -299,4 +314,4 @@ def pair_index(position: int, table: PairTable, seed: int) -> int:
     """The pair trained at global ``position``: epochs follow each other, each a permutation that depends only on
     (seed, epoch and the table's blocks): blocks shuffled, then pairs within windows of SHUFFLE_WINDOW pairs."""
     epoch, offset = divmod(position, len(table))
-    return int(_epoch_order(tuple(int(s) for s in table.block_sizes), seed, epoch)[offset])
+    return int(_epoch_order(table._sizes_key, seed, epoch)[offset])

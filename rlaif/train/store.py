@@ -2,12 +2,15 @@
 
 A million cached latents as a million small files hurt every filesystem; here each shard file holds its own
 index (the primary key) and the tensors (safetensors bytes), writes are transactions (a killed writer leaves
-the shard as it was), and several processes and DataLoader workers may read and write at once.
+the shard as it was), and several processes and DataLoader workers may read and write at once. SQLite's
+write-ahead log is safe only among processes of one machine, so each machine keeps its own shard files (a cache
+folder shared by the nodes of a cluster holds one set per node).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -32,7 +35,8 @@ class TensorStore:
         shard = int(key[:4], 16) % SHARDS
         if shard not in self._connections:
             self.folder.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.folder / f"shard-{shard:02d}.sqlite", timeout=600)
+            name = f"shard-{socket.gethostname()}-{shard:02d}.sqlite"
+            connection = sqlite3.connect(self.folder / name, timeout=600)
             # WAL: readers (DataLoader workers) never wait for the writer; NORMAL: no fsync per commit (a killed
             # process loses nothing committed; a power cut may lose the last commits, never the file's integrity)
             connection.execute("PRAGMA journal_mode=WAL")
@@ -65,6 +69,9 @@ def store_summary(folder: Path) -> tuple[int, int]:
     items = size = 0
     for shard in Path(folder).rglob("shard-*.sqlite"):
         size += shard.stat().st_size
-        with sqlite3.connect(shard) as connection:
+        connection = sqlite3.connect(shard)
+        try:
             items += connection.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        finally:
+            connection.close()
     return items, size

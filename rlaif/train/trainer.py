@@ -46,7 +46,7 @@ Progress = Callable[[int, int, dict[str, float]], None]
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
-    pairs = PairTable(config.pairs, config.label_column)
+    pairs = PairTable(config.pairs, config.label_column, config.streaming)
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -85,7 +85,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype)
-    if accelerator.is_main_process and not config.no_cache:
+    if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -111,7 +111,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                                  config.max_steps * config.accumulation,
                                  default_workers(accelerator) if config.workers is None else config.workers))
     checkpoint_every = config.checkpoint_every
-    loop_started = time.perf_counter()
+    first_step, loop_started = step, time.perf_counter()
+    probe_at = first_step + min(AUTO_CHECKPOINT_PROBE, config.max_steps - first_step)  # also after a resume
     while step < config.max_steps:
         logs: dict[str, float] = {"lr": optimizer.param_groups[0]["lr"]}  # the rate this step's update uses
         started = time.perf_counter()
@@ -143,11 +144,12 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
             accelerator.log(logs, step=step)
         if progress:
             progress(step, config.max_steps, logs)
-        if checkpoint_every is None and step == min(AUTO_CHECKPOINT_PROBE, config.max_steps):
-            checkpoint_every = auto_checkpoint_every(accelerator, time.perf_counter() - loop_started, step,
-                                                     config.max_steps - step)
+        if checkpoint_every is None and step == probe_at:
+            checkpoint_every = auto_checkpoint_every(accelerator, time.perf_counter() - loop_started,
+                                                     step - first_step, config.max_steps - step)
         if checkpoint_every and step % checkpoint_every == 0:
             _save_checkpoint(accelerator, config, step, identities)
+    del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full,
@@ -264,19 +266,22 @@ AUTO_CHECKPOINT_SECONDS = 30 * 60
 def auto_checkpoint_every(accelerator: Accelerator, elapsed: float, steps: int, remaining: int) -> int:
     """Checkpoint spacing of a run without --checkpoint-every: every ~30 minutes if what remains is estimated to
     take longer than that (from the slowest process's first steps, so every process decides the same), else 0."""
-    slowest = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
-    per_step = slowest / max(steps, 1)
+    slowest = torch.tensor(elapsed, dtype=torch.float64, device=accelerator.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(slowest, torch.distributed.ReduceOp.MAX)
+    per_step = float(slowest) / max(steps, 1)
     if per_step * remaining <= AUTO_CHECKPOINT_SECONDS:
         return 0
     return max(1, round(AUTO_CHECKPOINT_SECONDS / per_step))
 
 
 def _cache_estimate(config: TrainConfig, pipe, resolution: int, pairs: int, global_batch: int) -> int:
-    """Bytes the latent cache may grow by in this run: every image trained on once per augmentation variant (any
-    random crop or flip makes each position its own variant)."""
-    trained = config.max_steps * config.accumulation * global_batch
-    images = 2 * (trained if config.random_crop or config.hflip else min(pairs, trained))
-    return images * latent_bytes(pipe, resolution, config.cache_dtype)
+    """Bytes the latent cache may grow by in this run (at most; what earlier runs cached is not subtracted): every
+    image trained on once per augmentation variant (a random crop makes each position its own variant, a flip at
+    most two per pair)."""
+    trained = config.max_steps * global_batch  # pairs; the global batch counts accumulation and processes
+    variants = trained if config.random_crop else min(trained, pairs * (2 if config.hflip else 1))
+    return 2 * variants * latent_bytes(pipe, resolution, config.cache_dtype)
 
 
 def check_cache_space(folder: Path, needed: int) -> None:
@@ -311,12 +316,16 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "workers")
 
 
 def _settings(config: TrainConfig) -> dict:
-    """The run's settings as JSON values, paths made absolute (for train.json and checkpoints)."""
-    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    """The run's settings as JSON values, paths made absolute (for train.json and checkpoints); the pairs too
+    when they are a local file or folder (not a hub id or URL)."""
+    settings = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    if Path(config.pairs).exists():
+        settings["pairs"] = str(Path(config.pairs).resolve())
+    return settings
 
 
 def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:

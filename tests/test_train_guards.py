@@ -1,0 +1,64 @@
+"""Guard rails of long runs: automatic checkpoints when a run will outlast ~30 minutes, and no cache writing
+into a disk that cannot hold it."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from rlaif.errors import RlaifError
+from rlaif.train.trainer import auto_checkpoint_every, check_cache_space
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def test_a_long_run_checkpoints_every_half_hour_and_a_short_one_never(accelerator):
+    # 5 steps in 10 s: 2 s a step. 2,000 more steps (~67 min) -> a checkpoint every 900 steps (30 min)
+    assert auto_checkpoint_every(accelerator, elapsed=10.0, steps=5, remaining=2000) == 900
+    assert auto_checkpoint_every(accelerator, elapsed=10.0, steps=5, remaining=900) == 0  # exactly 30 min: none
+    assert auto_checkpoint_every(accelerator, elapsed=5000.0, steps=5, remaining=10) == 2  # 1000 s a step
+    assert auto_checkpoint_every(accelerator, elapsed=20000.0, steps=5, remaining=10) == 1  # every step
+
+
+def test_the_cache_refuses_a_disk_too_small_and_says_what_to_do(tmp_path):
+    check_cache_space(tmp_path / "not" / "made" / "yet", 1)  # the nearest existing folder's disk is checked
+    with pytest.raises(RlaifError, match=r"may need 931322574.6 GiB but only .* GiB is free there; free space, "
+                                         r"point RLAIF_CACHE elsewhere, use --cache-dtype bf16"):
+        check_cache_space(tmp_path / "cache", 10**18)
+
+
+def test_automatic_checkpoints_resume_with_the_run(tiny_pairs, tmp_path, monkeypatch):
+    """A run without --checkpoint-every times its first steps and, being "long" (a threshold of ~0 s here),
+    checkpoints every step from then on; resumed, it times its first steps again and goes on checkpointing."""
+    from rlaif.config import TrainConfig
+    from rlaif.train import trainer
+
+    monkeypatch.setattr(trainer, "AUTO_CHECKPOINT_PROBE", 2)
+    monkeypatch.setattr(trainer, "AUTO_CHECKPOINT_SECONDS", 1e-9)
+    settings = dict(pairs=str(tiny_pairs), model="tiny", out=tmp_path / "run", batch_size=2)
+    trainer.run_train(TrainConfig(**settings, max_steps=3))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    trainer.run_train(TrainConfig(**settings, max_steps=6, resume="latest", overwrite=True))
+    assert {"step_00000005", "step_00000006"} <= {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
+
+
+def test_the_cache_estimate_counts_each_trained_pair_once(tiny_pairs):
+    """The global batch already holds accumulation and processes; flips make at most two variants of a pair."""
+    from rlaif.config import TrainConfig
+    from rlaif.models import load_pipeline
+    from rlaif.train.encoding import latent_bytes
+    from rlaif.train.trainer import _cache_estimate
+
+    pipe = load_pipeline("tiny")
+    one = latent_bytes(pipe, 64, "fp32")
+    with torch.no_grad():  # what the VAE really gives for a 64 px image: mean and log-variance, fp32
+        assert one == pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.parameters.numel() * 4
+    config = TrainConfig(pairs=str(tiny_pairs), model="tiny", out=None, max_steps=10, accumulation=128)
+    assert _cache_estimate(config, pipe, 64, pairs=10**6, global_batch=128 * 2) == 2 * 10 * 256 * one
+    assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 100 * one  # every pair cached
+    config.hflip = True
+    assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 200 * one
+    config.random_crop = True
+    assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 2560 * one
