@@ -5,7 +5,7 @@ shards of 500-row row groups), each command in a fresh process with an empty cac
 - train (tiny, LoRA, batch 4, --steps optimizer steps, default DataLoader workers): peak PSS of the process
   tree (workers included, shared pages counted once) and peak RSS of the training process alone, time from
   launch to the first optimizer step, steady pairs/s (median step after the fifth, from the optimizer-step
-  clock of bench/step_timer.py);
+  clock of bench/step_timer.py); the held-out pairs (5% of the prompts) are measured once, at the last step;
 - label --relabel with compressibility (a cheap scorer): peak PSS and images/s;
 - with --official DIR (a checkout of SalesforceAIResearch/DiffusionDPO): the official train.py on the largest
   table, same model, batch and steps, with the same meters.
@@ -127,7 +127,8 @@ def main() -> None:
                 out = folder / f"train-{size}"
                 run = metered([sys.executable, "-m", "rlaif", "train", str(table), "--model", str(folder / "tiny"),
                                "--out", str(out), "--batch-size", "4", "--max-steps", str(args.steps),
-                               "--checkpoint-every", "0", "--overwrite"], run_env, folder / f"times-{size}-{repeat}")
+                               "--checkpoint-every", "0", "--val-every", str(args.steps), "--overwrite"], run_env,
+                              folder / f"times-{size}-{repeat}")
                 run["pairs_per_s"] = steady_pairs_per_s(run["steps"])
                 results["train"].setdefault(size, []).append(run)
                 shutil.rmtree(folder / f"cache-{size}", ignore_errors=True)  # every run starts with an empty cache

@@ -16,9 +16,11 @@ With ``--official DIR`` (a checkout of SalesforceAIResearch/DiffusionDPO, e.g. f
 (e) s/step of the real official ``train.py`` (copied to a temporary folder, its hard xformers requirement
     switched off, nothing else changed) against `rlaif train`, side by side: the same tiny SD1.5 folder, the
     same 64-pair Pick-a-Pic v2 style table (256x256 JPEGs), full fine-tuning, fp32, batch 4, centre crop, no
-    flip, no caption dropout, AdamW. Both run under bench/step_timer.py (a clock on every optimizer step, the
-    same for both); the first 5 steps are untimed, and the runs alternate. rlaif runs as a rerun does, with its
-    latent cache filled by an untimed first run (the official script encodes every image at every step).
+    flip, no caption dropout, AdamW, every pair trained on (--val-fraction 0). Both run under
+    bench/step_timer.py (a clock on every optimizer step, the same for both); the first 5 steps are untimed,
+    and the runs alternate. rlaif runs as a rerun does, with its
+    latent cache filled by an untimed first run (the official script encodes every image at every step), and
+    with --no-cache (every step decodes and encodes like the official one) to separate the cache's share.
 
     python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2] [--official DIR]
 """
@@ -211,7 +213,7 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
 
     timer = str(Path(__file__).parent / "step_timer.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    seconds: dict[str, list[float]] = {"official train.py": [], "rlaif train": []}
+    seconds: dict[str, list[float]] = {"official train.py": [], "rlaif train": [], "rlaif --no-cache": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = write_tiny(folder / "tiny-sd")
@@ -219,7 +221,7 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
         script = official_script(official, folder / "official")
         rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
                  "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
-                 "--checkpoint-every", "0", "--overwrite", "--out", str(folder / "rlaif")]
+                 "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")
         warm = [*rlaif[:2], str(folder / "warm-times"), *rlaif[3:], "--max-steps", str(steps)]
         subprocess.run(warm, env=env, check=True, capture_output=True)  # fills the latent cache, as a rerun would
@@ -232,17 +234,18 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
                             "--output_dir", str(folder / "official-out"), "--cache_dir", str(folder / "hf-cache")],
                            env=env, check=True, capture_output=True, cwd=script.parent)
             seconds["official train.py"] += step_intervals(times)
-            times = folder / f"rlaif-{repeat}"
-            subprocess.run([*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6)], env=env, check=True,
-                           capture_output=True)
-            seconds["rlaif train"] += step_intervals(times)
+            for name, extra in {"rlaif train": [], "rlaif --no-cache": ["--no-cache"]}.items():
+                times = folder / f"{name.replace(' ', '')}-{repeat}"
+                subprocess.run([*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6), *extra], env=env,
+                               check=True, capture_output=True)
+                seconds[name] += step_intervals(times)
     step = {name: statistics.median(values) for name, values in seconds.items()}
     print(f"tiny SD1.5 (64 px), 64-pair Pick-a-Pic table (256x256 JPEGs), full fine-tuning, fp32, batch {batch}, "
           f"{steps} timed steps x {repeats} repeats (median step), {os.cpu_count()} CPUs")
     for name, value in step.items():
         print(f"  {name:18s}: {value * 1000:7.1f} ms/step  ({batch / value:6.2f} pairs/s)")
-    speedup = step["official train.py"] / step["rlaif train"]
-    print(f"(e) official s/step / rlaif s/step (rlaif's speed-up): {speedup:.3f}x")
+    for name in ("rlaif train", "rlaif --no-cache"):
+        print(f"(e) official s/step / {name} s/step (speed-up): {step['official train.py'] / step[name]:.3f}x")
 
 
 def main() -> None:

@@ -157,6 +157,8 @@ def train(
     cache_dtype: Annotated[str, option(T, "cache_dtype")] = default(T, "cache_dtype"),
     workers: Annotated[int | None, option(T, "workers")] = default(T, "workers"),
     report_to: Annotated[str | None, option(T, "report_to")] = default(T, "report_to"),
+    val_fraction: Annotated[float, option(T, "val_fraction")] = default(T, "val_fraction"),
+    val_every: Annotated[int | None, option(T, "val_every")] = default(T, "val_every"),
     checkpoint_every: Annotated[int | None, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
     seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
@@ -190,7 +192,8 @@ def train(
 def training_info(logs: dict[str, float]) -> str:
     """The short live summary of a training step: loss, and the implicit accuracy for DPO."""
     accuracy = f" acc {logs['implicit_acc']:.2f}" if "implicit_acc" in logs else ""
-    return f"loss {logs['loss']:.4f}{accuracy}"
+    held_out = f" held-out acc {logs['val_implicit_acc']:.2f}" if "val_implicit_acc" in logs else ""
+    return f"loss {logs['loss']:.4f}{accuracy}{held_out}"
 
 
 E = EvalConfig
@@ -200,9 +203,14 @@ E = EvalConfig
 def evaluate(
     base: Annotated[str, option(E, "base", "--model", "-m", "--base")],
     tuned: Annotated[Path, option(E, "tuned", "--tuned")],
-    prompts: Annotated[str, option(E, "prompts", "--prompts", "-p")],
-    out: Annotated[Path, option(E, "out", "--out", "-o")],
-    scorers: Annotated[list[str], option(E, "scorers", "--scorer", "-s")],
+    prompts: Annotated[str | None, option(E, "prompts", "--prompts", "-p")] = None,
+    out: Annotated[Path | None, option(E, "out", "--out", "-o")] = None,
+    scorers: Annotated[list[str], option(E, "scorers", "--scorer", "-s")] = [],  # noqa: B006
+    pairs: Annotated[str | None, typer.Option(
+        "--pairs", help="Instead of generating: judge the pairs of this table (any form `rlaif train` reads) with "
+                        "the tuned model as a DPO preference classifier (against --model as its reference) and "
+                        "with each --scorer; prints each one's accuracy on the labels.")] = None,
+    max_pairs: Annotated[int, typer.Option("--max-pairs", help="Pairs judged with --pairs.")] = 512,
     held_out: Annotated[list[str], option(E, "held_out", "--held-out")] = [],  # noqa: B006
     per_prompt: Annotated[int, option(E, "per_prompt", "--per-prompt", "-n")] = default(E, "per_prompt"),
     seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
@@ -222,8 +230,19 @@ def evaluate(
     grid: Annotated[int, option(E, "grid")] = default(E, "grid"),
 ) -> None:
     """Compare a tuned model with its base on held-out prompts: same seeds, same scorers; win rates with 95%
-    bootstrap intervals in OUT/eval.parquet and a self-contained OUT/report.html."""
-    config = EvalConfig(**locals())
+    bootstrap intervals in OUT/eval.parquet and a self-contained OUT/report.html.
+
+    With --pairs TABLE: how often the tuned model and each scorer prefer the table's labelled winners.
+    """
+    settings = dict(locals())  # before any other local name exists
+    del settings["pairs"], settings["max_pairs"]
+    if pairs is not None:
+        _judge_pairs(base, tuned, pairs, scorers, scorer_options, max_pairs)
+        return
+    for value, flag in ((prompts, "--prompts"), (out, "--out"), (scorers, "--scorer")):
+        if not value:
+            raise RlaifError(f"missing {flag} (or give --pairs TABLE to judge a pairs table)")
+    config = EvalConfig(**settings)
     from rlaif.eval import run_eval
 
     show, output = start("items")
@@ -232,6 +251,20 @@ def evaluate(
     if show:
         print_win_rates(table)
         say(f"wrote {table} and {config.out / 'report.html'}")
+
+
+def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
+                 max_pairs: int) -> None:
+    from rlaif.pair_eval import run_pairs_eval
+    from rlaif.scoring import check_scorers
+
+    if max_pairs < 1:
+        raise RlaifError(f"--max-pairs must be at least 1, got {max_pairs}")
+    check_scorers(scorers, scorer_options)
+    start("pairs")
+    for row in run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs):
+        margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
+        print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
 
 
 def print_win_rates(table: Path) -> None:

@@ -208,6 +208,12 @@ class TrainConfig:
                 "one); on CPU only, 0 (the model already uses every core). Results do not depend on it."})
     report_to: str | None = field(default=None, metadata={"help": "Also log to tensorboard | wandb | all "
                                                                  "(accelerate trackers; logs under OUT/logs)."})
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "Share of the table's prompts whose pairs are held out of training (when it has at least 20 "
+                "prompts): the DPO model's implicit accuracy and reward margin on them are logged every --val-every "
+                "steps (is it learning, or memorising?). 0: train on everything."})
+    val_every: int | None = field(default=None, metadata={
+        "help": "Steps between held-out measurements (default: a tenth of --max-steps); also at the last step."})
     checkpoint_every: int | None = field(default=None, metadata={
         "help": "Save a resumable checkpoint every N steps (0: never). Default: every ~30 minutes when the first "
                 "steps show the run will take longer than that."})
@@ -242,6 +248,10 @@ class TrainConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise RlaifError(f"--cache-dtype {self.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+        if not 0 <= self.val_fraction < 1:
+            raise RlaifError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if self.val_every is not None and self.val_every < 1:
+            raise RlaifError(f"--val-every must be at least 1, got {self.val_every}")
         for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers"):
             if (getattr(self, name) or 0) < 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")

@@ -10,7 +10,7 @@ import polars as pl
 
 from rlaif.files import atomic_path
 
-CURVES = ("loss", "implicit_acc", "reward_margin")
+CURVES = ("loss", "implicit_acc", "reward_margin", "val_implicit_acc", "val_reward_margin")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -108,9 +108,11 @@ def write_report(path: Path, summary: pl.DataFrame, by_category: pl.DataFrame | 
     if by_category is not None:
         parts += ["<h2>By category</h2>", _win_table(by_category, "by-category", ("column", "category"))]
     if train_log:
-        steps = [entry["step"] for entry in train_log]
-        charts = [curve_svg(steps, [entry[name] for entry in train_log], name) for name in CURVES
-                  if all(name in entry for entry in train_log)]
+        charts = []
+        for name in CURVES:  # held-out ("val_") figures are measured every --val-every steps, the others each step
+            points = [(entry["step"], entry[name]) for entry in train_log if name in entry]
+            if len(points) > 1:
+                charts.append(curve_svg([p[0] for p in points], [p[1] for p in points], name))
         parts += ['<h2>Training</h2><div class="curves" id="curves">', *charts, "</div>"]
     parts += ["<h2>Base | tuned</h2>", _pairs_grid(paired, scorers, grid)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

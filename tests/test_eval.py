@@ -180,3 +180,22 @@ def test_retraining_into_the_same_folder_remakes_the_tuned_samples(tiny_pairs, t
     (row,) = pl.read_parquet(tmp_path / "eval" / "eval.parquet").rows(named=True)
     expected = np.mean([-jpeg_kilobytes(Image.open(tmp_path / k)) for k in tuned_after])
     assert row["mean_tuned"] == pytest.approx(expected)
+
+
+def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pairs, tmp_path):
+    """`rlaif eval --pairs`: the scorer that made the labels agrees with all of them, its opposite with none, and
+    a model trained on these pairs ranks their winners first more often than not (its DPO implicit accuracy)."""
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 60,
+                      "--batch-size", 2, "--learning-rate", 1e-3)
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", tiny_pairs, "--max-pairs", 24,
+                     "-s", "compressibility", "-s", "incompressibility")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "scorer compressibility: accuracy 1.000 on 24 pairs" in lines
+    assert "scorer incompressibility: accuracy 0.000 on 24 pairs" in lines
+    (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
+    print(model)
+    assert float(model.split()[6]) > 0.5 and "on 24 pairs, reward margin +" in model
+    missing = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-s", "compressibility")
+    assert missing.returncode == 2 and "missing --prompts (or give --pairs TABLE" in missing.stderr

@@ -165,3 +165,38 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_pairs, 
     assert "error: loss became nan at step 2; the last good checkpoint is kept" in result.stderr
     assert (tmp_path / "o" / "checkpoints" / "step_00000001" / "position.json").exists()
     assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
+    """With 40 prompts, --val-fraction 0.25 holds out about 10 prompts' pairs; every --val-every steps (and at
+    the last) the log carries their DPO loss, implicit accuracy and reward margin. An update too small to move the
+    model leaves policy = reference on them: loss ln 2, margin 0."""
+    import io
+
+    import numpy as np
+    import polars as pl
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def png():
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pl.DataFrame({"caption": [f"a picture of thing {i}" for i in range(40)], "jpg_0": [png() for _ in range(40)],
+                  "jpg_1": [png() for _ in range(40)], "label_0": [float(i % 2) for i in range(40)]}
+                 ).write_parquet(tmp_path / "pap.parquet")
+    common = ["train", tmp_path / "pap.parquet", "--model", "tiny", "--batch-size", 2, "--max-steps", 5,
+              "--val-fraction", 0.25, "--val-every", 2, "--optimizer", "sgd"]
+    still = run_cli(*common, "--learning-rate", 1e-30, "--out", tmp_path / "still")
+    moving = run_cli(*common, "--learning-rate", 0.05, "--out", tmp_path / "moving")
+    assert still.returncode == moving.returncode == 0, still.stderr + moving.stderr
+    entries = log(tmp_path / "still")
+    assert [e["step"] for e in entries if "val_implicit_acc" in e] == [2, 4, 5]
+    for entry in entries[1::2]:
+        assert entry["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert entry["val_reward_margin"] == pytest.approx(0, abs=1e-6)
+    moved = [e for e in log(tmp_path / "moving") if "val_loss" in e]
+    assert all(0 <= e["val_implicit_acc"] <= 1 for e in moved) and moved[-1]["val_loss"] != pytest.approx(math.log(2))
+    assert "held-out acc" in moving.stderr

@@ -166,3 +166,26 @@ def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
     message = MicroBatches(PairTable(tmp_path / "t.parquet"), settings, None)[0]
     assert message == f"image {tmp_path / 't.parquet'} row 3 jpg_1 cannot be read: cannot identify image file " \
                       "<_io.BytesIO object at" + message.split("<_io.BytesIO object at")[1]
+
+
+def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):
+    """--val-fraction holds out every pair of a share of the captions (by a hash of the text, so the split is the
+    same whatever the row order or sharding); tables with fewer than 20 captions hold nothing out."""
+    table = pick_a_pic_rows(120)
+    captions = [f"prompt {i % 40}" for i in range(120)]  # 40 captions, 3 rows each
+    table = table.set_column(0, "caption", pa.array(captions))
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    pq.write_table(table.take(list(range(119, -1, -1))), tmp_path / "reversed.parquet")
+    everything = {p.caption for p in PairTable(tmp_path / "t.parquet")}
+    train = PairTable(tmp_path / "t.parquet", hold_out=0.25)
+    val = PairTable(tmp_path / "t.parquet", hold_out=0.25, part="val")
+    assert len(train) + len(val) == 80  # 40 ties of 120 dropped, the rest split
+    held = {p.caption for p in val}
+    assert held and not held & {p.caption for p in train} and held | {p.caption for p in train} == everything
+    assert 3 <= len(held) <= 18  # about a quarter of the 40 captions
+    assert {p.caption for p in PairTable(tmp_path / "reversed.parquet", hold_out=0.25, part="val")} == held
+    few = pick_a_pic_rows(30)  # 30 distinct captions ... of which only 19 kept as distinct texts below
+    few = few.set_column(0, "caption", pa.array([f"p{i % 19}" for i in range(30)]))
+    pq.write_table(few, tmp_path / "few.parquet")
+    assert len(PairTable(tmp_path / "few.parquet", hold_out=0.25, part="val")) == 0
+    assert len(PairTable(tmp_path / "few.parquet", hold_out=0.25)) == 20

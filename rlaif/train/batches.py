@@ -39,6 +39,7 @@ class BatchSettings:
     caption_dropout: float
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one image's latents
     timesteps: int  # of the training noise schedule
+    shuffle: bool = True  # False: position p is the table's pair p (held-out measurement, read in table order)
 
 
 @dataclass
@@ -85,7 +86,8 @@ class MicroBatches(Dataset):
     def _build(self, k: int) -> MicroBatch:
         s = self.settings
         positions = self.positions(k)
-        pairs = [self.table[pair_index(position, self.table, s.seed)] for position in positions]
+        pairs = [self.table[pair_index(position, self.table, s.seed) if s.shuffle else position]
+                 for position in positions]
         augmentations, chosen, rejected, captions = [], [], [], []
         for pair, position in zip(pairs, positions, strict=True):
             data = _bytes(pair.chosen, pair.chosen_name), _bytes(pair.rejected, pair.rejected_name)

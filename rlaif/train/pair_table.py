@@ -10,6 +10,7 @@ keeps only a window's blocks and never makes a pass over the table before the fi
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from rlaif.seeding import keyed_seed
 RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
 AI_LABEL = "ai_label_0"  # written by `rlaif label --relabel` beside the human label_0
+MIN_HELD_OUT_CAPTIONS = 20  # fewer distinct captions: nothing is held out (too few to measure anything)
 SHUFFLE_WINDOW = 2048  # pairs shuffled together: blocks are added to a window until it holds at least this many
 
 
@@ -102,7 +104,7 @@ def _parquet(file: str) -> pq.ParquetFile:
 
             _OPENED[key] = pq.ParquetFile(fsspec.open(file, "rb").open())
         else:
-            _OPENED[key] = pq.ParquetFile(file)
+            _OPENED[key] = pq.ParquetFile(file, pre_buffer=False)  # kept open: it must not keep what it read
     return _OPENED[key]
 
 
@@ -141,8 +143,10 @@ class PairTable(Sequence[PreferencePair]):
     """The pairs with a preference of a table (ties dropped), winner first, read lazily. Picklable (DataLoader
     workers re-open files on first use) and safe to read from several processes at once."""
 
-    def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False) -> None:
+    def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False,
+                 hold_out: float = 0.0, part: str = "train", cache_blocks: int | None = None) -> None:
         self.source = str(source)
+        self.hold_out, self.part, self.cache_blocks = hold_out, part, cache_blocks
         path = Path(source)
         if streaming and not HUB_DATASET.match(self.source):
             raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
@@ -181,7 +185,7 @@ class PairTable(Sequence[PreferencePair]):
         self._check_label(columns, source)
         labels = _labels(table.column(self.label), source, self.label, 0)
         self.blocks = [_Block(source, -1, 0)]
-        self._set_index([labels])
+        self._set_index([labels], [caption_hashes(table.column("caption"))])
 
     @cached_property
     def _dataset(self):
@@ -204,7 +208,7 @@ class PairTable(Sequence[PreferencePair]):
                              f"{', '.join(columns)}")
 
     def _index(self, label: str | None) -> None:
-        blocks, labels = [], []
+        blocks, labels, hashes = [], [], []
         for file in self.files:
             try:
                 meta = _parquet(file)
@@ -218,23 +222,34 @@ class PairTable(Sequence[PreferencePair]):
             self._check_label(columns, file)
             first = 0
             for group in range(meta.metadata.num_row_groups):
-                values = meta.read_row_group(group, columns=[self.label]).column(0)
-                labels.append(_labels(values, file, self.label, first))
+                values = meta.read_row_group(group, columns=[self.label, "caption"])
+                labels.append(_labels(values.column(0), file, self.label, first))
+                hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
                 first += len(values)
         self.blocks = blocks
-        self._set_index(labels)
+        self._set_index(labels, hashes)
 
-    def _set_index(self, labels: list[np.ndarray]) -> None:
-        kept = [np.flatnonzero(values != 0.5) for values in labels]
+    def _set_index(self, labels: list[np.ndarray], hashes: list[np.ndarray | None]) -> None:
+        """Index the rows with a preference of this part: the pairs of held-out captions (a ``hold_out`` share
+        of the distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS) for "val", the rest for
+        "train"."""
+        kept = [values != 0.5 for values in labels]
+        if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
+            threshold = np.uint64(self.hold_out * 2.0**64)
+            held = [h < threshold for h in hashes]
+            kept = [k & (h if self.part == "val" else ~h) for k, h in zip(kept, held, strict=True)]
+        elif self.part == "val":
+            kept = [np.zeros_like(k) for k in kept]
+        kept = [np.flatnonzero(k) for k in kept]
         self.block_sizes = np.array([len(k) for k in kept], dtype=np.int64)
-        if not self.block_sizes.sum():
+        if not self.block_sizes.sum() and self.part == "train":
             raise RlaifError(f"pairs table {self.source} holds no pairs with a preference (all ties or empty)")
         self._block_of = np.repeat(np.arange(len(kept), dtype=np.int32), self.block_sizes)
         self._row_of = np.concatenate(kept).astype(np.int64)
         self._chosen_first = np.concatenate([values[k] == 1.0 for values, k in zip(labels, kept, strict=True)])
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cache_size = window_blocks(self.block_sizes)
+        self._cache_size = self.cache_blocks or window_blocks(self.block_sizes)
         self._sizes_key = tuple(int(size) for size in self.block_sizes)
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -284,6 +299,13 @@ def _image(value: object, root: Path, name: str) -> ImageSource:
     if not isinstance(value, bytes):
         raise RlaifError(f"image {name} holds {type(value).__name__}, not image bytes or a path")
     return value
+
+
+def caption_hashes(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 64-bit hash of each caption: which captions are held out is a pure function of their text, so a
+    prompt's pairs are all in one part, whatever the table's order, shards or process count."""
+    return np.array([int.from_bytes(hashlib.blake2b((c or "").encode(), digest_size=8).digest(), "little")
+                     for c in captions.to_pylist()], dtype=np.uint64)
 
 
 def window_blocks(block_sizes: np.ndarray) -> int:

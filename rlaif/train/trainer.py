@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +46,10 @@ Progress = Callable[[int, int, dict[str, float]], None]
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
-    pairs = PairTable(config.pairs, config.label_column, config.streaming)
+    pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
+    held_out = None if config.loss == "sft" or not config.val_fraction else \
+        PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction, part="val",
+                  cache_blocks=1)  # measured in table order: each row group read once per measurement
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -111,6 +114,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                                  config.max_steps * config.accumulation,
                                  default_workers(accelerator) if config.workers is None else config.workers))
     checkpoint_every = config.checkpoint_every
+    val_every = config.val_every or max(1, config.max_steps // 10)
+    validation = held_out and MicroBatches(held_out, replace(settings, caption_dropout=0.0, random_crop=False,
+                                                             hflip=False, shuffle=False), encoder.latents)
     first_step, loop_started = step, time.perf_counter()
     probe_at = first_step + min(AUTO_CHECKPOINT_PROBE, config.max_steps - first_step)  # also after a resume
     while step < config.max_steps:
@@ -137,6 +143,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                              "(lower --learning-rate or --beta, or use --mixed-precision bf16)")
         step += 1
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
+        if validation and (step % val_every == 0 or step == config.max_steps):
+            logs.update(held_out_metrics(config, validation, encoder, unet, reference, noise_scheduler, resolution,
+                                         accelerator))
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
                 log.write(json.dumps({"step": step, **logs}) + "\n")
@@ -251,6 +260,31 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
 
 
+VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the held-out table's order)
+
+
+@torch.no_grad()
+def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Encoder, unet, reference,
+                     noise_scheduler, resolution: int, accelerator: Accelerator,
+                     max_pairs: int = VAL_MAX_PAIRS) -> dict[str, float]:
+    """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
+    classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
+    order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
+    model. Empty when there is not one whole batch."""
+    per_batch = validation.settings.batch_size * validation.settings.processes
+    batches = min(len(validation.table), max_pairs) // per_batch
+    totals: dict[str, float] = {}
+    for k in range(batches):
+        batch = validation[k]
+        if isinstance(batch, str):
+            raise RlaifError(batch)
+        loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, noise_scheduler, resolution,
+                                        accelerator.device)
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[f"val_{name}"] = totals.get(f"val_{name}", 0.0) + float(accelerator.reduce(value.float(), "mean"))
+    return {name: value / batches for name, value in totals.items()} if batches else {}
+
+
 def default_workers(accelerator: Accelerator) -> int:
     """DataLoader workers when --workers is not given: on an accelerator, the CPU cores per process less one (at
     most 4) decode ahead of the step; on CPU only, none (the model's own threads use every core)."""
@@ -316,7 +350,7 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
-                     "gradient_checkpointing", "workers")
+                     "gradient_checkpointing", "workers", "val_every")
 
 
 def _settings(config: TrainConfig) -> dict:

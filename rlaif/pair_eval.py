@@ -1,0 +1,82 @@
+"""``rlaif eval --pairs TABLE``: how often a tuned model ranks a pairs table's winners first, read as the DPO
+paper reads it (the model against its reference, as an implicit preference classifier), beside how often each
+scorer agrees with the same labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from rlaif.config import TrainConfig
+from rlaif.distributed import cpu_only
+from rlaif.images import open_rgb
+from rlaif.models import default_size, load_pipeline
+from rlaif.scoring import LoadedScorer, parse_options
+from rlaif.train.batches import BatchSettings, MicroBatches
+from rlaif.train.encoding import Encoder
+from rlaif.train.outputs import TRAIN_FILE, check_output
+from rlaif.train.pair_table import PairTable
+from rlaif.train.trainer import held_out_metrics
+
+
+@dataclass(frozen=True)
+class PairAccuracy:
+    """One judge of a pairs table: the share of pairs whose labelled winner it prefers (a tie counts half)."""
+
+    judge: str
+    pairs: int
+    accuracy: float
+    margin: float | None = None  # the DPO reward margin (tuned model only)
+
+
+def _judged_positions(table: PairTable, max_pairs: int, batch_size: int) -> int:
+    """How many pairs are judged: at most ``max_pairs``, whole batches."""
+    return min(len(table), max_pairs) // batch_size * batch_size
+
+
+def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
+                   max_pairs: int = 512, batch_size: int = 4, label: str | None = None) -> list[PairAccuracy]:
+    """Judge the first ``max_pairs`` pairs of ``pairs`` (in table order) with the tuned model against
+    the plain ``base`` model as its reference (the beta, loss and precision it was trained with; centre crop, no
+    caption dropout, fixed noise and timesteps per pair) and with each scorer."""
+    tuned = check_output(tuned)
+    trained = json.loads((tuned / TRAIN_FILE).read_text())["config"]
+    table = PairTable(pairs, label, cache_blocks=1)  # read in table order
+    count = _judged_positions(table, max_pairs, batch_size)
+    accelerator = Accelerator(cpu=cpu_only())
+    policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
+    reference = load_pipeline(base, "fp32", accelerator.device).unet
+    resolution = trained.get("resolution") or default_size(policy)
+    noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
+    scale = 2 ** (len(policy.vae.config.block_out_channels) - 1)
+    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0,
+                             (policy.vae.config.latent_channels, resolution // scale, resolution // scale),
+                             noise_scheduler.config.num_train_timesteps, shuffle=False)
+    config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
+                         mixed_precision=trained["mixed_precision"])
+    found = [PairAccuracy(judge="tuned model (DPO implicit accuracy)", pairs=count, accuracy=float("nan"))]
+    if count and config.loss != "sft":
+        metrics = held_out_metrics(config, MicroBatches(table, settings, None), Encoder(policy, None),
+                                   policy.unet, reference, noise_scheduler, resolution, accelerator, count)
+        found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], metrics["val_reward_margin"])]
+    del policy, reference
+    judged = [table[position] for position in range(count)]
+    options = parse_options(scorer_options)
+    for spec in scorers:
+        scorer = LoadedScorer(spec, device=accelerator.device, **options.get(spec, {}))
+        agree = 0.0
+        for start in range(0, count, batch_size):
+            batch = judged[start:start + batch_size]
+            images = [open_rgb(p.chosen, p.chosen_name) for p in batch] + \
+                [open_rgb(p.rejected, p.rejected_name) for p in batch]
+            scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2), dtype=torch.float64)
+            chosen, rejected = scores[: len(batch)], scores[len(batch):]
+            agree += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+        found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan")))
+        del scorer
+    return found
