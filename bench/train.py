@@ -18,7 +18,7 @@ With ``--official DIR`` (a checkout of SalesforceAIResearch/DiffusionDPO, e.g. f
     same 64-pair Pick-a-Pic v2 style table (256x256 JPEGs), full fine-tuning, fp32, batch 4, centre crop, no
     flip, no caption dropout, AdamW, every pair trained on (--val-fraction 0). Both run under
     bench/step_timer.py (a clock on every optimizer step, the same for both); the first 5 steps are untimed,
-    and the runs alternate. rlaif runs as a rerun does, with its
+    and the runs alternate in a rotating order. rlaif runs as a rerun does, with its
     latent cache filled by an untimed first run (the official script encodes every image at every step), and
     with --no-cache (every step decodes and encodes like the official one) to separate the cache's share.
 
@@ -223,19 +223,26 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
                  "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")
-        warm = [*rlaif[:2], str(folder / "warm-times"), *rlaif[3:], "--max-steps", str(steps)]
-        subprocess.run(warm, env=env, check=True, capture_output=True)  # fills the latent cache, as a rerun would
-        for repeat in range(repeats):
-            times = folder / f"official-{repeat}"
+
+        def run_official(times: Path) -> None:
             subprocess.run([sys.executable, timer, str(times), str(script), "--pretrained_model_name_or_path",
                             str(model), "--dataset_name", str(table), "--train_batch_size", str(batch),
                             "--max_train_steps", str(steps + 6), "--mixed_precision", "no", "--resolution", "64",
                             "--no_hflip", "--learning_rate", "1e-5", "--checkpointing_steps", "1000000",
                             "--output_dir", str(folder / "official-out"), "--cache_dir", str(folder / "hf-cache")],
                            env=env, check=True, capture_output=True, cwd=script.parent)
-            seconds["official train.py"] += step_intervals(times)
-            for name, extra in {"rlaif train": [], "rlaif --no-cache": ["--no-cache"]}.items():
+
+        warm = [*rlaif[:2], str(folder / "warm-times"), *rlaif[3:], "--max-steps", str(steps)]
+        subprocess.run(warm, env=env, check=True, capture_output=True)  # fills the latent cache, as a rerun would
+        for repeat in range(repeats):  # the order rotates, so that a drifting machine favours no contender
+            order = ["official", "rlaif train", "rlaif --no-cache"]
+            for name in order[repeat % 3:] + order[:repeat % 3]:
                 times = folder / f"{name.replace(' ', '')}-{repeat}"
+                if name == "official":
+                    run_official(times)
+                    seconds["official train.py"] += step_intervals(times)
+                    continue
+                extra = ["--no-cache"] if name == "rlaif --no-cache" else []
                 subprocess.run([*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6), *extra], env=env,
                                check=True, capture_output=True)
                 seconds[name] += step_intervals(times)

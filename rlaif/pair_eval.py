@@ -46,7 +46,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
     trained = json.loads((tuned / TRAIN_FILE).read_text())["config"]
-    table = PairTable(pairs, label, cache_blocks=1)  # read in table order
+    table = PairTable(pairs, label).in_table_order()
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
     policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)

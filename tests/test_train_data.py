@@ -178,14 +178,14 @@ def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):
     pq.write_table(table.take(list(range(119, -1, -1))), tmp_path / "reversed.parquet")
     everything = {p.caption for p in PairTable(tmp_path / "t.parquet")}
     train = PairTable(tmp_path / "t.parquet", hold_out=0.25)
-    val = PairTable(tmp_path / "t.parquet", hold_out=0.25, part="val")
+    val = train.held_out_pairs()
     assert len(train) + len(val) == 80  # 40 ties of 120 dropped, the rest split
     held = {p.caption for p in val}
     assert held and not held & {p.caption for p in train} and held | {p.caption for p in train} == everything
     assert 3 <= len(held) <= 18  # about a quarter of the 40 captions
-    assert {p.caption for p in PairTable(tmp_path / "reversed.parquet", hold_out=0.25, part="val")} == held
+    assert {p.caption for p in PairTable(tmp_path / "reversed.parquet", hold_out=0.25).held_out_pairs()} == held
     few = pick_a_pic_rows(30)  # 30 distinct captions ... of which only 19 kept as distinct texts below
     few = few.set_column(0, "caption", pa.array([f"p{i % 19}" for i in range(30)]))
     pq.write_table(few, tmp_path / "few.parquet")
-    assert len(PairTable(tmp_path / "few.parquet", hold_out=0.25, part="val")) == 0
-    assert len(PairTable(tmp_path / "few.parquet", hold_out=0.25)) == 20
+    few_pairs = PairTable(tmp_path / "few.parquet", hold_out=0.25)
+    assert len(few_pairs) == 20 and len(few_pairs.held_out_pairs()) == 0

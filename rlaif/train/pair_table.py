@@ -10,6 +10,7 @@ keeps only a window's blocks and never makes a pass over the table before the fi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections import OrderedDict
@@ -144,9 +145,9 @@ class PairTable(Sequence[PreferencePair]):
     workers re-open files on first use) and safe to read from several processes at once."""
 
     def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False,
-                 hold_out: float = 0.0, part: str = "train", cache_blocks: int | None = None) -> None:
+                 hold_out: float = 0.0) -> None:
         self.source = str(source)
-        self.hold_out, self.part, self.cache_blocks = hold_out, part, cache_blocks
+        self.hold_out = hold_out
         path = Path(source)
         if streaming and not HUB_DATASET.match(self.source):
             raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
@@ -231,26 +232,42 @@ class PairTable(Sequence[PreferencePair]):
         self._set_index(labels, hashes)
 
     def _set_index(self, labels: list[np.ndarray], hashes: list[np.ndarray | None]) -> None:
-        """Index the rows with a preference of this part: the pairs of held-out captions (a ``hold_out`` share
-        of the distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS) for "val", the rest for
-        "train"."""
-        kept = [values != 0.5 for values in labels]
+        """Index the rows with a preference, less those of held-out captions (a ``hold_out`` share of the
+        distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS), which ``held_out_pairs`` gives."""
+        valid = [values != 0.5 for values in labels]
+        held = [np.zeros_like(v) for v in valid]
         if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
             threshold = np.uint64(self.hold_out * 2.0**64)
             held = [h < threshold for h in hashes]
-            kept = [k & (h if self.part == "val" else ~h) for k, h in zip(kept, held, strict=True)]
-        elif self.part == "val":
-            kept = [np.zeros_like(k) for k in kept]
-        kept = [np.flatnonzero(k) for k in kept]
-        self.block_sizes = np.array([len(k) for k in kept], dtype=np.int64)
-        if not self.block_sizes.sum() and self.part == "train":
+        chosen_first = [values == 1.0 for values in labels]
+        self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first
+        self._assign([v & ~h for v, h in zip(valid, held, strict=True)], chosen_first)
+        if not len(self):
             raise RlaifError(f"pairs table {self.source} holds no pairs with a preference (all ties or empty)")
-        self._block_of = np.repeat(np.arange(len(kept), dtype=np.int32), self.block_sizes)
-        self._row_of = np.concatenate(kept).astype(np.int64)
-        self._chosen_first = np.concatenate([values[k] == 1.0 for values, k in zip(labels, kept, strict=True)])
+
+    def _assign(self, kept: list[np.ndarray], chosen_first: list[np.ndarray], cache_blocks: int | None = None) -> None:
+        """Make the rows ``kept`` (a mask per block) the table's pairs."""
+        rows = [np.flatnonzero(k) for k in kept]
+        self.block_sizes = np.array([len(r) for r in rows], dtype=np.int64)
+        self._block_of = np.repeat(np.arange(len(rows), dtype=np.int32), self.block_sizes)
+        self._row_of = np.concatenate(rows).astype(np.int64)
+        self._chosen_first = np.concatenate([c[r] for c, r in zip(chosen_first, rows, strict=True)])
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cache_size = self.cache_blocks or window_blocks(self.block_sizes)
+        self._cache_size = cache_blocks or window_blocks(self.block_sizes)
         self._sizes_key = tuple(int(size) for size in self.block_sizes)
+
+    def held_out_pairs(self) -> PairTable:
+        """The pairs of the held-out captions (empty without ``hold_out``), to be read in table order: each row
+        group once per pass, one kept at a time."""
+        part = copy.copy(self)
+        part._assign(*self._held, cache_blocks=1)
+        return part
+
+    def in_table_order(self) -> PairTable:
+        """This table, to be read in table order (one row group kept at a time)."""
+        part = copy.copy(self)
+        part._cache, part._cache_size = OrderedDict(), 1
+        return part
 
     # -- reading -------------------------------------------------------------------------------------------------
 

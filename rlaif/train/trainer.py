@@ -47,9 +47,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
     config.validate()
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
-    held_out = None if config.loss == "sft" or not config.val_fraction else \
-        PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction, part="val",
-                  cache_blocks=1)  # measured in table order: each row group read once per measurement
+    held_out = None if config.loss == "sft" else pairs.held_out_pairs()  # measured in table order
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
