@@ -111,7 +111,7 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_p
 
 
 def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_path):
-    """Global batch 4 as 1 process x 4 pairs (no DataLoader workers), 2 processes x 2 pairs (2 workers each),
+    """Global batch 4 as 1 process x 4 pairs (no DataLoader workers), 2 processes x 2 pairs (a worker each),
     or 1 process x 1 pair x 4 accumulation steps. Plain SGD without clipping makes every update exactly
     -lr * gradient, so a gradient scaled by the process count or the accumulation, or a schedule stepped per
     process, shows in the weights; the warm-up makes the learning rate differ from step to step, so a schedule
@@ -124,7 +124,7 @@ def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(31500 + os.getpid() % 1000), "-m", "rlaif", *map(str, common), "--out", str(tmp_path / "two"),
-         "--batch-size", "2", "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+         "--batch-size", "2", "--workers", "1"], env=env, capture_output=True, text=True, timeout=600)
     for result in (one, accumulated, two):
         assert result.returncode == 0, result.stderr
     lrs = [0.0, 0.01 / 3, 0.02 / 3, 0.01]  # linear warm-up over 3 optimizer steps, the rate each update used
