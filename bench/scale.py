@@ -182,7 +182,8 @@ def report(results: dict, args: argparse.Namespace, official: dict | None) -> No
         print(f"official train.py on {large:,d} pairs: peak PSS tree {official['tree_mib']:.0f} MiB / RSS alone "
               f"{official['alone_mib']:.0f} MiB (x{official['tree_mib'] / t[large]['tree_mib']:.2f} rlaif's); "
               f"first step {official['first_step_s']:.1f} s (x{official['first_step_s'] / t[large]['first_step_s']:.2f}"
-              f" rlaif's); {official['pairs_per_s']:.2f} pairs/s")
+              f" rlaif's); {official['pairs_per_s']:.2f} pairs/s (full fine-tuning: not comparable with the LoRA runs "
+              "above; bench/train.py --official compares speed like for like)")
 
 
 if __name__ == "__main__":
