@@ -18,7 +18,7 @@ from rlaif.images import open_rgb
 from rlaif.models import default_size, load_pipeline
 from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
-from rlaif.train.encoding import Encoder
+from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.outputs import TRAIN_FILE, check_output
 from rlaif.train.pair_table import PairTable
 from rlaif.train.trainer import held_out_metrics
@@ -53,9 +53,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     reference = load_pipeline(base, "fp32", accelerator.device).unet
     resolution = trained.get("resolution") or default_size(policy)
     noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
-    scale = 2 ** (len(policy.vae.config.block_out_channels) - 1)
-    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0,
-                             (policy.vae.config.latent_channels, resolution // scale, resolution // scale),
+    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              noise_scheduler.config.num_train_timesteps, shuffle=False)
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
                          mixed_precision=trained["mixed_precision"])

@@ -27,6 +27,7 @@ from rlaif.images import image_bytes
 from rlaif.label import Progress, load_scorers, offset, score_images
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights
+from rlaif.train.pair_table import open_parquet, parquet_files
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -66,20 +67,12 @@ class Chunk:
 def table_files(source: Path) -> list[str]:
     """The parquet files of a relabel source (a file, or a folder of shards), checked for the columns and for
     one schema across shards (the output is one table)."""
-    from rlaif.train.pair_table import parquet_shards
-
-    if source.is_dir():
-        files = parquet_shards(sorted(map(str, source.rglob("*.parquet"))), f"table folder {source}")
-    elif source.is_file():
-        files = [str(source)]
-    else:
+    if not source.exists():
         raise RlaifError(f"table {source} does not exist")
+    files = parquet_files(source)
     schema = None
     for file in files:
-        try:
-            found = pq.ParquetFile(file).schema_arrow
-        except (pa.ArrowException, OSError) as exc:
-            raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+        found = open_parquet(file).schema_arrow
         missing = [c for c in RELABEL_COLUMNS if c not in found.names]
         if missing:
             raise RlaifError(f"table {file} lacks column(s) {', '.join(missing)}")
@@ -95,7 +88,7 @@ def chunks(files: list[str], rows: int) -> list[Chunk]:
     shorter)."""
     found = []
     for number, file in enumerate(files):
-        meta = pq.ParquetFile(file).metadata
+        meta = open_parquet(file).metadata
         first = 0
         for group in range(meta.num_row_groups):
             size = meta.row_group(group).num_rows
@@ -112,15 +105,14 @@ def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None
     for chunk in wanted:
         groups.setdefault((chunk.file, chunk.group), {})[chunk.offset] = chunk
     for (file, group), by_offset in groups.items():
-        reader = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering reads the whole file
-        offset = 0
-        for batch in reader.iter_batches(batch_size=rows, row_groups=[group], columns=columns):
+        offset, last = 0, max(by_offset)
+        for batch in open_parquet(file).iter_batches(batch_size=rows, row_groups=[group], columns=columns):
             if offset in by_offset:
                 if batch.num_rows != by_offset[offset].count:
                     raise RlaifError(f"table {file} changed while it was read (row group {group})")
                 yield by_offset[offset], pa.Table.from_batches([batch])
             offset += batch.num_rows
-            if offset > max(by_offset):
+            if offset > last:
                 break
 
 

@@ -122,7 +122,13 @@ class Encoder:
         return embeds, pooled
 
 
+def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents of a ``resolution``-pixel square image under ``pipe``'s VAE."""
+    side = resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return pipe.vae.config.latent_channels, side, side
+
+
 def latent_bytes(pipe, resolution: int, cache_dtype: str) -> int:
     """Disk bytes of one cached latent distribution (mean and log-variance) at ``resolution``."""
-    side = resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return 2 * pipe.vae.config.latent_channels * side * side * STORED_DTYPES[cache_dtype].itemsize
+    channels, height, width = latent_shape(pipe, resolution)
+    return 2 * channels * height * width * STORED_DTYPES[cache_dtype].itemsize

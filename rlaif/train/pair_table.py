@@ -4,7 +4,7 @@ shards, downloaded; or read in place with ``streaming``) or an fsspec URL of par
 
 Only an index is held in memory (per pair: its block, its row, which image won); rows are read a block at a
 time when a pair is asked for. A block is a parquet row group, or the whole of a memory-mapped Arrow dataset.
-The training order (``epoch_order``) shuffles blocks and then pairs within windows of a few blocks, so a reader
+The training order (``pair_index``) shuffles blocks and then pairs within windows of a few blocks, so a reader
 keeps only a window's blocks and never makes a pass over the table before the first step.
 """
 
@@ -66,6 +66,13 @@ def parquet_shards(files: list[str], where: str) -> list[str]:
     return train or files
 
 
+def parquet_files(path: Path) -> list[str]:
+    """The parquet files of a local table: the file itself, or a folder's shards (``parquet_shards``)."""
+    if path.is_dir():
+        return parquet_shards(sorted(map(str, path.rglob("*.parquet"))), str(path))
+    return [str(path)]
+
+
 def hub_snapshot(repo_id: str) -> Path:
     """The local snapshot of hub dataset ``repo_id``'s parquet files (downloaded once into the Hugging Face
     cache; offline, the cached one). Read as shards, lazily: no Arrow copy of the table is made."""
@@ -95,17 +102,21 @@ def remote_shards(source: str) -> list[str]:
 _OPENED: dict[tuple, pq.ParquetFile] = {}
 
 
-def _parquet(file: str) -> pq.ParquetFile:
-    """A parquet file, local or at an fsspec URL, opened once per process (its footer read once)."""
+def open_parquet(file: str) -> pq.ParquetFile:
+    """A parquet file, local or at an fsspec URL, opened once per process (its footer read once), without
+    pre-buffering (which would read, and keep, whole files); an unreadable file is a one-line error."""
     stat = os.stat(file) if "://" not in file else None
     key = (os.getpid(), file, stat and (stat.st_size, stat.st_mtime_ns))  # per worker; a rewritten file anew
     if key not in _OPENED:
-        if "://" in file:
-            import fsspec
+        try:
+            if "://" in file:
+                import fsspec
 
-            _OPENED[key] = pq.ParquetFile(fsspec.open(file, "rb").open())
-        else:
-            _OPENED[key] = pq.ParquetFile(file, pre_buffer=False)  # kept open: it must not keep what it read
+                _OPENED[key] = pq.ParquetFile(fsspec.open(file, "rb").open())
+            else:
+                _OPENED[key] = pq.ParquetFile(file, pre_buffer=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
     return _OPENED[key]
 
 
@@ -154,13 +165,11 @@ class PairTable(Sequence[PreferencePair]):
                              "read lazily anyway; give an fsspec URL for other remote tables)")
         if "://" in self.source or streaming:
             self._init_parquet(remote_shards(self.source), remote=True)
-        elif path.is_file():
-            self._init_parquet([str(path)])
         elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             self._init_arrow(str(path), label)
             return
-        elif path.is_dir():
-            self._init_parquet(parquet_shards(sorted(map(str, path.rglob("*.parquet"))), self.source))
+        elif path.exists():
+            self._init_parquet(parquet_files(path))
         elif HUB_DATASET.match(self.source):
             self._init_parquet(parquet_shards(sorted(map(str, hub_snapshot(self.source).rglob("*.parquet"))),
                                               self.source))
@@ -180,10 +189,7 @@ class PairTable(Sequence[PreferencePair]):
         dataset = self._dataset
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
-        columns = table.column_names
-        self.columns = _image_columns(columns, source)
-        self.label = label_column(columns, label)
-        self._check_label(columns, source)
+        self._check_columns(table.column_names, source, label)
         labels = _labels(table.column(self.label), source, self.label, 0)
         self.blocks = [_Block(source, -1, 0)]
         self._set_index([labels], [caption_hashes(table.column("caption"))])
@@ -203,7 +209,12 @@ class PairTable(Sequence[PreferencePair]):
             loaded = loaded["train"]
         return loaded
 
-    def _check_label(self, columns: Sequence[str], where: str) -> None:
+    def _check_columns(self, columns: Sequence[str], where: str, label: str | None) -> None:
+        """Check a file's columns (image columns of either format, the label column); the first file's decide
+        the table's image columns and label column."""
+        image_columns = _image_columns(columns, where)
+        if not hasattr(self, "label"):
+            self.columns, self.label = image_columns, label_column(columns, label)
         if self.label not in columns:
             raise RlaifError(f"pairs table {where} has no column {self.label!r} (--label-column); columns: "
                              f"{', '.join(columns)}")
@@ -211,19 +222,12 @@ class PairTable(Sequence[PreferencePair]):
     def _index(self, label: str | None) -> None:
         blocks, labels, hashes = [], [], []
         for file in self.files:
-            try:
-                meta = _parquet(file)
-            except (pa.ArrowException, OSError) as exc:
-                raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
-            columns = meta.schema_arrow.names
-            if not blocks:
-                self.columns = _image_columns(columns, file)
-                self.label = label_column(columns, label)
-            _image_columns(columns, file)
-            self._check_label(columns, file)
+            meta = open_parquet(file)
+            self._check_columns(meta.schema_arrow.names, file, label)
+            read = [self.label, "caption"] if self.hold_out else [self.label]  # captions only to hold some out
             first = 0
             for group in range(meta.metadata.num_row_groups):
-                values = meta.read_row_group(group, columns=[self.label, "caption"])
+                values = meta.read_row_group(group, columns=read)
                 labels.append(_labels(values.column(0), file, self.label, first))
                 hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
@@ -297,7 +301,7 @@ class PairTable(Sequence[PreferencePair]):
         if block.group < 0:
             values = self._dataset.data.table.select(columns)  # memory-mapped: nothing is read until used
         else:
-            values = _parquet(block.file).read_row_group(block.group, columns=columns)
+            values = open_parquet(block.file).read_row_group(block.group, columns=columns)
         self._cache[number] = values
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

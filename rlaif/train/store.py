@@ -63,15 +63,3 @@ class TensorStore:
     def __getstate__(self) -> dict:
         return {"folder": self.folder, "_connections": {}, "_pid": -1}
 
-
-def store_summary(folder: Path) -> tuple[int, int]:
-    """(items, bytes on disk) of every store under ``folder``."""
-    items = size = 0
-    for shard in Path(folder).rglob("shard-*.sqlite"):
-        size += shard.stat().st_size
-        connection = sqlite3.connect(shard)
-        try:
-            items += connection.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        finally:
-            connection.close()
-    return items, size

@@ -33,7 +33,7 @@ from rlaif.errors import RlaifError
 from rlaif.files import atomic_path, publish, write_json
 from rlaif.models import default_size, load_pipeline
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
-from rlaif.train.encoding import Encoder, latent_bytes
+from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import diffusion_dpo_loss, sft_loss
 from rlaif.train.outputs import TRAIN_FILE, remove_outputs, save_outputs, weights_identity
 from rlaif.train.pair_table import PairTable
@@ -89,11 +89,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     settings = BatchSettings(
         config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
-        config.random_crop, config.hflip, config.caption_dropout,
-        (pipe.vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale),
+        config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
         noise_scheduler.config.num_train_timesteps)
 
     step = 0
