@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -25,6 +26,10 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 FILLER_WORDS: tuple[str, ...] = ("a", "on", "background")
 VOCABULARY: tuple[str, ...] = (*FILLER_WORDS, *COLORS, *SHAPES, *SIZES)
+READ_ORDER: tuple[str, ...] = tuple(sorted(COLORS))
+_PALETTE = np.array([COLORS[name] for name in READ_ORDER], dtype=np.float32)
+_CORNER = 6
+_MIN_FOREGROUND = 0.02
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,55 @@ def draw(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     cx = rng.uniform(radius, size - radius)
     cy = rng.uniform(radius, size - radius)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    pen = ImageDraw.Draw(image)
-    fill = COLORS[scene.color]
-    if scene.shape == "circle":
+    paint(ImageDraw.Draw(image), scene.shape, box, COLORS[scene.color])
+    return image
+
+
+def paint(pen: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """Fill ``shape`` into ``box`` (x0, y0, x1, y1): the inscribed circle, the box, or the apex-up triangle."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
         pen.ellipse(box, fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         pen.rectangle(box, fill=fill)
     else:
-        pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
-    return image
+        pen.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+
+
+def nearest_colours(image: Image.Image) -> np.ndarray:
+    """Index into READ_ORDER of each pixel's nearest world colour (RGB distance), shape (H, W)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return ((pixels[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1).argmin(-1)
+
+
+def read_scene(image: Image.Image) -> tuple[str, str | None, str | None]:
+    """(background, shape colour, shape) as drawn in ``image``, by rule (no learned parts); None where no
+    shape is found.
+
+    Each pixel takes its nearest world colour. The background is the most common one over the four 6 x 6
+    corner patches; the shape's colour the most common among the other pixels (none when under 2% of the
+    image differs from the background). The shape is the template (``paint``) that, filled into the shape
+    pixels' bounding box (1st-99th percentile of their rows and columns), has the highest IoU with them.
+    """
+    labels = nearest_colours(image)
+    height, width = labels.shape
+    c = _CORNER
+    corners = np.concatenate([labels[:c, :c].ravel(), labels[:c, -c:].ravel(),
+                              labels[-c:, :c].ravel(), labels[-c:, -c:].ravel()])
+    background = int(np.bincount(corners, minlength=len(READ_ORDER)).argmax())
+    others = labels[labels != background]
+    if others.size < _MIN_FOREGROUND * labels.size:
+        return READ_ORDER[background], None, None
+    foreground = int(np.bincount(others, minlength=len(READ_ORDER)).argmax())
+    mask = labels == foreground
+    rows, cols = np.nonzero(mask)
+    box = (float(np.percentile(cols, 1)), float(np.percentile(rows, 1)),
+           float(np.percentile(cols, 99)), float(np.percentile(rows, 99)))
+
+    def iou(shape: str) -> float:
+        canvas = Image.new("L", (width, height), 0)
+        paint(ImageDraw.Draw(canvas), shape, box, 1)
+        template = np.asarray(canvas, dtype=bool)
+        return (template & mask).sum() / max((template | mask).sum(), 1)
+
+    return READ_ORDER[background], READ_ORDER[foreground], max(SHAPES, key=iou)

@@ -2,6 +2,7 @@
 effect on held-out prompts and seeds, and the control with winners and losers swapped."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,15 +114,29 @@ def demo(out, *args):
     return row
 
 
-def test_demo_raises_the_reward_on_held_out_prompts(tmp_path):
-    row = demo(tmp_path / "demo")
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return demo(out), out
+
+
+def test_demo_raises_the_reward_on_held_out_prompts(demo_run):
+    row, _ = demo_run
     assert row["win_rate"] >= 0.65 and row["ci_low"] > 0.5, row
+    assert row["delta_low"] > 0 and row["p_value"] < 0.05, row
 
 
-def test_control_with_swapped_labels_lowers_the_reward(tmp_path):
-    row = demo(tmp_path / "control", "--control")
-    assert row["win_rate"] <= 0.35, row
-    pairs = pl.read_parquet(tmp_path / "control" / "round_1" / "samples" / "pairs.parquet")
+def test_control_with_swapped_labels_lowers_the_reward(demo_run, tmp_path):
+    # The control samples the demo's images (same model, prompts and seeds) before it labels them the other way
+    # round: it starts from copies of them, so only its labels, training and tuned samples are new.
+    _, demo_out = demo_run
+    out = tmp_path / "control"
+    shutil.copytree(demo_out / "round_1" / "samples", out / "round_1" / "samples",
+                    ignore=shutil.ignore_patterns("pairs.parquet"))
+    shutil.copytree(demo_out / "eval_base", out / "eval_base")
+    row = demo(out, "--control")
+    assert row["win_rate"] <= 0.35 and row["delta_high"] < 0, row
+    pairs = pl.read_parquet(out / "round_1" / "samples" / "pairs.parquet")
     assert (pairs["score_0"] > pairs["score_1"]).eq(pairs["label_0"] == 0.0).all()  # the lower score "wins"
 
 
