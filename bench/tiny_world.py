@@ -1,8 +1,9 @@
 """Does the tiny model draw what it is asked? Colour and shape accuracy over the whole world.
 
 Prompts: every ordered pair of different world colours (8 x 7 = 56) x every shape x ``--seeds`` seeds, as
-"a large {colour} {shape} on a {background} background", sampled like ``rlaif sample`` does (the model's
-own scheduler, ``--steps`` steps, guidance ``--guidance``, the per-image seed generator).
+"a large {colour} {shape} on a {background} background", sampled on the CPU through ``rlaif.models.load_pipeline``
+(the model's own scheduler, ``--steps`` steps, guidance ``--guidance``), image k of a prompt from
+``rlaif.seeding.generator(k)``.
 
 How an image is read: ``rlaif.shapes.read_scene`` (nearest world colour per pixel; corners give the
 background, the commonest other colour the shape's, the best-fitting template by IoU the shape).

@@ -1,4 +1,4 @@
-"""The tiny world's reader (`rlaif.shapes.read_scene`), which bench/tiny_world.py and the reward suite trust."""
+"""The tiny world's reader (`rlaif.shapes.read_scene`), which bench/tiny_world.py trusts to judge the tiny model."""
 
 import itertools
 import random

@@ -1,0 +1,175 @@
+"""The reward suite: does `rlaif train` raise rewards nobody tuned it for? One command, one table.
+
+For each reward of the suite (``bench/suite_rewards.py`` plugins and the built-in ``incompressibility``) and
+each training recipe in ``RECIPES``:
+
+1. the tiny model samples 40 training prompts (circles and squares of the shapes world) x 8 candidates once;
+2. ``rlaif label`` makes best-worst pairs with the reward (or the recipe's pairing strategy);
+3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
+   a user gets);
+4. ``rlaif eval`` compares base and tuned on new seeds (eval seed 1, training seed 0) of the 40 training
+   prompts (``seen prompts``) and of 24 triangle prompts, a shape never trained on (``held-out family``).
+
+Each cell is the mean delta relative to the base mean with its 95% CI from a bootstrap over prompts, and the
+win rate. Run: ``python bench/reward_suite.py [--recipes defaults,...] [--rewards ...]``; ``--work`` keeps
+every run (samples, pairs, weights, eval tables); a rerun reuses what is done. Prints a markdown table and
+writes WORK/suite.parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+REWARDS = {
+    "brightness": "suite_rewards:brightness",
+    "saturation": "suite_rewards:saturation",
+    "warmth": "suite_rewards:warmth",
+    "edges": "suite_rewards:edges",
+    "asked_colour": "suite_rewards:asked_colour",
+    "incompressibility": "incompressibility",
+}
+# name -> (what it is, pairing strategy, `rlaif train` options)
+RECIPES: dict[str, tuple[str, str, dict]] = {
+    "defaults": ("`rlaif train` with no options", "best-worst", {}),
+    "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
+                     {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1, "max_steps": 100}),
+    "lora-r8-lr1e-4": ("LoRA r8, lr 1e-4, batch 4, 300 steps", "best-worst",
+                       {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4, "batch_size": 4, "max_steps": 300}),
+    "lora-r32-lr3e-4": ("LoRA r32, lr 3e-4, batch 4, 300 steps", "best-worst",
+                        {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4, "max_steps": 300}),
+    "full-lr1e-5": ("full UNet, lr 1e-5, batch 4, 300 steps", "best-worst",
+                    {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
+}
+STEPS = 20  # denoising steps of training samples and evaluation alike
+TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
+
+
+def prompt_sets() -> tuple[list[str], list[str]]:
+    """40 distinct circle/square scenes for training and 24 distinct triangle scenes (the held-out family)."""
+    from rlaif.shapes import random_scene
+
+    rng = random.Random(2026)
+    train: list[str] = []
+    family: list[str] = []
+    while len(train) < TRAIN_PROMPTS or len(family) < FAMILY_PROMPTS:
+        scene = random_scene(rng)
+        group, limit = (family, FAMILY_PROMPTS) if scene.shape == "triangle" else (train, TRAIN_PROMPTS)
+        if len(group) < limit and scene.caption not in group:
+            group.append(scene.caption)
+    return train, family
+
+
+def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: Path) -> pl.DataFrame:
+    """Label, train and evaluate one (recipe, reward); return its eval_by_category rows."""
+    from rlaif.config import EvalConfig, LabelConfig, TrainConfig
+    from rlaif.eval import run_eval
+    from rlaif.label import run_label
+    from rlaif.train.trainer import run_train
+
+    _, strategy, options = RECIPES[recipe]
+    scorer = REWARDS[reward]
+    cell = work / recipe / reward
+    result = cell / "eval" / "eval_by_category.parquet"
+    if result.exists():
+        return pl.read_parquet(result)
+    pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
+    if not pairs.exists():
+        run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
+    recorded = cell / "recipe.json"
+    recipe_text = json.dumps({"strategy": strategy, "options": options, "scorer": scorer}, sort_keys=True)
+    if recorded.exists() and recorded.read_text() != recipe_text:
+        raise SystemExit(f"{cell} was made by another recipe: use another --work")
+    cell.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(recipe_text)
+    train_dir = cell / "train"
+    if not (train_dir / "train.json").exists():
+        run_train(TrainConfig(pairs=str(pairs), model="tiny", out=train_dir, resume="latest", overwrite=True,
+                              **options))
+    run_eval(EvalConfig(base="tiny", tuned=train_dir, prompts=str(eval_prompts), out=cell / "eval",
+                        scorers=[scorer], per_prompt=EVAL_SEEDS, seed=1, steps=STEPS, batch_size=32),
+             base_dir=work / "eval_base")
+    return pl.read_parquet(result)
+
+
+def describe(recipe: str) -> str:
+    """The recipe's settings; for ``defaults``, read from `rlaif train`'s current defaults."""
+    if recipe != "defaults":
+        return RECIPES[recipe][0]
+    from rlaif.config import TrainConfig
+
+    model = "full UNet" if TrainConfig.full else f"LoRA r{TrainConfig.lora_rank}"
+    return (f"no options ({model}, lr {TrainConfig.learning_rate:g}, batch {TrainConfig.batch_size}, "
+            f"{TrainConfig.max_steps} steps)")
+
+
+def cell_text(row: dict) -> str:
+    return (f"{row['relative']:+.1%} [{row['relative_low']:+.1%}, {row['relative_high']:+.1%}], "
+            f"win {row['win_rate']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("runs/reward-suite"))
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
+    parser.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated names from REWARDS")
+    args = parser.parse_args()
+    from rlaif.config import SampleConfig
+    from rlaif.sample import run_sample
+
+    recipes = [name for name in args.recipes.split(",") if name]
+    rewards = [name for name in args.rewards.split(",") if name]
+    unknown = [name for name in recipes if name not in RECIPES] + [name for name in rewards if name not in REWARDS]
+    if unknown:
+        parser.error(f"unknown recipe or reward: {', '.join(unknown)}")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    train_prompts, family_prompts = prompt_sets()
+    (work / "train.txt").write_text("\n".join(train_prompts) + "\n")
+    eval_prompts = work / "eval.csv"
+    pl.DataFrame({"prompt": train_prompts + family_prompts,
+                  "category": ["seen prompts"] * len(train_prompts) + ["held-out family"] * len(family_prompts)}
+                 ).write_csv(eval_prompts)
+    samples = work / "samples"
+    run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=samples, per_prompt=CANDIDATES,
+                            steps=STEPS, seed=0, batch_size=32))
+    rows = []
+    for recipe in recipes:
+        for reward in rewards:
+            start = time.time()
+            table = run_cell(work, recipe, reward, samples, eval_prompts)
+            row = {"recipe": recipe, "reward": reward}
+            for effect in table.iter_rows(named=True):
+                prefix = "seen" if effect["category"] == "seen prompts" else "family"
+                row.update({f"{prefix}_{key}": effect[key] for key in
+                            ("relative", "relative_low", "relative_high", "win_rate", "ci_low", "ci_high",
+                             "mean_base", "mean_tuned")})
+            rows.append(row)
+            print(f"{recipe} / {reward}: {time.time() - start:.0f}s", file=sys.stderr, flush=True)
+    suite = pl.DataFrame(rows)
+    suite.write_parquet(work / "suite.parquet")
+    print("| recipe | reward | held-out seeds of seen prompts: relative delta [95% CI], win | "
+          "held-out family (triangles): relative delta [95% CI], win |")
+    print("|---|---|---|---|")
+    for row in suite.iter_rows(named=True):
+        seen = {k[5:]: v for k, v in row.items() if k.startswith("seen_")}
+        family = {k[7:]: v for k, v in row.items() if k.startswith("family_")}
+        print(f"| {row['recipe']} | {row['reward']} | {cell_text(seen)} | {cell_text(family)} |")
+    print()
+    print("| recipe | worst reward's seen-prompt CI low | rewards >= +10% with CI low > 0 | "
+          "family deltas with CI high < 0 (significant falls) |")
+    print("|---|---|---|---|")
+    for recipe, cells in suite.group_by("recipe", maintain_order=True):
+        good = ((cells["seen_relative"] >= 0.10) & (cells["seen_relative_low"] > 0)).sum()
+        print(f"| {recipe[0]}: {describe(recipe[0])} | {cells['seen_relative_low'].min():+.1%} | {good}/{len(cells)} | "
+              f"{(cells['family_relative_high'] < 0).sum()} |")
+
+
+if __name__ == "__main__":
+    main()
