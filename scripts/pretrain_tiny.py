@@ -89,9 +89,9 @@ def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[str
                rng: random.Random, lr: float, noisier_half: bool, text_lr_factor: float) -> None:
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     all_latents, all_captions = data
-    params = list(unet.parameters()) + list(text_encoder.parameters())
     # the text encoder learns from scratch through the UNet's cross-attention: a higher rate speeds that up
     groups = [{"params": list(unet.parameters())}, {"params": list(text_encoder.parameters())}]
+    params = [param for group in groups for param in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, text_lr_factor * lr],
                                                       total_steps=steps, pct_start=0.05)
