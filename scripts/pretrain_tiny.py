@@ -28,19 +28,23 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from rlaif.shapes import draw, random_scene, read_scene
+from rlaif.shapes import Scene, draw, random_scene, read_scene
 from rlaif.tiny import NOISE_SCHEDULE, RESOLUTION, TINY_SD_DIR, build_sd_components
 
 OFFSET_NOISE = 0.1
 MIN_SNR_GAMMA = 5.0
 
 
+def drawings(scenes: list[Scene], rng: random.Random) -> torch.Tensor:
+    """``scenes`` drawn (random positions from ``rng``) as a [-1, 1] N x 3 x H x W image tensor."""
+    pixels = np.stack([np.asarray(draw(s, rng, RESOLUTION), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
     """``size`` random scenes as a [-1, 1] image tensor and their captions."""
     scenes = [random_scene(rng) for _ in range(size)]
-    pixels = np.stack([np.asarray(draw(s, rng, RESOLUTION), dtype=np.float32) for s in scenes])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return images, [s.caption for s in scenes]
+    return drawings(scenes, rng), [s.caption for s in scenes]
 
 
 def train_vae(vae, steps: int, rng: random.Random) -> None:
@@ -66,9 +70,8 @@ def train_vae(vae, steps: int, rng: random.Random) -> None:
 def reconstruction_accuracy(vae, rng: random.Random, size: int = 256) -> float:
     """Share of VAE round trips whose background, shape colour and shape still read as drawn."""
     scenes = [random_scene(rng) for _ in range(size)]
-    images = torch.from_numpy(np.stack([np.asarray(draw(s, rng), dtype=np.float32) for s in scenes]))
     with torch.no_grad():
-        latents = vae.encode(images.permute(0, 3, 1, 2) / 127.5 - 1.0).latent_dist.mode()
+        latents = vae.encode(drawings(scenes, rng)).latent_dist.mode()
         decoded = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
     read = [read_scene(Image.fromarray(array)) for array in decoded.numpy()]
     return sum(r == (s.background, s.color, s.shape) for s, r in zip(scenes, read, strict=True)) / size
