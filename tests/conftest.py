@@ -1,12 +1,16 @@
-"""Shared test helpers: run the real CLI in a subprocess, the test fixture folder, prompt files."""
+"""Shared test helpers: run the real CLI (in this process, or in a subprocess where the process itself is under
+test), the test fixture folder, prompt files."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -47,10 +51,60 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Environment variables that rlaif reads on every call, so a CLI call that changes only these can run in this
+# process. Anything else (PYTHONPATH, OMP_NUM_THREADS, ...) is read once at start-up and needs a new process.
+PER_CALL_ENV = {"RLAIF_CACHE", "RLAIF_DEBUG", "RLAIF_TEST_COUNT", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED"}
+
+
 def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``rlaif ARGS`` as a user would, returning the completed process (stdout/stderr as text)."""
-    return subprocess.run([sys.executable, "-m", "rlaif", *map(str, args)], capture_output=True, text=True,
-                          env=env or cli_env(), timeout=600)
+    """Run ``rlaif ARGS`` as a user would, returning the completed process (stdout/stderr as text).
+
+    The call goes through the console entry point ``rlaif.cli.main`` with the same argv, in this process (a new
+    process would spend ~10 s importing torch, diffusers and peft again), unless ``env`` changes a variable that
+    only a new process reads; then it runs ``python -m rlaif`` in a subprocess."""
+    argv = [str(arg) for arg in args]
+    env = env or cli_env()
+    changed = {key for key in set(env) | set(os.environ) if env.get(key) != os.environ.get(key)}
+    if changed - PER_CALL_ENV:
+        return subprocess.run([sys.executable, "-m", "rlaif", *argv], capture_output=True, text=True, env=env,
+                              timeout=600)
+    return _run_in_process(argv, {key: env.get(key) for key in changed})
+
+
+def _run_in_process(argv: list[str], env_changes: dict[str, str | None]) -> subprocess.CompletedProcess[str]:
+    """``rlaif.cli.main`` with ``argv``, the environment changed for the call, and stdout/stderr captured; an
+    uncaught exception becomes exit code 1 with its traceback on stderr, as in a process of its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from rlaif.cli import main
+
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    for key, value in env_changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    sys.argv = ["rlaif", *argv]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+                if exit.code is not None and not isinstance(exit.code, int):
+                    print(exit.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        AcceleratorState._reset_state(reset_partial_state=True)  # each call is a fresh run, as in a new process
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(["rlaif", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(autouse=True)
