@@ -136,9 +136,10 @@ def train(
     full: Annotated[bool, option(T, "full")] = default(T, "full"),
     lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
     lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
-    lora_targets: Annotated[str, option(T, "lora_targets")] = default(T, "lora_targets"),
+    lora_targets: Annotated[str | None, option(T, "lora_targets")] = default(T, "lora_targets"),
     loss: Annotated[str, option(T, "loss")] = default(T, "loss"),
-    beta: Annotated[float, option(T, "beta")] = default(T, "beta"),
+    beta: Annotated[float | None, option(T, "beta")] = default(T, "beta"),
+    flow_weighting: Annotated[str, option(T, "flow_weighting")] = default(T, "flow_weighting"),
     learning_rate: Annotated[float, option(T, "learning_rate")] = default(T, "learning_rate"),
     scale_lr: Annotated[bool, option(T, "scale_lr")] = default(T, "scale_lr"),
     warmup_steps: Annotated[int, option(T, "warmup_steps")] = default(T, "warmup_steps"),
@@ -167,7 +168,8 @@ def train(
         "--config", help="TOML file of these settings (names as the options, with _ for -); flags given on the "
                          "command line win. See examples/*.toml for the paper's recipes.")] = None,
 ) -> None:
-    """Fine-tune a model on winner/loser pairs with Diffusion-DPO (LoRA by default; --full for all weights).
+    """Fine-tune a model on winner/loser pairs with Diffusion-DPO, or Flow-DPO for SD3 / FLUX.1 (LoRA by default;
+    --full for all weights).
 
     PAIRS, --model and --out are required, on the command line or in --config.
     """
@@ -379,12 +381,19 @@ def cache_clear(
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline into.")],
-    xl: Annotated[bool, typer.Option("--xl", help="Write the SDXL-style tiny model, not the SD1.5-style one.")] = False,
+    kind: Annotated[str, typer.Option("--kind", help="tiny (SD1.5-style), tiny-xl (SDXL), tiny-sd3 (SD3) or "
+                                                     "tiny-flux (FLUX.1-dev).")] = "tiny",
+    xl: Annotated[bool, typer.Option("--xl", help="Same as --kind tiny-xl.")] = False,
 ) -> None:
-    """Write the tiny offline model (also reachable as --model tiny / tiny-xl) as a diffusers folder."""
+    """Write a tiny offline model (also reachable as --model tiny / tiny-xl / tiny-sd3 / tiny-flux) as a
+    diffusers folder."""
+    from rlaif.models import TINY_ALIASES
     from rlaif.tiny import write_tiny
 
-    say(f"wrote {write_tiny(out, xl=xl)}")
+    kind = "tiny-xl" if xl else kind
+    if kind not in TINY_ALIASES:
+        raise RlaifError(f"--kind {kind!r} is not one of {', '.join(TINY_ALIASES)}")
+    say(f"wrote {write_tiny(out, kind)}")
 
 
 def quiet_libraries() -> None:

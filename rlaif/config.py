@@ -26,6 +26,13 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("fp32", "fp16", "bf16")
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("fp32", "bf16", "fp16")
+FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
+# Per model family (UNet + DDPM noise: SD1.5 / SD2 / SDXL; rectified-flow transformer: SD3 / SD3.5 / FLUX.1):
+DEFAULT_BETA = {"unet": 5000.0, "transformer": 100.0}  # Diffusion-DPO's official value; Flow-DPO's (flow_grpo)
+DEFAULT_LORA_TARGETS = {  # the attention projections (diffusers' SD3 / FLUX LoRA scripts; joint attention too)
+    "unet": "to_q,to_k,to_v,to_out.0",
+    "transformer": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
+}
 HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+$")  # ORG/NAME (not a mistyped DIR/FILE.parquet)
 
 
@@ -175,9 +182,17 @@ class TrainConfig:
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})
-    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "LoRA target modules."})
+    lora_targets: str | None = field(default=None, metadata={
+        "help": "LoRA target modules (comma-separated). Default: the attention projections, "
+                f"{DEFAULT_LORA_TARGETS['unet']} of a UNet; of an SD3 / FLUX transformer also its joint attention's "
+                "add_q_proj, add_k_proj, add_v_proj, to_add_out."})
     loss: str = field(default="sigmoid", metadata={"help": f"{' | '.join(LOSS_TYPES)} (DPO) or sft."})
-    beta: float = field(default=5000.0, metadata={"help": "DPO beta (official: 5000 for SD1.5 and SDXL)."})
+    beta: float | None = field(default=None, metadata={
+        "help": "DPO beta. Default: 5000 for SD1.5 / SDXL (official Diffusion-DPO), 100 for SD3 / SD3.5 / FLUX.1 "
+                "(Flow-DPO as released in flow_grpo)."})
+    flow_weighting: str = field(default="logit_normal", metadata={
+        "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
+                "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
     learning_rate: float = field(default=3e-4, metadata={
         "help": "Peak learning rate (per sample if --scale-lr). The LoRA defaults (rank 32, lr 3e-4, 4 pairs per "
                 "step, 300 steps) are the best LoRA recipe of bench/reward_suite.py; with --full use about 1e-5."})
@@ -247,8 +262,10 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.flow_weighting not in FLOW_WEIGHTINGS:
+            raise RlaifError(f"--flow-weighting {self.flow_weighting!r} is not one of {', '.join(FLOW_WEIGHTINGS)}")
         for name in ("beta", "learning_rate"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise RlaifError(f"--cache-dtype {self.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")

@@ -1,4 +1,5 @@
-"""Load SD1.5 / SD2.x / SDXL-family text-to-image pipelines from a hub id, a local folder or a tiny alias."""
+"""Load SD1.5 / SD2.x / SDXL (UNet, DDPM noise) and SD3 / SD3.5 / FLUX.1 (transformer, rectified flow) text-to-image
+pipelines from a hub id, a local folder or a tiny alias."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 import diffusers
 import huggingface_hub
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError
@@ -17,15 +24,17 @@ from rlaif.tiny import tiny_model_dir
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,  # SD1.x and SD2.x
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,  # SD3 and SD3.5
+    "FluxPipeline": FluxPipeline,  # FLUX.1-dev and FLUX.1-schnell
 }
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TINY_ALIASES = ("tiny", "tiny-xl")
+TINY_ALIASES = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")
 # diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
 DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 
 
 def resolve_model(model: str) -> str:
-    """Map the aliases ``tiny`` / ``tiny-xl`` to their local folders; hub ids and paths pass through."""
+    """Map the tiny aliases (``TINY_ALIASES``) to their local folders; hub ids and paths pass through."""
     return str(tiny_model_dir(model)) if model in TINY_ALIASES else model
 
 
@@ -44,7 +53,7 @@ def load_pipeline(
     model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None,
     tuned: str | Path | None = None,
 ) -> DiffusionPipeline:
-    """Load ``model`` (hub id, folder, ``tiny`` or ``tiny-xl``) in ``dtype`` on ``device``.
+    """Load ``model`` (hub id, folder or a tiny alias) in ``dtype`` on ``device``.
 
     ``scheduler`` names a diffusers scheduler class compatible with the model's own (for example
     ``EulerDiscreteScheduler``); it is built from the model's scheduler config. ``tuned`` is an ``rlaif train``
@@ -53,20 +62,7 @@ def load_pipeline(
     if dtype not in DTYPES:
         raise RlaifError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source = resolve_model(model)
-    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
-        raise RlaifError(f"model folder {source} does not exist")
-    try:
-        index = DiffusionPipeline.load_config(source)
-    except Exception as exc:
-        if _missing_offline(source):
-            raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
-                             f"fetch it with `hf download {model}` while online (or unset HF_HUB_OFFLINE)") from exc
-        raise RlaifError(f"cannot read model {model!r}: {_first_line(exc)}") from exc
-    pipeline_class = PIPELINES.get(index.get("_class_name", ""))
-    if pipeline_class is None:
-        raise RlaifError(
-            f"model {model!r} is a {index.get('_class_name')}; rlaif supports {', '.join(PIPELINES)} models"
-        )
+    pipeline_class, index = _pipeline_class(model, source)
     options = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
         pipe = pipeline_class.from_pretrained(source, **{DTYPE_KWARG: DTYPES[dtype]}, **options)
@@ -81,6 +77,32 @@ def load_pipeline(
 
         apply_tuned(pipe, tuned)
     return pipe
+
+
+def _pipeline_class(model: str, source: str) -> tuple[type[DiffusionPipeline], dict]:
+    """The pipeline class that ``model`` (resolved to ``source``) names in its model_index.json, and the index."""
+    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+        raise RlaifError(f"model folder {source} does not exist")
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except Exception as exc:
+        if _missing_offline(source):
+            raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                             f"fetch it with `hf download {model}` while online (or unset HF_HUB_OFFLINE)") from exc
+        raise RlaifError(f"cannot read model {model!r}: {_first_line(exc)}") from exc
+    pipeline_class = PIPELINES.get(index.get("_class_name", ""))
+    if pipeline_class is None:
+        raise RlaifError(
+            f"model {model!r} is a {index.get('_class_name')}; rlaif supports {', '.join(PIPELINES)} models"
+        )
+    return pipeline_class, index
+
+
+def model_family(model: str) -> str:
+    """``unet`` (SD1.5 / SD2 / SDXL) or ``transformer`` (SD3 / SD3.5 / FLUX.1) for ``model``, from its
+    model_index.json alone (nothing is loaded)."""
+    pipeline_class, _ = _pipeline_class(model, resolve_model(model))
+    return "transformer" if issubclass(pipeline_class, StableDiffusion3Pipeline | FluxPipeline) else "unet"
 
 
 def model_identity(model: str) -> str:
@@ -103,8 +125,26 @@ def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
-    """The model's native resolution in pixels (UNet sample size times the VAE scale factor)."""
+    """The model's native resolution in pixels: the UNet's sample size times the VAE scale factor, or for a
+    transformer model (whose config may not say) the VAE's own image size (1024 for SD3 and FLUX.1)."""
+    if is_flow(pipe):
+        return pipe.vae.config.sample_size
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def is_flow(pipe: DiffusionPipeline) -> bool:
+    """True for the rectified-flow transformer families (SD3 / SD3.5, FLUX.1), False for UNet models."""
+    return isinstance(pipe, StableDiffusion3Pipeline | FluxPipeline)
+
+
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The network that training changes: the UNet, or the transformer of a flow model."""
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def denoiser_name(pipe: DiffusionPipeline) -> str:
+    """Its component (and folder) name in the pipeline: ``unet`` or ``transformer``."""
+    return "transformer" if is_flow(pipe) else "unet"
 
 
 def _first_line(exc: BaseException) -> str:

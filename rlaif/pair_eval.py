@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 
 from rlaif.config import TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.images import open_rgb
-from rlaif.models import default_size, load_pipeline
+from rlaif.models import default_size, denoiser, load_pipeline
 from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
+from rlaif.train.objective import objective_for
 from rlaif.train.outputs import TRAIN_FILE, check_output
 from rlaif.train.pair_table import PairTable
 from rlaif.train.trainer import held_out_metrics
@@ -50,17 +50,18 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
     policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
-    reference = load_pipeline(base, "fp32", accelerator.device).unet
+    reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
     resolution = trained.get("resolution") or default_size(policy)
-    noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
+    weighting = trained.get("flow_weighting", "logit_normal")
+    objective = objective_for(policy, weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
-                             noise_scheduler.config.num_train_timesteps, shuffle=False)
+                             objective.timesteps, shuffle=False, weighting=objective.weighting)
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
-                         mixed_precision=trained["mixed_precision"])
+                         mixed_precision=trained["mixed_precision"], flow_weighting=weighting)
     found = [PairAccuracy(judge="tuned model (DPO implicit accuracy)", pairs=count, accuracy=float("nan"))]
     if count and config.loss != "sft":
         metrics = held_out_metrics(config, MicroBatches(table, settings, None), Encoder(policy, None),
-                                   policy.unet, reference, noise_scheduler, resolution, accelerator, count)
+                                   denoiser(policy), reference, objective, resolution, accelerator, count)
         found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], metrics["val_reward_margin"])]
     del policy, reference
     judged = [table[position] for position in range(count)]

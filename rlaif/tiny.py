@@ -2,30 +2,53 @@
 
 ``tiny`` is an SD1.5-style pipeline pretrained on the shapes world (``rlaif/shapes.py``) by
 ``scripts/pretrain_tiny.py``; its weights are committed under ``rlaif/assets/tiny-sd``. ``tiny-xl`` is an
-SDXL-style pipeline (two text encoders, ``text_time`` conditioning) built deterministically from a seed,
-reusing the tiny VAE and tokenizer, and cached on first use. Both are ordinary diffusers folders.
+SDXL-style pipeline (two text encoders, ``text_time`` conditioning), ``tiny-sd3`` an SD3-style one (MMDiT
+transformer, two CLIP encoders with projection and a T5 encoder, rectified flow) and ``tiny-flux`` a
+FLUX.1-dev-style one (double- and single-stream transformer with guidance embedding, CLIP and T5): built
+deterministically from a seed, reusing the pretrained tiny VAE and tokenizer, and cached on first use. All are
+ordinary diffusers folders that the plain diffusers pipelines load.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from rlaif.cache import cache_dir
+from rlaif.distributed import process_state
+from rlaif.files import TMP_MARK
 from rlaif.shapes import VOCABULARY
 
 TINY_SD_DIR = Path(__file__).parent / "assets" / "tiny-sd"
-TINY_XL_VERSION = 1  # bump when the tiny-xl recipe changes, so stale caches are not reused
+# Built aliases and their recipe versions: bump one when its recipe changes, so stale caches are not reused.
+BUILT_VERSIONS = {"tiny-xl": 1, "tiny-sd3": 1, "tiny-flux": 1}
 RESOLUTION = 64
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The noise schedule of SD1.5 / SDXL.
@@ -163,28 +186,110 @@ def build_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-def write_tiny(out: str | Path, xl: bool = False) -> Path:
-    """Write the tiny SD1.5-style (or, with ``xl``, SDXL-style) pipeline to ``out`` as a diffusers folder."""
+def build_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 (SentencePiece unigram) tokenizer whose pieces are the shapes-world words, with letters to spell
+    anything else; ``</s>`` ends every sequence, as in T5."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in VOCABULARY),
+             ("\u2581", -3.0), *((c, -6.0) for c in letters)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    """A two-layer T5 v1.1-style encoder (gated GELU), as SD3 and FLUX use."""
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+
+
+def _flow_vae() -> AutoencoderKL:
+    """The pretrained tiny VAE with the latent shift that SD3 and FLUX pipelines apply (0: none)."""
+    vae = AutoencoderKL.from_pretrained(TINY_SD_DIR / "vae")
+    vae.register_to_config(shift_factor=0.0, force_upcast=False)
+    return vae
+
+
+def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """An SD3-style pipeline: MMDiT transformer, CLIP encoders 1 and 2 with projection, T5 encoder 3 (random
+    from ``seed``), the pretrained tiny VAE, rectified flow with SD3's shift 3."""
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD_DIR / "tokenizer")
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=32, projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=32, projection_dim=32))
+        text_encoder_3 = _t5_encoder(t5_tokenizer, d_model=64)  # >= the two CLIP widths side by side, as in SD3
+        transformer = SD3Transformer2DModel(
+            sample_size=RESOLUTION // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+            pooled_projection_dim=32 + 32, pos_embed_max_size=RESOLUTION // 4,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_flow_vae(), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
+    )
+
+
+def build_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A FLUX.1-dev-style pipeline: double- and single-stream transformer with guidance embedding, a CLIP
+    encoder (pooled) and a T5 encoder (random from ``seed``), the pretrained tiny VAE, rectified flow with
+    resolution-dependent (dynamic) shift."""
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD_DIR / "tokenizer")
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, projection_dim=32))
+        text_encoder_2 = _t5_encoder(t5_tokenizer, d_model=64)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * 4, out_channels=None, num_layers=1, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_flow_vae(), text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer)
+
+
+BUILDERS = {"tiny-xl": build_sdxl_pipeline, "tiny-sd3": build_sd3_pipeline, "tiny-flux": build_flux_pipeline}
+
+
+def write_tiny(out: str | Path, alias: str = "tiny") -> Path:
+    """Write the tiny pipeline ``alias`` (``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``) to ``out`` as a
+    diffusers folder."""
     out = Path(out)
-    if xl:
-        build_sdxl_pipeline().save_pretrained(out, safe_serialization=True)
-    else:
+    if alias == "tiny":
         shutil.copytree(TINY_SD_DIR, out, dirs_exist_ok=True)
+    else:
+        pipe: DiffusionPipeline = BUILDERS[alias]()
+        pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
 def tiny_model_dir(alias: str) -> Path:
-    """The local folder behind the model alias ``tiny`` or ``tiny-xl`` (building tiny-xl once, atomically)."""
+    """The local folder behind a tiny model alias (building a built one once, atomically)."""
     if alias == "tiny":
         return TINY_SD_DIR
-    if alias != "tiny-xl":
+    if alias not in BUILT_VERSIONS:
         raise ValueError(f"not a tiny model alias: {alias!r}")
-    target = cache_dir() / "models" / f"tiny-xl-v{TINY_XL_VERSION}"
-    if not (target / "model_index.json").exists():
-        staging = target.with_name(f".{target.name}.tmp-{torch.randint(0, 2**31, ()).item()}")
-        write_tiny(staging, xl=True)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+    target = cache_dir() / "models" / f"{alias}-v{BUILT_VERSIONS[alias]}"
+    # the main process builds it, the others wait and then find it (transformers saves weights from the main
+    # process only when a process group is up, so every other process would write a folder without them)
+    with process_state().main_process_first():
+        if not (target / "model_index.json").exists():
+            staging = target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            write_tiny(staging, alias)
+            try:
+                staging.rename(target)
+            except OSError:  # another run on this machine finished first; its copy is identical
+                shutil.rmtree(staging, ignore_errors=True)
     return target

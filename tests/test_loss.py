@@ -91,7 +91,7 @@ def test_training_targets_follow_the_prediction_type():
     from diffusers import DDPMScheduler
 
     from rlaif.errors import RlaifError
-    from rlaif.train.trainer import training_target
+    from rlaif.train.objective import training_target
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)

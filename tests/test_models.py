@@ -116,6 +116,10 @@ def test_tuned_weights_for_another_model_are_refused(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "o").exists()
     assert result.stderr.strip() == (f"error: {tmp_path / 'full' / 'unet'} does not fit this model "
                                      "(addition_embed_type differ): was it trained on another one?")
+    with pytest.raises(RlaifError, match="is a unet but this model's network is a transformer"):
+        load_pipeline("tiny-sd3", tuned=tmp_path / "full")  # a UNet output on an SD3 model
+    with pytest.raises(RlaifError, match="0 of its 64 LoRA tensors fit this model's transformer"):
+        load_pipeline("tiny-sd3", tuned=tmp_path / "xl-lora")  # a UNet LoRA on an SD3 model: nothing would apply
 
 
 def test_a_hub_id_missing_offline_says_how_to_fetch_it():

@@ -1,6 +1,6 @@
 """The micro-batches a process trains on, built ahead of the step by DataLoader workers: pairs read from the
 table, images decoded and augmented (or their latents taken from the cache), caption dropout, VAE-sample noise,
-diffusion noise and timesteps.
+diffusion noise and timesteps (or flow noise levels).
 
 Everything in a micro-batch is a pure function of (seed, global pair position), so 1 or N processes and 0 or N
 workers train on exactly the same numbers. Micro-batch ``k`` of a run (k = step x accumulation + micro step)
@@ -21,6 +21,7 @@ from rlaif.images import ImageSource, image_size
 from rlaif.seeding import generator, keyed_seed
 from rlaif.train.data import Augmentation, plan_augmentation
 from rlaif.train.encoding import PreparedImage, prepare_image
+from rlaif.train.flow import draw_u
 from rlaif.train.pair_table import PairTable, pair_index
 from rlaif.train.store import TensorStore
 
@@ -40,6 +41,7 @@ class BatchSettings:
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one image's latents
     timesteps: int  # of the training noise schedule
     shuffle: bool = True  # False: position p is the table's pair p (held-out measurement, read in table order)
+    weighting: str | None = None  # flow models: the density of u (rlaif.train.flow); None: integer timesteps
 
 
 @dataclass
@@ -53,7 +55,7 @@ class MicroBatch:
     images: list[PreparedImage]
     vae_draws: torch.Tensor  # (2B, C, h, w): one standard normal draw per image, for sampling its posterior
     noise: torch.Tensor  # (B, C, h, w): shared by a pair's two images
-    timesteps: torch.Tensor  # (B,)
+    timesteps: torch.Tensor  # (B,): integer timesteps, or for flow models draws u in [0, 1] that place s
 
 
 def _bytes(source: ImageSource, name: str) -> bytes:
@@ -102,7 +104,11 @@ class MicroBatches(Dataset):
                  for side in ("chosen", "rejected") for position in positions]  # per image, not per batch
         noise = [torch.randn(s.latent_shape, generator=generator(keyed_seed("noise", s.seed, position)))
                  for position in positions]
-        timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(s.timesteps) for position in positions]
+        if s.weighting is None:
+            timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(s.timesteps)
+                         for position in positions]
+        else:
+            timesteps = [draw_u(s.weighting, generator(keyed_seed("t", s.seed, position))) for position in positions]
         return MicroBatch(positions, captions, augmentations, chosen + rejected, torch.stack(draws),
                           torch.stack(noise), torch.tensor(timesteps))
 

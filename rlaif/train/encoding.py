@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from rlaif.images import open_rgb
@@ -75,12 +75,14 @@ class Encoder:
 
     def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32") -> None:
         self.pipe = pipe
-        self.xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self.pooled = isinstance(pipe, StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline)
         self.dtype = STORED_DTYPES[cache_dtype]
         self.latents = self.texts = None
         if cache is not None:
-            encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-            tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+            components = pipe.components
+            present = sorted(name for name, part in components.items() if part is not None)
+            encoders = [components[name] for name in present if name.startswith("text_encoder")]
+            tokenizers = [components[name] for name in present if name.startswith("tokenizer")]
             self.latents = TensorStore(cache / "latents" / f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}")
             text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers))[:24]
             self.texts = TensorStore(cache / "text" / text_key)
@@ -101,25 +103,37 @@ class Encoder:
 
     @torch.no_grad()
     def text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings of each caption and, for SDXL, the pooled embeddings of its second encoder."""
+        """Prompt embeddings of each caption and, for SDXL, SD3 and FLUX, its pooled embeddings (as the pipeline
+        computes them for sampling, at its default T5 sequence length)."""
         found: dict[str, dict[str, torch.Tensor]] = {}
         keys = {caption: hashlib.sha256(caption.encode()).hexdigest() for caption in dict.fromkeys(captions)}
         if self.texts is not None:
             found = {c: entry for c, key in keys.items() if (entry := self.texts.get(key)) is not None}
         missing = [c for c in keys if c not in found]
         if missing:
-            encoded = self.pipe.encode_prompt(missing, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+            embeds, pooled = self._encode(missing, device)
             for j, caption in enumerate(missing):
-                entry = {"embeds": encoded[0][j].float().cpu()}
-                if self.xl:
-                    entry["pooled"] = encoded[2][j].float().cpu()
+                entry = {"embeds": embeds[j].float().cpu()}
+                if self.pooled:
+                    entry["pooled"] = pooled[j].float().cpu()
                 found[caption] = entry
             if self.texts is not None:
                 self.texts.put({keys[caption]: found[caption] for caption in missing})
         embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device)
-        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if self.xl else None
+        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if self.pooled else None
         return embeds, pooled
+
+    def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.pipe, FluxPipeline):  # CLIP pooled + T5 sequence; no negative prompt
+            embeds, pooled, _ = self.pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1)
+            return embeds, pooled
+        if isinstance(self.pipe, StableDiffusion3Pipeline):  # two CLIPs (pooled, sequence) + T5 (sequence)
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=device,
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return embeds, pooled
+        encoded = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        return encoded[0], encoded[2] if self.pooled else None
 
 
 def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:

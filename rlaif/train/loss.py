@@ -8,6 +8,9 @@ sharing noise and timestep. Per-sample errors are MSEs averaged over C, H, W. Wi
 
 the official (``sigmoid``) loss is ``-logsigmoid(inside).mean()``; beta 5000 for SD1.5 and SDXL (a
 convention without the 0.5 needs 2500). The reference path never carries gradient.
+
+Flow-DPO (Liu et al. 2025, "Improving Video Generation with Human Feedback", section 4) is the same comparison
+for rectified-flow models, with velocity errors in place of noise errors (``flow_dpo_loss``).
 """
 
 from __future__ import annotations
@@ -71,3 +74,22 @@ def diffusion_dpo_loss(
 def sft_loss(winner_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The SFT baseline: plain MSE on the winners only (callers run the model on winners only, half the work)."""
     return per_sample_mse(winner_pred, target).mean()
+
+
+def flow_dpo_loss(
+    model_velocity: torch.Tensor, ref_velocity: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+    beta: float = 100.0, loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-DPO loss and its metrics, for models that predict the velocity at ``x_s = (1 - s) x0 + s e``.
+
+    Winner and loser share ``e`` and ``s``; the target is ``v = e - x0`` (``latents`` = x0, laid out
+    ``[winners; losers]`` like the predictions, ``noise`` = e). With per-sample velocity MSEs,
+
+        inside = -0.5 * beta * ((|v_w - model_w|^2 - |v_w - ref_w|^2) - (|v_l - model_l|^2 - |v_l - ref_l|^2))
+
+    and the sigmoid loss is ``-logsigmoid(inside)``: Liu et al. 2025, eq. (Flow-DPO), with a constant beta as
+    in its text-to-image implementation (flow_grpo ``scripts/train_sd3_dpo.py``, which its README points to),
+    where beta = 100 for SD3.5-Medium (``config/dpo.py``); the paper's derivation weights beta by the timestep,
+    the released code does not. ``loss_type`` and the metrics are ``diffusion_dpo_loss``'s.
+    """
+    return diffusion_dpo_loss(model_velocity, ref_velocity, noise - latents, beta=beta, loss_type=loss_type)

@@ -1,9 +1,10 @@
 """What ``rlaif train`` writes, and the one reader of it.
 
-An output folder holds either ``unet/`` (full fine-tuning) or ``pytorch_lora_weights.safetensors`` (a LoRA in
-diffusers format), plus ``train.json``. Every output is self-contained: it alone reproduces the whole chain of
-rounds it was trained on (``--init``), in plain diffusers (``pipe.load_lora_weights(folder)`` or
-``UNet2DConditionModel.from_pretrained(folder / "unet")``):
+An output folder holds either ``unet/`` or ``transformer/`` (full fine-tuning of a UNet model, or of an SD3 /
+FLUX transformer) or ``pytorch_lora_weights.safetensors`` (a LoRA in diffusers format), plus ``train.json``.
+Every output is self-contained: it alone reproduces the whole chain of rounds it was trained on (``--init``), in
+plain diffusers (``pipe.load_lora_weights(folder)`` or ``UNet2DConditionModel.from_pretrained(folder / "unet")``,
+``SD3Transformer2DModel.from_pretrained(folder / "transformer")``):
 
 - each LoRA's scale ``alpha / rank`` is folded into its up-projection, and the file's adapter metadata says
   ``lora_alpha = r`` (scale 1), so every loader reads the same model whatever alpha it assumes;
@@ -21,24 +22,31 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rlaif.errors import RlaifError
 from rlaif.files import publish, write_json
-from rlaif.models import DTYPE_KWARG
+from rlaif.models import DTYPE_KWARG, denoiser, denoiser_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TRAIN_FILE = "train.json"
 FORMAT = 2  # 2: self-contained (earlier rounds inside); 1 (absent): a LoRA that needed its `init` applied first
-INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "sample_size")
+INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "sample_size",
+                  "joint_attention_dim", "pooled_projection_dim", "patch_size")
+DENOISERS = ("unet", "transformer")  # the folder a full fine-tuning output keeps its network in
+
+
+def full_folder(folder: Path) -> Path | None:
+    """The ``unet/`` or ``transformer/`` folder of a full fine-tuning output; None for a LoRA output."""
+    return next((Path(folder) / name for name in DENOISERS if (Path(folder) / name).is_dir()), None)
 
 
 def is_full(folder: Path) -> bool:
-    """True for a full fine-tuning output (``unet/``), False for a LoRA output."""
-    return (Path(folder) / "unet").is_dir()
+    """True for a full fine-tuning output (``unet/`` or ``transformer/``), False for a LoRA output."""
+    return full_folder(folder) is not None
 
 
 def check_output(folder: str | Path, option: str = "--tuned") -> Path:
@@ -47,7 +55,8 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
     if not folder.is_dir():
         raise RlaifError(f"{option} {folder} does not exist")
     if not (is_full(folder) or (folder / LORA_FILE).is_file()):
-        raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/: not an `rlaif train` output")
+        raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/ or transformer/: not an `rlaif "
+                         "train` output")
     if not (folder / TRAIN_FILE).is_file():
         raise RlaifError(f"{option} {folder} has no {TRAIN_FILE}: not a finished `rlaif train` output")
     info = _train_info(folder)
@@ -65,15 +74,16 @@ def _train_info(folder: Path) -> dict:
 
 
 def weights_path(folder: str | Path) -> Path:
-    """Where an output's weights are: its ``unet/`` folder or its LoRA file."""
+    """Where an output's weights are: its ``unet/`` or ``transformer/`` folder, or its LoRA file."""
     folder = Path(folder)
-    return folder / "unet" if is_full(folder) else folder / LORA_FILE
+    return full_folder(folder) or folder / LORA_FILE
 
 
 def weights_identity(folder: str | Path) -> str:
     """A content hash of an output's weights (and nothing else): equal iff the model it applies is equal."""
     folder = check_output(folder)
-    files = sorted(p for p in (folder / "unet").rglob("*") if p.is_file()) if is_full(folder) else [folder / LORA_FILE]
+    network = full_folder(folder)
+    files = sorted(p for p in network.rglob("*") if p.is_file()) if network else [folder / LORA_FILE]
     digest = hashlib.blake2b(digest_size=16)
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
@@ -84,24 +94,32 @@ def weights_identity(folder: str | Path) -> str:
 
 
 def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
-    """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet, or its LoRA fused in."""
+    """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet or transformer, or its LoRA fused
+    in."""
     folder = check_output(folder)
+    name, current = denoiser_name(pipe), denoiser(pipe)
     try:
         if is_full(folder):
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet", **{DTYPE_KWARG: pipe.unet.dtype})
-            differ = [k for k in INTERFACE_KEYS if unet.config.get(k) != pipe.unet.config.get(k)]
+            saved = full_folder(folder)
+            if saved.name != name:
+                raise RlaifError(f"{saved} is a {saved.name} but this model's network is a {name}: was it trained "
+                                 "on another model?")
+            network = type(current).from_pretrained(saved, **{DTYPE_KWARG: current.dtype})
+            differ = [k for k in INTERFACE_KEYS if network.config.get(k) != current.config.get(k)]
             if differ:
-                raise RlaifError(f"{folder / 'unet'} does not fit this model ({', '.join(differ)} differ): was it "
-                                 "trained on another one?")
-            pipe.unet = unet.to(pipe.device)
+                raise RlaifError(f"{saved} does not fit this model ({', '.join(differ)} differ): was it trained on "
+                                 "another one?")
+            setattr(pipe, name, network.to(pipe.device))
             return
         with safe_open(folder / LORA_FILE, "pt") as weights:
-            expected = sum(1 for key in weights.keys() if key.startswith("unet."))
+            keys = list(weights.keys())
+        expected = sum(1 for key in keys if key.startswith(f"{name}."))
         pipe.load_lora_weights(folder, adapter_name="rlaif")
-        loaded = sum(1 for name, _ in pipe.unet.named_parameters() if ".rlaif." in name)
-        if loaded != expected:
-            raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {expected} LoRA tensors fit this model's UNet; "
-                             "was it trained on another model?")
+        loaded = sum(1 for param, _ in denoiser(pipe).named_parameters() if ".rlaif." in param)
+        if loaded != expected or not expected:
+            network = "UNet" if name == "unet" else "transformer"
+            raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {len(keys)} LoRA tensors fit this model's "
+                             f"{network}; was it trained on another model?")
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     except RlaifError:
@@ -149,15 +167,17 @@ def concatenate_loras(first: dict[str, torch.Tensor], second: dict[str, torch.Te
     return joined
 
 
-def read_lora(folder: Path) -> dict[str, torch.Tensor]:
-    """An output's LoRA (scale 1, as written by ``save_outputs``) in PEFT key format."""
-    unet_keys = {k.removeprefix("unet."): v for k, v in load_file(folder / LORA_FILE).items() if k.startswith("unet.")}
-    return {k: v.float() for k, v in convert_unet_state_dict_to_peft(unet_keys).items()}
+def read_lora(folder: Path, name: str = "unet") -> dict[str, torch.Tensor]:
+    """An output's LoRA of the ``name`` network (scale 1, as written by ``save_outputs``) in PEFT key format."""
+    keys = {k.removeprefix(f"{name}."): v for k, v in load_file(folder / LORA_FILE).items() if k.startswith(f"{name}.")}
+    peft_keys = convert_unet_state_dict_to_peft(keys) if name == "unet" else keys  # transformers save PEFT keys
+    return {k: v.float() for k, v in peft_keys.items()}
 
 
 def remove_outputs(out: Path) -> None:
     """Remove a finished run's weights and train.json from ``out`` (for --overwrite), nothing else."""
-    shutil.rmtree(out / "unet", ignore_errors=True)
+    for name in DENOISERS:
+        shutil.rmtree(out / name, ignore_errors=True)
     (out / LORA_FILE).unlink(missing_ok=True)
     (out / TRAIN_FILE).unlink(missing_ok=True)
 
@@ -165,24 +185,28 @@ def remove_outputs(out: Path) -> None:
 def save_outputs(unet: torch.nn.Module, pipe: DiffusionPipeline, out: Path, full: bool, init: Path | None,
                  info: dict) -> None:
     """Write the trained model self-contained into ``out`` (staged, then moved in) and ``train.json`` with
-    ``info``. ``unet`` holds the trained weights (with PEFT adapters unless ``full``); ``init`` is the output it
-    started from, whose rounds the result must include."""
+    ``info``. ``unet`` (the UNet or transformer) holds the trained weights (with PEFT adapters unless ``full``);
+    ``init`` is the output it started from, whose rounds the result must include."""
+    name = denoiser_name(pipe)
     staging = out / ".weights.partial"
     shutil.rmtree(staging, ignore_errors=True)
     if full or (init is not None and is_full(init)):
-        if not full:  # a LoRA on top of a full UNet output: fuse it in (its base weights are that UNet)
+        if not full:  # a LoRA on top of a full output: fuse it in (its base weights are that network)
             unet.fuse_lora(lora_scale=1.0)
             unet.unload_lora()
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        unet.save_pretrained(staging / name, safe_serialization=True)
     else:
         factors = scaled_lora_factors(unet)
         if init is not None:
-            factors = concatenate_loras(read_lora(init), factors)
+            factors = concatenate_loras(read_lora(init, name), factors)
         rank = next(t.shape[0] for k, t in factors.items() if k.endswith("lora_A.weight"))
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in factors})
-        type(pipe).save_lora_weights(
-            str(staging), unet_lora_layers=convert_state_dict_to_diffusers(factors), safe_serialization=True,
-            unet_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": modules})
+        # diffusers' own scripts save a UNet LoRA in its older key names and a transformer LoRA in PEFT's
+        layers = convert_state_dict_to_diffusers(factors) if name == "unet" else factors
+        metadata = {"r": rank, "lora_alpha": rank, "target_modules": modules}
+        type(pipe).save_lora_weights(str(staging), **{f"{name}_lora_layers": layers,
+                                                      f"{name}_lora_adapter_metadata": metadata},
+                                     safe_serialization=True)
     publish(staging)
     remove_outputs(out)  # a LoRA must not sit beside an older full UNet, nor the other way round
     for entry in staging.iterdir():

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,18 +24,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import extract_model_from_parallel as unwrap
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 from rlaif.cache import cache_dir
-from rlaif.config import TrainConfig
+from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import default_size, load_pipeline
+from rlaif.models import default_size, denoiser, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
-from rlaif.train.loss import diffusion_dpo_loss, sft_loss
+from rlaif.train.loss import sft_loss
+from rlaif.train.objective import FlowMatching, NoisePrediction, objective_for
 from rlaif.train.outputs import TRAIN_FILE, remove_outputs, save_outputs, weights_identity
 from rlaif.train.pair_table import PairTable
 
@@ -44,8 +45,10 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 
 def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
-    """Train with Diffusion-DPO (or SFT) and write the LoRA or UNet to ``config.out``; return it."""
+    """Train with Diffusion-DPO / Flow-DPO (or SFT) and write the LoRA, UNet or transformer to ``config.out``;
+    return it."""
     config.validate()
+    config = with_family_defaults(config)
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
     held_out = None if config.loss == "sft" else pairs.held_out_pairs()  # measured in table order
     accelerator = Accelerator(
@@ -58,11 +61,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
-    check_prediction_type(pipe.scheduler.config.prediction_type)
-    unet = pipe.unet
-    for module in (pipe.vae, unet, *(m for m in (getattr(pipe, "text_encoder", None),
-                                                   getattr(pipe, "text_encoder_2", None)) if m is not None)):
-        module.requires_grad_(False)
+    objective = objective_for(pipe, config.flow_weighting)
+    unet = denoiser(pipe)  # the UNet, or the transformer of SD3 / FLUX
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     reference = frozen_reference(unet, config)
     if config.full:
         unet.requires_grad_(True)
@@ -88,18 +91,19 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype)
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     settings = BatchSettings(
         config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
         config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
-        noise_scheduler.config.num_train_timesteps)
+        objective.timesteps, weighting=objective.weighting)
 
     step = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         step = json.loads((resume_from / "position.json").read_text())["step"]
-        for _ in range(step):  # the schedule is a pure function of the optimizer steps taken
-            schedule.step()
+        with warnings.catch_warnings():  # torch warns that no optimizer step came first: none is meant to
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(step):  # the schedule is a pure function of the optimizer steps taken
+                schedule.step()
     log_path = config.out / "train_log.jsonl"
     if accelerator.is_main_process:
         _keep_log_until(log_path, step)
@@ -123,7 +127,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
             if isinstance(batch, str):  # a user error met in a DataLoader worker
                 raise RlaifError(batch)
             with accelerator.accumulate(unet):
-                loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, noise_scheduler,
+                loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
                                                 resolution, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -140,7 +144,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         step += 1
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if validation and (step % val_every == 0 or step == config.max_steps):
-            logs.update(held_out_metrics(config, validation, encoder, unet, reference, noise_scheduler, resolution,
+            logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
                                          accelerator))
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
@@ -185,28 +189,6 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def check_prediction_type(prediction_type: str) -> None:
-    """Refuse a model whose scheduler predicts something rlaif does not train (before any work)."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise RlaifError(f"the model's scheduler predicts {prediction_type!r}; rlaif trains epsilon, v_prediction "
-                         "and sample models")
-
-
-def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                    noise_scheduler) -> torch.Tensor:
-    """What the UNet is trained to predict: the noise (``epsilon``), the velocity (``v_prediction``) or the
-    clean latents (``sample``); any other type is refused."""
-    check_prediction_type(prediction_type)
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    return latents
-
-
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``model`` with its LoRA adapters off (the reference of LoRA training), switched back on whatever
@@ -218,42 +200,45 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.enable_adapters()
 
 
-def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference, noise_scheduler,
-                    resolution: int, device: torch.device):
-    """Loss and metrics of one micro-batch: winners and losers share augmentation, noise, timestep and
-    (dropped) caption. Policy and reference run under the same autocast, so at step 0 they compute the same
-    function and the loss is ln 2 in every precision (the official script's bf16 reference gives 1.59)."""
+def with_family_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with the settings left to the model family filled in (beta, LoRA targets), before anything
+    records them: a run's checkpoints and train.json hold the values it trained with."""
+    family = model_family(config.model)
+    return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
+                   lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family])
+
+
+def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
+                    objective: NoisePrediction | FlowMatching, resolution: int, device: torch.device):
+    """Loss and metrics of one micro-batch: winners and losers share augmentation, noise, timestep (or noise
+    level) and (dropped) caption. Policy and reference run under the same autocast, so at step 0 they compute
+    the same function and the loss is ln 2 in every precision (the official script's bf16 reference gives
+    1.59)."""
     posterior = encoder.latent_distribution(batch.images, device)
-    latents = (posterior.mean + posterior.std * batch.vae_draws.to(device)) * encoder.pipe.vae.config.scaling_factor
+    sample = posterior.mean + posterior.std * batch.vae_draws.to(device)
     embeds, pooled = encoder.text(batch.captions, device)
-    added = {}
-    if pooled is not None:  # SDXL micro-conditioning: each pair's original size, crop and target size
-        time_ids = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution]
-                                 for a in batch.augmentations], dtype=embeds.dtype, device=device)
-        added = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)}
-    embeds = embeds.repeat(2, 1, 1)
-    noise, timesteps = batch.noise.to(device).repeat(2, 1, 1, 1), batch.timesteps.to(device).repeat(2)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(noise_scheduler.config.prediction_type, latents, noise, timesteps, noise_scheduler)
+    # SDXL micro-conditioning: each pair's original size, crop and target size
+    micro = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in batch.augmentations],
+                         dtype=embeds.dtype, device=device)
+    inputs = objective.inputs(sample, batch.noise.to(device), batch.timesteps.to(device), embeds, pooled, micro)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
     rows = slice(0, len(batch.positions)) if config.loss == "sft" else slice(None)  # SFT: winners only
 
     def predict(model) -> torch.Tensor:
-        conditions = {"added_cond_kwargs": {k: v[rows] for k, v in added.items()}} if added else {}
         with autocast:
-            return model(noisy[rows], timesteps[rows], embeds[rows], **conditions).sample
+            return objective.predict(model, inputs, rows)
 
     model_pred = predict(unet)
     if config.loss == "sft":
-        return sft_loss(model_pred, target[rows]), {}
+        return sft_loss(model_pred, inputs.target[rows]), {}
     with torch.no_grad():
         if reference is not None:
             ref_pred = predict(reference)
         else:
             with adapters_disabled(unwrap(unet)) as inner:
                 ref_pred = predict(inner)
-    return diffusion_dpo_loss(model_pred, ref_pred, target, beta=config.beta, loss_type=config.loss)
+    return objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss)
 
 
 VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the held-out table's order)
@@ -261,7 +246,7 @@ VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the 
 
 @torch.no_grad()
 def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Encoder, unet, reference,
-                     noise_scheduler, resolution: int, accelerator: Accelerator,
+                     objective: NoisePrediction | FlowMatching, resolution: int, accelerator: Accelerator,
                      max_pairs: int = VAL_MAX_PAIRS) -> dict[str, float]:
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
@@ -274,7 +259,7 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
         batch = validation[k]
         if isinstance(batch, str):
             raise RlaifError(batch)
-        loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, noise_scheduler, resolution,
+        loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective, resolution,
                                         accelerator.device)
         for name, value in {"loss": loss, **metrics}.items():
             totals[f"val_{name}"] = totals.get(f"val_{name}", 0.0) + float(accelerator.reduce(value.float(), "mean"))
