@@ -17,7 +17,7 @@ from rlaif.loop import read_loop
 
 SMALL_LOOP = """
 [loop]
-model = "tiny"
+model = "{model}"
 prompts = "train.txt"
 eval_prompts = "held_out.txt"
 out = "{out}"
@@ -43,16 +43,16 @@ batch_size = 8
 """
 
 
-@pytest.fixture
-def small_loop(tmp_path):
-    (tmp_path / "train.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
-    (tmp_path / "held_out.txt").write_text("\n".join(PROMPTS[4:6]) + "\n")
-    (tmp_path / "loop.toml").write_text(SMALL_LOOP.format(out=tmp_path / "run"))
-    return tmp_path / "loop.toml", tmp_path / "run"
+def small_loop(folder: Path, model: str) -> tuple[Path, Path]:
+    (folder / "train.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    (folder / "held_out.txt").write_text("\n".join(PROMPTS[4:6]) + "\n")
+    (folder / "loop.toml").write_text(SMALL_LOOP.format(out=folder / "run", model=model))
+    return folder / "loop.toml", folder / "run"
 
 
-def test_rounds_chain_and_a_killed_loop_resumes(small_loop):
-    config, out = small_loop
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a UNet model, and a flow transformer (Flow-DPO)
+def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
+    config, out = small_loop(tmp_path, model)
     process = subprocess.Popen([sys.executable, "-m", "rlaif", "loop", "--config", str(config)], env=cli_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (out / "round_1" / "train" / "train_log.jsonl").exists():

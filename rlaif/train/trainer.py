@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -101,7 +102,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         accelerator.load_state(str(resume_from))
         step = json.loads((resume_from / "position.json").read_text())["step"]
         with warnings.catch_warnings():  # torch warns that no optimizer step came first: none is meant to
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(step):  # the schedule is a pure function of the optimizer steps taken
                 schedule.step()
     log_path = config.out / "train_log.jsonl"
