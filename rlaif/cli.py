@@ -292,7 +292,8 @@ def print_win_rates(table: Path) -> None:
         say(f"warning: {warning}")
 
 
-DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.toml"
+DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",
+                "tiny-sd3": Path(__file__).parent / "assets" / "demo-sd3.toml"}
 
 
 def _run_loop(config: Path, out: Path | None, control: bool) -> None:
@@ -323,13 +324,18 @@ def loop(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: runs/demo (runs/demo-sd3 "
+                                                                 "with --model tiny-sd3).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="tiny (SD1.5-style, Diffusion-DPO) or tiny-sd3 "
+                                                            "(SD3-style, Flow-DPO).")] = "tiny",
     control: Annotated[bool, typer.Option("--control", help="Swap winners and losers: the compressibility win "
                                                              "rate should fall below 0.5.")] = False,
 ) -> None:
-    """The whole loop on the tiny model, offline, in a few CPU minutes: DPO on JPEG compressibility (the DDPO
+    """The whole loop on a tiny model, offline, in a few CPU minutes: DPO on JPEG compressibility (the DDPO
     reward), evaluated on held-out prompts and seeds; leaves OUT/report.html."""
-    _run_loop(DEMO_CONFIG, out, control)
+    if model not in DEMO_CONFIGS:
+        raise RlaifError(f"--model {model!r}: the demo runs on {' or '.join(DEMO_CONFIGS)}")
+    _run_loop(DEMO_CONFIGS[model], out, control)
 
 
 scorers_app = typer.Typer(help="Inspect the available scorers.", no_args_is_help=True)

@@ -137,6 +137,19 @@ def is_flow(pipe: DiffusionPipeline) -> bool:
     return isinstance(pipe, StableDiffusion3Pipeline | FluxPipeline)
 
 
+def prompt_length(pipe: DiffusionPipeline) -> dict[str, int]:
+    """The T5 prompt length of an SD3 / FLUX pipeline as keyword arguments (sampling and training must agree):
+    the pipeline's default (256 for SD3, 512 for FLUX.1-dev; 256 for the timestep-distilled FLUX.1-schnell, as
+    its model card samples), capped by the T5 tokenizer's ``model_max_length`` (the tiny models': 32). Empty for
+    UNet pipelines, whose CLIP prompts are always 77 tokens."""
+    if not is_flow(pipe):
+        return {}
+    flux = isinstance(pipe, FluxPipeline)
+    default = 512 if flux and pipe.transformer.config.guidance_embeds else 256
+    tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer_3
+    return {"max_sequence_length": min(default, tokenizer.model_max_length)}
+
+
 def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
     """The network that training changes: the UNet, or the transformer of a flow model."""
     return getattr(pipe, denoiser_name(pipe))

@@ -22,7 +22,7 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
-from rlaif.models import default_size, load_pipeline, model_identity
+from rlaif.models import default_size, load_pipeline, model_identity, prompt_length
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
@@ -156,6 +156,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                     width=width,
                     height=height,
                     generator=[generator(job.seed) for job in batch],
+                    **prompt_length(pipe),
                 ).images
                 for job, image in zip(batch, images, strict=True):
                     if job in missing:

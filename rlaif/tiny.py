@@ -1,12 +1,12 @@
 """The tiny offline model world: real diffusers / transformers architectures with small configs.
 
 ``tiny`` is an SD1.5-style pipeline pretrained on the shapes world (``rlaif/shapes.py``) by
-``scripts/pretrain_tiny.py``; its weights are committed under ``rlaif/assets/tiny-sd``. ``tiny-xl`` is an
-SDXL-style pipeline (two text encoders, ``text_time`` conditioning), ``tiny-sd3`` an SD3-style one (MMDiT
-transformer, two CLIP encoders with projection and a T5 encoder, rectified flow) and ``tiny-flux`` a
-FLUX.1-dev-style one (double- and single-stream transformer with guidance embedding, CLIP and T5): built
-deterministically from a seed, reusing the pretrained tiny VAE and tokenizer, and cached on first use. All are
-ordinary diffusers folders that the plain diffusers pipelines load.
+``scripts/pretrain_tiny.py``; ``tiny-sd3`` an SD3-style one (MMDiT transformer, two CLIP encoders with
+projection and a T5 encoder, rectified flow) pretrained by ``scripts/pretrain_tiny_flow.py``; their weights are
+committed under ``rlaif/assets``. ``tiny-xl`` is an SDXL-style pipeline (two text encoders, ``text_time``
+conditioning) and ``tiny-flux`` a FLUX.1-dev-style one (double- and single-stream transformer with guidance
+embedding, CLIP and T5): random weights from a fixed seed around the pretrained tiny VAE, built on first use
+into the cache. All are ordinary diffusers folders that the plain diffusers pipelines load.
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ from rlaif.files import TMP_MARK
 from rlaif.shapes import VOCABULARY
 
 TINY_SD_DIR = Path(__file__).parent / "assets" / "tiny-sd"
+TINY_SD3_DIR = Path(__file__).parent / "assets" / "tiny-sd3"  # written by scripts/pretrain_tiny_flow.py
 # Built aliases and their recipe versions: bump one when its recipe changes, so stale caches are not reused.
-BUILT_VERSIONS = {"tiny-xl": 1, "tiny-sd3": 1, "tiny-flux": 1}
+BUILT_VERSIONS = {"tiny-xl": 1, "tiny-flux": 2}
 RESOLUTION = 64
+# Prompt lengths in tokens of the tiny SD3 / FLUX models (the longest shapes-world caption is 10 CLIP tokens):
+# short sequences keep their transformers cheap on a CPU. SD1.5 / SDXL-style models keep CLIP's 77.
+TEXT_LENGTHS = {"clip": 16, "t5": 32}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The noise schedule of SD1.5 / SDXL.
 NOISE_SCHEDULE = {
@@ -198,7 +202,7 @@ def build_t5_tokenizer() -> T5TokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
+                           extra_ids=0, model_max_length=TEXT_LENGTHS["t5"])
 
 
 def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
@@ -216,10 +220,14 @@ def _flow_vae() -> AutoencoderKL:
     return vae
 
 
+def _short_clip_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(TINY_SD_DIR / "tokenizer", model_max_length=TEXT_LENGTHS["clip"])
+
+
 def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """An SD3-style pipeline: MMDiT transformer, CLIP encoders 1 and 2 with projection, T5 encoder 3 (random
     from ``seed``), the pretrained tiny VAE, rectified flow with SD3's shift 3."""
-    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD_DIR / "tokenizer")
+    tokenizer = _short_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -227,8 +235,8 @@ def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=32, projection_dim=32))
         text_encoder_3 = _t5_encoder(t5_tokenizer, d_model=64)  # >= the two CLIP widths side by side, as in SD3
         transformer = SD3Transformer2DModel(
-            sample_size=RESOLUTION // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+            sample_size=RESOLUTION // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
             pooled_projection_dim=32 + 32, pos_embed_max_size=RESOLUTION // 4,
         )
     return StableDiffusion3Pipeline(
@@ -242,7 +250,7 @@ def build_flux_pipeline(seed: int = 0) -> FluxPipeline:
     """A FLUX.1-dev-style pipeline: double- and single-stream transformer with guidance embedding, a CLIP
     encoder (pooled) and a T5 encoder (random from ``seed``), the pretrained tiny VAE, rectified flow with
     resolution-dependent (dynamic) shift."""
-    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD_DIR / "tokenizer")
+    tokenizer = _short_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -260,15 +268,16 @@ def build_flux_pipeline(seed: int = 0) -> FluxPipeline:
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer)
 
 
-BUILDERS = {"tiny-xl": build_sdxl_pipeline, "tiny-sd3": build_sd3_pipeline, "tiny-flux": build_flux_pipeline}
+COMMITTED = {"tiny": TINY_SD_DIR, "tiny-sd3": TINY_SD3_DIR}  # pretrained, weights in the package
+BUILDERS = {"tiny-xl": build_sdxl_pipeline, "tiny-flux": build_flux_pipeline}  # random weights, built on first use
 
 
 def write_tiny(out: str | Path, alias: str = "tiny") -> Path:
     """Write the tiny pipeline ``alias`` (``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``) to ``out`` as a
     diffusers folder."""
     out = Path(out)
-    if alias == "tiny":
-        shutil.copytree(TINY_SD_DIR, out, dirs_exist_ok=True)
+    if alias in COMMITTED:
+        shutil.copytree(COMMITTED[alias], out, dirs_exist_ok=True)
     else:
         pipe: DiffusionPipeline = BUILDERS[alias]()
         pipe.save_pretrained(out, safe_serialization=True)
@@ -277,8 +286,8 @@ def write_tiny(out: str | Path, alias: str = "tiny") -> Path:
 
 def tiny_model_dir(alias: str) -> Path:
     """The local folder behind a tiny model alias (building a built one once, atomically)."""
-    if alias == "tiny":
-        return TINY_SD_DIR
+    if alias in COMMITTED:
+        return COMMITTED[alias]
     if alias not in BUILT_VERSIONS:
         raise ValueError(f"not a tiny model alias: {alias!r}")
     target = cache_dir() / "models" / f"{alias}-v{BUILT_VERSIONS[alias]}"

@@ -120,13 +120,19 @@ def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[str
         weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
         errors = (unet(noisy, t, encoder_hidden_states=hidden).sample - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weight * errors).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"unet step {step} loss {loss.item():.4f}", flush=True)
+        update(loss, optimizer, lr_schedule, params, f"unet step {step}", step % 100 == 0 or step == steps - 1)
+
+
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule, params: list[torch.nn.Parameter],
+           name: str, show: bool) -> None:
+    """One optimizer step on ``loss`` (gradients clipped to norm 1), printing it under ``name`` if ``show``."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    if show:
+        print(f"{name} loss {loss.item():.4f}", flush=True)
 
 
 def main() -> None:

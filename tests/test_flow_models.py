@@ -86,8 +86,8 @@ def test_flow_dpo_starts_at_ln2_with_flow_defaults(flow_run, tmp_path, full):
 def test_lora_loads_into_plain_diffusers_and_changes_images(flow_run, tmp_path):
     alias, folder = flow_run
     out = tmp_path / "lora"
-    result = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 20,
-                     "--batch-size", 2, "--learning-rate", 1e-2)
+    result = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 60,
+                     "--batch-size", 2, "--learning-rate", 1e-3)
     assert result.returncode == 0, result.stderr
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
@@ -99,6 +99,11 @@ def test_lora_loads_into_plain_diffusers_and_changes_images(flow_run, tmp_path):
     sampled = run_cli("sample", "--model", alias, "--tuned", out, "--prompts", folder / "p.txt", "--per-prompt", 1,
                       "--steps", 3, "--out", tmp_path / "tuned")  # rlaif's own loader fuses the same LoRA
     assert sampled.returncode == 0, sampled.stderr
+    judged = run_cli("eval", "-m", alias, "--tuned", out, "--pairs", folder / "run" / "pairs.parquet",
+                     "--max-pairs", 24, "-s", "compressibility")  # the Flow-DPO model as a preference classifier
+    assert judged.returncode == 0, judged.stderr
+    (line,) = [line for line in judged.stdout.splitlines() if line.startswith("tuned model (DPO implicit")]
+    assert float(line.split()[6]) > 0.5, line  # on the pairs it trained on
 
 
 def test_full_fine_tuning_writes_a_transformer_that_diffusers_loads(tmp_path):

@@ -105,8 +105,8 @@ def test_bad_loop_configs(tmp_path, text, message):
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
-def demo(out, *args):
-    result = run_cli("demo", "--out", out, *args)
+def demo(out, model, *args):
+    result = run_cli("demo", "--out", out, "--model", model, *args)
     assert result.returncode == 0, result.stderr
     (row,) = pl.read_parquet(out / "round_1" / "eval" / "eval.parquet").iter_rows(named=True)
     assert row["scorer"] == "compressibility" and row["n"] == 48 * 4  # held-out prompts x held-out seeds
@@ -114,14 +114,14 @@ def demo(out, *args):
     return row
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    return demo(out), out
+@pytest.fixture(scope="module", params=["tiny", "tiny-sd3"])  # Diffusion-DPO on a UNet; Flow-DPO on an MMDiT
+def demo_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"demo-{request.param}") / "demo"
+    return demo(out, request.param), out, request.param
 
 
 def test_demo_raises_the_reward_on_held_out_prompts(demo_run):
-    row, _ = demo_run
+    row, _, _ = demo_run
     assert row["win_rate"] >= 0.65 and row["ci_low"] > 0.5, row
     assert row["delta_low"] > 0 and row["p_value"] < 0.05, row
 
@@ -129,12 +129,12 @@ def test_demo_raises_the_reward_on_held_out_prompts(demo_run):
 def test_control_with_swapped_labels_lowers_the_reward(demo_run, tmp_path):
     # The control samples the demo's images (same model, prompts and seeds) before it labels them the other way
     # round: it starts from copies of them, so only its labels, training and tuned samples are new.
-    _, demo_out = demo_run
+    _, demo_out, model = demo_run
     out = tmp_path / "control"
     shutil.copytree(demo_out / "round_1" / "samples", out / "round_1" / "samples",
                     ignore=shutil.ignore_patterns("pairs.parquet"))
     shutil.copytree(demo_out / "eval_base", out / "eval_base")
-    row = demo(out, "--control")
+    row = demo(out, model, "--control")
     assert row["win_rate"] <= 0.35 and row["delta_high"] < 0, row
     pairs = pl.read_parquet(out / "round_1" / "samples" / "pairs.parquet")
     assert (pairs["score_0"] > pairs["score_1"]).eq(pairs["label_0"] == 0.0).all()  # the lower score "wins"

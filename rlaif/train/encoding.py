@@ -20,6 +20,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLP
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from rlaif.images import open_rgb
+from rlaif.models import prompt_length
 from rlaif.train.data import Augmentation, apply_augmentation
 from rlaif.train.store import TensorStore
 
@@ -125,11 +126,13 @@ class Encoder:
 
     def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(self.pipe, FluxPipeline):  # CLIP pooled + T5 sequence; no negative prompt
-            embeds, pooled, _ = self.pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1)
+            embeds, pooled, _ = self.pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1,
+                                                        **prompt_length(self.pipe))
             return embeds, pooled
         if isinstance(self.pipe, StableDiffusion3Pipeline):  # two CLIPs (pooled, sequence) + T5 (sequence)
             embeds, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=device,
-                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                           **prompt_length(self.pipe))
             return embeds, pooled
         encoded = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)
