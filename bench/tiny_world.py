@@ -47,15 +47,17 @@ def sample_scenes(model: str, jobs: list[tuple[Scene, int]], steps: int, guidanc
     """Generate each job's caption with its seed, as ``rlaif sample`` would."""
     from tqdm import tqdm
 
-    from rlaif.models import load_pipeline
+    from rlaif.models import default_size, load_pipeline, prompt_length
     from rlaif.seeding import generator
 
     pipe = load_pipeline(model)
+    size = default_size(pipe)  # FLUX's pipeline would default to 128 latent pixels a side whatever its VAE
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", file=sys.stderr):
         batch = jobs[start : start + batch_size]
         images += pipe(prompt=[scene.caption for scene, _ in batch], num_inference_steps=steps,
-                       guidance_scale=guidance, generator=[generator(seed) for _, seed in batch]).images
+                       guidance_scale=guidance, generator=[generator(seed) for _, seed in batch], height=size,
+                       width=size, **prompt_length(pipe)).images
     return images
 
 

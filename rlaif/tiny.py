@@ -2,11 +2,12 @@
 
 ``tiny`` is an SD1.5-style pipeline pretrained on the shapes world (``rlaif/shapes.py``) by
 ``scripts/pretrain_tiny.py``; ``tiny-sd3`` an SD3-style one (MMDiT transformer, two CLIP encoders with
-projection and a T5 encoder, rectified flow) pretrained by ``scripts/pretrain_tiny_flow.py``; their weights are
-committed under ``rlaif/assets``. ``tiny-xl`` is an SDXL-style pipeline (two text encoders, ``text_time``
-conditioning) and ``tiny-flux`` a FLUX.1-dev-style one (double- and single-stream transformer with guidance
-embedding, CLIP and T5): random weights from a fixed seed around the pretrained tiny VAE, built on first use
-into the cache. All are ordinary diffusers folders that the plain diffusers pipelines load.
+projection and a T5 encoder, rectified flow) and ``tiny-flux`` a FLUX.1-dev-style one (double- and
+single-stream transformer with guidance embedding, CLIP and T5) are pretrained from ``build_sd3_pipeline`` /
+``build_flux_pipeline`` by ``scripts/pretrain_tiny_flow.py``; their weights are committed under
+``rlaif/assets``. ``tiny-xl`` is an SDXL-style pipeline (two text encoders, ``text_time`` conditioning): random
+weights from a fixed seed around the pretrained tiny VAE, built on first use into the cache. All are ordinary
+diffusers folders that the plain diffusers pipelines load.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from rlaif.shapes import VOCABULARY
 
 TINY_SD_DIR = Path(__file__).parent / "assets" / "tiny-sd"
 TINY_SD3_DIR = Path(__file__).parent / "assets" / "tiny-sd3"  # written by scripts/pretrain_tiny_flow.py
+TINY_FLUX_DIR = Path(__file__).parent / "assets" / "tiny-flux"  # the same, --kind flux
 # Built aliases and their recipe versions: bump one when its recipe changes, so stale caches are not reused.
-BUILT_VERSIONS = {"tiny-xl": 1, "tiny-flux": 2}
+BUILT_VERSIONS = {"tiny-xl": 1}
 RESOLUTION = 64
 # Prompt lengths in tokens of the tiny SD3 / FLUX models (the longest shapes-world caption is 10 CLIP tokens):
 # short sequences keep their transformers cheap on a CPU. SD1.5 / SDXL-style models keep CLIP's 77.
@@ -257,8 +259,8 @@ def build_flux_pipeline(seed: int = 0) -> FluxPipeline:
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, projection_dim=32))
         text_encoder_2 = _t5_encoder(t5_tokenizer, d_model=64)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=4 * 4, out_channels=None, num_layers=1, num_single_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+            patch_size=1, in_channels=4 * 4, out_channels=None, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32,
             guidance_embeds=True, axes_dims_rope=(4, 6, 6),
         )
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -268,8 +270,8 @@ def build_flux_pipeline(seed: int = 0) -> FluxPipeline:
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer)
 
 
-COMMITTED = {"tiny": TINY_SD_DIR, "tiny-sd3": TINY_SD3_DIR}  # pretrained, weights in the package
-BUILDERS = {"tiny-xl": build_sdxl_pipeline, "tiny-flux": build_flux_pipeline}  # random weights, built on first use
+COMMITTED = {"tiny": TINY_SD_DIR, "tiny-sd3": TINY_SD3_DIR, "tiny-flux": TINY_FLUX_DIR}  # pretrained, in the package
+BUILDERS = {"tiny-xl": build_sdxl_pipeline}  # random weights, built on first use
 
 
 def write_tiny(out: str | Path, alias: str = "tiny") -> Path:
