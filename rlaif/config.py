@@ -58,7 +58,8 @@ def _check_tuned(folder: Path, option: str) -> None:
 class SampleConfig:
     """Settings of ``rlaif sample``; field help texts are the CLI's help texts."""
 
-    model: str = field(metadata={"help": "Hub id, local diffusers folder, or the offline aliases tiny / tiny-xl."})
+    model: str = field(metadata={"help": "SD1.5 / SDXL / SD3 / FLUX.1: hub id, local diffusers folder, or an "
+                                         "offline alias (tiny, tiny-xl, tiny-sd3, tiny-flux)."})
     prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
     out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
     tuned: Path | None = field(default=None, metadata={
@@ -168,7 +169,7 @@ class TrainConfig:
                 "shards (its train split when it holds several), a datasets.save_to_disk folder, a hub dataset id "
                 "(e.g. yuvalkirstain/pickapic_v2) or an fsspec URL (hf://..., s3://...). Read lazily: memory does "
                 "not grow with the table."})
-    model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl."})
+    model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl / tiny-sd3 / tiny-flux."})
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
     streaming: bool = field(default=False, metadata={
         "help": "With a hub dataset id: read its parquet shards over the network (only the label columns and the "
@@ -291,7 +292,8 @@ class TrainConfig:
 class EvalConfig:
     """Settings of ``rlaif eval``; field help texts are the CLI's help texts."""
 
-    base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
+    base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl / tiny-sd3 "
+                                        "/ tiny-flux."})
     tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
     prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
     out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})

@@ -46,7 +46,8 @@ SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"sample
 class LoopConfig:
     """The ``[loop]`` table of a loop config file."""
 
-    model: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl."})
+    model: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl / tiny-sd3 "
+                                         "/ tiny-flux."})
     prompts: str = field(metadata={"help": "Training prompts (sampled every round)."})
     eval_prompts: str = field(metadata={"help": "Held-out prompts for the evaluation after every round."})
     out: Path = field(metadata={"help": "Run folder: round_N/{samples,train,eval}, eval_base/, report.html."})
