@@ -29,7 +29,8 @@ CACHE_DTYPES = ("fp32", "bf16", "fp16")
 FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
 # Per model family (UNet + DDPM noise: SD1.5 / SD2 / SDXL; rectified-flow transformer: SD3 / SD3.5 / FLUX.1):
 DEFAULT_BETA = {"unet": 5000.0, "transformer": 100.0}  # Diffusion-DPO's official value; Flow-DPO's (flow_grpo)
-DEFAULT_LORA_TARGETS = {  # the attention projections (diffusers' SD3 / FLUX LoRA scripts; joint attention too)
+DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and
+    # flow_grpo's Flow-DPO; diffusers' FLUX LoRA script also adapts the feed-forward layers)
     "unet": "to_q,to_k,to_v,to_out.0",
     "transformer": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
 }

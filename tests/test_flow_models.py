@@ -143,3 +143,16 @@ def test_cached_embeddings_and_checkpointing_train_the_same_as_fresh_ones(flow_r
     a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("cached", "fresh"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # it did train, 1000x the tolerance
+
+
+def test_a_resolution_the_transformer_cannot_patch_is_refused():
+    """SD3 / FLUX read 2x2 latent patches: at the real models' VAE scale 8, 520 px (65 latents) cannot work."""
+    from rlaif.errors import RlaifError
+    from rlaif.models import load_pipeline
+    from rlaif.train.trainer import check_resolution
+
+    pipe = load_pipeline("tiny-sd3")
+    pipe.vae_scale_factor = 8  # as on SD3.5 / FLUX.1
+    check_resolution(pipe, 512)
+    with pytest.raises(RlaifError, match="--resolution 520: this model needs a multiple of 16 pixels"):
+        check_resolution(pipe, 520)

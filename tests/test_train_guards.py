@@ -62,3 +62,24 @@ def test_the_cache_estimate_counts_each_trained_pair_once(tiny_pairs):
     assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 200 * one
     config.random_crop = True
     assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 2560 * one
+
+
+def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
+    """A checkpoint from before --flow-weighting existed had its default; another changed setting is refused."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import _check_same_run, _settings
+
+    config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
+                         lora_targets="to_q,to_k,to_v,to_out.0")
+    settings = _settings(config)
+    del settings["flow_weighting"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
+    _check_same_run(tmp_path / "old", config, {})
+    settings["learning_rate"] = 1.0
+    (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
+    with pytest.raises(RlaifError, match="learning_rate 1.0 -> 0.0003"):
+        _check_same_run(tmp_path / "old", config, {})

@@ -85,7 +85,8 @@ class Encoder:
             encoders = [components[name] for name in present if name.startswith("text_encoder")]
             tokenizers = [components[name] for name in present if name.startswith("tokenizer")]
             self.latents = TensorStore(cache / "latents" / f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}")
-            text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers))[:24]
+            length = prompt_length(pipe)  # SD3 / FLUX: the T5 length (FLUX.1-dev and -schnell share encoders)
+            text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers), *([length] if length else []))[:24]
             self.texts = TensorStore(cache / "text" / text_key)
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import default_size, denoiser, load_pipeline, model_family
+from rlaif.models import default_size, denoiser, is_flow, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss
@@ -63,6 +63,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
+    check_resolution(pipe, resolution)
     unet = denoiser(pipe)  # the UNet, or the transformer of SD3 / FLUX
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -199,6 +200,14 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.enable_adapters()
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    """Refuse a training resolution the network cannot take: SD3 and FLUX read 2x2 latent patches, so their
+    images must be a multiple of twice the VAE's scale factor (16 px for the real models)."""
+    multiple = pipe.vae_scale_factor * 2 if is_flow(pipe) else pipe.vae_scale_factor
+    if resolution % multiple:
+        raise RlaifError(f"--resolution {resolution}: this model needs a multiple of {multiple} pixels")
 
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
@@ -393,8 +402,10 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None
                          "new run in another --out")
     saved = {**position["settings"], **position.get("identities", {})}
     now = {**_settings(config), **identities}
-    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
-               if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
+    # a setting added since the checkpoint was written had its default value then
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    changed = [f"{key} {saved.get(key, defaults.get(key))!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != now[key]]
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
