@@ -19,7 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError
 from rlaif.files import file_identity
-from rlaif.tiny import tiny_model_dir
+from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,  # SD1.x and SD2.x
@@ -27,8 +27,9 @@ PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusion3Pipeline": StableDiffusion3Pipeline,  # SD3 and SD3.5
     "FluxPipeline": FluxPipeline,  # FLUX.1-dev and FLUX.1-schnell
 }
+FLOW_PIPELINES = (StableDiffusion3Pipeline, FluxPipeline)  # rectified-flow transformers; the others train a UNet
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TINY_ALIASES = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")
+TINY_ALIASES = (*COMMITTED, *BUILDERS)
 # diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
 DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 
@@ -102,7 +103,11 @@ def model_family(model: str) -> str:
     """``unet`` (SD1.5 / SD2 / SDXL) or ``transformer`` (SD3 / SD3.5 / FLUX.1) for ``model``, from its
     model_index.json alone (nothing is loaded)."""
     pipeline_class, _ = _pipeline_class(model, resolve_model(model))
-    return "transformer" if issubclass(pipeline_class, StableDiffusion3Pipeline | FluxPipeline) else "unet"
+    return _family(pipeline_class)
+
+
+def _family(pipeline_class: type[DiffusionPipeline]) -> str:
+    return "transformer" if issubclass(pipeline_class, FLOW_PIPELINES) else "unet"
 
 
 def model_identity(model: str) -> str:
@@ -134,7 +139,7 @@ def default_size(pipe: DiffusionPipeline) -> int:
 
 def is_flow(pipe: DiffusionPipeline) -> bool:
     """True for the rectified-flow transformer families (SD3 / SD3.5, FLUX.1), False for UNet models."""
-    return isinstance(pipe, StableDiffusion3Pipeline | FluxPipeline)
+    return isinstance(pipe, FLOW_PIPELINES)
 
 
 def prompt_length(pipe: DiffusionPipeline) -> dict[str, int]:
@@ -156,8 +161,8 @@ def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
 
 
 def denoiser_name(pipe: DiffusionPipeline) -> str:
-    """Its component (and folder) name in the pipeline: ``unet`` or ``transformer``."""
-    return "transformer" if is_flow(pipe) else "unet"
+    """Its component (and folder) name in the pipeline: ``unet`` or ``transformer`` (``model_family``'s name)."""
+    return _family(type(pipe))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -52,12 +52,12 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
     reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
     resolution = trained.get("resolution") or default_size(policy)
-    weighting = trained.get("flow_weighting", "logit_normal")
-    objective = objective_for(policy, weighting)
+    config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
+                         mixed_precision=trained["mixed_precision"],
+                         flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting))
+    objective = objective_for(policy, config.flow_weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting)
-    config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
-                         mixed_precision=trained["mixed_precision"], flow_weighting=weighting)
     found = [PairAccuracy(judge="tuned model (DPO implicit accuracy)", pairs=count, accuracy=float("nan"))]
     if count and config.loss != "sft":
         metrics = held_out_metrics(config, MicroBatches(table, settings, None), Encoder(policy, None),

@@ -25,8 +25,8 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from pretrain_tiny import encode_dataset, update  # scripts/ is this script's own folder on sys.path
 
-from rlaif.models import prompt_length
 from rlaif.tiny import TINY_SD3_DIR, build_flux_pipeline, build_sd3_pipeline
+from rlaif.train.encoding import encode_captions
 from rlaif.train.flow import draw_u, flow_inputs, shifted_sigma
 
 KINDS = {"sd3": (StableDiffusion3Pipeline, build_sd3_pipeline), "flux": (FluxPipeline, build_flux_pipeline)}
@@ -53,19 +53,15 @@ def train(pipe: StableDiffusion3Pipeline | FluxPipeline, data: tuple[torch.Tenso
         u = torch.tensor([draw_u("logit_normal", draws) for _ in index])
         sigma = shifted_sigma(u, timesteps, shift)
         noisy, target = flow_inputs(latents, torch.randn(latents.shape, generator=draws), sigma)
+        embeds, pooled = encode_captions(pipe, captions, "cpu")
         if flux:
-            embeds, pooled, text_ids = pipe.encode_prompt(captions, captions, device="cpu", num_images_per_prompt=1,
-                                                          **prompt_length(pipe))
             b, c, h, w = latents.shape
             noisy, target = (FluxPipeline._pack_latents(x, b, c, h, w) for x in (noisy, target))
             prediction = pipe.transformer(
                 hidden_states=noisy, timestep=sigma, guidance=1 + 7 * torch.rand(b, generator=draws),
-                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3),
                 img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", latents.dtype)).sample
         else:
-            embeds, _, pooled, _ = pipe.encode_prompt(captions, captions, captions, device="cpu",
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                      **prompt_length(pipe))
             prediction = pipe.transformer(hidden_states=noisy, timestep=sigma * timesteps,
                                           encoder_hidden_states=embeds, pooled_projections=pooled).sample
         loss = (prediction - target).pow(2).mean()

@@ -76,7 +76,6 @@ class Encoder:
 
     def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32") -> None:
         self.pipe = pipe
-        self.pooled = isinstance(pipe, StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline)
         self.dtype = STORED_DTYPES[cache_dtype]
         self.latents = self.texts = None
         if cache is not None:
@@ -113,31 +112,33 @@ class Encoder:
             found = {c: entry for c, key in keys.items() if (entry := self.texts.get(key)) is not None}
         missing = [c for c in keys if c not in found]
         if missing:
-            embeds, pooled = self._encode(missing, device)
+            embeds, pooled = encode_captions(self.pipe, missing, device)
             for j, caption in enumerate(missing):
                 entry = {"embeds": embeds[j].float().cpu()}
-                if self.pooled:
+                if pooled is not None:
                     entry["pooled"] = pooled[j].float().cpu()
                 found[caption] = entry
             if self.texts is not None:
                 self.texts.put({keys[caption]: found[caption] for caption in missing})
         embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device)
-        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if self.pooled else None
+        has_pooled = "pooled" in found[captions[0]]  # all or none: one text cache per set of encoders
+        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if has_pooled else None
         return embeds, pooled
 
-    def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(self.pipe, FluxPipeline):  # CLIP pooled + T5 sequence; no negative prompt
-            embeds, pooled, _ = self.pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1,
-                                                        **prompt_length(self.pipe))
-            return embeds, pooled
-        if isinstance(self.pipe, StableDiffusion3Pipeline):  # two CLIPs (pooled, sequence) + T5 (sequence)
-            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=device,
-                                                           num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                           **prompt_length(self.pipe))
-            return embeds, pooled
-        encoded = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        return encoded[0], encoded[2] if self.pooled else None
+
+def encode_captions(pipe, captions: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``pipe``'s prompt embeddings of ``captions`` and, for SDXL, SD3 and FLUX, their pooled embeddings, as the
+    pipeline computes them for sampling (SD3 / FLUX at ``prompt_length``); gradients flow if enabled."""
+    if isinstance(pipe, FluxPipeline):  # CLIP pooled + T5 sequence; no negative prompt
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1,
+                                               **prompt_length(pipe))
+        return embeds, pooled
+    if isinstance(pipe, StableDiffusion3Pipeline):  # two CLIPs (pooled, sequence) + T5 (sequence)
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, captions, captions, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False, **prompt_length(pipe))
+        return embeds, pooled
+    encoded = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return encoded[0], encoded[2] if isinstance(pipe, StableDiffusionXLPipeline) else None
 
 
 def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
