@@ -46,6 +46,10 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                         {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4, "max_steps": 300}),
     "full-lr1e-5": ("full UNet, lr 1e-5, batch 4, 300 steps", "best-worst",
                     {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
+    "defaults-all-pairs": ("`rlaif train` with no options, on every pair of each prompt's 8 candidates (28)",
+                           "all-pairs", {}),
+    "full-lr1e-5-all-pairs": ("full UNet, lr 1e-5, batch 4, 300 steps, on every pair (28 per prompt)",
+                              "all-pairs", {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
 }
 STEPS = 20  # denoising steps of training samples and evaluation alike
 TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2

@@ -210,8 +210,10 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd."})
     mixed_precision: str = field(default="no", metadata={
-        "help": "no | fp16 | bf16: autocast for policy and reference alike (weights stay fp32). On CPU, fp16 "
-                "runs without loss scaling; prefer bf16 there."})
+        "help": "no | fp16 | bf16: autocast for policy and reference alike. With LoRA, the frozen UNet / "
+                "transformer and text encoders are also stored in that precision (half the memory: what FLUX.1-dev "
+                "needs on an 80 GB card) and the LoRA trains in fp32; full fine-tuning keeps fp32 weights. On CPU, "
+                "fp16 runs without loss scaling; prefer bf16 there."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations."})
     resolution: int | None = field(default=None, metadata={"help": "Training resolution; default: the model's."})
     random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})

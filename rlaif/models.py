@@ -52,9 +52,10 @@ def _missing_offline(source: str) -> bool:
 
 def load_pipeline(
     model: str, dtype: str = "fp32", device: str | torch.device = "cpu", scheduler: str | None = None,
-    tuned: str | Path | None = None,
+    tuned: str | Path | None = None, component_dtypes: dict[str, str] | None = None,
 ) -> DiffusionPipeline:
-    """Load ``model`` (hub id, folder or a tiny alias) in ``dtype`` on ``device``.
+    """Load ``model`` (hub id, folder or a tiny alias) in ``dtype`` on ``device``; ``component_dtypes`` (component
+    name -> a ``DTYPES`` name) loads the components it names in another dtype (names the model lacks are ignored).
 
     ``scheduler`` names a diffusers scheduler class compatible with the model's own (for example
     ``EulerDiscreteScheduler``); it is built from the model's scheduler config. ``tuned`` is an ``rlaif train``
@@ -65,8 +66,9 @@ def load_pipeline(
     source = resolve_model(model)
     pipeline_class, index = _pipeline_class(model, source)
     options = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    dtypes = {"default": DTYPES[dtype], **{name: DTYPES[d] for name, d in (component_dtypes or {}).items()}}
     try:
-        pipe = pipeline_class.from_pretrained(source, **{DTYPE_KWARG: DTYPES[dtype]}, **options)
+        pipe = pipeline_class.from_pretrained(source, **{DTYPE_KWARG: dtypes}, **options)
     except Exception as exc:
         raise RlaifError(f"cannot load model {model!r}: {_first_line(exc)}") from exc
     if scheduler is not None:

@@ -7,6 +7,8 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,6 +16,10 @@ import torch
 from conftest import PROMPTS, cli_env, run_cli
 from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
+
+from rlaif.config import TrainConfig
+from rlaif.models import load_pipeline
+from rlaif.train.trainer import frozen_dtypes, trainable_network, with_family_defaults
 
 FLOW_MODELS = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-flux": FluxPipeline}
 FAST = ("--batch-size", 2, "--learning-rate", 1e-3)
@@ -68,15 +74,16 @@ def test_two_processes_sample_the_same_images_as_one(flow_run, tmp_path):
     assert len(one) == 16 and one == two
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_flow_dpo_starts_at_ln2_with_flow_defaults(flow_run, tmp_path, full):
+@pytest.mark.parametrize(("full", "precision"), [(False, "no"), (True, "no"), (False, "bf16")])
+def test_flow_dpo_starts_at_ln2_with_flow_defaults(flow_run, tmp_path, full, precision):
     alias, folder = flow_run
     out = tmp_path / "o"
     result = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 2,
-                     *(["--full"] if full else []), *FAST)
+                     "--mixed-precision", precision, *(["--full"] if full else []), *FAST)
     assert result.returncode == 0, result.stderr
     # step 0: policy == reference (adapters off, or the frozen copy), so inside = 0 and the loss is ln 2
     assert log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(math.isfinite(entry["loss"]) for entry in log(out))
     config = json.loads((out / "train.json").read_text())["config"]
     assert config["beta"] == 100.0 and config["flow_weighting"] == "logit_normal"
     assert "add_q_proj" in config["lora_targets"]
@@ -156,3 +163,22 @@ def test_a_resolution_the_transformer_cannot_patch_is_refused():
     check_resolution(pipe, 512)
     with pytest.raises(RlaifError, match="--resolution 520: this model needs a multiple of 16 pixels"):
         check_resolution(pipe, 520)
+
+
+def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp32_factors():
+    """What makes FLUX.1-dev LoRA fit an 80 GB card: the frozen transformer and text encoders in bf16 (half the
+    bytes), the VAE and the trained LoRA factors in fp32; full fine-tuning and fp32 runs keep fp32 weights."""
+    config = with_family_defaults(TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"),
+                                              mixed_precision="bf16"))
+    pipe = load_pipeline("tiny-sd3", component_dtypes=frozen_dtypes(config))
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    assert {pipe.transformer.dtype, *(encoder.dtype for encoder in encoders)} == {torch.bfloat16}
+    assert pipe.vae.dtype == torch.float32
+    def size(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    assert size(pipe.transformer) * 2 == size(load_pipeline("tiny-sd3").transformer)
+    network, reference, params = trainable_network(pipe, config)
+    assert reference is None and params and {p.dtype for p in params} == {torch.float32}
+    assert {p.dtype for p in network.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert frozen_dtypes(replace(config, full=True)) == {} and frozen_dtypes(replace(config, mixed_precision="no")) == {}

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import extract_model_from_parallel as unwrap
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 
 from rlaif.cache import cache_dir
 from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
@@ -37,7 +38,7 @@ from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_b
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss
 from rlaif.train.objective import FlowMatching, NoisePrediction, objective_for
-from rlaif.train.outputs import TRAIN_FILE, remove_outputs, save_outputs, weights_identity
+from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, weights_identity
 from rlaif.train.pair_table import PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,28 +61,12 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from = _resume_point(config, accelerator, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
-    pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init)
+    pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init,
+                         component_dtypes=frozen_dtypes(config))
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
     check_resolution(pipe, resolution)
-    unet = denoiser(pipe)  # the UNet, or the transformer of SD3 / FLUX
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)
-    reference = frozen_reference(unet, config)
-    if config.full:
-        unet.requires_grad_(True)
-    else:
-        from peft import LoraConfig
-
-        try:
-            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                        init_lora_weights="gaussian", target_modules=config.lora_targets.split(",")))
-        except ValueError as exc:  # peft: no module matches a target name
-            raise RlaifError(f"--lora-targets {config.lora_targets}: {str(exc).splitlines()[0]}") from exc
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
     optimizer = make_optimizer(config.optimizer, params, lr)
@@ -169,6 +154,45 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
             tracker.finish()
     accelerator.wait_for_everyone()  # the weights are on disk before any process goes on to use them
     return config.out
+
+
+FROZEN_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def frozen_dtypes(config: TrainConfig) -> dict[str, str]:
+    """The pipeline components kept in half precision, and in which: with LoRA under ``--mixed-precision fp16 /
+    bf16`` the frozen denoiser and text encoders are stored in that precision, as diffusers' training scripts
+    do (FLUX.1-dev's transformer then takes 24 GB instead of 48), while the LoRA factors train in fp32. Nothing
+    otherwise: the VAE (SDXL's overflows in fp16), full fine-tuning (its trained weights, and a reference that
+    must compute the same function at step 0) and a LoRA on a full ``--init`` (saved fused into that network)."""
+    if config.full or config.mixed_precision == "no" or (config.init and is_full(Path(config.init))):
+        return {}
+    return dict.fromkeys(FROZEN_COMPONENTS, config.mixed_precision)
+
+
+def trainable_network(pipe, config: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None,
+                                                             list[torch.nn.Parameter]]:
+    """``pipe``'s UNet or transformer set up for training (LoRA adapters added unless ``--full``; gradient
+    checkpointing if asked), its frozen reference (``frozen_reference``) and the parameters trained, in fp32."""
+    unet = denoiser(pipe)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    reference = frozen_reference(unet, config)
+    if config.full:
+        unet.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        try:
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                        init_lora_weights="gaussian", target_modules=config.lora_targets.split(",")))
+        except ValueError as exc:  # peft: no module matches a target name
+            raise RlaifError(f"--lora-targets {config.lora_targets}: {str(exc).splitlines()[0]}") from exc
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    cast_training_params(unet, torch.float32)  # LoRA factors made beside half-precision weights train in fp32
+    return unet, reference, [p for p in unet.parameters() if p.requires_grad]
 
 
 def frozen_reference(unet: torch.nn.Module, config: TrainConfig) -> torch.nn.Module | None:
