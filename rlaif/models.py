@@ -139,6 +139,14 @@ def default_size(pipe: DiffusionPipeline) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def check_size(pipe: DiffusionPipeline, option: str, pixels: int) -> None:
+    """Refuse an image side the network cannot take: a multiple of the VAE's scale factor, twice that for SD3 and
+    FLUX, whose transformers read 2x2 latent patches (8 and 16 px on the real models)."""
+    multiple = pipe.vae_scale_factor * 2 if is_flow(pipe) else pipe.vae_scale_factor
+    if pixels % multiple:
+        raise RlaifError(f"{option} {pixels}: this model needs a multiple of {multiple} pixels")
+
+
 def is_flow(pipe: DiffusionPipeline) -> bool:
     """True for the rectified-flow transformer families (SD3 / SD3.5, FLUX.1), False for UNet models."""
     return isinstance(pipe, FLOW_PIPELINES)

@@ -22,7 +22,7 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
-from rlaif.models import default_size, load_pipeline, model_identity, prompt_length
+from rlaif.models import check_size, default_size, load_pipeline, model_identity, prompt_length
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
@@ -114,6 +114,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler, config.tuned)
     width = config.width or default_size(pipe)
     height = config.height or default_size(pipe)
+    check_size(pipe, "--width", width)
+    check_size(pipe, "--height", height)
     settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
                 "width": width, "height": height,
                 "scheduler": type(pipe.scheduler).__name__}

@@ -152,17 +152,20 @@ def test_cached_embeddings_and_checkpointing_train_the_same_as_fresh_ones(flow_r
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # it did train, 1000x the tolerance
 
 
-def test_a_resolution_the_transformer_cannot_patch_is_refused():
-    """SD3 / FLUX read 2x2 latent patches: at the real models' VAE scale 8, 520 px (65 latents) cannot work."""
+def test_a_size_the_transformer_cannot_patch_is_refused():
+    """SD3 / FLUX read 2x2 latent patches: at the real models' VAE scale 8, 520 px (65 latents) cannot work;
+    `rlaif train` checks --resolution and `rlaif sample` / `eval` --width and --height with this function."""
     from rlaif.errors import RlaifError
-    from rlaif.models import load_pipeline
-    from rlaif.train.trainer import check_resolution
+    from rlaif.models import check_size
 
     pipe = load_pipeline("tiny-sd3")
     pipe.vae_scale_factor = 8  # as on SD3.5 / FLUX.1
-    check_resolution(pipe, 512)
+    check_size(pipe, "--resolution", 512)
     with pytest.raises(RlaifError, match="--resolution 520: this model needs a multiple of 16 pixels"):
-        check_resolution(pipe, 520)
+        check_size(pipe, "--resolution", 520)
+    unet = load_pipeline("tiny")
+    unet.vae_scale_factor = 8  # as on SD1.5 / SDXL: 520 px is fine for a UNet
+    check_size(unet, "--width", 520)
 
 
 def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp32_factors():

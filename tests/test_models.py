@@ -1,5 +1,6 @@
 """Model loading: tiny folders through plain diffusers, the hub-id path through an offline HF cache."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,12 +58,20 @@ def test_pretrained_tiny_model_follows_the_prompt(scene):
     assert large > 2 * small and large > 0.15
 
 
-def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file):
-    install_in_hf_cache("rlaif-test/tiny-sd", TINY_SD_DIR)
-    result = run_cli("sample", "--model", "rlaif-test/tiny-sd", "--prompts", prompts_file, "--per-prompt", 1,
-                     "--steps", 2, "--out", tmp_path / "out")
+@pytest.mark.parametrize("folder", [TINY_SD_DIR, TINY_SD3_DIR], ids=["sd", "sd3"])
+def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file, folder):
+    repo = f"rlaif-test/{folder.name}"
+    install_in_hf_cache(repo, folder)
+    result = run_cli("sample", "--model", repo, "--prompts", prompts_file, "--per-prompt", 2, "--steps", 2,
+                     "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 8
+    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 16
+    assert run_cli("label", tmp_path / "out", "--scorer", "compressibility").returncode == 0
+    trained = run_cli("train", tmp_path / "out" / "pairs.parquet", "--model", repo, "--out", tmp_path / "train",
+                      "--max-steps", 1, "--batch-size", 2)  # the family (and its Flow-DPO defaults) from the cache
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((tmp_path / "train" / "train.json").read_text())["config"]
+    assert config["beta"] == {"tiny-sd": 5000.0, "tiny-sd3": 100.0}[folder.name]
     missing = run_cli("sample", "--model", "rlaif-test/not-there", "--prompts", prompts_file,
                       "--out", tmp_path / "out2")
     assert missing.returncode == 2

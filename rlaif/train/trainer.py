@@ -33,7 +33,7 @@ from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import default_size, denoiser, is_flow, load_pipeline, model_family
+from rlaif.models import check_size, default_size, denoiser, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss
@@ -65,7 +65,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                          component_dtypes=frozen_dtypes(config))
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
-    check_resolution(pipe, resolution)
+    check_size(pipe, "--resolution", resolution)
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
@@ -224,14 +224,6 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.enable_adapters()
-
-
-def check_resolution(pipe, resolution: int) -> None:
-    """Refuse a training resolution the network cannot take: SD3 and FLUX read 2x2 latent patches, so their
-    images must be a multiple of twice the VAE's scale factor (16 px for the real models)."""
-    multiple = pipe.vae_scale_factor * 2 if is_flow(pipe) else pipe.vae_scale_factor
-    if resolution % multiple:
-        raise RlaifError(f"--resolution {resolution}: this model needs a multiple of {multiple} pixels")
 
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
