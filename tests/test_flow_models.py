@@ -84,6 +84,9 @@ def test_flow_dpo_starts_at_ln2_with_flow_defaults(flow_run, tmp_path, full, pre
     # step 0: policy == reference (adapters off, or the frozen copy), so inside = 0 and the loss is ln 2
     assert log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(entry["loss"]) for entry in log(out))
+    # a LoRA under bf16 trains on bf16 frozen weights (half the memory); fp32 and full fine-tuning keep fp32
+    frozen = json.loads((out / "train.json").read_text())["frozen_weights"]
+    assert frozen == ("bf16" if precision == "bf16" and not full else "fp32")
     config = json.loads((out / "train.json").read_text())["config"]
     assert config["beta"] == 100.0 and config["flow_weighting"] == "logit_normal"
     assert "add_q_proj" in config["lora_targets"]
@@ -168,7 +171,7 @@ def test_a_size_the_transformer_cannot_patch_is_refused():
     check_size(unet, "--width", 520)
 
 
-def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp32_factors():
+def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp32_factors(tmp_path):
     """What makes FLUX.1-dev LoRA fit an 80 GB card: the frozen transformer and text encoders in bf16 (half the
     bytes), the VAE and the trained LoRA factors in fp32; full fine-tuning and fp32 runs keep fp32 weights."""
     config = with_family_defaults(TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"),
@@ -184,4 +187,8 @@ def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp
     network, reference, params = trainable_network(pipe, config)
     assert reference is None and params and {p.dtype for p in params} == {torch.float32}
     assert {p.dtype for p in network.parameters() if not p.requires_grad} == {torch.bfloat16}
-    assert frozen_dtypes(replace(config, full=True)) == {} and frozen_dtypes(replace(config, mixed_precision="no")) == {}
+    assert frozen_dtypes(replace(config, full=True)) == {}
+    assert frozen_dtypes(replace(config, mixed_precision="no")) == {}
+    full_output = tmp_path / "round1"
+    (full_output / "transformer").mkdir(parents=True)  # a full fine-tuning output: the LoRA is fused into it
+    assert frozen_dtypes(replace(config, init=str(full_output))) == {}

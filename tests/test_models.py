@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rlaif.errors import RlaifError
 from rlaif.models import load_pipeline
-from rlaif.tiny import TINY_SD_DIR, tiny_model_dir
+from rlaif.tiny import TINY_SD3_DIR, TINY_SD_DIR, tiny_model_dir
 
 
 def test_tiny_folders_load_with_plain_diffusers(tmp_path):

@@ -33,7 +33,7 @@ from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import check_size, default_size, denoiser, load_pipeline, model_family
+from rlaif.models import check_size, default_size, denoiser, denoiser_name, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss
@@ -61,8 +61,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from = _resume_point(config, accelerator, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
-    pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init,
-                         component_dtypes=frozen_dtypes(config))
+    frozen = frozen_dtypes(config)
+    pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
     check_size(pipe, "--resolution", resolution)
@@ -148,8 +148,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full,
-                     config.init and Path(config.init), {"config": _settings(config), "steps": step})
+        info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32")}
+        save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
+                     info)
         for tracker in accelerator.trackers:  # not end_training(): it ends the process group a loop still needs
             tracker.finish()
     accelerator.wait_for_everyone()  # the weights are on disk before any process goes on to use them
