@@ -19,9 +19,9 @@ from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
-from rlaif.train.outputs import TRAIN_FILE, check_output
+from rlaif.train.outputs import TRAIN_FILE, apply_tuned, check_output, is_full
 from rlaif.train.pair_table import PairTable
-from rlaif.train.trainer import held_out_metrics
+from rlaif.train.trainer import frozen_dtypes, held_out_metrics
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,24 @@ def _judged_positions(table: PairTable, max_pairs: int, batch_size: int) -> int:
 def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                    max_pairs: int = 512, batch_size: int = 4, label: str | None = None) -> list[PairAccuracy]:
     """Judge the first ``max_pairs`` pairs of ``pairs`` (in table order) with the tuned model against
-    the plain ``base`` model as its reference (the beta, loss and precision it was trained with; centre crop, no
-    caption dropout, fixed noise and timesteps per pair) and with each scorer."""
+    the plain ``base`` model as its reference (the beta, loss and precision it was trained with, a LoRA's frozen
+    weights included; centre crop, no caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
     trained = json.loads((tuned / TRAIN_FILE).read_text())["config"]
     table = PairTable(pairs, label).in_table_order()
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
-    policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
-    reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
-    resolution = trained.get("resolution") or default_size(policy)
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
                          mixed_precision=trained["mixed_precision"],
                          flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting))
+    if is_full(tuned):  # two networks: the tuned one, and the base as its reference
+        policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
+        reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
+    else:  # one network, as in training: the LoRA unfused, the reference the same network with it switched off
+        policy = load_pipeline(base, "fp32", accelerator.device, component_dtypes=frozen_dtypes(config))
+        apply_tuned(policy, tuned, fuse=False)
+        reference = None
+    resolution = trained.get("resolution") or default_size(policy)
     objective = objective_for(policy, config.flow_weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting)

@@ -93,9 +93,9 @@ def weights_identity(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
+def apply_tuned(pipe: DiffusionPipeline, folder: str | Path, fuse: bool = True) -> None:
     """Put the weights of an ``rlaif train`` output into ``pipe``: its full UNet or transformer, or its LoRA fused
-    in."""
+    in (``fuse=False``: loaded as an adapter that ``disable_adapters()`` switches off, as in training)."""
     folder = check_output(folder)
     name, current = denoiser_name(pipe), denoiser(pipe)
     try:
@@ -120,8 +120,9 @@ def apply_tuned(pipe: DiffusionPipeline, folder: str | Path) -> None:
             network = "UNet" if name == "unet" else "transformer"
             raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {len(keys)} LoRA tensors fit this model's "
                              f"{network}; was it trained on another model?")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+        if fuse:
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
     except RlaifError:
         raise
     except Exception as exc:  # mismatched shapes or keys: trained on another model
