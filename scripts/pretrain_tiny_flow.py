@@ -39,9 +39,9 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from pretrain_tiny import encode_dataset, update  # scripts/ is this script's own folder on sys.path
 
-from rlaif.tiny import TINY_SD3_DIR, build_flux_pipeline, build_sd3_pipeline
+from rlaif.tiny import COMMITTED, build_flux_pipeline, build_sd3_pipeline
 from rlaif.train.encoding import encode_captions
-from rlaif.train.flow import draw_u, flow_inputs, shifted_sigma
+from rlaif.train.flow import draw_u, flow_inputs, shifted_sigma, training_shift
 
 KINDS = {"sd3": (StableDiffusion3Pipeline, build_sd3_pipeline), "flux": (FluxPipeline, build_flux_pipeline)}
 
@@ -64,8 +64,7 @@ def train(pipe: StableDiffusion3Pipeline | FluxPipeline, data: tuple[torch.Tenso
                                                    pct_start=0.05)
     draws = torch.Generator().manual_seed(seed)
     timesteps = pipe.scheduler.config.num_train_timesteps
-    if shift is None:
-        shift = 1.0 if pipe.scheduler.config.use_dynamic_shifting else pipe.scheduler.config.shift
+    shift = training_shift(pipe.scheduler.config) if shift is None else shift
     for step in range(steps):
         index = rng.sample(range(len(all_captions)), batch_size)
         latents = all_latents[index]
@@ -113,7 +112,7 @@ def main() -> None:
     print(f"encoded {len(data[1])} scenes in {time.time() - start:.0f}s", flush=True)
     train(pipe, data, args.steps, args.batch_size, args.lr, rng, args.seed, args.text_lr_factor, args.shift)
     print(f"all done in {time.time() - start:.0f}s", flush=True)
-    pipe.save_pretrained(args.out or TINY_SD3_DIR.with_name(f"tiny-{args.kind}"), safe_serialization=True)
+    pipe.save_pretrained(args.out or COMMITTED[f"tiny-{args.kind}"], safe_serialization=True)
 
 
 if __name__ == "__main__":

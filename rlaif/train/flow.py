@@ -32,6 +32,12 @@ def draw_u(weighting: str, generator: torch.Generator, logit_mean: float = 0.0, 
     raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
 
 
+def training_shift(scheduler_config) -> float:
+    """The shift training draws noise levels with: the scheduler's own, or none (1) when it shifts by
+    resolution at inference only (FLUX's dynamic shifting)."""
+    return 1.0 if scheduler_config.get("use_dynamic_shifting") else scheduler_config.get("shift", 1.0)
+
+
 def shifted_sigma(u: torch.Tensor, num_train_timesteps: int, shift: float) -> torch.Tensor:
     """The noise level ``s`` trained at for each ``u``: the schedule's entry ``floor(u * N)`` of
     ``s_i = (N - i) / N``, shifted as ``shift * s / (1 + (shift - 1) * s)`` (the values of

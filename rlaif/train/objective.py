@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionXLPipeline
 
 from rlaif.errors import RlaifError
 from rlaif.models import is_flow
-from rlaif.train.flow import flow_inputs, shifted_sigma
+from rlaif.train.flow import flow_inputs, shifted_sigma, training_shift
 from rlaif.train.loss import diffusion_dpo_loss, flow_dpo_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -101,8 +101,7 @@ class FlowMatching:
         config = pipe.scheduler.config
         self.weighting = weighting
         self.timesteps = config.num_train_timesteps
-        # FLUX shifts by resolution at inference only; its training schedule is the plain one
-        self.shift = 1.0 if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
+        self.shift = training_shift(config)
         self.scaling, self.offset = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
         self.flux = isinstance(pipe, FluxPipeline)
         self.guidance = pipe.transformer.config.get("guidance_embeds", False)
