@@ -8,12 +8,15 @@ each training recipe in ``RECIPES``:
 3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
    a user gets);
 4. ``rlaif eval`` compares base and tuned on new seeds (eval seed 1, training seed 0) of the 40 training
-   prompts (``seen prompts``) and of 24 triangle prompts, a shape never trained on (``held-out family``).
+   prompts (``seen prompts``) and of 24 triangle prompts, a shape never trained on (``held-out family``),
+   with the reward and, held out, ``follows_prompt`` (does the model still draw what it is asked?).
 
 Each cell is the mean delta relative to the base mean with its 95% CI from a bootstrap over prompts, and the
-win rate. Run: ``python bench/reward_suite.py [--recipes defaults,...] [--rewards ...]``; ``--work`` keeps
-every run (samples, pairs, weights, eval tables); a rerun reuses what is done. Prints a markdown table and
-writes WORK/suite.parquet.
+win rate; beside it the reward's best-of-8 headroom (``headroom``) and the change of ``follows_prompt``. Run:
+``python bench/reward_suite.py [--recipes defaults,...] [--rewards ...]``; ``--work`` keeps every run (samples,
+pairs, weights, eval tables); a rerun reuses what is done (a cell whose recipe or `rlaif train` defaults
+changed is refused), so after changing a reward give a new ``--work``. Prints a markdown table and writes
+WORK/suite.parquet.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ REWARDS = {
     "edges": "suite_rewards:edges",
     "asked_colour": "suite_rewards:asked_colour",
     "incompressibility": "incompressibility",
+    "size": "suite_rewards:size",
+    "centred": "suite_rewards:centred",
+    "high": "suite_rewards:high",
 }
+CHECK = "suite_rewards:follows_prompt"  # held out in every evaluation: does the model still draw what is asked?
 # name -> (what it is, pairing strategy, `rlaif train` options)
 RECIPES: dict[str, tuple[str, str, dict]] = {
     "defaults": ("`rlaif train` with no options", "best-worst", {}),
@@ -44,6 +51,15 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                        {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4, "batch_size": 4, "max_steps": 300}),
     "lora-r32-lr3e-4": ("LoRA r32, lr 3e-4, batch 4, 300 steps", "best-worst",
                         {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4, "max_steps": 300}),
+    "lora-r32-lr3e-4-beta1000": ("LoRA r32, lr 3e-4, batch 4, 300 steps, beta 1000", "best-worst",
+                                 {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4,
+                                  "max_steps": 300, "beta": 1000.0}),
+    "lora-r32-lr3e-4-1000-steps": ("LoRA r32, lr 3e-4, batch 4, 1000 steps", "best-worst",
+                                   {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4,
+                                    "max_steps": 1000}),
+    "lora-r32-lr3e-4-600-steps": ("LoRA r32, lr 3e-4, batch 4, 600 steps", "best-worst",
+                                  {"lora_rank": 32, "lora_alpha": 32, "learning_rate": 3e-4, "batch_size": 4,
+                                   "max_steps": 600}),
     "full-lr1e-5": ("full UNet, lr 1e-5, batch 4, 300 steps", "best-worst",
                     {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
     "defaults-all-pairs": ("`rlaif train` with no options, on every pair of each prompt's 8 candidates (28)",
@@ -51,6 +67,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "full-lr1e-5-all-pairs": ("full UNet, lr 1e-5, batch 4, 300 steps, on every pair (28 per prompt)",
                               "all-pairs", {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
 }
+RECIPE_KEYS = ("full", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "max_steps", "beta", "loss",
+               "caption_dropout", "val_fraction", "seed")
 STEPS = 20  # denoising steps of training samples and evaluation alike
 TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
 
@@ -81,13 +99,14 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     scorer = REWARDS[reward]
     cell = work / recipe / reward
     result = cell / "eval" / "eval_by_category.parquet"
-    if result.exists():
+    if result.exists() and CHECK in set(pl.read_parquet(result)["scorer"]):
         return pl.read_parquet(result)
     pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
     if not pairs.exists():
         run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
     recorded = cell / "recipe.json"
-    recipe_text = json.dumps({"strategy": strategy, "options": options, "scorer": scorer}, sort_keys=True)
+    settings = {**train_defaults(), **options}  # the defaults too: a cell made under other defaults is not reused
+    recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}, sort_keys=True)
     if recorded.exists() and recorded.read_text() != recipe_text:
         raise SystemExit(f"{cell} was made by another recipe: use another --work")
     cell.mkdir(parents=True, exist_ok=True)
@@ -97,9 +116,27 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
         run_train(TrainConfig(pairs=str(pairs), model="tiny", out=train_dir, resume="latest", overwrite=True,
                               **options))
     run_eval(EvalConfig(base="tiny", tuned=train_dir, prompts=str(eval_prompts), out=cell / "eval",
-                        scorers=[scorer], per_prompt=EVAL_SEEDS, seed=1, steps=STEPS, batch_size=32),
+                        scorers=[scorer], held_out=[CHECK], per_prompt=EVAL_SEEDS, seed=1, steps=STEPS, batch_size=32),
              base_dir=work / "eval_base")
     return pl.read_parquet(result)
+
+
+def train_defaults() -> dict:
+    """`rlaif train`'s current defaults for what the recipes vary and what shapes their result."""
+    from rlaif.config import TrainConfig
+
+    return {name: getattr(TrainConfig, name) for name in RECIPE_KEYS}
+
+
+def headroom(samples: Path, scorer: str) -> float:
+    """How far the base model's own best candidate of each training prompt lies above that prompt's mean, averaged
+    over prompts and relative to the overall mean: what best-of-8 sampling gains. A reward that a prompt fixes
+    has little; a tuned model that beats this by far draws what no sample of its prompt did."""
+    from rlaif.label import read_score_cache
+
+    scores = read_score_cache(samples).filter(pl.col("scorer") == scorer)
+    per_prompt = scores.group_by("prompt").agg(gain=pl.col("score").max() - pl.col("score").mean())
+    return float(per_prompt["gain"].mean() / scores["score"].mean())
 
 
 def describe(recipe: str) -> str:
@@ -116,6 +153,12 @@ def describe(recipe: str) -> str:
 def cell_text(row: dict) -> str:
     return (f"{row['relative']:+.1%} [{row['relative_low']:+.1%}, {row['relative_high']:+.1%}], "
             f"win {row['win_rate']:.2f}")
+
+
+def follows_text(effects: dict) -> str:
+    """The change of ``follows_prompt`` (share of asked attributes drawn) in percentage points, with its CI."""
+    return (f"{effects['follows_delta']:+.1%} [{effects['follows_delta_low']:+.1%}, "
+            f"{effects['follows_delta_high']:+.1%}]").replace("%", " pt")
 
 
 def main() -> None:
@@ -148,9 +191,13 @@ def main() -> None:
         for reward in rewards:
             start = time.time()
             table = run_cell(work, recipe, reward, samples, eval_prompts)
-            row = {"recipe": recipe, "reward": reward}
+            row = {"recipe": recipe, "reward": reward, "headroom": headroom(samples, REWARDS[reward])}
             for effect in table.iter_rows(named=True):
                 prefix = "seen" if effect["category"] == "seen prompts" else "family"
+                if effect["scorer"] == CHECK:
+                    row.update({f"{prefix}_follows_{key}": effect[key] for key in
+                                ("mean_base", "delta", "delta_low", "delta_high")})
+                    continue
                 row.update({f"{prefix}_{key}": effect[key] for key in
                             ("relative", "relative_low", "relative_high", "win_rate", "ci_low", "ci_high",
                              "mean_base", "mean_tuned")})
@@ -158,21 +205,24 @@ def main() -> None:
             print(f"{recipe} / {reward}: {time.time() - start:.0f}s", file=sys.stderr, flush=True)
     suite = pl.DataFrame(rows)
     suite.write_parquet(work / "suite.parquet")
-    print("| recipe | reward | held-out seeds of seen prompts: relative delta [95% CI], win | "
-          "held-out family (triangles): relative delta [95% CI], win |")
-    print("|---|---|---|---|")
+    print("| recipe | reward | best-of-8 headroom | held-out seeds of seen prompts: relative delta [95% CI], win | "
+          "held-out family (triangles): relative delta [95% CI], win | follows the prompt, seen / family: "
+          "change in points [95% CI] |")
+    print("|---|---|---|---|---|---|")
     for row in suite.iter_rows(named=True):
         seen = {k[5:]: v for k, v in row.items() if k.startswith("seen_")}
         family = {k[7:]: v for k, v in row.items() if k.startswith("family_")}
-        print(f"| {row['recipe']} | {row['reward']} | {cell_text(seen)} | {cell_text(family)} |")
+        print(f"| {row['recipe']} | {row['reward']} | {row['headroom']:+.1%} | {cell_text(seen)} | "
+              f"{cell_text(family)} | {follows_text(seen)} / {follows_text(family)} |")
     print()
     print("| recipe | worst reward's seen-prompt CI low | rewards >= +10% with CI low > 0 | "
-          "family deltas with CI high < 0 (significant falls) |")
-    print("|---|---|---|---|")
+          "family deltas with CI high < 0 (significant falls) | significant falls of following the prompt |")
+    print("|---|---|---|---|---|")
     for recipe, cells in suite.group_by("recipe", maintain_order=True):
         good = ((cells["seen_relative"] >= 0.10) & (cells["seen_relative_low"] > 0)).sum()
         print(f"| {recipe[0]}: {describe(recipe[0])} | {cells['seen_relative_low'].min():+.1%} | {good}/{len(cells)} | "
-              f"{(cells['family_relative_high'] < 0).sum()} |")
+              f"{(cells['family_relative_high'] < 0).sum()} | "
+              f"{(cells['seen_follows_delta_high'] < 0).sum() + (cells['family_follows_delta_high'] < 0).sum()} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,18 @@ a user's own reward plugs in. Every reward reads pixels only (no model), so its 
 - ``warmth``: 0.5 + mean (red - blue) / 510, 0..1 (a hue preference: orange and red over blue and purple);
 - ``edges``: mean Sobel gradient magnitude of the luma / 255 (busier pictures score higher);
 - ``asked_colour``: share of pixels whose nearest world colour is the colour the prompt asks for (the first
-  colour word), 0..1: the one reward that depends on the prompt.
+  colour word), 0..1: the one reward that depends on the prompt;
+- ``size``: share of pixels not in the background's colour (``rlaif.shapes.foreground_mask``), 0..1: a
+  bigger subject scores higher;
+- ``centred``: 1 - distance of the subject's centroid from the picture's centre / half the diagonal, 0..1;
+- ``high``: 1 - the subject centroid's row / (height - 1), 0..1: a subject high in the frame scores higher.
+
+``follows_prompt`` is no training reward but the suite's held-out check: the share of the prompt's background
+colour, shape colour and shape that ``rlaif.shapes.read_scene`` reads in the picture, 0..1. A reward gained by
+drawing what was not asked shows as a fall in it.
+
+The first three are colour statistics, which a prompt mostly fixes; the last three are composition, which it
+leaves free (the world draws each shape at a random place and at a size within +-15%).
 
 ``incompressibility`` (built in) completes the suite.
 """
@@ -18,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from rlaif.shapes import COLORS, READ_ORDER, nearest_colours
+from rlaif.shapes import COLORS, READ_ORDER, foreground_mask, nearest_colours, read_scene
 
 
 class PixelReward:
@@ -80,3 +91,46 @@ def asked_colour(device: str = "cpu") -> PixelReward:
             return 0.0
         return (nearest_colours(image) == READ_ORDER.index(asked)).mean()
     return PixelReward("asked_colour", value)
+
+
+def size(device: str = "cpu") -> PixelReward:
+    """Share of the picture that is not background, 0..1: bigger subjects score higher."""
+    return PixelReward("size", lambda image, prompt: foreground_mask(image).mean())
+
+
+def _centroid(image: Image.Image) -> tuple[float, float, int, int] | None:
+    """(row, column) of the subject's centroid and the picture's (height, width); None when nothing is drawn."""
+    mask = foreground_mask(image)
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return None
+    return float(rows.mean()), float(cols.mean()), *mask.shape
+
+
+def centred(device: str = "cpu") -> PixelReward:
+    """1 - the subject centroid's distance from the centre / half the diagonal, 0..1 (0 when nothing is drawn)."""
+    def value(image: Image.Image, prompt: str) -> float:
+        found = _centroid(image)
+        if found is None:
+            return 0.0
+        row, col, height, width = found
+        return 1.0 - np.hypot(row - (height - 1) / 2, col - (width - 1) / 2) / np.hypot(height / 2, width / 2)
+    return PixelReward("centred", value)
+
+
+def high(device: str = "cpu") -> PixelReward:
+    """1 - the subject centroid's row / (height - 1), 0..1 (0 when nothing is drawn): higher subjects score higher."""
+    def value(image: Image.Image, prompt: str) -> float:
+        found = _centroid(image)
+        return 0.0 if found is None else 1.0 - found[0] / (found[2] - 1)
+    return PixelReward("high", value)
+
+
+def follows_prompt(device: str = "cpu") -> PixelReward:
+    """Share of (background colour, shape colour, shape) of "a {size} {colour} {shape} on a {background}
+    background" that the picture shows, read by rule; 0..1."""
+    def value(image: Image.Image, prompt: str) -> float:
+        words = prompt.split()
+        asked = (words[6], words[2], words[3])  # background, shape colour, shape
+        return sum(a == b for a, b in zip(asked, read_scene(image), strict=True)) / 3
+    return PixelReward("follows_prompt", value)

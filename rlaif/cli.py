@@ -54,6 +54,7 @@ def sample(
     width: Annotated[int | None, option(S, "width")] = default(S, "width"),
     height: Annotated[int | None, option(S, "height")] = default(S, "height"),
     negative_prompt: Annotated[str, option(S, "negative_prompt")] = default(S, "negative_prompt"),
+    max_sequence_length: Annotated[int | None, option(S, "max_sequence_length")] = default(S, "max_sequence_length"),
     seed: Annotated[int, option(S, "seed")] = default(S, "seed"),
     batch_size: Annotated[int, option(S, "batch_size")] = default(S, "batch_size"),
     dtype: Annotated[str, option(S, "dtype")] = default(S, "dtype"),
@@ -154,6 +155,7 @@ def train(
     random_crop: Annotated[bool, option(T, "random_crop")] = default(T, "random_crop"),
     hflip: Annotated[bool, option(T, "hflip")] = default(T, "hflip"),
     caption_dropout: Annotated[float, option(T, "caption_dropout")] = default(T, "caption_dropout"),
+    max_sequence_length: Annotated[int | None, option(T, "max_sequence_length")] = default(T, "max_sequence_length"),
     no_cache: Annotated[bool, option(T, "no_cache")] = default(T, "no_cache"),
     cache_dtype: Annotated[str, option(T, "cache_dtype")] = default(T, "cache_dtype"),
     workers: Annotated[int | None, option(T, "workers")] = default(T, "workers"),
@@ -224,6 +226,7 @@ def evaluate(
     width: Annotated[int | None, option(E, "width")] = default(E, "width"),
     height: Annotated[int | None, option(E, "height")] = default(E, "height"),
     negative_prompt: Annotated[str, option(E, "negative_prompt")] = default(E, "negative_prompt"),
+    max_sequence_length: Annotated[int | None, option(E, "max_sequence_length")] = default(E, "max_sequence_length"),
     device: Annotated[str | None, option(E, "device")] = default(E, "device"),
     prompt_column: Annotated[str | None, option(E, "prompt_column")] = default(E, "prompt_column"),
     scorer_options: Annotated[list[str], option(E, "scorer_options", "--scorer-option")] = [],  # noqa: B006

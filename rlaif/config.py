@@ -37,6 +37,17 @@ DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included 
 HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+$")  # ORG/NAME (not a mistyped DIR/FILE.parquet)
 
 
+MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at most 512 (longer prompts are cut). "
+                             "Default: the pipeline's (256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev); "
+                             "sample, train and eval a model at the same length.")
+
+
+def check_sequence_length(value: int | None) -> None:
+    """--max-sequence-length: 1 to 512 tokens (the T5 limit of the SD3 and FLUX pipelines), or unset."""
+    if value is not None and not 1 <= value <= 512:
+        raise RlaifError(f"--max-sequence-length must be between 1 and 512 tokens, got {value}")
+
+
 def _check_generation(config: SampleConfig | EvalConfig) -> None:
     """The image-generation settings that sample and eval share."""
     for name in ("width", "height"):
@@ -47,6 +58,7 @@ def _check_generation(config: SampleConfig | EvalConfig) -> None:
         raise RlaifError(f"--guidance must not be negative, got {config.guidance}")
     if config.dtype not in DTYPES:
         raise RlaifError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_sequence_length(config.max_sequence_length)
 
 
 def _check_tuned(folder: Path, option: str) -> None:
@@ -75,6 +87,7 @@ class SampleConfig:
         default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
     )
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     seed: int = field(
         default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
     )
@@ -197,12 +210,14 @@ class TrainConfig:
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
     learning_rate: float = field(default=3e-4, metadata={
         "help": "Peak learning rate (per sample if --scale-lr). The LoRA defaults (rank 32, lr 3e-4, 4 pairs per "
-                "step, 300 steps) are the best LoRA recipe of bench/reward_suite.py; with --full use about 1e-5."})
+                "step, 600 steps) are the best LoRA recipe of bench/reward_suite.py; with --full use about 1e-5."})
     scale_lr: bool = field(default=False, metadata={
         "help": "Multiply the learning rate by the global batch (pairs x accumulation x processes), as the "
                 "official code does."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the constant schedule."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=600, metadata={
+        "help": "Optimizer steps. 600 x 4 pairs is 60 passes over a 40-pair table (bench/reward_suite.py: longer "
+                "runs on so few pairs make the model draw less of what it is asked) and 0.2% of Pick-a-Pic v2."})
     batch_size: int = field(default=4, metadata={
         "help": "Pairs per process per micro-step (SDXL on a 24 GB card: 1, with --accumulation and "
                 "--gradient-checkpointing)."})
@@ -218,6 +233,7 @@ class TrainConfig:
     resolution: int | None = field(default=None, metadata={"help": "Training resolution; default: the model's."})
     random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
     hflip: bool = field(default=False, metadata={"help": "Random horizontal flip (same for both images)."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
     no_cache: bool = field(default=False, metadata={
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
@@ -282,6 +298,7 @@ class TrainConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        check_sequence_length(self.max_sequence_length)
         if not 0 <= self.caption_dropout <= 1:
             raise RlaifError("--caption-dropout must be between 0 and 1")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):
@@ -318,6 +335,7 @@ class EvalConfig:
     height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: "
                                                                "the model's."})
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image, base and tuned."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     device: str | None = field(default=None, metadata={"help": "Device for sampling and scoring, e.g. cuda:0; "
                                                                "default: this process's accelerator."})
     prompt_column: str | None = field(default=None, metadata={"help": "Prompt column of a table file."})

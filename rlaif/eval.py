@@ -21,7 +21,7 @@ from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
-from rlaif.stats import paired_effect
+from rlaif.stats import paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
@@ -69,10 +69,9 @@ def reward_hacking(summary: pl.DataFrame) -> list[str]:
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
     """One row per scorer and prompt (``paired``: one row per scorer and comparison): its comparisons, win
     rate, means and mean delta, for eval_by_prompt.parquet."""
-    won = (pl.col("score_tuned") > pl.col("score_base")).cast(pl.Float64) + \
-        0.5 * (pl.col("score_tuned") == pl.col("score_base")).cast(pl.Float64)
-    return (paired.group_by("scorer", "prompt_id", maintain_order=True)
-            .agg(prompt=pl.col("prompt").first(), n=pl.len(), win_rate=won.mean(),
+    won = wins(paired["score_base"].to_numpy(), paired["score_tuned"].to_numpy()).astype(float)
+    return (paired.with_columns(won=pl.Series(won)).group_by("scorer", "prompt_id", maintain_order=True)
+            .agg(prompt=pl.col("prompt").first(), n=pl.len(), win_rate=pl.col("won").mean(),
                  mean_base=pl.col("score_base").mean(), mean_tuned=pl.col("score_tuned").mean())
             .with_columns(delta=pl.col("mean_tuned") - pl.col("mean_base")).sort("scorer", "prompt"))
 
@@ -91,7 +90,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
                                 per_prompt=config.per_prompt, steps=config.steps, guidance=config.guidance,
                                 seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
                                 scheduler=config.scheduler, prompt_column=config.prompt_column, width=config.width,
-                                height=config.height, negative_prompt=config.negative_prompt, device=config.device),
+                                height=config.height, negative_prompt=config.negative_prompt, device=config.device,
+                                max_sequence_length=config.max_sequence_length),
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
                    replace_stale="eval")  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)

@@ -152,13 +152,19 @@ def is_flow(pipe: DiffusionPipeline) -> bool:
     return isinstance(pipe, FLOW_PIPELINES)
 
 
-def prompt_length(pipe: DiffusionPipeline) -> dict[str, int]:
-    """The T5 prompt length of an SD3 / FLUX pipeline as keyword arguments (sampling and training must agree):
-    the pipeline's default (256 for SD3, 512 for FLUX.1-dev; 256 for the timestep-distilled FLUX.1-schnell, as
-    its model card samples), capped by the T5 tokenizer's ``model_max_length`` (the tiny models': 32). Empty for
-    UNet pipelines, whose CLIP prompts are always 77 tokens."""
+def prompt_length(pipe: DiffusionPipeline, requested: int | None = None) -> dict[str, int]:
+    """The T5 prompt length of an SD3 / FLUX pipeline as keyword arguments (sampling and training should agree):
+    ``requested`` (--max-sequence-length), else the pipeline's default (256 for SD3, 512 for FLUX.1-dev; 256 for
+    the timestep-distilled FLUX.1-schnell, as its model card samples) capped by the T5 tokenizer's
+    ``model_max_length`` (the tiny models': 32). Empty for UNet pipelines, whose CLIP prompts are always 77
+    tokens; asking those for a length is an error."""
     if not is_flow(pipe):
+        if requested is not None:
+            raise RlaifError(f"--max-sequence-length {requested}: only SD3 / FLUX.1 models have a T5 prompt length "
+                             "(SD1.5 / SDXL prompts are always 77 CLIP tokens)")
         return {}
+    if requested is not None:
+        return {"max_sequence_length": requested}
     flux = isinstance(pipe, FluxPipeline)
     default = 512 if flux and pipe.transformer.config.guidance_embeds else 256
     tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer_3

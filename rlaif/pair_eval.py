@@ -51,7 +51,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     accelerator = Accelerator(cpu=cpu_only())
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
                          mixed_precision=trained["mixed_precision"],
-                         flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting))
+                         flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting),
+                         max_sequence_length=trained.get("max_sequence_length"))
     if is_full(tuned):  # two networks: the tuned one, and the base as its reference
         policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
         reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
@@ -65,7 +66,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
                              objective.timesteps, shuffle=False, weighting=objective.weighting)
     found = [PairAccuracy(judge="tuned model (DPO implicit accuracy)", pairs=count, accuracy=float("nan"))]
     if count and config.loss != "sft":
-        metrics = held_out_metrics(config, MicroBatches(table, settings, None), Encoder(policy, None),
+        encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
+        metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
                                    denoiser(policy), reference, objective, resolution, accelerator, count)
         found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], metrics["val_reward_margin"])]
     del policy, reference

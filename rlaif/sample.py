@@ -33,7 +33,7 @@ Progress = Callable[[int, int], None]
 
 # Settings that change the pixels: a rerun into the same folder must repeat them.
 GENERATION_KEYS = ("model", "tuned", "scheduler", "steps", "guidance", "width", "height", "negative_prompt", "seed",
-                   "dtype")
+                   "dtype", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     height = config.height or default_size(pipe)
     check_size(pipe, "--width", width)
     check_size(pipe, "--height", height)
+    length = prompt_length(pipe, config.max_sequence_length)
     settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
-                "width": width, "height": height,
+                "width": width, "height": height, "max_sequence_length": length.get("max_sequence_length"),
                 "scheduler": type(pipe.scheduler).__name__}
     # the models are identified by their weights, not their names: retraining into the same folder, a new hub
     # revision or a changed model folder makes other images
@@ -158,7 +159,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                     width=width,
                     height=height,
                     generator=[generator(job.seed) for job in batch],
-                    **prompt_length(pipe),
+                    **length,
                 ).images
                 for job, image in zip(batch, images, strict=True):
                     if job in missing:

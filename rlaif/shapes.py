@@ -80,6 +80,21 @@ def nearest_colours(image: Image.Image) -> np.ndarray:
     return ((pixels[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1).argmin(-1)
 
 
+def background_label(labels: np.ndarray) -> int:
+    """The background's index into READ_ORDER in a ``nearest_colours`` map: the commonest colour over the four
+    6 x 6 corner patches (the world never draws its shape over all four corners)."""
+    c = _CORNER
+    corners = np.concatenate([labels[:c, :c].ravel(), labels[:c, -c:].ravel(),
+                              labels[-c:, :c].ravel(), labels[-c:, -c:].ravel()])
+    return int(np.bincount(corners, minlength=len(READ_ORDER)).argmax())
+
+
+def foreground_mask(image: Image.Image) -> np.ndarray:
+    """Boolean (H, W) map of the pixels whose nearest world colour is not the background's: the drawn subject."""
+    labels = nearest_colours(image)
+    return labels != background_label(labels)
+
+
 def read_scene(image: Image.Image) -> tuple[str, str | None, str | None]:
     """(background, shape colour, shape) as drawn in ``image``, by rule (no learned parts); None where no
     shape is found.
@@ -91,10 +106,7 @@ def read_scene(image: Image.Image) -> tuple[str, str | None, str | None]:
     """
     labels = nearest_colours(image)
     height, width = labels.shape
-    c = _CORNER
-    corners = np.concatenate([labels[:c, :c].ravel(), labels[:c, -c:].ravel(),
-                              labels[-c:, :c].ravel(), labels[-c:, -c:].ravel()])
-    background = int(np.bincount(corners, minlength=len(READ_ORDER)).argmax())
+    background = background_label(labels)
     others = labels[labels != background]
     if others.size < _MIN_FOREGROUND * labels.size:
         return READ_ORDER[background], None, None

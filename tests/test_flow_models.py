@@ -17,8 +17,10 @@ from conftest import PROMPTS, cli_env, run_cli
 from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from rlaif.cache import cache_dir
 from rlaif.config import TrainConfig
-from rlaif.models import load_pipeline
+from rlaif.models import load_pipeline, prompt_length
+from rlaif.train.encoding import Encoder, encode_captions
 from rlaif.train.trainer import frozen_dtypes, trainable_network, with_family_defaults
 
 FLOW_MODELS = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-flux": FluxPipeline}
@@ -192,3 +194,31 @@ def test_lora_under_half_precision_stores_the_frozen_weights_in_it_and_trains_fp
     full_output = tmp_path / "round1"
     (full_output / "transformer").mkdir(parents=True)  # a full fine-tuning output: the LoRA is fused into it
     assert frozen_dtypes(replace(config, init=str(full_output))) == {}
+
+
+def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(flow_run, tmp_path):
+    alias, folder = flow_run
+    pipe = load_pipeline(alias, "fp32", "cpu")
+    captions = ["a small red circle on a blue background"]
+    default = encode_captions(pipe, captions, "cpu")[0]
+    short = encode_captions(pipe, captions, "cpu", max_sequence_length=8)[0]
+    # SD3 joins CLIP's and T5's sequences, FLUX takes T5's alone: either way 8 T5 tokens instead of the default
+    assert short.shape[1] == default.shape[1] - (prompt_length(pipe)["max_sequence_length"] - 8)
+    (tmp_path / "p.txt").write_text(captions[0] + "\n")
+    argv = ("sample", "--model", alias, "--prompts", tmp_path / "p.txt", "--per-prompt", 1, "--steps", 2,
+            "--out", tmp_path / "s")
+    assert run_cli(*argv, "--max-sequence-length", 8).returncode == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["generation"]["max_sequence_length"] == 8
+    resumed = run_cli(*argv)  # the default length would draw other images into the same folder
+    assert resumed.returncode == 2 and "max_sequence_length 8 -> 32" in resumed.stderr
+    assert run_cli(*argv[:-1], tmp_path / "default").returncode == 0
+    drawn = [(tmp_path / run / "images").rglob("*.png") for run in ("s", "default")]
+    assert [p.read_bytes() for p in drawn[0]] != [p.read_bytes() for p in drawn[1]]  # the prompt was cut at 8
+    out = tmp_path / "o"
+    trained = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 1,
+                      "--max-sequence-length", 8, *FAST)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((out / "train.json").read_text())["config"]["max_sequence_length"] == 8
+    # the captions were encoded (and cached) at 8 tokens
+    texts = Encoder(pipe, cache_dir() / "train", max_sequence_length=8).texts
+    assert texts.folder.is_dir() and any(texts.folder.iterdir())

@@ -3,9 +3,10 @@
 import itertools
 import random
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
-from rlaif.shapes import COLORS, SHAPES, Scene, draw, read_scene
+from rlaif.shapes import COLORS, SHAPES, Scene, draw, foreground_mask, paint, read_scene
 
 
 def test_the_reader_reads_every_drawn_scene_as_drawn():
@@ -24,3 +25,14 @@ def test_a_plain_picture_has_a_background_and_no_shape():
     for x in range(40):
         image.putpixel((x, 30), COLORS["red"])
     assert read_scene(image) == ("blue", None, None)
+
+
+def test_the_foreground_mask_is_the_painted_shape():
+    image = Image.new("RGB", (64, 64), COLORS["green"])
+    truth = Image.new("L", (64, 64), 0)
+    for pen, fill in ((ImageDraw.Draw(image), COLORS["orange"]), (ImageDraw.Draw(truth), 1)):
+        paint(pen, "triangle", (5, 30, 40, 60), fill)
+    mask = foreground_mask(image)
+    assert mask.dtype == bool
+    assert (mask == np.asarray(truth, dtype=bool)).all()
+    assert not foreground_mask(Image.new("RGB", (64, 64), COLORS["black"])).any()

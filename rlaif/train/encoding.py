@@ -74,8 +74,12 @@ class Encoder:
     latents kept as ``cache_dtype`` (fp32: cached equals uncached exactly; bf16/fp16 halve the disk, and fresh
     moments are rounded the same way, so a run computes the same whether or not a value was cached)."""
 
-    def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32") -> None:
+    def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32", max_sequence_length: int | None = None
+                 ) -> None:
         self.pipe = pipe
+        self.length = max_sequence_length
+        length = prompt_length(pipe, max_sequence_length)  # SD3 / FLUX: the T5 length (FLUX.1-dev and -schnell
+        # share encoders, not prompt lengths); a UNet model refuses a length here, before anything is encoded
         self.dtype = STORED_DTYPES[cache_dtype]
         self.latents = self.texts = None
         if cache is not None:
@@ -84,7 +88,6 @@ class Encoder:
             encoders = [components[name] for name in present if name.startswith("text_encoder")]
             tokenizers = [components[name] for name in present if name.startswith("tokenizer")]
             self.latents = TensorStore(cache / "latents" / f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}")
-            length = prompt_length(pipe)  # SD3 / FLUX: the T5 length (FLUX.1-dev and -schnell share encoders)
             text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers), *([length] if length else []))[:24]
             self.texts = TensorStore(cache / "text" / text_key)
 
@@ -112,7 +115,7 @@ class Encoder:
             found = {c: entry for c, key in keys.items() if (entry := self.texts.get(key)) is not None}
         missing = [c for c in keys if c not in found]
         if missing:
-            embeds, pooled = encode_captions(self.pipe, missing, device)
+            embeds, pooled = encode_captions(self.pipe, missing, device, self.length)
             for j, caption in enumerate(missing):
                 entry = {"embeds": embeds[j].float().cpu()}
                 if pooled is not None:
@@ -126,16 +129,17 @@ class Encoder:
         return embeds, pooled
 
 
-def encode_captions(pipe, captions: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_captions(pipe, captions: list[str], device: torch.device | str, max_sequence_length: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``pipe``'s prompt embeddings of ``captions`` and, for SDXL, SD3 and FLUX, their pooled embeddings, as the
     pipeline computes them for sampling (SD3 / FLUX at ``prompt_length``); gradients flow if enabled."""
+    length = prompt_length(pipe, max_sequence_length)
     if isinstance(pipe, FluxPipeline):  # CLIP pooled + T5 sequence; no negative prompt
-        embeds, pooled, _ = pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1,
-                                               **prompt_length(pipe))
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, device=device, num_images_per_prompt=1, **length)
         return embeds, pooled
     if isinstance(pipe, StableDiffusion3Pipeline):  # two CLIPs (pooled, sequence) + T5 (sequence)
         embeds, _, pooled, _ = pipe.encode_prompt(captions, captions, captions, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False, **prompt_length(pipe))
+                                                  do_classifier_free_guidance=False, **length)
         return embeds, pooled
     encoded = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     return encoded[0], encoded[2] if isinstance(pipe, StableDiffusionXLPipeline) else None

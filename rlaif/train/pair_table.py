@@ -159,6 +159,8 @@ class PairTable(Sequence[PreferencePair]):
                  hold_out: float = 0.0) -> None:
         self.source = str(source)
         self.hold_out = hold_out
+        self.columns: list[str] = []
+        self.label: str | None = None  # both set from the first file's columns (_check_columns)
         path = Path(source)
         if streaming and not HUB_DATASET.match(self.source):
             raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
@@ -213,7 +215,7 @@ class PairTable(Sequence[PreferencePair]):
         """Check a file's columns (image columns of either format, the label column); the first file's decide
         the table's image columns and label column."""
         image_columns = _image_columns(columns, where)
-        if not hasattr(self, "label"):
+        if self.label is None:
             self.columns, self.label = image_columns, label_column(columns, label)
         if self.label not in columns:
             raise RlaifError(f"pairs table {where} has no column {self.label!r} (--label-column); columns: "

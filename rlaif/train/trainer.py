@@ -75,7 +75,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     # per optimizer step, so it is a function of optimizer steps whatever the process count and accumulation.
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype)
+    encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype,
+                      config.max_sequence_length)
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
     settings = BatchSettings(

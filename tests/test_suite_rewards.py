@@ -1,0 +1,49 @@
+"""The reward suite's composition rewards (bench/suite_rewards.py), against values worked out by hand."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from rlaif.shapes import COLORS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import suite_rewards  # noqa: E402
+
+
+def square(box: tuple[int, int, int, int]) -> Image.Image:
+    """A red square filling ``box`` (inclusive corners) on blue, 64 x 64."""
+    image = Image.new("RGB", (64, 64), COLORS["blue"])
+    ImageDraw.Draw(image).rectangle(box, fill=COLORS["red"])
+    return image
+
+
+def score(name: str, image: Image.Image) -> float:
+    return getattr(suite_rewards, name)().score([image], ["a large red square on a blue background"])[0]
+
+
+def test_size_is_the_share_of_the_subject():
+    assert score("size", square((10, 10, 25, 25))) == pytest.approx(16 * 16 / 64**2)
+
+
+def test_centred_and_high_read_the_subject_centroid():
+    # centroid (row 11.5, column 11.5); the centre is (31.5, 31.5); half the diagonal is 32 * sqrt(2)
+    top_left = square((4, 4, 19, 19))
+    assert score("centred", top_left) == pytest.approx(1 - (20 * 2**0.5) / (32 * 2**0.5))
+    assert score("high", top_left) == pytest.approx(1 - 11.5 / 63)
+    assert score("centred", square((24, 24, 39, 39))) == pytest.approx(1.0)
+    assert score("high", square((4, 48, 19, 63))) == pytest.approx(1 - 55.5 / 63)
+
+
+def test_nothing_drawn_scores_zero():
+    empty = Image.new("RGB", (64, 64), COLORS["blue"])
+    assert [score(name, empty) for name in ("size", "centred", "high")] == [0.0, 0.0, 0.0]
+
+
+def test_follows_prompt_counts_what_the_picture_shows_of_the_prompt():
+    picture = square((10, 10, 40, 40))  # a red square on blue
+    reward = suite_rewards.follows_prompt()
+    prompts = ["a large red square on a blue background", "a large red circle on a blue background",
+               "a small green circle on a blue background", "a small green circle on a white background"]
+    assert reward.score([picture] * 4, prompts) == pytest.approx([1, 2 / 3, 1 / 3, 0])
