@@ -98,17 +98,17 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     _, strategy, options = RECIPES[recipe]
     scorer = REWARDS[reward]
     cell = work / recipe / reward
+    recorded = cell / "recipe.json"
+    settings = {**train_defaults(), **options}  # the defaults too: a cell made under other defaults is not reused
+    recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}, sort_keys=True)
+    if recorded.exists() and recorded.read_text() != recipe_text:
+        raise SystemExit(f"{cell} was made by another recipe: use another --work")
     result = cell / "eval" / "eval_by_category.parquet"
     if result.exists() and CHECK in set(pl.read_parquet(result)["scorer"]):
         return pl.read_parquet(result)
     pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
     if not pairs.exists():
         run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
-    recorded = cell / "recipe.json"
-    settings = {**train_defaults(), **options}  # the defaults too: a cell made under other defaults is not reused
-    recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}, sort_keys=True)
-    if recorded.exists() and recorded.read_text() != recipe_text:
-        raise SystemExit(f"{cell} was made by another recipe: use another --work")
     cell.mkdir(parents=True, exist_ok=True)
     recorded.write_text(recipe_text)
     train_dir = cell / "train"

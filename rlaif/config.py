@@ -38,8 +38,9 @@ HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+$")  # ORG/NAME (not 
 
 
 MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at most 512 (longer prompts are cut). "
-                             "Default: the pipeline's (256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev); "
-                             "sample, train and eval a model at the same length.")
+                             "Default: 256 for SD3 and FLUX.1-schnell (its model card's), 512 for FLUX.1-dev, at "
+                             "most the T5 tokenizer's limit; sample, train and eval a model at the same length "
+                             "(eval defaults to the length the model was trained at).")
 
 
 def check_sequence_length(value: int | None) -> None:
@@ -216,8 +217,8 @@ class TrainConfig:
                 "official code does."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the constant schedule."})
     max_steps: int = field(default=600, metadata={
-        "help": "Optimizer steps. 600 x 4 pairs is 60 passes over a 40-pair table (bench/reward_suite.py: longer "
-                "runs on so few pairs make the model draw less of what it is asked) and 0.2% of Pick-a-Pic v2."})
+        "help": "Optimizer steps. 600 x 4 pairs is 63 passes over a 38-pair table (bench/reward_suite.py: longer "
+                "runs on so few pairs make the model draw less of what it is asked) and 0.25% of Pick-a-Pic v2."})
     batch_size: int = field(default=4, metadata={
         "help": "Pairs per process per micro-step (SDXL on a 24 GB card: 1, with --accumulation and "
                 "--gradient-checkpointing)."})

@@ -23,6 +23,7 @@ from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+from rlaif.train.outputs import trained_config
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -84,6 +85,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     prompt_table = load_prompt_table(config.prompts, config.prompt_column)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
+    # both sides at the T5 prompt length the model was trained at, unless one is given
+    length = config.max_sequence_length or trained_config(config.tuned).get("max_sequence_length")
     scores = {}
     for side, (folder, tuned) in sides.items():
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,
@@ -91,7 +94,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
                                 seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
                                 scheduler=config.scheduler, prompt_column=config.prompt_column, width=config.width,
                                 height=config.height, negative_prompt=config.negative_prompt, device=config.device,
-                                max_sequence_length=config.max_sequence_length),
+                                max_sequence_length=length),
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
                    replace_stale="eval")  # eval's own folders: samples of another model or setting are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)

@@ -117,6 +117,13 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
+    lengths = {stage: stages[stage].get("max_sequence_length") for stage in ("sample", "train", "eval")}
+    if lengths["eval"] is None:  # eval takes the length the model was trained at
+        del lengths["eval"]
+    if len(set(lengths.values())) > 1:
+        found = ", ".join(f"[{stage}] {length}" for stage, length in lengths.items())
+        raise RlaifError(f"{path}: max_sequence_length differs between stages ({found}); give [sample] and [train] "
+                         "the same T5 prompt length")
     sample_seed = stages["sample"].get("seed", SampleConfig.seed)
     eval_seed = stages["eval"].get("seed", EvalConfig.seed)
     clash = [n for n in range(1, loop.rounds + 1) if round_seed(sample_seed, n) == eval_seed]

@@ -79,14 +79,16 @@ def versions() -> dict[str, str]:
     return found
 
 
-def check_resumable(run_file: Path, generation: dict) -> None:
-    """Refuse to add images made with other generation settings to an existing run folder."""
+def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None) -> None:
+    """Refuse to add images made with other generation settings to an existing run folder; ``unrecorded``
+    holds the values that settings missing from an older run.json had then."""
     if not run_file.exists():
         return
     try:
         previous = json.loads(run_file.read_text())["generation"]
     except (ValueError, KeyError) as exc:
         raise RlaifError(f"{run_file} is not an rlaif run file; use an empty --out folder") from exc
+    previous = {**(unrecorded or {}), **previous}
     changed = [f"{key} {previous.get(key)!r} -> {generation[key]!r}" for key in generation
                if previous.get(key) != generation[key]]
     if changed:
@@ -126,15 +128,16 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                   "tuned": config.tuned and weights_identity(config.tuned),
                   "model_weights": model_identity(config.model)}
     run_file = config.out / "run.json"
+    unrecorded = {"max_sequence_length": prompt_length(pipe).get("max_sequence_length")}  # before rlaif recorded it
     if replace_stale and state.is_main_process and _made_by(run_file) == replace_stale:
         try:
-            check_resumable(run_file, generation)
+            check_resumable(run_file, generation, unrecorded)
         except RlaifError:  # made by other settings or another model: none of it may be reused
             for name in ("images", "samples.parquet", "scores.parquet", "run.json"):
                 target = config.out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     state.wait_for_everyone()
-    check_resumable(run_file, generation)
+    check_resumable(run_file, generation, unrecorded)
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)

@@ -59,6 +59,7 @@ def tree(tmp_path: Path) -> Path:
         "unknown-key": {"train": "learnin_rate = 1e-5"},
         "bad-option": {"label": "scorers = ['compressibility']\nscorer_options = ['compressibility.quality=3']"},
         "grid": {"eval": "grid = -1"},
+        "lengths": {"sample": "max_sequence_length = 128"},
     }.items():
         loop_config(tmp_path, name, **tables)
     return tmp_path
@@ -142,6 +143,7 @@ CASES = [
     (["loop", "--config", "unknown-key.toml"], "unknown-key.toml [train]: unknown setting 'learnin_rate'"),
     (["loop", "--config", "bad-option.toml"], "scorer 'compressibility' takes no options"),
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
+    (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
 ]
 

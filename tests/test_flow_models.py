@@ -214,6 +214,12 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     assert run_cli(*argv[:-1], tmp_path / "default").returncode == 0
     drawn = [(tmp_path / run / "images").rglob("*.png") for run in ("s", "default")]
     assert [p.read_bytes() for p in drawn[0]] != [p.read_bytes() for p in drawn[1]]  # the prompt was cut at 8
+    # a folder from before the length was recorded was sampled at the default: it resumes
+    run_file = tmp_path / "default" / "run.json"
+    old = json.loads(run_file.read_text())
+    del old["generation"]["max_sequence_length"]
+    run_file.write_text(json.dumps(old))
+    assert run_cli(*argv[:-1], tmp_path / "default").returncode == 0
     out = tmp_path / "o"
     trained = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 1,
                       "--max-sequence-length", 8, *FAST)
@@ -222,3 +228,9 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     # the captions were encoded (and cached) at 8 tokens
     texts = Encoder(pipe, cache_dir() / "train", max_sequence_length=8).texts
     assert texts.folder.is_dir() and any(texts.folder.iterdir())
+    # rlaif eval samples both sides at the length the model was trained at
+    evaluated = run_cli("eval", "--base", alias, "--tuned", out, "--prompts", tmp_path / "p.txt", "--out",
+                        tmp_path / "e", "--scorer", "compressibility", "--per-prompt", 1, "--steps", 2)
+    assert evaluated.returncode == 0, evaluated.stderr
+    for side in ("tuned", "base"):
+        assert json.loads((tmp_path / "e" / side / "run.json").read_text())["generation"]["max_sequence_length"] == 8

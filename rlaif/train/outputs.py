@@ -68,6 +68,11 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
     return folder
 
 
+def trained_config(folder: Path) -> dict:
+    """The settings an `rlaif train` output was trained with (train.json's ``config``); empty if unrecorded."""
+    return _train_info(folder).get("config", {})
+
+
 def _train_info(folder: Path) -> dict:
     path = folder / TRAIN_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
