@@ -4,7 +4,6 @@ scorer agrees with the same labels."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
-from rlaif.train.outputs import TRAIN_FILE, apply_tuned, check_output, is_full
+from rlaif.train.outputs import apply_tuned, check_output, is_full, trained_config
 from rlaif.train.pair_table import PairTable
 from rlaif.train.trainer import frozen_dtypes, held_out_metrics
 
@@ -45,7 +44,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     the plain ``base`` model as its reference (the beta, loss and precision it was trained with, a LoRA's frozen
     weights included; centre crop, no caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
-    trained = json.loads((tuned / TRAIN_FILE).read_text())["config"]
+    trained = trained_config(tuned)
     table = PairTable(pairs, label).in_table_order()
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())

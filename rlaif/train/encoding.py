@@ -77,9 +77,10 @@ class Encoder:
     def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32", max_sequence_length: int | None = None
                  ) -> None:
         self.pipe = pipe
-        self.length = max_sequence_length
-        length = prompt_length(pipe, max_sequence_length)  # SD3 / FLUX: the T5 length (FLUX.1-dev and -schnell
-        # share encoders, not prompt lengths); a UNet model refuses a length here, before anything is encoded
+        # SD3 / FLUX: the T5 length (FLUX.1-dev and -schnell share encoders, not prompt lengths); a UNet model
+        # refuses a length here, before anything is encoded
+        length = prompt_length(pipe, max_sequence_length)
+        self.length = length.get("max_sequence_length")
         self.dtype = STORED_DTYPES[cache_dtype]
         self.latents = self.texts = None
         if cache is not None:
