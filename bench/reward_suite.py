@@ -3,7 +3,8 @@
 For each reward of the suite (``bench/suite_rewards.py`` plugins and the built-in ``incompressibility``) and
 each training recipe in ``RECIPES``:
 
-1. the tiny model samples 40 training prompts (circles and squares of the shapes world) x 8 candidates once;
+1. the tiny model samples 40 training prompts (circles and squares of the shapes world, each leaving out size,
+   colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates once;
 2. ``rlaif label`` makes best-worst pairs with the reward (or the recipe's pairing strategy);
 3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
    a user gets);
@@ -71,20 +72,25 @@ RECIPE_KEYS = ("full", "lora_rank", "lora_alpha", "learning_rate", "batch_size",
                "caption_dropout", "val_fraction", "seed")
 STEPS = 20  # denoising steps of training samples and evaluation alike
 TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
+# Half the prompts leave out each of size, colour and background, as users' prompts leave things to the model:
+# a reward can then move what a prompt does not fix (a prompt that names its colours fixes the colour rewards).
+OMIT_PROBABILITY = 0.5
 
 
-def prompt_sets() -> tuple[list[str], list[str]]:
-    """40 distinct circle/square scenes for training and 24 distinct triangle scenes (the held-out family)."""
-    from rlaif.shapes import random_scene
+def prompt_sets(omit_probability: float) -> tuple[list[str], list[str]]:
+    """40 distinct circle/square captions for training and 24 distinct triangle captions (the held-out family),
+    each leaving out size, colour and background with ``omit_probability``."""
+    from rlaif.shapes import random_scene, shorter_caption
 
     rng = random.Random(2026)
     train: list[str] = []
     family: list[str] = []
     while len(train) < TRAIN_PROMPTS or len(family) < FAMILY_PROMPTS:
         scene = random_scene(rng)
+        caption = shorter_caption(scene, rng, omit_probability)
         group, limit = (family, FAMILY_PROMPTS) if scene.shape == "triangle" else (train, TRAIN_PROMPTS)
-        if len(group) < limit and scene.caption not in group:
-            group.append(scene.caption)
+        if len(group) < limit and caption not in group:
+            group.append(caption)
     return train, family
 
 
@@ -166,6 +172,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/reward-suite"))
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
     parser.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated names from REWARDS")
+    parser.add_argument("--omit-probability", type=float, default=OMIT_PROBABILITY,
+                        help="leave each of size, colour and background out of a prompt with this probability "
+                             "(0: every prompt names them all, the prompts of the sweeps before 2026-11-27 11:00; "
+                             "their samples came from the tiny model before it learned shorter captions)")
     args = parser.parse_args()
     from rlaif.config import SampleConfig
     from rlaif.sample import run_sample
@@ -177,8 +187,11 @@ def main() -> None:
         parser.error(f"unknown recipe or reward: {', '.join(unknown)}")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    train_prompts, family_prompts = prompt_sets()
-    (work / "train.txt").write_text("\n".join(train_prompts) + "\n")
+    train_prompts, family_prompts = prompt_sets(args.omit_probability)
+    listing = "\n".join(train_prompts) + "\n"
+    if (work / "train.txt").exists() and (work / "train.txt").read_text() != listing:
+        parser.error(f"{work} holds runs on other prompts: give another --work")
+    (work / "train.txt").write_text(listing)
     eval_prompts = work / "eval.csv"
     pl.DataFrame({"prompt": train_prompts + family_prompts,
                   "category": ["seen prompts"] * len(train_prompts) + ["held-out family"] * len(family_prompts)}

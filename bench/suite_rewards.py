@@ -7,19 +7,22 @@ a user's own reward plugs in. Every reward reads pixels only (no model), so its 
 - ``saturation``: mean HSV saturation, 0..1;
 - ``warmth``: 0.5 + mean (red - blue) / 510, 0..1 (a hue preference: orange and red over blue and purple);
 - ``edges``: mean Sobel gradient magnitude of the luma / 255 (busier pictures score higher);
-- ``asked_colour``: share of pixels whose nearest world colour is the colour the prompt asks for (the first
-  colour word), 0..1: the one reward that depends on the prompt;
+- ``asked_colour``: share of pixels whose nearest world colour is the colour the prompt asks for (the shape's,
+  else the background's), 0..1: the one reward that depends on the prompt. A prompt that names no colour ("a
+  circle") scores 0 for every picture: its candidates tie, and make no pairs;
 - ``size``: share of pixels not in the background's colour (``rlaif.shapes.foreground_mask``), 0..1: a
   bigger subject scores higher;
 - ``centred``: 1 - distance of the subject's centroid from the picture's centre / half the diagonal, 0..1;
 - ``high``: 1 - the subject centroid's row / (height - 1), 0..1: a subject high in the frame scores higher.
 
-``follows_prompt`` is no training reward but the suite's held-out check: the share of the prompt's background
-colour, shape colour and shape that ``rlaif.shapes.read_scene`` reads in the picture, 0..1. A reward gained by
-drawing what was not asked shows as a fall in it.
+``follows_prompt`` is no training reward but the suite's held-out check: the share of what the prompt asks of
+background colour, shape colour and shape that ``rlaif.shapes.read_scene`` reads in the picture, 0..1. A reward
+gained by drawing what was not asked shows as a fall in it.
 
-The first three are colour statistics, which a prompt mostly fixes; the last three are composition, which it
-leaves free (the world draws each shape at a random place and at a size within +-15%).
+Prompts are read with ``rlaif.shapes.asked``, so a prompt may leave out size, colour or background. The first
+three rewards are colour statistics, which a prompt that names its colours fixes and one that does not leaves
+to chance; the last three are composition, which every prompt leaves free (the world draws each shape at a
+random place and at a size within +-15%).
 
 ``incompressibility`` (built in) completes the suite.
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from rlaif.shapes import COLORS, READ_ORDER, foreground_mask, nearest_colours, read_scene
+from rlaif.shapes import READ_KEYS, READ_ORDER, asked, foreground_mask, nearest_colours, read_scene
 
 
 class PixelReward:
@@ -84,12 +87,14 @@ def edges(device: str = "cpu") -> PixelReward:
 
 
 def asked_colour(device: str = "cpu") -> PixelReward:
-    """Share of pixels in the colour the prompt asks for (its first colour word); 0 when it names none."""
+    """Share of pixels in the colour the prompt asks for (the shape's, else the background's); 0 when it names
+    none."""
     def value(image: Image.Image, prompt: str) -> float:
-        asked = next((word for word in prompt.split() if word in COLORS), None)
-        if asked is None:
+        wanted = asked(prompt)
+        colour = wanted.get("color", wanted.get("background"))
+        if colour is None:
             return 0.0
-        return (nearest_colours(image) == READ_ORDER.index(asked)).mean()
+        return (nearest_colours(image) == READ_ORDER.index(colour)).mean()
     return PixelReward("asked_colour", value)
 
 
@@ -127,10 +132,11 @@ def high(device: str = "cpu") -> PixelReward:
 
 
 def follows_prompt(device: str = "cpu") -> PixelReward:
-    """Share of (background colour, shape colour, shape) of "a {size} {colour} {shape} on a {background}
-    background" that the picture shows, read by rule; 0..1."""
+    """Share of what the prompt asks of (background colour, shape colour, shape) that the picture shows, read by
+    rule; 0..1. What a prompt leaves out is not checked."""
     def value(image: Image.Image, prompt: str) -> float:
-        words = prompt.split()
-        asked = (words[6], words[2], words[3])  # background, shape colour, shape
-        return sum(a == b for a, b in zip(asked, read_scene(image), strict=True)) / 3
+        wanted = asked(prompt)
+        checked = [(wanted[key], read) for key, read in zip(READ_KEYS, read_scene(image), strict=True)
+                   if key in wanted]
+        return sum(a == b for a, b in checked) / len(checked)
     return PixelReward("follows_prompt", value)

@@ -43,7 +43,54 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} on a {self.background} background"
+        return self.describe()
+
+    def describe(self, omit: frozenset[str] = frozenset()) -> str:
+        """The caption, leaving out the attributes named in ``omit`` ("size", "color", "background"): a
+        caption that says less leaves those to chance, as real prompts do."""
+        words = ["a"] + [getattr(self, key) for key in ("size", "color") if key not in omit] + [self.shape]
+        if "background" not in omit:
+            words += ["on", "a", self.background, "background"]
+        return " ".join(words)
+
+
+OPTIONAL: tuple[str, ...] = ("size", "color", "background")  # what a caption may leave out (never the shape)
+READ_KEYS: tuple[str, ...] = ("background", "color", "shape")  # what read_scene returns, in its order
+
+
+def random_omission(rng: random.Random, probability: float) -> frozenset[str]:
+    """Each of OPTIONAL left out of a caption independently with ``probability``."""
+    return frozenset(key for key in OPTIONAL if rng.random() < probability)
+
+
+def shorter_caption(scene: Scene, rng: random.Random, probability: float) -> str:
+    """``scene``'s caption with each of OPTIONAL left out with ``probability``; at 0 the full caption without
+    drawing from ``rng``, so a run made before captions could be shorter replays exactly."""
+    return scene.describe(random_omission(rng, probability)) if probability else scene.caption
+
+
+def asked(caption: str) -> dict[str, str]:
+    """What a caption of ``Scene.describe`` asks for: a subset of {"size", "color", "shape", "background"}.
+
+    The one parser of the caption format, so rewards and checks read prompts the way the world writes them
+    (case, a final full stop and "an" for "a" are forgiven).
+    """
+    words = ["a" if word == "an" else word for word in caption.lower().rstrip(".").split()]
+    if words[-1:] == ["background"] and len(words) >= 4 and words[-2] in COLORS and words[-4:-2] == ["on", "a"]:
+        found, words = {"background": words[-2]}, words[:-4]
+    else:
+        found = {}
+    if not words or words[0] != "a" or words[-1] not in SHAPES:
+        raise ValueError(f"not a caption of the shapes world: {caption!r}")
+    found["shape"] = words[-1]
+    middle = words[1:-1]
+    if middle and middle[0] in SIZES:
+        found["size"] = middle.pop(0)
+    if middle and middle[0] in COLORS:
+        found["color"] = middle.pop(0)
+    if middle:
+        raise ValueError(f"not a caption of the shapes world: {caption!r}")
+    return found
 
 
 def random_scene(rng: random.Random) -> Scene:

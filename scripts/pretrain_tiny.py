@@ -5,13 +5,19 @@ crops; it prints the share of round trips that still read as drawn). Stage 2 fre
 and text encoder with the standard epsilon-prediction objective, 10% caption dropout (for classifier-free
 guidance), offset noise (so colours come from the prompt, not from the noise's mean) and Min-SNR-5 weighting.
 
-The committed weights come from two runs (~27 + ~17 CPU minutes on 2 cores):
+The committed weights come from four runs (~27 + ~17 + ~8 + ~9 CPU minutes on 2 cores):
 
     python scripts/pretrain_tiny.py --no-noisier-half --text-lr-factor 1 --out /tmp/tiny-stage1
-    python scripts/pretrain_tiny.py --init /tmp/tiny-stage1 --vae-steps 0 --lr 5e-4
+    python scripts/pretrain_tiny.py --init /tmp/tiny-stage1 --vae-steps 0 --lr 5e-4 --out /tmp/tiny-stage2
+    python scripts/pretrain_tiny.py --init /tmp/tiny-stage2 --vae-steps 0 --unet-steps 600 --lr 3e-4 \
+        --omit-probability 0.25 --out /tmp/tiny-stage3
+    python scripts/pretrain_tiny.py --init /tmp/tiny-stage3 --vae-steps 0 --unet-steps 800 --lr 3e-4 \
+        --omit-probability 0.4 --seed 1
 
 the second continuing the first's UNet and text encoder with every other timestep drawn from the noisier
-half of the schedule and a 3x learning rate for the text encoder (what made it follow colours).
+half of the schedule and a 3x learning rate for the text encoder (what made it follow colours); the last two
+teaching it shorter captions ("a red circle", "a circle on a blue background"), so that what a caption leaves
+out it draws differently from seed to seed, as the world does.
 ``python bench/tiny_world.py`` measures how well a model follows the prompt.
 """
 
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from rlaif.shapes import Scene, draw, random_scene, read_scene
+from rlaif.shapes import Scene, draw, random_scene, read_scene, shorter_caption
 from rlaif.tiny import NOISE_SCHEDULE, RESOLUTION, TINY_SD_DIR, build_sd_components
 
 OFFSET_NOISE = 0.1
@@ -41,10 +47,10 @@ def drawings(scenes: list[Scene], rng: random.Random) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
-    """``size`` random scenes as a [-1, 1] image tensor and their captions."""
+def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[Scene]]:
+    """``size`` random scenes as a [-1, 1] image tensor, and the scenes."""
     scenes = [random_scene(rng) for _ in range(size)]
-    return drawings(scenes, rng), [s.caption for s in scenes]
+    return drawings(scenes, rng), scenes
 
 
 def train_vae(vae, steps: int, rng: random.Random) -> None:
@@ -77,21 +83,28 @@ def reconstruction_accuracy(vae, rng: random.Random, size: int = 256) -> float:
     return sum(r == (s.background, s.color, s.shape) for s, r in zip(scenes, read, strict=True)) / size
 
 
-def encode_dataset(vae, rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+def encode_dataset(vae, rng: random.Random, size: int) -> tuple[torch.Tensor, list[Scene]]:
     """Encode ``size`` random scenes once (scaled latents), so the UNet stage never runs the VAE."""
-    latents, captions = [], []
+    latents, scenes = [], []
     with torch.no_grad():
         for _ in range(size // 128):
-            images, texts = batch(rng, 128)
+            images, drawn = batch(rng, 128)
             latents.append(vae.encode(images).latent_dist.sample() * vae.config.scaling_factor)
-            captions += texts
-    return torch.cat(latents), captions
+            scenes += drawn
+    return torch.cat(latents), scenes
 
 
-def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[str]], steps: int,
-               rng: random.Random, lr: float, noisier_half: bool, text_lr_factor: float) -> None:
+def caption(scene: Scene, rng: random.Random, omit_probability: float) -> str:
+    """The training caption of ``scene``: empty 10% of the time (for classifier-free guidance), else its
+    caption with each optional attribute left out with ``omit_probability``."""
+    return "" if rng.random() < 0.1 else shorter_caption(scene, rng, omit_probability)
+
+
+def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[Scene]], steps: int,
+               rng: random.Random, lr: float, noisier_half: bool, text_lr_factor: float,
+               omit_probability: float) -> None:
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
-    all_latents, all_captions = data
+    all_latents, all_scenes = data
     # the text encoder learns from scratch through the UNet's cross-attention: a higher rate speeds that up
     groups = [{"params": list(unet.parameters())}, {"params": list(text_encoder.parameters())}]
     params = [param for group in groups for param in group["params"]]
@@ -99,9 +112,9 @@ def train_unet(unet, text_encoder, tokenizer, data: tuple[torch.Tensor, list[str
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, text_lr_factor * lr],
                                                       total_steps=steps, pct_start=0.05)
     for step in range(steps):
-        index = rng.sample(range(len(all_captions)), 48)
+        index = rng.sample(range(len(all_scenes)), 48)
         latents = all_latents[index]
-        captions = ["" if rng.random() < 0.1 else all_captions[i] for i in index]
+        captions = [caption(all_scenes[i], rng, omit_probability) for i in index]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         hidden = text_encoder(ids)[0]
@@ -145,6 +158,9 @@ def main() -> None:
                         help="draw every other UNet sample's timestep from the noisier half of the schedule")
     parser.add_argument("--text-lr-factor", type=float, default=3.0,
                         help="the text encoder's learning rate over the UNet's")
+    parser.add_argument("--omit-probability", type=float, default=0.0,
+                        help="leave each of size, colour and background out of a training caption with this "
+                             "probability, so a caption that says less leaves it to chance")
     parser.add_argument("--init", type=Path, help="continue from this tiny folder (its VAE is kept if --vae-steps 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TINY_SD_DIR)
@@ -166,7 +182,7 @@ def main() -> None:
           f"reconstructions read right: {reconstruction_accuracy(parts['vae'], rng):.1%}", flush=True)
     data = encode_dataset(parts["vae"], rng, args.dataset_size)
     train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng, args.lr,
-               args.noisier_half, args.text_lr_factor)
+               args.noisier_half, args.text_lr_factor, args.omit_probability)
     print(f"all done in {time.time() - start:.0f}s", flush=True)
     StableDiffusionPipeline(**parts).save_pretrained(args.out, safe_serialization=True)
 

@@ -1,12 +1,26 @@
-"""The tiny world's reader (`rlaif.shapes.read_scene`), which bench/tiny_world.py trusts to judge the tiny model."""
+"""The tiny world's captions and its reader (`rlaif.shapes.read_scene`), which bench/tiny_world.py trusts to judge
+the tiny model."""
 
 import itertools
 import random
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
-from rlaif.shapes import COLORS, SHAPES, Scene, draw, foreground_mask, paint, read_scene
+from rlaif.shapes import (
+    COLORS,
+    OPTIONAL,
+    SHAPES,
+    Scene,
+    asked,
+    draw,
+    foreground_mask,
+    paint,
+    random_omission,
+    read_scene,
+    shorter_caption,
+)
 
 
 def test_the_reader_reads_every_drawn_scene_as_drawn():
@@ -36,3 +50,40 @@ def test_the_foreground_mask_is_the_painted_shape():
     assert mask.dtype == bool
     assert (mask == np.asarray(truth, dtype=bool)).all()
     assert not foreground_mask(Image.new("RGB", (64, 64), COLORS["black"])).any()
+
+
+def test_every_shorter_caption_parses_back_to_what_it_says():
+    scene = Scene("triangle", "purple", "white", "small")
+    full = {"size": "small", "color": "purple", "shape": "triangle", "background": "white"}
+    for count in range(len(OPTIONAL) + 1):
+        for omit in itertools.combinations(OPTIONAL, count):
+            caption = scene.describe(frozenset(omit))
+            assert asked(caption) == {key: value for key, value in full.items() if key not in omit}, caption
+    assert scene.describe() == scene.caption == "a small purple triangle on a white background"
+    assert scene.describe(frozenset(OPTIONAL)) == "a triangle"
+
+
+def test_a_caption_outside_the_world_is_refused():
+    for caption in ("a red", "the red circle", "a circle on a background", "a red large circle", "a circle of red"):
+        with pytest.raises(ValueError, match="not a caption of the shapes world"):
+            asked(caption)
+
+
+def test_omission_leaves_each_attribute_out_at_its_rate():
+    rng = random.Random(0)
+    draws = [random_omission(rng, 0.25) for _ in range(4000)]
+    for key in OPTIONAL:
+        assert abs(sum(key in omit for omit in draws) / len(draws) - 0.25) < 0.03
+
+
+def test_a_full_caption_draws_nothing_so_older_runs_replay():
+    rng = random.Random(3)
+    state = rng.getstate()
+    caption = shorter_caption(Scene("circle", "red", "blue", "large"), rng, 0.0)
+    assert caption == "a large red circle on a blue background"
+    assert rng.getstate() == state
+
+
+def test_the_parser_forgives_case_a_full_stop_and_an():
+    assert asked("An orange circle on a blue background.") == {"color": "orange", "shape": "circle",
+                                                                "background": "blue"}

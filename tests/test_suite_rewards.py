@@ -47,3 +47,18 @@ def test_follows_prompt_counts_what_the_picture_shows_of_the_prompt():
     prompts = ["a large red square on a blue background", "a large red circle on a blue background",
                "a small green circle on a blue background", "a small green circle on a white background"]
     assert reward.score([picture] * 4, prompts) == pytest.approx([1, 2 / 3, 1 / 3, 0])
+
+
+def test_follows_prompt_checks_only_what_a_shorter_prompt_asks():
+    picture = square((10, 10, 40, 40))  # a red square on blue
+    reward = suite_rewards.follows_prompt()
+    prompts = ["a square", "a circle", "a green square", "a large square on a white background",
+               "a red circle on a blue background"]
+    assert reward.score([picture] * 5, prompts) == pytest.approx([1, 0, 1 / 2, 1 / 2, 2 / 3])
+
+
+def test_asked_colour_reads_the_shape_colour_else_the_background():
+    picture = square((0, 0, 15, 63))  # a red quarter on blue
+    reward = suite_rewards.asked_colour()
+    prompts = ["a red square on a blue background", "a square on a blue background", "a blue square", "a square"]
+    assert reward.score([picture] * 4, prompts) == pytest.approx([1 / 4, 3 / 4, 3 / 4, 0])
