@@ -110,8 +110,10 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     if recorded.exists() and recorded.read_text() != recipe_text:
         raise SystemExit(f"{cell} was made by another recipe: use another --work")
     result = cell / "eval" / "eval_by_category.parquet"
-    if result.exists() and CHECK in set(pl.read_parquet(result)["scorer"]):
-        return pl.read_parquet(result)
+    if result.exists():
+        table = pl.read_parquet(result)
+        if CHECK in set(table["scorer"]):  # made before the suite checked prompt following: evaluate again
+            return table
     pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
     if not pairs.exists():
         run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from rlaif.shapes import READ_KEYS, READ_ORDER, asked, foreground_mask, nearest_colours, read_scene
+from rlaif.shapes import READ_ORDER, agreement, asked, foreground_mask, nearest_colours, read_scene
 
 
 class PixelReward:
@@ -135,8 +135,6 @@ def follows_prompt(device: str = "cpu") -> PixelReward:
     """Share of what the prompt asks of (background colour, shape colour, shape) that the picture shows, read by
     rule; 0..1. What a prompt leaves out is not checked."""
     def value(image: Image.Image, prompt: str) -> float:
-        wanted = asked(prompt)
-        checked = [(wanted[key], read) for key, read in zip(READ_KEYS, read_scene(image), strict=True)
-                   if key in wanted]
-        return sum(a == b for a, b in checked) / len(checked)
+        checks = agreement(prompt, read_scene(image))
+        return sum(checks) / len(checks)
     return PixelReward("follows_prompt", value)

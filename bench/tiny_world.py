@@ -28,7 +28,7 @@ import sys
 
 from PIL import Image
 
-from rlaif.shapes import READ_KEYS, READ_ORDER, SHAPES, SIZES, Scene, asked, draw, read_scene
+from rlaif.shapes import READ_KEYS, READ_ORDER, SHAPES, SIZES, Scene, agreement, draw, read_scene
 
 KINDS = {"colours left out": frozenset({"color", "background"}), "background left out": frozenset({"background"}),
          "shape colour left out": frozenset({"color"})}
@@ -69,11 +69,10 @@ def expected_distinct(choices: int, draws: int) -> float:
 def variety(captions: list[str], images: list[Image.Image], seeds: int, omit: frozenset[str]) -> dict[str, float]:
     """Share of asked attributes drawn, and the mean count of distinct left-out colours among each caption's
     ``seeds`` images (``images`` holds them caption by caption)."""
-    read = [dict(zip(READ_KEYS, read_scene(image), strict=True)) for image in images]
-    wanted = [asked(caption) for caption in captions for _ in range(seeds)]
-    checks = [drawn[key] == want[key] for drawn, want in zip(read, wanted, strict=True) for key in READ_KEYS
-              if key in want]
+    found = [read_scene(image) for image in images]
+    checks = [check for index, scene in enumerate(found) for check in agreement(captions[index // seeds], scene)]
     result = {"asked drawn": sum(checks) / len(checks)}
+    read = [dict(zip(READ_KEYS, scene, strict=True)) for scene in found]
     for key in sorted(omit):
         groups = [read[i : i + seeds] for i in range(0, len(read), seeds)]
         result[f"distinct {key}s"] = sum(len({drawn[key] for drawn in group}) for group in groups) / len(groups)

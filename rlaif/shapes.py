@@ -93,6 +93,13 @@ def asked(caption: str) -> dict[str, str]:
     return found
 
 
+def agreement(caption: str, read: tuple[str, str | None, str | None]) -> list[bool]:
+    """For each of background, shape colour and shape that ``caption`` asks for, whether ``read`` (what
+    ``read_scene`` found) shows it; what the caption leaves out is not checked."""
+    wanted = asked(caption)
+    return [wanted[key] == found for key, found in zip(READ_KEYS, read, strict=True) if key in wanted]
+
+
 def random_scene(rng: random.Random) -> Scene:
     """Draw a scene whose shape colour differs from its background."""
     color, background = rng.sample(sorted(COLORS), 2)
