@@ -34,7 +34,8 @@ DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included 
     "unet": "to_q,to_k,to_v,to_out.0",
     "transformer": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
 }
-HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+$")  # ORG/NAME (not a mistyped DIR/FILE.parquet)
+# ORG/NAME, or ORG/NAME@REVISION pinned to a commit, tag or branch (not a mistyped DIR/FILE.parquet)
+HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+(@[\w.-]+)?$")
 
 
 MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at most 512 (longer prompts are cut). "
@@ -182,8 +183,8 @@ class TrainConfig:
     pairs: str = field(metadata={
         "help": "Pairs: rlaif pairs.parquet or a Pick-a-Pic v2 style table, as a parquet file, a folder of parquet "
                 "shards (its train split when it holds several), a datasets.save_to_disk folder, a hub dataset id "
-                "(e.g. yuvalkirstain/pickapic_v2) or an fsspec URL (hf://..., s3://...). Read lazily: memory does "
-                "not grow with the table."})
+                "(e.g. yuvalkirstain/pickapic_v2, or pinned to a version: yuvalkirstain/pickapic_v2@COMMIT) or an "
+                "fsspec URL (hf://..., s3://...). Read lazily: memory does not grow with the table."})
     model: str = field(metadata={"help": "Hub id, local diffusers folder, or tiny / tiny-xl / tiny-sd3 / tiny-flux."})
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
     streaming: bool = field(default=False, metadata={

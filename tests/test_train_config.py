@@ -58,3 +58,16 @@ def test_integers_are_not_booleans(tmp_path):
     (tmp_path / "run.toml").write_text("full = 1\n")
     with pytest.raises(RlaifError, match="full: expected bool, got 1"):
         read_settings(tmp_path / "run.toml", TrainConfig)
+
+
+@pytest.mark.parametrize(("pairs", "accepted"), [
+    ("yuvalkirstain/pickapic_v2", True), ("yuvalkirstain/pickapic_v2@0123abcd", True), ("org/name@v1.0", True),
+    ("runs/pairs.parquet", False), ("org/name@", False), ("org/name@rev/extra", False), ("a/b/c", False)])
+def test_hub_dataset_ids_may_pin_a_revision(pairs, accepted, tmp_path):
+    """`--pairs ORG/NAME@REVISION` is a hub id (pinned); a missing local file or a malformed id is one clear line."""
+    config = TrainConfig(pairs=pairs, model="tiny", out=tmp_path / "out")
+    if accepted:
+        config.validate()
+    else:
+        with pytest.raises(RlaifError, match=f"pairs table {pairs} does not exist"):
+            config.validate()

@@ -130,7 +130,13 @@ def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp
     (hub / "refs" / "main").write_text(REVISION)
     (hub / "snapshots" / REVISION).mkdir(parents=True)
     shutil.copytree(tmp_path / "pap" / "data", hub / "snapshots" / REVISION / "data")
-    assert described(PairTable("someone/pairs")) == described(whole)
+    hub_table = PairTable("someone/pairs")
+    assert described(hub_table) == described(whole) and hub_table.pinned == f"someone/pairs@{REVISION}"
+    older = "fedcba9876543210fedcba9876543210fedcba98"  # an earlier commit of the dataset, still in the cache
+    (hub / "snapshots" / older / "data").mkdir(parents=True)
+    pq.write_table(table.slice(0, 12), hub / "snapshots" / older / "data" / "train-00000-of-00001.parquet")
+    pinned = PairTable(f"someone/pairs@{older}")
+    assert described(pinned) == described(whole)[:8] and pinned.pinned == f"someone/pairs@{older}"
     streamed = PairTable(f"file://{tmp_path / 'pap'}")  # an fsspec URL: read in place, as --streaming does
     assert described(streamed) == described(whole)
 

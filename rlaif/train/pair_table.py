@@ -73,16 +73,36 @@ def parquet_files(path: Path) -> list[str]:
     return [str(path)]
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot of hub dataset ``repo_id``'s parquet files (downloaded once into the Hugging Face
-    cache; offline, the cached one). Read as shards, lazily: no Arrow copy of the table is made."""
+def hub_revision(source: str) -> tuple[str, str | None]:
+    """(ORG/NAME, REVISION or None) of a hub dataset id, pinned as ``ORG/NAME@REVISION`` or not."""
+    repo_id, _, revision = source.partition("@")
+    return repo_id, revision or None
+
+
+def hub_snapshot(source: str) -> Path:
+    """The local snapshot (``.../snapshots/COMMIT``) of hub dataset ``source``'s parquet files, at its pinned
+    revision or the newest: downloaded once into the Hugging Face cache; offline, the cached one. Read as
+    shards, lazily: no Arrow copy of the table is made."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    repo_id, revision = hub_revision(source)
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"]))
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                      allow_patterns=["*.parquet", "**/*.parquet"]))
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as exc:
-        raise RlaifError(f"pairs {repo_id}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
+        raise RlaifError(f"pairs {source}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
+
+
+def hub_commit(repo_id: str) -> str:
+    """The commit a hub dataset's main branch is at now."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return HfApi().dataset_info(repo_id).sha
+    except (HfHubHTTPError, HFValidationError, OSError) as exc:
+        raise RlaifError(f"pairs {repo_id}: cannot reach the hub dataset ({str(exc).splitlines()[0]})") from exc
 
 
 def remote_shards(source: str) -> list[str]:
@@ -165,7 +185,12 @@ class PairTable(Sequence[PreferencePair]):
         if streaming and not HUB_DATASET.match(self.source):
             raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
                              "read lazily anyway; give an fsspec URL for other remote tables)")
-        if "://" in self.source or streaming:
+        self.pinned: str | None = None  # for a hub dataset id: ORG/NAME@REVISION, the version read
+        if streaming:  # read in place at one commit throughout: a resume after the dataset changed is refused
+            repo_id, revision = hub_revision(self.source)
+            self.pinned = f"{repo_id}@{revision or hub_commit(repo_id)}"
+            self._init_parquet(remote_shards(self.pinned), remote=True)
+        elif "://" in self.source:
             self._init_parquet(remote_shards(self.source), remote=True)
         elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             self._init_arrow(str(path), label)
@@ -173,8 +198,9 @@ class PairTable(Sequence[PreferencePair]):
         elif path.exists():
             self._init_parquet(parquet_files(path))
         elif HUB_DATASET.match(self.source):
-            self._init_parquet(parquet_shards(sorted(map(str, hub_snapshot(self.source).rglob("*.parquet"))),
-                                              self.source))
+            snapshot = hub_snapshot(self.source)
+            self.pinned = f"{hub_revision(self.source)[0]}@{snapshot.name}"
+            self._init_parquet(parquet_shards(sorted(map(str, snapshot.rglob("*.parquet"))), self.source))
         else:
             raise RlaifError(f"pairs table {source} does not exist (expected a parquet file, a folder of parquet "
                              "shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")

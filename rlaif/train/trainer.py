@@ -149,7 +149,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32")}
+        info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
+                **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
         for tracker in accelerator.trackers:  # not end_training(): it ends the process group a loop still needs
