@@ -63,6 +63,11 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                                    "max_steps": 600}),
     "full-lr1e-5": ("full UNet, lr 1e-5, batch 4, 300 steps", "best-worst",
                     {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
+    "defaults-top-vs-bottom": ("`rlaif train` with no options, on each of the 2 best against each of the 2 worst "
+                               "candidates (4 pairs per prompt)", "top-vs-bottom", {}),
+    "defaults-beta2500": ("`rlaif train --beta 2500`", "best-worst", {"beta": 2500.0}),
+    "defaults-beta1000": ("`rlaif train --beta 1000`", "best-worst", {"beta": 1000.0}),
+    "defaults-no-caption-dropout": ("`rlaif train --caption-dropout 0`", "best-worst", {"caption_dropout": 0.0}),
     "defaults-all-pairs": ("`rlaif train` with no options, on every pair of each prompt's 8 candidates (28)",
                            "all-pairs", {}),
     "full-lr1e-5-all-pairs": ("full UNet, lr 1e-5, batch 4, 300 steps, on every pair (28 per prompt)",
