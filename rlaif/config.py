@@ -206,7 +206,8 @@ class TrainConfig:
     loss: str = field(default="sigmoid", metadata={"help": f"{' | '.join(LOSS_TYPES)} (DPO) or sft."})
     beta: float | None = field(default=None, metadata={
         "help": "DPO beta. Default: 5000 for SD1.5 / SDXL (official Diffusion-DPO), 100 for SD3 / SD3.5 / FLUX.1 "
-                "(Flow-DPO as released in flow_grpo)."})
+                "(Flow-DPO as released in flow_grpo). Lower moves the reward further and keeps less to the prompt "
+                "(bench/reward_suite.py: 1000 on a 38-pair table)."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
