@@ -3,8 +3,8 @@
 For each reward of the suite (``bench/suite_rewards.py`` plugins and the built-in ``incompressibility``) and
 each training recipe in ``RECIPES``:
 
-1. the tiny model samples 40 training prompts (circles and squares of the shapes world, each leaving out size,
-   colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates once;
+1. the tiny model samples 40 training prompts (``--train-prompts``; circles and squares of the shapes world, each
+   leaving out size, colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates once;
 2. ``rlaif label`` makes best-worst pairs with the reward (or the recipe's pairing strategy);
 3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
    a user gets);
@@ -67,6 +67,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                                "candidates (4 pairs per prompt)", "top-vs-bottom", {}),
     "defaults-beta2500": ("`rlaif train --beta 2500`", "best-worst", {"beta": 2500.0}),
     "defaults-beta1000": ("`rlaif train --beta 1000`", "best-worst", {"beta": 1000.0}),
+    "defaults-2400-steps": ("`rlaif train --max-steps 2400` (as many passes over 160 prompts' pairs as 600 steps "
+                            "over 40 prompts')", "best-worst", {"max_steps": 2400}),
     "defaults-no-caption-dropout": ("`rlaif train --caption-dropout 0`", "best-worst", {"caption_dropout": 0.0}),
     "defaults-all-pairs": ("`rlaif train` with no options, on every pair of each prompt's 8 candidates (28)",
                            "all-pairs", {}),
@@ -82,18 +84,19 @@ TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
 OMIT_PROBABILITY = 0.5
 
 
-def prompt_sets(omit_probability: float) -> tuple[list[str], list[str]]:
-    """40 distinct circle/square captions for training and 24 distinct triangle captions (the held-out family),
-    each leaving out size, colour and background with ``omit_probability``."""
+def prompt_sets(omit_probability: float, train_count: int = TRAIN_PROMPTS) -> tuple[list[str], list[str]]:
+    """``train_count`` distinct circle/square captions for training and 24 distinct triangle captions (the held-out
+    family), each leaving out size, colour and background with ``omit_probability``. The first 40 training and
+    the family captions are the same whatever ``train_count``: one stream of scenes fills both lists."""
     from rlaif.shapes import random_scene, shorter_caption
 
     rng = random.Random(2026)
     train: list[str] = []
     family: list[str] = []
-    while len(train) < TRAIN_PROMPTS or len(family) < FAMILY_PROMPTS:
+    while len(train) < train_count or len(family) < FAMILY_PROMPTS:
         scene = random_scene(rng)
         caption = shorter_caption(scene, rng, omit_probability)
-        group, limit = (family, FAMILY_PROMPTS) if scene.shape == "triangle" else (train, TRAIN_PROMPTS)
+        group, limit = (family, FAMILY_PROMPTS) if scene.shape == "triangle" else (train, train_count)
         if len(group) < limit and caption not in group:
             group.append(caption)
     return train, family
@@ -183,6 +186,9 @@ def main() -> None:
                         help="leave each of size, colour and background out of a prompt with this probability "
                              "(0: every prompt names them all, the prompts of the sweeps before 2026-11-27 11:00; "
                              "their samples came from the tiny model before it learned shorter captions)")
+    parser.add_argument("--train-prompts", type=int, default=TRAIN_PROMPTS,
+                        help=f"training prompts (at least {TRAIN_PROMPTS}); the evaluation's seen prompts are the "
+                             f"first {TRAIN_PROMPTS} of them whatever the number, so runs with more are comparable")
     args = parser.parse_args()
     from rlaif.config import SampleConfig
     from rlaif.sample import run_sample
@@ -192,16 +198,19 @@ def main() -> None:
     unknown = [name for name in recipes if name not in RECIPES] + [name for name in rewards if name not in REWARDS]
     if unknown:
         parser.error(f"unknown recipe or reward: {', '.join(unknown)}")
+    if args.train_prompts < TRAIN_PROMPTS:
+        parser.error(f"--train-prompts must be at least {TRAIN_PROMPTS}, got {args.train_prompts}")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    train_prompts, family_prompts = prompt_sets(args.omit_probability)
+    train_prompts, family_prompts = prompt_sets(args.omit_probability, args.train_prompts)
     listing = "\n".join(train_prompts) + "\n"
     if (work / "train.txt").exists() and (work / "train.txt").read_text() != listing:
         parser.error(f"{work} holds runs on other prompts: give another --work")
     (work / "train.txt").write_text(listing)
     eval_prompts = work / "eval.csv"
-    pl.DataFrame({"prompt": train_prompts + family_prompts,
-                  "category": ["seen prompts"] * len(train_prompts) + ["held-out family"] * len(family_prompts)}
+    seen = train_prompts[:TRAIN_PROMPTS]
+    pl.DataFrame({"prompt": seen + family_prompts,
+                  "category": ["seen prompts"] * len(seen) + ["held-out family"] * len(family_prompts)}
                  ).write_csv(eval_prompts)
     samples = work / "samples"
     run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=samples, per_prompt=CANDIDATES,

@@ -200,3 +200,8 @@ def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
     moved = [e for e in log(tmp_path / "moving") if "val_loss" in e]
     assert all(0 <= e["val_implicit_acc"] <= 1 for e in moved) and moved[-1]["val_loss"] != pytest.approx(math.log(2))
     assert "held-out acc" in moving.stderr
+    few = run_cli(*common[:4], "--batch-size", 4, "--max-steps", 2, "--val-fraction", 0.05, "--optimizer", "sgd",
+                  "--learning-rate", 1e-30, "--out", tmp_path / "few")  # 5% of 40 prompts: 1 pair, under a batch
+    assert few.returncode == 0, few.stderr
+    val_losses = [e["val_loss"] for e in log(tmp_path / "few") if "val_loss" in e]  # every step (max-steps // 10 is 0)
+    assert val_losses == pytest.approx([math.log(2)] * 2, abs=1e-4)

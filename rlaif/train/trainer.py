@@ -103,8 +103,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                                  default_workers(accelerator) if config.workers is None else config.workers))
     checkpoint_every = config.checkpoint_every
     val_every = config.val_every or max(1, config.max_steps // 10)
-    validation = held_out and MicroBatches(held_out, replace(settings, caption_dropout=0.0, random_crop=False,
-                                                             hflip=False, shuffle=False), encoder.latents)
+    # held-out pairs fewer than a batch (a small table's 5%) are measured in smaller batches, not skipped
+    validation = held_out and MicroBatches(held_out, replace(
+        settings, batch_size=max(1, min(settings.batch_size, len(held_out) // settings.processes)),
+        caption_dropout=0.0, random_crop=False, hflip=False, shuffle=False), encoder.latents)
     first_step, loop_started = step, time.perf_counter()
     probe_at = first_step + min(AUTO_CHECKPOINT_PROBE, config.max_steps - first_step)  # also after a resume
     while step < config.max_steps:
@@ -280,7 +282,7 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
     order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
-    model. Empty when there is not one whole batch."""
+    model. Empty when there are fewer held-out pairs than processes."""
     per_batch = validation.settings.batch_size * validation.settings.processes
     batches = min(len(validation.table), max_pairs) // per_batch
     totals: dict[str, float] = {}
