@@ -94,13 +94,13 @@ def hub_snapshot(source: str) -> Path:
         raise RlaifError(f"pairs {source}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
 
 
-def hub_commit(repo_id: str) -> str:
-    """The commit a hub dataset's main branch is at now."""
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit that ``revision`` (a commit, tag or branch; None: main) of a hub dataset is at now."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
-        return HfApi().dataset_info(repo_id).sha
+        return HfApi().dataset_info(repo_id, revision=revision).sha
     except (HfHubHTTPError, HFValidationError, OSError) as exc:
         raise RlaifError(f"pairs {repo_id}: cannot reach the hub dataset ({str(exc).splitlines()[0]})") from exc
 
@@ -188,7 +188,7 @@ class PairTable(Sequence[PreferencePair]):
         self.pinned: str | None = None  # for a hub dataset id: ORG/NAME@REVISION, the version read
         if streaming:  # read in place at one commit throughout: a resume after the dataset changed is refused
             repo_id, revision = hub_revision(self.source)
-            self.pinned = f"{repo_id}@{revision or hub_commit(repo_id)}"
+            self.pinned = f"{repo_id}@{hub_commit(repo_id, revision)}"  # a tag or branch too: its commit now
             self._init_parquet(remote_shards(self.pinned), remote=True)
         elif "://" in self.source:
             self._init_parquet(remote_shards(self.source), remote=True)
