@@ -7,7 +7,8 @@ each training recipe in ``RECIPES``:
    leaving out size, colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates once;
 2. ``rlaif label`` makes best-worst pairs with the reward (or the recipe's pairing strategy);
 3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
-   a user gets);
+   a user gets); a recipe of several rounds then samples the training prompts from the last round's model and
+   repeats 2-3 from and against it, as ``rlaif loop`` does;
 4. ``rlaif eval`` compares base and tuned on new seeds (eval seed 1, training seed 0) of the 40 training
    prompts (``seen prompts``) and of 24 triangle prompts, a shape never trained on (``held-out family``),
    with the reward and, held out, ``follows_prompt`` (does the model still draw what it is asked?).
@@ -63,6 +64,12 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                                    "max_steps": 600}),
     "full-lr1e-5": ("full UNet, lr 1e-5, batch 4, 300 steps", "best-worst",
                     {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
+    "full-lr1e-5-600-steps": ("`rlaif train --full --learning-rate 1e-5` (full UNet, batch 4, 600 steps)", "best-worst",
+                              {"full": True, "learning_rate": 1e-5}),
+    "defaults-2-rounds": ("`rlaif train` with no options, two rounds as `rlaif loop` runs them: round 2 samples "
+                          "the training prompts from round 1's model (new noise), labels them and trains from and "
+                          "against it", "best-worst", {"rounds": 2}),
+    "sft": ("`rlaif train --loss sft` (fine-tuning on the winners alone)", "best-worst", {"loss": "sft"}),
     "defaults-top-vs-bottom": ("`rlaif train` with no options, on each of the 2 best against each of the 2 worst "
                                "candidates (4 pairs per prompt)", "top-vs-bottom", {}),
     "defaults-beta2500": ("`rlaif train --beta 2500`", "best-worst", {"beta": 2500.0}),
@@ -104,17 +111,22 @@ def prompt_sets(omit_probability: float, train_count: int = TRAIN_PROMPTS) -> tu
 
 def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: Path) -> pl.DataFrame:
     """Label, train and evaluate one (recipe, reward); return its eval_by_category rows."""
-    from rlaif.config import EvalConfig, LabelConfig, TrainConfig
+    from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
     from rlaif.eval import run_eval
     from rlaif.label import run_label
+    from rlaif.loop import round_seed
+    from rlaif.sample import run_sample
     from rlaif.train.trainer import run_train
 
     _, strategy, options = RECIPES[recipe]
+    options = dict(options)
+    rounds = options.pop("rounds", 1)
     scorer = REWARDS[reward]
     cell = work / recipe / reward
     recorded = cell / "recipe.json"
     settings = {**train_defaults(), **options}  # the defaults too: a cell made under other defaults is not reused
-    recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}, sort_keys=True)
+    recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}
+                             | ({"rounds": rounds} if rounds > 1 else {}), sort_keys=True)
     if recorded.exists() and recorded.read_text() != recipe_text:
         raise SystemExit(f"{cell} was made by another recipe: use another --work")
     result = cell / "eval" / "eval_by_category.parquet"
@@ -122,15 +134,26 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
         table = pl.read_parquet(result)
         if CHECK in set(table["scorer"]):  # made before the suite checked prompt following: evaluate again
             return table
-    pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
-    if not pairs.exists():
-        run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
     cell.mkdir(parents=True, exist_ok=True)
     recorded.write_text(recipe_text)
-    train_dir = cell / "train"
-    if not (train_dir / "train.json").exists():
-        run_train(TrainConfig(pairs=str(pairs), model="tiny", out=train_dir, resume="latest", overwrite=True,
-                              **options))
+    previous: Path | None = None
+    for number in range(1, rounds + 1):  # later rounds as `rlaif loop` runs them: from and against the last model
+        folder = cell if number == 1 else cell / f"round_{number}"
+        if number == 1:
+            pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
+        else:
+            round_samples, pairs = folder / "samples", folder / "pairs.parquet"
+            run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=round_samples, tuned=previous,
+                                    per_prompt=CANDIDATES, steps=STEPS, seed=round_seed(0, number), batch_size=32))
+            samples = round_samples
+        if not pairs.exists():
+            pairs.parent.mkdir(parents=True, exist_ok=True)
+            run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
+        train_dir = folder / "train"
+        if not (train_dir / "train.json").exists():
+            run_train(TrainConfig(pairs=str(pairs), model="tiny", out=train_dir, init=previous, resume="latest",
+                                  overwrite=True, **options))
+        previous = train_dir
     run_eval(EvalConfig(base="tiny", tuned=train_dir, prompts=str(eval_prompts), out=cell / "eval",
                         scorers=[scorer], held_out=[CHECK], per_prompt=EVAL_SEEDS, seed=1, steps=STEPS, batch_size=32),
              base_dir=work / "eval_base")
