@@ -37,21 +37,22 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from pretrain_tiny import encode_dataset, update  # scripts/ is this script's own folder on sys.path
+from pretrain_tiny import caption, encode_dataset, update  # scripts/ is this script's own folder on sys.path
 
+from rlaif.shapes import Scene
 from rlaif.tiny import COMMITTED, build_flux_pipeline, build_sd3_pipeline
 from rlaif.train.encoding import encode_captions
-from rlaif.train.flow import draw_u, flow_inputs, shifted_sigma, training_shift
+from rlaif.train.flow import draw_u, flow_inputs, flux_tokens, shifted_sigma, training_shift
 
 KINDS = {"sd3": (StableDiffusion3Pipeline, build_sd3_pipeline), "flux": (FluxPipeline, build_flux_pipeline)}
 
 
-def train(pipe: StableDiffusion3Pipeline | FluxPipeline, data: tuple[torch.Tensor, list[str]], steps: int,
+def train(pipe: StableDiffusion3Pipeline | FluxPipeline, data: tuple[torch.Tensor, list[Scene]], steps: int,
           batch_size: int, lr: float, rng: random.Random, seed: int, text_lr_factor: float = 1.0,
-          shift: float | None = None) -> None:
+          shift: float | None = None, omit_probability: float = 0.0) -> None:
     """The transformer and the text encoders, jointly, on encoded scenes (the encoders at ``text_lr_factor`` times
     the transformer's rate; noise levels shifted by ``shift``, default the scheduler's)."""
-    all_latents, all_captions = data
+    all_latents, all_scenes = data
     flux = isinstance(pipe, FluxPipeline)
     encoders = [pipe.text_encoder, pipe.text_encoder_2, *([] if flux else [pipe.text_encoder_3])]
     groups = [{"params": list(pipe.transformer.parameters())},
@@ -66,20 +67,18 @@ def train(pipe: StableDiffusion3Pipeline | FluxPipeline, data: tuple[torch.Tenso
     timesteps = pipe.scheduler.config.num_train_timesteps
     shift = training_shift(pipe.scheduler.config) if shift is None else shift
     for step in range(steps):
-        index = rng.sample(range(len(all_captions)), batch_size)
+        index = rng.sample(range(len(all_scenes)), batch_size)
         latents = all_latents[index]
-        captions = ["" if rng.random() < 0.1 else all_captions[i] for i in index]
+        captions = [caption(all_scenes[i], rng, omit_probability) for i in index]
         u = torch.tensor([draw_u("logit_normal", draws) for _ in index])
         sigma = shifted_sigma(u, timesteps, shift)
         noisy, target = flow_inputs(latents, torch.randn(latents.shape, generator=draws), sigma)
         embeds, pooled = encode_captions(pipe, captions, "cpu")
         if flux:
-            b, c, h, w = latents.shape
-            noisy, target = (FluxPipeline._pack_latents(x, b, c, h, w) for x in (noisy, target))
+            (noisy, target), ids = flux_tokens([noisy, target], embeds.shape[1])
             prediction = pipe.transformer(
-                hidden_states=noisy, timestep=sigma, guidance=1 + 7 * torch.rand(b, generator=draws),
-                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3),
-                img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", latents.dtype)).sample
+                hidden_states=noisy, timestep=sigma, guidance=1 + 7 * torch.rand(len(index), generator=draws),
+                pooled_projections=pooled, encoder_hidden_states=embeds, **ids).sample
         else:
             prediction = pipe.transformer(hidden_states=noisy, timestep=sigma * timesteps,
                                           encoder_hidden_states=embeds, pooled_projections=pooled).sample
@@ -98,6 +97,9 @@ def main() -> None:
     parser.add_argument("--text-lr-factor", type=float, default=1.0, help="text encoders' rate / transformer's")
     parser.add_argument("--shift", type=float, help="noise-level shift in training (default: the scheduler's)")
     parser.add_argument("--kind", choices=["sd3", "flux"], default="sd3")
+    parser.add_argument("--omit-probability", type=float, default=0.0,
+                        help="leave each of size, colour and background out of a training caption with this "
+                             "probability (as scripts/pretrain_tiny.py)")
     parser.add_argument("--init", type=Path, help="continue from this tiny folder of the same kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="default: rlaif/assets/tiny-sd3 or rlaif/assets/tiny-flux")
@@ -110,7 +112,8 @@ def main() -> None:
     start = time.time()
     data = encode_dataset(pipe.vae, rng, args.dataset_size)
     print(f"encoded {len(data[1])} scenes in {time.time() - start:.0f}s", flush=True)
-    train(pipe, data, args.steps, args.batch_size, args.lr, rng, args.seed, args.text_lr_factor, args.shift)
+    train(pipe, data, args.steps, args.batch_size, args.lr, rng, args.seed, args.text_lr_factor, args.shift,
+          args.omit_probability)
     print(f"all done in {time.time() - start:.0f}s", flush=True)
     pipe.save_pretrained(args.out or COMMITTED[f"tiny-{args.kind}"], safe_serialization=True)
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from rlaif.train.flow import WEIGHTINGS, draw_u, flow_inputs, shifted_sigma
+from rlaif.train.flow import WEIGHTINGS, draw_u, flow_inputs, flux_tokens, shifted_sigma
 from rlaif.train.loss import flow_dpo_loss
 
 
@@ -94,3 +94,15 @@ def test_a_step_toward_the_winners_velocity_lowers_the_loss():
     loss, metrics = flow_dpo_loss(better, velocity, x0, e)
     assert float(loss) < math.log(2)
     assert float(metrics["implicit_acc"]) == 1.0
+
+
+def test_flux_tokens_are_2x2_patches_and_the_ids_flux_samples_with():
+    """Packing must be undone by the pipeline's own unpacking (a transposed patch would train on scrambled
+    latents), and the ids must be (0, row, column) of each patch, with zero ids for the text tokens."""
+    latents, noise = torch.randn(2, 4, 8, 6), torch.randn(2, 4, 8, 6)
+    (packed, packed_noise), ids = flux_tokens([latents, noise], text_length=7)
+    assert packed.shape == (2, 4 * 3, 16)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 64, 48, 8), latents)
+    assert torch.equal(FluxPipeline._unpack_latents(packed_noise, 64, 48, 8), noise)
+    assert torch.equal(ids["img_ids"], torch.tensor([[0.0, row, col] for row in range(4) for col in range(3)]))
+    assert ids["txt_ids"].shape == (7, 3) and not ids["txt_ids"].any()

@@ -53,3 +53,17 @@ def flow_inputs(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
     sample."""
     s = sigma.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
     return (1 - s) * latents + s * noise, noise - latents
+
+
+def flux_tokens(tensors: list[torch.Tensor], text_length: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """FLUX.1's transformer reads 2x2 latent patches as tokens: each (B, C, H, W) tensor packed to (B, H W / 4,
+    4 C), and the position ids it takes beside them (``img_ids`` of the patches, zero ``txt_ids`` for
+    ``text_length`` text tokens), as diffusers' ``FluxPipeline`` builds them."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = tensors[0].shape
+    reference = tensors[0]
+    packed = [FluxPipeline._pack_latents(x, b, c, h, w) for x in tensors]
+    ids = {"img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, reference.device, reference.dtype),
+           "txt_ids": torch.zeros(text_length, 3, device=reference.device, dtype=reference.dtype)}
+    return packed, ids

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionXLPipeline
 
 from rlaif.errors import RlaifError
 from rlaif.models import is_flow
-from rlaif.train.flow import flow_inputs, shifted_sigma, training_shift
+from rlaif.train.flow import flow_inputs, flux_tokens, shifted_sigma, training_shift
 from rlaif.train.loss import diffusion_dpo_loss, flow_dpo_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -113,11 +113,7 @@ class FlowMatching:
         noise = noise.repeat(2, 1, 1, 1)
         shared = {}
         if self.flux:  # the transformer reads 2x2 patches as tokens; MSEs are the same over any layout
-            b, c, h, w = latents.shape
-            latents, noise = (FluxPipeline._pack_latents(x, b, c, h, w) for x in (latents, noise))
-            shared = {"img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device,
-                                                                         latents.dtype),
-                      "txt_ids": torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)}
+            (latents, noise), shared = flux_tokens([latents, noise], embeds.shape[1])
         noisy, target = flow_inputs(latents, noise, sigma)
         conditions = {"encoder_hidden_states": embeds.repeat(2, 1, 1), "pooled_projections": pooled.repeat(2, 1)}
         if self.flux and self.guidance:
