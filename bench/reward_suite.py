@@ -140,15 +140,14 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     for number in range(1, rounds + 1):  # later rounds as `rlaif loop` runs them: from and against the last model
         folder = cell if number == 1 else cell / f"round_{number}"
         if number == 1:
-            pairs = work / "pairs" / f"{reward}-{strategy}.parquet"
+            labelled, pairs = samples, work / "pairs" / f"{reward}-{strategy}.parquet"
         else:
-            round_samples, pairs = folder / "samples", folder / "pairs.parquet"
-            run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=round_samples, tuned=previous,
+            labelled, pairs = folder / "samples", folder / "pairs.parquet"
+            run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=labelled, tuned=previous,
                                     per_prompt=CANDIDATES, steps=STEPS, seed=round_seed(0, number), batch_size=32))
-            samples = round_samples
         if not pairs.exists():
             pairs.parent.mkdir(parents=True, exist_ok=True)
-            run_label(LabelConfig(samples_dir=samples, scorers=[scorer], out=pairs, strategy=strategy))
+            run_label(LabelConfig(samples_dir=labelled, scorers=[scorer], out=pairs, strategy=strategy))
         train_dir = folder / "train"
         if not (train_dir / "train.json").exists():
             run_train(TrainConfig(pairs=str(pairs), model="tiny", out=train_dir, init=previous, resume="latest",

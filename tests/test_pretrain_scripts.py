@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from rlaif.tiny import COMMITTED
@@ -31,7 +32,7 @@ def test_pretraining_runs_from_the_committed_weights_and_changes_them(kind, tmp_
     committed = COMMITTED[kind]
     run = subprocess.run([sys.executable, str(SCRIPTS / script), *options, "--init", str(committed),
                           "--dataset-size", "128", "--omit-probability", "0.5", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=cli_env(), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     before = network_class.from_pretrained(committed / network).state_dict()
     after = network_class.from_pretrained(tmp_path / network).state_dict()
