@@ -138,10 +138,10 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     recorded.write_text(recipe_text)
     previous: Path | None = None
     for number in range(1, rounds + 1):  # later rounds as `rlaif loop` runs them: from and against the last model
-        folder = cell if number == 1 else cell / f"round_{number}"
-        if number == 1:
-            labelled, pairs = samples, work / "pairs" / f"{reward}-{strategy}.parquet"
+        if number == 1:  # round 1 labels the shared samples, as every one-round recipe does
+            folder, labelled, pairs = cell, samples, work / "pairs" / f"{reward}-{strategy}.parquet"
         else:
+            folder = cell / f"round_{number}"
             labelled, pairs = folder / "samples", folder / "pairs.parquet"
             run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=labelled, tuned=previous,
                                     per_prompt=CANDIDATES, steps=STEPS, seed=round_seed(0, number), batch_size=32))

@@ -61,8 +61,8 @@ def flux_tokens(tensors: list[torch.Tensor], text_length: int) -> tuple[list[tor
     ``text_length`` text tokens), as diffusers' ``FluxPipeline`` builds them."""
     from diffusers import FluxPipeline
 
-    b, c, h, w = tensors[0].shape
     reference = tensors[0]
+    b, c, h, w = reference.shape
     packed = [FluxPipeline._pack_latents(x, b, c, h, w) for x in tensors]
     ids = {"img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, reference.device, reference.dtype),
            "txt_ids": torch.zeros(text_length, 3, device=reference.device, dtype=reference.dtype)}
