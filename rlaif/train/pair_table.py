@@ -91,7 +91,7 @@ def hub_snapshot(source: str) -> Path:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                       allow_patterns=["*.parquet", "**/*.parquet"]))
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as exc:
-        raise RlaifError(f"pairs {source}: cannot get the hub dataset ({str(exc).splitlines()[0]})") from exc
+        raise hub_fault(source, exc) from exc
 
 
 def hub_commit(repo_id: str, revision: str | None) -> str:
@@ -102,7 +102,19 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
     try:
         return HfApi().dataset_info(repo_id, revision=revision).sha
     except (HfHubHTTPError, HFValidationError, OSError) as exc:
-        raise RlaifError(f"pairs {repo_id}: cannot reach the hub dataset ({str(exc).splitlines()[0]})") from exc
+        raise hub_fault(f"{repo_id}@{revision}" if revision else repo_id, exc) from exc
+
+
+def hub_fault(source: str, exc: Exception) -> RlaifError:
+    """The one-line error for a hub dataset that cannot be had: what is missing, and what to do about it."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, RevisionNotFoundError):
+        return RlaifError(f"pairs {source}: the hub dataset has no such revision (a commit, tag or branch)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return RlaifError(f"pairs {source}: no such dataset on the hub, or it is private or gated (log in with "
+                          "`hf auth login`, and accept a gated dataset's terms on its page)")
+    return RlaifError(f"pairs {source}: cannot get the hub dataset ({str(exc).splitlines()[0]})")
 
 
 def remote_shards(source: str) -> list[str]:
@@ -114,7 +126,7 @@ def remote_shards(source: str) -> list[str]:
     try:
         fs, root = fsspec.core.url_to_fs(url)
         files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    except (OSError, ValueError, ImportError) as exc:
+    except _read_faults(url) as exc:  # a missing backend too: its ImportError says what to install
         raise RlaifError(f"pairs {source}: cannot list it ({str(exc).splitlines()[0]})") from exc
     return [fs.unstrip_protocol(f) for f in parquet_shards(files, source)]
 
@@ -132,12 +144,30 @@ def open_parquet(file: str) -> pq.ParquetFile:
             if "://" in file:
                 import fsspec
 
-                _OPENED[key] = pq.ParquetFile(fsspec.open(file, "rb").open())
+                fs, path = fsspec.core.url_to_fs(file)
+                # No read-ahead: pyarrow asks for the footer and for exactly the column chunks it reads (a row
+                # group's labels are a few hundred bytes), where fsspec's default cache fetches 5 MB with each.
+                _OPENED[key] = pq.ParquetFile(fs.open(path, "rb", cache_type="none"))
             else:
                 _OPENED[key] = pq.ParquetFile(file, pre_buffer=False)
-        except (pa.ArrowException, OSError) as exc:
+        except _read_faults(file) as exc:
             raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
     return _OPENED[key]
+
+
+def read_row_group(file: str, group: int, columns: list[str]) -> pa.Table:
+    """``columns`` of row group ``group`` of a parquet file; a read that fails is a one-line error naming it."""
+    parquet = open_parquet(file)
+    try:
+        return parquet.read_row_group(group, columns=columns)
+    except _read_faults(file) as exc:
+        raise RlaifError(f"table {file}: cannot read row group {group} ({str(exc).splitlines()[0]})") from exc
+
+
+def _read_faults(file: str) -> tuple[type[Exception], ...]:
+    """What reading ``file`` raises when the file or the way to it is at fault. A remote file's backend raises
+    its own types (httpx, botocore, ...) for a network fault: any error."""
+    return (Exception,) if "://" in file else (pa.ArrowException, OSError)
 
 
 def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
@@ -255,7 +285,7 @@ class PairTable(Sequence[PreferencePair]):
             read = [self.label, "caption"] if self.hold_out else [self.label]  # captions only to hold some out
             first = 0
             for group in range(meta.metadata.num_row_groups):
-                values = meta.read_row_group(group, columns=read)
+                values = read_row_group(file, group, read)
                 labels.append(_labels(values.column(0), file, self.label, first))
                 hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
@@ -329,7 +359,7 @@ class PairTable(Sequence[PreferencePair]):
         if block.group < 0:
             values = self._dataset.data.table.select(columns)  # memory-mapped: nothing is read until used
         else:
-            values = open_parquet(block.file).read_row_group(block.group, columns=columns)
+            values = read_row_group(block.file, block.group, columns)
         self._cache[number] = values
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
