@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ import typer
 from rlaif.cli_options import argument, config_from_cli, default, option
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.errors import RlaifError
+from rlaif.files import check_out_dir
 
 app = typer.Typer(
     help="Align text-to-image diffusion models to AI feedback: sample -> label -> train -> eval.",
@@ -189,8 +191,7 @@ def train(
     if show:
         from rlaif.train.outputs import weights_path
 
-        say(f"trained {int(last['step'])} steps: final loss {last['loss']:.4f}, {training_info(last)}; weights in "
-            f"{weights_path(written)}")
+        say(f"trained {int(last['step'])} steps: final {training_info(last)}; weights in {weights_path(written)}")
 
 
 def training_info(logs: dict[str, float]) -> str:
@@ -201,6 +202,7 @@ def training_info(logs: dict[str, float]) -> str:
 
 
 E = EvalConfig
+PAIRS_EVAL_SETTINGS = {"base", "tuned", "scorers", "scorer_options"}  # what `rlaif eval --pairs` uses
 
 
 @app.command("eval")
@@ -242,6 +244,12 @@ def evaluate(
     settings = dict(locals())  # before any other local name exists
     del settings["pairs"], settings["max_pairs"]
     if pairs is not None:
+        defaults = inspect.signature(evaluate).parameters
+        ignored = [name for name, value in settings.items()
+                   if name not in PAIRS_EVAL_SETTINGS and value != defaults[name].default]
+        if ignored:
+            raise RlaifError(f"--{ignored[0].replace('_', '-')} does not apply with --pairs, which judges the table "
+                             "with --model, --tuned, --scorer, --scorer-option and --max-pairs only")
         _judge_pairs(base, tuned, pairs, scorers, scorer_options, max_pairs)
         return
     for value, flag in ((prompts, "--prompts"), (out, "--out"), (scorers, "--scorer")):
@@ -402,6 +410,9 @@ def tiny(
     kind = "tiny-xl" if xl else kind
     if kind not in TINY_ALIASES:
         raise RlaifError(f"--kind {kind!r} is not one of {', '.join(TINY_ALIASES)}")
+    check_out_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        raise RlaifError(f"--out {out} holds other files; give a new or empty folder (or one holding a model)")
     say(f"wrote {write_tiny(out, kind)}")
 
 

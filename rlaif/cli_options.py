@@ -71,13 +71,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise RlaifError(f"{where}: expected {names}, got {value!r}")
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML config file as a dict; an unreadable or malformed one is a one-line error."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RlaifError(f"config file {path} cannot be read: {exc}") from exc
+
+
 def read_settings(path: Path, config: type, section: str | None = None) -> dict[str, Any]:
     """Settings for dataclass ``config`` from TOML file ``path`` (or its table ``section``), checked by name and
     type; paths stay as written (relative ones are relative to the working directory)."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise RlaifError(f"config file {path} cannot be read: {exc}") from exc
+    data = read_toml(path)
     if section is not None:
         data = data.get(section, {})
     hints = typing.get_type_hints(config)

@@ -61,6 +61,39 @@ def _check_generation(config: SampleConfig | EvalConfig) -> None:
     if config.dtype not in DTYPES:
         raise RlaifError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
     check_sequence_length(config.max_sequence_length)
+    check_device(config.device)
+
+
+def check_device(device: str | None) -> None:
+    """A --device that this machine has (None: the process's own accelerator)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError as exc:
+        raise RlaifError(f"--device {device!r} is not a device (e.g. cpu, cuda, cuda:1, mps)") from exc
+    if kind.type == "cpu":
+        return
+    backend = getattr(torch, kind.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise RlaifError(f"--device {device}: this machine has no {kind.type} device (torch {torch.__version__})")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if kind.index is not None and kind.index >= count:
+        raise RlaifError(f"--device {device}: this machine has {count} {kind.type} device(s), numbered from 0")
+
+
+def _is_pairs_table(path: Path) -> bool:
+    """Whether ``path`` is a parquet table of pairs (rlaif's or Pick-a-Pic's columns), which label may replace."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException):
+        return False
+    return "label_0" in names and bool({"image_0", "jpg_0"} & names)
 
 
 def _check_tuned(folder: Path, option: str) -> None:
@@ -159,6 +192,9 @@ class LabelConfig:
             check_out_dir(self.out.parent, "--out")
             if self.out.is_dir():
                 raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
+            if self.out.exists() and not _is_pairs_table(self.out):
+                raise RlaifError(f"--out {self.out} exists and is not a pairs table; give a new file name (label "
+                                 "replaces only a table of pairs, as a rerun does)")
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""
@@ -173,6 +209,7 @@ class LabelConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
+        check_device(self.device)
         check_scorers(self.scorers, self.scorer_options)
 
 
@@ -367,7 +404,9 @@ class EvalConfig:
             raise RlaifError(f"--grid must not be negative, got {self.grid}")
         _check_generation(self)
         both = [*self.scorers, *self.held_out]
-        if len(set(both)) < len(both):
-            raise RlaifError("a scorer is given twice (--scorer and --held-out must differ)")
+        twice = next((name for name in both if both.count(name) > 1), None)
+        if twice is not None:
+            raise RlaifError(f"scorer {twice!r} is given twice (--scorer and --held-out must differ; a loop's "
+                             "[eval] scorers are [label]'s unless it names its own)")
         check_scorers(both, self.scorer_options)
 

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from rlaif.errors import RlaifError
 from rlaif.files import atomic_path
@@ -26,6 +26,9 @@ def _opened(source: ImageSource, name: str | None) -> Iterator[Image.Image]:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             yield image
+    except UnidentifiedImageError as exc:  # its message names an in-memory file object, no help to anyone
+        raise RlaifError(f"image {name or source} cannot be read: corrupt, or not an image format that PIL "
+                         "reads") from exc
     except (OSError, ValueError) as exc:
         raise RlaifError(f"image {name or source} cannot be read: {exc}") from exc
 

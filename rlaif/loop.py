@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from rlaif.cli_options import read_settings
+from rlaif.cli_options import read_settings, read_toml
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
@@ -66,6 +66,10 @@ class LoopPlan:
 def read_loop(path: Path, out: Path | None = None, control: bool = False) -> LoopPlan:
     """Read loop config ``path``; ``out`` replaces its output folder; ``control`` swaps winners and losers."""
     path = Path(path)
+    unknown = sorted(set(read_toml(path)) - {"loop", *STAGES})
+    if unknown:  # a misspelt table would otherwise leave its stage at the defaults without a word
+        raise RlaifError(f"{path}: unknown table {unknown[0]!r}; settings go in "
+                         f"{', '.join(f'[{name}]' for name in ('loop', *STAGES))}")
     loop = read_settings(path, LoopConfig, "loop")
     if out is not None:
         loop["out"] = Path(out)

@@ -2,8 +2,9 @@
 
 A scorer factory is called as ``factory(device=..., **options)`` and returns an object with
 ``score(images, prompts) -> torch.Tensor | Sequence[float]``: one value per image, higher is better.
-It may expose ``name``, ``description`` and ``identity``: a string that changes whenever its weights do
-(``rlaif.files.file_identity`` of the checkpoint it loaded, say). Built-ins register through the same entry-point group
+It may expose ``name`` (for its error messages) and ``identity``: a string that changes whenever its weights do
+(``rlaif.files.file_identity`` of the checkpoint it loaded, say); ``rlaif scorers list`` describes it by the first
+line of the factory's docstring. Built-ins register through the same entry-point group
 as third-party plugins.
 
 Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, op
     from PIL import Image
 
 GROUP = "rlaif.scorers"
-WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+WEIGHTED = re.compile(r"(?P<name>.*):(?P<weight>[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 
 
 @runtime_checkable

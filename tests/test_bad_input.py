@@ -62,6 +62,7 @@ def tree(tmp_path: Path) -> Path:
         "lengths": {"sample": "max_sequence_length = 128"},
     }.items():
         loop_config(tmp_path, name, **tables)
+    (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
     return tmp_path
 
 
@@ -86,6 +87,10 @@ CASES = [
      "--max-sequence-length must be between 1 and 512 tokens, got 600"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-sequence-length", "64"],
      "--max-sequence-length 64: only SD3 / FLUX.1 models have a T5 prompt length"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "bogus"],
+     "--device 'bogus' is not a device (e.g. cpu, cuda, cuda:1, mps)"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["tiny", "-o", "lora"], "--out lora holds other files; give a new or empty folder"),
     # label
     (["label", "empty", "-s", "pickscroe"], "unknown scorer 'pickscroe'"),
     (["label", "empty", "-s", "compressibility", "--scorer-option", "compressibility.quality=3"],
@@ -96,6 +101,10 @@ CASES = [
     (["label", "empty", "-s", "compressibility", "--strategy", "best"], "--strategy 'best' is not one of"),
     (["label", "empty", "-s", "compressibility", "--min-margin", "-1"], "--min-margin must not be negative"),
     (["label", "empty", "-s", "compressibility", "--top-k", "0"], "--top-k must be at least 1"),
+    (["label", "empty", "-s", "compressibility:-1"], "--scorer 'compressibility:-1': expected NAME or NAME:WEIGHT "
+     "with a positive weight"),
+    (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
+    (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "a-file/x.parquet"],
      "a-file is a file, not a folder"),
@@ -133,7 +142,13 @@ CASES = [
     (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility",
       "--per-prompt", "0"], "--per-prompt must be at least 1"),
     (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--held-out",
-      "compressibility"], "a scorer is given twice (--scorer and --held-out must differ)"),
+      "compressibility"], "scorer 'compressibility' is given twice (--scorer and --held-out must differ"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "pap.parquet", "-s", "compressibility", "--held-out",
+      "incompressibility"], "--held-out does not apply with --pairs"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "pap.parquet", "-o", "e"],
+     "--out does not apply with --pairs"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--device",
+      "bogus"], "--device 'bogus' is not a device"),
     (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--held-out",
       "pickscroe"], "unknown scorer 'pickscroe'"),
     # loop
@@ -145,6 +160,8 @@ CASES = [
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
     (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
+    (["loop", "--config", "unknown-table.toml"], "unknown-table.toml: unknown table 'trian'; settings go in [loop], "
+     "[sample], [label], [train], [eval]"),
 ]
 
 
@@ -177,3 +194,20 @@ def test_a_filesystem_fault_is_one_line(tree, monkeypatch, capsys):
         main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: Permission denied: {tree / 'run' / 'scores.parquet'}"
+
+
+def test_training_that_stops_at_a_bad_image_leaves_no_output(tmp_path):
+    """The table is read lazily, so an undecodable image stops training only when its pair comes up: the run
+    stops with one line naming the row, before its first step, and leaves no output folder behind."""
+    from conftest import run_cli
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+    pl.DataFrame({"caption": ["a", "b"], "jpg_0": [image.getvalue(), b"not an image"],
+                  "jpg_1": [image.getvalue()] * 2, "label_0": [1.0, 1.0]}).write_parquet(tmp_path / "bad.parquet")
+    result = run_cli("train", tmp_path / "bad.parquet", "-m", "tiny", "-o", tmp_path / "t", "--batch-size", 2,
+                     "--max-steps", 2)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: image {tmp_path / 'bad.parquet'} row 1 jpg_0 cannot be read: "
+                                          "corrupt, or not an image format that PIL reads"]
+    assert not (tmp_path / "t").exists()

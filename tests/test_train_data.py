@@ -170,8 +170,8 @@ def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
     settings = BatchSettings(seed=0, batch_size=3, processes=1, rank=0, resolution=8, random_crop=False, hflip=False,
                              caption_dropout=0.0, latent_shape=(4, 1, 1), timesteps=10)
     message = MicroBatches(PairTable(tmp_path / "t.parquet"), settings, None)[0]
-    assert message == f"image {tmp_path / 't.parquet'} row 3 jpg_1 cannot be read: cannot identify image file " \
-                      "<_io.BytesIO object at" + message.split("<_io.BytesIO object at")[1]
+    assert message == f"image {tmp_path / 't.parquet'} row 3 jpg_1 cannot be read: corrupt, or not an image " \
+                      "format that PIL reads"
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):

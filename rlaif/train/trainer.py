@@ -137,6 +137,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
             logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
                                          accelerator))
         if accelerator.is_main_process:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
                 log.write(json.dumps({"step": step, **logs}) + "\n")
         if config.report_to:
@@ -341,11 +342,12 @@ def check_cache_space(folder: Path, needed: int) -> None:
 
 
 def _keep_log_until(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (a resumed run rewrites them) and a line cut short by a kill, creating the
-    folder and file if needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Drop log lines past ``step`` (a resumed run rewrites them) and a line cut short by a kill. A new run's
+    log is made by its first step, so a run that fails before it leaves no file."""
+    if not path.exists():
+        return
     kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for line in path.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads(line)["step"] <= step:
                 kept.append(line)
