@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 import sys
@@ -191,7 +192,10 @@ def train(
     if show:
         from rlaif.train.outputs import weights_path
 
-        say(f"trained {int(last['step'])} steps: final {training_info(last)}; weights in {weights_path(written)}")
+        info = json.loads((written / "train.json").read_text())
+        say(f"trained {int(last['step'])} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
+            f"{info['pairs_held_out']} held out; labels: {info['label_column']}): final {training_info(last)}; "
+            f"weights in {weights_path(written)}")
 
 
 def training_info(logs: dict[str, float]) -> str:
@@ -430,6 +434,9 @@ class Interrupted(BaseException):
     """Ctrl-C. Raised by rlaif's own SIGINT handler because typer turns a KeyboardInterrupt into a silent exit."""
 
 
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, which newer typer versions vendor
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted
 
@@ -438,18 +445,36 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2; Ctrl-C says how to go on."""
     previous = signal.signal(signal.SIGINT, _interrupt)
     try:
-        app()
+        code = app(standalone_mode=False)  # click's own errors come here too, to be one line like ours
+    except USAGE_ERROR as exc:  # a bad option or value: what click found, and where to read more
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `rlaif` or `rlaif scorers` alone: the help, as click has it
+            say(exc.format_message())
+            sys.exit(2)
+        say(f"error: {error_line(RlaifError(exc.format_message()))} (see {command_name(exc.ctx)} --help)")
+        sys.exit(2)
     except (RlaifError, OSError) as exc:  # OSError: a file-system fault (read-only folder, disk full, ...)
         if os.environ.get("RLAIF_DEBUG") == "1":
             raise
         say(f"error: {error_line(exc)}")
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt):
-        say("interrupted: nothing finished is lost; rerun the same command to continue where it stopped (for "
-            "rlaif train, add --resume latest: it goes on from the last --checkpoint-every checkpoint)")
+    except (Interrupted, KeyboardInterrupt, typer.Abort):
+        resume = (" (for rlaif train, add --resume latest: it goes on from the last --checkpoint-every "
+                  "checkpoint)") if sys.argv[1:2] == ["train"] else ""
+        say(f"interrupted: nothing finished is lost; rerun the same command to continue where it stopped{resume}")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if code:  # typer.Exit(code) from a command
+        sys.exit(code)
+
+
+def command_name(ctx: object | None) -> str:
+    """``rlaif SUBCOMMAND ...`` of a click context, however the program was started (``python -m rlaif``)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["rlaif", *names])
 
 
 def error_line(exc: BaseException) -> str:

@@ -108,7 +108,8 @@ class SampleConfig:
 
     model: str = field(metadata={"help": "SD1.5 / SDXL / SD3 / FLUX.1: hub id, local diffusers folder, or an "
                                          "offline alias (tiny, tiny-xl, tiny-sd3, tiny-flux)."})
-    prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or 'parti'."})
+    prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or a bundled set: "
+                                           "parti, demo-train, demo-eval, shapes."})
     out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
     tuned: Path | None = field(default=None, metadata={
         "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
@@ -355,7 +356,8 @@ class EvalConfig:
     base: str = field(metadata={"help": "Base model: hub id, local diffusers folder, or tiny / tiny-xl / tiny-sd3 "
                                         "/ tiny-flux."})
     tuned: Path = field(metadata={"help": "`rlaif train` output folder (LoRA or UNet) applied on the base model."})
-    prompts: str = field(metadata={"help": "Held-out prompt file (or 'parti'); category columns give a breakdown."})
+    prompts: str = field(metadata={"help": "Held-out prompt file, or a bundled set (parti, demo-eval, ...); "
+                                           "category columns give a breakdown."})
     out: Path = field(metadata={"help": "Output folder: base/ and tuned/ samples, eval.parquet, report.html."})
     scorers: list[str] = field(metadata={"metavar": "NAME", "help": "Scorer the model was trained on (repeat for "
                                                                     "several; each gets its own row)."})

@@ -91,6 +91,9 @@ CASES = [
      "--device 'bogus' is not a device (e.g. cpu, cuda, cuda:1, mps)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["tiny", "-o", "lora"], "--out lora holds other files; give a new or empty folder"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--steps", "abc"], "Invalid value for '--steps'"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--stpes", "4"], "No such option: --stpes"),
+    (["sample", "-m", "tiny", "-p", "p.txt"], "Missing option '--out' / '-o'. (see rlaif sample --help)"),
     # label
     (["label", "empty", "-s", "pickscroe"], "unknown scorer 'pickscroe'"),
     (["label", "empty", "-s", "compressibility", "--scorer-option", "compressibility.quality=3"],

@@ -77,7 +77,8 @@ def test_a_command_in_a_log_prints_progress_lines_and_a_summary(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "training: 2/2 steps (100%)" in trained.stderr and ", loss 0.6" in trained.stderr
     last = trained.stderr.strip().splitlines()[-1]
-    assert last.startswith("trained 2 steps: final loss 0.") and \
+    assert last.startswith("trained 2 steps on 2 pairs (0 ties dropped, 0 held out; labels: label_0): final loss 0.") \
+        and \
         last.endswith(f"weights in {tmp_path / 't' / 'pytorch_lora_weights.safetensors'}")
 
 

@@ -86,7 +86,8 @@ def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     assert again.returncode == 0 and (out / "round_2" / "eval" / "eval.parquet").stat().st_mtime_ns == stamp
     config.write_text(config.read_text().replace("max_steps = 3", "max_steps = 4"))
     changed = run_cli("loop", "--config", config)
-    assert changed.returncode == 2 and "holds a loop run with other settings" in changed.stderr
+    assert changed.returncode == 2 and "holds a loop run with other settings ([train] max_steps 3 -> 4); " \
+        "rerun with the same config" in changed.stderr
 
 
 LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"

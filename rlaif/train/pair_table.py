@@ -297,6 +297,7 @@ class PairTable(Sequence[PreferencePair]):
         """Index the rows with a preference, less those of held-out captions (a ``hold_out`` share of the
         distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS), which ``held_out_pairs`` gives."""
         valid = [values != 0.5 for values in labels]
+        self.ties = int(sum((~v).sum() for v in valid))  # dropped: a tie teaches no preference
         held = [np.zeros_like(v) for v in valid]
         if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
             threshold = np.uint64(self.hold_out * 2.0**64)

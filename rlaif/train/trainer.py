@@ -153,6 +153,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
+                "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
+                "pairs_held_out": len(held_out) if held_out is not None else 0,
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
