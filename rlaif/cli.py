@@ -421,13 +421,21 @@ def tiny(
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers' and transformers' loading bars and info logs off the terminal; rlaif draws its own."""
+    """Keep diffusers' and transformers' loading bars and info logs off the terminal, rlaif draws its own; and
+    the root logger's records (open_clip reports there "Model initialized randomly" before rlaif loads the
+    HPSv2 weights into it, and a failed download that rlaif reports as one line). RLAIF_DEBUG=1 keeps them."""
+    import logging
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for logging in (diffusers_logging, transformers_logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    if os.environ.get("RLAIF_DEBUG") != "1":
+        logging.getLogger().setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers passes it to hf_hub
 
 
 class Interrupted(BaseException):

@@ -148,7 +148,11 @@ class LoadedScorer:
         except RlaifError:
             raise
         except Exception as exc:
-            raise RlaifError(f"scorer {self.spec!r} failed to load: {exc}") from exc
+            from huggingface_hub.constants import HF_HUB_OFFLINE
+
+            hint = ("; HF_HUB_OFFLINE is set, so its weights must already be in the Hugging Face cache: load it once "
+                    "online, or unset HF_HUB_OFFLINE") if HF_HUB_OFFLINE else ""
+            raise RlaifError(f"scorer {self.spec!r} failed to load: {str(exc).rstrip('. ')}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec),
                      "identity": getattr(self.scorer, "identity", None)}
