@@ -42,6 +42,9 @@ def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
     if suffix not in SUFFIXES:
         raise RlaifError(f"prompts file {path}: unsupported type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if suffix == ".txt":
+        if column is not None:  # one prompt per line: a column would be silently ignored
+            raise RlaifError(f"--prompt-column {column!r}: prompts file {path} is plain text, one prompt per line; "
+                             "it has no columns")
         table = pl.DataFrame({"prompt": path.read_text(encoding="utf-8").splitlines()}, schema={"prompt": pl.String})
     elif suffix == ".jsonl":
         table = pl.DataFrame({"prompt": _jsonl_prompts(path, column or "prompt")}, schema={"prompt": pl.String})
@@ -112,6 +115,7 @@ def _jsonl_prompts(path: Path, key: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise RlaifError(f"prompts file {path}, line {number}: not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
-            raise RlaifError(f"prompts file {path}, line {number}: no string field {key!r}")
+            raise RlaifError(f"prompts file {path}, line {number}: no string field {key!r} (name the field with "
+                             "--prompt-column)")
         prompts.append(record[key])
     return prompts

@@ -71,7 +71,8 @@ def test_csv_jsonl_parquet_and_explicit_column(tmp_path):
         ("p.csv", "id,text\n1,a\n", None, "has no column 'prompt' or 'Prompt' or 'caption' (columns: id, text)"),
         ("p.csv", "prompt\na\n", "nope", "has no column 'nope'"),
         ("p.jsonl", '{"prompt": "a"}\n{oops\n', None, "line 2: not JSON"),
-        ("p.jsonl", '{"text": "a"}\n', None, "line 1: no string field 'prompt'"),
+        ("p.jsonl", '{"text": "a"}\n', None, "line 1: no string field 'prompt' (name the field with --prompt-column)"),
+        ("p.txt", "a\n", "text", "--prompt-column 'text': prompts file"),
         ("p.doc", "a\n", None, "unsupported type '.doc'"),
     ],
 )

@@ -415,6 +415,8 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dic
             remove_outputs(config.out)  # unless resuming), so a failed run never leaves them looking current
             for checkpoint in complete if config.resume is None else []:
                 shutil.rmtree(checkpoint)
+            with contextlib.suppress(OSError):  # only when empty: an old run's folder of checkpoints, all removed
+                (config.out / "checkpoints").rmdir()
     accelerator.wait_for_everyone()
     return folder
 
