@@ -4,7 +4,8 @@ For each reward of the suite (``bench/suite_rewards.py`` plugins and the built-i
 each training recipe in ``RECIPES``:
 
 1. the tiny model samples 40 training prompts (``--train-prompts``; circles and squares of the shapes world, each
-   leaving out size, colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates once;
+   leaving out size, colour and background with ``--omit-probability``, 0.5 by default) x 8 candidates
+   (``--candidates``) once;
 2. ``rlaif label`` makes best-worst pairs with the reward (or the recipe's pairing strategy);
 3. ``rlaif train`` trains with the recipe's options (``defaults``: no option at all, so the row measures what
    a user gets); a recipe of several rounds then samples the training prompts from the last round's model and
@@ -14,7 +15,8 @@ each training recipe in ``RECIPES``:
    with the reward and, held out, ``follows_prompt`` (does the model still draw what it is asked?).
 
 Each cell is the mean delta relative to the base mean with its 95% CI from a bootstrap over prompts, and the
-win rate; beside it the reward's best-of-8 headroom (``headroom``) and the change of ``follows_prompt``. Run:
+win rate; beside it the reward's best-of-N headroom (``headroom``, N the candidates) and the change of
+``follows_prompt``. Run:
 ``python bench/reward_suite.py [--recipes defaults,...] [--rewards ...]``; ``--work`` keeps every run (samples,
 pairs, weights, eval tables); a rerun reuses what is done (a cell whose recipe or `rlaif train` defaults
 changed is refused), so after changing a reward give a new ``--work``. Prints a markdown table and writes
@@ -109,7 +111,8 @@ def prompt_sets(omit_probability: float, train_count: int = TRAIN_PROMPTS) -> tu
     return train, family
 
 
-def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: Path) -> pl.DataFrame:
+def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: Path, candidates: int = CANDIDATES
+             ) -> pl.DataFrame:
     """Label, train and evaluate one (recipe, reward); return its eval_by_category rows."""
     from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
     from rlaif.eval import run_eval
@@ -144,7 +147,7 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
             folder = cell / f"round_{number}"
             labelled, pairs = folder / "samples", folder / "pairs.parquet"
             run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=labelled, tuned=previous,
-                                    per_prompt=CANDIDATES, steps=STEPS, seed=round_seed(0, number), batch_size=32))
+                                    per_prompt=candidates, steps=STEPS, seed=round_seed(0, number), batch_size=32))
         if not pairs.exists():
             pairs.parent.mkdir(parents=True, exist_ok=True)
             run_label(LabelConfig(samples_dir=labelled, scorers=[scorer], out=pairs, strategy=strategy))
@@ -168,7 +171,7 @@ def train_defaults() -> dict:
 
 def headroom(samples: Path, scorer: str) -> float:
     """How far the base model's own best candidate of each training prompt lies above that prompt's mean, averaged
-    over prompts and relative to the overall mean: what best-of-8 sampling gains. A reward that a prompt fixes
+    over prompts and relative to the overall mean: what best-of-N sampling gains. A reward that a prompt fixes
     has little; a tuned model that beats this by far draws what no sample of its prompt did."""
     from rlaif.label import read_score_cache
 
@@ -211,6 +214,8 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=TRAIN_PROMPTS,
                         help=f"training prompts (at least {TRAIN_PROMPTS}); the evaluation's seen prompts are the "
                              f"first {TRAIN_PROMPTS} of them whatever the number, so runs with more are comparable")
+    parser.add_argument("--candidates", type=int, default=CANDIDATES,
+                        help="candidates sampled per training prompt (each round), of which best-worst pairs are made")
     args = parser.parse_args()
     from rlaif.config import SampleConfig
     from rlaif.sample import run_sample
@@ -235,13 +240,13 @@ def main() -> None:
                   "category": ["seen prompts"] * len(seen) + ["held-out family"] * len(family_prompts)}
                  ).write_csv(eval_prompts)
     samples = work / "samples"
-    run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=samples, per_prompt=CANDIDATES,
+    run_sample(SampleConfig(model="tiny", prompts=str(work / "train.txt"), out=samples, per_prompt=args.candidates,
                             steps=STEPS, seed=0, batch_size=32))
     rows = []
     for recipe in recipes:
         for reward in rewards:
             start = time.time()
-            table = run_cell(work, recipe, reward, samples, eval_prompts)
+            table = run_cell(work, recipe, reward, samples, eval_prompts, args.candidates)
             row = {"recipe": recipe, "reward": reward}
             for effect in table.iter_rows(named=True):
                 prefix = "seen" if effect["category"] == "seen prompts" else "family"
@@ -257,9 +262,9 @@ def main() -> None:
     room = {reward: headroom(samples, REWARDS[reward]) for reward in rewards}  # a property of the samples alone
     suite = pl.DataFrame(rows).with_columns(headroom=pl.col("reward").replace_strict(room))
     suite.write_parquet(work / "suite.parquet")
-    print("| recipe | reward | best-of-8 headroom | held-out seeds of seen prompts: relative delta [95% CI], win | "
-          "held-out family (triangles): relative delta [95% CI], win | follows the prompt, seen / family: "
-          "change in points [95% CI] |")
+    print(f"| recipe | reward | best-of-{args.candidates} headroom | held-out seeds of seen prompts: relative delta "
+          "[95% CI], win | held-out family (triangles): relative delta [95% CI], win | follows the prompt, seen / "
+          "family: change in points [95% CI] |")
     print("|---|---|---|---|---|---|")
     for row in suite.iter_rows(named=True):
         seen = {k[5:]: v for k, v in row.items() if k.startswith("seen_")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -211,6 +210,7 @@ PAIRS_EVAL_SETTINGS = {"base", "tuned", "scorers", "scorer_options"}  # what `rl
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     base: Annotated[str, option(E, "base", "--model", "-m", "--base")],
     tuned: Annotated[Path, option(E, "tuned", "--tuned")],
     prompts: Annotated[str | None, option(E, "prompts", "--prompts", "-p")] = None,
@@ -246,11 +246,10 @@ def evaluate(
     With --pairs TABLE: how often the tuned model and each scorer prefer the table's labelled winners.
     """
     settings = dict(locals())  # before any other local name exists
-    del settings["pairs"], settings["max_pairs"]
+    del settings["ctx"], settings["pairs"], settings["max_pairs"]
     if pairs is not None:
-        defaults = inspect.signature(evaluate).parameters
-        ignored = [name for name, value in settings.items()
-                   if name not in PAIRS_EVAL_SETTINGS and value != defaults[name].default]
+        ignored = [name for name in settings if name not in PAIRS_EVAL_SETTINGS
+                   and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if ignored:
             raise RlaifError(f"--{ignored[0].replace('_', '-')} does not apply with --pairs, which judges the table "
                              "with --model, --tuned, --scorer, --scorer-option and --max-pairs only")
@@ -415,9 +414,15 @@ def tiny(
     if kind not in TINY_ALIASES:
         raise RlaifError(f"--kind {kind!r} is not one of {', '.join(TINY_ALIASES)}")
     check_out_dir(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
-        raise RlaifError(f"--out {out} holds other files; give a new or empty folder (or one holding a model)")
+    if out.is_dir() and any(out.iterdir()):  # never over a user's files, or a real model's weights
+        raise RlaifError(f"--out {out} is not empty; give a new or empty folder")
     say(f"wrote {write_tiny(out, kind)}")
+
+
+def _only_critical(record: object) -> bool:
+    import logging
+
+    return record.levelno >= logging.CRITICAL
 
 
 def quiet_libraries() -> None:
@@ -433,8 +438,9 @@ def quiet_libraries() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
-    if os.environ.get("RLAIF_DEBUG") != "1":
-        logging.getLogger().setLevel(logging.CRITICAL)
+    root = logging.getLogger()
+    if os.environ.get("RLAIF_DEBUG") != "1" and _only_critical not in root.filters:
+        root.addFilter(_only_critical)  # a filter on the root logger: named loggers' records pass
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers passes it to hf_hub
 
 
@@ -442,7 +448,8 @@ class Interrupted(BaseException):
     """Ctrl-C. Raised by rlaif's own SIGINT handler because typer turns a KeyboardInterrupt into a silent exit."""
 
 
-USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, which newer typer versions vendor
+USAGE_ERROR, CLICK_ERROR = typer.BadParameter.__mro__[1:3]  # click's UsageError and ClickException (newer typer
+# versions vendor click)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -460,6 +467,9 @@ def main() -> None:
             sys.exit(2)
         say(f"error: {error_line(RlaifError(exc.format_message()))} (see {command_name(exc.ctx)} --help)")
         sys.exit(2)
+    except CLICK_ERROR as exc:  # click's other errors (a file option it could not open): one line as well
+        say(f"error: {error_line(RlaifError(exc.format_message()))}")
+        sys.exit(exc.exit_code)
     except (RlaifError, OSError) as exc:  # OSError: a file-system fault (read-only folder, disk full, ...)
         if os.environ.get("RLAIF_DEBUG") == "1":
             raise

@@ -76,10 +76,14 @@ def check_device(device: str | None) -> None:
         raise RlaifError(f"--device {device!r} is not a device (e.g. cpu, cuda, cuda:1, mps)") from exc
     if kind.type == "cpu":
         return
-    backend = getattr(torch, kind.type, None)
-    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+    if kind.type == "mps":  # torch.mps.is_available is torch >= 2.5; the backends flag is older
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, kind.type, None)
+        available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
         raise RlaifError(f"--device {device}: this machine has no {kind.type} device (torch {torch.__version__})")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
     if kind.index is not None and kind.index >= count:
         raise RlaifError(f"--device {device}: this machine has {count} {kind.type} device(s), numbered from 0")
 
@@ -194,6 +198,9 @@ class LabelConfig:
             check_out_dir(self.out.parent, "--out")
             if self.out.is_dir():
                 raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
+            if self.relabel is not None and self.out.resolve().is_relative_to(self.relabel.resolve()):
+                raise RlaifError(f"--out {self.out} is the table being relabelled (or inside it); the AI labels go "
+                                 "into a new table beside it")
             if self.out.exists() and not _is_pairs_table(self.out):
                 raise RlaifError(f"--out {self.out} exists and is not a pairs table; give a new file name (label "
                                  "replaces only a table of pairs, as a rerun does)")

@@ -143,11 +143,11 @@ def _state(plan: LoopPlan) -> dict:
         return {"settings": plan.source, "done": [], "rounds": {}}
     state = json.loads(path.read_text())
     if state.get("settings") != plan.source:
-        before = state.get("settings") or {}
-        changed = [f"[{table}] {key} {before.get(table, {}).get(key)!r} -> {plan.source.get(table, {}).get(key)!r}"
-                   for table in sorted(set(before) | set(plan.source))
-                   for key in sorted(set(before.get(table, {})) | set(plan.source.get(table, {})))
-                   if before.get(table, {}).get(key) != plan.source.get(table, {}).get(key)]
+        before, now = state.get("settings") or {}, plan.source
+        values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
+                  for table in sorted(set(before) | set(now))
+                  for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
+        changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in values if old != new]
         raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                          "the same config to continue it, or choose another --out")
     return state

@@ -17,7 +17,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
@@ -70,7 +70,7 @@ def load_pipeline(
     try:
         pipe = pipeline_class.from_pretrained(source, **{DTYPE_KWARG: dtypes}, **options)
     except Exception as exc:
-        raise RlaifError(f"cannot load model {model!r}: {_first_line(exc)}") from exc
+        raise RlaifError(f"cannot load model {model!r}: {first_line(exc)}") from exc
     if scheduler is not None:
         pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -92,7 +92,7 @@ def _pipeline_class(model: str, source: str) -> tuple[type[DiffusionPipeline], d
         if _missing_offline(source):
             raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
                              f"fetch it with `hf download {model}` while online (or unset HF_HUB_OFFLINE)") from exc
-        raise RlaifError(f"cannot read model {model!r}: {_first_line(exc)}") from exc
+        raise RlaifError(f"cannot read model {model!r}: {first_line(exc)}") from exc
     pipeline_class = PIPELINES.get(index.get("_class_name", ""))
     if pipeline_class is None:
         raise RlaifError(
@@ -179,8 +179,3 @@ def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
 def denoiser_name(pipe: DiffusionPipeline) -> str:
     """Its component (and folder) name in the pipeline: ``unet`` or ``transformer`` (``model_family``'s name)."""
     return _family(type(pipe))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 
 # Named prompt sets -> files of data/ (installed as the package rlaif.data; provenance in data/README.md).
 PROMPT_SETS = {
@@ -91,7 +91,7 @@ def _read_table(path: Path, suffix: str) -> pl.DataFrame:
         return pl.read_csv(path, separator="\t" if tsv else ",", quote_char=None if tsv else '"',
                            infer_schema=False)
     except Exception as exc:
-        raise RlaifError(f"prompts file {path} cannot be read: {str(exc).splitlines()[0]}") from exc
+        raise RlaifError(f"prompts file {path} cannot be read: {first_line(exc)}") from exc
 
 
 def _table_column(table: pl.DataFrame, path: Path, column: str | None) -> list[str]:

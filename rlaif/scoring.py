@@ -27,7 +27,7 @@ from importlib.metadata import entry_points, packages_distributions, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 
 if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
     import torch
@@ -148,11 +148,9 @@ class LoadedScorer:
         except RlaifError:
             raise
         except Exception as exc:
-            from huggingface_hub.constants import HF_HUB_OFFLINE
-
             hint = ("; HF_HUB_OFFLINE is set, so its weights must already be in the Hugging Face cache: load it once "
-                    "online, or unset HF_HUB_OFFLINE") if HF_HUB_OFFLINE else ""
-            raise RlaifError(f"scorer {self.spec!r} failed to load: {str(exc).rstrip('. ')}{hint}") from exc
+                    "online, or unset HF_HUB_OFFLINE") if _missing_offline(exc) else ""
+            raise RlaifError(f"scorer {self.spec!r} failed to load: {first_line(exc).rstrip('. ')}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec),
                      "identity": getattr(self.scorer, "identity", None)}
@@ -209,6 +207,19 @@ def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
             raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
         options.setdefault(name, {})[key] = value
     return options
+
+
+def _missing_offline(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a file that offline mode kept from being downloaded."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = exc
+    while seen is not None and HF_HUB_OFFLINE:
+        if isinstance(seen, LocalEntryNotFoundError | OfflineModeIsEnabled):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def parse_weights(specs: list[str]) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path
 
 SAMPLES_SCHEMA: dict[str, pl.DataType] = {
@@ -70,7 +70,7 @@ def read_table(path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame
     try:
         frame = pl.read_parquet(path)
     except Exception as exc:
-        raise RlaifError(f"table {path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+        raise RlaifError(f"table {path} is not a readable Parquet file: {first_line(exc)}") from exc
     missing = [name for name in schema if name not in frame.columns]
     if missing:
         raise RlaifError(f"table {path} lacks column(s) {', '.join(missing)}")

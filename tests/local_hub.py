@@ -30,8 +30,9 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Read:
-    """One file read: the file, and the bytes [start, end) served."""
+    """One file read: the commit and file, and the bytes [start, end) served."""
 
+    commit: str
     path: str
     start: int
     end: int
@@ -90,15 +91,14 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # quiet: pytest shows failures, not access logs
             pass
 
-        def _json(self, body: object, headers: dict[str, str] | None = None) -> None:
+        def _json(self, body: object) -> None:
             data = json.dumps(body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def _missing(self, code: str) -> None:
             self.send_response(404)
@@ -168,6 +168,6 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 with path.open("rb") as file:
                     file.seek(start)
                     self.wfile.write(file.read(end - start))
-                hub._record(Read(str(path.relative_to(found[1])), start, end))
+                hub._record(Read(found[0], str(path.relative_to(found[1])), start, end))
 
     return Handler

@@ -71,6 +71,7 @@ def test_streaming_reads_in_place_at_one_commit_and_fetches_only_what_it_trains_
     shards = sorted((tmp_path / "first" / "data").glob("train-*.parquet"))
     allowed = {shard.relative_to(tmp_path / "first").as_posix(): byte_ranges(shard) for shard in shards}
     assert hub.reads and {read.path for read in hub.reads} <= set(allowed)  # never the validation split
+    assert {read.commit for read in hub.reads} == {FIRST}
     groups_read = set()
     for read in hub.reads:  # each read is within a row group or the footer: no read-ahead into other row groups
         inside = [i for i, (start, end) in enumerate(allowed[read.path]) if start <= read.start and read.end <= end]

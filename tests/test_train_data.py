@@ -195,3 +195,23 @@ def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):
     pq.write_table(few, tmp_path / "few.parquet")
     few_pairs = PairTable(tmp_path / "few.parquet", hold_out=0.25)
     assert len(few_pairs) == 20 and len(few_pairs.held_out_pairs()) == 0
+
+
+def test_a_remote_read_that_fails_is_one_line_naming_the_file_and_row_group(monkeypatch):
+    """A network fault while training reads a remote shard stops with one line, even for an exception without a
+    message (fsspec's timeout has none); the fault is raised in place of the read."""
+    import fsspec
+
+    from rlaif.train import pair_table
+
+    with fsspec.open("memory://faults/t.parquet", "wb") as file:
+        pq.write_table(pick_a_pic_rows(6), file)
+    table = PairTable("memory://faults/t.parquet")
+    parquet = pair_table.open_parquet(table.files[0])
+
+    def timeout(*args, **kwargs):
+        raise TimeoutError
+
+    monkeypatch.setattr(parquet, "read_row_group", timeout)
+    with pytest.raises(RlaifError, match=r"table memory:///faults/t.parquet: cannot read row group 0 \(TimeoutError\)"):
+        table[0]

@@ -27,7 +27,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import publish, write_json
 from rlaif.models import DTYPE_KWARG, denoiser, denoiser_name
 
@@ -131,8 +131,8 @@ def apply_tuned(pipe: DiffusionPipeline, folder: str | Path, fuse: bool = True) 
     except RlaifError:
         raise
     except Exception as exc:  # mismatched shapes or keys: trained on another model
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): {first}") from exc
+        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): "
+                         f"{first_line(exc)}") from exc
 
 
 def scaled_lora_factors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlaif.config import HUB_DATASET
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity
 from rlaif.images import ImageSource
 from rlaif.seeding import keyed_seed
@@ -114,7 +114,7 @@ def hub_fault(source: str, exc: Exception) -> RlaifError:
     if isinstance(exc, RepositoryNotFoundError):
         return RlaifError(f"pairs {source}: no such dataset on the hub, or it is private or gated (log in with "
                           "`hf auth login`, and accept a gated dataset's terms on its page)")
-    return RlaifError(f"pairs {source}: cannot get the hub dataset ({str(exc).splitlines()[0]})")
+    return RlaifError(f"pairs {source}: cannot get the hub dataset ({first_line(exc)})")
 
 
 def remote_shards(source: str) -> list[str]:
@@ -127,7 +127,7 @@ def remote_shards(source: str) -> list[str]:
         fs, root = fsspec.core.url_to_fs(url)
         files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
     except _read_faults(url) as exc:  # a missing backend too: its ImportError says what to install
-        raise RlaifError(f"pairs {source}: cannot list it ({str(exc).splitlines()[0]})") from exc
+        raise RlaifError(f"pairs {source}: cannot list it ({first_line(exc)})") from exc
     return [fs.unstrip_protocol(f) for f in parquet_shards(files, source)]
 
 
@@ -151,7 +151,7 @@ def open_parquet(file: str) -> pq.ParquetFile:
             else:
                 _OPENED[key] = pq.ParquetFile(file, pre_buffer=False)
         except _read_faults(file) as exc:
-            raise RlaifError(f"table {file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+            raise RlaifError(f"table {file} is not a readable Parquet file: {first_line(exc)}") from exc
     return _OPENED[key]
 
 
@@ -161,7 +161,7 @@ def read_row_group(file: str, group: int, columns: list[str]) -> pa.Table:
     try:
         return parquet.read_row_group(group, columns=columns)
     except _read_faults(file) as exc:
-        raise RlaifError(f"table {file}: cannot read row group {group} ({str(exc).splitlines()[0]})") from exc
+        raise RlaifError(f"table {file}: cannot read row group {group} ({first_line(exc)})") from exc
 
 
 def _read_faults(file: str) -> tuple[type[Exception], ...]:
@@ -260,7 +260,7 @@ class PairTable(Sequence[PreferencePair]):
         try:
             loaded = datasets.load_from_disk(self.source)
         except Exception as exc:  # noqa: BLE001 - datasets raises many types; the cause goes into the line
-            raise RlaifError(f"pairs {self.source}: cannot load it with datasets ({str(exc).splitlines()[0]})") from exc
+            raise RlaifError(f"pairs {self.source}: cannot load it with datasets ({first_line(exc)})") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
                 raise RlaifError(f"pairs {self.source} has no train split (splits: {', '.join(loaded)})")

@@ -31,7 +31,7 @@ from diffusers.training_utils import cast_training_params
 from rlaif.cache import cache_dir
 from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
 from rlaif.distributed import cpu_only
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
 from rlaif.models import check_size, default_size, denoiser, denoiser_name, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
@@ -154,7 +154,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
-                "pairs_held_out": len(held_out) if held_out is not None else 0,
+                "pairs_held_out": len(pairs.held_out_pairs()),  # left out of training, sft too
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
@@ -196,7 +196,7 @@ def trainable_network(pipe, config: TrainConfig) -> tuple[torch.nn.Module, torch
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                         init_lora_weights="gaussian", target_modules=config.lora_targets.split(",")))
         except ValueError as exc:  # peft: no module matches a target name
-            raise RlaifError(f"--lora-targets {config.lora_targets}: {str(exc).splitlines()[0]}") from exc
+            raise RlaifError(f"--lora-targets {config.lora_targets}: {first_line(exc)}") from exc
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     cast_training_params(unet, torch.float32)  # LoRA factors made beside half-precision weights train in fp32
