@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -419,9 +421,8 @@ def tiny(
     say(f"wrote {write_tiny(out, kind)}")
 
 
-def _only_critical(record: object) -> bool:
-    import logging
-
+def _only_critical(record: logging.LogRecord) -> bool:
+    """The root logger's filter while a command runs: only critical records pass."""
     return record.levelno >= logging.CRITICAL
 
 
@@ -429,9 +430,6 @@ def quiet_libraries() -> None:
     """Keep diffusers' and transformers' loading bars and info logs off the terminal, rlaif draws its own; and
     the root logger's records (open_clip reports there "Model initialized randomly" before rlaif loads the
     HPSv2 weights into it, and a failed download that rlaif reports as one line). RLAIF_DEBUG=1 keeps them."""
-    import logging
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
