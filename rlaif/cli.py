@@ -122,8 +122,9 @@ def label(
             f"{made.below_margin} under --min-margin)")
     else:
         say(f"wrote {written}")
-        print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree}/{agreement.compared} "
-              f"non-tied pairs; {agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
+        print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "
+              f"{agreement.ai_ties_compared} AI ties counted half, of {agreement.compared} non-tied pairs; "
+              f"{agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
 
 
 T = TrainConfig

@@ -6,7 +6,8 @@ scores are first made comparable *within each prompt's candidates*, then average
 - ``zscore`` (default): (score - mean) / std over the prompt's candidates (0 where all are equal);
 - ``rank``: the candidate's rank among the prompt's candidates scaled to [0, 1] (ties share the mean rank).
 
-With one scorer the raw scores are kept, so margins stay in the scorer's own units.
+With one scorer the raw scores are kept, so margins stay in the scorer's own units. Several scorers' combined
+values are rounded to 1e-9, so that scorers which cancel out make an exact tie rather than a float-noise winner.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from itertools import combinations, product
 import polars as pl
 
 from rlaif.config import COMBINE_RULES, STRATEGIES
+
+# Combined values are rounded to 1e-9 (of a standard deviation, or of the rank scale): scorers that cancel out
+# (equal weights, opposite votes) then tie exactly, where float round-off (~1e-15) would pick a winner at random.
+DECIMALS = 9
 
 
 def preference(scores: pl.DataFrame, weights: dict[str, float], rule: str = "zscore") -> pl.DataFrame:
@@ -38,7 +43,7 @@ def preference(scores: pl.DataFrame, weights: dict[str, float], rule: str = "zsc
     return (
         scores.with_columns((normal * weight).alias("part"))
         .group_by("prompt_id", "sample_id", maintain_order=True)
-        .agg((pl.col("part").sum() / total).alias("value"))
+        .agg((pl.col("part").sum() / total).round(DECIMALS).alias("value"))
     )
 
 

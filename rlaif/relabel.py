@@ -34,16 +34,18 @@ RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 @dataclass(frozen=True)
 class Agreement:
-    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie."""
+    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie; an AI tie there
+    counts half, as a coin toss would (the rule of `rlaif eval --pairs`)."""
 
     pairs: int
     compared: int
     agree: int
     ai_ties: int
+    ai_ties_compared: int  # AI ties among the compared pairs
 
     @property
     def accuracy(self) -> float:
-        return self.agree / self.compared if self.compared else float("nan")
+        return (self.agree + self.ai_ties_compared / 2) / self.compared if self.compared else float("nan")
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,13 @@ def _agreement(labelled: pl.DataFrame) -> Agreement:
     human = labelled.filter(pl.col("label_0").is_in([0.0, 1.0]))
     return Agreement(pairs=labelled.height, compared=human.height,
                      agree=human.filter(pl.col("ai_label_0") == pl.col("label_0")).height,
-                     ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height)
+                     ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height,
+                     ai_ties_compared=human.filter(pl.col("ai_label_0") == 0.5).height)
 
 
 def _plus(a: Agreement, b: Agreement) -> Agreement:
-    return Agreement(a.pairs + b.pairs, a.compared + b.compared, a.agree + b.agree, a.ai_ties + b.ai_ties)
+    return Agreement(a.pairs + b.pairs, a.compared + b.compared, a.agree + b.agree, a.ai_ties + b.ai_ties,
+                     a.ai_ties_compared + b.ai_ties_compared)
 
 
 def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
@@ -201,7 +205,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         del scorer  # freed before the next scorer loads
     out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
     if not state.is_main_process:  # no collective here: writing a large table outlasts any collective's timeout
-        agreement = Agreement(0, 0, 0, 0)
+        agreement = Agreement(0, 0, 0, 0, 0)
         for chunk, values in read_chunks(table_chunks, rows, ["label_0"]):
             agreement = _plus(agreement, _agreement(_ai_columns(chunk, values["label_0"], folders, weights,
                                                                 config.combine)))
@@ -214,7 +218,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
 def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Path], weights: dict[str, float],
                     combine: str, out: Path) -> Agreement:
     """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically; return the agreement."""
-    agreement = Agreement(0, 0, 0, 0)
+    agreement = Agreement(0, 0, 0, 0, 0)
     with atomic_path(out) as tmp:
         writer = None
         try:

@@ -126,7 +126,8 @@ def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
     pl.DataFrame(rows).write_parquet(tmp_path / "pickapic.parquet")
     result = run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility")
     assert result.returncode == 0, result.stderr
-    assert "agreement with human labels: 0.667 (4/6 non-tied pairs; 7 pairs, 0 AI ties)" in result.stdout
+    assert "agreement with human labels: 0.667 (4 agree and 0 AI ties counted half, of 6 non-tied pairs; 7 pairs, " \
+        "0 AI ties)" in result.stdout
     out = pl.read_parquet(tmp_path / "pickapic.ai-labels.parquet")
     assert out.columns[:5] == ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
     assert out["ai_score_0"].to_list() == pytest.approx([-kb[i] for i in range(0, 12, 2)] + [-kb[0]])
@@ -265,3 +266,14 @@ def test_label_killed_part_way_keeps_the_chunks_it_scored(fresh, tmp_path):
                   for sid, image in zip(samples["sample_id"], samples["image"], strict=True)}
     assert scores.height == 16 and dict(zip(scores["sample_id"], scores["score"], strict=True)) == \
         pytest.approx(brightness)
+
+
+def test_agreement_counts_an_ai_tie_half_on_pairs_humans_decided():
+    """As `rlaif eval --pairs` scores a judge: an AI tie on a pair the humans decided is a coin toss, half right;
+    pairs the humans tied are not compared."""
+    from rlaif.relabel import _agreement
+
+    labelled = pl.DataFrame({"label_0": [1.0, 0.0, 1.0, 0.5, 0.5], "ai_label_0": [1.0, 1.0, 0.5, 0.5, 1.0]})
+    agreement = _agreement(labelled)
+    assert (agreement.compared, agreement.agree, agreement.ai_ties, agreement.ai_ties_compared) == (3, 1, 2, 1)
+    assert agreement.accuracy == (1 + 0.5) / 3

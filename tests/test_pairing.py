@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -65,3 +66,17 @@ def test_pairs_are_ordered_labelled_and_filtered():
     wide = make_pairs(preference(SCORES, {"x": 1.0}), "all-pairs", min_margin=2.0)
     assert sorted(zip(wide["sample_id_0"], wide["sample_id_1"], strict=True)) == [("a0", "a1"), ("a0", "a3"),
                                                                                      ("a1", "a2"), ("a2", "a3")]
+
+
+@pytest.mark.parametrize("rule", ["zscore", "rank"])
+def test_scorers_that_cancel_out_tie_exactly(rule):
+    """Two scorers of equal weight that disagree on every prompt's two candidates cancel out: every pair is an
+    exact tie (dropped by default, 0.5 when kept), never a winner picked by float round-off."""
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-5, 5, (200, 2)), rng.uniform(0, 1, (200, 2))
+    y = np.where((x[:, :1] > x[:, 1:]) == (y[:, :1] > y[:, 1:]), y[:, ::-1], y)  # y always votes against x
+    rows = [{"prompt_id": f"p{p}", "sample_id": f"p{p}-{s}", "scorer": name, "score": float(table[p, s])}
+            for name, table in (("x", x), ("y", y)) for p in range(200) for s in range(2)]
+    combined = preference(pl.DataFrame(rows), {"x": 1.0, "y": 1.0}, rule=rule)
+    assert make_pairs(combined, "best-worst").is_empty()
+    assert make_pairs(combined, "best-worst", keep_ties=True)["label_0"].unique().to_list() == [0.5]
