@@ -154,6 +154,7 @@ def train(
     accumulation: Annotated[int, option(T, "accumulation")] = default(T, "accumulation"),
     max_grad_norm: Annotated[float, option(T, "max_grad_norm")] = default(T, "max_grad_norm"),
     optimizer: Annotated[str, option(T, "optimizer")] = default(T, "optimizer"),
+    weight_decay: Annotated[float | None, option(T, "weight_decay")] = default(T, "weight_decay"),
     mixed_precision: Annotated[str, option(T, "mixed_precision")] = default(T, "mixed_precision"),
     gradient_checkpointing: Annotated[bool, option(T, "gradient_checkpointing")] = default(T, "gradient_checkpointing"),
     resolution: Annotated[int | None, option(T, "resolution")] = default(T, "resolution"),

@@ -29,6 +29,8 @@ CACHE_DTYPES = ("fp32", "bf16", "fp16")
 FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
 # Per model family (UNet + DDPM noise: SD1.5 / SD2 / SDXL; rectified-flow transformer: SD3 / SD3.5 / FLUX.1):
 DEFAULT_BETA = {"unet": 5000.0, "transformer": 100.0}  # Diffusion-DPO's official value; Flow-DPO's (flow_grpo)
+# Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
+DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and
     # flow_grpo's Flow-DPO; diffusers' FLUX LoRA script also adapts the feed-forward layers)
     "unet": "to_q,to_k,to_v,to_out.0",
@@ -272,7 +274,11 @@ class TrainConfig:
                 "--gradient-checkpointing)."})
     accumulation: int = field(default=1, metadata={"help": "Gradient accumulation micro-steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor | sgd (plain: no momentum, no "
+                                                              "weight decay)."})
+    weight_decay: float | None = field(default=None, metadata={
+        "help": "Weight decay of adamw and adafactor. Default: the official recipe's, 1e-2 for SD1.5 / SDXL "
+                "(DiffusionDPO), 1e-4 for SD3 / FLUX.1 (flow_grpo)."})
     mixed_precision: str = field(default="no", metadata={
         "help": "no | fp16 | bf16: autocast for policy and reference alike. With LoRA, the frozen UNet / "
                 "transformer and text encoders are also stored in that precision (half the memory: what FLUX.1-dev "
@@ -333,6 +339,8 @@ class TrainConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.flow_weighting not in FLOW_WEIGHTINGS:
             raise RlaifError(f"--flow-weighting {self.flow_weighting!r} is not one of {', '.join(FLOW_WEIGHTINGS)}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise RlaifError(f"--weight-decay must not be negative, got {self.weight_decay}")
         for name in ("beta", "learning_rate"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

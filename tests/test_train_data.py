@@ -73,6 +73,14 @@ def test_augmentation_is_shared_by_winner_and_loser():
         if plan.flip:  # the flip is the only difference from the unflipped plan
             unflipped = apply_augmentation(chosen, dataclasses.replace(plan, flip=False))
             assert torch.equal(a, unflipped.flip(-1))
+            # SDXL's crop coordinates are those of the same pixels cropped from the flipped picture (diffusers
+            # flips, then crops): that crop of the flipped resize is exactly this training image
+            top, left = plan.crop_top_left
+            mirrored = chosen.resize(plan.resized, Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop = np.asarray(mirrored.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 127.5 - 1.0
+            assert torch.allclose(a, torch.from_numpy(crop).permute(2, 0, 1))
+        else:
+            assert plan.crop_top_left == (plan.top, plan.left)
     assert seen_flip == {True, False}  # some pairs flipped, some not
     centre = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
     assert centre.crop_top_left == (0, (53 - 32) // 2) and centre.key == "53x32-0-10-0-32"

@@ -83,3 +83,28 @@ def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
     (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
     with pytest.raises(RlaifError, match="learning_rate 1.0 -> 0.0003"):
         _check_same_run(tmp_path / "old", config, {})
+
+
+@pytest.mark.parametrize(("optimizer", "weight_decay", "resumes"), [
+    ("adamw", 1e-2, True), ("adamw", 1e-4, False), ("adafactor", 1e-2, False), ("adafactor", 0.0, True)])
+def test_a_checkpoint_from_before_weight_decay_resumes_only_with_the_decay_it_had(tmp_path, optimizer, weight_decay,
+                                                                                  resumes):
+    """Before --weight-decay, AdamW ran with torch's default 1e-2 and Adafactor with none: a resume continues only
+    with the decay the run had."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import _check_same_run, _settings
+
+    config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
+                         lora_targets="to_q,to_k,to_v,to_out.0", optimizer=optimizer, weight_decay=weight_decay)
+    settings = _settings(config)
+    del settings["weight_decay"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
+    if resumes:
+        _check_same_run(tmp_path / "old", config, {})
+    else:
+        with pytest.raises(RlaifError, match=f"weight_decay .* -> {weight_decay}"):
+            _check_same_run(tmp_path / "old", config, {})

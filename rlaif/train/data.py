@@ -25,7 +25,9 @@ class Augmentation:
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
-        return self.top, self.left
+        """SDXL's crop coordinates of the picture as trained: a flipped crop is the mirrored crop of the flipped
+        picture, as diffusers' SDXL script (which flips, then crops) measures it."""
+        return self.top, self.resized[0] - self.left - self.resolution if self.flip else self.left
 
     @property
     def key(self) -> str:

@@ -29,7 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from rlaif.cache import cache_dir
-from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, TrainConfig
+from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, DEFAULT_WEIGHT_DECAY, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
@@ -69,7 +69,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
-    optimizer = make_optimizer(config.optimizer, params, lr)
+    optimizer = make_optimizer(config.optimizer, params, lr, config.weight_decay)
     # The schedule stays out of accelerator.prepare: accelerate's wrapper steps it once per process per
     # optimizer step, which would end a warm-up N times too early on N processes. It is stepped below, once
     # per optimizer step, so it is a function of optimizer steps whatever the process count and accumulation.
@@ -186,10 +186,10 @@ def trainable_network(pipe, config: TrainConfig) -> tuple[torch.nn.Module, torch
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    reference = frozen_reference(unet, config)
     if config.full:
         unet.requires_grad_(True)
-    else:
+    reference = frozen_reference(unet, config)  # copied as the policy is set: see frozen_reference
+    if not config.full:
         from peft import LoraConfig
 
         try:
@@ -204,23 +204,28 @@ def trainable_network(pipe, config: TrainConfig) -> tuple[torch.nn.Module, torch
 
 
 def frozen_reference(unet: torch.nn.Module, config: TrainConfig) -> torch.nn.Module | None:
-    """The reference model of full DPO fine-tuning: a frozen copy of the starting UNet. None for LoRA (the
-    reference is the same UNet with adapters off) and for SFT (which has no reference term)."""
+    """The reference model of full DPO fine-tuning: a copy of the starting UNet, frozen by use (outside the
+    optimizer, run under no_grad). None for LoRA (the reference is the same UNet with adapters off) and for SFT
+    (which has no reference term). Its parameters keep requires_grad as the policy's: CPU fp16 autocast casts
+    weights that do not require grad differently, and the copy would then differ from the policy at step 0."""
     if not config.full or config.loss == "sft":
         return None
-    return copy.deepcopy(unet).requires_grad_(False).eval()
+    return copy.deepcopy(unet).eval()
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """``name`` (one of OPTIMIZERS) over ``params``; plain SGD has no state, so its updates are exactly
-    ``-lr * gradient`` (what the multi-process tests compare)."""
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+                   ) -> torch.optim.Optimizer:
+    """``name`` (one of OPTIMIZERS) over ``params``, as the official DiffusionDPO train.py builds AdamW and
+    Adafactor (fixed learning rate, update clipping at 1); plain SGD has no state and no weight decay, so its
+    updates are exactly ``-lr * gradient`` (what the multi-process tests compare)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     from transformers.optimization import Adafactor
 
-    return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False)
+    return Adafactor(params, lr=lr, weight_decay=weight_decay, clip_threshold=1.0, relative_step=False,
+                     scale_parameter=False)
 
 
 @contextlib.contextmanager
@@ -235,11 +240,12 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
-    """``config`` with the settings left to the model family filled in (beta, LoRA targets), before anything
-    records them: a run's checkpoints and train.json hold the values it trained with."""
+    """``config`` with the settings left to the model family filled in (beta, LoRA targets, weight decay), before
+    anything records them: a run's checkpoints and train.json hold the values it trained with."""
     family = model_family(config.model)
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
-                   lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family])
+                   lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
+                   weight_decay=DEFAULT_WEIGHT_DECAY[family] if config.weight_decay is None else config.weight_decay)
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
@@ -365,6 +371,9 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
+# Settings that older checkpoints do not record, and what they were then: weight decay was torch's AdamW default
+# (none for Adafactor) before --weight-decay existed.
+UNRECORDED = {"weight_decay": lambda saved: 1e-2 if saved.get("optimizer", "adamw") == "adamw" else 0.0}
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
                      "gradient_checkpointing", "workers", "val_every")
 
@@ -429,10 +438,11 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None
                          "new run in another --out")
     saved = {**position["settings"], **position.get("identities", {})}
     now = {**_settings(config), **identities}
-    # a setting added since the checkpoint was written had its default value then
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    changed = [f"{key} {saved.get(key, defaults.get(key))!r} -> {now[key]!r}" for key in now
-               if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != now[key]]
+    # a setting added since the checkpoint was written had its default value then, or the value it stood for
+    then = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    then |= {key: value(saved) for key, value in UNRECORDED.items()}
+    changed = [f"{key} {saved.get(key, then.get(key))!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and saved.get(key, then.get(key)) != now[key]]
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
