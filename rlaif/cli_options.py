@@ -33,9 +33,13 @@ def _hints(config: type) -> dict[str, Any]:
 
 def option(config: type, name: str, *flags: str) -> Any:
     """A ``typer.Option`` for field ``name`` of dataclass ``config``, with the field's help text. A list field
-    is an option given once per value, shown as ``--flag VALUE`` (its help says "repeatable")."""
+    is an option given once per value, shown as ``--flag VALUE`` (its help says "repeatable"); a boolean one is
+    ``--flag/--no-flag``."""
     spec = _field(config, name)
-    flags = flags or (f"--{name.replace('_', '-')}",)
+    flag = f"--{name.replace('_', '-')}"
+    if not flags and _hints(config)[name] is bool and not name.startswith("no_"):
+        flag += f"/--no-{name.replace('_', '-')}"  # so that a flag can undo a `true` from a --config file
+    flags = flags or (flag,)
     repeated = typing.get_origin(_hints(config)[name]) is list
     return typer.Option(*flags, help=spec.metadata["help"] + (" Repeatable." if repeated else ""),
                         metavar=spec.metadata.get("metavar", "VALUE") if repeated else None,

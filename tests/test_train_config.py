@@ -33,12 +33,13 @@ def test_paper_recipes(recipe, warmup, resolution, optimizer):
 
 def test_flags_override_the_config_file(tiny_pairs, tmp_path):
     (tmp_path / "run.toml").write_text(f'model = "tiny"\nout = "{tmp_path / "o"}"\nmax_steps = 3\nbatch_size = 2\n'
-                                       'learning_rate = 0.001\nbeta = 2500.0\n')
-    result = run_cli("train", tiny_pairs, "--config", tmp_path / "run.toml", "--max-steps", 2)
+                                       'learning_rate = 0.001\nbeta = 2500.0\nhflip = true\nfull = true\n')
+    result = run_cli("train", tiny_pairs, "--config", tmp_path / "run.toml", "--max-steps", 2, "--no-full")
     assert result.returncode == 0, result.stderr
     assert [e["step"] for e in log(tmp_path / "o")] == [1, 2]  # the flag won
     recorded = json.loads((tmp_path / "o" / "train.json").read_text())["config"]
     assert (recorded["beta"], recorded["batch_size"], recorded["learning_rate"]) == (2500.0, 2, 0.001)
+    assert (recorded["hflip"], recorded["full"]) == (True, False)  # a `true` of the file undone by --no-full
 
 
 @pytest.mark.parametrize(("text", "message"), [
