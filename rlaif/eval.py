@@ -123,6 +123,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
         write_table(by_prompt(paired), config.out / "eval_by_prompt.parquet", BY_PROMPT_SCHEMA)
         if by_category is not None:
             write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
+        else:  # an earlier evaluation's breakdown in this folder would contradict this one
+            (config.out / "eval_by_category.parquet").unlink(missing_ok=True)
         log_path = config.train_log or config.tuned / "train_log.jsonl"
         train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
             if log_path.is_file() else []

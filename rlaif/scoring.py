@@ -8,7 +8,7 @@ line of the factory's docstring. Built-ins register through the same entry-point
 as third-party plugins.
 
 Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
-distribution's, or its source file's hash for a ``module:attr`` outside any distribution) and its identity.
+distribution's, or a hash of its source files: ``plugin_version``) and its identity.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import inspect
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points, packages_distributions, version
+from importlib.metadata import PackageNotFoundError, distribution, entry_points, packages_distributions, version
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from rlaif.errors import RlaifError
@@ -122,19 +124,49 @@ def check_options(spec: str, options: dict[str, str]) -> None:
                              f"{', '.join(accepted) or 'no options'}")
 
 
-def plugin_version(spec: str) -> str:
-    """The version of the code behind scorer ``spec``: its distribution's version, or for a ``module:attr``
-    outside any distribution the hash of the module's source file."""
-    if ":" not in spec:
+def plugin_version(spec: str, factory: Callable[..., Scorer]) -> str:
+    """The version of the code behind scorer ``spec``: its distribution's version; for an editable install, or
+    code outside any distribution, a hash of the source files of the module named and of the one that defines
+    ``factory``, with the Python files around them that they may import (their package's, or for a lone module
+    the ones beside it)."""
+    module = importlib.import_module(spec.partition(":")[0]) if ":" in spec else None
+    if module is not None:
+        dists = packages_distributions().get(module.__name__.split(".")[0], [])
+        dist = dists[0] if dists else None
+    else:
         point = {p.name: p for p in entry_points(group=GROUP)}.get(spec)  # the last one wins, as in available_scorers
-        return f"{point.dist.name}=={point.dist.version}" if point is not None and point.dist else "unknown"
-    module = importlib.import_module(spec.partition(":")[0])
-    top = module.__name__.split(".")[0]
-    dists = packages_distributions().get(top, [])
-    if dists:
-        return f"{dists[0]}=={version(dists[0])}"
+        dist = point.dist.name if point is not None and point.dist else None
+    if dist is not None and not _editable(dist):
+        return f"{dist}=={version(dist)}"
+    defining = sys.modules.get(getattr(factory, "__module__", "") or "")
+    files = sorted({file for m in (module, defining) if m is not None for file in _source_files(m)})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file}\0".encode() + file.read_bytes())
+    prefix = f"{dist}=={version(dist)}+" if dist is not None else ""
+    return prefix + (digest.hexdigest()[:16] if files else "unknown")
+
+
+def _editable(dist: str) -> bool:
+    """Whether distribution ``dist`` is an editable install (its code can change under the same version)."""
+    try:
+        direct = distribution(dist).read_text("direct_url.json")
+        return bool(direct) and bool(json.loads(direct).get("dir_info", {}).get("editable", False))
+    except (PackageNotFoundError, OSError, ValueError, AttributeError):  # an unusual install: a regular one
+        return False
+
+
+def _source_files(module: ModuleType) -> list[Path]:
+    """The Python files that ``module``'s code may come from: its top-level package's, or for a lone module
+    (not in a package) the ``.py`` files in its folder."""
     source = getattr(module, "__file__", None)
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16] if source else "unknown"
+    if not source:
+        return []
+    top = sys.modules.get(module.__name__.split(".")[0])
+    roots = list(getattr(top, "__path__", []) or [])
+    if roots:
+        return [file for root in roots for file in Path(root).rglob("*.py")]
+    return list(Path(source).parent.glob("*.py"))
 
 
 class LoadedScorer:
@@ -153,7 +185,7 @@ class LoadedScorer:
             message = (str(exc).strip() or type(exc).__name__).rstrip(". ")  # all of it: the CLI joins the lines
             raise RlaifError(f"scorer {self.spec!r} failed to load: {message}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
-        described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec),
+        described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),
                      "identity": getattr(self.scorer, "identity", None)}
         self.key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
         """Changes whenever the scores could: scores cached under another key are recomputed."""

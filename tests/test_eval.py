@@ -171,8 +171,10 @@ def test_retraining_into_the_same_folder_remakes_the_tuned_samples(tiny_pairs, t
     tuned_before, base_before = images("tuned"), images("base")
     retrained = run_cli(*train, "--overwrite", "--seed", 7, "--learning-rate", 3e-2)
     assert retrained.returncode == 0, retrained.stderr
+    (tmp_path / "eval" / "eval_by_category.parquet").write_bytes(b"an earlier evaluation's, on categories")
     result = run_cli(*evaluate)
     assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "eval" / "eval_by_category.parquet").exists()  # these prompts have no categories
     tuned_after = images("tuned")
     assert tuned_after.keys() == tuned_before.keys()
     assert all(tuned_after[k][0] != tuned_before[k][0] for k in tuned_after)  # every tuned image made anew

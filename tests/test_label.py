@@ -172,7 +172,8 @@ def channel_means(folder: Path, channel: int) -> dict[str, float]:
 
 def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh, tmp_path):
     """Each thing that changes a score makes the cache recompute it: a scorer option, the scorer's weights
-    (its identity), the plugin's code, and the image file's bytes. Anything else reuses the cache."""
+    (its identity), the plugin's code or the code beside it that it may import, and the image file's bytes.
+    Anything else reuses the cache."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     shutil.copy(Path(PLUGINS) / "label_plugins.py", plugins)
@@ -200,6 +201,10 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][5]
     Image.new("RGB", Image.open(image).size, (10, 200, 30)).save(image)  # rewritten in place
     assert label(1, weights="w2") == 65  # only the rewritten image, now scored from its new pixels
+    (plugins / "plugin_helpers.py").write_text("OFFSET = 0\n")  # code the plugin could import, beside it
+    assert label(1, weights="w2") == 81
+    (plugins / "plugin_helpers.py").write_text("OFFSET = 1\n")  # edited: the plugin's scores may have changed
+    assert label(1, weights="w2") == 97
 
 
 def kill_when(args: list, env: dict, ready) -> None:
