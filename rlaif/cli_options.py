@@ -37,8 +37,8 @@ def option(config: type, name: str, *flags: str) -> Any:
     ``--flag/--no-flag``."""
     spec = _field(config, name)
     flag = f"--{name.replace('_', '-')}"
-    if not flags and _hints(config)[name] is bool and not name.startswith("no_"):
-        flag += f"/--no-{name.replace('_', '-')}"  # so that a flag can undo a `true` from a --config file
+    if not flags and _hints(config)[name] is bool:  # both forms: a flag can undo a `true` of a --config file
+        flag += f"/--{flag[5:]}" if name.startswith("no_") else f"/--no-{flag[2:]}"
     flags = flags or (flag,)
     repeated = typing.get_origin(_hints(config)[name]) is list
     return typer.Option(*flags, help=spec.metadata["help"] + (" Repeatable." if repeated else ""),

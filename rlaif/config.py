@@ -341,6 +341,8 @@ class TrainConfig:
             raise RlaifError(f"--flow-weighting {self.flow_weighting!r} is not one of {', '.join(FLOW_WEIGHTINGS)}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise RlaifError(f"--weight-decay must not be negative, got {self.weight_decay}")
+        if self.optimizer == "sgd" and self.weight_decay:
+            raise RlaifError("--weight-decay applies to adamw and adafactor; --optimizer sgd is plain SGD")
         for name in ("beta", "learning_rate"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -14,6 +14,7 @@ distribution's, or a hash of its source files: ``plugin_version``) and its ident
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -24,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution, entry_points, packages_distributions, version
+from importlib.metadata import distributions, entry_points, packages_distributions, version
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -125,48 +126,58 @@ def check_options(spec: str, options: dict[str, str]) -> None:
 
 
 def plugin_version(spec: str, factory: Callable[..., Scorer]) -> str:
-    """The version of the code behind scorer ``spec``: its distribution's version; for an editable install, or
-    code outside any distribution, a hash of the source files of the module named and of the one that defines
-    ``factory``, with the Python files around them that they may import (their package's, or for a lone module
-    the ones beside it)."""
-    module = importlib.import_module(spec.partition(":")[0]) if ":" in spec else None
-    if module is not None:
-        dists = packages_distributions().get(module.__name__.split(".")[0], [])
-        dist = dists[0] if dists else None
+    """The version of the code behind scorer ``spec``: of the module it names (or registers) and of the module
+    that defines ``factory``, each one's distribution version, or for an editable install or code outside any
+    distribution a hash of its Python files (``_code_hash``)."""
+    if ":" in spec:
+        named = importlib.import_module(spec.partition(":")[0])
     else:
         point = {p.name: p for p in entry_points(group=GROUP)}.get(spec)  # the last one wins, as in available_scorers
-        dist = point.dist.name if point is not None and point.dist else None
-    if dist is not None and not _editable(dist):
-        return f"{dist}=={version(dist)}"
+        named = sys.modules.get(point.module) if point is not None else None
     defining = sys.modules.get(getattr(factory, "__module__", "") or "")
-    files = sorted({file for m in (module, defining) if m is not None for file in _source_files(m)})
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file}\0".encode() + file.read_bytes())
-    prefix = f"{dist}=={version(dist)}+" if dist is not None else ""
-    return prefix + (digest.hexdigest()[:16] if files else "unknown")
+    parts = dict.fromkeys(_module_version(m) for m in (named, defining) if m is not None)
+    return "+".join(parts) or "unknown"
+
+
+def _module_version(module: ModuleType) -> str:
+    """``dist==version`` of the regular installs that provide ``module``'s top-level name, else its code's hash."""
+    dists = sorted(set(packages_distributions().get(module.__name__.split(".")[0], [])))
+    if dists and not any(_editable(dist) for dist in dists):
+        return "+".join(f"{dist}=={version(dist)}" for dist in dists)
+    return _code_hash(module)
 
 
 def _editable(dist: str) -> bool:
-    """Whether distribution ``dist`` is an editable install (its code can change under the same version)."""
-    try:
-        direct = distribution(dist).read_text("direct_url.json")
-        return bool(direct) and bool(json.loads(direct).get("dir_info", {}).get("editable", False))
-    except (PackageNotFoundError, OSError, ValueError, AttributeError):  # an unusual install: a regular one
-        return False
+    """Whether distribution ``dist`` may change its code under the same version: an editable install, or metadata
+    of a source checkout (an ``.egg-info`` folder, found first when Python runs in the checkout) rather than a
+    wheel's installed files, which a RECORD lists."""
+    for found in distributions(name=dist):
+        try:
+            direct = found.read_text("direct_url.json")
+            if found.read_text("RECORD") is None or (direct and json.loads(direct).get("dir_info", {}).get("editable")):
+                return True
+        except (OSError, ValueError, AttributeError):  # unreadable metadata: as a regular install
+            continue
+    return False
 
 
-def _source_files(module: ModuleType) -> list[Path]:
-    """The Python files that ``module``'s code may come from: its top-level package's, or for a lone module
-    (not in a package) the ``.py`` files in its folder."""
+def _code_hash(module: ModuleType) -> str:
+    """A hash of the Python files ``module``'s code may come from, named by their path inside the folder they
+    were found in (the same code elsewhere hashes alike): those of every package on its dotted path (a package
+    mapped to another folder included), or for a lone module the ones beside it, which it may import."""
+    names = module.__name__.split(".")
+    roots = dict.fromkeys(Path(entry) for i in range(1, len(names) + 1)
+                          for entry in getattr(sys.modules.get(".".join(names[:i])), "__path__", None) or [])
     source = getattr(module, "__file__", None)
-    if not source:
-        return []
-    top = sys.modules.get(module.__name__.split(".")[0])
-    roots = list(getattr(top, "__path__", []) or [])
     if roots:
-        return [file for root in roots for file in Path(root).rglob("*.py")]
-    return list(Path(source).parent.glob("*.py"))
+        found = [(root, path) for root in roots for path in root.rglob("*.py")]
+    else:
+        found = [(Path(source).parent, path) for path in Path(source).parent.glob("*.py")] if source else []
+    digest = hashlib.sha256()
+    for relative, path in sorted((path.relative_to(root).as_posix(), path) for root, path in found):
+        with contextlib.suppress(OSError):  # an editor's lock file, a broken link, a file removed meanwhile
+            digest.update(relative.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class LoadedScorer:

@@ -116,6 +116,8 @@ CASES = [
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--beta", "0"], "--beta must be positive, got 0.0"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "lion"], "--optimizer 'lion' is not one of"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "sgd", "--weight-decay", "0.1"],
+     "--weight-decay applies to adamw and adafactor; --optimizer sgd is plain SGD"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--caption-dropout", "2"], "--caption-dropout must be"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--warmup-steps", "-5"], "--warmup-steps must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--resolution", "100"], "--resolution must be a positive"),

@@ -282,3 +282,25 @@ def test_agreement_counts_an_ai_tie_half_on_pairs_humans_decided():
     agreement = _agreement(labelled)
     assert (agreement.compared, agreement.agree, agreement.ai_ties, agreement.ai_ties_compared) == (3, 1, 2, 1)
     assert agreement.accuracy == (1 + 0.5) / 3
+
+
+def test_a_plugins_code_hash_does_not_depend_on_where_it_lives(tmp_path, monkeypatch):
+    """The same code in two folders gets the same cache key (processes of a multi-node run may hold their
+    checkouts at different paths, and must agree on what to score); an editor's broken lock file is skipped."""
+    import importlib
+
+    from rlaif.scoring import _code_hash
+
+    keys = []
+    for place in ("a", "b"):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "plug_where.py").write_text("def f(device='cpu'):\n    return None\n")
+        monkeypatch.syspath_prepend(str(tmp_path / place))
+        monkeypatch.delitem(sys.modules, "plug_where", raising=False)
+        keys.append(_code_hash(importlib.import_module("plug_where")))
+    (tmp_path / "b" / ".#plug_where.py").symlink_to(tmp_path / "nowhere")
+    monkeypatch.delitem(sys.modules, "plug_where", raising=False)
+    assert _code_hash(importlib.import_module("plug_where")) == keys[0] == keys[1]
+    (tmp_path / "b" / "plug_where.py").write_text("def f(device='cpu'):\n    return 1\n")
+    monkeypatch.delitem(sys.modules, "plug_where", raising=False)
+    assert _code_hash(importlib.import_module("plug_where")) != keys[0]

@@ -75,7 +75,7 @@ def test_hub_dataset_ids_may_pin_a_revision(pairs, accepted, tmp_path):
 
 
 @pytest.mark.parametrize(("model", "optimizer", "decay"), [
-    ("tiny", "adamw", 1e-2), ("tiny-xl", "adafactor", 1e-2), ("tiny-sd3", "adamw", 1e-4)])
+    ("tiny", "adamw", 1e-2), ("tiny-xl", "adafactor", 1e-2), ("tiny-sd3", "adamw", 1e-4), ("tiny", "sgd", 0.0)])
 def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimizer, decay):
     """DiffusionDPO's train.py gives AdamW and Adafactor weight decay 1e-2 (Adafactor also update clipping at 1);
     flow_grpo gives 1e-4. The family's value is filled in, recorded, and reaches the optimizer."""
@@ -86,6 +86,6 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
     config = with_family_defaults(TrainConfig(pairs="p", model=model, out=tmp_path, optimizer=optimizer))
     assert config.weight_decay == decay
     group = make_optimizer(optimizer, [torch.nn.Parameter(torch.ones(3))], 1e-3, config.weight_decay).param_groups[0]
-    assert group["weight_decay"] == decay
+    assert group["weight_decay"] == decay  # plain SGD: none, and none recorded
     if optimizer == "adafactor":
         assert (group["clip_threshold"], group["relative_step"], group["scale_parameter"]) == (1.0, False, False)

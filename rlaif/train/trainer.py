@@ -245,7 +245,8 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     family = model_family(config.model)
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
                    lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
-                   weight_decay=DEFAULT_WEIGHT_DECAY[family] if config.weight_decay is None else config.weight_decay)
+                   weight_decay=config.weight_decay if config.weight_decay is not None
+                   else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
