@@ -15,7 +15,7 @@ import typer
 
 from rlaif.cli_options import argument, config_from_cli, default, option
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, exception_text
 from rlaif.files import check_out_dir
 
 app = typer.Typer(
@@ -500,5 +500,4 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         files = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
         return f"{exc.strerror or type(exc).__name__}: {files}"
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+    return " ".join(exception_text(exc).split())

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, exception_text
 
 if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
     import torch
@@ -193,8 +193,8 @@ class LoadedScorer:
         except Exception as exc:
             hint = ("; HF_HUB_OFFLINE is set, so its weights must already be in the Hugging Face cache: load it once "
                     "online, or unset HF_HUB_OFFLINE") if _missing_offline(exc) else ""
-            message = (str(exc).strip() or type(exc).__name__).rstrip(". ")  # all of it: the CLI joins the lines
-            raise RlaifError(f"scorer {self.spec!r} failed to load: {message}{hint}") from exc
+            text = exception_text(exc).rstrip(". ")  # all of it: the CLI joins the lines
+            raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),
                      "identity": getattr(self.scorer, "identity", None)}

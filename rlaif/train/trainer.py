@@ -52,7 +52,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     config.validate()
     config = with_family_defaults(config)
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
-    held_out = None if config.loss == "sft" else pairs.held_out_pairs()  # measured in table order
+    held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
+    held_out = None if config.loss == "sft" else held_out_pairs  # measured in table order
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -154,7 +155,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
-                "pairs_held_out": len(pairs.held_out_pairs()),  # left out of training, sft too
+                "pairs_held_out": len(held_out_pairs),
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
