@@ -74,6 +74,12 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "sft": ("`rlaif train --loss sft` (fine-tuning on the winners alone)", "best-worst", {"loss": "sft"}),
     "defaults-top-vs-bottom": ("`rlaif train` with no options, on each of the 2 best against each of the 2 worst "
                                "candidates (4 pairs per prompt)", "top-vs-bottom", {}),
+    "official-loss": ("`rlaif train --beta 5000 --dpo-positive 0`: the official Diffusion-DPO loss (the defaults "
+                      "until 2026-11-27)", "best-worst", {"beta": 5000.0, "dpo_positive": 0.0}),
+    "official-loss-beta1000": ("`rlaif train --dpo-positive 0`: the official loss at beta 1000", "best-worst",
+                               {"beta": 1000.0, "dpo_positive": 0.0}),
+    "dpo-positive-beta5000": ("`rlaif train --beta 5000`: DPO-Positive at the official beta", "best-worst",
+                              {"beta": 5000.0}),
     "defaults-beta2500": ("`rlaif train --beta 2500`", "best-worst", {"beta": 2500.0}),
     "defaults-beta1000": ("`rlaif train --beta 1000`", "best-worst", {"beta": 1000.0}),
     "defaults-2400-steps": ("`rlaif train --max-steps 2400` (as many passes over 160 prompts' pairs as 600 steps "
@@ -84,8 +90,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "full-lr1e-5-all-pairs": ("full UNet, lr 1e-5, batch 4, 300 steps, on every pair (28 per prompt)",
                               "all-pairs", {"full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
 }
-RECIPE_KEYS = ("full", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "max_steps", "beta", "loss",
-               "caption_dropout", "val_fraction", "seed")
+RECIPE_KEYS = ("full", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "max_steps", "beta", "dpo_positive",
+               "loss", "caption_dropout", "val_fraction", "seed")
 STEPS = 20  # denoising steps of training samples and evaluation alike
 TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
 # Half the prompts leave out each of size, colour and background, as users' prompts leave things to the model:
@@ -163,10 +169,13 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
 
 
 def train_defaults() -> dict:
-    """`rlaif train`'s current defaults for what the recipes vary and what shapes their result."""
+    """`rlaif train`'s current defaults on `tiny` for what the recipes vary and what shapes their result, the
+    model family's (beta, DPO-Positive) resolved: a cell made under other defaults is not reused."""
     from rlaif.config import TrainConfig
+    from rlaif.train.trainer import with_family_defaults
 
-    return {name: getattr(TrainConfig, name) for name in RECIPE_KEYS}
+    config = with_family_defaults(TrainConfig(pairs="pairs.parquet", model="tiny", out=Path("train")))
+    return {name: getattr(config, name) for name in RECIPE_KEYS}
 
 
 def headroom(samples: Path, scorer: str) -> float:
@@ -184,11 +193,11 @@ def describe(recipe: str) -> str:
     """The recipe's settings; for ``defaults``, read from `rlaif train`'s current defaults."""
     if recipe != "defaults":
         return RECIPES[recipe][0]
-    from rlaif.config import TrainConfig
 
-    model = "full UNet" if TrainConfig.full else f"LoRA r{TrainConfig.lora_rank}"
-    return (f"no options ({model}, lr {TrainConfig.learning_rate:g}, batch {TrainConfig.batch_size}, "
-            f"{TrainConfig.max_steps} steps)")
+    settings = train_defaults()
+    model = "full UNet" if settings["full"] else f"LoRA r{settings['lora_rank']}"
+    return (f"no options ({model}, lr {settings['learning_rate']:g}, batch {settings['batch_size']}, "
+            f"{settings['max_steps']} steps, beta {settings['beta']:g}, DPO-Positive {settings['dpo_positive']:g})")
 
 
 def cell_text(row: dict) -> str:

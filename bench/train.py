@@ -220,6 +220,7 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
         table = pick_a_pic_table(folder / "pickapic-64", 64, shard_rows=64)  # 'pickapic' in the name: ties dropped
         script = official_script(official, folder / "official")
         rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
+                 "--beta", "5000", "--dpo-positive", "0",  # the official loss, as the official script computes it
                  "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")

@@ -145,6 +145,7 @@ def train(
     lora_targets: Annotated[str | None, option(T, "lora_targets")] = default(T, "lora_targets"),
     loss: Annotated[str, option(T, "loss")] = default(T, "loss"),
     beta: Annotated[float | None, option(T, "beta")] = default(T, "beta"),
+    dpo_positive: Annotated[float | None, option(T, "dpo_positive")] = default(T, "dpo_positive"),
     flow_weighting: Annotated[str, option(T, "flow_weighting")] = default(T, "flow_weighting"),
     learning_rate: Annotated[float, option(T, "learning_rate")] = default(T, "learning_rate"),
     scale_lr: Annotated[bool, option(T, "scale_lr")] = default(T, "scale_lr"),

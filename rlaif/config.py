@@ -28,7 +28,11 @@ PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("fp32", "bf16", "fp16")
 FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
 # Per model family (UNet + DDPM noise: SD1.5 / SD2 / SDXL; rectified-flow transformer: SD3 / SD3.5 / FLUX.1):
-DEFAULT_BETA = {"unet": 5000.0, "transformer": 100.0}  # Diffusion-DPO's official value; Flow-DPO's (flow_grpo)
+# DPO beta and DPO-Positive's lambda: for UNets, beta 1000 with the penalty cleared more of bench/reward_suite.py than
+# the official loss (beta 5000, no penalty) at about its prompt following (bench/RESULTS.md); flow transformers keep
+# Flow-DPO as released (flow_grpo: beta 100, no penalty), which no suite has measured against
+DEFAULT_BETA = {"unet": 1000.0, "transformer": 100.0}
+DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and
@@ -253,9 +257,14 @@ class TrainConfig:
                 "add_q_proj, add_k_proj, add_v_proj, to_add_out."})
     loss: str = field(default="sigmoid", metadata={"help": f"{' | '.join(LOSS_TYPES)} (DPO) or sft."})
     beta: float | None = field(default=None, metadata={
-        "help": "DPO beta. Default: 5000 for SD1.5 / SDXL (official Diffusion-DPO), 100 for SD3 / SD3.5 / FLUX.1 "
-                "(Flow-DPO as released in flow_grpo). Lower moves the reward further and keeps less to the prompt "
-                "(bench/reward_suite.py: 1000 on a 38-pair table)."})
+        "help": "DPO beta. Default: 1000 for SD1.5 / SDXL (official Diffusion-DPO: 5000, which moved fewer rewards "
+                "of bench/reward_suite.py), 100 for SD3 / SD3.5 / FLUX.1 (Flow-DPO as released in flow_grpo). Lower "
+                "moves the reward further and keeps less to the prompt."})
+    dpo_positive: float | None = field(default=None, metadata={
+        "help": "DPO-Positive's lambda (Pal et al. 2024): also penalise the policy for denoising a winner worse than "
+                "the reference, so the margin cannot grow by making winners less likely too; 0 is the official "
+                "loss. Default: 1 for SD1.5 / SDXL (with beta 1000 it raised more rewards of bench/reward_suite.py "
+                "than the official loss, at about its prompt following), 0 for SD3 / FLUX.1 (not measured there)."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
@@ -343,6 +352,8 @@ class TrainConfig:
             raise RlaifError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if self.optimizer == "sgd" and self.weight_decay:
             raise RlaifError("--weight-decay applies to adamw and adafactor; --optimizer sgd is plain SGD")
+        if self.dpo_positive is not None and not self.dpo_positive >= 0:
+            raise RlaifError(f"--dpo-positive must not be negative, got {self.dpo_positive}")
         for name in ("beta", "learning_rate"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -18,8 +18,10 @@ def inside_tolerance(beta: float) -> float:
     return 0.5 * beta * 4 * 8 * U * NOISE**2
 
 
-def official(model_pred, ref_pred, target, beta):
-    """Written the way the official train.py computes it, sample by sample."""
+def official(model_pred, ref_pred, target, beta, positive=0.0):
+    """Written the way the official train.py computes it, sample by sample; ``positive`` > 0 adds DPO-Positive's
+    penalty as Pal et al. 2024 write it, beta * lambda * max(0, -log ratio of the winner), whose diffusion
+    log ratio is -0.5 * (model err - ref err) of the winner."""
     def err(pred, i):
         return float(((pred[i].double() - target[i].double()) ** 2).mean())
     b = model_pred.shape[0] // 2
@@ -27,7 +29,8 @@ def official(model_pred, ref_pred, target, beta):
     for i in range(b):
         model_diff = err(model_pred, i) - err(model_pred, b + i)
         ref_diff = err(ref_pred, i) - err(ref_pred, b + i)
-        terms.append(-0.5 * beta * (model_diff - ref_diff))
+        winner_log_ratio = -0.5 * (err(model_pred, i) - err(ref_pred, i))
+        terms.append(-0.5 * beta * (model_diff - ref_diff) - beta * positive * max(0.0, -winner_log_ratio))
     loss = sum(math.log1p(math.exp(-t)) if t > -30 else -t for t in terms) / b
     return loss, sum(t > 0 for t in terms) / b, terms
 
@@ -45,6 +48,29 @@ def test_sigmoid_loss_matches_official_formula(beta):
     assert float(metrics["implicit_acc"]) == accuracy  # exact: a count over 4 pairs
     assert float(metrics["reward_margin"]) == pytest.approx(sum(terms) / len(terms), rel=1e-6,
                                                             abs=inside_tolerance(beta))
+
+
+@pytest.mark.parametrize("positive", [1.0, 5.0])
+def test_dpo_positive_penalises_only_winners_denoised_worse_than_the_reference(positive):
+    torch.manual_seed(4)
+    target = torch.randn(8, 4, 8, 8)
+    ref_pred = target + NOISE * torch.randn_like(target)
+    model_pred = ref_pred.clone()
+    model_pred[:2] += 0.3 * NOISE * torch.randn_like(target[:2])  # winners 0, 1: denoised worse than the reference
+    model_pred[2:4] = target[2:4] + 0.8 * (ref_pred[2:4] - target[2:4])  # winners 2, 3: better
+    model_pred[4:] += 0.3 * NOISE * torch.randn_like(target[4:])  # every loser worse
+    beta = 1000.0
+    expected, _, terms = official(model_pred, ref_pred, target, beta, positive)
+    _, accuracy, plain_terms = official(model_pred, ref_pred, target, beta)
+    # the case the test is about: the penalty lowers the terms of winners 0 and 1 only
+    assert [t < p for t, p in zip(terms, plain_terms, strict=True)] == [True, True, False, False]
+    loss, metrics = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, positive=positive)
+    assert float(loss) == pytest.approx(expected, rel=1e-6, abs=inside_tolerance(beta) * (1 + positive))
+    # the implicit classifier and its margin stay the official ones: the penalty regularises, it judges nothing
+    assert float(metrics["implicit_acc"]) == accuracy
+    assert float(metrics["reward_margin"]) == pytest.approx(sum(plain_terms) / 4, rel=1e-6, abs=inside_tolerance(beta))
+    official_loss, _ = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta)
+    assert float(loss) > float(official_loss)  # the penalty only ever adds
 
 
 def test_identical_model_and_reference_give_ln2():

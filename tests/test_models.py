@@ -71,7 +71,7 @@ def test_hub_id_resolves_through_an_offline_hf_cache(tmp_path, prompts_file, fol
                       "--max-steps", 1, "--batch-size", 2)  # the family (and its Flow-DPO defaults) from the cache
     assert trained.returncode == 0, trained.stderr
     config = json.loads((tmp_path / "train" / "train.json").read_text())["config"]
-    assert config["beta"] == {"tiny-sd": 5000.0, "tiny-sd3": 100.0}[folder.name]
+    assert (config["beta"], config["dpo_positive"]) == {"tiny-sd": (1000.0, 1.0), "tiny-sd3": (100.0, 0.0)}[folder.name]
     missing = run_cli("sample", "--model", "rlaif-test/not-there", "--prompts", prompts_file,
                       "--out", tmp_path / "out2")
     assert missing.returncode == 2

@@ -28,7 +28,8 @@ def test_lora_dpo_loads_into_diffusers_and_changes_images(tiny_pairs, tmp_path):
     result = run_cli("train", tiny_pairs, "--out", out, "--max-steps", 50, *FAST)
     assert result.returncode == 0, result.stderr
     entries = log(out)
-    # step 0: policy == reference, so inside = 0 up to float32 round-off of the MSEs (~1e-7) times beta 5000
+    # step 0: policy == reference, so inside = 0 up to float32 round-off of the MSEs (~1e-7) times beta 1000,
+    # and DPO-Positive's penalty is 0
     assert len(entries) == 50 and entries[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     pipe = load_pipeline("tiny")
     before = pipe("a small red circle on a blue background", num_inference_steps=5,

@@ -108,3 +108,26 @@ def test_a_checkpoint_from_before_weight_decay_resumes_only_with_the_decay_it_ha
     else:
         with pytest.raises(RlaifError, match=f"weight_decay .* -> {weight_decay}"):
             _check_same_run(tmp_path / "old", config, {})
+
+
+@pytest.mark.parametrize(("positive", "resumes"), [(0.0, True), (1.0, False)])
+def test_a_checkpoint_from_before_dpo_positive_resumes_only_with_the_official_loss(tmp_path, positive, resumes):
+    """Before --dpo-positive the loss had no DPO-Positive term: such a run continues only without one (the
+    default, 1, would change what its remaining steps compute)."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import _check_same_run, _settings
+
+    config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
+                         lora_targets="to_q,to_k,to_v,to_out.0", weight_decay=1e-2, dpo_positive=positive)
+    settings = _settings(config)
+    del settings["dpo_positive"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
+    if resumes:
+        _check_same_run(tmp_path / "old", config, {})
+    else:
+        with pytest.raises(RlaifError, match=r"dpo_positive 0.0 -> 1.0"):
+            _check_same_run(tmp_path / "old", config, {})

@@ -9,6 +9,12 @@ sharing noise and timestep. Per-sample errors are MSEs averaged over C, H, W. Wi
 the official (``sigmoid``) loss is ``-logsigmoid(inside).mean()``; beta 5000 for SD1.5 and SDXL (a
 convention without the 0.5 needs 2500). The reference path never carries gradient.
 
+DPO-Positive (Pal et al. 2024, "Smaug", eq. 3) subtracts ``positive * 0.5 * beta * relu(err(model, w) -
+err(ref, w))`` from ``inside``: the margin may no longer grow by denoising the winner worse than the reference
+does. Plain Diffusion-DPO does exactly that on small tables (its ``chosen_reward`` falls below 0: the winners
+get less likely too; Fu et al. 2025, Diffusion-SDPO, report it on Pick-a-Pic). ``positive = 0`` is the official
+loss.
+
 Flow-DPO (Liu et al. 2025, "Improving Video Generation with Human Feedback", section 4) is the same comparison
 for rectified-flow models, with velocity errors in place of noise errors (``flow_dpo_loss``).
 """
@@ -28,18 +34,18 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def diffusion_dpo_loss(
     model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float = 5000.0,
-    loss_type: str = "sigmoid",
+    loss_type: str = "sigmoid", positive: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO loss and its metrics.
+    """Diffusion-DPO loss and its metrics; ``positive`` > 0 adds DPO-Positive's penalty (module docstring).
 
     ``loss_type``:
     - ``sigmoid`` (official): ``-logsigmoid(inside)``;
     - ``hinge``: ``relu(1 - inside)`` (SLiC-style);
     - ``ipo``: ``(h - 1 / (2 * beta)) ** 2`` with ``h = -0.5 * (model_diff - ref_diff)`` = inside / beta.
 
-    Metrics (detached scalars): implicit_acc = mean(inside > 0); chosen_reward / rejected_reward =
-    mean of -0.5 * beta * (model err - ref err) for winners / losers; reward_margin = their difference
-    (= mean inside); model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+    Metrics (detached scalars), of the implicit classifier without DPO-Positive's penalty: implicit_acc =
+    mean(inside > 0); chosen_reward / rejected_reward = mean of -0.5 * beta * (model err - ref err) for winners /
+    losers; reward_margin = their difference (= mean inside); model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
@@ -48,7 +54,8 @@ def diffusion_dpo_loss(
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     with torch.no_grad():
         ref_w, ref_l = per_sample_mse(ref_pred.detach(), target).chunk(2)
-    h = -0.5 * ((model_w - model_l) - (ref_w - ref_l))
+    margin = -0.5 * ((model_w - model_l) - (ref_w - ref_l))  # the implicit reward margin / beta
+    h = margin - positive * 0.5 * F.relu(model_w - ref_w)
     inside = beta * h
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(inside)
@@ -59,7 +66,7 @@ def diffusion_dpo_loss(
     chosen = -0.5 * beta * (model_w - ref_w)
     rejected = -0.5 * beta * (model_l - ref_l)
     metrics = {
-        "implicit_acc": (inside > 0).float().mean(),
+        "implicit_acc": (margin > 0).float().mean(),
         "chosen_reward": chosen.mean(),
         "rejected_reward": rejected.mean(),
         "reward_margin": (chosen - rejected).mean(),
@@ -78,7 +85,7 @@ def sft_loss(winner_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def flow_dpo_loss(
     model_velocity: torch.Tensor, ref_velocity: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
-    beta: float = 100.0, loss_type: str = "sigmoid",
+    beta: float = 100.0, loss_type: str = "sigmoid", positive: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Flow-DPO loss and its metrics, for models that predict the velocity at ``x_s = (1 - s) x0 + s e``.
 

@@ -90,8 +90,9 @@ class NoisePrediction:
             if self.xl else {}
         return model(inputs.noisy[rows], inputs.timestep[rows], c["encoder_hidden_states"], **added).sample
 
-    def loss(self, model_pred, ref_pred, inputs: Inputs, beta: float, loss_type: str):
-        return diffusion_dpo_loss(model_pred, ref_pred, inputs.target, beta=beta, loss_type=loss_type)
+    def loss(self, model_pred, ref_pred, inputs: Inputs, beta: float, loss_type: str, positive: float = 0.0):
+        return diffusion_dpo_loss(model_pred, ref_pred, inputs.target, beta=beta, loss_type=loss_type,
+                                  positive=positive)
 
 
 class FlowMatching:
@@ -127,8 +128,9 @@ class FlowMatching:
         return model(hidden_states=inputs.noisy[rows], timestep=inputs.timestep[rows], **conditions,
                      **inputs.shared, return_dict=False)[0]
 
-    def loss(self, model_pred, ref_pred, inputs: Inputs, beta: float, loss_type: str):
-        return flow_dpo_loss(model_pred, ref_pred, inputs.latents, inputs.noise, beta=beta, loss_type=loss_type)
+    def loss(self, model_pred, ref_pred, inputs: Inputs, beta: float, loss_type: str, positive: float = 0.0):
+        return flow_dpo_loss(model_pred, ref_pred, inputs.latents, inputs.noise, beta=beta, loss_type=loss_type,
+                             positive=positive)
 
 
 def objective_for(pipe, weighting: str = "logit_normal") -> NoisePrediction | FlowMatching:

@@ -29,7 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from rlaif.cache import cache_dir
-from rlaif.config import DEFAULT_BETA, DEFAULT_LORA_TARGETS, DEFAULT_WEIGHT_DECAY, TrainConfig
+from rlaif.config import DEFAULT_BETA, DEFAULT_DPO_POSITIVE, DEFAULT_LORA_TARGETS, DEFAULT_WEIGHT_DECAY, TrainConfig
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
@@ -241,10 +241,12 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
-    """``config`` with the settings left to the model family filled in (beta, LoRA targets, weight decay), before
-    anything records them: a run's checkpoints and train.json hold the values it trained with."""
+    """``config`` with the settings left to the model family filled in (beta, DPO-Positive's lambda, LoRA targets,
+    weight decay), before anything records them: a run's checkpoints and train.json hold the values it trained
+    with."""
     family = model_family(config.model)
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
+                   dpo_positive=DEFAULT_DPO_POSITIVE[family] if config.dpo_positive is None else config.dpo_positive,
                    lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
                    weight_decay=config.weight_decay if config.weight_decay is not None
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
@@ -280,7 +282,7 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
         else:
             with adapters_disabled(unwrap(unet)) as inner:
                 ref_pred = predict(inner)
-    return objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss)
+    return objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss, config.dpo_positive)
 
 
 VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the held-out table's order)
@@ -374,8 +376,9 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
 # Settings that older checkpoints do not record, and what they were then: weight decay was torch's AdamW default
-# (none for Adafactor) before --weight-decay existed.
-UNRECORDED = {"weight_decay": lambda saved: 1e-2 if saved.get("optimizer", "adamw") == "adamw" else 0.0}
+# (none for Adafactor) before --weight-decay existed, and the loss had no DPO-Positive term before --dpo-positive.
+UNRECORDED = {"weight_decay": lambda saved: 1e-2 if saved.get("optimizer", "adamw") == "adamw" else 0.0,
+              "dpo_positive": lambda saved: 0.0}
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
                      "gradient_checkpointing", "workers", "val_every")
 
