@@ -78,6 +78,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                       "until 2026-11-27)", "best-worst", {"beta": 5000.0, "dpo_positive": 0.0}),
     "official-loss-beta1000": ("`rlaif train --dpo-positive 0`: the official loss at beta 1000", "best-worst",
                                {"beta": 1000.0, "dpo_positive": 0.0}),
+    "dpo-positive-0.3": ("`rlaif train --dpo-positive 0.3`: a third of the default penalty", "best-worst",
+                         {"dpo_positive": 0.3}),
     "dpo-positive-beta5000": ("`rlaif train --beta 5000`: DPO-Positive at the official beta", "best-worst",
                               {"beta": 5000.0}),
     "defaults-beta2500": ("`rlaif train --beta 2500`", "best-worst", {"beta": 2500.0}),
