@@ -49,6 +49,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
+                         dpo_positive=trained.get("dpo_positive", 0.0),  # none before --dpo-positive
                          mixed_precision=trained["mixed_precision"],
                          flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting),
                          max_sequence_length=trained.get("max_sequence_length"))

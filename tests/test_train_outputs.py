@@ -102,7 +102,7 @@ def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pa
     changed = run_cli("train", tiny_pairs, "--out", out, *FAST, "--max-steps", 4, "--resume", "latest",
                       "--overwrite", "--seed", 5, "--beta", 100)
     assert changed.returncode == 2
-    assert "that run was made with other settings (beta 5000.0 -> 100.0; seed 0 -> 5)" in changed.stderr
+    assert "that run was made with other settings (beta 1000.0 -> 100.0; seed 0 -> 5)" in changed.stderr
     assert weights.read_bytes() == before
     longer = run_cli("train", tiny_pairs, "--out", out, *FAST, "--max-steps", 4, "--resume", "latest", "--overwrite")
     assert longer.returncode == 0, longer.stderr  # more steps is a resumable change
