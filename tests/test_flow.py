@@ -36,9 +36,10 @@ def test_noised_input_and_velocity_target():
     assert torch.equal(target, noise - latents)
 
 
-def independent_flow_dpo(velocity, ref_velocity, x0, e, beta):
+def independent_flow_dpo(velocity, ref_velocity, x0, e, beta, positive=0.0):
     """Flow-DPO written out per pair in float64, as in flow_grpo's train_sd3_dpo.py: MSE of each velocity
-    prediction against e - x0, winner-minus-reference minus loser-minus-reference, -0.5 * beta, -logsigmoid."""
+    prediction against e - x0, winner-minus-reference minus loser-minus-reference, -0.5 * beta, -logsigmoid;
+    ``positive`` > 0 subtracts DPO-Positive's beta * lambda * max(0, 0.5 * (winner's model - reference MSE))."""
     b = x0.shape[0] // 2
     total = 0.0
     for i in range(b):
@@ -46,7 +47,7 @@ def independent_flow_dpo(velocity, ref_velocity, x0, e, beta):
             return float(((pred[j].double() - (e[j].double() - x0[j].double())) ** 2).mean())
         w_diff = err(velocity, i) - err(ref_velocity, i)
         l_diff = err(velocity, b + i) - err(ref_velocity, b + i)
-        inside = -0.5 * beta * (w_diff - l_diff)
+        inside = -0.5 * beta * (w_diff - l_diff) - beta * positive * max(0.0, 0.5 * w_diff)
         total += math.log1p(math.exp(-inside))
     return total / b
 
@@ -57,8 +58,8 @@ def near_velocity(weight: torch.Tensor, noisy: torch.Tensor, x0: torch.Tensor, e
     return (e - x0) + 0.1 * torch.einsum("oc,bchw->bohw", weight, noisy)
 
 
-@pytest.mark.parametrize("beta", [100.0, 500.0])
-def test_flow_dpo_matches_an_independent_implementation(beta):
+@pytest.mark.parametrize(("beta", "positive"), [(100.0, 0.0), (500.0, 0.0), (500.0, 2.0)])
+def test_flow_dpo_matches_an_independent_implementation(beta, positive):
     torch.manual_seed(0)
     b = 3
     x0 = torch.randn(2 * b, 4, 6, 6)  # winners, then losers
@@ -68,8 +69,10 @@ def test_flow_dpo_matches_an_independent_implementation(beta):
     reference = torch.eye(4)
     policy = reference + torch.randn(4, 4)
     velocity, ref_velocity = near_velocity(policy, noisy, x0, e), near_velocity(reference, noisy, x0, e)
-    loss, metrics = flow_dpo_loss(velocity, ref_velocity, x0, e, beta=beta)
-    expected = independent_flow_dpo(velocity, ref_velocity, x0, e, beta)
+    loss, metrics = flow_dpo_loss(velocity, ref_velocity, x0, e, beta=beta, positive=positive)
+    expected = independent_flow_dpo(velocity, ref_velocity, x0, e, beta, positive)
+    if positive:  # the case is one where the penalty applies: some winner is predicted worse than by the reference
+        assert expected > independent_flow_dpo(velocity, ref_velocity, x0, e, beta) + 1e-3
     assert float(loss) == pytest.approx(expected, abs=1e-6)
     assert abs(float(loss) - math.log(2)) > 0.02  # the policy differs enough to move it 20000x the tolerance
 

@@ -97,6 +97,7 @@ def flow_dpo_loss(
     and the sigmoid loss is ``-logsigmoid(inside)``: Liu et al. 2025, eq. (Flow-DPO), with a constant beta as
     in its text-to-image implementation (flow_grpo ``scripts/train_sd3_dpo.py``, which its README points to),
     where beta = 100 for SD3.5-Medium (``config/dpo.py``); the paper's derivation weights beta by the timestep,
-    the released code does not. ``loss_type`` and the metrics are ``diffusion_dpo_loss``'s.
+    the released code does not. ``loss_type``, ``positive`` and the metrics are ``diffusion_dpo_loss``'s.
     """
-    return diffusion_dpo_loss(model_velocity, ref_velocity, noise - latents, beta=beta, loss_type=loss_type)
+    return diffusion_dpo_loss(model_velocity, ref_velocity, noise - latents, beta=beta, loss_type=loss_type,
+                              positive=positive)
