@@ -178,6 +178,7 @@ def first_losses(pairs_path: Path, pairs: list[PreferencePair], batch: int, fold
             # a process per precision: accelerate fixes the mixed precision once per process
             subprocess.run([sys.executable, "-m", "rlaif", "train", str(pairs_path), "--model", "tiny", "--out",
                             str(out), "--batch-size", str(batch), "--max-steps", "1", "--mixed-precision", precision,
+                            "--beta", "5000", "--dpo-positive", "0",  # the official loss, as OfficialStyle computes
                             *(["--full"] if full else [])], capture_output=True, check=True)
             first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
             losses[f"rlaif {'full' if full else 'LoRA'} {precision}"] = first

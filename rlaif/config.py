@@ -22,6 +22,7 @@ from rlaif.scoring import check_scorers
 STRATEGIES = ("best-worst", "all-pairs", "top-vs-bottom")
 COMBINE_RULES = ("zscore", "rank")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # the DPO losses; "sft" is the baseline without a reference
+POSITIVE_LOSS_TYPES = ("sigmoid", "hinge")  # those DPO-Positive's penalty applies to
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("fp32", "fp16", "bf16")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -29,8 +30,8 @@ CACHE_DTYPES = ("fp32", "bf16", "fp16")
 FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
 # Per model family (UNet + DDPM noise: SD1.5 / SD2 / SDXL; rectified-flow transformer: SD3 / SD3.5 / FLUX.1):
 # DPO beta and DPO-Positive's lambda: for UNets, beta 1000 with the penalty cleared more of bench/reward_suite.py than
-# the official loss (beta 5000, no penalty) at about its prompt following (bench/RESULTS.md); flow transformers keep
-# Flow-DPO as released (flow_grpo: beta 100, no penalty), which no suite has measured against
+# the official loss (beta 5000, no penalty), for a little more loss of prompt following (bench/RESULTS.md); flow
+# transformers keep Flow-DPO as released (flow_grpo: beta 100, no penalty), which no suite has measured against
 DEFAULT_BETA = {"unet": 1000.0, "transformer": 100.0}
 DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
@@ -263,8 +264,9 @@ class TrainConfig:
     dpo_positive: float | None = field(default=None, metadata={
         "help": "DPO-Positive's lambda (Pal et al. 2024): also penalise the policy for denoising a winner worse than "
                 "the reference, so the margin cannot grow by making winners less likely too; 0 is the official "
-                "loss. Default: 1 for SD1.5 / SDXL (with beta 1000 it raised more rewards of bench/reward_suite.py "
-                "than the official loss, at about its prompt following), 0 for SD3 / FLUX.1 (not measured there)."})
+                "loss. Default: 1 for SD1.5 / SDXL with --loss sigmoid or hinge (with beta 1000 it raised more "
+                "rewards of bench/reward_suite.py than the official loss, for a little more loss of prompt "
+                "following), else 0 (SD3 / FLUX.1: not measured there)."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
@@ -354,6 +356,9 @@ class TrainConfig:
             raise RlaifError("--weight-decay applies to adamw and adafactor; --optimizer sgd is plain SGD")
         if self.dpo_positive is not None and not self.dpo_positive >= 0:
             raise RlaifError(f"--dpo-positive must not be negative, got {self.dpo_positive}")
+        if self.dpo_positive and self.loss not in POSITIVE_LOSS_TYPES:
+            raise RlaifError(f"--dpo-positive applies to --loss {' and '.join(POSITIVE_LOSS_TYPES)}, not "
+                             f"{self.loss}; drop it or pass --dpo-positive 0")
         for name in ("beta", "learning_rate"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -114,6 +114,9 @@ CASES = [
     # train
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--learning-rate", "-1"], "--learning-rate must be positive"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--beta", "0"], "--beta must be positive, got 0.0"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "ipo", "--dpo-positive", "1"],
+     "--dpo-positive applies to --loss sigmoid and hinge, not ipo"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--dpo-positive", "-1"], "--dpo-positive must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "lion"], "--optimizer 'lion' is not one of"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "sgd", "--weight-decay", "0.1"],

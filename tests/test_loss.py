@@ -62,8 +62,10 @@ def test_dpo_positive_penalises_only_winners_denoised_worse_than_the_reference(p
     beta = 1000.0
     expected, _, terms = official(model_pred, ref_pred, target, beta, positive)
     _, accuracy, plain_terms = official(model_pred, ref_pred, target, beta)
-    # the case the test is about: the penalty lowers the terms of winners 0 and 1 only
+    # the case the test is about: the penalty lowers the terms of winners 0 and 1 only, below 0 from above it (so
+    # an accuracy counted with the penalty would read 0.5, not 1)
     assert [t < p for t, p in zip(terms, plain_terms, strict=True)] == [True, True, False, False]
+    assert all(p > 0 for p in plain_terms) and sum(t > 0 for t in terms) == 2
     loss, metrics = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, positive=positive)
     assert float(loss) == pytest.approx(expected, rel=1e-6, abs=inside_tolerance(beta) * (1 + positive))
     # the implicit classifier and its margin stay the official ones: the penalty regularises, it judges nothing
@@ -71,6 +73,8 @@ def test_dpo_positive_penalises_only_winners_denoised_worse_than_the_reference(p
     assert float(metrics["reward_margin"]) == pytest.approx(sum(plain_terms) / 4, rel=1e-6, abs=inside_tolerance(beta))
     official_loss, _ = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta)
     assert float(loss) > float(official_loss)  # the penalty only ever adds
+    with pytest.raises(ValueError, match="applies to sigmoid and hinge, not ipo"):  # in ipo's square it could pay
+        diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type="ipo", positive=positive)
 
 
 def test_identical_model_and_reference_give_ln2():

@@ -45,7 +45,7 @@ def test_lora_dpo_loads_into_diffusers_and_changes_images(tiny_pairs, tmp_path):
 def test_first_step_loss_is_ln2(tiny_pairs, tmp_path, full, precision):
     args = ["--full"] if full else []
     result = run_cli("train", tiny_pairs, "--out", tmp_path / "o", "--max-steps", 1, "--mixed-precision", precision,
-                     *args, *FAST)
+                     "--beta", 5000, *args, *FAST)  # the official beta: 5x the sensitivity of the default 1000
     assert result.returncode == 0, result.stderr
     # fp16/bf16 autocast rounds both passes alike (same weights, same kernels): inside stays ~0, loss ln 2
     assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -57,7 +57,7 @@ def test_first_step_loss_is_ln2_for_full_sdxl_in_fp16(tiny_pairs, tmp_path):
     copy whose parameters do not require grad was cast differently (outputs 2e-3 apart, a loss of 0.59-0.83 at
     step 1 with beta 5000)."""
     result = run_cli("train", tiny_pairs, "--out", tmp_path / "o", "--max-steps", 1, "--mixed-precision", "fp16",
-                     "--full", "--model", "tiny-xl", "--batch-size", 2, "--learning-rate", 1e-3)
+                     "--full", "--model", "tiny-xl", "--batch-size", 2, "--learning-rate", 1e-3, "--beta", 5000)
     assert result.returncode == 0, result.stderr
     assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
 

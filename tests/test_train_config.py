@@ -28,7 +28,7 @@ def test_paper_recipes(recipe, warmup, resolution, optimizer):
     assert (config.beta, config.max_steps, config.warmup_steps, config.resolution) == (5000, 2000, warmup,
                                                                                           resolution)
     assert config.optimizer == optimizer and config.gradient_checkpointing == (optimizer == "adafactor")
-    assert config.caption_dropout == 0.2 and config.loss == "sigmoid"
+    assert config.caption_dropout == 0.2 and config.loss == "sigmoid" and config.dpo_positive == 0  # official loss
 
 
 def test_flags_override_the_config_file(tiny_pairs, tmp_path):
@@ -89,3 +89,15 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
     assert group["weight_decay"] == decay  # plain SGD: none, and none recorded
     if optimizer == "adafactor":
         assert (group["clip_threshold"], group["relative_step"], group["scale_parameter"]) == (1.0, False, False)
+
+
+@pytest.mark.parametrize(("model", "loss", "beta", "positive"), [
+    ("tiny", "sigmoid", 1000.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0), ("tiny", "ipo", 1000.0, 0.0),
+    ("tiny", "sft", 1000.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0)])
+def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive):
+    """UNets: beta 1000 with DPO-Positive's penalty where it applies (sigmoid, hinge); flow transformers: Flow-DPO
+    as released (beta 100, no penalty). The resolved values are what a run records."""
+    from rlaif.train.trainer import with_family_defaults
+
+    config = with_family_defaults(TrainConfig(pairs="p", model=model, out=tmp_path, loss=loss))
+    assert (config.beta, config.dpo_positive) == (beta, positive)

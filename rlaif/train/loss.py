@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlaif.config import LOSS_TYPES
+from rlaif.config import LOSS_TYPES, POSITIVE_LOSS_TYPES
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,19 +36,23 @@ def diffusion_dpo_loss(
     model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float = 5000.0,
     loss_type: str = "sigmoid", positive: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO loss and its metrics; ``positive`` > 0 adds DPO-Positive's penalty (module docstring).
+    """Diffusion-DPO loss and its metrics; ``positive`` > 0 adds DPO-Positive's penalty (module docstring) to
+    ``inside``, for ``sigmoid`` and ``hinge`` (in ``ipo``'s square it could pay for a worse winner: refused).
 
     ``loss_type``:
     - ``sigmoid`` (official): ``-logsigmoid(inside)``;
     - ``hinge``: ``relu(1 - inside)`` (SLiC-style);
     - ``ipo``: ``(h - 1 / (2 * beta)) ** 2`` with ``h = -0.5 * (model_diff - ref_diff)`` = inside / beta.
 
-    Metrics (detached scalars), of the implicit classifier without DPO-Positive's penalty: implicit_acc =
-    mean(inside > 0); chosen_reward / rejected_reward = mean of -0.5 * beta * (model err - ref err) for winners /
-    losers; reward_margin = their difference (= mean inside); model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+    Metrics (detached scalars), of the implicit classifier, penalty aside (``margin`` = -0.5 * (model_diff -
+    ref_diff)): implicit_acc = mean(margin > 0); chosen_reward / rejected_reward = mean of -0.5 * beta * (model err
+    - ref err) for winners / losers; reward_margin = their difference (= mean beta * margin); model_mse_w,
+    model_mse_l, ref_mse_w, ref_mse_l.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+    if positive and loss_type not in POSITIVE_LOSS_TYPES:
+        raise ValueError(f"DPO-Positive's penalty applies to {' and '.join(POSITIVE_LOSS_TYPES)}, not {loss_type}")
     if model_pred.shape[0] % 2:
         raise ValueError("predictions must hold winners then losers: an even batch size")
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)

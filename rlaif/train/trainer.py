@@ -29,7 +29,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from rlaif.cache import cache_dir
-from rlaif.config import DEFAULT_BETA, DEFAULT_DPO_POSITIVE, DEFAULT_LORA_TARGETS, DEFAULT_WEIGHT_DECAY, TrainConfig
+from rlaif.config import (
+    DEFAULT_BETA,
+    DEFAULT_DPO_POSITIVE,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_WEIGHT_DECAY,
+    POSITIVE_LOSS_TYPES,
+    TrainConfig,
+)
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
@@ -246,7 +253,8 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     with."""
     family = model_family(config.model)
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
-                   dpo_positive=DEFAULT_DPO_POSITIVE[family] if config.dpo_positive is None else config.dpo_positive,
+                   dpo_positive=config.dpo_positive if config.dpo_positive is not None
+                   else DEFAULT_DPO_POSITIVE[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0,
                    lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
                    weight_decay=config.weight_decay if config.weight_decay is not None
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
