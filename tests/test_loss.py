@@ -73,6 +73,9 @@ def test_dpo_positive_penalises_only_winners_denoised_worse_than_the_reference(p
     assert float(metrics["reward_margin"]) == pytest.approx(sum(plain_terms) / 4, rel=1e-6, abs=inside_tolerance(beta))
     official_loss, _ = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta)
     assert float(loss) > float(official_loss)  # the penalty only ever adds
+    hinge, _ = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type="hinge", positive=positive)
+    assert float(hinge) == pytest.approx(sum(max(0.0, 1 - t) for t in terms) / 4, rel=1e-6,
+                                         abs=inside_tolerance(beta) * (1 + positive))
     with pytest.raises(ValueError, match="applies to sigmoid and hinge, not ipo"):  # in ipo's square it could pay
         diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type="ipo", positive=positive)
 
