@@ -58,6 +58,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                          {"dpo_positive": 0.3}),
     "dpo-positive-beta5000": ("`rlaif train --beta 5000`: DPO-Positive at the official beta", "best-worst",
                               {"beta": 5000.0}),
+    "two-rounds": ("`rlaif train` with no options, two rounds as `rlaif loop` runs them (see defaults-2-rounds)",
+                   "best-worst", {"rounds": 2}),
     "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
                      {**OFFICIAL, "lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1,
                       "max_steps": 100}),
