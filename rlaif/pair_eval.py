@@ -20,7 +20,7 @@ from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
 from rlaif.train.outputs import apply_tuned, check_output, is_full, trained_config
 from rlaif.train.pair_table import PairTable
-from rlaif.train.trainer import frozen_dtypes, held_out_metrics
+from rlaif.train.trainer import frozen_dtypes, held_out_metrics, settings_then
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,13 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     the plain ``base`` model as its reference (the beta, loss and precision it was trained with, a LoRA's frozen
     weights included; centre crop, no caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
-    trained = trained_config(tuned)
+    trained = settings_then(trained_config(tuned))
     table = PairTable(pairs, label).in_table_order()
     count = _judged_positions(table, max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
-                         dpo_positive=trained.get("dpo_positive", 0.0),  # none before --dpo-positive
-                         mixed_precision=trained["mixed_precision"],
-                         flow_weighting=trained.get("flow_weighting", TrainConfig.flow_weighting),
-                         max_sequence_length=trained.get("max_sequence_length"))
+                         dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],
+                         flow_weighting=trained["flow_weighting"], max_sequence_length=trained["max_sequence_length"])
     if is_full(tuned):  # two networks: the tuned one, and the base as its reference
         policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
         reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
@@ -60,7 +58,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
         policy = load_pipeline(base, "fp32", accelerator.device, component_dtypes=frozen_dtypes(config))
         apply_tuned(policy, tuned, fuse=False)
         reference = None
-    resolution = trained.get("resolution") or default_size(policy)
+    resolution = trained["resolution"] or default_size(policy)
     objective = objective_for(policy, config.flow_weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting)

@@ -85,12 +85,19 @@ def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
         _check_same_run(tmp_path / "old", config, {})
 
 
-@pytest.mark.parametrize(("optimizer", "weight_decay", "resumes"), [
-    ("adamw", 1e-2, True), ("adamw", 1e-4, False), ("adafactor", 1e-2, False), ("adafactor", 0.0, True)])
-def test_a_checkpoint_from_before_weight_decay_resumes_only_with_the_decay_it_had(tmp_path, optimizer, weight_decay,
-                                                                                  resumes):
-    """Before --weight-decay, AdamW ran with torch's default 1e-2 and Adafactor with none: a resume continues only
-    with the decay the run had."""
+@pytest.mark.parametrize(("missing", "options", "refusal"), [
+    # before --weight-decay, AdamW ran with torch's default 1e-2 and Adafactor with none
+    ("weight_decay", {"optimizer": "adamw", "weight_decay": 1e-2}, None),
+    ("weight_decay", {"optimizer": "adamw", "weight_decay": 1e-4}, "weight_decay .* -> 0.0001"),
+    ("weight_decay", {"optimizer": "adafactor", "weight_decay": 1e-2}, "weight_decay .* -> 0.01"),
+    ("weight_decay", {"optimizer": "adafactor", "weight_decay": 0.0}, None),
+    # before --dpo-positive the loss had no DPO-Positive term (the default, 1, would change the remaining steps)
+    ("dpo_positive", {"weight_decay": 1e-2, "dpo_positive": 0.0}, None),
+    ("dpo_positive", {"weight_decay": 1e-2, "dpo_positive": 1.0}, r"dpo_positive 0.0 -> 1.0"),
+])
+def test_a_checkpoint_from_before_a_setting_resumes_only_with_the_value_it_had(tmp_path, missing, options, refusal):
+    """A checkpoint written before a setting existed records none: a resume continues only with the value the run
+    had then."""
     import json
 
     from rlaif.config import TrainConfig
@@ -98,36 +105,13 @@ def test_a_checkpoint_from_before_weight_decay_resumes_only_with_the_decay_it_ha
     from rlaif.train.trainer import _check_same_run, _settings
 
     config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
-                         lora_targets="to_q,to_k,to_v,to_out.0", optimizer=optimizer, weight_decay=weight_decay)
+                         lora_targets="to_q,to_k,to_v,to_out.0", **options)
     settings = _settings(config)
-    del settings["weight_decay"]
+    del settings[missing]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
-    if resumes:
+    if refusal is None:
         _check_same_run(tmp_path / "old", config, {})
     else:
-        with pytest.raises(RlaifError, match=f"weight_decay .* -> {weight_decay}"):
-            _check_same_run(tmp_path / "old", config, {})
-
-
-@pytest.mark.parametrize(("positive", "resumes"), [(0.0, True), (1.0, False)])
-def test_a_checkpoint_from_before_dpo_positive_resumes_only_with_the_official_loss(tmp_path, positive, resumes):
-    """Before --dpo-positive the loss had no DPO-Positive term: such a run continues only without one (the
-    default, 1, would change what its remaining steps compute)."""
-    import json
-
-    from rlaif.config import TrainConfig
-    from rlaif.errors import RlaifError
-    from rlaif.train.trainer import _check_same_run, _settings
-
-    config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
-                         lora_targets="to_q,to_k,to_v,to_out.0", weight_decay=1e-2, dpo_positive=positive)
-    settings = _settings(config)
-    del settings["dpo_positive"]
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "position.json").write_text(json.dumps({"step": 2, "settings": settings}))
-    if resumes:
-        _check_same_run(tmp_path / "old", config, {})
-    else:
-        with pytest.raises(RlaifError, match=r"dpo_positive 0.0 -> 1.0"):
+        with pytest.raises(RlaifError, match=refusal):
             _check_same_run(tmp_path / "old", config, {})

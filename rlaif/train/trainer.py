@@ -443,19 +443,23 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dic
     return folder
 
 
+def settings_then(saved: dict) -> dict:
+    """Settings recorded by a checkpoint or train.json, completed with those added since: each had its default
+    value then, or the value ``UNRECORDED`` says it stood for."""
+    then = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return then | {key: value(saved) for key, value in UNRECORDED.items()} | saved
+
+
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes."""
     position = json.loads((folder / "position.json").read_text())
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
-    saved = {**position["settings"], **position.get("identities", {})}
+    saved = {**settings_then(position["settings"]), **position.get("identities", {})}
     now = {**_settings(config), **identities}
-    # a setting added since the checkpoint was written had its default value then, or the value it stood for
-    then = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    then |= {key: value(saved) for key, value in UNRECORDED.items()}
-    changed = [f"{key} {saved.get(key, then.get(key))!r} -> {now[key]!r}" for key in now
-               if key not in RESUMABLE_CHANGES and saved.get(key, then.get(key)) != now[key]]
+    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
