@@ -48,18 +48,30 @@ REWARDS = {
 CHECK = "suite_rewards:follows_prompt"  # held out in every evaluation: does the model still draw what is asked?
 # The official loss (beta 5000, no DPO-Positive penalty), `rlaif train`'s default until 2026-11-27: the recipes
 # measured before then pin it, so they still mean what bench/RESULTS.md recorded under their names.
-OFFICIAL = {"beta": 5000.0, "dpo_positive": 0.0}
+OFFICIAL = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": 0.2}
+# The unconditional prediction free, as before --keep-unconditional (2026-11-28): the recipes measured before pin it
+UNANCHORED = {"keep_unconditional": 0.0, "caption_dropout": 0.2}
 # name -> (what it is, pairing strategy, `rlaif train` options)
 RECIPES: dict[str, tuple[str, str, dict]] = {
     "defaults": ("`rlaif train` with no options", "best-worst", {}),
     "official-loss": ("`rlaif train --beta 5000 --dpo-positive 0`: the official Diffusion-DPO loss (the defaults "
                       "until 2026-11-27)", "best-worst", OFFICIAL),
-    "dpo-positive-0.3": ("`rlaif train --dpo-positive 0.3`: a third of the default penalty", "best-worst",
-                         {"dpo_positive": 0.3}),
-    "dpo-positive-beta5000": ("`rlaif train --beta 5000`: DPO-Positive at the official beta", "best-worst",
-                              {"beta": 5000.0}),
-    "two-rounds": ("`rlaif train` with no options, two rounds as `rlaif loop` runs them (see defaults-2-rounds)",
-                   "best-worst", {"rounds": 2}),
+    "former-defaults": ("the defaults of 2026-11-27 (beta 1000, DPO-Positive 1), the unconditional prediction free "
+                        "(`--keep-unconditional 0 --caption-dropout 0.2`)", "best-worst", UNANCHORED),
+    "dpo-positive-0.3": ("`--dpo-positive 0.3`: a third of the default penalty, the unconditional prediction free",
+                         "best-worst", {**UNANCHORED, "dpo_positive": 0.3}),
+    "dpo-positive-beta5000": ("`--beta 5000`: DPO-Positive at the official beta, the unconditional prediction free",
+                              "best-worst", {**UNANCHORED, "beta": 5000.0}),
+    "two-rounds": ("the former defaults, two rounds as `rlaif loop` runs them (see defaults-2-rounds)",
+                   "best-worst", {**UNANCHORED, "rounds": 2}),
+    "anchor-with-caption-dropout": ("`--caption-dropout 0.2`: the anchor, with DPO also on empty captions",
+                                    "best-worst", {"caption_dropout": 0.2}),
+    "anchor-10-with-caption-dropout": ("`--keep-unconditional 10 --caption-dropout 0.2`", "best-worst",
+                                       {"keep_unconditional": 10.0, "caption_dropout": 0.2}),
+    "anchored-beta500": ("`--beta 500`", "best-worst", {"beta": 500.0}),
+    "anchored-beta2500": ("`--beta 2500`", "best-worst", {"beta": 2500.0}),
+    "anchored-beta5000": ("`--beta 5000`", "best-worst", {"beta": 5000.0}),
+    "anchored-no-dpo-positive": ("`--dpo-positive 0`", "best-worst", {"dpo_positive": 0.0}),
     "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
                      {**OFFICIAL, "lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1,
                       "max_steps": 100}),
@@ -101,7 +113,7 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                               {**OFFICIAL, "full": True, "learning_rate": 1e-5, "batch_size": 4, "max_steps": 300}),
 }
 RECIPE_KEYS = ("full", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "max_steps", "beta", "dpo_positive",
-               "loss", "caption_dropout", "val_fraction", "seed")
+               "keep_unconditional", "loss", "caption_dropout", "val_fraction", "seed")
 STEPS = 20  # denoising steps of training samples and evaluation alike
 TRAIN_PROMPTS, FAMILY_PROMPTS, CANDIDATES, EVAL_SEEDS = 40, 24, 8, 2
 # Half the prompts leave out each of size, colour and background, as users' prompts leave things to the model:

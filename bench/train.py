@@ -6,6 +6,8 @@
     --no-cache, which isolates the cache's share.
 (b) DPO step time / SFT step time of `rlaif train` (LoRA) on the same pairs (arithmetic floor about 2.7:
     DPO runs forward+backward on winners and losers plus a reference forward, SFT forward+backward on winners).
+(f) the step time of LoRA DPO with the unconditional anchor (``--keep-unconditional 1``, a default) against without
+    (arithmetic about 1.5: a forward and backward of the policy and a reference forward, on the winners only).
 (c) peak memory of LoRA-DPO / LoRA-SFT: each run in a fresh process; peak resident memory over the training
     steps (the high-water mark is reset after step 1, when model, optimizer and caches are resident).
 (d) the first step's loss in fp32, fp16 and bf16, rlaif (LoRA and full) and the official bf16 recipe (reference
@@ -55,6 +57,9 @@ from rlaif.train.trainer import run_train
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
 BETA = 5000.0
+# The official loss as the official-style step computes it (rlaif's UNet defaults differ: beta 1000, DPO-Positive,
+# the unconditional anchor without caption dropout); every rlaif run below trains it unless a contender says
+OFFICIAL_LOSS = dict(beta=BETA, dpo_positive=0.0, keep_unconditional=0.0, caption_dropout=0.2)
 
 
 def make_pairs(folder: Path) -> Path:
@@ -66,7 +71,8 @@ def make_pairs(folder: Path) -> Path:
 
 def rlaif_step_seconds(pairs: Path, out: Path, **settings) -> list[float]:
     """Per-step wall times of `rlaif train` (from its log), after a first untimed run that warms the cache."""
-    config = dict(pairs=pairs, model="tiny", max_steps=settings.pop("max_steps"), learning_rate=1e-5, **settings)
+    config = dict(pairs=pairs, model="tiny", max_steps=settings.pop("max_steps"), learning_rate=1e-5,
+                  **{**OFFICIAL_LOSS, **settings})
     log = out / "train_log.jsonl"
     run_train(TrainConfig(out=out / "warm", **{**config, "max_steps": 12}))
     run_train(TrainConfig(out=out, **config))
@@ -153,8 +159,8 @@ def probe_memory(pairs: Path, loss: str, steps: int, batch: int) -> None:
             baseline["rss_kb"] = _status_kb("VmRSS")
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_train(TrainConfig(pairs=pairs, model="tiny", out=Path(tmp), loss=loss, batch_size=batch, max_steps=steps),
-                  progress)
+        run_train(TrainConfig(pairs=pairs, model="tiny", out=Path(tmp), loss=loss, batch_size=batch, max_steps=steps,
+                              **OFFICIAL_LOSS), progress)
     print(json.dumps({"baseline_kb": baseline["rss_kb"], "peak_kb": _status_kb("VmHWM")}))
 
 
@@ -178,7 +184,8 @@ def first_losses(pairs_path: Path, pairs: list[PreferencePair], batch: int, fold
             # a process per precision: accelerate fixes the mixed precision once per process
             subprocess.run([sys.executable, "-m", "rlaif", "train", str(pairs_path), "--model", "tiny", "--out",
                             str(out), "--batch-size", str(batch), "--max-steps", "1", "--mixed-precision", precision,
-                            "--beta", "5000", "--dpo-positive", "0",  # the official loss, as OfficialStyle computes
+                            "--beta", "5000", "--dpo-positive", "0", "--keep-unconditional", "0",  # the official
+                            # loss, as OfficialStyle computes
                             *(["--full"] if full else [])], capture_output=True, check=True)
             first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
             losses[f"rlaif {'full' if full else 'LoRA'} {precision}"] = first
@@ -221,7 +228,7 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
         table = pick_a_pic_table(folder / "pickapic-64", 64, shard_rows=64)  # 'pickapic' in the name: ties dropped
         script = official_script(official, folder / "official")
         rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
-                 "--beta", "5000", "--dpo-positive", "0",  # the official loss, as the official script computes it
+                 "--beta", "5000", "--dpo-positive", "0", "--keep-unconditional", "0",  # the official loss
                  "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")
@@ -286,7 +293,9 @@ def main() -> None:
                 timing[name] = timing.get(name, 0.0) + value
             for name, settings in {"rlaif (full, cache)": {"full": True},
                                    "rlaif (full, --no-cache)": {"full": True, "no_cache": True},
-                                   "rlaif LoRA DPO": {}, "rlaif LoRA SFT": {"loss": "sft"}}.items():
+                                   "rlaif LoRA DPO": {}, "rlaif LoRA SFT": {"loss": "sft", "caption_dropout": 0.0},
+                                   "rlaif LoRA DPO, anchored": {"keep_unconditional": 1.0, "caption_dropout": 0.0}
+                                   }.items():
                 out = folder / f"{name.replace(' ', '_')}-{repeat}"
                 times.setdefault(name, []).extend(rlaif_step_seconds(
                     pairs_path, out, max_steps=args.steps, batch_size=args.batch_size, **settings))
@@ -304,6 +313,8 @@ def main() -> None:
     print(f"(a) rlaif full / official-style pairs/s   : {official / step['rlaif (full, cache)']:.3f}x"
           f"  (--no-cache: {official / step['rlaif (full, --no-cache)']:.3f}x)")
     print(f"(b) DPO / SFT step time (LoRA)            : {step['rlaif LoRA DPO'] / step['rlaif LoRA SFT']:.2f}")
+    print(f"(f) step time with / without --keep-unconditional 1 (LoRA DPO): "
+          f"{step['rlaif LoRA DPO, anchored'] / step['rlaif LoRA DPO']:.2f}")
     above = [(run["peak_kb"] - run["baseline_kb"]) / 1024 for run in (dpo, sft)]
     print(f"(c) peak memory LoRA-DPO / LoRA-SFT       : {dpo['peak_kb'] / sft['peak_kb']:.3f}  (peak RSS "
           f"{dpo['peak_kb'] / 1024:.0f} vs {sft['peak_kb'] / 1024:.0f} MiB; above the resident model after step 1: "

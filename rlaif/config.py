@@ -34,6 +34,11 @@ FLOW_WEIGHTINGS = ("logit_normal", "mode", "uniform")  # rlaif.train.flow
 # transformers keep Flow-DPO as released (flow_grpo: beta 100, no penalty), which no suite has measured against
 DEFAULT_BETA = {"unet": 1000.0, "transformer": 100.0}
 DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
+# How strongly the unconditional (empty-caption) prediction is held at the reference's (``--keep-unconditional``): on
+# UNets sampled with classifier-free guidance it let bench/reward_suite.py's colour and texture rewards through, which
+# guidance had cancelled (bench/RESULTS.md); flow transformers keep Flow-DPO as released (FLUX.1 samples without it)
+DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
+CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and
@@ -267,6 +272,13 @@ class TrainConfig:
                 "loss. Default: 1 for SD1.5 / SDXL with --loss sigmoid or hinge (with beta 1000 it raised more "
                 "rewards of bench/reward_suite.py than the official loss, for a little more loss of prompt "
                 "following), else 0 (SD3 / FLUX.1: not measured there)."})
+    keep_unconditional: float | None = field(default=None, metadata={
+        "help": "Hold the unconditional (empty-caption) prediction at the reference's: the loss also pays LAMBDA x "
+                "0.5 x beta x its squared distance from the reference's on each pair's noised winner (a KL term on "
+                "the unconditional model). Under classifier-free guidance a drifting unconditional prediction is "
+                "subtracted, scaled by the guidance, from what the prompted one learned; held, guidance amplifies "
+                "it. Costs about half again a step's compute. Default: 1 for SD1.5 / SDXL (bench/reward_suite.py), 0 "
+                "for SD3 / SD3.5 / FLUX.1 and --loss sft."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
@@ -300,7 +312,9 @@ class TrainConfig:
     random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
     hflip: bool = field(default=False, metadata={"help": "Random horizontal flip (same for both images)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
-    caption_dropout: float = field(default=0.2, metadata={"help": "Share of pairs trained with an empty caption."})
+    caption_dropout: float | None = field(default=None, metadata={
+        "help": f"Share of pairs trained with an empty caption. Default: 0 while --keep-unconditional holds the "
+                f"unconditional prediction (DPO on empty captions would move it), else {CAPTION_DROPOUT}."})
     no_cache: bool = field(default=False, metadata={
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
                 "($RLAIF_CACHE/train, keyed by content, model and augmentation; see `rlaif cache info`)."})
@@ -356,6 +370,11 @@ class TrainConfig:
             raise RlaifError("--weight-decay applies to adamw and adafactor; --optimizer sgd is plain SGD")
         if self.dpo_positive is not None and not self.dpo_positive >= 0:
             raise RlaifError(f"--dpo-positive must not be negative, got {self.dpo_positive}")
+        if self.keep_unconditional is not None and not self.keep_unconditional >= 0:
+            raise RlaifError(f"--keep-unconditional must not be negative, got {self.keep_unconditional}")
+        if self.keep_unconditional and self.loss == "sft":
+            raise RlaifError("--keep-unconditional needs a reference model, which --loss sft has not; drop it or pass "
+                             "--keep-unconditional 0")
         if self.dpo_positive and self.loss not in POSITIVE_LOSS_TYPES:
             raise RlaifError(f"--dpo-positive applies to --loss {' and '.join(POSITIVE_LOSS_TYPES)}, not "
                              f"{self.loss}; drop it or pass --dpo-positive 0")
@@ -374,7 +393,7 @@ class TrainConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise RlaifError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         check_sequence_length(self.max_sequence_length)
-        if not 0 <= self.caption_dropout <= 1:
+        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
             raise RlaifError("--caption-dropout must be between 0 and 1")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):
             raise RlaifError(f"--report-to {self.report_to!r} is not tensorboard, wandb or all")

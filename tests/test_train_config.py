@@ -29,6 +29,7 @@ def test_paper_recipes(recipe, warmup, resolution, optimizer):
                                                                                           resolution)
     assert config.optimizer == optimizer and config.gradient_checkpointing == (optimizer == "adafactor")
     assert config.caption_dropout == 0.2 and config.loss == "sigmoid" and config.dpo_positive == 0  # official loss
+    assert config.keep_unconditional == 0
 
 
 def test_flags_override_the_config_file(tiny_pairs, tmp_path):
@@ -91,13 +92,26 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
         assert (group["clip_threshold"], group["relative_step"], group["scale_parameter"]) == (1.0, False, False)
 
 
-@pytest.mark.parametrize(("model", "loss", "beta", "positive"), [
-    ("tiny", "sigmoid", 1000.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0), ("tiny", "ipo", 1000.0, 0.0),
-    ("tiny", "sft", 1000.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0)])
-def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive):
-    """UNets: beta 1000 with DPO-Positive's penalty where it applies (sigmoid, hinge); flow transformers: Flow-DPO
-    as released (beta 100, no penalty). The resolved values are what a run records."""
+@pytest.mark.parametrize(("model", "loss", "beta", "positive", "keep"), [
+    ("tiny", "sigmoid", 1000.0, 1.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0), ("tiny", "ipo", 1000.0, 0.0, 1.0),
+    ("tiny", "sft", 1000.0, 0.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0)])
+def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive, keep):
+    """UNets: beta 1000 with DPO-Positive's penalty where it applies (sigmoid, hinge) and the unconditional
+    prediction held (not by SFT, which has no reference); flow transformers: Flow-DPO as released (beta 100, no
+    penalty, no anchor). Caption dropout is 0 where the anchor holds the unconditional prediction, else 0.2. The
+    resolved values are what a run records."""
     from rlaif.train.trainer import with_family_defaults
 
     config = with_family_defaults(TrainConfig(pairs="p", model=model, out=tmp_path, loss=loss))
-    assert (config.beta, config.dpo_positive) == (beta, positive)
+    assert (config.beta, config.dpo_positive, config.keep_unconditional) == (beta, positive, keep)
+    assert config.caption_dropout == (0.0 if keep else 0.2)
+
+
+@pytest.mark.parametrize(("given", "resolved"), [
+    ({"keep_unconditional": 0.0}, (0.0, 0.2)), ({"keep_unconditional": 3.0}, (3.0, 0.0)),
+    ({"caption_dropout": 0.1}, (1.0, 0.1)), ({"keep_unconditional": 0.0, "caption_dropout": 0.0}, (0.0, 0.0))])
+def test_caption_dropout_follows_the_anchor_unless_given(tmp_path, given, resolved):
+    from rlaif.train.trainer import with_family_defaults
+
+    config = with_family_defaults(TrainConfig(pairs="p", model="tiny", out=tmp_path, **given))
+    assert (config.keep_unconditional, config.caption_dropout) == resolved

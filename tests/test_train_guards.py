@@ -94,6 +94,10 @@ def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
     # before --dpo-positive the loss had no DPO-Positive term (the default, 1, would change the remaining steps)
     ("dpo_positive", {"weight_decay": 1e-2, "dpo_positive": 0.0}, None),
     ("dpo_positive", {"weight_decay": 1e-2, "dpo_positive": 1.0}, r"dpo_positive 0.0 -> 1.0"),
+    # before --keep-unconditional no anchor held the unconditional prediction
+    ("keep_unconditional", {"weight_decay": 1e-2, "dpo_positive": 0.0, "keep_unconditional": 0.0}, None),
+    ("keep_unconditional", {"weight_decay": 1e-2, "dpo_positive": 0.0, "keep_unconditional": 1.0},
+     r"keep_unconditional 0.0 -> 1.0"),
 ])
 def test_a_checkpoint_from_before_a_setting_resumes_only_with_the_value_it_had(tmp_path, missing, options, refusal):
     """A checkpoint written before a setting existed records none: a resume continues only with the value the run

@@ -129,6 +129,15 @@ class Encoder:
         pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if has_pooled else None
         return embeds, pooled
 
+    def unconditional(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``pipe``'s sampler conditions its unconditional (classifier-free guidance) branch on, ``count``
+        times: the empty caption's embeddings, or zeros where the pipeline forces them for an empty prompt
+        (SDXL's ``force_zeros_for_empty_prompt``)."""
+        embeds, pooled = self.text([""] * count, device)
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            return torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
+        return embeds, pooled
+
 
 def encode_captions(pipe, captions: list[str], device: torch.device | str, max_sequence_length: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -15,6 +15,9 @@ does. Plain Diffusion-DPO does exactly that on small tables (its ``chosen_reward
 get less likely too; Fu et al. 2025, Diffusion-SDPO, report it on Pick-a-Pic). ``positive = 0`` is the official
 loss.
 
+``unconditional_anchor`` is a separate term (``--keep-unconditional``): it holds the policy's prediction for the
+empty caption at the reference's, which classifier-free guidance subtracts from the prompted prediction.
+
 Flow-DPO (Liu et al. 2025, "Improving Video Generation with Human Feedback", section 4) is the same comparison
 for rectified-flow models, with velocity errors in place of noise errors (``flow_dpo_loss``).
 """
@@ -80,6 +83,16 @@ def diffusion_dpo_loss(
         "ref_mse_l": ref_l.mean(),
     }
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+def unconditional_anchor(model_pred: torch.Tensor, ref_pred: torch.Tensor, beta: float, weight: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--keep-unconditional``'s term: ``weight * 0.5 * beta`` times the mean squared distance of the policy's
+    unconditional predictions from the reference's (per sample over C, H, W), the ELBO's KL between the two
+    unconditional models up to the weighting DPO's beta already absorbs. Returns the term and the distance
+    (detached, the ``uncond_drift`` metric)."""
+    drift = per_sample_mse(model_pred, ref_pred.detach()).mean()
+    return weight * 0.5 * beta * drift, drift.detach()
 
 
 def sft_loss(winner_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

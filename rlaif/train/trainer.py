@@ -30,8 +30,10 @@ from diffusers.training_utils import cast_training_params
 
 from rlaif.cache import cache_dir
 from rlaif.config import (
+    CAPTION_DROPOUT,
     DEFAULT_BETA,
     DEFAULT_DPO_POSITIVE,
+    DEFAULT_KEEP_UNCONDITIONAL,
     DEFAULT_LORA_TARGETS,
     DEFAULT_WEIGHT_DECAY,
     POSITIVE_LOSS_TYPES,
@@ -43,8 +45,8 @@ from rlaif.files import atomic_path, publish, write_json
 from rlaif.models import check_size, default_size, denoiser, denoiser_name, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
-from rlaif.train.loss import sft_loss
-from rlaif.train.objective import FlowMatching, NoisePrediction, objective_for
+from rlaif.train.loss import sft_loss, unconditional_anchor
+from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, objective_for
 from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, weights_identity
 from rlaif.train.pair_table import PairTable
 
@@ -73,6 +75,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
+    if config.keep_unconditional and isinstance(objective, FlowMatching) and objective.flux:
+        raise RlaifError("FLUX.1 samples without classifier-free guidance, so --keep-unconditional has no "
+                         "unconditional prediction to hold; pass --keep-unconditional 0")
     check_size(pipe, "--resolution", resolution)
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
@@ -126,7 +131,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 raise RlaifError(batch)
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
-                                                resolution, accelerator.device)
+                                                resolution, accelerator.device, config.keep_unconditional)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -252,7 +257,12 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     weight decay), before anything records them: a run's checkpoints and train.json hold the values it trained
     with."""
     family = model_family(config.model)
+    keep = config.keep_unconditional if config.keep_unconditional is not None \
+        else 0.0 if config.loss == "sft" else DEFAULT_KEEP_UNCONDITIONAL[family]
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
+                   keep_unconditional=keep,
+                   caption_dropout=config.caption_dropout if config.caption_dropout is not None
+                   else 0.0 if keep else CAPTION_DROPOUT,
                    dpo_positive=config.dpo_positive if config.dpo_positive is not None
                    else DEFAULT_DPO_POSITIVE[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0,
                    lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
@@ -261,11 +271,13 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
-                    objective: NoisePrediction | FlowMatching, resolution: int, device: torch.device):
+                    objective: NoisePrediction | FlowMatching, resolution: int, device: torch.device,
+                    keep_unconditional: float = 0.0):
     """Loss and metrics of one micro-batch: winners and losers share augmentation, noise, timestep (or noise
     level) and (dropped) caption. Policy and reference run under the same autocast, so at step 0 they compute
     the same function and the loss is ln 2 in every precision (the official script's bf16 reference gives
-    1.59)."""
+    1.59). ``keep_unconditional`` > 0 adds ``unconditional_anchor`` on the winners, noised alike, under the
+    sampler's unconditional conditioning (training only: held-out metrics are the DPO classifier's)."""
     posterior = encoder.latent_distribution(batch.images, device)
     sample = posterior.mean + posterior.std * batch.vae_draws.to(device)
     embeds, pooled = encoder.text(batch.captions, device)
@@ -275,22 +287,32 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     inputs = objective.inputs(sample, batch.noise.to(device), batch.timesteps.to(device), embeds, pooled, micro)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
-    rows = slice(0, len(batch.positions)) if config.loss == "sft" else slice(None)  # SFT: winners only
+    winners = slice(0, len(batch.positions))
+    rows = winners if config.loss == "sft" else slice(None)  # SFT: winners only
 
-    def predict(model) -> torch.Tensor:
+    def predict(model, given: Inputs, rows: slice) -> torch.Tensor:
         with autocast:
-            return objective.predict(model, inputs, rows)
+            return objective.predict(model, given, rows)
 
-    model_pred = predict(unet)
+    def predict_reference(given: Inputs, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            if reference is not None:
+                return predict(reference, given, rows)
+            with adapters_disabled(unwrap(unet)) as inner:
+                return predict(inner, given, rows)
+
+    model_pred = predict(unet, inputs, rows)
     if config.loss == "sft":
         return sft_loss(model_pred, inputs.target[rows]), {}
-    with torch.no_grad():
-        if reference is not None:
-            ref_pred = predict(reference)
-        else:
-            with adapters_disabled(unwrap(unet)) as inner:
-                ref_pred = predict(inner)
-    return objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss, config.dpo_positive)
+    ref_pred = predict_reference(inputs, rows)
+    loss, metrics = objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss, config.dpo_positive)
+    if keep_unconditional:
+        blank = objective.inputs(sample, batch.noise.to(device), batch.timesteps.to(device),
+                                 *encoder.unconditional(len(batch.positions), device), micro)
+        anchor, drift = unconditional_anchor(predict(unet, blank, winners), predict_reference(blank, winners),
+                                             config.beta, keep_unconditional)
+        loss, metrics = loss + anchor, {**metrics, "uncond_drift": drift}
+    return loss, metrics
 
 
 VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the held-out table's order)
@@ -384,9 +406,10 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
 # Settings that older checkpoints do not record, and what they were then: weight decay was torch's AdamW default
-# (none for Adafactor) before --weight-decay existed, and the loss had no DPO-Positive term before --dpo-positive.
+# (none for Adafactor) before --weight-decay existed, the loss had no DPO-Positive term before --dpo-positive and
+# no unconditional anchor before --keep-unconditional (caption dropout was always recorded).
 UNRECORDED = {"weight_decay": lambda saved: 1e-2 if saved.get("optimizer", "adamw") == "adamw" else 0.0,
-              "dpo_positive": lambda saved: 0.0}
+              "dpo_positive": lambda saved: 0.0, "keep_unconditional": lambda saved: 0.0}
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
                      "gradient_checkpointing", "workers", "val_every")
 
