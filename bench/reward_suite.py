@@ -72,6 +72,7 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "anchored-beta2500": ("`--beta 2500`", "best-worst", {"beta": 2500.0}),
     "anchored-beta5000": ("`--beta 5000`", "best-worst", {"beta": 5000.0}),
     "anchored-no-dpo-positive": ("`--dpo-positive 0`", "best-worst", {"dpo_positive": 0.0}),
+    "anchored-dpo-positive-3": ("`--dpo-positive 3`", "best-worst", {"dpo_positive": 3.0}),
     "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
                      {**OFFICIAL, "lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1,
                       "max_steps": 100}),

@@ -6,13 +6,13 @@
     --no-cache, which isolates the cache's share.
 (b) DPO step time / SFT step time of `rlaif train` (LoRA) on the same pairs (arithmetic floor about 2.7:
     DPO runs forward+backward on winners and losers plus a reference forward, SFT forward+backward on winners).
-(f) the step time of LoRA DPO with the unconditional anchor (``--keep-unconditional 1``, a default) against without
-    (arithmetic about 1.5: a forward and backward of the policy and a reference forward, on the winners only).
 (c) peak memory of LoRA-DPO / LoRA-SFT: each run in a fresh process; peak resident memory over the training
     steps (the high-water mark is reset after step 1, when model, optimizer and caches are resident).
 (d) the first step's loss in fp32, fp16 and bf16, rlaif (LoRA and full) and the official bf16 recipe (reference
     weights cast to bf16, policy fp32 under autocast). The ln 2 property itself is a test:
     tests/test_train.py::test_first_step_loss_is_ln2.
+(f) the step time of LoRA DPO with the unconditional anchor (``--keep-unconditional 1``, a default) against without
+    (arithmetic about 1.5: a forward and backward of the policy and a reference forward, on the winners only).
 
 With ``--official DIR`` (a checkout of SalesforceAIResearch/DiffusionDPO, e.g. fetched from GitHub), instead:
 (e) s/step of the real official ``train.py`` (copied to a temporary folder, its hard xformers requirement

@@ -36,7 +36,8 @@ DEFAULT_BETA = {"unet": 1000.0, "transformer": 100.0}
 DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
 # How strongly the unconditional (empty-caption) prediction is held at the reference's (``--keep-unconditional``): on
 # UNets sampled with classifier-free guidance it let bench/reward_suite.py's colour and texture rewards through, which
-# guidance had cancelled (bench/RESULTS.md); flow transformers keep Flow-DPO as released (FLUX.1 samples without it)
+# guidance had cancelled, for more loss of prompt following (bench/RESULTS.md); flow transformers keep Flow-DPO as
+# released (FLUX.1 samples without guidance)
 DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
 CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
@@ -273,12 +274,13 @@ class TrainConfig:
                 "rewards of bench/reward_suite.py than the official loss, for a little more loss of prompt "
                 "following), else 0 (SD3 / FLUX.1: not measured there)."})
     keep_unconditional: float | None = field(default=None, metadata={
-        "help": "Hold the unconditional (empty-caption) prediction at the reference's: the loss also pays LAMBDA x "
-                "0.5 x beta x its squared distance from the reference's on each pair's noised winner (a KL term on "
+        "help": "Hold the unconditional (empty-caption) prediction at the reference's: the loss also pays this value "
+                "x 0.5 x beta x its squared distance from the reference's on each pair's noised winner (a KL term on "
                 "the unconditional model). Under classifier-free guidance a drifting unconditional prediction is "
                 "subtracted, scaled by the guidance, from what the prompted one learned; held, guidance amplifies "
-                "it. Costs about half again a step's compute. Default: 1 for SD1.5 / SDXL (bench/reward_suite.py), 0 "
-                "for SD3 / SD3.5 / FLUX.1 and --loss sft."})
+                "it. Makes a step about 1.6 times as long (LoRA; bench/train.py). Default: 1 for SD1.5 / SDXL (on "
+                "bench/reward_suite.py it raised more rewards, and the pictures kept less to the prompt; 0 keeps "
+                "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss sft."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})

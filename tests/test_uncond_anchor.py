@@ -25,7 +25,7 @@ def test_the_anchor_is_weight_half_beta_times_the_mean_squared_distance_and_pull
     # d/dmodel of 1000 * mean((m - r)^2) over 48 values: 1000 * 2 (m - r) / 48
     torch.testing.assert_close(model.grad, 1000.0 * 2 * (model - reference).detach() / 48)
     same, zero = unconditional_anchor(reference, reference, beta=1000.0, weight=2.0)
-    assert float(same) == 0 and float(zero) == 0
+    assert float(same.detach()) == 0 and float(zero) == 0
 
 
 def predictions(pipe, prompt: str) -> torch.Tensor:
@@ -60,3 +60,24 @@ def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pa
     assert moved[1][prompt] > 0.5 * moved[0][prompt]
     assert moved[1][""] / moved[1][prompt] < 0.2 * moved[0][""] / moved[0][prompt]
     assert margins[1] > 0
+
+
+def test_the_anchor_holds_what_the_sampler_feeds_its_unconditional_branch():
+    """SD1.5: the empty caption's embeddings; SDXL (``force_zeros_for_empty_prompt``): zeros, pooled ones too."""
+    from rlaif.train.encoding import Encoder, encode_captions
+
+    sd, xl = load_pipeline("tiny"), load_pipeline("tiny-xl")
+    assert not sd.config.get("force_zeros_for_empty_prompt", False) and xl.config.force_zeros_for_empty_prompt
+    embeds, pooled = Encoder(sd, None).unconditional(2, torch.device("cpu"))
+    torch.testing.assert_close(embeds, encode_captions(sd, [""], "cpu")[0].expand(2, -1, -1))
+    assert pooled is None
+    embeds, pooled = Encoder(xl, None).unconditional(2, torch.device("cpu"))
+    assert embeds.shape[0] == pooled.shape[0] == 2 and not embeds.any() and not pooled.any()
+
+
+def test_flux_which_samples_without_guidance_refuses_the_anchor(tiny_pairs, tmp_path):
+    result = run_cli("train", tiny_pairs, "--model", "tiny-flux", "--out", tmp_path / "o", "--max-steps", 1,
+                     "--keep-unconditional", 1)
+    assert result.returncode != 0
+    assert "FLUX.1 samples without classifier-free guidance" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "o" / "train.json").exists()
