@@ -220,7 +220,9 @@ def describe(recipe: str) -> str:
     settings = train_defaults()
     model = "full UNet" if settings["full"] else f"LoRA r{settings['lora_rank']}"
     return (f"no options ({model}, lr {settings['learning_rate']:g}, batch {settings['batch_size']}, "
-            f"{settings['max_steps']} steps, beta {settings['beta']:g}, DPO-Positive {settings['dpo_positive']:g})")
+            f"{settings['max_steps']} steps, beta {settings['beta']:g}, DPO-Positive {settings['dpo_positive']:g}, "
+            f"unconditional anchor {settings['keep_unconditional']:g}, "
+            f"caption dropout {settings['caption_dropout']:g})")
 
 
 def cell_text(row: dict) -> str:

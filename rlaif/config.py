@@ -280,7 +280,7 @@ class TrainConfig:
                 "subtracted, scaled by the guidance, from what the prompted one learned; held, guidance amplifies "
                 "it. Makes a step about 1.6 times as long (LoRA; bench/train.py). Default: 1 for SD1.5 / SDXL (on "
                 "bench/reward_suite.py it raised more rewards, and the pictures kept less to the prompt; 0 keeps "
-                "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss sft."})
+                "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss ipo or sft."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})

@@ -108,6 +108,13 @@ def model_family(model: str) -> str:
     return _family(pipeline_class)
 
 
+def guided(model: str) -> bool:
+    """Whether ``model``'s pipeline samples with classifier-free guidance (an unconditional branch): all but
+    FLUX.1, whose guidance is distilled into the transformer (from model_index.json alone)."""
+    pipeline_class, _ = _pipeline_class(model, resolve_model(model))
+    return not issubclass(pipeline_class, FluxPipeline)
+
+
 def _family(pipeline_class: type[DiffusionPipeline]) -> str:
     return "transformer" if issubclass(pipeline_class, FLOW_PIPELINES) else "unet"
 

@@ -93,13 +93,13 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
 
 
 @pytest.mark.parametrize(("model", "loss", "beta", "positive", "keep"), [
-    ("tiny", "sigmoid", 1000.0, 1.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0), ("tiny", "ipo", 1000.0, 0.0, 1.0),
+    ("tiny", "sigmoid", 1000.0, 1.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0), ("tiny", "ipo", 1000.0, 0.0, 0.0),
     ("tiny", "sft", 1000.0, 0.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0)])
 def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive, keep):
-    """UNets: beta 1000 with DPO-Positive's penalty where it applies (sigmoid, hinge) and the unconditional
-    prediction held (not by SFT, which has no reference); flow transformers: Flow-DPO as released (beta 100, no
-    penalty, no anchor). Caption dropout is 0 where the anchor holds the unconditional prediction, else 0.2. The
-    resolved values are what a run records."""
+    """UNets: beta 1000 with DPO-Positive's penalty and the unconditional prediction held where they were
+    measured (sigmoid, hinge; IPO's loss has another scale, SFT no reference); flow transformers: Flow-DPO as
+    released (beta 100, no penalty, no anchor). Caption dropout is 0 where the anchor holds the unconditional
+    prediction, else 0.2. The resolved values are what a run records."""
     from rlaif.train.trainer import with_family_defaults
 
     config = with_family_defaults(TrainConfig(pairs="p", model=model, out=tmp_path, loss=loss))

@@ -42,7 +42,7 @@ from rlaif.config import (
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import check_size, default_size, denoiser, denoiser_name, load_pipeline, model_family
+from rlaif.models import check_size, default_size, denoiser, denoiser_name, guided, load_pipeline, model_family
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
@@ -75,9 +75,6 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
-    if config.keep_unconditional and isinstance(objective, FlowMatching) and objective.flux:
-        raise RlaifError("FLUX.1 samples without classifier-free guidance, so --keep-unconditional has no "
-                         "unconditional prediction to hold; pass --keep-unconditional 0")
     check_size(pipe, "--resolution", resolution)
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
@@ -253,12 +250,18 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
-    """``config`` with the settings left to the model family filled in (beta, DPO-Positive's lambda, LoRA targets,
-    weight decay), before anything records them: a run's checkpoints and train.json hold the values it trained
-    with."""
+    """``config`` with the settings left to the model family filled in (beta, DPO-Positive's lambda, the
+    unconditional anchor and with it caption dropout, LoRA targets, weight decay), before anything records them: a
+    run's checkpoints and train.json hold the values it trained with. Refuses the anchor for FLUX.1 here, before
+    any work (or an --overwrite) starts."""
     family = model_family(config.model)
+    if config.keep_unconditional and not guided(config.model):
+        raise RlaifError("FLUX.1 samples without classifier-free guidance, so --keep-unconditional has no "
+                         "unconditional prediction to hold; pass --keep-unconditional 0")
+    # the anchor's weight was measured against the sigmoid loss (hinge shares its scale); IPO's loss is not
+    # scaled by beta, so there the same weight would swamp it
     keep = config.keep_unconditional if config.keep_unconditional is not None \
-        else 0.0 if config.loss == "sft" else DEFAULT_KEEP_UNCONDITIONAL[family]
+        else DEFAULT_KEEP_UNCONDITIONAL[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
                    keep_unconditional=keep,
                    caption_dropout=config.caption_dropout if config.caption_dropout is not None
