@@ -31,7 +31,7 @@ from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.tables import write_table
-from rlaif.train.trainer import run_train
+from rlaif.train.trainer import check_defaults_as_before, run_train
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]
@@ -172,6 +172,10 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
     for number in range(1, loop.rounds + 1):
         folder = loop.out / f"round_{number}"
         samples, train_out, eval_out = folder / "samples", folder / "train", folder / "eval"
+        train = TrainConfig(pairs=samples / "pairs.parquet", model=loop.model, out=train_out, init=previous,
+                            resume="latest", overwrite=True, **stages["train"])
+        if previous is not None and f"{number}/train" not in state["done"]:  # before this round's sampling
+            check_defaults_as_before(previous, train)
         if f"{number}/sample" not in state["done"]:
             sample = {**stages["sample"], "seed": round_seed(stages["sample"].get("seed", SampleConfig.seed), number)}
             run_sample(SampleConfig(model=loop.model, prompts=loop.prompts, out=samples, tuned=previous, **sample),
@@ -181,9 +185,7 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
             run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
-            run_train(TrainConfig(pairs=samples / "pairs.parquet", model=loop.model, out=train_out, init=previous,
-                                  resume="latest", overwrite=True, **stages["train"]),
-                      progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t)))
+            run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t)))
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:
             table = run_eval(EvalConfig(base=loop.model, tuned=train_out, prompts=loop.eval_prompts, out=eval_out,

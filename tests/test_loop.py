@@ -50,6 +50,26 @@ def small_loop(folder: Path, model: str) -> tuple[Path, Path]:
     return folder / "loop.toml", folder / "run"
 
 
+def test_a_loop_continued_by_an_rlaif_with_other_defaults_stops_before_the_next_round(tmp_path):
+    """Round 1 trained before --keep-unconditional existed (its train.json as that rlaif wrote it): continuing the
+    loop would train round 2 under another loss, so it stops, naming the change, before sampling round 2."""
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))
+    assert run_cli("loop", "--config", config).returncode == 0
+    info = json.loads((out / "round_1" / "train" / "train.json").read_text())
+    del info["config"]["keep_unconditional"]
+    info["config"]["caption_dropout"] = 0.2
+    (out / "round_1" / "train" / "train.json").write_text(json.dumps(info))
+    state = json.loads((out / "loop.json").read_text())
+    state["settings"]["loop"]["rounds"] = 2  # as if the loop had been started for two rounds
+    (out / "loop.json").write_text(json.dumps(state))
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    result = run_cli("loop", "--config", config)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "keep_unconditional 0.0 -> 1.0; caption_dropout 0.2 -> 0.0" in result.stderr
+    assert not (out / "round_2").exists()
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a UNet model, and a flow transformer (Flow-DPO)
 def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     config, out = small_loop(tmp_path, model)

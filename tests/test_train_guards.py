@@ -119,3 +119,26 @@ def test_a_checkpoint_from_before_a_setting_resumes_only_with_the_value_it_had(t
     else:
         with pytest.raises(RlaifError, match=refusal):
             _check_same_run(tmp_path / "old", config, {})
+
+
+def test_a_loop_round_refuses_defaults_that_changed_since_the_round_before(tmp_path):
+    """A loop round trained before --keep-unconditional (train.json without it, caption dropout 0.2): the next
+    round, left to today's defaults, would train another loss, and is refused naming what changed; with the
+    settings it had, pinned, it goes on."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import _settings, check_defaults_as_before, with_family_defaults
+
+    old = _settings(with_family_defaults(TrainConfig(pairs="p.parquet", model="tiny", out=tmp_path / "round_1",
+                                                     keep_unconditional=0.0)))
+    del old["keep_unconditional"]
+    assert old["caption_dropout"] == 0.2
+    (tmp_path / "round_1").mkdir()
+    (tmp_path / "round_1" / "train.json").write_text(json.dumps({"config": old}))
+    now = TrainConfig(pairs="p2.parquet", model="tiny", out=tmp_path / "round_2", init=tmp_path / "round_1")
+    with pytest.raises(RlaifError, match=r"keep_unconditional 0\.0 -> 1\.0; caption_dropout 0\.2 -> 0\.0"):
+        check_defaults_as_before(tmp_path / "round_1", now)
+    check_defaults_as_before(tmp_path / "round_1", TrainConfig(
+        pairs="p2.parquet", model="tiny", out=tmp_path / "round_2", keep_unconditional=0.0))

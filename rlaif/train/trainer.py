@@ -47,7 +47,7 @@ from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_b
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
 from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, objective_for
-from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, weights_identity
+from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, trained_config, weights_identity
 from rlaif.train.pair_table import PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -474,6 +474,23 @@ def settings_then(saved: dict) -> dict:
     value then, or the value ``UNRECORDED`` says it stood for."""
     then = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return then | {key: value(saved) for key, value in UNRECORDED.items()} | saved
+
+
+# Settings that a run left out resolves from rlaif's defaults (with_family_defaults): a loop's later round must
+# resolve them as its earlier rounds did, or an upgrade of rlaif between rounds would change the loss silently
+DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "weight_decay", "lora_targets")
+
+
+def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
+    """Refuse to train ``config`` on from ``previous`` (a loop's earlier round) when settings it leaves to the
+    defaults now resolve otherwise than they did for ``previous``."""
+    then, now = settings_then(trained_config(previous)), with_family_defaults(config)
+    changed = [f"{key} {then.get(key)!r} -> {getattr(now, key)!r}" for key in DEFAULTED
+               if then.get(key) != getattr(now, key)]
+    if changed:
+        raise RlaifError(f"{previous} was trained under other defaults than this rlaif's ({'; '.join(changed)}), so "
+                         "the next round would train another loss; finish the loop with the rlaif that started it, or "
+                         "start it again in a new --out")
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None:
