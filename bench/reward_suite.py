@@ -73,6 +73,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "anchored-beta5000": ("`--beta 5000`", "best-worst", {"beta": 5000.0}),
     "anchored-no-dpo-positive": ("`--dpo-positive 0`", "best-worst", {"dpo_positive": 0.0}),
     "anchored-dpo-positive-3": ("`--dpo-positive 3`", "best-worst", {"dpo_positive": 3.0}),
+    "anchored-1200-steps": ("`--max-steps 1200`", "best-worst", {"max_steps": 1200}),
+    "anchored-lr6e-4": ("`--learning-rate 6e-4`", "best-worst", {"learning_rate": 6e-4}),
     "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
                      {**OFFICIAL, "lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1,
                       "max_steps": 100}),
