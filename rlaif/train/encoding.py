@@ -83,6 +83,7 @@ class Encoder:
         self.length = length.get("max_sequence_length")
         self.dtype = STORED_DTYPES[cache_dtype]
         self.latents = self.texts = None
+        self.blank: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see unconditional
         if cache is not None:
             components = pipe.components
             present = sorted(name for name, part in components.items() if part is not None)
@@ -133,10 +134,13 @@ class Encoder:
         """What ``pipe``'s sampler conditions its unconditional (classifier-free guidance) branch on, ``count``
         times: the empty caption's embeddings, or zeros where the pipeline forces them for an empty prompt
         (SDXL's ``force_zeros_for_empty_prompt``)."""
-        embeds, pooled = self.text([""] * count, device)
-        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
-            return torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
-        return embeds, pooled
+        if self.blank is None:  # encoded (or read from the cache) once, not every step
+            embeds, pooled = self.text([""], device)
+            if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+                embeds, pooled = torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
+            self.blank = embeds, pooled
+        embeds, pooled = self.blank
+        return embeds.expand(count, *embeds.shape[1:]), None if pooled is None else pooled.expand(count, -1)
 
 
 def encode_captions(pipe, captions: list[str], device: torch.device | str, max_sequence_length: int | None = None
