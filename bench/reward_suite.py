@@ -34,6 +34,8 @@ from pathlib import Path
 
 import polars as pl
 
+from rlaif.config import OFFICIAL_LOSS as OFFICIAL
+
 REWARDS = {
     "brightness": "suite_rewards:brightness",
     "saturation": "suite_rewards:saturation",
@@ -46,16 +48,16 @@ REWARDS = {
     "high": "suite_rewards:high",
 }
 CHECK = "suite_rewards:follows_prompt"  # held out in every evaluation: does the model still draw what is asked?
-# The official loss (beta 5000, no DPO-Positive penalty), `rlaif train`'s default until 2026-11-27: the recipes
-# measured before then pin it, so they still mean what bench/RESULTS.md recorded under their names.
-OFFICIAL = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": 0.2}
+# OFFICIAL, the official loss (beta 5000, no DPO-Positive penalty, no unconditional anchor), was `rlaif train`'s
+# default until 2026-11-27: the recipes measured before then pin it, so they still mean what bench/RESULTS.md
+# recorded under their names.
 # The unconditional prediction free, as before --keep-unconditional (2026-11-28): the recipes measured before pin it
 UNANCHORED = {"keep_unconditional": 0.0, "caption_dropout": 0.2}
 # name -> (what it is, pairing strategy, `rlaif train` options)
 RECIPES: dict[str, tuple[str, str, dict]] = {
     "defaults": ("`rlaif train` with no options", "best-worst", {}),
-    "official-loss": ("`rlaif train --beta 5000 --dpo-positive 0`: the official Diffusion-DPO loss (the defaults "
-                      "until 2026-11-27)", "best-worst", OFFICIAL),
+    "official-loss": ("`rlaif train --beta 5000 --dpo-positive 0 --keep-unconditional 0`: the official "
+                      "Diffusion-DPO loss (the defaults until 2026-11-27)", "best-worst", OFFICIAL),
     "former-defaults": ("the defaults of 2026-11-27 (beta 1000, DPO-Positive 1), the unconditional prediction free "
                         "(`--keep-unconditional 0 --caption-dropout 0.2`)", "best-worst", UNANCHORED),
     "dpo-positive-0.3": ("`--dpo-positive 0.3`: a third of the default penalty, the unconditional prediction free",

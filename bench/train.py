@@ -48,7 +48,7 @@ from PIL import Image
 from torchvision import transforms
 
 from rlaif.cli import quiet_libraries
-from rlaif.config import LabelConfig, SampleConfig, TrainConfig
+from rlaif.config import OFFICIAL_LOSS, LabelConfig, SampleConfig, TrainConfig
 from rlaif.label import run_label
 from rlaif.models import load_pipeline
 from rlaif.sample import run_sample
@@ -56,10 +56,14 @@ from rlaif.train.pair_table import PairTable, PreferencePair
 from rlaif.train.trainer import run_train
 
 PROMPTS = "shapes"  # the bundled 8-scene prompt set, data/shapes.txt (rlaif.prompts.PROMPT_SETS)
-BETA = 5000.0
-# The official loss as the official-style step computes it (rlaif's UNet defaults differ: beta 1000, DPO-Positive,
-# the unconditional anchor without caption dropout); every rlaif run below trains it unless a contender says
-OFFICIAL_LOSS = dict(beta=BETA, dpo_positive=0.0, keep_unconditional=0.0, caption_dropout=0.2)
+# Every rlaif run below trains the official loss, as the official-style step computes it, unless a contender says
+# (rlaif's UNet defaults differ: beta 1000, DPO-Positive, the unconditional anchor without caption dropout)
+BETA = OFFICIAL_LOSS["beta"]
+
+
+def flags(settings: dict) -> list[str]:
+    """``settings`` as `rlaif train` command-line options."""
+    return [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def make_pairs(folder: Path) -> Path:
@@ -184,9 +188,7 @@ def first_losses(pairs_path: Path, pairs: list[PreferencePair], batch: int, fold
             # a process per precision: accelerate fixes the mixed precision once per process
             subprocess.run([sys.executable, "-m", "rlaif", "train", str(pairs_path), "--model", "tiny", "--out",
                             str(out), "--batch-size", str(batch), "--max-steps", "1", "--mixed-precision", precision,
-                            "--beta", "5000", "--dpo-positive", "0", "--keep-unconditional", "0",  # the official
-                            # loss, as OfficialStyle computes
-                            *(["--full"] if full else [])], capture_output=True, check=True)
+                            *flags(OFFICIAL_LOSS), *(["--full"] if full else [])], capture_output=True, check=True)
             first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
             losses[f"rlaif {'full' if full else 'LoRA'} {precision}"] = first
     torch.manual_seed(0)
@@ -228,8 +230,8 @@ def against_official(official: Path, steps: int, batch: int, repeats: int) -> No
         table = pick_a_pic_table(folder / "pickapic-64", 64, shard_rows=64)  # 'pickapic' in the name: ties dropped
         script = official_script(official, folder / "official")
         rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
-                 "--beta", "5000", "--dpo-positive", "0", "--keep-unconditional", "0",  # the official loss
-                 "--batch-size", str(batch), "--mixed-precision", "no", "--caption-dropout", "0",
+                 *flags({**OFFICIAL_LOSS, "caption_dropout": 0.0}),  # the official loss, as the script runs here
+                 "--batch-size", str(batch), "--mixed-precision", "no",
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")
 

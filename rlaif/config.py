@@ -40,6 +40,8 @@ DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
 # released (FLUX.1 samples without guidance)
 DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
 CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
+# The official Diffusion-DPO loss as `rlaif train` settings: what examples/*.toml pin and the benchmarks compare with
+OFFICIAL_LOSS = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": CAPTION_DROPOUT}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and

@@ -10,7 +10,7 @@ from conftest import run_cli
 from test_train import log
 
 from rlaif.cli_options import read_settings
-from rlaif.config import TrainConfig
+from rlaif.config import OFFICIAL_LOSS, TrainConfig
 from rlaif.errors import RlaifError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -28,8 +28,8 @@ def test_paper_recipes(recipe, warmup, resolution, optimizer):
     assert (config.beta, config.max_steps, config.warmup_steps, config.resolution) == (5000, 2000, warmup,
                                                                                           resolution)
     assert config.optimizer == optimizer and config.gradient_checkpointing == (optimizer == "adafactor")
-    assert config.caption_dropout == 0.2 and config.loss == "sigmoid" and config.dpo_positive == 0  # official loss
-    assert config.keep_unconditional == 0
+    assert config.loss == "sigmoid" and {name: getattr(config, name) for name in OFFICIAL_LOSS} == OFFICIAL_LOSS
+    assert OFFICIAL_LOSS == {"beta": 5000, "dpo_positive": 0, "keep_unconditional": 0, "caption_dropout": 0.2}
 
 
 def test_flags_override_the_config_file(tiny_pairs, tmp_path):

@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
@@ -287,7 +287,8 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     # SDXL micro-conditioning: each pair's original size, crop and target size
     micro = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in batch.augmentations],
                          dtype=embeds.dtype, device=device)
-    inputs = objective.inputs(sample, batch.noise.to(device), batch.timesteps.to(device), embeds, pooled, micro)
+    noise, draws = batch.noise.to(device), batch.timesteps.to(device)
+    inputs = objective.inputs(sample, noise, draws, embeds, pooled, micro)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
     winners = slice(0, len(batch.positions))
@@ -310,8 +311,7 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     ref_pred = predict_reference(inputs, rows)
     loss, metrics = objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss, config.dpo_positive)
     if keep_unconditional:
-        blank = objective.inputs(sample, batch.noise.to(device), batch.timesteps.to(device),
-                                 *encoder.unconditional(len(batch.positions), device), micro)
+        blank = objective.inputs(sample, noise, draws, *encoder.unconditional(len(batch.positions), device), micro)
         anchor, drift = unconditional_anchor(predict(unet, blank, winners), predict_reference(blank, winners),
                                              config.beta, keep_unconditional)
         loss, metrics = loss + anchor, {**metrics, "uncond_drift": drift}
@@ -484,13 +484,17 @@ DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "w
 def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
     """Refuse to train ``config`` on from ``previous`` (a loop's earlier round) when settings it leaves to the
     defaults now resolve otherwise than they did for ``previous``."""
-    then, now = settings_then(trained_config(previous)), with_family_defaults(config)
-    changed = [f"{key} {then.get(key)!r} -> {getattr(now, key)!r}" for key in DEFAULTED
-               if then.get(key) != getattr(now, key)]
+    now = asdict(with_family_defaults(config))
+    changed = _changes(settings_then(trained_config(previous)), now, DEFAULTED)
     if changed:
         raise RlaifError(f"{previous} was trained under other defaults than this rlaif's ({'; '.join(changed)}), so "
                          "the next round would train another loss; finish the loop with the rlaif that started it, or "
                          "start it again in a new --out")
+
+
+def _changes(then: dict, now: dict, keys: Iterable[str]) -> list[str]:
+    """"key old -> new" for each of ``keys`` whose value differs between ``then`` and ``now``."""
+    return [f"{key} {then.get(key)!r} -> {now[key]!r}" for key in keys if then.get(key) != now[key]]
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None:
@@ -501,8 +505,7 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None
                          "new run in another --out")
     saved = {**settings_then(position["settings"]), **position.get("identities", {})}
     now = {**_settings(config), **identities}
-    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
-               if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
+    changed = _changes(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
