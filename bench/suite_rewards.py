@@ -25,6 +25,15 @@ to chance; the last three are composition, which every prompt leaves free (the w
 random place and at a size within +-15%).
 
 ``incompressibility`` (built in) completes the suite.
+
+Two more rewards were added on 2026-11-28, after `rlaif train`'s defaults had been chosen on the nine above, to
+check those defaults off the path they were chosen on (``python bench/reward_suite.py --rewards contrast,...``;
+not in the suite's default run):
+
+- ``contrast``: RMS contrast, the standard deviation of the luma / 127.5, 0..1;
+- ``colourfulness``: Hasler and Suesstrunk's (2003) colourfulness, ``sqrt(var(rg) + var(yb)) + 0.3 *
+  sqrt(mean(rg)^2 + mean(yb)^2)`` with ``rg = R - G`` and ``yb = (R + G) / 2 - B``, / 255: colour, as HSV
+  saturation is, but measured in opponent channels, where near-black pixels of any hue count for little.
 """
 
 from __future__ import annotations
@@ -138,3 +147,17 @@ def follows_prompt(device: str = "cpu") -> PixelReward:
         checks = agreement(prompt, read_scene(image))
         return sum(checks) / len(checks)
     return PixelReward("follows_prompt", value)
+
+
+def contrast(device: str = "cpu") -> PixelReward:
+    """RMS contrast: the standard deviation of the luma / 127.5, 0..1."""
+    return PixelReward("contrast", lambda image, prompt: _luma(image).std() / 127.5)
+
+
+def colourfulness(device: str = "cpu") -> PixelReward:
+    """Hasler and Suesstrunk's colourfulness / 255: the spread and the mean of the opponent channels."""
+    def value(image: Image.Image, prompt: str) -> float:
+        red, green, blue = np.moveaxis(_pixels(image).astype(np.float64), -1, 0)
+        rg, yb = red - green, 0.5 * (red + green) - blue
+        return (np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())) / 255.0
+    return PixelReward("colourfulness", value)

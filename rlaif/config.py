@@ -280,7 +280,9 @@ class TrainConfig:
                 "x 0.5 x beta x its squared distance from the reference's on each pair's noised winner (a KL term on "
                 "the unconditional model). Under classifier-free guidance a drifting unconditional prediction is "
                 "subtracted, scaled by the guidance, from what the prompted one learned; held, guidance amplifies "
-                "it. Makes a step about 1.6 times as long (LoRA; bench/train.py). Default: 1 for SD1.5 / SDXL (on "
+                "it. It holds the empty caption (SDXL: the zeros its pipeline samples with), so it serves sampling "
+                "without a negative prompt, which replaces that branch. Makes a step about 1.6 times as long (LoRA; "
+                "bench/train.py). Default: 1 for UNet models (SD1.5 / SD2 / SDXL) with --loss sigmoid or hinge (on "
                 "bench/reward_suite.py it raised more rewards, and the pictures kept less to the prompt; 0 keeps "
                 "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss ipo or sft."})
     flow_weighting: str = field(default="logit_normal", metadata={
@@ -318,7 +320,8 @@ class TrainConfig:
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     caption_dropout: float | None = field(default=None, metadata={
         "help": f"Share of pairs trained with an empty caption. Default: 0 while --keep-unconditional holds the "
-                f"unconditional prediction (DPO on empty captions would move it), else {CAPTION_DROPOUT}."})
+                f"unconditional prediction (SD1.5 / SD2 sample with the empty caption, so DPO on it would move what "
+                f"the anchor holds; the default is the same for SDXL, untested there), else {CAPTION_DROPOUT}."})
     no_cache: bool = field(default=False, metadata={
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
                 "($RLAIF_CACHE/train, keyed by content, model and augmentation; see `rlaif cache info`)."})

@@ -31,7 +31,7 @@ from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.tables import write_table
-from rlaif.train.trainer import check_defaults_as_before, run_train
+from rlaif.train.trainer import check_defaults_as_before, run_train, with_family_defaults
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 Progress = Callable[[str, int, int], None]
@@ -121,6 +121,8 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
+    _check_anchor(path, TrainConfig(**placeholders["train"], **stages["train"]),
+                  [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")])
     lengths = {stage: stages[stage].get("max_sequence_length") for stage in ("sample", "train", "eval")}
     if lengths["eval"] is None:  # eval takes the length the model was trained at
         del lengths["eval"]
@@ -134,6 +136,23 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
     if clash:
         raise RlaifError(f"{path}: round {clash[0]} would sample with seed {eval_seed}, the [eval] seed; keep "
                          "[sample] seed and [eval] seed apart so the evaluation's seeds stay held out")
+
+
+def _check_anchor(path: Path, train: TrainConfig, negative: list[str]) -> None:
+    """The unconditional anchor's refusals, before round 1 samples: FLUX.1 (no unconditional branch to hold), and
+    the anchor left on by default while a stage samples with a negative prompt (guidance then subtracts the
+    negative prompt's prediction, not the empty caption's that the anchor holds): the user chooses."""
+    if not train.keep_unconditional and not negative:  # nothing to refuse: skip reading the model's files
+        return
+    try:
+        resolved = with_family_defaults(train)
+    except RlaifError as exc:
+        raise RlaifError(f"{path} [train]: {exc}") from exc
+    if negative and resolved.keep_unconditional and train.keep_unconditional is None:
+        raise RlaifError(
+            f"{path}: [{negative[0]}] negative_prompt replaces the empty caption in guidance, but [train]'s "
+            "unconditional anchor (on by default) holds the empty caption's prediction; set [train] "
+            "keep_unconditional = 0 to train without it, or a weight to keep it anyway")
 
 
 def _state(plan: LoopPlan) -> dict:

@@ -119,11 +119,29 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
     (LOOP_TABLE + "[label]\nstrategy='all-pairs'\n", "[label]: missing scorers"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nper_prompt='4'\n",
      "[eval] per_prompt: expected int, got '4'"),
+    (LOOP_TABLE.replace("'tiny'", "'tiny-flux'")
+     + "[label]\nscorers=['compressibility']\n[train]\nkeep_unconditional=1\n",
+     "[train]: FLUX.1 samples without classifier-free guidance"),
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='blurry'\n",
+     "[sample] negative_prompt replaces the empty caption in guidance, but [train]'s unconditional anchor"),
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='blurry'\n",
+     "[eval] negative_prompt replaces the empty caption"),
 ])
 def test_bad_loop_configs(tmp_path, text, message):
     (tmp_path / "loop.toml").write_text(text)
     result = run_cli("loop", "--config", tmp_path / "loop.toml")
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_negative_prompt_passes_once_the_anchor_is_chosen(tmp_path):
+    """With keep_unconditional set in [train], the negative prompt is the user's informed choice: the loop gets
+    past its checks (and stops at the next problem, the missing prompts file 'a')."""
+    chosen = LOOP_TABLE + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='blurry'\n"
+    for keep in (0, 1):
+        (tmp_path / "loop.toml").write_text(chosen + f"[train]\nkeep_unconditional={keep}\n")
+        result = run_cli("loop", "--config", tmp_path / "loop.toml")
+        assert result.returncode == 2 and "replaces the empty caption" not in result.stderr
+        assert result.stderr.endswith("/a does not exist\n")
 
 
 def demo(out, model, *args):

@@ -62,3 +62,22 @@ def test_asked_colour_reads_the_shape_colour_else_the_background():
     reward = suite_rewards.asked_colour()
     prompts = ["a red square on a blue background", "a square on a blue background", "a blue square", "a square"]
     assert reward.score([picture] * 4, prompts) == pytest.approx([1 / 4, 3 / 4, 3 / 4, 0])
+
+
+def test_contrast_is_the_luma_spread():
+    half = Image.new("RGB", (64, 64), (0, 0, 0))
+    ImageDraw.Draw(half).rectangle((0, 0, 63, 31), fill=(255, 255, 255))  # half white: luma 0 or 255, std 127.5
+    assert score("contrast", half) == pytest.approx(1.0)
+    assert score("contrast", Image.new("RGB", (64, 64), (200, 30, 30))) == pytest.approx(0.0)
+
+
+def test_colourfulness_weighs_opponent_colour_not_grey():
+    # one colour: no spread, 0.3 x the length of its mean (rg, yb) = (255, 127.5) for pure red
+    assert score("colourfulness", Image.new("RGB", (64, 64), (255, 0, 0))) == pytest.approx(
+        0.3 * (255**2 + 127.5**2) ** 0.5 / 255)
+    assert score("colourfulness", Image.new("RGB", (64, 64), (90, 90, 90))) == pytest.approx(0.0)
+    # red and blue halves: rg is 255 or 0, yb 127.5 or -255; spreads 127.5 and 191.25, means 127.5 and -63.75
+    halves = Image.new("RGB", (64, 64), (0, 0, 255))
+    ImageDraw.Draw(halves).rectangle((0, 0, 63, 31), fill=(255, 0, 0))
+    expected = (127.5**2 + 191.25**2) ** 0.5 + 0.3 * (127.5**2 + 63.75**2) ** 0.5
+    assert score("colourfulness", halves) == pytest.approx(expected / 255)
