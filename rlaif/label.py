@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -21,7 +22,7 @@ from rlaif.errors import RlaifError
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
-from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SCORES_SCHEMA, read_table, write_table
+from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SAMPLING_METADATA, SCORES_SCHEMA, read_table, write_table
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
@@ -178,7 +179,9 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         image_1=pl.col("sample_id_1").replace_strict(images),
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
+    run_file = root / "run.json"  # the samples' generation settings, recorded for `rlaif train`'s checks
+    generation = json.loads(run_file.read_text()).get("generation") if run_file.is_file() else None
     if process_state().is_main_process:
-        write_table(pairs, out, PAIRS_SCHEMA)
+        write_table(pairs, out, PAIRS_SCHEMA, generation and {SAMPLING_METADATA: json.dumps(generation)})
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
     return Labelled(out, pairs.height, pairs["prompt_id"].n_unique(), ties, compared.height - ties - pairs.height)

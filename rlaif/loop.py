@@ -177,11 +177,11 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
     main = process_state().is_main_process
-    loop.out.mkdir(parents=True, exist_ok=True)
 
     def finished(key: str) -> None:
         state["done"].append(key)
-        if main:
+        if main:  # OUT is made by the first stage's output, not before: a first stage refused leaves nothing
+            loop.out.mkdir(parents=True, exist_ok=True)
             write_json(state, loop.out / "loop.json")
 
     def report(prefix: str) -> Callable[..., None] | None:

@@ -48,17 +48,24 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# pairs.parquet's key-value metadata: run.json's generation settings of the samples `rlaif label` paired, so that
+# `rlaif train` can refuse to train otherwise than they were sampled (T5 prompt length, a negative prompt)
+SAMPLING_METADATA = "rlaif.sampling"
+
+
 def prompt_id(prompt: str) -> str:
     """A short stable id for a prompt text (the same text always gets the same id)."""
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def write_table(rows: list[dict] | pl.DataFrame, path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Build a table with ``schema`` (columns in schema order) and write it to ``path`` atomically."""
+def write_table(rows: list[dict] | pl.DataFrame, path: str | Path, schema: dict[str, pl.DataType],
+                metadata: dict[str, str] | None = None) -> pl.DataFrame:
+    """Build a table with ``schema`` (columns in schema order) and write it to ``path`` atomically, with
+    ``metadata`` as the Parquet file's key-value metadata."""
     frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows, schema=schema)
     frame = frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
     with atomic_path(path) as tmp:
-        frame.write_parquet(tmp)
+        frame.write_parquet(tmp, metadata=metadata)
     return frame
 
 

@@ -205,7 +205,7 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     # SD3 joins CLIP's and T5's sequences, FLUX takes T5's alone: either way 8 T5 tokens instead of the default
     assert short.shape[1] == default.shape[1] - (prompt_length(pipe)["max_sequence_length"] - 8)
     (tmp_path / "p.txt").write_text(captions[0] + "\n")
-    argv = ("sample", "--model", alias, "--prompts", tmp_path / "p.txt", "--per-prompt", 1, "--steps", 2,
+    argv = ("sample", "--model", alias, "--prompts", tmp_path / "p.txt", "--per-prompt", 2, "--steps", 2,
             "--out", tmp_path / "s")
     assert run_cli(*argv, "--max-sequence-length", 8).returncode == 0
     assert json.loads((tmp_path / "s" / "run.json").read_text())["generation"]["max_sequence_length"] == 8
@@ -221,7 +221,14 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     run_file.write_text(json.dumps(old))
     assert run_cli(*argv[:-1], tmp_path / "default").returncode == 0
     out = tmp_path / "o"
-    trained = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 1,
+    # pairs sampled at the default length are not trained at 8 (rlaif label recorded the length in the table)
+    mismatched = run_cli("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 1,
+                         "--max-sequence-length", 8, *FAST)
+    assert mismatched.returncode == 2 and not out.exists()
+    assert mismatched.stderr.endswith("was sampled at T5 prompt length 32, and training would encode its captions at "
+                                      "8; pass --max-sequence-length 32\n")
+    assert run_cli("label", tmp_path / "s", "--scorer", "compressibility").returncode == 0
+    trained = run_cli("train", tmp_path / "s" / "pairs.parquet", "--model", alias, "--out", out, "--max-steps", 1,
                       "--max-sequence-length", 8, *FAST)
     assert trained.returncode == 0, trained.stderr
     assert json.loads((out / "train.json").read_text())["config"]["max_sequence_length"] == 8

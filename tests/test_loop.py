@@ -136,12 +136,13 @@ def test_bad_loop_configs(tmp_path, text, message):
 def test_a_negative_prompt_passes_once_the_anchor_is_chosen(tmp_path):
     """With keep_unconditional set in [train], the negative prompt is the user's informed choice: the loop gets
     past its checks (and stops at the next problem, the missing prompts file 'a')."""
-    chosen = LOOP_TABLE + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='blurry'\n"
+    chosen = (LOOP_TABLE.replace("out='o'", f"out='{tmp_path / 'o'}'")
+              + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='blurry'\n")
     for keep in (0, 1):
         (tmp_path / "loop.toml").write_text(chosen + f"[train]\nkeep_unconditional={keep}\n")
         result = run_cli("loop", "--config", tmp_path / "loop.toml")
         assert result.returncode == 2 and "replaces the empty caption" not in result.stderr
-        assert result.stderr.endswith("/a does not exist\n")
+        assert result.stderr.endswith("/a does not exist\n") and not (tmp_path / "o").exists()
 
 
 def demo(out, model, *args):

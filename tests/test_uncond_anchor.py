@@ -1,15 +1,24 @@
-"""`rlaif train --keep-unconditional`: the term against an independent computation, and a run that holds the
-empty caption's prediction at the reference's while the prompted one still moves."""
+"""`rlaif train --keep-unconditional`: the term against an independent computation, a run that holds the
+empty caption's prediction at the reference's while the prompted one still moves, and the refusals of training
+otherwise than the pairs were sampled (a negative prompt under the default anchor, another T5 length)."""
 
 import json
+import re
+from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import run_cli
 
+from rlaif.config import TrainConfig
+from rlaif.errors import RlaifError
 from rlaif.models import load_pipeline
+from rlaif.tables import SAMPLING_METADATA
 from rlaif.train.loss import unconditional_anchor
+from rlaif.train.pair_table import PairTable
+from rlaif.train.trainer import check_sampling
 
 
 def test_the_anchor_is_weight_half_beta_times_the_mean_squared_distance_and_pulls_only_the_policy():
@@ -81,3 +90,38 @@ def test_flux_which_samples_without_guidance_refuses_the_anchor(tiny_pairs, tmp_
     assert result.returncode != 0
     assert "FLUX.1 samples without classifier-free guidance" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "o" / "train.json").exists()
+
+
+def test_label_records_the_sampling_and_train_refuses_the_default_anchor_after_a_negative_prompt(tiny_pairs, tmp_path):
+    """Pairs sampled with a negative prompt (so guided by it, not by the empty caption the anchor holds) train
+    only once --keep-unconditional is chosen; rlaif label recorded run.json's generation settings in the table."""
+    recorded = PairTable(tiny_pairs).sampling
+    generation = json.loads((tiny_pairs.parent / "run.json").read_text())["generation"]
+    assert recorded == generation and recorded["model"] == "tiny" and recorded["negative_prompt"] == ""
+    table = pq.read_table(tiny_pairs)
+    negative = tiny_pairs.parent / f"negative-{tmp_path.name}.parquet"  # beside the original: its image paths hold
+    metadata = {SAMPLING_METADATA: json.dumps({**generation, "negative_prompt": "blurry"})}
+    pq.write_table(table.replace_schema_metadata(metadata), negative)
+    argv = ("train", negative, "--model", "tiny", "--max-steps", 1)
+    refused = run_cli(*argv, "--out", tmp_path / "refused")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and not (tmp_path / "refused").exists()
+    assert "was sampled with negative prompt 'blurry', which replaces the empty caption in guidance" in refused.stderr
+    for keep in (0, 1):  # chosen either way: trained
+        chosen = run_cli(*argv, "--out", tmp_path / f"keep{keep}", "--keep-unconditional", keep)
+        assert chosen.returncode == 0, chosen.stderr
+    assert run_cli("train", tiny_pairs, "--model", "tiny", "--max-steps", 1, "--out", tmp_path / "plain"
+                   ).returncode == 0  # no negative prompt: the default anchor trains
+
+
+@pytest.mark.parametrize(("sampling", "length", "refused"), [
+    (None, 32, None), ({"max_sequence_length": 32}, 32, None), ({"max_sequence_length": None}, None, None),
+    ({"max_sequence_length": 32}, 8, "was sampled at T5 prompt length 32, and training would encode its captions "
+                                     "at 8; pass --max-sequence-length 32"),
+])
+def test_check_sampling_refuses_another_t5_length(sampling, length, refused):
+    config = TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"), keep_unconditional=0.0)
+    if refused is None:
+        check_sampling(sampling, config, False, length)
+    else:
+        with pytest.raises(RlaifError, match=re.escape(f"p.parquet {refused}")):
+            check_sampling(sampling, config, False, length)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity
 from rlaif.images import ImageSource
 from rlaif.seeding import keyed_seed
+from rlaif.tables import SAMPLING_METADATA
 
 RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
@@ -236,10 +238,20 @@ class PairTable(Sequence[PreferencePair]):
                              "shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
         self._index(label)
 
+    @cached_property
+    def sampling(self) -> dict | None:
+        """The generation settings `rlaif label` recorded of the samples it paired (run.json's), None for a
+        table it did not write (Pick-a-Pic, a datasets folder, a remote table)."""
+        if getattr(self, "remote", True):
+            return None
+        recorded = (open_parquet(self.files[0]).metadata.metadata or {}).get(SAMPLING_METADATA.encode())
+        return json.loads(recorded) if recorded else None
+
     # -- building the index ------------------------------------------------------------------------------------
 
     def _init_parquet(self, files: list[str], remote: bool = False) -> None:
         self.files = files
+        self.remote = remote
         self.identity = ";".join(files if remote else (file_identity(f) for f in files))
 
     def _init_arrow(self, source: str, label: str | None) -> None:

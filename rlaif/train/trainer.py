@@ -42,7 +42,16 @@ from rlaif.config import (
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, publish, write_json
-from rlaif.models import check_size, default_size, denoiser, denoiser_name, guided, load_pipeline, model_family
+from rlaif.models import (
+    check_size,
+    default_size,
+    denoiser,
+    denoiser_name,
+    guided,
+    load_pipeline,
+    model_family,
+    prompt_length,
+)
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
@@ -59,6 +68,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train with Diffusion-DPO / Flow-DPO (or SFT) and write the LoRA, UNet or transformer to ``config.out``;
     return it."""
     config.validate()
+    anchor_defaulted = config.keep_unconditional is None
     config = with_family_defaults(config)
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
     held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
@@ -69,10 +79,12 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
-    resume_from = _resume_point(config, accelerator, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
+    check_sampling(pairs.sampling, config, anchor_defaulted,
+                   prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
+    resume_from = _resume_point(config, accelerator, identities)  # before it, nothing of an old run is removed
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
     check_size(pipe, "--resolution", resolution)
@@ -271,6 +283,24 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
                    weight_decay=config.weight_decay if config.weight_decay is not None
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
+
+
+def check_sampling(sampling: dict | None, config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
+    """Refuse to train otherwise than the pairs' samples were drawn, where `rlaif label` recorded how
+    (``sampling``, run.json's generation settings): at another T5 prompt length ``length`` (captions encoded unlike
+    the prompts the pictures were made from), or with the unconditional anchor left on by default though they were
+    sampled with a negative prompt (guidance subtracts that prompt's prediction, not the empty caption's that the
+    anchor holds). ``config`` has the family defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
+    sampling = sampling or {}
+    recorded = sampling.get("max_sequence_length")
+    if recorded is not None and length is not None and recorded != length:
+        raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would encode its "
+                         f"captions at {length}; pass --max-sequence-length {recorded}")
+    if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
+        raise RlaifError(
+            f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which replaces the "
+            "empty caption in guidance, but the unconditional anchor (on by default) holds the empty caption's "
+            "prediction; pass --keep-unconditional 0 to train without it, or a weight to keep it anyway")
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
