@@ -18,7 +18,7 @@ from PIL import Image
 
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
@@ -151,6 +151,16 @@ class Labelled:
     below_margin: int
 
 
+def _generation(run_file: Path) -> dict | None:
+    """The generation settings `rlaif sample` recorded in ``run_file``; None for a folder it did not make."""
+    if not run_file.is_file():
+        return None
+    try:
+        return json.loads(run_file.read_text()).get("generation")
+    except (ValueError, AttributeError) as exc:
+        raise RlaifError(f"{run_file} is not an rlaif run file ({first_line(exc)}); sample the folder again") from exc
+
+
 def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled:
     """Score every sample with every scorer (reusing cached scores) and write the pairs table."""
     config.validate()
@@ -179,8 +189,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         image_1=pl.col("sample_id_1").replace_strict(images),
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
-    run_file = root / "run.json"  # the samples' generation settings, recorded for `rlaif train`'s checks
-    generation = json.loads(run_file.read_text()).get("generation") if run_file.is_file() else None
+    generation = _generation(root / "run.json")  # the samples' settings, recorded for `rlaif train`'s checks
     if process_state().is_main_process:
         write_table(pairs, out, PAIRS_SCHEMA, generation and {SAMPLING_METADATA: json.dumps(generation)})
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it

@@ -122,7 +122,8 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
     _check_anchor(path, TrainConfig(**placeholders["train"], **stages["train"]),
-                  [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")])
+                  [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")],
+                  (loop.out / "loop.json").exists())
     lengths = {stage: stages[stage].get("max_sequence_length") for stage in ("sample", "train", "eval")}
     if lengths["eval"] is None:  # eval takes the length the model was trained at
         del lengths["eval"]
@@ -138,10 +139,11 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
                          "[sample] seed and [eval] seed apart so the evaluation's seeds stay held out")
 
 
-def _check_anchor(path: Path, train: TrainConfig, negative: list[str]) -> None:
+def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: bool) -> None:
     """The unconditional anchor's refusals, before round 1 samples: FLUX.1 (no unconditional branch to hold), and
     the anchor left on by default while a stage samples with a negative prompt (guidance then subtracts the
-    negative prompt's prediction, not the empty caption's that the anchor holds): the user chooses."""
+    negative prompt's prediction, not the empty caption's that the anchor holds): the user chooses, in a new loop
+    (``started``: OUT holds a loop, begun by an rlaif without the anchor, whose settings cannot change)."""
     if not train.keep_unconditional and not negative:  # nothing to refuse: skip reading the model's files
         return
     try:
@@ -149,6 +151,11 @@ def _check_anchor(path: Path, train: TrainConfig, negative: list[str]) -> None:
     except RlaifError as exc:
         raise RlaifError(f"{path} [train]: {exc}") from exc
     if negative and resolved.keep_unconditional and train.keep_unconditional is None:
+        if started:
+            raise RlaifError(
+                f"{path}: this loop was started by an rlaif without the unconditional anchor, which is now on by "
+                f"default but does not serve [{negative[0]}] negative_prompt; finish the loop with the rlaif that "
+                "started it, or start it again in a new out with [train] keep_unconditional set")
         raise RlaifError(
             f"{path}: [{negative[0]}] negative_prompt replaces the empty caption in guidance, but [train]'s "
             "unconditional anchor (on by default) holds the empty caption's prediction; set [train] "

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path
@@ -65,7 +66,10 @@ def write_table(rows: list[dict] | pl.DataFrame, path: str | Path, schema: dict[
     frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows, schema=schema)
     frame = frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
     with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, metadata=metadata)
+        if metadata:  # through pyarrow: polars' write_parquet takes metadata only since 2025
+            pq.write_table(frame.to_arrow().replace_schema_metadata(metadata), tmp)
+        else:
+            frame.write_parquet(tmp)
     return frame
 
 

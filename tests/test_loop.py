@@ -145,6 +145,18 @@ def test_a_negative_prompt_passes_once_the_anchor_is_chosen(tmp_path):
         assert result.stderr.endswith("/a does not exist\n") and not (tmp_path / "o").exists()
 
 
+def test_a_loop_begun_before_the_anchor_with_a_negative_prompt_is_finished_by_its_own_rlaif(tmp_path):
+    """Its settings cannot change (loop.json), so the advice is not to set keep_unconditional but a new out."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "loop.json").write_text("{}")
+    (tmp_path / "loop.toml").write_text(LOOP_TABLE.replace("out='o'", f"out='{out}'")
+                                        + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='x'\n")
+    result = run_cli("loop", "--config", tmp_path / "loop.toml")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "finish the loop with the rlaif that started it, or start it again in a new out" in result.stderr
+
+
 def demo(out, model, *args):
     result = run_cli("demo", "--out", out, "--model", model, *args)
     assert result.returncode == 0, result.stderr

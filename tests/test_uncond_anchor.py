@@ -95,7 +95,7 @@ def test_flux_which_samples_without_guidance_refuses_the_anchor(tiny_pairs, tmp_
 def test_label_records_the_sampling_and_train_refuses_the_default_anchor_after_a_negative_prompt(tiny_pairs, tmp_path):
     """Pairs sampled with a negative prompt (so guided by it, not by the empty caption the anchor holds) train
     only once --keep-unconditional is chosen; rlaif label recorded run.json's generation settings in the table."""
-    recorded = PairTable(tiny_pairs).sampling
+    (recorded,) = PairTable(tiny_pairs).sampling
     generation = json.loads((tiny_pairs.parent / "run.json").read_text())["generation"]
     assert recorded == generation and recorded["model"] == "tiny" and recorded["negative_prompt"] == ""
     table = pq.read_table(tiny_pairs)
@@ -113,12 +113,17 @@ def test_label_records_the_sampling_and_train_refuses_the_default_anchor_after_a
                    ).returncode == 0  # no negative prompt: the default anchor trains
 
 
+SD3 = {"model": "tiny-sd3"}
+
+
 @pytest.mark.parametrize(("sampling", "length", "refused"), [
-    (None, 32, None), ({"max_sequence_length": 32}, 32, None), ({"max_sequence_length": None}, None, None),
-    ({"max_sequence_length": 32}, 8, "was sampled at T5 prompt length 32, and training would encode its captions "
-                                     "at 8; pass --max-sequence-length 32"),
+    (None, 32, None), ({**SD3, "max_sequence_length": 32}, 32, None),
+    ({**SD3, "max_sequence_length": None}, None, None),
+    ({"model": "tiny-flux", "max_sequence_length": 256}, 32, None),  # another model's length: nothing to compare
+    ({**SD3, "max_sequence_length": 32}, 8, "was sampled at T5 prompt length 32, and training would encode its "
+                                            "captions at 8; pass --max-sequence-length 32"),
 ])
-def test_check_sampling_refuses_another_t5_length(sampling, length, refused):
+def test_check_sampling_refuses_another_t5_length_of_the_same_model(sampling, length, refused):
     config = TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"), keep_unconditional=0.0)
     if refused is None:
         check_sampling(sampling, config, False, length)

@@ -239,13 +239,13 @@ class PairTable(Sequence[PreferencePair]):
         self._index(label)
 
     @cached_property
-    def sampling(self) -> dict | None:
-        """The generation settings `rlaif label` recorded of the samples it paired (run.json's), None for a
-        table it did not write (Pick-a-Pic, a datasets folder, a remote table)."""
+    def sampling(self) -> list[dict]:
+        """The generation settings `rlaif label` recorded of the samples it paired (run.json's), one per file
+        that holds them: none for tables it did not write (Pick-a-Pic, a datasets folder, a remote table)."""
         if getattr(self, "remote", True):
-            return None
-        recorded = (open_parquet(self.files[0]).metadata.metadata or {}).get(SAMPLING_METADATA.encode())
-        return json.loads(recorded) if recorded else None
+            return []
+        recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in self.files]
+        return [json.loads(value) for value in recorded if value]
 
     # -- building the index ------------------------------------------------------------------------------------
 

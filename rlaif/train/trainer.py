@@ -50,6 +50,7 @@ from rlaif.models import (
     guided,
     load_pipeline,
     model_family,
+    model_identity,
     prompt_length,
 )
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
@@ -79,12 +80,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
+    resume_from, complete = _resume_point(config, identities)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
-    check_sampling(pairs.sampling, config, anchor_defaulted,
-                   prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
-    resume_from = _resume_point(config, accelerator, identities)  # before it, nothing of an old run is removed
+    for sampling in pairs.sampling:
+        check_sampling(sampling, config, anchor_defaulted,
+                       prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
+    _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
     check_size(pipe, "--resolution", resolution)
@@ -287,13 +290,15 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
 
 def check_sampling(sampling: dict | None, config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
     """Refuse to train otherwise than the pairs' samples were drawn, where `rlaif label` recorded how
-    (``sampling``, run.json's generation settings): at another T5 prompt length ``length`` (captions encoded unlike
-    the prompts the pictures were made from), or with the unconditional anchor left on by default though they were
+    (``sampling``, run.json's generation settings): the same model at another T5 prompt length ``length`` (captions
+    encoded unlike the prompts its pictures were made from; another model's length says nothing of this one's), or
+    with the unconditional anchor left on by default though they were
     sampled with a negative prompt (guidance subtracts that prompt's prediction, not the empty caption's that the
     anchor holds). ``config`` has the family defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
     sampling = sampling or {}
     recorded = sampling.get("max_sequence_length")
-    if recorded is not None and length is not None and recorded != length:
+    same_model = sampling.get("model") == config.model or sampling.get("model_weights") == model_identity(config.model)
+    if same_model and recorded is not None and length is not None and recorded != length:
         raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would encode its "
                          f"captions at {length}; pass --max-sequence-length {recorded}")
     if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
@@ -464,11 +469,10 @@ def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
             "init_weights": config.init and weights_identity(config.init)}
 
 
-def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dict) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0). Refuses to overwrite a finished run without
-    --overwrite, a run with checkpoints without --resume or --overwrite, and to resume a run made with other
-    settings; only then (nothing refused) does --overwrite remove the old run's outputs. Checkpoints cut short
-    by a kill (``*.partial``) are removed."""
+def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from (None: start at step 0) and the folder's complete checkpoints. Refuses to
+    overwrite a finished run without --overwrite, a run with checkpoints without --resume or --overwrite, and to
+    resume a run made with other settings; removes nothing (``_clear_outputs`` does, once nothing is refused)."""
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
         raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
                          "another --out")
@@ -485,6 +489,11 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dic
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
     if folder is not None:
         _check_same_run(folder, config, identities)
+    return folder, complete
+
+
+def _clear_outputs(config: TrainConfig, accelerator: Accelerator, complete: list[Path]) -> None:
+    """Remove checkpoints cut short by a kill (``*.partial``) and, with --overwrite, the old run's outputs."""
     accelerator.wait_for_everyone()  # every process has checked before any removes
     if accelerator.is_main_process:
         for partial in (config.out / "checkpoints").glob("step_*.partial"):
@@ -496,7 +505,6 @@ def _resume_point(config: TrainConfig, accelerator: Accelerator, identities: dic
             with contextlib.suppress(OSError):  # only when empty: an old run's folder of checkpoints, all removed
                 (config.out / "checkpoints").rmdir()
     accelerator.wait_for_everyone()
-    return folder
 
 
 def settings_then(saved: dict) -> dict:
