@@ -198,8 +198,9 @@ def train(
         from rlaif.train.outputs import weights_path
 
         info = json.loads((written / "train.json").read_text())
-        say(f"trained {int(last['step'])} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
-            f"{info['pairs_held_out']} held out; labels: {info['label_column']}): final {training_info(last)}; "
+        final = f"final {training_info(last)}" if last else "no step left after the checkpoint"
+        say(f"trained {info['steps']} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
+            f"{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
 
 
@@ -310,8 +311,12 @@ def print_win_rates(table: Path) -> None:
     last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
     for warning in reward_hacking(last):
         say(f"warning: {warning}")
+    if last["prompts"].min() < FEW_PROMPTS:
+        say(f"note: {last['prompts'].min()} prompts are too few for these intervals to mean much (under "
+            f"{FEW_PROMPTS}: see README, Reading the numbers)")
 
 
+FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little
 DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",
                 "tiny-sd3": Path(__file__).parent / "assets" / "demo-sd3.toml"}
 

@@ -344,9 +344,11 @@ class TrainConfig:
         "help": "Save a resumable checkpoint every N steps (0: never). Default: every ~30 minutes when the first "
                 "steps show the run will take longer than that."})
     resume: str | None = field(default=None, metadata={
-        "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0) or a checkpoint folder."})
+        "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0), a checkpoint folder, or "
+                "the name of one in OUT/checkpoints."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise and timesteps."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace the finished run in OUT (default: refuse)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace the finished run in OUT, and its checkpoints unless --resume is given (default: refuse)."})
 
     def validate(self) -> None:
         """Reject impossible settings and unusable paths before anything is loaded or written."""

@@ -83,6 +83,7 @@ def test_eval_tables_match_an_independent_computation(evaluated):
     assert sorted(zip(by_category["column"], by_category["category"], by_category["n"], strict=True)) == [
         ("Category", "Colours", 6), ("Category", "Shapes", 6), ("Challenge", "Basic", 12)]
     assert f"{table['compressibility']['win_rate']:.3f}" in result.stdout
+    assert "note: 4 prompts are too few for these intervals to mean much" in result.stderr
     delta = -(kb_tuned.mean() - kb_base.mean())
     assert table["compressibility"]["delta"] == pytest.approx(delta)
     assert table["compressibility"]["relative"] == pytest.approx(delta / kb_base.mean())

@@ -4,6 +4,7 @@ killed and resumed, the latent cache, trackers, two processes."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,32 @@ def test_killed_at_any_step_and_resumed_equals_uninterrupted_run(tiny_pairs, tmp
     assert not list((parts / "checkpoints").glob("*.partial"))
     again = run_cli(*args, "--out", parts, env=env)  # without --overwrite, a finished run is not overwritten
     assert again.returncode == 2 and "holds a finished training run; pass --overwrite" in again.stderr
+
+
+def test_resume_finishes_a_run_killed_after_its_last_checkpoint_and_refuses_one_past_max_steps(tiny_pairs, tmp_path):
+    """A checkpoint at --max-steps (killed before the weights were written) finishes the run; one past it is
+    refused before anything is written (its weights trained longer than asked); a checkpoint may be named as
+    OUT/checkpoints lists it."""
+    args = ["train", tiny_pairs, "--max-steps", 4, "--checkpoint-every", 2, *FAST]
+    assert run_cli(*args, "--out", tmp_path / "a").returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "killed")
+    for name in ("train.json", "pytorch_lora_weights.safetensors"):  # as a kill after the last checkpoint leaves it
+        (tmp_path / "killed" / name).unlink()
+    finished = run_cli(*args, "--out", tmp_path / "killed", "--resume", "latest")
+    assert finished.returncode == 0, finished.stderr
+    assert "trained 4 steps on" in finished.stderr and "no step left after the checkpoint" in finished.stderr
+    assert json.loads((tmp_path / "killed" / "train.json").read_text())["steps"] == 4
+    assert max_difference(weights(tmp_path / "killed"), weights(tmp_path / "a")) == 0
+    past = run_cli(*args[:2], "--max-steps", 3, *args[4:], "--out", tmp_path / "past", "--resume",
+                   tmp_path / "a" / "checkpoints" / "step_00000004")
+    assert past.returncode == 2 and past.stderr.count("\n") == 1 and not (tmp_path / "past").exists()
+    assert "step_00000004 is at step 4, past --max-steps 3; give --max-steps 4 or more" in past.stderr
+    named = run_cli(*args, "--out", tmp_path / "a", "--overwrite", "--resume", "step_00000002")
+    assert named.returncode == 0, named.stderr
+    assert max_difference(weights(tmp_path / "a"), weights(tmp_path / "killed")) < 1e-6  # steps 3-4 again
+    missing = run_cli(*args, "--out", tmp_path / "a", "--overwrite", "--resume", "step_00000099")
+    assert missing.returncode == 2 and "--resume step_00000099: no such checkpoint folder" in missing.stderr
+    assert (tmp_path / "a" / "train.json").exists()  # refused: the finished run is still there
 
 
 def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_path):

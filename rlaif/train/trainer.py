@@ -474,8 +474,9 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, l
     overwrite a finished run without --overwrite, a run with checkpoints without --resume or --overwrite, and to
     resume a run made with other settings; removes nothing (``_clear_outputs`` does, once nothing is refused)."""
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
-        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
-                         "another --out")
+        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it (with "
+                         "--resume latest and a higher --max-steps: to train it on from its last checkpoint), or "
+                         "choose another --out")
     complete = _complete_checkpoints(config.out)
     folder = None
     if config.resume is None and complete and not config.overwrite:
@@ -485,10 +486,19 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, l
         folder = complete[-1] if complete else None  # none: killed before its first checkpoint, start again
     elif config.resume is not None:
         folder = Path(config.resume)
+        if not folder.exists() and (config.out / "checkpoints" / config.resume).exists():  # a name from OUT's list
+            folder = config.out / "checkpoints" / config.resume
+        if not folder.exists():
+            raise RlaifError(f"--resume {config.resume}: no such checkpoint folder (give 'latest', a path, or the "
+                             f"name of one in {config.out / 'checkpoints'})")
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
     if folder is not None:
         _check_same_run(folder, config, identities)
+        step = json.loads((folder / "position.json").read_text())["step"]
+        if step > config.max_steps:  # its weights have trained longer than asked: nothing could undo that
+            raise RlaifError(f"--resume {config.resume}: {folder.name} is at step {step}, past --max-steps "
+                             f"{config.max_steps}; give --max-steps {step} or more, or resume an earlier checkpoint")
     return folder, complete
 
 
