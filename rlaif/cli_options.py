@@ -8,6 +8,7 @@ import functools
 import sys
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise RlaifError(f"config file {path} cannot be read: {exc}") from exc
 
 
-def read_settings(path: Path, config: type, section: str | None = None) -> dict[str, Any]:
+def read_settings(path: Path, config: type, section: str | None = None, unlisted: Collection[str] = ()
+                  ) -> dict[str, Any]:
     """Settings for dataclass ``config`` from TOML file ``path`` (or its table ``section``), checked by name and
-    type; paths stay as written (relative ones are relative to the working directory)."""
+    type; paths stay as written (relative ones are relative to the working directory). ``unlisted``: settings
+    left out of the list of known ones that a misspelling is shown (a caller sets them)."""
     data = read_toml(path)
     if section is not None:
         data = data.get(section, {})
@@ -93,7 +96,8 @@ def read_settings(path: Path, config: type, section: str | None = None) -> dict[
     where = f"{path}" + (f" [{section}]" if section else "")
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(hints)}")
+        known = [name for name in hints if name not in unlisted]
+        raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(known)}")
     return {name: _coerce(value, hints[name], f"{where} {name}") for name, value in data.items()}
 
 

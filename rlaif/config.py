@@ -178,9 +178,8 @@ class LabelConfig:
     """Settings of ``rlaif label``; field help texts are the CLI's help texts."""
 
     samples_dir: Path | None = field(metadata={"help": "Folder written by `rlaif sample` (holds samples.parquet)."})
-    scorers: list[str] = field(metadata={"metavar": "NAME[:WEIGHT]", "help": "Scorer NAME[:WEIGHT] (repeat for an "
-                                         "ensemble); a name from "
-                                         "`rlaif scorers list` or module:attr."})
+    scorers: list[str] = field(metadata={"metavar": "NAME[:WEIGHT]", "help": "Scorer NAME[:WEIGHT]: a name from "
+                                         "`rlaif scorers list` or module:attr; several make an ensemble."})
     out: Path | None = field(default=None, metadata={"help": "Pairs table; default SAMPLES_DIR/pairs.parquet "
                                                      "(with --relabel: TABLE.ai-labels.parquet)."})
     relabel: Path | None = field(default=None, metadata={"help": "Instead of SAMPLES_DIR: a Pick-a-Pic style "
@@ -192,11 +191,11 @@ class LabelConfig:
     min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
     invert: bool = field(default=False, metadata={
         "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})
-    keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (default: drop)."})
+    keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (dropped otherwise)."})
     combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
                                                      "(per prompt, then weighted mean)."})
     scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE", 
-        "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14 (repeatable)."})
+        "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14."})
     batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
     chunk_size: int = field(default=2048, metadata={
         "help": "Images scored between saves of the scores: a killed run loses at most one chunk, and its rerun "

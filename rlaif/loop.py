@@ -82,7 +82,7 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
         raise RlaifError(f"{path} [loop]: missing {', '.join(missing)}")
     stages = {}
     for stage, config in STAGES.items():
-        settings = read_settings(path, config, stage)
+        settings = read_settings(path, config, stage, unlisted=SET_BY_LOOP[stage])
         fixed = sorted(set(settings) & SET_BY_LOOP[stage])
         if fixed:
             raise RlaifError(f"{path} [{stage}]: {fixed[0]!r} is set by the loop, not per stage")

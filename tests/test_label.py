@@ -83,6 +83,7 @@ def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
         ("label_plugins:wrong_length", "returned 17 scores for 16 images"),
         ("label_plugins:nan", "returned a NaN"),
         ("label_plugins:absent", "scorer 'label_plugins:absent' cannot be imported"),
+        ("compressibility:abc", "--scorer 'compressibility:abc': the weight 'abc' is not a positive number"),
         ("no-such-scorer", "unknown scorer 'no-such-scorer'; available: aesthetic, clip, compressibility"),
         ("label_plugins:constant", "no pairs"),
     ],

@@ -117,6 +117,8 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
     (LOOP_TABLE + "[train]\nmodel = 'x'\n", "[train]: 'model' is set by the loop, not per stage"),
     ("[sample]\nper_prompt = 2\n", "[loop]: missing model, prompts, eval_prompts, out"),
     (LOOP_TABLE + "[label]\nstrategy='all-pairs'\n", "[label]: missing scorers"),
+    (LOOP_TABLE + "[train]\nmax_step = 3\n",
+     "[train]: unknown setting 'max_step'; known: streaming, label_column, full,"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nper_prompt='4'\n",
      "[eval] per_prompt: expected int, got '4'"),
     (LOOP_TABLE.replace("'tiny'", "'tiny-flux'")
@@ -131,6 +133,8 @@ def test_bad_loop_configs(tmp_path, text, message):
     (tmp_path / "loop.toml").write_text(text)
     result = run_cli("loop", "--config", tmp_path / "loop.toml")
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+    if "known:" in message:  # what the loop sets is not offered
+        assert not {"pairs", "model", "out", "resume"} & set(result.stderr.split("known: ")[1].strip().split(", "))
 
 
 def test_a_negative_prompt_passes_once_the_anchor_is_chosen(tmp_path):
