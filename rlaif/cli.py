@@ -327,7 +327,10 @@ def _run_loop(config: Path, out: Path | None, control: bool) -> None:
     plan = read_loop(config, out, control)
     show, output = start("items")
     with output as report:
-        table = run_loop(plan, progress=report)
+        def progress(description: str, done: int, total: int, logs: dict[str, float] | None = None) -> None:
+            report(description, done, total, training_info(logs) if logs else "")
+
+        table = run_loop(plan, progress=progress)
     if show:
         print_win_rates(table)
         say(f"wrote {plan.loop.out} (open {plan.loop.out / 'report.html'})")

@@ -34,8 +34,8 @@ from rlaif.tables import write_table
 from rlaif.train.trainer import check_defaults_as_before, run_train, with_family_defaults
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
-Progress = Callable[[str, int, int], None]
-"""Called as ``progress(description, done, total)``."""
+Progress = Callable[..., None]
+"""Called as ``progress(description, done, total)``, and in training with the step's logs too (``logs=``)."""
 STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
                "train": {"pairs", "model", "out", "init", "resume", "overwrite"},
@@ -211,7 +211,8 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
             run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
-            run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t)))
+            run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t,
+                                                                                  logs=logs)))
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:
             table = run_eval(EvalConfig(base=loop.model, tuned=train_out, prompts=loop.eval_prompts, out=eval_out,
