@@ -190,7 +190,7 @@ def train(
     last: dict[str, float] = {}
     with output as report:
         def progress(step: int, total: int, logs: dict[str, float]) -> None:
-            last.update(logs, step=step)
+            last.update(logs)
             report("training", step, total, training_info(logs))
 
         written = run_train(config, progress=progress)
@@ -290,6 +290,9 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
         print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
 
 
+FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little
+
+
 def print_win_rates(table: Path) -> None:
     """Print an eval.parquet (or a loop's rounds.parquet, with its round column) as a table on stdout."""
     import polars as pl
@@ -311,12 +314,12 @@ def print_win_rates(table: Path) -> None:
     last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
     for warning in reward_hacking(last):
         say(f"warning: {warning}")
-    if last["prompts"].min() < FEW_PROMPTS:
-        say(f"note: {last['prompts'].min()} prompts are too few for these intervals to mean much (under "
-            f"{FEW_PROMPTS}: see README, Reading the numbers)")
+    fewest = last["prompts"].min()
+    if fewest is not None and fewest < FEW_PROMPTS:
+        say(f"note: {fewest} prompt{'s are' if fewest > 1 else ' is'} too few for these intervals to mean much "
+            f"(under {FEW_PROMPTS}: see README, Reading the numbers)")
 
 
-FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little
 DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",
                 "tiny-sd3": Path(__file__).parent / "assets" / "demo-sd3.toml"}
 

@@ -88,7 +88,7 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
                   ) -> dict[str, Any]:
     """Settings for dataclass ``config`` from TOML file ``path`` (or its table ``section``), checked by name and
     type; paths stay as written (relative ones are relative to the working directory). ``unlisted``: settings
-    left out of the list of known ones that a misspelling is shown (a caller sets them)."""
+    not offered among the known names when a misspelling is reported (the caller sets them)."""
     data = read_toml(path)
     if section is not None:
         data = data.get(section, {})

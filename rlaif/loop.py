@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -34,8 +34,10 @@ from rlaif.tables import write_table
 from rlaif.train.trainer import check_defaults_as_before, run_train, with_family_defaults
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
-Progress = Callable[..., None]
-"""Called as ``progress(description, done, total)``, and in training with the step's logs too (``logs=``)."""
+class Progress(Protocol):
+    """Called with each stage's progress, and in training with the step's logs too."""
+
+    def __call__(self, description: str, done: int, total: int, logs: dict[str, float] | None = None) -> None: ...
 STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
                "train": {"pairs", "model", "out", "init", "resume", "overwrite"},

@@ -98,7 +98,8 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
             for part in attr.split("."):
                 target = getattr(target, part)
         except (ImportError, AttributeError) as exc:
-            if module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
+            absent = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
+            if absent and module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
                 raise RlaifError(f"--scorer {spec!r}: the weight {attr!r} is not a positive number") from exc
             raise RlaifError(f"scorer {spec!r} cannot be imported: {exc}") from exc
         return spec, target

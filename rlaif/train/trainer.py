@@ -473,11 +473,12 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, l
     """The checkpoint to resume from (None: start at step 0) and the folder's complete checkpoints. Refuses to
     overwrite a finished run without --overwrite, a run with checkpoints without --resume or --overwrite, and to
     resume a run made with other settings; removes nothing (``_clear_outputs`` does, once nothing is refused)."""
-    if (config.out / TRAIN_FILE).exists() and not config.overwrite:
-        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it (with "
-                         "--resume latest and a higher --max-steps: to train it on from its last checkpoint), or "
-                         "choose another --out")
     complete = _complete_checkpoints(config.out)
+    if (config.out / TRAIN_FILE).exists() and not config.overwrite:
+        go_on = (f" (with --resume latest and a higher --max-steps: to train it on from {complete[-1].name})"
+                 if complete else "")
+        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it{go_on}, or "
+                         "choose another --out")
     folder = None
     if config.resume is None and complete and not config.overwrite:
         raise RlaifError(f"{config.out} already holds checkpoints (last: {complete[-1].name}); pass --resume "
@@ -486,8 +487,9 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, l
         folder = complete[-1] if complete else None  # none: killed before its first checkpoint, start again
     elif config.resume is not None:
         folder = Path(config.resume)
-        if not folder.exists() and (config.out / "checkpoints" / config.resume).exists():  # a name from OUT's list
-            folder = config.out / "checkpoints" / config.resume
+        listed = config.out / "checkpoints" / config.resume
+        if (listed / "position.json").exists() and not (folder / "position.json").exists():  # a name OUT lists
+            folder = listed
         if not folder.exists():
             raise RlaifError(f"--resume {config.resume}: no such checkpoint folder (give 'latest', a path, or the "
                              f"name of one in {config.out / 'checkpoints'})")
