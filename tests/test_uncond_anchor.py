@@ -117,7 +117,7 @@ SD3 = {"model": "tiny-sd3"}
 
 
 @pytest.mark.parametrize(("sampling", "length", "refused"), [
-    (None, 32, None), ({**SD3, "max_sequence_length": 32}, 32, None),
+    ({}, 32, None), ({**SD3, "max_sequence_length": 32}, 32, None),
     ({**SD3, "max_sequence_length": None}, None, None),
     ({"model": "tiny-flux", "max_sequence_length": 256}, 32, None),  # another model's length: nothing to compare
     ({**SD3, "max_sequence_length": 32}, 8, "was sampled at T5 prompt length 32, and training would encode its "
@@ -126,7 +126,7 @@ SD3 = {"model": "tiny-sd3"}
 def test_check_sampling_refuses_another_t5_length_of_the_same_model(sampling, length, refused):
     config = TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"), keep_unconditional=0.0)
     if refused is None:
-        check_sampling(sampling, config, False, length)
+        check_sampling([sampling], config, False, length)
     else:
         with pytest.raises(RlaifError, match=re.escape(f"p.parquet {refused}")):
-            check_sampling(sampling, config, False, length)
+            check_sampling([sampling], config, False, length)

@@ -84,9 +84,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
-    for sampling in pairs.sampling:
-        check_sampling(sampling, config, anchor_defaulted,
-                       prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
+    check_sampling(pairs.sampling, config, anchor_defaulted,
+                   prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
     objective = objective_for(pipe, config.flow_weighting)
@@ -288,24 +287,27 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
 
 
-def check_sampling(sampling: dict | None, config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
+def check_sampling(samplings: list[dict], config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
     """Refuse to train otherwise than the pairs' samples were drawn, where `rlaif label` recorded how
-    (``sampling``, run.json's generation settings): the same model at another T5 prompt length ``length`` (captions
-    encoded unlike the prompts its pictures were made from; another model's length says nothing of this one's), or
-    with the unconditional anchor left on by default though they were
-    sampled with a negative prompt (guidance subtracts that prompt's prediction, not the empty caption's that the
-    anchor holds). ``config`` has the family defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
-    sampling = sampling or {}
-    recorded = sampling.get("max_sequence_length")
-    same_model = sampling.get("model") == config.model or sampling.get("model_weights") == model_identity(config.model)
-    if same_model and recorded is not None and length is not None and recorded != length:
-        raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would encode its "
-                         f"captions at {length}; pass --max-sequence-length {recorded}")
-    if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
-        raise RlaifError(
-            f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which replaces the "
-            "empty caption in guidance, but the unconditional anchor (on by default) holds the empty caption's "
-            "prediction; pass --keep-unconditional 0 to train without it, or a weight to keep it anyway")
+    (``samplings``, run.json's generation settings, one per file of the table): the same model at another T5 prompt
+    length ``length`` (captions encoded unlike the prompts its pictures were made from; another model's length says
+    nothing of this one's), or with the unconditional anchor left on by default though they were sampled with a
+    negative prompt (guidance subtracts that prompt's prediction, not the empty caption's that the anchor holds).
+    ``config`` has the family defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
+    identity = None  # the model's, read once and only where a length must be compared
+    for sampling in samplings:
+        recorded = sampling.get("max_sequence_length")
+        if recorded is not None and length is not None and recorded != length:
+            if sampling.get("model") != config.model and identity is None:
+                identity = model_identity(config.model)
+            if sampling.get("model") == config.model or sampling.get("model_weights") == identity:
+                raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would "
+                                 f"encode its captions at {length}; pass --max-sequence-length {recorded}")
+        if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
+            raise RlaifError(
+                f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which replaces the "
+                "empty caption in guidance, but the unconditional anchor (on by default) holds the empty caption's "
+                "prediction; pass --keep-unconditional 0 to train without it, or a weight to keep it anyway")
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
