@@ -80,7 +80,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
-    resume_from, complete = _resume_point(config, identities)
+    resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
@@ -108,10 +108,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
         objective.timesteps, weighting=objective.weighting)
 
-    step = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "position.json").read_text())["step"]
         with warnings.catch_warnings():  # torch warns that no optimizer step came first: none is meant to
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(step):  # the schedule is a pure function of the optimizer steps taken
@@ -471,10 +469,11 @@ def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
             "init_weights": config.init and weights_identity(config.init)}
 
 
-def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, list[Path]]:
-    """The checkpoint to resume from (None: start at step 0) and the folder's complete checkpoints. Refuses to
-    overwrite a finished run without --overwrite, a run with checkpoints without --resume or --overwrite, and to
-    resume a run made with other settings; removes nothing (``_clear_outputs`` does, once nothing is refused)."""
+def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, int, list[Path]]:
+    """The checkpoint to resume from (None: start at step 0), its step, and the folder's complete checkpoints.
+    Refuses to overwrite a finished run without --overwrite, a run with checkpoints without --resume or
+    --overwrite, and to resume a run made with other settings or past --max-steps; removes nothing
+    (``_clear_outputs`` does, once nothing is refused)."""
     complete = _complete_checkpoints(config.out)
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
         go_on = (f" (with --resume latest and a higher --max-steps: to train it on from {complete[-1].name})"
@@ -497,13 +496,11 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, l
                              f"name of one in {config.out / 'checkpoints'})")
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
-    if folder is not None:
-        _check_same_run(folder, config, identities)
-        step = json.loads((folder / "position.json").read_text())["step"]
-        if step > config.max_steps:  # its weights have trained longer than asked: nothing could undo that
-            raise RlaifError(f"--resume {config.resume}: {folder.name} is at step {step}, past --max-steps "
-                             f"{config.max_steps}; give --max-steps {step} or more, or resume an earlier checkpoint")
-    return folder, complete
+    step = 0 if folder is None else _check_same_run(folder, config, identities)
+    if step > config.max_steps:  # its weights have trained longer than asked: nothing could undo that
+        raise RlaifError(f"--resume {config.resume}: {folder.name} is at step {step}, past --max-steps "
+                         f"{config.max_steps}; give --max-steps {step} or more, or resume an earlier checkpoint")
+    return folder, step, complete
 
 
 def _clear_outputs(config: TrainConfig, accelerator: Accelerator, complete: list[Path]) -> None:
@@ -549,8 +546,8 @@ def _changes(then: dict, now: dict, keys: Iterable[str]) -> list[str]:
     return [f"{key} {then.get(key)!r} -> {now[key]!r}" for key in keys if then.get(key) != now[key]]
 
 
-def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None:
-    """Refuse to resume checkpoint ``folder`` with settings that change what a step computes."""
+def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
+    """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its step."""
     position = json.loads((folder / "position.json").read_text())
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
@@ -561,6 +558,7 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> None
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
+    return position["step"]
 
 
 def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, identities: dict) -> None:
