@@ -4,19 +4,39 @@
 
 Appends one ``time.perf_counter()`` per optimizer step to TIMES_FILE (a global torch optimizer hook: nothing in
 the trainer changes), so the official DiffusionDPO ``train.py`` and ``rlaif train`` are timed identically.
+On a GPU it also writes TIMES_FILE.memory.json: the CUDA memory allocated after the first optimizer step (model,
+optimizer state and caches resident) and the peak allocated over every later step.
 """
 
+import atexit
+import json
 import runpy
 import sys
 import time
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def main() -> None:
     times, *command = sys.argv[1:]
     log = open(times, "a", buffering=1)  # noqa: SIM115 - open for the whole run
-    register_optimizer_step_post_hook(lambda *_: log.write(f"{time.perf_counter()}\n"))
+    memory: dict[str, int] = {}
+
+    def stamp(*_) -> None:
+        log.write(f"{time.perf_counter()}\n")
+        if torch.cuda.is_available() and not memory:  # after step 1: reset the high-water mark
+            memory["after_step_1"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def write_memory() -> None:
+        if memory:
+            memory["peak_after_step_1"] = torch.cuda.max_memory_allocated()
+            with open(times + ".memory.json", "w") as file:
+                json.dump(memory, file)
+
+    register_optimizer_step_post_hook(stamp)
+    atexit.register(write_memory)
     if command[0] == "-m":
         sys.argv = [command[1], *command[2:]]
         runpy.run_module(command[1], run_name="__main__", alter_sys=True)

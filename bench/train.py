@@ -24,7 +24,12 @@ With ``--official DIR`` (a checkout of SalesforceAIResearch/DiffusionDPO, e.g. f
     latent cache filled by an untimed first run (the official script encodes every image at every step), and
     with --no-cache (every step decodes and encodes like the official one) to separate the cache's share.
 
-    python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2] [--official DIR]
+    With --lora, the same harness also times LoRA DPO, LoRA SFT and LoRA DPO with the anchor ((b) and (f)) and,
+    on a GPU, reads each run's peak CUDA memory after step 1 ((c)). --size sd15 runs it all on Stable Diffusion
+    1.5's architecture with random weights (bench/full_size.py) at 512 px, for a GPU machine.
+
+    python bench/train.py [--steps 24] [--batch-size 4] [--repeats 2] [--official DIR [--size tiny|sd15]
+                          [--mixed-precision no|fp16|bf16] [--workers N] [--lora]]
 """
 
 from __future__ import annotations
@@ -214,56 +219,96 @@ def step_intervals(times: Path, untimed: int = 5) -> list[float]:
     return [b - a for a, b in zip(stamps[untimed:], stamps[untimed + 1:], strict=False)]
 
 
-def against_official(official: Path, steps: int, batch: int, repeats: int) -> None:
-    """(e): the real official script and `rlaif train` on the same model and table, alternating."""
+def contenders(lora: bool) -> dict[str, list[str]]:
+    """(e)'s `rlaif train` runs by name: their options beyond the shared ones (LoRA runs only with ``lora``)."""
+    full = ["--full", "--learning-rate", "1e-5"]  # as the official script is run here
+    runs = {"rlaif train": full, "rlaif --no-cache": [*full, "--no-cache"]}
+    if lora:
+        runs |= {"rlaif LoRA DPO": [], "rlaif LoRA SFT": ["--loss", "sft"],
+                 "rlaif LoRA DPO, anchored": ["--keep-unconditional", "1"]}
+    return runs
+
+
+def against_official(official: Path, steps: int, batch: int, repeats: int, size: str, precision: str,
+                     workers: int, lora: bool, profiles: Path | None = None) -> None:
+    """(e): the real official script and `rlaif train` on the same model and table, alternating; with ``lora``
+    also (b), (c) and (f) from the same harness (memory on a GPU only). With ``profiles``, instead, each
+    contender runs once under bench/step_profile.py (steps 5 to 10) and its report goes to that folder."""
     sys.path.insert(0, str(Path(__file__).parent))
+    from full_size import SD15_RESOLUTION, write_sd15_architecture
     from synthetic import pick_a_pic_table
 
-    from rlaif.tiny import write_tiny
+    from rlaif.tiny import RESOLUTION, write_tiny
 
-    timer = str(Path(__file__).parent / "step_timer.py")
+    resolution = SD15_RESOLUTION if size == "sd15" else RESOLUTION
+    timer = str(Path(__file__).parent / ("step_profile.py" if profiles else "step_timer.py"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    seconds: dict[str, list[float]] = {"official train.py": [], "rlaif train": [], "rlaif --no-cache": []}
+    runs = contenders(lora)
+    seconds: dict[str, list[float]] = {"official train.py": [], **{name: [] for name in runs}}
+    memory: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = write_tiny(folder / "tiny-sd")
-        table = pick_a_pic_table(folder / "pickapic-64", 64, shard_rows=64)  # 'pickapic' in the name: ties dropped
+        model = write_sd15_architecture(folder / "sd15") if size == "sd15" else write_tiny(folder / "tiny-sd")
+        # 'pickapic' in the name: the official script drops ties
+        table = pick_a_pic_table(folder / "pickapic-64", 64, size=max(256, resolution), shard_rows=64)
         script = official_script(official, folder / "official")
-        rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model), "--full",
+        rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model),
                  *flags({**OFFICIAL_LOSS, "caption_dropout": 0.0}),  # the official loss, as the script runs here
-                 "--batch-size", str(batch), "--mixed-precision", "no",
+                 "--batch-size", str(batch), "--mixed-precision", precision, "--workers", str(workers),
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")
 
-        def run_official(times: Path) -> None:
-            subprocess.run([sys.executable, timer, str(times), str(script), "--pretrained_model_name_or_path",
-                            str(model), "--dataset_name", str(table), "--train_batch_size", str(batch),
-                            "--max_train_steps", str(steps + 6), "--mixed_precision", "no", "--resolution", "64",
-                            "--no_hflip", "--learning_rate", "1e-5", "--checkpointing_steps", "1000000",
-                            "--output_dir", str(folder / "official-out"), "--cache_dir", str(folder / "hf-cache")],
-                           env=env, check=True, capture_output=True, cwd=script.parent)
+        def run(name: str, times: Path) -> None:
+            if name == "official train.py":
+                command = [sys.executable, timer, str(times), str(script), "--pretrained_model_name_or_path",
+                           str(model), "--dataset_name", str(table), "--train_batch_size", str(batch),
+                           "--max_train_steps", str(steps + 6), "--mixed_precision", precision, "--resolution",
+                           str(resolution), "--dataloader_num_workers", str(workers), "--no_hflip",
+                           "--learning_rate", "1e-5", "--checkpointing_steps", "1000000",
+                           "--output_dir", str(folder / "official-out"), "--cache_dir", str(folder / "hf-cache")]
+            else:
+                command = [*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6), *runs[name]]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=script.parent)
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
 
-        warm = [*rlaif[:2], str(folder / "warm-times"), *rlaif[3:], "--max-steps", str(steps)]
-        subprocess.run(warm, env=env, check=True, capture_output=True)  # fills the latent cache, as a rerun would
+        # fills the latent cache, as a rerun would (every pair once)
+        run("rlaif train", folder / "warm-times")
+        if profiles:
+            profiles.mkdir(parents=True, exist_ok=True)
+            for name in seconds:
+                run(name, profiles / f"{name.replace(' ', '_').replace(',', '')}.txt")
+                print(f"profiled {name}:", (profiles / f"{name.replace(' ', '_').replace(',', '')}.txt"
+                                            ).read_text().splitlines()[0], flush=True)
+            return
         for repeat in range(repeats):  # the order rotates, so that a drifting machine favours no contender
-            order = ["official", "rlaif train", "rlaif --no-cache"]
-            for name in order[repeat % 3:] + order[:repeat % 3]:
-                times = folder / f"{name.replace(' ', '')}-{repeat}"
-                if name == "official":
-                    run_official(times)
-                    seconds["official train.py"] += step_intervals(times)
-                    continue
-                extra = ["--no-cache"] if name == "rlaif --no-cache" else []
-                subprocess.run([*rlaif[:2], str(times), *rlaif[3:], "--max-steps", str(steps + 6), *extra], env=env,
-                               check=True, capture_output=True)
+            order = list(seconds)
+            for name in order[repeat % len(order):] + order[:repeat % len(order)]:
+                times = folder / f"{name.replace(' ', '').replace(',', '')}-{repeat}"
+                run(name, times)
                 seconds[name] += step_intervals(times)
+                if (peak := Path(f"{times}.memory.json")).exists():
+                    memory[name] = json.loads(peak.read_text())
+                print(f"  ran {name} (repeat {repeat}): median {statistics.median(seconds[name]) * 1000:.1f} ms/step",
+                      flush=True)
     step = {name: statistics.median(values) for name, values in seconds.items()}
-    print(f"tiny SD1.5 (64 px), 64-pair Pick-a-Pic table (256x256 JPEGs), full fine-tuning, fp32, batch {batch}, "
-          f"{steps} timed steps x {repeats} repeats (median step), {os.cpu_count()} CPUs")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
+    print(f"{size} ({resolution} px), 64-pair Pick-a-Pic table ({max(256, resolution)} px JPEGs), mixed precision "
+          f"{precision}, batch {batch}, {workers} data workers, {steps} timed steps x {repeats} repeats "
+          f"(median step), {device}")
     for name, value in step.items():
-        print(f"  {name:18s}: {value * 1000:7.1f} ms/step  ({batch / value:6.2f} pairs/s)")
+        peak = f", peak {memory[name]['peak_after_step_1'] / 2**30:.2f} GiB" if name in memory else ""
+        print(f"  {name:26s}: {value * 1000:7.1f} ms/step  ({batch / value:6.2f} pairs/s{peak})")
     for name in ("rlaif train", "rlaif --no-cache"):
         print(f"(e) official s/step / {name} s/step (speed-up): {step['official train.py'] / step[name]:.3f}x")
+    if lora:
+        print(f"(b) DPO / SFT step time (LoRA): {step['rlaif LoRA DPO'] / step['rlaif LoRA SFT']:.2f}")
+        print(f"(f) step time with / without --keep-unconditional 1 (LoRA DPO): "
+              f"{step['rlaif LoRA DPO, anchored'] / step['rlaif LoRA DPO']:.2f}")
+        if {"rlaif LoRA DPO", "rlaif LoRA SFT"} <= memory.keys():
+            dpo, sft = memory["rlaif LoRA DPO"], memory["rlaif LoRA SFT"]
+            print(f"(c) peak CUDA memory LoRA-DPO / LoRA-SFT: {dpo['peak_after_step_1'] / sft['peak_after_step_1']:.3f}"
+                  f" (after step 1: {dpo['after_step_1'] / 2**30:.2f} vs {sft['after_step_1'] / 2**30:.2f} GiB)")
 
 
 def main() -> None:
@@ -274,10 +319,18 @@ def main() -> None:
     parser.add_argument("--probe-memory", choices=["sigmoid", "sft"], help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--official", type=Path, help="checkout of SalesforceAIResearch/DiffusionDPO: run (e)")
+    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
+                        help="(e) on the tiny model at 64 px or SD1.5's architecture (random weights) at 512 px")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="(e) both sides")
+    parser.add_argument("--workers", type=int, default=0, help="(e) data-loading processes, both sides")
+    parser.add_argument("--lora", action="store_true", help="(e) also LoRA DPO, SFT and anchored: (b), (c), (f)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="(e) profile each contender's steps 5-10 (bench/step_profile.py) into DIR instead")
     args = parser.parse_args()
     quiet_libraries()
     if args.official:
-        against_official(args.official, args.steps, args.batch_size, args.repeats)
+        against_official(args.official, args.steps, args.batch_size, args.repeats, args.size, args.mixed_precision,
+                         args.workers, args.lora, args.profile)
         return
     if args.probe_memory:
         probe_memory(args.pairs, args.probe_memory, args.steps, args.batch_size)

@@ -71,6 +71,49 @@ def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pa
     assert margins[1] > 0
 
 
+def test_the_anchor_runs_in_the_dpo_calls_and_equals_an_independent_computation(tiny_pairs):
+    """The anchored step adds exactly weight x 0.5 beta x the MSE between policy and reference on the winners,
+    noised alike and conditioned on the empty caption, computed here with separate UNet calls; the DPO rows it
+    shares its calls with keep their loss; and it makes no more UNet calls than plain DPO."""
+    from diffusers import DDPMScheduler
+
+    from rlaif.train.batches import BatchSettings, MicroBatches
+    from rlaif.train.encoding import Encoder, latent_shape
+    from rlaif.train.objective import objective_for
+    from rlaif.train.trainer import _dpo_micro_step, trainable_network, with_family_defaults
+
+    torch.manual_seed(0)
+    config = with_family_defaults(TrainConfig(pairs=tiny_pairs, model="tiny", out=Path("unused"), beta=1000.0,
+                                              keep_unconditional=2.0))
+    pipe = load_pipeline("tiny")
+    unet, _, params = trainable_network(pipe, config)
+    with torch.no_grad():  # LoRA starts as the identity: move the policy away from the reference
+        for param in params:
+            param.add_(0.05 * torch.randn_like(param))
+    settings = BatchSettings(0, 3, 1, 0, 64, False, False, 0.0, latent_shape(pipe, 64), 1000)
+    batch = MicroBatches(PairTable(tiny_pairs), settings, None)[0]
+    encoder, objective, cpu = Encoder(pipe, None), objective_for(pipe), torch.device("cpu")
+    calls = []
+    unet.register_forward_hook(lambda *_: calls.append(1))
+    plain, _ = _dpo_micro_step(config, batch, encoder, unet, None, objective, 64, cpu, 0.0)
+    anchored, metrics = _dpo_micro_step(config, batch, encoder, unet, None, objective, 64, cpu, 2.0)
+    assert len(calls) == 4  # policy and reference, each once per step, with the anchor as without
+
+    posterior = encoder.latent_distribution(batch.images, cpu)
+    winners = (posterior.mean + posterior.std * batch.vae_draws)[:3] * pipe.vae.config.scaling_factor
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(winners, batch.noise, batch.timesteps)
+    empty = encoder.text([""] * 3, cpu)[0]
+    with torch.no_grad():
+        policy = unet(noisy, batch.timesteps, empty).sample
+        unet.disable_adapters()
+        reference = unet(noisy, batch.timesteps, empty).sample
+        unet.enable_adapters()
+    drift = (policy - reference).pow(2).mean(dim=(1, 2, 3)).mean()
+    assert drift > 0
+    torch.testing.assert_close(metrics["uncond_drift"], drift, rtol=1e-4, atol=0)
+    torch.testing.assert_close(anchored - plain, 2.0 * 0.5 * 1000.0 * drift, rtol=1e-3, atol=1e-6)
+
+
 def test_the_anchor_holds_what_the_sampler_feeds_its_unconditional_branch():
     """SD1.5: the empty caption's embeddings; SDXL (``force_zeros_for_empty_prompt``): zeros, pooled ones too."""
     from rlaif.train.encoding import Encoder, encode_captions

@@ -56,7 +56,7 @@ from rlaif.models import (
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
-from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, objective_for
+from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, append_rows, objective_for
 from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, trained_config, weights_identity
 from rlaif.train.pair_table import PairTable
 
@@ -327,28 +327,29 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.mixed_precision],
                               enabled=config.mixed_precision != "no")
     winners = slice(0, len(batch.positions))
-    rows = winners if config.loss == "sft" else slice(None)  # SFT: winners only
 
     def predict(model, given: Inputs, rows: slice) -> torch.Tensor:
         with autocast:
             return objective.predict(model, given, rows)
 
-    def predict_reference(given: Inputs, rows: slice) -> torch.Tensor:
-        with torch.no_grad():
-            if reference is not None:
-                return predict(reference, given, rows)
-            with adapters_disabled(unwrap(unet)) as inner:
-                return predict(inner, given, rows)
-
-    model_pred = predict(unet, inputs, rows)
-    if config.loss == "sft":
-        return sft_loss(model_pred, inputs.target[rows]), {}
-    ref_pred = predict_reference(inputs, rows)
-    loss, metrics = objective.loss(model_pred, ref_pred, inputs, config.beta, config.loss, config.dpo_positive)
-    if keep_unconditional:
+    if config.loss == "sft":  # winners only, no reference
+        return sft_loss(predict(unet, inputs, winners), inputs.target[winners]), {}
+    rows, every = 2 * len(batch.positions), slice(None)
+    run = inputs
+    if keep_unconditional:  # the winners again under the unconditional conditioning, in the same two calls
         blank = objective.inputs(sample, noise, draws, *encoder.unconditional(len(batch.positions), device), micro)
-        anchor, drift = unconditional_anchor(predict(unet, blank, winners), predict_reference(blank, winners),
-                                             config.beta, keep_unconditional)
+        run = append_rows(inputs, blank, winners)
+    model_pred = predict(unet, run, every)
+    with torch.no_grad():
+        if reference is not None:
+            ref_pred = predict(reference, run, every)
+        else:
+            with adapters_disabled(unwrap(unet)) as inner:
+                ref_pred = predict(inner, run, every)
+    loss, metrics = objective.loss(model_pred[:rows], ref_pred[:rows], inputs, config.beta, config.loss,
+                                   config.dpo_positive)
+    if keep_unconditional:
+        anchor, drift = unconditional_anchor(model_pred[rows:], ref_pred[rows:], config.beta, keep_unconditional)
         loss, metrics = loss + anchor, {**metrics, "uncond_drift": drift}
     return loss, metrics
 
