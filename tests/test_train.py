@@ -63,6 +63,40 @@ def test_first_step_loss_is_ln2_for_full_sdxl_in_fp16(tiny_pairs, tmp_path):
     assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
 
 
+@pytest.mark.parametrize("alias", ["tiny", "tiny-xl", "tiny-sd3", "tiny-flux"])
+def test_the_half_stored_reference_of_full_fine_tuning_computes_the_policys_function(alias):
+    """Under fp16 / bf16 autocast the reference keeps its linear and convolution weights in that dtype: its
+    predictions equal the fp32 policy's bit for bit, in fewer bytes."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rlaif.config import TrainConfig
+    from rlaif.models import default_size, denoiser
+    from rlaif.train.encoding import Encoder, latent_shape
+    from rlaif.train.objective import objective_for
+    from rlaif.train.trainer import frozen_reference, with_family_defaults
+
+    pipe = load_pipeline(alias)
+    config = with_family_defaults(TrainConfig(pairs=Path("p"), model=alias, out=Path("o"), full=True))
+    objective, policy = objective_for(pipe), denoiser(pipe)
+    policy.requires_grad_(True)
+    embeds, pooled = Encoder(pipe, None).text(["a red circle", "a blue square"], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, *latent_shape(pipe, default_size(pipe)))
+    draws = torch.tensor([0.3, 0.8]) if objective.weighting else torch.tensor([100, 700])
+    inputs = objective.inputs(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)[:1],
+                              draws[:1], embeds[:1], None if pooled is None else pooled[:1], torch.zeros(1, 6))
+    size = sum(p.numel() * p.element_size() for p in policy.parameters())
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        reference = frozen_reference(policy, replace(config, mixed_precision=precision))
+        assert dtype in {p.dtype for p in reference.parameters()} <= {torch.float32, dtype}
+        assert sum(p.numel() * p.element_size() for p in reference.parameters()) < 0.7 * size
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(objective.predict(reference, inputs, slice(None)),
+                               objective.predict(policy, inputs, slice(None)))
+    assert {p.dtype for p in frozen_reference(policy, config).parameters()} == {torch.float32}
+
+
 def weights(out):
     return load_file(out / "pytorch_lora_weights.safetensors")
 

@@ -61,6 +61,7 @@ from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_output
 from rlaif.train.pair_table import PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HALF_STORED = (torch.nn.Linear, torch.nn.Conv2d)  # layers whose weights autocast only reads in half precision
 Progress = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, max_steps, logs)`` after every optimizer step."""
 
@@ -193,8 +194,9 @@ def frozen_dtypes(config: TrainConfig) -> dict[str, str]:
     """The pipeline components kept in half precision, and in which: with LoRA under ``--mixed-precision fp16 /
     bf16`` the frozen denoiser and text encoders are stored in that precision, as diffusers' training scripts
     do (FLUX.1-dev's transformer then takes 24 GB instead of 48), while the LoRA factors train in fp32. Nothing
-    otherwise: the VAE (SDXL's overflows in fp16), full fine-tuning (its trained weights, and a reference that
-    must compute the same function at step 0) and a LoRA on a full ``--init`` (saved fused into that network)."""
+    otherwise: the VAE (SDXL's overflows in fp16), full fine-tuning (its trained weights; ``frozen_reference``
+    stores its reference's linear and convolution layers in half precision) and a LoRA on a full ``--init``
+    (saved fused into that network)."""
     if config.full or config.mixed_precision == "no" or (config.init and is_full(Path(config.init))):
         return {}
     return dict.fromkeys(FROZEN_COMPONENTS, config.mixed_precision)
@@ -229,10 +231,18 @@ def frozen_reference(unet: torch.nn.Module, config: TrainConfig) -> torch.nn.Mod
     """The reference model of full DPO fine-tuning: a copy of the starting UNet, frozen by use (outside the
     optimizer, run under no_grad). None for LoRA (the reference is the same UNet with adapters off) and for SFT
     (which has no reference term). Its parameters keep requires_grad as the policy's: CPU fp16 autocast casts
-    weights that do not require grad differently, and the copy would then differ from the policy at step 0."""
+    weights that do not require grad differently, and the copy would then differ from the policy at step 0.
+    Under mixed precision its linear and convolution layers are stored in the autocast dtype, which is what
+    autocast would cast them to at every call: the same function, in less memory (about half the UNet) and
+    without casting the reference's weights again at every step (a kernel per weight, on a GPU)."""
     if not config.full or config.loss == "sft":
         return None
-    return copy.deepcopy(unet).eval()
+    reference = copy.deepcopy(unet).eval()
+    if config.mixed_precision != "no":
+        for module in reference.modules():
+            if type(module) in HALF_STORED:
+                module.to(PRECISIONS[config.mixed_precision])
+    return reference
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
