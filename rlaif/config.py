@@ -280,9 +280,10 @@ class TrainConfig:
                 "the unconditional model). Under classifier-free guidance a drifting unconditional prediction is "
                 "subtracted, scaled by the guidance, from what the prompted one learned; held, guidance amplifies "
                 "it. It holds the empty caption (SDXL: the zeros its pipeline samples with), so it serves sampling "
-                "without a negative prompt, which replaces that branch. Makes a step about 1.6 times as long (LoRA; "
-                "bench/train.py). Default: 1 for UNet models (SD1.5 / SD2 / SDXL) with --loss sigmoid or hinge (on "
-                "bench/reward_suite.py it raised more rewards, and the pictures kept less to the prompt; 0 keeps "
+                "without a negative prompt, which replaces that branch. Adds half again a step's rows to its "
+                "policy and reference calls (LoRA on 2 CPU cores: 1.3 times as long; bench/train.py). Default: 1 "
+                "for UNet models (SD1.5 / SD2 / SDXL) with --loss sigmoid or hinge (on bench/reward_suite.py it "
+                "raised more rewards, and the pictures kept less to the prompt; 0 keeps "
                 "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss ipo or sft."})
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
