@@ -4,8 +4,10 @@
 
 Appends one ``time.perf_counter()`` per optimizer step to TIMES_FILE (a global torch optimizer hook: nothing in
 the trainer changes), so the official DiffusionDPO ``train.py`` and ``rlaif train`` are timed identically.
-On a GPU it also writes TIMES_FILE.memory.json: the CUDA memory allocated after the first optimizer step (model,
-optimizer state and caches resident) and the peak allocated over every later step.
+On a GPU it also writes TIMES_FILE.memory.json: the CUDA memory allocated just after the first optimizer step
+(model, optimizer state, caches and that step's gradients resident) and the peak allocated from then to the
+process's exit (later steps, final save). A step skipped by fp16's GradScaler calls no optimizer step and gets no
+time: two steps then read as one interval.
 """
 
 import atexit

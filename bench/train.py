@@ -272,14 +272,16 @@ def against_official(official: Path, steps: int, batch: int, repeats: int, size:
             if done.returncode:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
 
-        # fills the latent cache, as a rerun would (every pair once)
+        # fills the latent cache, as a rerun would (every pair, when (steps + 6) x batch covers the 64)
         run("rlaif train", folder / "warm-times")
         if profiles:
             profiles.mkdir(parents=True, exist_ok=True)
             for name in seconds:
-                run(name, profiles / f"{name.replace(' ', '_').replace(',', '')}.txt")
-                print(f"profiled {name}:", (profiles / f"{name.replace(' ', '_').replace(',', '')}.txt"
-                                            ).read_text().splitlines()[0], flush=True)
+                report = profiles / f"{name.replace(' ', '_').replace(',', '')}.txt"
+                run(name, report)
+                if not report.exists():
+                    raise SystemExit("--profile times steps 5 to 10: give --steps 4 or more")
+                print(f"profiled {name}:", report.read_text().splitlines()[0], flush=True)
             return
         for repeat in range(repeats):  # the order rotates, so that a drifting machine favours no contender
             order = list(seconds)

@@ -71,47 +71,68 @@ def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pa
     assert margins[1] > 0
 
 
-def test_the_anchor_runs_in_the_dpo_calls_and_equals_an_independent_computation(tiny_pairs):
+@pytest.mark.parametrize(("alias", "full"), [("tiny", False), ("tiny-xl", False), ("tiny", True)])
+def test_the_anchor_runs_in_the_dpo_calls_and_equals_an_independent_computation(tiny_pairs, alias, full):
     """The anchored step adds exactly weight x 0.5 beta x the MSE between policy and reference on the winners,
-    noised alike and conditioned on the empty caption, computed here with separate UNet calls; the DPO rows it
-    shares its calls with keep their loss; and it makes no more UNet calls than plain DPO."""
+    noised alike and conditioned as the sampler's unconditional branch, computed here with separate UNet calls:
+    its value and its gradient; the DPO rows it shares its calls with keep their loss; and the step makes no more
+    UNet calls than plain DPO. LoRA (the reference: adapters off) and full fine-tuning (a frozen copy); SDXL
+    (pooled embeddings and size conditioning)."""
     from diffusers import DDPMScheduler
 
+    from rlaif.models import default_size
     from rlaif.train.batches import BatchSettings, MicroBatches
     from rlaif.train.encoding import Encoder, latent_shape
     from rlaif.train.objective import objective_for
     from rlaif.train.trainer import _dpo_micro_step, trainable_network, with_family_defaults
 
     torch.manual_seed(0)
-    config = with_family_defaults(TrainConfig(pairs=tiny_pairs, model="tiny", out=Path("unused"), beta=1000.0,
-                                              keep_unconditional=2.0))
-    pipe = load_pipeline("tiny")
-    unet, _, params = trainable_network(pipe, config)
-    with torch.no_grad():  # LoRA starts as the identity: move the policy away from the reference
+    config = with_family_defaults(TrainConfig(pairs=tiny_pairs, model=alias, out=Path("unused"), beta=1000.0,
+                                              keep_unconditional=2.0, full=full))
+    pipe = load_pipeline(alias)
+    unet, frozen, params = trainable_network(pipe, config)
+    with torch.no_grad():  # LoRA starts as the identity, a full copy as the reference: move the policy away
         for param in params:
-            param.add_(0.05 * torch.randn_like(param))
-    settings = BatchSettings(0, 3, 1, 0, 64, False, False, 0.0, latent_shape(pipe, 64), 1000)
+            param.add_(0.02 * torch.randn_like(param))
+    size = default_size(pipe)
+    settings = BatchSettings(0, 3, 1, 0, size, False, False, 0.0, latent_shape(pipe, size), 1000)
     batch = MicroBatches(PairTable(tiny_pairs), settings, None)[0]
     encoder, objective, cpu = Encoder(pipe, None), objective_for(pipe), torch.device("cpu")
     calls = []
-    unet.register_forward_hook(lambda *_: calls.append(1))
-    plain, _ = _dpo_micro_step(config, batch, encoder, unet, None, objective, 64, cpu, 0.0)
-    anchored, metrics = _dpo_micro_step(config, batch, encoder, unet, None, objective, 64, cpu, 2.0)
+    for network in {unet, frozen} - {None}:
+        network.register_forward_hook(lambda *_: calls.append(1))
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                          for g, p in zip(grads, params, strict=True)])
+
+    plain, _ = _dpo_micro_step(config, batch, encoder, unet, frozen, objective, size, cpu, 0.0)
+    anchored, metrics = _dpo_micro_step(config, batch, encoder, unet, frozen, objective, size, cpu, 2.0)
     assert len(calls) == 4  # policy and reference, each once per step, with the anchor as without
+    anchor_gradient = gradient(anchored) - gradient(plain)
 
     posterior = encoder.latent_distribution(batch.images, cpu)
     winners = (posterior.mean + posterior.std * batch.vae_draws)[:3] * pipe.vae.config.scaling_factor
     noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(winners, batch.noise, batch.timesteps)
-    empty = encoder.text([""] * 3, cpu)[0]
+    empty, pooled = encoder.unconditional(3, cpu)
+    added = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.tensor(
+        [[*a.original_size, *a.crop_top_left, size, size] for a in batch.augmentations], dtype=torch.float32)}}
+    policy = unet(noisy, batch.timesteps, empty, **added).sample
     with torch.no_grad():
-        policy = unet(noisy, batch.timesteps, empty).sample
-        unet.disable_adapters()
-        reference = unet(noisy, batch.timesteps, empty).sample
-        unet.enable_adapters()
+        if frozen is not None:
+            reference = frozen(noisy, batch.timesteps, empty, **added).sample
+        else:
+            unet.disable_adapters()
+            reference = unet(noisy, batch.timesteps, empty, **added).sample
+            unet.enable_adapters()
     drift = (policy - reference).pow(2).mean(dim=(1, 2, 3)).mean()
+    term = 2.0 * 0.5 * 1000.0 * drift
     assert drift > 0
-    torch.testing.assert_close(metrics["uncond_drift"], drift, rtol=1e-4, atol=0)
-    torch.testing.assert_close(anchored - plain, 2.0 * 0.5 * 1000.0 * drift, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(metrics["uncond_drift"], drift.detach(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(anchored.detach() - term.detach(), plain.detach(), rtol=0, atol=1e-4)
+    expected = gradient(term)
+    assert float((anchor_gradient - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_the_anchor_holds_what_the_sampler_feeds_its_unconditional_branch():
