@@ -343,7 +343,7 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
 
     if config.loss == "sft":  # winners only, no reference
         return sft_loss(predict(unet, inputs, winners), inputs.target[winners]), {}
-    rows, every = 2 * len(batch.positions), slice(None)
+    dpo_rows, every = 2 * len(batch.positions), slice(None)  # [winners; losers], then the anchor's
     run = inputs
     if keep_unconditional:  # the winners again under the unconditional conditioning, in the same two calls
         blank = objective.inputs(sample, noise, draws, *encoder.unconditional(len(batch.positions), device), micro)
@@ -355,10 +355,11 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
         else:
             with adapters_disabled(unwrap(unet)) as inner:
                 ref_pred = predict(inner, run, every)
-    loss, metrics = objective.loss(model_pred[:rows], ref_pred[:rows], inputs, config.beta, config.loss,
+    loss, metrics = objective.loss(model_pred[:dpo_rows], ref_pred[:dpo_rows], inputs, config.beta, config.loss,
                                    config.dpo_positive)
     if keep_unconditional:
-        anchor, drift = unconditional_anchor(model_pred[rows:], ref_pred[rows:], config.beta, keep_unconditional)
+        anchor, drift = unconditional_anchor(model_pred[dpo_rows:], ref_pred[dpo_rows:], config.beta,
+                                             keep_unconditional)
         loss, metrics = loss + anchor, {**metrics, "uncond_drift": drift}
     return loss, metrics
 
