@@ -32,6 +32,8 @@ def report(prof: profile, steps: int, seconds: float) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
     path, *command = sys.argv[1:]
     first, last = 5, 10
     if command[0] == "--steps":

@@ -21,6 +21,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
     times, *command = sys.argv[1:]
     log = open(times, "a", buffering=1)  # noqa: SIM115 - open for the whole run
     memory: dict[str, int] = {}
