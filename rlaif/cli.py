@@ -120,6 +120,9 @@ def label(
     if config.relabel is None:
         say(f"wrote {made.path}: {made.pairs} pairs from {made.prompts} prompts ({made.ties} tied pairs dropped, "
             f"{made.below_margin} under --min-margin)")
+        if made.narrowed:
+            say(f"note: {made.narrowed} prompts have fewer than {2 * config.top_k} candidates (--top-k "
+                f"{config.top_k}): each paired its best half against its worst half instead")
     else:
         say(f"wrote {written}")
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "

@@ -141,14 +141,16 @@ def update_scores(samples: pl.DataFrame, config: LabelConfig, progress: Progress
 
 @dataclass(frozen=True)
 class Labelled:
-    """What ``run_label`` made: the pairs table and how many pairs, from how many prompts, and how many
-    compared pairs were dropped as exact ties or as closer than --min-margin."""
+    """What ``run_label`` made: the pairs table and how many pairs, from how many prompts, how many compared
+    pairs were dropped as exact ties or as closer than --min-margin, and how many prompts had too few candidates
+    for --top-k (top-vs-bottom then pairs their best half against their worst)."""
 
     path: Path
     pairs: int
     prompts: int
     ties: int
     below_margin: int
+    narrowed: int = 0
 
 
 def _generation(run_file: Path) -> dict | None:
@@ -193,4 +195,8 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     if process_state().is_main_process:
         write_table(pairs, out, PAIRS_SCHEMA, generation and {SAMPLING_METADATA: json.dumps(generation)})
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
-    return Labelled(out, pairs.height, pairs["prompt_id"].n_unique(), ties, compared.height - ties - pairs.height)
+    narrowed = 0
+    if config.strategy == "top-vs-bottom":  # candidate_pairs takes at most half of a prompt's candidates a side
+        narrowed = int((values.group_by("prompt_id").len()["len"] // 2 < config.top_k).sum())
+    return Labelled(out, pairs.height, pairs["prompt_id"].n_unique(), ties, compared.height - ties - pairs.height,
+                    narrowed)

@@ -61,6 +61,17 @@ def test_compressibility_pairs_match_an_independent_jpeg_computation(fresh):
         assert (fresh / row["image_0"]).is_file() and row["caption"] in PROMPTS
 
 
+def test_top_vs_bottom_says_when_a_prompt_has_too_few_candidates_for_top_k(fresh):
+    """4 candidates per prompt: --top-k 2 pairs the 2 best with the 2 worst silently; --top-k 3 cannot, pairs the
+    same halves, and says so."""
+    for k, note in ((2, False), (3, True)):
+        result = run_cli("label", fresh, "--scorer", "compressibility", "--strategy", "top-vs-bottom", "--top-k", k)
+        assert result.returncode == 0, result.stderr
+        assert pl.read_parquet(fresh / "pairs.parquet").height == 4 * 4
+        said = "note: 4 prompts have fewer than 6 candidates (--top-k 3)" in result.stderr
+        assert said == note, result.stderr
+
+
 def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
     env = cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=str(tmp_path / "count"))
     first = run_cli("label", fresh, "--scorer", "label_plugins:counting_brightness", env=env)
