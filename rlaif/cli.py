@@ -210,7 +210,8 @@ def train(
 def training_info(logs: dict[str, float]) -> str:
     """The short live summary of a training step: loss, and the implicit accuracy for DPO."""
     accuracy = f" acc {logs['implicit_acc']:.2f}" if "implicit_acc" in logs else ""
-    held_out = f" held-out acc {logs['val_implicit_acc']:.2f}" if "val_implicit_acc" in logs else ""
+    held_out = f" held-out acc {logs['val_implicit_acc']:.2f} ({logs['val_pairs']:.0f} pairs)" \
+        if "val_implicit_acc" in logs else ""
     return f"loss {logs['loss']:.4f}{accuracy}{held_out}"
 
 
@@ -271,7 +272,7 @@ def evaluate(
     config = EvalConfig(**settings)
     from rlaif.eval import run_eval
 
-    show, output = start("items")
+    show, output = start("images")
     with output as report:
         table = run_eval(config, progress=report)
     if show:
@@ -331,10 +332,10 @@ def _run_loop(config: Path, out: Path | None, control: bool) -> None:
     from rlaif.loop import read_loop, run_loop
 
     plan = read_loop(config, out, control)
-    show, output = start("items")
+    show, output = start("images")  # sampled and scored; training reports steps
     with output as report:
         def progress(description: str, done: int, total: int, logs: dict[str, float] | None = None) -> None:
-            report(description, done, total, training_info(logs) if logs else "")
+            report(description, done, total, training_info(logs) if logs else "", "steps" if logs else None)
 
         table = run_loop(plan, progress=progress)
     if show:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 Report = Callable[..., None]
-"""Called as ``report(description, done, total, info="")``."""
+"""Called as ``report(description, done, total, info="", unit=None)``; ``unit`` names what this piece of work counts
+when it is not the reporter's own (a loop counts images, and steps while it trains)."""
 
 
 def clock_text(seconds: float | None) -> str:
@@ -36,7 +37,8 @@ class LineReporter:
         self.started: dict[str, tuple[float, int]] = {}  # description -> (time, done) at its first report
         self.printed: dict[str, float] = {}
 
-    def __call__(self, description: str, done: int, total: int, info: str = "") -> None:
+    def __call__(self, description: str, done: int, total: int, info: str = "", unit: str | None = None) -> None:
+        unit = unit or self.unit
         now = self.clock()
         start, first_done = self.started.setdefault(description, (now, done))
         finished = done >= total
@@ -48,8 +50,8 @@ class LineReporter:
         rate = (done - first_done) / (now - start) if now > start and done > first_done else None
         eta = 0.0 if finished else ((total - done) / rate if rate else None)
         percent = f" ({100 * done // total}%)" if total else ""
-        speed = f"{rate:.2f} {self.unit}/s" if rate else f"- {self.unit}/s"
-        line = f"{description}: {done}/{total} {self.unit}{percent}, {speed}, ETA {clock_text(eta)}"
+        speed = f"{rate:.2f} {unit}/s" if rate else f"- {unit}/s"
+        line = f"{description}: {done}/{total} {unit}{percent}, {speed}, ETA {clock_text(eta)}"
         print(line + (f", {info}" if info else ""), file=self.stream, flush=True)
 
 
@@ -60,11 +62,11 @@ def bar_columns(unit: str) -> tuple:
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
-        """Items per second, named after the unit being counted."""
+        """Items per second, named after the unit being counted (the task's own, if it has one)."""
 
         def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.2f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+            speed, counted = task.finished_speed or task.speed, task.fields.get("unit") or unit
+            return Text(f"{speed:.2f} {counted}/s" if speed else f"- {counted}/s", style="progress.data.speed")
 
     return (TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(), RateColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -88,9 +90,9 @@ def progress_output(unit: str, visible: bool = True, stream: TextIO | None = Non
     with Progress(*bar_columns(unit), console=Console(file=stream)) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def report(description: str, done: int, total: int, info: str = "") -> None:
+        def report(description: str, done: int, total: int, info: str = "", unit: str | None = None) -> None:
             if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total, info=info)
+                tasks[description] = bar.add_task(description, total=total, info=info, unit=unit)
             bar.update(tasks[description], completed=done, total=total, info=info)
 
         yield report

@@ -46,6 +46,8 @@ def test_log_lines_are_throttled_and_carry_rate_eta_and_info():
     assert lines[0].startswith("training: 1/100 steps (1%), - steps/s, ETA -:--:--, loss 1.0000")
     assert lines[1] == "training: 21/100 steps (21%), 2.00 steps/s, ETA 0:00:40, loss 0.0476"
     assert lines[-1] == "training: 100/100 steps (100%), 2.00 steps/s, ETA 0:00:00, loss 0.0100"
+    report("round 1 sampling", 4, 4, unit="images")  # a piece of work that counts something else says so
+    assert stream.getvalue().splitlines()[-1].startswith("round 1 sampling: 4/4 images (100%)")
 
 
 def test_bars_fit_80_columns_with_loss_and_eta():

@@ -84,7 +84,8 @@ def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     assert done_before == ["1/sample", "1/label"]
     result = run_cli("loop", "--config", config)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^round 2 training: 3/3 .*, loss \d\.\d{4}", result.stderr, re.MULTILINE)  # as train shows it
+    assert re.search(r"^round 2 training: 3/3 steps .*, loss \d\.\d{4}", result.stderr, re.MULTILINE)  # as train
+    assert re.search(r"^round 2 sampling: \d+/\d+ images ", result.stderr, re.MULTILINE)  # shows them
     state = json.loads((out / "loop.json").read_text())
     assert state["done"] == [f"{r}/{s}" for r in (1, 2) for s in ("sample", "label", "train", "eval")]
     # round 2 samples from, starts from and is referenced to round 1's model

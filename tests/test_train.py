@@ -277,7 +277,10 @@ def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
         assert entry["val_reward_margin"] == pytest.approx(0, abs=1e-6)
     moved = [e for e in log(tmp_path / "moving") if "val_loss" in e]
     assert all(0 <= e["val_implicit_acc"] <= 1 for e in moved) and moved[-1]["val_loss"] != pytest.approx(math.log(2))
-    assert "held-out acc" in moving.stderr
+    held_out = json.loads((tmp_path / "moving" / "train.json").read_text())["pairs_held_out"]
+    measured = 2 * (held_out // 2)  # in whole batches of 2 (up to 256)
+    assert held_out > 2 and {e["val_pairs"] for e in moved} == {measured}
+    assert f"held-out acc {moved[-1]['val_implicit_acc']:.2f} ({measured} pairs)" in moving.stderr
     few = run_cli(*common[:4], "--batch-size", 4, "--max-steps", 2, "--val-fraction", 0.05, "--optimizer", "sgd",
                   "--learning-rate", 1e-30, "--out", tmp_path / "few")  # 5% of 40 prompts: 1 pair, under a batch
     assert few.returncode == 0, few.stderr

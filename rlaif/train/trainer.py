@@ -374,7 +374,8 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
     order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
-    model. Empty when there are fewer held-out pairs than processes."""
+    model; ``val_pairs`` says how many (a few pairs' accuracy is noise). Empty when there are fewer held-out pairs
+    than processes."""
     per_batch = validation.settings.batch_size * validation.settings.processes
     batches = min(len(validation.table), max_pairs) // per_batch
     totals: dict[str, float] = {}
@@ -386,7 +387,9 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
                                         accelerator.device)
         for name, mean in process_means(accelerator, {"loss": loss, **metrics}).items():
             totals[f"val_{name}"] = totals.get(f"val_{name}", 0.0) + mean
-    return {name: value / batches for name, value in totals.items()} if batches else {}
+    if not batches:
+        return {}
+    return {**{name: value / batches for name, value in totals.items()}, "val_pairs": float(batches * per_batch)}
 
 
 def process_means(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
