@@ -121,8 +121,9 @@ def label(
         say(f"wrote {made.path}: {made.pairs} pairs from {made.prompts} prompts ({made.ties} tied pairs dropped, "
             f"{made.below_margin} under --min-margin)")
         if made.narrowed:
-            say(f"note: {made.narrowed} prompts have fewer than {2 * config.top_k} candidates (--top-k "
-                f"{config.top_k}): each paired its best half against its worst half instead")
+            some = f"{made.narrowed} prompts have" if made.narrowed > 1 else "1 prompt has"
+            say(f"note: {some} fewer than {2 * config.top_k} candidates (--top-k {config.top_k}): each paired its "
+                "best half against its worst half instead")
     else:
         say(f"wrote {written}")
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "
@@ -208,7 +209,8 @@ def train(
 
 
 def training_info(logs: dict[str, float]) -> str:
-    """The short live summary of a training step: loss, and the implicit accuracy for DPO."""
+    """The short live summary of a training step: loss, the implicit accuracy for DPO, and the held-out accuracy
+    with how many pairs it was measured on when it was measured."""
     accuracy = f" acc {logs['implicit_acc']:.2f}" if "implicit_acc" in logs else ""
     held_out = f" held-out acc {logs['val_implicit_acc']:.2f} ({logs['val_pairs']:.0f} pairs)" \
         if "val_implicit_acc" in logs else ""
