@@ -8,11 +8,11 @@ wall time of those steps, the time the GPU spent in kernels over them, and the o
 device time, their own CPU time and their total CPU time (the last shows waits such as a DataLoader's).
 """
 
-import runpy
 import sys
 import time
 
 import torch
+from step_timer import run_command  # bench/ is on the path when this runs as a script
 from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile
@@ -57,12 +57,7 @@ def main() -> None:
                 file.write(report(prof, last - first, seconds) + "\n")
 
     register_optimizer_step_post_hook(hook)
-    if command[0] == "-m":
-        sys.argv = [command[1], *command[2:]]
-        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = command
-        runpy.run_path(command[0], run_name="__main__")
+    run_command(command)
 
 
 if __name__ == "__main__":

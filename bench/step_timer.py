@@ -20,6 +20,17 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
+def run_command(command: list[str]) -> None:
+    """Run ``script.py ARGS...`` or ``-m module ARGS...`` in this process, as Python would from the command line
+    (so that hooks installed here see its optimizer steps)."""
+    if command[0] == "-m":
+        sys.argv = [command[1], *command[2:]]
+        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = command
+        runpy.run_path(command[0], run_name="__main__")
+
+
 def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
@@ -41,12 +52,7 @@ def main() -> None:
 
     register_optimizer_step_post_hook(stamp)
     atexit.register(write_memory)
-    if command[0] == "-m":
-        sys.argv = [command[1], *command[2:]]
-        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = command
-        runpy.run_path(command[0], run_name="__main__")
+    run_command(command)
 
 
 if __name__ == "__main__":
