@@ -1,4 +1,5 @@
-"""The reward suite's composition rewards (bench/suite_rewards.py), against values worked out by hand."""
+"""The reward suite's composition rewards (bench/suite_rewards.py), against values worked out by hand, and the scenes
+bench/world_ceiling.py draws for a prompt."""
 
 import sys
 from pathlib import Path
@@ -6,10 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from rlaif.scoring import LoadedScorer
 from rlaif.shapes import COLORS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import suite_rewards  # noqa: E402
+import world_ceiling  # noqa: E402
 
 
 def square(box: tuple[int, int, int, int]) -> Image.Image:
@@ -81,3 +84,17 @@ def test_colourfulness_weighs_opponent_colour_not_grey():
     ImageDraw.Draw(halves).rectangle((0, 0, 63, 31), fill=(255, 0, 0))
     expected = (127.5**2 + 191.25**2) ** 0.5 + 0.3 * (127.5**2 + 63.75**2) ** 0.5
     assert score("colourfulness", halves) == pytest.approx(expected / 255)
+
+
+def test_the_world_ceiling_draws_only_what_the_prompt_allows():
+    named = world_ceiling.allowed_scenes("a large red circle on a blue background")
+    assert [(s.shape, s.color, s.background, s.size) for s in named] == [("circle", "red", "blue", "large")]
+    free_background = world_ceiling.allowed_scenes("a red square")
+    assert len(free_background) == 7 * 2 and {s.color for s in free_background} == {"red"}
+    assert "red" not in {s.background for s in free_background}
+    assert len(world_ceiling.allowed_scenes("a triangle")) == 8 * 7 * 2
+    # white on black: both greys, so every picture the world draws of it has HSV saturation 0; a free colour does not
+    saturation = LoadedScorer("suite_rewards:saturation")
+    assert world_ceiling.world_scores("a white circle on a black background", saturation, 3, 0).max() == 0.0
+    free = world_ceiling.world_scores("a circle on a black background", saturation, 3, 0)
+    assert free.shape == (7 * 2, 3) and free.max() > 0.1
