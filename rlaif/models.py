@@ -17,7 +17,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from rlaif.errors import RlaifError, first_line
+from rlaif.errors import RlaifError, first_line, hub_unavailable
 from rlaif.files import file_identity
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
@@ -41,13 +41,6 @@ def resolve_model(model: str) -> str:
 
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
-
-
-def _missing_offline(source: str) -> bool:
-    """True when ``source`` is a hub id that offline mode cannot load because it was never downloaded."""
-    if _looks_like_path(source) or not huggingface_hub.constants.HF_HUB_OFFLINE:
-        return False
-    return not isinstance(huggingface_hub.try_to_load_from_cache(source, "model_index.json"), str)
 
 
 def load_pipeline(
@@ -89,9 +82,9 @@ def _pipeline_class(model: str, source: str) -> tuple[type[DiffusionPipeline], d
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception as exc:
-        if _missing_offline(source):
-            raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
-                             f"fetch it with `hf download {model}` while online (or unset HF_HUB_OFFLINE)") from exc
+        unavailable = None if _looks_like_path(source) else hub_unavailable(exc, f"fetch it with `hf download {model}`")
+        if unavailable:
+            raise RlaifError(f"model {model!r} is not in the local Hugging Face cache, and {unavailable}") from exc
         raise RlaifError(f"cannot read model {model!r}: {first_line(exc)}") from exc
     pipeline_class = PIPELINES.get(index.get("_class_name", ""))
     if pipeline_class is None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from rlaif.errors import RlaifError, exception_text
+from rlaif.errors import RlaifError, exception_text, hub_unavailable
 
 if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
     import torch
@@ -194,8 +194,8 @@ class LoadedScorer:
         except RlaifError:
             raise
         except Exception as exc:
-            hint = ("; HF_HUB_OFFLINE is set, so its weights must already be in the Hugging Face cache: load it once "
-                    "online, or unset HF_HUB_OFFLINE") if _missing_offline(exc) else ""
+            unavailable = hub_unavailable(exc, "load it once")
+            hint = f"; {unavailable}" if unavailable else ""
             text = exception_text(exc).rstrip(". ")  # all of it: the CLI joins the lines
             raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
@@ -254,19 +254,6 @@ def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
             raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
         options.setdefault(name, {})[key] = value
     return options
-
-
-def _missing_offline(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a file that offline mode kept from being downloaded."""
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen: BaseException | None = exc
-    while seen is not None and HF_HUB_OFFLINE:
-        if isinstance(seen, LocalEntryNotFoundError | OfflineModeIsEnabled):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def parse_weights(specs: list[str]) -> dict[str, float]:

@@ -139,6 +139,30 @@ def test_a_hub_id_missing_offline_says_how_to_fetch_it():
                                 "while online (or unset HF_HUB_OFFLINE)")
 
 
+def test_a_hub_id_the_hub_cannot_be_reached_for_says_so(monkeypatch):
+    """Not offline, but nothing answers: the error names the network, not a file the model lacks."""
+    import socket
+
+    import huggingface_hub.constants as constants
+    import huggingface_hub.utils._http as http
+
+    with socket.socket() as probe:  # a port that nothing listens on: every connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)  # the hub's five retries, without their waits
+    with pytest.raises(RlaifError) as error:
+        load_pipeline("someone/unreachable-model")
+    message = str(error.value)
+    assert message.startswith("model 'someone/unreachable-model' is not in the local Hugging Face cache, and the "
+                              "Hugging Face Hub cannot be reached (")
+    assert "refused" in message.lower() and "does not appear to have a file" not in message
+    assert message.endswith("or fetch it with `hf download someone/unreachable-model` where the hub is reachable and "
+                            "set HF_HUB_OFFLINE=1 here")
+
+
 def test_docs_name_hub_ids_that_exist():
     """runwayml/stable-diffusion-v1-5 was taken down in 2024; its weights live on under the id below."""
     root = Path(__file__).resolve().parents[1]

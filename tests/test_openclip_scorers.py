@@ -12,6 +12,7 @@ from conftest import TEST_DATA, install_in_hf_cache
 from PIL import Image
 
 from rlaif.cache import cache_dir
+from rlaif.errors import RlaifError
 from rlaif.scorers.aesthetic import HEAD_FILE, load_head
 from rlaif.scorers.hps import CHECKPOINTS, REPO
 from rlaif.scoring import LoadedScorer
@@ -142,3 +143,10 @@ def test_aesthetic_matches_formula_with_the_real_head(tiny_clip, images, tmp_pat
     # score, 2e-5 (seen 5e-7); the four scores differ by > 6e-3.
     assert got == pytest.approx(expected, abs=1e-4)
     assert len({round(v, 4) for v in got}) == 4
+
+
+def test_a_scorer_missing_from_the_offline_cache_says_how_to_get_it():
+    with pytest.raises(RlaifError) as error:
+        LoadedScorer("clip")  # its OpenAI CLIP weights were never put in the tests' Hugging Face cache
+    assert str(error.value).startswith("scorer 'clip' failed to load: Failed to download weights")
+    assert str(error.value).endswith("; HF_HUB_OFFLINE is set: load it once while online (or unset HF_HUB_OFFLINE)")
