@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 
 TMP_MARK = ".tmp-"
 
@@ -45,6 +45,21 @@ def write_json(data: Any, target: str | os.PathLike[str]) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], remedy: str) -> dict | None:
+    """The JSON object that ``write_json`` wrote to ``path``; None when there is no such file. Anything else there
+    (not JSON, not an object) is refused in one line that names the file and says ``remedy``."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RlaifError(f"{path} is not a record rlaif wrote ({first_line(exc)}); {remedy}") from exc
+    if not isinstance(data, dict):
+        raise RlaifError(f"{path} is not a record rlaif wrote (a JSON {type(data).__name__}); {remedy}")
+    return data
 
 
 def publish(path: str | os.PathLike[str]) -> None:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
-from rlaif.errors import RlaifError, first_line
+from rlaif.errors import RlaifError
+from rlaif.files import read_json
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
@@ -153,22 +154,14 @@ class Labelled:
     narrowed: int = 0
 
 
-def _generation(run_file: Path) -> dict | None:
-    """The generation settings `rlaif sample` recorded in ``run_file``; None for a folder it did not make."""
-    if not run_file.is_file():
-        return None
-    try:
-        return json.loads(run_file.read_text()).get("generation")
-    except (ValueError, AttributeError) as exc:
-        raise RlaifError(f"{run_file} is not an rlaif run file ({first_line(exc)}); sample the folder again") from exc
-
-
 def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled:
     """Score every sample with every scorer (reusing cached scores) and write the pairs table."""
     config.validate()
     weights = parse_weights(config.scorers)
     root = config.samples_dir
     samples = read_table(root / "samples.parquet", SAMPLES_SCHEMA)
+    # the samples' settings, recorded for `rlaif train`'s checks; none for a folder `rlaif sample` did not make
+    generation = (read_json(root / "run.json", "sample the folder again") or {}).get("generation")
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
@@ -191,7 +184,6 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         image_1=pl.col("sample_id_1").replace_strict(images),
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
-    generation = _generation(root / "run.json")  # the samples' settings, recorded for `rlaif train`'s checks
     if process_state().is_main_process:
         write_table(pairs, out, PAIRS_SCHEMA, generation and {SAMPLING_METADATA: json.dumps(generation)})
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it

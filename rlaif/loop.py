@@ -25,7 +25,7 @@ from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, run_eval
-from rlaif.files import atomic_path, write_json
+from rlaif.files import atomic_path, read_json, write_json
 from rlaif.label import run_label
 from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
@@ -167,9 +167,9 @@ def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: 
 def _state(plan: LoopPlan) -> dict:
     """OUT/loop.json: the settings it was started with and the stages done; other settings are refused."""
     path = plan.loop.out / "loop.json"
-    if not path.exists():
+    state = read_json(path, "choose another --out")
+    if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
-    state = json.loads(path.read_text())
     if state.get("settings") != plan.source:
         before, now = state.get("settings") or {}, plan.source
         values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))

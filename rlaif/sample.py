@@ -9,7 +9,6 @@ uninterrupted single-process run.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from rlaif.config import SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import remove_stale_temporaries, write_json
+from rlaif.files import read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import check_size, default_size, load_pipeline, model_identity, prompt_length
 from rlaif.prompts import load_prompts
@@ -82,13 +81,10 @@ def versions() -> dict[str, str]:
 def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None) -> None:
     """Refuse to add images made with other generation settings to an existing run folder; ``unrecorded``
     holds the values that settings missing from an older run.json had then."""
-    if not run_file.exists():
+    record = read_json(run_file, "use an empty --out folder")
+    if record is None:
         return
-    try:
-        previous = json.loads(run_file.read_text())["generation"]
-    except (ValueError, KeyError) as exc:
-        raise RlaifError(f"{run_file} is not an rlaif run file; use an empty --out folder") from exc
-    previous = {**(unrecorded or {}), **previous}
+    previous = {**(unrecorded or {}), **(record.get("generation") or {})}
     changed = [f"{key} {previous.get(key)!r} -> {generation[key]!r}" for key in generation
                if previous.get(key) != generation[key]]
     if changed:
@@ -96,14 +92,6 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
             f"{run_file.parent} holds images made with other settings ({'; '.join(changed)}); "
             "rerun with the same settings to resume, or choose another --out"
         )
-
-
-def _made_by(run_file: Path) -> str | None:
-    """Which command made a samples folder (run.json's ``made_by``), None if unknown."""
-    try:
-        return json.loads(run_file.read_text()).get("made_by")
-    except (OSError, ValueError):
-        return None
 
 
 def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: str | None = None) -> Path:
@@ -129,7 +117,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                   "model_weights": model_identity(config.model)}
     run_file = config.out / "run.json"
     unrecorded = {"max_sequence_length": prompt_length(pipe).get("max_sequence_length")}  # before rlaif recorded it
-    if replace_stale and state.is_main_process and _made_by(run_file) == replace_stale:
+    made_by = (read_json(run_file, "use an empty --out folder") or {}).get("made_by")
+    if replace_stale and state.is_main_process and made_by == replace_stale:
         try:
             check_resumable(run_file, generation, unrecorded)
         except RlaifError:  # made by other settings or another model: none of it may be reused

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from rlaif.cli import main
+from rlaif.tables import SAMPLES_SCHEMA
 
 LOOP = """[loop]
 model = "tiny"
@@ -48,6 +49,14 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the files of a train output
     (tmp_path / "lora" / "train.json").write_text('{"format": 2, "config": {}}')
+    (tmp_path / "broken-lora").mkdir()  # records that rlaif did not write (an edit gone wrong, another tool)
+    (tmp_path / "broken-lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "broken-lora" / "train.json").write_text('{"format": 2, "config": ')
+    (tmp_path / "broken-samples").mkdir()
+    pl.DataFrame(schema=SAMPLES_SCHEMA).write_parquet(tmp_path / "broken-samples" / "samples.parquet")
+    (tmp_path / "broken-samples" / "run.json").write_text("[1, 2]")
+    (tmp_path / "broken-loop").mkdir()
+    (tmp_path / "broken-loop" / "loop.json").write_text("not json")
     image = io.BytesIO()
     Image.new("RGB", (8, 8)).save(image, format="PNG")
     pl.DataFrame({"caption": ["a"], "jpg_0": [image.getvalue()], "jpg_1": [image.getvalue()],
@@ -62,6 +71,9 @@ def tree(tmp_path: Path) -> Path:
         "lengths": {"sample": "max_sequence_length = 128"},
     }.items():
         loop_config(tmp_path, name, **tables)
+    loop_config(tmp_path, "broken-loop")
+    edit = (tmp_path / "broken-loop.toml").read_text().replace('out = "loop-out"', 'out = "broken-loop"')
+    (tmp_path / "broken-loop.toml").write_text(edit)
     (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
     return tmp_path
 
@@ -94,6 +106,9 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--steps", "abc"], "Invalid value for '--steps'"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--stpes", "4"], "No such option: --stpes"),
     (["sample", "-m", "tiny", "-p", "p.txt"], "Missing option '--out' / '-o'. (see rlaif sample --help)"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "broken-lora"],
+     "broken-lora/train.json is not a record rlaif wrote (Expecting value: line 1 column 25 (char 24)); train the "
+     "folder again"),
     # label
     (["label", "empty", "-s", "pickscroe"], "unknown scorer 'pickscroe'"),
     (["label", "empty", "-s", "compressibility", "--scorer-option", "compressibility.quality=3"],
@@ -109,6 +124,8 @@ CASES = [
     (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
     (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
+    (["label", "broken-samples", "-s", "compressibility"],
+     "broken-samples/run.json is not a record rlaif wrote (a JSON list); sample the folder again"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "a-file/x.parquet"],
      "a-file is a file, not a folder"),
     # train
@@ -175,6 +192,8 @@ CASES = [
     (["loop", "--config", "bad-option.toml"], "scorer 'compressibility' takes no options"),
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
     (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),
+    (["loop", "--config", "broken-loop.toml"], "broken-loop/loop.json is not a record rlaif wrote (Expecting "
+     "value: line 1 column 1 (char 0)); choose another --out"),
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
     (["loop", "--config", "unknown-table.toml"], "unknown-table.toml: unknown table 'trian'; settings go in [loop], "
      "[sample], [label], [train], [eval]"),

@@ -16,7 +16,6 @@ plain diffusers (``pipe.load_lora_weights(folder)`` or ``UNet2DConditionModel.fr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import publish, write_json
+from rlaif.files import publish, read_json, write_json
 from rlaif.models import DTYPE_KWARG, denoiser, denoiser_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -74,8 +73,7 @@ def trained_config(folder: Path) -> dict:
 
 
 def _train_info(folder: Path) -> dict:
-    path = folder / TRAIN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(folder / TRAIN_FILE, "train the folder again") or {}
 
 
 def weights_path(folder: str | Path) -> Path:
