@@ -29,10 +29,10 @@ def hub_unavailable(exc: BaseException, fetch: str) -> str | None:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
     missing = [i for i, seen in enumerate(chain) if isinstance(seen, LocalEntryNotFoundError | OfflineModeIsEnabled)]
-    if is_offline_mode() and (missing or isinstance(chain[-1], OSError)):  # transformers drops the hub's error
-        return f"HF_HUB_OFFLINE is set: {fetch} while online (or unset HF_HUB_OFFLINE)"
     if not missing:
         return None
+    if is_offline_mode():
+        return f"HF_HUB_OFFLINE is set: {fetch} while online (or unset HF_HUB_OFFLINE)"
     causes = chain[missing[0] + 1:]
     if not causes:  # not offline, nothing underneath: the hub answered, not the network
         return None

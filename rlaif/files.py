@@ -51,11 +51,11 @@ def read_json(path: str | os.PathLike[str], remedy: str) -> dict | None:
     """The JSON object that ``write_json`` wrote to ``path``; None when there is no such file. Anything else there
     (not JSON, not an object) is refused in one line that names the file and says ``remedy``."""
     path = Path(path)
-    if not path.is_file():
-        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except ValueError as exc:  # not JSON, or not UTF-8; a permission fault stays an OSError, reported as such
         raise RlaifError(f"{path} is not a record rlaif wrote ({first_line(exc)}); {remedy}") from exc
     if not isinstance(data, dict):
         raise RlaifError(f"{path} is not a record rlaif wrote (a JSON {type(data).__name__}); {remedy}")

@@ -167,7 +167,7 @@ def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: 
 def _state(plan: LoopPlan) -> dict:
     """OUT/loop.json: the settings it was started with and the stages done; other settings are refused."""
     path = plan.loop.out / "loop.json"
-    state = read_json(path, "choose another --out")
+    state = read_json(path, "restore it, or choose another --out")
     if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
     if state.get("settings") != plan.source:

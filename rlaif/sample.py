@@ -84,7 +84,10 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
     record = read_json(run_file, "use an empty --out folder")
     if record is None:
         return
-    previous = {**(unrecorded or {}), **(record.get("generation") or {})}
+    if not isinstance(record.get("generation"), dict):
+        raise RlaifError(f"{run_file} records no generation settings: not a run of `rlaif sample`; use an empty "
+                         "--out folder")
+    previous = {**(unrecorded or {}), **record["generation"]}
     changed = [f"{key} {previous.get(key)!r} -> {generation[key]!r}" for key in generation
                if previous.get(key) != generation[key]]
     if changed:
@@ -117,8 +120,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                   "model_weights": model_identity(config.model)}
     run_file = config.out / "run.json"
     unrecorded = {"max_sequence_length": prompt_length(pipe).get("max_sequence_length")}  # before rlaif recorded it
-    made_by = (read_json(run_file, "use an empty --out folder") or {}).get("made_by")
-    if replace_stale and state.is_main_process and made_by == replace_stale:
+    owner = (read_json(run_file, "use an empty --out folder") or {}).get("made_by") \
+        if replace_stale and state.is_main_process else None
+    if owner is not None and owner == replace_stale:
         try:
             check_resumable(run_file, generation, unrecorded)
         except RlaifError:  # made by other settings or another model: none of it may be reused

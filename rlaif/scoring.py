@@ -194,7 +194,12 @@ class LoadedScorer:
         except RlaifError:
             raise
         except Exception as exc:
+            from huggingface_hub.constants import is_offline_mode
+
             unavailable = hub_unavailable(exc, "load it once")
+            if unavailable is None and isinstance(exc, OSError) and is_offline_mode():  # transformers drops the cause
+                unavailable = ("HF_HUB_OFFLINE is set: if these files are not in the local Hugging Face cache, load it "
+                               "once while online (or unset HF_HUB_OFFLINE)")
             hint = f"; {unavailable}" if unavailable else ""
             text = exception_text(exc).rstrip(". ")  # all of it: the CLI joins the lines
             raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc

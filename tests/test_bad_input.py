@@ -193,7 +193,7 @@ CASES = [
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
     (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),
     (["loop", "--config", "broken-loop.toml"], "broken-loop/loop.json is not a record rlaif wrote (Expecting "
-     "value: line 1 column 1 (char 0)); choose another --out"),
+     "value: line 1 column 1 (char 0)); restore it, or choose another --out"),
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
     (["loop", "--config", "unknown-table.toml"], "unknown-table.toml: unknown table 'trian'; settings go in [loop], "
      "[sample], [label], [train], [eval]"),

@@ -152,7 +152,7 @@ def test_a_hub_id_the_hub_cannot_be_reached_for_says_so(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)  # the hub's five retries, without their waits
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)  # time.sleep, during this test: no retry waits
     with pytest.raises(RlaifError) as error:
         load_pipeline("someone/unreachable-model")
     message = str(error.value)

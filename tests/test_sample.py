@@ -13,6 +13,8 @@ import pytest
 from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
 
+from rlaif.errors import RlaifError
+from rlaif.sample import check_resumable
 from rlaif.seeding import image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id
 
@@ -162,3 +164,16 @@ def test_a_changed_model_folder_is_another_model(tmp_path, prompts_file):
     weights.write_bytes(weights.read_bytes())  # rewritten in place (fine-tuned, say): a new file
     again = run_cli(*args)
     assert again.returncode == 2 and "holds images made with other settings (model_weights" in again.stderr
+
+
+def test_a_run_file_rlaif_sample_did_not_write_is_refused(tmp_path):
+    generation = {"model": "tiny", "seed": 0}
+    check_resumable(tmp_path / "run.json", generation)  # no run file: a new run
+    (tmp_path / "run.json").write_text('{"made_by": "sample"}')
+    with pytest.raises(RlaifError, match="records no generation settings: not a run of `rlaif sample`; use an empty"):
+        check_resumable(tmp_path / "run.json", generation)
+    (tmp_path / "run.json").write_text('{"generation": {"model": "tiny", "seed": 1}}')
+    with pytest.raises(RlaifError, match=r"holds images made with other settings \(seed 1 -> 0\)"):
+        check_resumable(tmp_path / "run.json", generation)
+    (tmp_path / "run.json").write_text('{"generation": {"model": "tiny", "seed": 0}}')
+    check_resumable(tmp_path / "run.json", generation)  # the same settings: resumable

@@ -41,7 +41,7 @@ from rlaif.config import (
 )
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import atomic_path, publish, write_json
+from rlaif.files import atomic_path, publish, read_json, write_json
 from rlaif.models import (
     check_size,
     default_size,
@@ -568,7 +568,7 @@ def _changes(then: dict, now: dict, keys: Iterable[str]) -> list[str]:
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its step."""
-    position = json.loads((folder / "position.json").read_text())
+    position = read_json(folder / "position.json", "start a new run in another --out") or {}
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
