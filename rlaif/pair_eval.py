@@ -33,9 +33,11 @@ class PairAccuracy:
     margin: float | None = None  # the DPO reward margin (tuned model only)
 
 
-def _judged_positions(table: PairTable, max_pairs: int, batch_size: int) -> int:
-    """How many pairs are judged: at most ``max_pairs``, whole batches."""
-    return min(len(table), max_pairs) // batch_size * batch_size
+def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, int]:
+    """(pairs judged, batch size): every one of the first ``max_pairs`` of ``pairs``, in equal batches of the
+    largest size up to ``batch_size`` that divides them, so no pair is left out and every batch weighs alike."""
+    count = min(pairs, max_pairs)
+    return count, max(size for size in range(1, batch_size + 1) if count % size == 0)
 
 
 def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
@@ -46,7 +48,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     tuned = check_output(tuned)
     trained = settings_then(trained_config(tuned))
     table = PairTable(pairs, label).in_table_order()
-    count = _judged_positions(table, max_pairs, batch_size)
+    count, batch_size = judged_batches(len(table), max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
     config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
                          dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],

@@ -11,6 +11,7 @@ from conftest import PROMPTS, run_cli
 from PIL import Image
 
 from rlaif.eval import compare, reward_hacking
+from rlaif.pair_eval import judged_batches
 from rlaif.scorers.jpeg import jpeg_kilobytes
 from rlaif.stats import paired_effect
 
@@ -200,5 +201,21 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)
     assert float(model.split()[6]) > 0.5 and "on 24 pairs, reward margin +" in model
+    # a count that no batch of 4 divides: every pair is judged (before, 7 became 4, and 3 became 0 and "nan")
+    for asked in (7, 3):
+        result = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", tiny_pairs, "--max-pairs",
+                         asked, "-s", "compressibility")
+        assert result.returncode == 0, result.stderr
+        assert f"scorer compressibility: accuracy 1.000 on {asked} pairs" in result.stdout.splitlines()
+        (model,) = [line for line in result.stdout.splitlines() if line.startswith("tuned model")]
+        share = float(model.split()[6]) * asked * 2
+        assert f"on {asked} pairs, reward margin" in model and share == pytest.approx(round(share), abs=0.01)
     missing = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-s", "compressibility")
     assert missing.returncode == 2 and "missing --prompts (or give --pairs TABLE" in missing.stderr
+
+
+def test_pairs_are_judged_all_in_equal_batches():
+    assert judged_batches(600, 512, 4) == (512, 4)
+    assert judged_batches(6, 512, 4) == (6, 3)
+    assert judged_batches(7, 512, 4) == (7, 1)
+    assert judged_batches(10, 3, 4) == (3, 3)
