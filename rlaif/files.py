@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,16 +73,48 @@ def publish(path: str | os.PathLike[str]) -> None:
         entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+HASHED_UP_TO = 32 * 2**20  # file_identity hashes files up to this size, and times larger ones
+
+
 def file_identity(path: str | os.PathLike[str]) -> str:
-    """A cheap identity of a file or folder: resolved path, sizes and modification times of its files (a file
-    rewritten in place is a new identity; a hub snapshot's path holds its revision). Not a content hash: for
-    tables and checkpoints of hundreds of GB, reading them whole would cost more than the work they guard."""
+    """A cheap identity of a file (by its resolved path) or a folder (by its files' paths inside it): for each file,
+    its size and either a hash of its bytes (up to 32 MiB: configs, tokenizers, small models, so a copy, a touched
+    file or a fresh clone is the same identity) or its modification time (larger files, rewritten in place, are a
+    new identity: hashing weights and tables of hundreds of GB would cost more than the work they guard)."""
     path = Path(path)
     if not path.exists():  # not a file: a hub id, identified by name alone
         return str(path)
     path = path.resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    if not path.is_dir():
+        return _identity_entry(str(path), path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return ";".join(_identity_entry(p.relative_to(path).as_posix(), p) for p in files)
+
+
+def _identity_entry(name: str, path: Path) -> str:
+    size = path.stat().st_size
+    stamp = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest() if size <= HASHED_UP_TO \
+        else f"t{path.stat().st_mtime_ns}"
+    return f"{name}:{size}:{stamp}"
+
+
+_ENTRY = re.compile(r"^(?P<name>.+):(?P<size>\d+):(?P<stamp>\w+)$")
+
+
+def setting_change(key: str, then: Any, now: Any) -> str:
+    """A changed setting in a few words, for a refusal to resume: ``key then -> now``, except for two
+    ``file_identity`` values, which name the files added, removed or changed instead of printing both in full."""
+    entries = [[_ENTRY.match(entry) for entry in value.split(";")] if isinstance(value, str) else [None]
+               for value in (then, now)]
+    if not all(all(entries_of) for entries_of in entries):
+        return f"{key} {then!r} -> {now!r}"
+    before, after = ({m["name"]: m.group(0) for m in entries_of} for entries_of in entries)
+    differ = sorted(name for name in before.keys() & after.keys() if before[name] != after[name])
+    parts = [(word, names) for word, names in (("changed", differ), ("added", sorted(after.keys() - before.keys())),
+                                               ("removed", sorted(before.keys() - after.keys()))) if names]
+    shown = "; ".join(f"{word}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+                      for word, names in parts)
+    return f"{key} (files {shown})"
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
 
 from rlaif.errors import RlaifError
+from rlaif.files import setting_change
 from rlaif.sample import check_resumable
 from rlaif.seeding import image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id
+from rlaif.tiny import TINY_SD_DIR
 
 FAST = ("--steps", 4, "--batch-size", 4)
 
@@ -177,3 +180,37 @@ def test_a_run_file_rlaif_sample_did_not_write_is_refused(tmp_path):
         check_resumable(tmp_path / "run.json", generation)
     (tmp_path / "run.json").write_text('{"generation": {"model": "tiny", "seed": 0}}')
     check_resumable(tmp_path / "run.json", generation)  # the same settings: resumable
+
+
+def test_a_copied_or_touched_model_folder_resumes_and_a_changed_one_names_its_file(tmp_path):
+    """Small files are known by their bytes: a fresh clone or a `touch` is the same model; an edited file is not,
+    and the refusal names it instead of printing every file's identity."""
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD_DIR, model)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    args = ("sample", "--model", model, "--prompts", tmp_path / "p.txt", "--per-prompt", 1, "--steps", 2,
+            "--out", tmp_path / "s")
+    assert run_cli(*args).returncode == 0
+    os.utime(model / "unet" / "config.json", ns=(0, 0))  # what a clone, a copy or a touch does
+    shutil.copytree(model, tmp_path / "moved")
+    shutil.rmtree(model)
+    (tmp_path / "moved").rename(model)
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(index, indent=4))  # other bytes, the same pipeline
+    refused = run_cli(*args)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"error: {tmp_path / 's'} holds images made with other settings (model_weights "
+                                      "(files changed: model_index.json)); rerun with the same settings to resume, "
+                                      "or choose another --out")
+
+
+def test_a_setting_change_of_file_identities_names_the_files():
+    assert setting_change("steps", 10, 12) == "steps 10 -> 12"
+    then = "a.json:10:0123abcd;b.bin:99999999:t1700000000;c.txt:3:ffff0000"
+    now = "a.json:10:0123abce;b.bin:99999999:t1700000000;d.txt:5:00001111"
+    assert setting_change("model_weights", then, now) == \
+        "model_weights (files changed: a.json; added: d.txt; removed: c.txt)"
+    assert setting_change("model_weights", "org/name@abc", "org/name@def") == \
+        "model_weights 'org/name@abc' -> 'org/name@def'"

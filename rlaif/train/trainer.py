@@ -41,7 +41,7 @@ from rlaif.config import (
 )
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import atomic_path, publish, read_json, write_json
+from rlaif.files import atomic_path, publish, read_json, setting_change, write_json
 from rlaif.models import (
     check_size,
     default_size,
@@ -563,7 +563,7 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
 
 def _changes(then: dict, now: dict, keys: Iterable[str]) -> list[str]:
     """"key old -> new" for each of ``keys`` whose value differs between ``then`` and ``now``."""
-    return [f"{key} {then.get(key)!r} -> {now[key]!r}" for key in keys if then.get(key) != now[key]]
+    return [setting_change(key, then.get(key), now[key]) for key in keys if then.get(key) != now[key]]
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
