@@ -162,6 +162,11 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     samples = read_table(root / "samples.parquet", SAMPLES_SCHEMA)
     # the samples' settings, recorded for `rlaif train`'s checks; none for a folder `rlaif sample` did not make
     generation = (read_json(root / "run.json", "sample the folder again") or {}).get("generation")
+    if samples.is_empty():
+        raise RlaifError(f"{root / 'samples.parquet'} holds no samples; sample the folder again")
+    if samples["prompt_id"].n_unique() == samples.height:  # checked before any scoring: nothing could pair
+        raise RlaifError(f"{root}: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 "
+                         "or more")
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")

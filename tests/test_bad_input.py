@@ -55,6 +55,14 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "broken-samples").mkdir()
     pl.DataFrame(schema=SAMPLES_SCHEMA).write_parquet(tmp_path / "broken-samples" / "samples.parquet")
     (tmp_path / "broken-samples" / "run.json").write_text("[1, 2]")
+    (tmp_path / "no-samples").mkdir()
+    pl.DataFrame(schema=SAMPLES_SCHEMA).write_parquet(tmp_path / "no-samples" / "samples.parquet")
+    (tmp_path / "one-each").mkdir()  # `rlaif sample --per-prompt 1`: two prompts, one candidate each
+    row = {"candidate": 0, "seed": 0, "model": "tiny", "scheduler": "DDIMScheduler", "steps": 2, "guidance": 7.5,
+           "width": 64, "height": 64, "negative_prompt": ""}
+    pl.DataFrame([{**row, "sample_id": sid, "prompt_id": sid, "prompt": text, "image": f"images/{sid}/0000.png"}
+                  for sid, text in (("p1", "a red circle"), ("p2", "a blue square"))],
+                 schema=SAMPLES_SCHEMA).write_parquet(tmp_path / "one-each" / "samples.parquet")
     (tmp_path / "broken-loop").mkdir()
     (tmp_path / "broken-loop" / "loop.json").write_text("not json")
     image = io.BytesIO()
@@ -124,6 +132,9 @@ CASES = [
     (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
     (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
+    (["label", "no-samples", "-s", "compressibility"], "no-samples/samples.parquet holds no samples"),
+    (["label", "one-each", "-s", "compressibility"],
+     "one-each: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 or more"),
     (["label", "broken-samples", "-s", "compressibility"],
      "broken-samples/run.json is not a record rlaif wrote (a JSON list); sample the folder again"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "a-file/x.parquet"],
