@@ -207,6 +207,9 @@ class LabelConfig:
         """Reject impossible settings, unknown scorers and unusable paths before anything is loaded or written."""
         if (self.samples_dir is None) == (self.relabel is None):
             raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
+        if self.samples_dir is not None and self.samples_dir.is_file():
+            raise RlaifError(f"SAMPLES_DIR {self.samples_dir} is a file; give the folder `rlaif sample` wrote (it "
+                             "holds samples.parquet), or --relabel TABLE for a Pick-a-Pic style pairs table")
         self.check_values()
         if self.out is not None:
             check_out_dir(self.out.parent, "--out")

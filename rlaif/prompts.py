@@ -36,6 +36,8 @@ def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
     """The distinct prompts of ``source`` (see ``load_prompts``) as column ``prompt``, with the category columns
     the file has (PartiPrompts' ``Category`` and ``Challenge``), taken from each prompt's first row."""
     path = prompt_set_path(source) if source in PROMPT_SETS else Path(source)
+    if path.is_dir():
+        raise RlaifError(f"prompts file {path} is a folder; give a file of prompts ({', '.join(SUFFIXES)})")
     if not path.is_file():
         raise RlaifError(f"prompts file {path} does not exist")
     suffix = path.suffix.lower()

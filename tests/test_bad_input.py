@@ -97,6 +97,8 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--width", "100"], "--width must be a positive multiple of 8"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "-1"], "--guidance must not be negative"),
     (["sample", "-m", "tiny", "-p", "missing.txt", "-o", "s"], "prompts file missing.txt does not exist"),
+    (["sample", "-m", "tiny", "-p", "empty", "-o", "s"],
+     "prompts file empty is a folder; give a file of prompts (.txt, .csv, .tsv, .jsonl, .parquet)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "a-file"], "--out a-file is a file, not a folder"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "a-file/s"], "--out a-file/s: a-file is a file, not a folder"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "empty"], "--tuned empty holds neither"),
@@ -132,6 +134,8 @@ CASES = [
     (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
     (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
+    (["label", "pap.parquet", "-s", "compressibility"], "SAMPLES_DIR pap.parquet is a file; give the folder "
+     "`rlaif sample` wrote (it holds samples.parquet), or --relabel TABLE for a Pick-a-Pic style pairs table"),
     (["label", "no-samples", "-s", "compressibility"], "no-samples/samples.parquet holds no samples"),
     (["label", "one-each", "-s", "compressibility"],
      "one-each: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 or more"),
@@ -157,6 +161,8 @@ CASES = [
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--warmup-steps", "-5"], "--warmup-steps must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--resolution", "100"], "--resolution must be a positive"),
     (["train", "missing.parquet", "-m", "tiny", "-o", "t"], "pairs table missing.parquet does not exist"),
+    (["train", "one-each", "-m", "tiny", "-o", "t"], "pairs table one-each is a folder of `rlaif sample`; train on "
+     "the pairs table `rlaif label` writes into it: one-each/pairs.parquet"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--cache-dtype", "fp8"], "--cache-dtype 'fp8' is not one of"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--workers", "-1"], "--workers must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-sequence-length", "0"],

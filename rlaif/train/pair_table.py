@@ -71,6 +71,9 @@ def parquet_shards(files: list[str], where: str) -> list[str]:
 def parquet_files(path: Path) -> list[str]:
     """The parquet files of a local table: the file itself, or a folder's shards (``parquet_shards``)."""
     if path.is_dir():
+        if (path / "samples.parquet").is_file():  # a folder of `rlaif sample`: its tables are not shards of one
+            raise RlaifError(f"pairs table {path} is a folder of `rlaif sample`; train on the pairs table `rlaif "
+                             f"label` writes into it: {path / 'pairs.parquet'}")
         return parquet_shards(sorted(map(str, path.rglob("*.parquet"))), str(path))
     return [str(path)]
 
