@@ -49,6 +49,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the files of a train output
     (tmp_path / "lora" / "train.json").write_text('{"format": 2, "config": {}}')
+    (tmp_path / "stopped" / "checkpoints" / "step_00000002").mkdir(parents=True)  # a run killed after step 2
+    (tmp_path / "stopped" / "checkpoints" / "step_00000002" / "position.json").write_text('{"step": 2}')
     (tmp_path / "broken-lora").mkdir()  # records that rlaif did not write (an edit gone wrong, another tool)
     (tmp_path / "broken-lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (tmp_path / "broken-lora" / "train.json").write_text('{"format": 2, "config": ')
@@ -103,6 +105,11 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "a-file/s"], "--out a-file/s: a-file is a file, not a folder"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "empty"], "--tuned empty holds neither"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "nowhere"], "--tuned nowhere does not exist"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "stopped"], "--tuned stopped is an unfinished "
+     "training run (checkpoints only), not finished weights: finish the run with the same `rlaif train` command "
+     "and --resume latest"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "stopped/checkpoints/step_00000002"],
+     "--tuned stopped/checkpoints/step_00000002 is a training checkpoint, not finished weights"),
     (["sample", "-m", "./no-model", "-p", "p.txt", "-o", "s"], "model folder ./no-model does not exist"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--dtype", "fp64"], "--dtype 'fp64' is not one of"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-sequence-length", "600"],

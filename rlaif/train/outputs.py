@@ -54,6 +54,11 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
     if not folder.is_dir():
         raise RlaifError(f"{option} {folder} does not exist")
     if not (is_full(folder) or (folder / LORA_FILE).is_file()):
+        unfinished = ("a training checkpoint" if (folder / "position.json").is_file() else
+                      "an unfinished training run (checkpoints only)" if (folder / "checkpoints").is_dir() else None)
+        if unfinished:
+            raise RlaifError(f"{option} {folder} is {unfinished}, not finished weights: finish the run with the same "
+                             "`rlaif train` command and --resume latest")
         raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/ or transformer/: not an `rlaif "
                          "train` output")
     if not (folder / TRAIN_FILE).is_file():
