@@ -3,6 +3,7 @@ pipelines from a hub id, a local folder or a tiny alias."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import diffusers
@@ -35,8 +36,16 @@ DTYPE_KWARG = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[
 
 
 def resolve_model(model: str) -> str:
-    """Map the tiny aliases (``TINY_ALIASES``) to their local folders; hub ids and paths pass through."""
-    return str(tiny_model_dir(model)) if model in TINY_ALIASES else model
+    """Map the tiny aliases (``TINY_ALIASES``) to their local folders; hub ids and paths pass through. A bare name
+    (no ORG/) close to an alias is refused at once as its misspelling, before the hub is asked (and retried)."""
+    if model in TINY_ALIASES:
+        return str(tiny_model_dir(model))
+    if "/" not in model and not Path(model).exists():
+        close = difflib.get_close_matches(model, TINY_ALIASES, n=1, cutoff=0.7)
+        if close:
+            raise RlaifError(f"model {model!r} is neither a folder, a hub id (ORG/NAME) nor a tiny model alias; did "
+                             f"you mean {close[0]!r}?")
+    return model
 
 
 def _looks_like_path(model: str) -> bool:

@@ -111,6 +111,8 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "stopped/checkpoints/step_00000002"],
      "--tuned stopped/checkpoints/step_00000002 is a training checkpoint, not finished weights"),
     (["sample", "-m", "./no-model", "-p", "p.txt", "-o", "s"], "model folder ./no-model does not exist"),
+    (["sample", "-m", "tny", "-p", "p.txt", "-o", "s"], "model 'tny' is neither a folder, a hub id (ORG/NAME) nor a "
+     "tiny model alias; did you mean 'tiny'?"),  # at once: the hub is not asked (and retried) for a misspelt alias
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--dtype", "fp64"], "--dtype 'fp64' is not one of"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-sequence-length", "600"],
      "--max-sequence-length must be between 1 and 512 tokens, got 600"),
