@@ -4,6 +4,7 @@ config files (TOML) read onto the same dataclasses."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import sys
 import types
@@ -97,6 +98,9 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
     unknown = sorted(set(data) - set(hints))
     if unknown:
         known = [name for name in hints if name not in unlisted]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        if close:
+            raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; did you mean {close[0]!r}?")
         raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(known)}")
     return {name: _coerce(value, hints[name], f"{where} {name}") for name, value in data.items()}
 

@@ -214,7 +214,8 @@ CASES = [
     (["loop", "--config", "unknown-scorer.toml"], "unknown-scorer.toml [label]: unknown scorer 'pickscroe'"),
     (["loop", "--config", "bad-lr.toml"], "bad-lr.toml [train]: --learning-rate must be positive, got -1.0"),
     (["loop", "--config", "same-seeds.toml"], "round 1 would sample with seed 1, the [eval] seed"),
-    (["loop", "--config", "unknown-key.toml"], "unknown-key.toml [train]: unknown setting 'learnin_rate'"),
+    (["loop", "--config", "unknown-key.toml"], "unknown-key.toml [train]: unknown setting 'learnin_rate'; did you mean "
+     "'learning_rate'?"),
     (["loop", "--config", "bad-option.toml"], "scorer 'compressibility' takes no options"),
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
     (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),

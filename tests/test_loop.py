@@ -120,8 +120,9 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
     (LOOP_TABLE + "[train]\nmodel = 'x'\n", "[train]: 'model' is set by the loop, not per stage"),
     ("[sample]\nper_prompt = 2\n", "[loop]: missing model, prompts, eval_prompts, out"),
     (LOOP_TABLE + "[label]\nstrategy='all-pairs'\n", "[label]: missing scorers"),
-    (LOOP_TABLE + "[train]\nmax_step = 3\n",
-     "[train]: unknown setting 'max_step'; known: streaming, label_column, full,"),
+    (LOOP_TABLE + "[train]\nmax_step = 3\n", "[train]: unknown setting 'max_step'; did you mean 'max_steps'?"),
+    (LOOP_TABLE + "[train]\nfrobnicate = 3\n",
+     "[train]: unknown setting 'frobnicate'; known: streaming, label_column, full,"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nper_prompt='4'\n",
      "[eval] per_prompt: expected int, got '4'"),
     (LOOP_TABLE.replace("'tiny'", "'tiny-flux'")

@@ -44,7 +44,7 @@ def test_flags_override_the_config_file(tiny_pairs, tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ('model = "tiny"\nbetta = 1.0\n', "run.toml: unknown setting 'betta'"),
+    ('model = "tiny"\nbetta = 1.0\n', "run.toml: unknown setting 'betta'; did you mean 'beta'?"),
     ('model = "tiny"\nbeta = "high"\n', "run.toml beta: expected float, got 'high'"),
     ('max_steps = 2\n', "missing --model: give it on the command line or in --config"),
     ('model = [\n', "config file"),
