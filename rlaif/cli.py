@@ -350,7 +350,8 @@ def loop(
     config: Annotated[Path, typer.Option("--config", help="Loop config (TOML): a [loop] table (model, prompts, "
                                           "eval_prompts, out, rounds) and [sample] [label] [train] [eval] tables of "
                                           "each command's settings. See rlaif/assets/demo.toml.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: [loop] out.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: [loop] out (with --control: "
+                                                                 "[loop] out-control).")] = None,
     control: Annotated[bool, typer.Option("--control", help="Swap winners and losers (a control run: the reward "
                                                              "should go down).")] = False,
 ) -> None:
@@ -362,7 +363,8 @@ def loop(
 @app.command()
 def demo(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: runs/demo (runs/demo-sd3 "
-                                                                 "with --model tiny-sd3).")] = None,
+                                                                 "with --model tiny-sd3; -control added with "
+                                                                 "--control).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="tiny (SD1.5-style, Diffusion-DPO) or tiny-sd3 "
                                                             "(SD3-style, Flow-DPO).")] = "tiny",
     control: Annotated[bool, typer.Option("--control", help="Swap winners and losers: the compressibility win "

@@ -66,7 +66,8 @@ class LoopPlan:
 
 
 def read_loop(path: Path, out: Path | None = None, control: bool = False) -> LoopPlan:
-    """Read loop config ``path``; ``out`` replaces its output folder; ``control`` swaps winners and losers."""
+    """Read loop config ``path``; ``out`` replaces its output folder; ``control`` swaps winners and losers, by
+    default into ``[loop] out`` + ``-control``, so that a control run never meets the run it controls."""
     path = Path(path)
     unknown = sorted(set(read_toml(path)) - {"loop", *STAGES})
     if unknown:  # a misspelt table would otherwise leave its stage at the defaults without a word
@@ -75,6 +76,8 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     loop = read_settings(path, LoopConfig, "loop")
     if out is not None:
         loop["out"] = Path(out)
+    elif control and "out" in loop:
+        loop["out"] = Path(f"{loop['out']}-control")
     for name in ("prompts", "eval_prompts"):
         if name in loop:  # a relative path is relative to the config file; a bundled set's name stays a name
             loop[name] = resolve_prompt_source(loop[name], path.parent)
@@ -177,7 +180,7 @@ def _state(plan: LoopPlan) -> dict:
                   for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
         changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in values if old != new]
         raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
-                         "the same config to continue it, or choose another --out")
+                         "the same config and options to continue it, or choose another --out")
     return state
 
 

@@ -209,6 +209,14 @@ def test_the_sdxl_loop_example_reads():
     assert plan.stages["train"]["gradient_checkpointing"] and plan.stages["sample"]["dtype"] == "fp16"
 
 
+def test_a_control_run_goes_to_its_own_folder_unless_told():
+    example = Path(__file__).resolve().parents[1] / "examples" / "loop_sdxl_pickscore.toml"
+    out = read_loop(example).loop.out
+    control = read_loop(example, control=True)
+    assert control.loop.out == Path(f"{out}-control") and control.stages["label"]["invert"]
+    assert read_loop(example, out=Path("elsewhere"), control=True).loop.out == Path("elsewhere")
+
+
 def test_later_rounds_sample_new_seeds_never_the_eval_seed():
     from rlaif.loop import round_seed
 
