@@ -9,6 +9,7 @@ each with its interval, and a Wilcoxon signed-rank p-value over the per-prompt m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,3 +86,16 @@ def signed_rank_p(differences: np.ndarray) -> float:
     if not np.any(differences != 0):
         return 1.0
     return float(wilcoxon(differences, zero_method="wilcox").pvalue)
+
+
+def interval_text(value: float, low: float, high: float, percent: bool = False) -> str:
+    """``value (low to high)``, signed, all three to the decimals that show the interval's width to two digits
+    (``+0.0135 (+0.0100 to +0.0174)``; ``percent``: ``+0.62% (+0.41% to +0.80%)``), never a ``-0``."""
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    width = (high - low) * scale
+    decimals = min(6, max(0, 1 - math.floor(math.log10(width)))) if math.isfinite(width) and width > 0 else 4
+
+    def text(number: float) -> str:
+        return f"{round(number * scale, decimals) + 0.0:+.{decimals}f}{unit}"
+
+    return f"{text(value)} ({text(low)} to {text(high)})"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from rlaif.eval import compare, reward_hacking
 from rlaif.pair_eval import judged_batches
+from rlaif.report import _win_table
 from rlaif.scorers.jpeg import jpeg_kilobytes
 from rlaif.stats import paired_effect
 
@@ -219,3 +220,16 @@ def test_pairs_are_judged_all_in_equal_batches():
     assert judged_batches(6, 512, 4) == (6, 3)
     assert judged_batches(7, 512, 4) == (7, 1)
     assert judged_batches(10, 3, 4) == (3, 3)
+
+
+def test_the_report_colours_the_relative_change_by_its_own_interval():
+    row = {"scorer": "s", "prompts": 40, "n": 80, "win_rate": 0.6, "ci_low": 0.45, "ci_high": 0.7, "mean_base": 2.0,
+           "mean_tuned": 2.02, "delta": 0.02, "delta_low": 0.01, "delta_high": 0.03, "relative": 0.01,
+           "relative_low": 0.005, "relative_high": 0.015, "p_value": 0.01}
+    cells = _win_table(pl.DataFrame([row]), "t")
+    assert '<span class="">0.600</span>' in cells  # the win rate's interval holds 0.5
+    assert '<span class="good">+0.020 (+0.010 to +0.030)</span>' in cells
+    assert '<span class="good">+1.00% (+0.50% to +1.50%)</span>' in cells
+    falling = _win_table(pl.DataFrame([{**row, "relative": -0.01, "relative_low": -0.015, "relative_high": -0.005}]),
+                         "t")
+    assert '<span class="bad">-1.00% (-1.50% to -0.50%)</span>' in falling

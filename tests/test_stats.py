@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from rlaif.stats import paired_effect, signed_rank_p, wins
+from rlaif.stats import interval_text, paired_effect, signed_rank_p, wins
 
 
 def test_hand_computed_effect():
@@ -79,3 +79,11 @@ def test_clustered_intervals_cover_the_truth_and_per_comparison_ones_do_not():
     assert 0.90 <= coverage["delta"] <= 0.99, coverage
     assert 0.90 <= coverage["win"] <= 0.99, coverage
     assert coverage["naive delta"] < 0.80 and coverage["naive win"] < 0.85, coverage
+
+
+def test_intervals_are_printed_to_the_decimals_their_width_needs():
+    assert interval_text(0.01349, 0.0100, 0.0174) == "+0.0135 (+0.0100 to +0.0174)"  # not "+0.01349 (+0.01 to ..."
+    assert interval_text(0.0062, 0.0041, 0.0080, percent=True) == "+0.62% (+0.41% to +0.80%)"
+    assert interval_text(-0.00004, -0.0009, 0.0008, percent=True) == "+0.00% (-0.09% to +0.08%)"  # never "-0.00%"
+    assert interval_text(24.4, 15.3, 35.6) == "+24 (+15 to +36)"
+    assert interval_text(0.5, 0.5, 0.5) == "+0.5000 (+0.5000 to +0.5000)"  # no width: 4 decimals
