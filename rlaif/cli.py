@@ -499,9 +499,11 @@ def main() -> None:
         say(f"error: {error_line(exc)}")
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, typer.Abort):
-        resume = (" (for rlaif train, add --resume latest: it goes on from the last --checkpoint-every "
-                  "checkpoint)") if sys.argv[1:2] == ["train"] else ""
-        say(f"interrupted: nothing finished is lost; rerun the same command to continue where it stopped{resume}")
+        if sys.argv[1:2] == ["train"]:
+            say("interrupted: rerun the same command with --resume latest to go on from the last checkpoint "
+                "(--checkpoint-every); the steps after it are done again")
+        else:
+            say("interrupted: nothing finished is lost; rerun the same command to continue where it stopped")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)

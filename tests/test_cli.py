@@ -102,6 +102,23 @@ def test_ctrl_c_says_how_to_go_on(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing finished is lost; rerun the same command")
 
 
+def test_ctrl_c_in_training_says_to_resume(tiny_pairs, tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "rlaif", "train", str(tiny_pairs), "-m", "tiny", "-o",
+                                str(tmp_path / "t"), "--max-steps", "1000", "--checkpoint-every", "1"],
+                               env=cli_env(), stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not (tmp_path / "t" / "checkpoints").is_dir():
+        time.sleep(0.05)  # at work: its first checkpoint is being written
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == ("interrupted: rerun the same command with --resume latest to go on "
+                                               "from the last checkpoint (--checkpoint-every); the steps after it "
+                                               "are done again")
+
+
 def test_cache_info_and_clear(tmp_path):
     cache = tmp_path / "cache"
     (cache / "train" / "latents" / "vae-fp32").mkdir(parents=True)
