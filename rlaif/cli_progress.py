@@ -91,8 +91,8 @@ def progress_output(unit: str, visible: bool = True, stream: TextIO | None = Non
         tasks: dict[str, TaskID] = {}
 
         def report(description: str, done: int, total: int, info: str = "", unit: str | None = None) -> None:
-            if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total, info=info, unit=unit)
+            if description not in tasks:  # starting at the first count: work skipped on resuming is no speed
+                tasks[description] = bar.add_task(description, total=total, completed=done, info=info, unit=unit)
             bar.update(tasks[description], completed=done, total=total, info=info)
 
         yield report

@@ -142,24 +142,26 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     jobs = plan_jobs(prompts, config.per_prompt, config.seed)
     mine = plan_batches(jobs, config.batch_size)[state.process_index :: state.num_processes]
     total = sum(len(batch) for batch in mine)
-    done = 0
+    todo = [batch for batch in mine if not all((config.out / job.image).exists() for job in batch)]
+    done = total - sum(len(batch) for batch in todo)  # made by an earlier run: counted at once, not as speed
+    if progress:
+        progress(done, total)
     with ImageWriter() as writer:
-        for batch in mine:
+        for batch in todo:
             missing = [job for job in batch if not (config.out / job.image).exists()]
-            if missing:
-                images = pipe(
-                    prompt=[job.prompt for job in batch],
-                    negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
-                    num_inference_steps=config.steps,
-                    guidance_scale=config.guidance,
-                    width=width,
-                    height=height,
-                    generator=[generator(job.seed) for job in batch],
-                    **length,
-                ).images
-                for job, image in zip(batch, images, strict=True):
-                    if job in missing:
-                        writer.submit(image, config.out / job.image)
+            images = pipe(
+                prompt=[job.prompt for job in batch],
+                negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
+                width=width,
+                height=height,
+                generator=[generator(job.seed) for job in batch],
+                **length,
+            ).images
+            for job, image in zip(batch, images, strict=True):
+                if job in missing:
+                    writer.submit(image, config.out / job.image)
             done += len(batch)
             if progress:
                 progress(done, total)
