@@ -73,29 +73,45 @@ def publish(path: str | os.PathLike[str]) -> None:
         entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
-HASHED_UP_TO = 32 * 2**20  # file_identity hashes files up to this size, and times larger ones
-
-
 def file_identity(path: str | os.PathLike[str]) -> str:
-    """A cheap identity of a file (by its resolved path) or a folder (by its files' paths inside it): for each file,
-    its size and either a hash of its bytes (up to 32 MiB: configs, tokenizers, small models, so a copy, a touched
-    file or a fresh clone is the same identity) or its modification time (larger files, rewritten in place, are a
-    new identity: hashing weights and tables of hundreds of GB would cost more than the work they guard)."""
+    """A cheap identity of a file or folder: resolved path, sizes and modification times of its files (a file
+    rewritten in place is a new identity; a hub snapshot's path holds its revision). Not a content hash: for
+    tables and checkpoints of hundreds of GB, reading them whole would cost more than the work they guard."""
     path = Path(path)
     if not path.exists():  # not a file: a hub id, identified by name alone
         return str(path)
     path = path.resolve()
-    if not path.is_dir():
-        return _identity_entry(str(path), path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return ";".join(_identity_entry(p.relative_to(path).as_posix(), p) for p in files)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def _identity_entry(name: str, path: Path) -> str:
+HASHED_UP_TO = 32 * 2**20  # folder_identity hashes files up to this size whole, larger ones at both ends
+_END = 2**20
+
+
+def folder_identity(folder: Path) -> str:
+    """The identity of a model folder's content: each file by its path inside the folder, its size and a hash of
+    its bytes (files up to 32 MiB: configs, tokenizers, small models, so a copy, a `touch` or a fresh clone is the
+    same model), or for larger files (weights of GB, too costly to read whole) their modification time and a hash
+    of their first and last MiB. Hidden files and folders (.git, a download cache's metadata) are not the model."""
+    folder = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return ";".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{_content_stamp(p)}" for p in files)
+
+
+def _content_stamp(path: Path) -> str:
+    """A file's bytes hashed (``b``HASH), or for a large one its modification time and its two ends' hash."""
     size = path.stat().st_size
-    stamp = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest() if size <= HASHED_UP_TO \
-        else f"t{path.stat().st_mtime_ns}"
-    return f"{name}:{size}:{stamp}"
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        if size <= HASHED_UP_TO:
+            digest.update(handle.read())
+            return f"b{digest.hexdigest()}"
+        digest.update(handle.read(_END))
+        handle.seek(size - _END)
+        digest.update(handle.read(_END))
+    return f"{path.stat().st_mtime_ns}_{digest.hexdigest()}"
 
 
 _ENTRY = re.compile(r"^(?P<name>.+):(?P<size>\d+):(?P<stamp>\w+)$")
@@ -103,12 +119,16 @@ _ENTRY = re.compile(r"^(?P<name>.+):(?P<size>\d+):(?P<stamp>\w+)$")
 
 def setting_change(key: str, then: Any, now: Any) -> str:
     """A changed setting in a few words, for a refusal to resume: ``key then -> now``, except for two
-    ``file_identity`` values, which name the files added, removed or changed instead of printing both in full."""
+    ``file_identity`` / ``folder_identity`` values, which name the files added, removed or changed instead of
+    printing both in full."""
     entries = [[_ENTRY.match(entry) for entry in value.split(";")] if isinstance(value, str) else [None]
                for value in (then, now)]
     if not all(all(entries_of) for entries_of in entries):
         return f"{key} {then!r} -> {now!r}"
     before, after = ({m["name"]: m.group(0) for m in entries_of} for entries_of in entries)
+    if all(Path(name).is_absolute() for name in before) and not any(Path(name).is_absolute() for name in after):
+        return (f"{key} (recorded by an older rlaif, which identified a model folder's files by their paths and "
+                "times: finish with that rlaif, or start again in another --out)")
     differ = sorted(name for name in before.keys() & after.keys() if before[name] != after[name])
     parts = [(word, names) for word, names in (("changed", differ), ("added", sorted(after.keys() - before.keys())),
                                                ("removed", sorted(before.keys() - after.keys()))) if names]

@@ -19,7 +19,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError, first_line, hub_unavailable
-from rlaif.files import file_identity
+from rlaif.files import folder_identity
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -123,13 +123,13 @@ def _family(pipeline_class: type[DiffusionPipeline]) -> str:
 
 def model_identity(model: str) -> str:
     """What identifies the weights behind ``model``: for a hub id, the cached snapshot (its revision) that
-    loading used; for a folder or a tiny alias, its files' paths, sizes and times. A new revision or a changed
+    loading used; for a folder or a tiny alias, its content (``folder_identity``). A new revision or a changed
     folder is another model, whose samples are not this one's."""
     source = resolve_model(model)
     if not _looks_like_path(source):
         index = huggingface_hub.try_to_load_from_cache(source, "model_index.json")
         return f"{model}@{Path(index).parent.name}" if isinstance(index, str) else model
-    return file_identity(Path(source).expanduser())
+    return folder_identity(Path(source).expanduser())
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

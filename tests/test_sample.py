@@ -15,7 +15,7 @@ from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
 
 from rlaif.errors import RlaifError
-from rlaif.files import setting_change
+from rlaif.files import folder_identity, setting_change
 from rlaif.sample import check_resumable
 from rlaif.seeding import image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id
@@ -219,3 +219,30 @@ def test_a_setting_change_of_file_identities_names_the_files():
         "model_weights (files changed: a.json; added: d.txt; removed: c.txt)"
     assert setting_change("model_weights", "org/name@abc", "org/name@def") == \
         "model_weights 'org/name@abc' -> 'org/name@def'"
+    legacy = "/m/a.json:10:1700000000;/m/b.bin:99999999:1700000000"  # before folder_identity: paths and times
+    assert setting_change("model_weights", legacy, now).startswith("model_weights (recorded by an older rlaif")
+
+
+def test_a_model_folder_is_known_by_its_content(tmp_path, monkeypatch):
+    import rlaif.files
+
+    monkeypatch.setattr(rlaif.files, "HASHED_UP_TO", 64)  # so that a small test file is a "large" one
+    monkeypatch.setattr(rlaif.files, "_END", 8)
+    model = tmp_path / "m"
+    (model / ".git").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "weights.bin").write_bytes(bytes(range(200)))
+    first = folder_identity(model)
+    (model / ".git" / "index").write_bytes(b"changed by git status")  # not the model
+    os.utime(model / "config.json", ns=(0, 0))
+    assert folder_identity(model) == first
+    stamp = (model / "weights.bin").stat().st_mtime_ns
+    (model / "weights.bin").write_bytes(bytes(range(199)) + b"x")  # its last byte: the same size and time
+    os.utime(model / "weights.bin", ns=(stamp, stamp))
+    assert setting_change("model_weights", first, folder_identity(model)) == \
+        "model_weights (files changed: weights.bin)"
+    (model / "weights.bin").write_bytes(bytes(range(200)))
+    os.utime(model / "weights.bin", ns=(stamp, stamp))
+    assert folder_identity(model) == first
+    os.utime(model / "weights.bin", ns=(0, 0))  # a large file's time still counts: a copy is another file
+    assert folder_identity(model) != first
