@@ -21,7 +21,7 @@ from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
-from rlaif.stats import paired_effect, wins
+from rlaif.stats import interval_text, paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import trained_config
 
@@ -62,9 +62,9 @@ def reward_hacking(summary: pl.DataFrame) -> list[str]:
     fell = summary.filter((pl.col("role") == HELD_OUT) & (pl.col("delta_high") < 0))
     if not rose:
         return []
-    return [f"reward hacking? {', '.join(rose)} rose while held-out {row['scorer']} fell significantly "
-            f"({row['relative']:+.1%}, 95% CI {row['relative_low']:+.1%} to {row['relative_high']:+.1%})"
-            for row in fell.iter_rows(named=True)]
+    return [f"reward hacking? {', '.join(rose)} rose while held-out {row['scorer']} fell significantly: "
+            f"{interval_text(row['relative'], row['relative_low'], row['relative_high'], percent=True)} of the base "
+            "mean (95% CI)" for row in fell.iter_rows(named=True)]
 
 
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:

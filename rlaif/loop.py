@@ -76,7 +76,7 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     loop = read_settings(path, LoopConfig, "loop")
     if out is not None:
         loop["out"] = Path(out)
-    elif control and "out" in loop:
+    elif control and "out" in loop and not _control_run_in(Path(loop["out"]), Path(f"{loop['out']}-control")):
         loop["out"] = Path(f"{loop['out']}-control")
     for name in ("prompts", "eval_prompts"):
         if name in loop:  # a relative path is relative to the config file; a bundled set's name stays a name
@@ -165,6 +165,15 @@ def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: 
             f"{path}: [{negative[0]}] negative_prompt replaces the empty caption in guidance, but [train]'s "
             "unconditional anchor (on by default) holds the empty caption's prediction; set [train] "
             "keep_unconditional = 0 to train without it, or a weight to keep it anyway")
+
+
+def _control_run_in(out: Path, control_out: Path) -> bool:
+    """Whether ``out`` holds a control run that an rlaif before the ``-control`` default started there (and none
+    was started in ``control_out`` since): ``--control`` then goes on in it rather than start again."""
+    if (control_out / "loop.json").exists():
+        return False
+    state = read_json(out / "loop.json", "restore it, or choose another --out") or {}
+    return bool((state.get("settings") or {}).get("label", {}).get("invert"))
 
 
 def _state(plan: LoopPlan) -> dict:

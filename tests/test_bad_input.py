@@ -171,7 +171,8 @@ CASES = [
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--resolution", "100"], "--resolution must be a positive"),
     (["train", "missing.parquet", "-m", "tiny", "-o", "t"], "pairs table missing.parquet does not exist"),
     (["train", "one-each", "-m", "tiny", "-o", "t"], "pairs table one-each is a folder of `rlaif sample`; train on "
-     "the pairs table `rlaif label` writes into it: one-each/pairs.parquet"),
+     "the pairs table `rlaif label` writes into it: one-each/pairs.parquet (run `rlaif label one-each --scorer NAME` "
+     "first)"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--cache-dtype", "fp8"], "--cache-dtype 'fp8' is not one of"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--workers", "-1"], "--workers must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-sequence-length", "0"],

@@ -36,7 +36,8 @@ def test_reward_hacking_is_flagged_when_the_trained_score_rises_and_a_held_out_o
     summary = pl.DataFrame([row("pickscore", "optimised", 0.02, 0.05), row("aesthetic", "held-out", -0.04, -0.01),
                             row("clip", "held-out", -0.02, 0.01)])
     (warning,) = reward_hacking(summary)
-    assert warning.startswith("reward hacking? pickscore rose while held-out aesthetic fell significantly (-2.5%")
+    assert warning == ("reward hacking? pickscore rose while held-out aesthetic fell significantly: -2.5% (-4.0% to "
+                       "-1.0%) of the base mean (95% CI)")
     assert reward_hacking(summary.with_columns(delta_low=pl.lit(-0.01))) == []  # the trained score did not rise
 
 

@@ -217,6 +217,18 @@ def test_a_control_run_goes_to_its_own_folder_unless_told():
     assert read_loop(example, out=Path("elsewhere"), control=True).loop.out == Path("elsewhere")
 
 
+def test_a_control_run_begun_in_the_loops_own_folder_goes_on_there(tmp_path, monkeypatch):
+    """Before the -control default, `rlaif loop --control` ran in [loop] out: rerun, it continues there."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "loop_sdxl_pickscore.toml"
+    monkeypatch.chdir(tmp_path)
+    out = read_loop(example).loop.out
+    out.mkdir(parents=True)
+    (out / "loop.json").write_text(json.dumps({"settings": {"label": {"invert": True}}, "done": [], "rounds": {}}))
+    assert read_loop(example, control=True).loop.out == out
+    (out / "loop.json").write_text(json.dumps({"settings": {"label": {}}, "done": [], "rounds": {}}))
+    assert read_loop(example, control=True).loop.out == Path(f"{out}-control")  # the run it controls
+
+
 def test_later_rounds_sample_new_seeds_never_the_eval_seed():
     from rlaif.loop import round_seed
 

@@ -72,8 +72,10 @@ def parquet_files(path: Path) -> list[str]:
     """The parquet files of a local table: the file itself, or a folder's shards (``parquet_shards``)."""
     if path.is_dir():
         if (path / "samples.parquet").is_file():  # a folder of `rlaif sample`: its tables are not shards of one
+            labelled = (path / "pairs.parquet").is_file()
             raise RlaifError(f"pairs table {path} is a folder of `rlaif sample`; train on the pairs table `rlaif "
-                             f"label` writes into it: {path / 'pairs.parquet'}")
+                             f"label` writes into it: {path / 'pairs.parquet'}"
+                             + ("" if labelled else f" (run `rlaif label {path} --scorer NAME` first)"))
         return parquet_shards(sorted(map(str, path.rglob("*.parquet"))), str(path))
     return [str(path)]
 
