@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rlaif.errors import RlaifError
@@ -173,6 +173,9 @@ class SampleConfig:
         _check_generation(self)
 
 
+PAIRING_SETTINGS = ("strategy", "top_k", "min_margin", "keep_ties", "invert")  # how a samples folder is paired
+
+
 @dataclass
 class LabelConfig:
     """Settings of ``rlaif label``; field help texts are the CLI's help texts."""
@@ -207,6 +210,13 @@ class LabelConfig:
         """Reject impossible settings, unknown scorers and unusable paths before anything is loaded or written."""
         if (self.samples_dir is None) == (self.relabel is None):
             raise RlaifError("give either SAMPLES_DIR or --relabel TABLE")
+        if self.relabel is not None:  # a table's pairs are given: settings that make pairs must not look applied
+            defaults = {f.name: f.default for f in fields(self)}
+            given = [name for name in PAIRING_SETTINGS if getattr(self, name) != defaults[name]]
+            if given:
+                raise RlaifError(f"--{given[0].replace('_', '-')} does not apply with --relabel, which labels the "
+                                 "table's own pairs (a tie labelled 0.5); it applies to pairs made from a samples "
+                                 "folder")
         if self.samples_dir is not None and self.samples_dir.is_file():
             raise RlaifError(f"SAMPLES_DIR {self.samples_dir} is a file; give the folder `rlaif sample` wrote (it "
                              "holds samples.parquet), or --relabel TABLE for a Pick-a-Pic style pairs table")

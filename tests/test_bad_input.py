@@ -177,6 +177,11 @@ CASES = [
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--workers", "-1"], "--workers must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-sequence-length", "0"],
      "--max-sequence-length must be between 1 and 512 tokens, got 0"),
+    (["label", "-s", "compressibility", "--relabel", "pap.parquet", "--invert"], "--invert does not apply with "
+     "--relabel, which labels the table's own pairs (a tie labelled 0.5); it applies to pairs made from a samples "
+     "folder"),
+    (["label", "-s", "compressibility", "--relabel", "pap.parquet", "--min-margin", "5"],
+     "--min-margin does not apply with --relabel"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "--chunk-size", "0"],
      "--chunk-size must be at least 1"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "pap.parquet"],
