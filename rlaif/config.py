@@ -44,6 +44,9 @@ CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditio
 OFFICIAL_LOSS = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": CAPTION_DROPOUT}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
+# Peak learning rate, by what is trained: LoRA's, the best LoRA recipe of bench/reward_suite.py; the whole network's,
+# the demo's (full fine-tuning at LoRA's rate diverges within a few steps)
+DEFAULT_LEARNING_RATE = {"lora": 3e-4, "full": 1e-5}
 DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included (diffusers' SD3 LoRA script and
     # flow_grpo's Flow-DPO; diffusers' FLUX LoRA script also adapts the feed-forward layers)
     "unet": "to_q,to_k,to_v,to_out.0",
@@ -301,9 +304,9 @@ class TrainConfig:
     flow_weighting: str = field(default="logit_normal", metadata={
         "help": f"SD3 / FLUX only: where on the noise path pairs are trained, {' | '.join(FLOW_WEIGHTINGS)} "
                 "(SD3 paper; logit-normal(0, 1) as in diffusers' scripts and Flow-DPO)."})
-    learning_rate: float = field(default=3e-4, metadata={
-        "help": "Peak learning rate (per sample if --scale-lr). The LoRA defaults (rank 32, lr 3e-4, 4 pairs per "
-                "step, 600 steps) are the best LoRA recipe of bench/reward_suite.py; with --full use about 1e-5."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (per sample if --scale-lr); default 3e-4 with LoRA (with rank 32, 4 pairs per "
+                "step and 600 steps, the best LoRA recipe of bench/reward_suite.py), 1e-5 with --full."})
     scale_lr: bool = field(default=False, metadata={
         "help": "Multiply the learning rate by the global batch (pairs x accumulation x processes), as the "
                 "official code does."})

@@ -73,7 +73,7 @@ def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
     from rlaif.train.trainer import _check_same_run, _settings
 
     config = TrainConfig(pairs=str(tmp_path / "p.parquet"), model="tiny", out=tmp_path / "o", beta=5000.0,
-                         lora_targets="to_q,to_k,to_v,to_out.0")
+                         lora_targets="to_q,to_k,to_v,to_out.0", learning_rate=3e-4)  # as resolved for a run
     settings = _settings(config)
     del settings["flow_weighting"]
     (tmp_path / "old").mkdir()

@@ -34,6 +34,7 @@ from rlaif.config import (
     DEFAULT_BETA,
     DEFAULT_DPO_POSITIVE,
     DEFAULT_KEEP_UNCONDITIONAL,
+    DEFAULT_LEARNING_RATE,
     DEFAULT_LORA_TARGETS,
     DEFAULT_WEIGHT_DECAY,
     POSITIVE_LOSS_TYPES,
@@ -272,7 +273,8 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
     """``config`` with the settings left to the model family filled in (beta, DPO-Positive's lambda, the
-    unconditional anchor and with it caption dropout, LoRA targets, weight decay), before anything records them: a
+    unconditional anchor and with it caption dropout, LoRA targets, weight decay) and the learning rate left to
+    LoRA or full fine-tuning, before anything records them: a
     run's checkpoints and train.json hold the values it trained with. Refuses the anchor for FLUX.1 here, before
     any work (or an --overwrite) starts."""
     family = model_family(config.model)
@@ -284,6 +286,8 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     keep = config.keep_unconditional if config.keep_unconditional is not None \
         else DEFAULT_KEEP_UNCONDITIONAL[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0
     return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
+                   learning_rate=config.learning_rate if config.learning_rate is not None
+                   else DEFAULT_LEARNING_RATE["full" if config.full else "lora"],
                    keep_unconditional=keep,
                    caption_dropout=config.caption_dropout if config.caption_dropout is not None
                    else 0.0 if keep else CAPTION_DROPOUT,
@@ -547,7 +551,8 @@ def settings_then(saved: dict) -> dict:
 
 # Settings that a run left out resolves from rlaif's defaults (with_family_defaults): a loop's later round must
 # resolve them as its earlier rounds did, or an upgrade of rlaif between rounds would change the loss silently
-DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "weight_decay", "lora_targets")
+DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "weight_decay", "lora_targets",
+             "learning_rate")
 
 
 def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
