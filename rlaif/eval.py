@@ -16,14 +16,16 @@ import polars as pl
 
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig
 from rlaif.distributed import process_state
+from rlaif.errors import RlaifError
 from rlaif.label import update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
-from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+from rlaif.tables import SAMPLES_SCHEMA, SAMPLING_METADATA, prompt_id, read_table, write_table
 from rlaif.train.outputs import trained_config
+from rlaif.train.pair_table import open_parquet, parquet_files
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -77,12 +79,34 @@ def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
             .with_columns(delta=pl.col("mean_tuned") - pl.col("mean_base")).sort("scorer", "prompt"))
 
 
+def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
+    """Refuse to evaluate ``tuned`` on the very images it was trained on: an image's seed is a function of the run
+    seed, prompt and candidate, so prompts among the captions of its pairs table, at the run seed that table's
+    samples were drawn with, make base images identical to those training samples (the check reads what `rlaif
+    label` recorded; other tables record no seed)."""
+    pairs = trained_config(tuned).get("pairs")
+    if not pairs or not Path(pairs).exists():
+        return
+    files = parquet_files(Path(pairs))
+    recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
+    if seed not in {json.loads(value).get("seed") for value in recorded if value}:
+        return
+    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
+    seen = [prompt for prompt in prompts if prompt in captions]
+    if seen:
+        raise RlaifError(f"--seed {seed} with {len(seen)} of {len(prompts)} prompts that {tuned} was trained on (its "
+                         f"pairs table {pairs} was sampled at run seed {seed}, e.g. {seen[0]!r}): the base images "
+                         "would be its training samples; pass another --seed (new seeds of those prompts) or "
+                         "held-out prompts")
+
+
 def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None) -> Path:
     """Sample base and tuned images with the same seeds, score both, write eval.parquet (and
     eval_by_category.parquet when the prompts have categories) and report.html; return the eval table.
     ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base)."""
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column)
+    check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
     # both sides at the T5 prompt length the model was trained at, unless one is given

@@ -10,7 +10,7 @@ import pytest
 from conftest import PROMPTS, run_cli
 from PIL import Image
 
-from rlaif.eval import compare, reward_hacking
+from rlaif.eval import check_images_held_out, compare, reward_hacking
 from rlaif.pair_eval import judged_batches
 from rlaif.report import _win_table
 from rlaif.scorers.jpeg import jpeg_kilobytes
@@ -234,3 +234,19 @@ def test_the_report_colours_the_relative_change_by_its_own_interval():
     falling = _win_table(pl.DataFrame([{**row, "relative": -0.01, "relative_low": -0.015, "relative_high": -0.005}]),
                          "t")
     assert '<span class="bad">-1.00% (-1.50% to -0.50%)</span>' in falling
+
+
+def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
+    """tiny_pairs was sampled at run seed 0: evaluating on its prompts at seed 0 would compare the training samples
+    themselves (a new user's run scored 0.750 there against 0.562 on held-out prompts)."""
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
+    assert trained.returncode == 0, trained.stderr
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a prompt never trained on\n" + (tiny_pairs.parent.parent / "p.txt").read_text())
+    result = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-p", prompts, "-s", "compressibility",
+                     "--seed", 0, "-o", tmp_path / "e")
+    assert result.returncode == 2 and not (tmp_path / "e").exists()
+    assert result.stderr.startswith(f"error: --seed 0 with 4 of 5 prompts that {tmp_path / 'lora'} was trained on "
+                                    f"(its pairs table {tiny_pairs} was sampled at run seed 0, e.g. ")
+    check_images_held_out(tmp_path / "lora", prompts.read_text().splitlines(), 1)  # new seeds: fine
+    check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0)  # a new prompt: fine
