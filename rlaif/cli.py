@@ -234,6 +234,10 @@ def evaluate(
                         "the tuned model as a DPO preference classifier (against --model as its reference) and "
                         "with each --scorer; prints each one's accuracy on the labels.")] = None,
     max_pairs: Annotated[int, typer.Option("--max-pairs", help="Pairs judged with --pairs.")] = 512,
+    label_column: Annotated[str | None, typer.Option(
+        "--label-column", help="With --pairs: the labels judged against; default: ai_label_0 when the table has "
+                               "it (`rlaif label --relabel`), else label_0 (a Pick-a-Pic table's human "
+                               "labels).")] = None,
     held_out: Annotated[list[str], option(E, "held_out", "--held-out")] = [],  # noqa: B006
     per_prompt: Annotated[int, option(E, "per_prompt", "--per-prompt", "-n")] = default(E, "per_prompt"),
     seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
@@ -259,15 +263,17 @@ def evaluate(
     With --pairs TABLE: how often the tuned model and each scorer prefer the table's labelled winners.
     """
     settings = dict(locals())  # before any other local name exists
-    del settings["ctx"], settings["pairs"], settings["max_pairs"]
+    del settings["ctx"], settings["pairs"], settings["max_pairs"], settings["label_column"]
     if pairs is not None:
         ignored = [name for name in settings if name not in PAIRS_EVAL_SETTINGS
                    and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if ignored:
             raise RlaifError(f"--{ignored[0].replace('_', '-')} does not apply with --pairs, which judges the table "
                              "with --model, --tuned, --scorer, --scorer-option and --max-pairs only")
-        _judge_pairs(base, tuned, pairs, scorers, scorer_options, max_pairs)
+        _judge_pairs(base, tuned, pairs, scorers, scorer_options, max_pairs, label_column)
         return
+    if label_column is not None:
+        raise RlaifError("--label-column applies with --pairs only")
     for value, flag in ((prompts, "--prompts"), (out, "--out"), (scorers, "--scorer")):
         if not value:
             raise RlaifError(f"missing {flag} (or give --pairs TABLE to judge a pairs table)")
@@ -283,7 +289,7 @@ def evaluate(
 
 
 def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
-                 max_pairs: int) -> None:
+                 max_pairs: int, label_column: str | None) -> None:
     from rlaif.pair_eval import run_pairs_eval
     from rlaif.scoring import check_scorers
 
@@ -291,9 +297,11 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
         raise RlaifError(f"--max-pairs must be at least 1, got {max_pairs}")
     check_scorers(scorers, scorer_options)
     start("pairs")
-    for row in run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs):
+    judged = run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs, label=label_column)
+    for row in judged:
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
         print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
+    say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)")
 
 
 FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little

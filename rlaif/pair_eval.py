@@ -30,6 +30,7 @@ class PairAccuracy:
     judge: str
     pairs: int
     accuracy: float
+    labels: str  # the table's label column judged against
     margin: float | None = None  # the DPO reward margin (tuned model only)
 
 
@@ -64,12 +65,13 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     objective = objective_for(policy, config.flow_weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting)
-    found = [PairAccuracy(judge="tuned model (DPO implicit accuracy)", pairs=count, accuracy=float("nan"))]
+    found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, float("nan"), table.label)]
     if count and config.loss != "sft":
         encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
         metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
                                    denoiser(policy), reference, objective, resolution, accelerator, count)
-        found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], metrics["val_reward_margin"])]
+        found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], table.label,
+                              metrics["val_reward_margin"])]
     del policy, reference
     judged = [table[position] for position in range(count)]
     options = parse_options(scorer_options)
@@ -83,6 +85,6 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
             scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2), dtype=torch.float64)
             chosen, rejected = scores[: len(batch)], scores[len(batch):]
             agree += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-        found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan")))
+        found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan"), table.label))
         del scorer
     return found

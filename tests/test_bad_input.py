@@ -208,6 +208,8 @@ CASES = [
       "compressibility"], "scorer 'compressibility' is given twice (--scorer and --held-out must differ"),
     (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "pap.parquet", "-s", "compressibility", "--held-out",
       "incompressibility"], "--held-out does not apply with --pairs"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--label-column",
+      "label_0"], "--label-column applies with --pairs only"),
     (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "pap.parquet", "-o", "e"],
      "--out does not apply with --pairs"),
     (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "pap.parquet", "--seed", "1"],

@@ -200,6 +200,17 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     lines = result.stdout.splitlines()
     assert "scorer compressibility: accuracy 1.000 on 24 pairs" in lines
     assert "scorer incompressibility: accuracy 0.000 on 24 pairs" in lines
+    assert "judged against the labels of column label_0 (--label-column chooses another)" in result.stderr
+    flipped = tmp_path / "flipped.parquet"  # another label column beside label_0, as --relabel writes one
+    pl.read_parquet(tiny_pairs).with_columns(
+        flipped=1.0 - pl.col("label_0"),
+        **{side: pl.lit(f"{tiny_pairs.parent}/") + pl.col(side) for side in ("image_0", "image_1")},  # elsewhere now
+    ).write_parquet(flipped)
+    other = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", flipped, "--max-pairs", 24,
+                    "-s", "compressibility", "--label-column", "flipped")
+    assert other.returncode == 0, other.stderr
+    assert "scorer compressibility: accuracy 0.000 on 24 pairs" in other.stdout.splitlines()
+    assert "judged against the labels of column flipped" in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)
     assert float(model.split()[6]) > 0.5 and "on 24 pairs, reward margin +" in model
