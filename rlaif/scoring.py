@@ -101,7 +101,11 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
             absent = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
             if absent and module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
                 raise RlaifError(f"--scorer {spec!r}: the weight {attr!r} is not a positive number") from exc
-            raise RlaifError(f"scorer {spec!r} cannot be imported: {exc}") from exc
+            top = module_name.split(".")[0]
+            here = absent and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file())
+            hint = (f"; {top} is in the current folder, which the `rlaif` command does not import from: run it with "
+                    "PYTHONPATH=. (or as python -m rlaif)") if here else ""
+            raise RlaifError(f"scorer {spec!r} cannot be imported: {exc}{hint}") from exc
         return spec, target
     entries = available_scorers()
     if spec not in entries:

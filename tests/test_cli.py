@@ -136,3 +136,17 @@ def test_cache_info_and_clear(tmp_path):
     wrong = run_cli("cache", "clear", "everything", env=env)
     assert wrong.returncode == 2 and "no cache part 'everything'; parts: latents, text" in wrong.stderr
     assert run_cli("cache", "clear", env=env).returncode == 0 and not cache.exists()
+
+
+def test_a_plugin_in_the_current_folder_gets_a_hint(tmp_path):
+    """The `rlaif` console script does not import from the working directory (python -m rlaif does)."""
+    import shutil
+
+    (tmp_path / "myscorer.py").write_text("def brightness(device='cpu'):\n    raise NotImplementedError\n")
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([shutil.which("rlaif"), "label", "empty", "-s", "myscorer:brightness"], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: scorer 'myscorer:brightness' cannot be imported: No module named "
+                                     "'myscorer'; myscorer is in the current folder, which the `rlaif` command does "
+                                     "not import from: run it with PYTHONPATH=. (or as python -m rlaif)")
