@@ -13,17 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 from accelerate.utils import gather_object
 from PIL import Image
 
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import read_json
+from rlaif.files import read_json, setting_change
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
-from rlaif.tables import PAIRS_SCHEMA, SAMPLES_SCHEMA, SAMPLING_METADATA, SCORES_SCHEMA, read_table, write_table
+from rlaif.tables import (
+    LABELLING_METADATA,
+    PAIRS_SCHEMA,
+    SAMPLES_SCHEMA,
+    SAMPLING_METADATA,
+    SCORES_SCHEMA,
+    read_table,
+    write_table,
+)
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
@@ -154,6 +163,23 @@ class Labelled:
     narrowed: int = 0
 
 
+LABELLING_SETTINGS = ("scorers", "scorer_options", "combine", "strategy", "top_k", "min_margin", "keep_ties", "invert")
+
+
+def check_same_labelling(out: Path, labelling: dict) -> None:
+    """Refuse to replace pairs table ``out`` when `rlaif label` wrote it with other settings: a finished training
+    run may have trained on it. A rerun with the same settings may replace it (new samples, the same rules)."""
+    if not out.is_file():
+        return
+    recorded = (pq.read_schema(out).metadata or {}).get(LABELLING_METADATA.encode())
+    before = json.loads(recorded) if recorded else labelling  # written before labelling was recorded: as before
+    changed = [setting_change(key, before.get(key), value) for key, value in labelling.items()
+               if before.get(key) != value]
+    if changed:
+        raise RlaifError(f"{out} holds pairs labelled with other settings ({'; '.join(changed)}), which a training "
+                         "run may have used; give another --out, or delete it to label anew")
+
+
 def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled:
     """Score every sample with every scorer (reusing cached scores) and write the pairs table."""
     config.validate()
@@ -167,6 +193,9 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     if samples["prompt_id"].n_unique() == samples.height:  # checked before any scoring: nothing could pair
         raise RlaifError(f"{root}: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 "
                          "or more")
+    out = config.out or root / "pairs.parquet"
+    labelling = {name: getattr(config, name) for name in LABELLING_SETTINGS}
+    check_same_labelling(out, labelling)
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
@@ -177,7 +206,6 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     if pairs.is_empty():
         raise RlaifError(f"no pairs: under {', '.join(weights)} every prompt's candidates tie or differ by less "
                          "than --min-margin; sample more candidates, lower --min-margin or use --keep-ties")
-    out = config.out or root / "pairs.parquet"
     relative = Path(os.path.relpath(root.resolve(), out.resolve().parent))
     images = {sid: str(relative / image) for sid, image in zip(keyed["sample_id"], keyed["image"], strict=True)}
     captions = dict(zip(keyed["prompt_id"], keyed["prompt"], strict=True))
@@ -190,7 +218,9 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
     if process_state().is_main_process:
-        write_table(pairs, out, PAIRS_SCHEMA, generation and {SAMPLING_METADATA: json.dumps(generation)})
+        metadata = {LABELLING_METADATA: json.dumps(labelling), **({SAMPLING_METADATA: json.dumps(generation)}
+                                                                 if generation else {})}
+        write_table(pairs, out, PAIRS_SCHEMA, metadata)
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
     narrowed = 0
     if config.strategy == "top-vs-bottom":  # candidate_pairs takes at most half of a prompt's candidates a side

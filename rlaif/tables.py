@@ -52,6 +52,9 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
 # pairs.parquet's key-value metadata: run.json's generation settings of the samples `rlaif label` paired, so that
 # `rlaif train` can refuse to train otherwise than they were sampled (T5 prompt length, a negative prompt)
 SAMPLING_METADATA = "rlaif.sampling"
+# and the settings that labelled them, so that a rerun into the same table with others is refused: a finished
+# `rlaif train` may have trained on it (its train.json names the table)
+LABELLING_METADATA = "rlaif.labelling"
 
 
 def prompt_id(prompt: str) -> str:

@@ -65,11 +65,27 @@ def test_top_vs_bottom_says_when_a_prompt_has_too_few_candidates_for_top_k(fresh
     """4 candidates per prompt: --top-k 2 pairs the 2 best with the 2 worst silently; --top-k 3 cannot, pairs the
     same halves, and says so."""
     for k, note in ((2, False), (3, True)):
-        result = run_cli("label", fresh, "--scorer", "compressibility", "--strategy", "top-vs-bottom", "--top-k", k)
+        result = run_cli("label", fresh, "--scorer", "compressibility", "--strategy", "top-vs-bottom", "--top-k", k,
+                         "-o", fresh / f"top-{k}.parquet")
         assert result.returncode == 0, result.stderr
-        assert pl.read_parquet(fresh / "pairs.parquet").height == 4 * 4
+        assert pl.read_parquet(fresh / f"top-{k}.parquet").height == 4 * 4
         said = "note: 4 prompts have fewer than 6 candidates (--top-k 3)" in result.stderr
         assert said == note, result.stderr
+
+
+def test_a_table_labelled_otherwise_is_not_replaced(fresh):
+    """A finished run may have trained on a pairs table: relabelling it with other settings is refused (with the
+    same ones, a rerun replaces it, as after adding samples)."""
+    assert run_cli("label", fresh, "--scorer", "compressibility").returncode == 0
+    before = (fresh / "pairs.parquet").read_bytes()
+    again = run_cli("label", fresh, "--scorer", "compressibility")
+    assert again.returncode == 0, again.stderr
+    other = run_cli("label", fresh, "--scorer", "incompressibility", "--strategy", "all-pairs")
+    assert other.returncode == 2 and (fresh / "pairs.parquet").read_bytes() == before
+    assert other.stderr.strip() == (f"error: {fresh / 'pairs.parquet'} holds pairs labelled with other settings "
+                                    "(scorers ['compressibility'] -> ['incompressibility']; strategy 'best-worst' -> "
+                                    "'all-pairs'), which a training run may have used; give another --out, or delete "
+                                    "it to label anew")
 
 
 def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
@@ -194,6 +210,7 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
 
     def label(channel: int, weights: str = "w1") -> float:
         env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS=weights)
+        (fresh / "pairs.parquet").unlink(missing_ok=True)  # the pairs of other options: labelled anew
         result = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel={channel}",
                          env=env)
         assert result.returncode == 0, result.stderr
