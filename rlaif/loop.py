@@ -177,7 +177,8 @@ def _control_run_in(out: Path, control_out: Path) -> bool:
 
 
 def _state(plan: LoopPlan) -> dict:
-    """OUT/loop.json: the settings it was started with and the stages done; other settings are refused."""
+    """OUT/loop.json: the settings it was started with and the stages done; other settings are refused, but for
+    more ``rounds``, which go on from the last finished round (the settings recorded are then the new ones)."""
     path = plan.loop.out / "loop.json"
     state = read_json(path, "restore it, or choose another --out")
     if state is None:
@@ -187,7 +188,10 @@ def _state(plan: LoopPlan) -> dict:
         values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
                   for table in sorted(set(before) | set(now))
                   for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
-        changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in values if old != new]
+        changed = [(table, key, old, new) for table, key, old, new in values if old != new]
+        if [(table, key) for table, key, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]:
+            return {**state, "settings": plan.source}  # more rounds: the finished ones stand
+        changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
         raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                          "the same config and options to continue it, or choose another --out")
     return state

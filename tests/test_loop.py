@@ -71,6 +71,22 @@ def test_a_loop_continued_by_an_rlaif_with_other_defaults_stops_before_the_next_
     assert not (out / "round_2").exists()
 
 
+def test_a_finished_loop_goes_on_for_more_rounds_and_keeps_the_ones_it_ran(tmp_path):
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))
+    assert run_cli("loop", "--config", config).returncode == 0
+    stamp = (out / "round_1" / "eval" / "eval.parquet").stat().st_mtime_ns
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    more = run_cli("loop", "--config", config)
+    assert more.returncode == 0, more.stderr
+    assert (out / "round_1" / "eval" / "eval.parquet").stat().st_mtime_ns == stamp  # round 1 stands
+    assert pl.read_parquet(out / "rounds.parquet")["round"].to_list() == [1, 2]
+    assert json.loads((out / "loop.json").read_text())["settings"]["loop"]["rounds"] == 2
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))
+    fewer = run_cli("loop", "--config", config)
+    assert fewer.returncode == 2 and "([loop] rounds 2 -> 1)" in fewer.stderr
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a UNet model, and a flow transformer (Flow-DPO)
 def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     config, out = small_loop(tmp_path, model)
