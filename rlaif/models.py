@@ -172,12 +172,15 @@ def prompt_length(pipe: DiffusionPipeline, requested: int | None = None) -> dict
             raise RlaifError(f"--max-sequence-length {requested}: only SD3 / FLUX.1 models have a T5 prompt length "
                              "(SD1.5 / SDXL prompts are always 77 CLIP tokens)")
         return {}
-    if requested is not None:
-        return {"max_sequence_length": requested}
     flux = isinstance(pipe, FluxPipeline)
+    limit = (pipe.tokenizer_2 if flux else pipe.tokenizer_3).model_max_length
+    if requested is not None:
+        if requested > limit:  # padded past what its T5 tokenizer takes: other images, no longer prompts
+            raise RlaifError(f"--max-sequence-length {requested}: this model's T5 tokenizer takes at most {limit} "
+                             "tokens")
+        return {"max_sequence_length": requested}
     default = 512 if flux and pipe.transformer.config.guidance_embeds else 256
-    tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer_3
-    return {"max_sequence_length": min(default, tokenizer.model_max_length)}
+    return {"max_sequence_length": min(default, limit)}
 
 
 def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:

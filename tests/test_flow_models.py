@@ -214,6 +214,9 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     assert run_cli(*argv[:-1], tmp_path / "default").returncode == 0
     drawn = [(tmp_path / run / "images").rglob("*.png") for run in ("s", "default")]
     assert [p.read_bytes() for p in drawn[0]] != [p.read_bytes() for p in drawn[1]]  # the prompt was cut at 8
+    beyond = run_cli(*argv[:-1], tmp_path / "beyond", "--max-sequence-length", 64)  # the tiny T5 takes 32
+    assert beyond.returncode == 2 and not (tmp_path / "beyond").exists()
+    assert beyond.stderr.strip() == "error: --max-sequence-length 64: this model's T5 tokenizer takes at most 32 tokens"
     # a folder from before the length was recorded was sampled at the default: it resumes
     run_file = tmp_path / "default" / "run.json"
     old = json.loads(run_file.read_text())
