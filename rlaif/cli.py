@@ -27,6 +27,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"rlaif {version('rlaif')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print rlaif's version and exit.")] = False) -> None:
+    """Align text-to-image diffusion models to AI feedback: sample -> label -> train -> eval."""
+
+
 def say(message: str) -> None:
     """One line on stderr (what a command did; errors go through ``main``)."""
     print(message, file=sys.stderr, flush=True)
@@ -258,9 +272,11 @@ def evaluate(
     grid: Annotated[int, option(E, "grid")] = default(E, "grid"),
 ) -> None:
     """Compare a tuned model with its base on held-out prompts: same seeds, same scorers; win rates with 95%
-    bootstrap intervals in OUT/eval.parquet and a self-contained OUT/report.html.
+    bootstrap intervals in OUT/eval.parquet and a self-contained OUT/report.html. Needs --model, --tuned,
+    --prompts, --out and at least one --scorer.
 
-    With --pairs TABLE: how often the tuned model and each scorer prefer the table's labelled winners.
+    With --pairs TABLE instead of --prompts and --out: how often the tuned model and each scorer prefer the
+    table's labelled winners.
     """
     settings = dict(locals())  # before any other local name exists
     del settings["ctx"], settings["pairs"], settings["max_pairs"], settings["label_column"]

@@ -13,7 +13,7 @@ HEAVY = ("torch", "diffusers", "transformers", "polars", "accelerate", "open_cli
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"], ["label", "--help"], ["train", "--help"],
-                                  ["eval", "--help"], ["loop", "--help"], ["scorers", "list"]])
+                                  ["eval", "--help"], ["loop", "--help"], ["scorers", "list"], ["--version"]])
 def test_help_and_scorers_list_import_no_heavy_library(argv):
     """What makes `rlaif --help` answer at once (bench/cli.py times it): nothing heavy is imported."""
     code = ("import sys; sys.argv = ['rlaif', *sys.argv[1:]]\nfrom rlaif.cli import main\ntry:\n    main()\n"
@@ -21,6 +21,13 @@ def test_help_and_scorers_list_import_no_heavy_library(argv):
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "LOADED"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout == f"rlaif {version('rlaif')}\n"
 
 
 def test_options_read_as_flags_and_repeatable_values():
