@@ -113,8 +113,9 @@ def test_tuned_weights_for_another_model_are_refused(tmp_path):
     xl.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_v"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(xl.unet))
     StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl-lora", unet_lora_layers=layers)
-    (tmp_path / "xl-lora" / "train.json").write_text('{"format": 2, "config": {}}')  # a finished output's files
-    with pytest.raises(RlaifError, match="32 of its 64 LoRA tensors fit this model's UNet"):
+    (tmp_path / "xl-lora" / "train.json").write_text('{"format": 2, "config": {"model": "tiny-xl"}}')  # finished
+    with pytest.raises(RlaifError, match="32 of its 64 LoRA tensors fit this model's UNet; it was trained on "
+                                         "'tiny-xl'"):
         load_pipeline("tiny", tuned=tmp_path / "xl-lora")
     assert load_pipeline("tiny-xl", tuned=tmp_path / "xl-lora") is not None  # where it belongs, it applies
     load_pipeline("tiny").unet.save_pretrained(tmp_path / "full" / "unet")  # a full fine-tuning output's layout
@@ -124,7 +125,7 @@ def test_tuned_weights_for_another_model_are_refused(tmp_path):
                      "--out", tmp_path / "o")
     assert result.returncode == 2 and not (tmp_path / "o").exists()
     assert result.stderr.strip() == (f"error: {tmp_path / 'full' / 'unet'} does not fit this model "
-                                     "(addition_embed_type differ): was it trained on another one?")
+                                     "(addition_embed_type differ): was it trained on another model?")
     with pytest.raises(RlaifError, match="is a unet but this model's network is a transformer"):
         load_pipeline("tiny-sd3", tuned=tmp_path / "full")  # a UNet output on an SD3 model
     with pytest.raises(RlaifError, match="0 of its 64 LoRA tensors fit this model's transformer"):

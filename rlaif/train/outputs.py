@@ -106,17 +106,17 @@ def apply_tuned(pipe: DiffusionPipeline, folder: str | Path, fuse: bool = True) 
     in (``fuse=False``: loaded as an adapter that ``disable_adapters()`` switches off, as in training)."""
     folder = check_output(folder)
     name, current = denoiser_name(pipe), denoiser(pipe)
+    trained_on = trained_config(folder).get("model")
+    other = f"it was trained on {trained_on!r}" if trained_on else "was it trained on another model?"
     try:
         if is_full(folder):
             saved = full_folder(folder)
             if saved.name != name:
-                raise RlaifError(f"{saved} is a {saved.name} but this model's network is a {name}: was it trained "
-                                 "on another model?")
+                raise RlaifError(f"{saved} is a {saved.name} but this model's network is a {name}: {other}")
             network = type(current).from_pretrained(saved, **{DTYPE_KWARG: current.dtype})
             differ = [k for k in INTERFACE_KEYS if network.config.get(k) != current.config.get(k)]
             if differ:
-                raise RlaifError(f"{saved} does not fit this model ({', '.join(differ)} differ): was it trained on "
-                                 "another one?")
+                raise RlaifError(f"{saved} does not fit this model ({', '.join(differ)} differ): {other}")
             setattr(pipe, name, network.to(pipe.device))
             return
         with safe_open(folder / LORA_FILE, "pt") as weights:
@@ -127,15 +127,14 @@ def apply_tuned(pipe: DiffusionPipeline, folder: str | Path, fuse: bool = True) 
         if loaded != expected or not expected:
             network = "UNet" if name == "unet" else "transformer"
             raise RlaifError(f"{folder / LORA_FILE}: {loaded} of its {len(keys)} LoRA tensors fit this model's "
-                             f"{network}; was it trained on another model?")
+                             f"{network}; {other}")
         if fuse:
             pipe.fuse_lora()
             pipe.unload_lora_weights()
     except RlaifError:
         raise
     except Exception as exc:  # mismatched shapes or keys: trained on another model
-        raise RlaifError(f"cannot apply {folder} to this model (was it trained on another one?): "
-                         f"{first_line(exc)}") from exc
+        raise RlaifError(f"cannot apply {folder} to this model ({other.rstrip('?')}): {first_line(exc)}") from exc
 
 
 def scaled_lora_factors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
