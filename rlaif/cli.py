@@ -29,9 +29,12 @@ app = typer.Typer(
 
 def _print_version(asked: bool) -> None:
     if asked:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        print(f"rlaif {version('rlaif')}")
+        try:
+            print(f"rlaif {version('rlaif')}")
+        except PackageNotFoundError:  # a checkout imported without installing it
+            print("rlaif (not installed: no version)")
         raise typer.Exit()
 
 
@@ -285,7 +288,7 @@ def evaluate(
                    and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if ignored:
             raise RlaifError(f"--{ignored[0].replace('_', '-')} does not apply with --pairs, which judges the table "
-                             "with --model, --tuned, --scorer, --scorer-option and --max-pairs only")
+                             "with --model, --tuned, --scorer, --scorer-option, --max-pairs and --label-column only")
         _judge_pairs(base, tuned, pairs, scorers, scorer_options, max_pairs, label_column)
         return
     if label_column is not None:

@@ -87,11 +87,14 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
     pairs = trained_config(tuned).get("pairs")
     if not pairs or not Path(pairs).exists():
         return
-    files = parquet_files(Path(pairs))
-    recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
-    if seed not in {json.loads(value).get("seed") for value in recorded if value}:
+    try:
+        files = parquet_files(Path(pairs))
+        recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
+        if seed not in {json.loads(value).get("seed") for value in recorded if value}:
+            return
+        captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
+    except RlaifError:  # the table is gone or changed since: nothing to check against, not the user's input
         return
-    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
     seen = [prompt for prompt in prompts if prompt in captions]
     if seen:
         raise RlaifError(f"--seed {seed} with {len(seen)} of {len(prompts)} prompts that {tuned} was trained on (its "

@@ -163,18 +163,33 @@ class Labelled:
     narrowed: int = 0
 
 
-LABELLING_SETTINGS = ("scorers", "scorer_options", "combine", "strategy", "top_k", "min_margin", "keep_ties", "invert")
+def labelling_settings(config: LabelConfig) -> dict:
+    """What decides a pairs table's labels, written in one way so that spellings of the same settings compare equal:
+    the scorers with their weights and their options (sorted), how several scorers combine, and for a samples
+    folder the pairing settings that apply (``top_k`` with top-vs-bottom only)."""
+    weights = parse_weights(config.scorers)
+    settings = {"scorers": sorted(f"{name}:{weight:g}" for name, weight in weights.items()),
+                "scorer_options": sorted(config.scorer_options)}
+    if len(weights) > 1:
+        settings["combine"] = config.combine
+    if config.relabel is None:
+        settings |= {"strategy": config.strategy, "min_margin": config.min_margin, "keep_ties": config.keep_ties,
+                     "invert": config.invert}
+        if config.strategy == "top-vs-bottom":
+            settings["top_k"] = config.top_k
+    return settings
 
 
 def check_same_labelling(out: Path, labelling: dict) -> None:
-    """Refuse to replace pairs table ``out`` when `rlaif label` wrote it with other settings: a finished training
-    run may have trained on it. A rerun with the same settings may replace it (new samples, the same rules)."""
+    """Refuse to replace pairs table ``out`` when `rlaif label` wrote it with other settings (``labelling_settings``):
+    a finished training run may have trained on it. A rerun with the same settings may replace it (new samples,
+    the same rules)."""
     if not out.is_file():
         return
     recorded = (pq.read_schema(out).metadata or {}).get(LABELLING_METADATA.encode())
     before = json.loads(recorded) if recorded else labelling  # written before labelling was recorded: as before
-    changed = [setting_change(key, before.get(key), value) for key, value in labelling.items()
-               if before.get(key) != value]
+    changed = [setting_change(key, before.get(key), labelling.get(key)) for key in {**before, **labelling}
+               if before.get(key) != labelling.get(key)]
     if changed:
         raise RlaifError(f"{out} holds pairs labelled with other settings ({'; '.join(changed)}), which a training "
                          "run may have used; give another --out, or delete it to label anew")
@@ -194,7 +209,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         raise RlaifError(f"{root}: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 "
                          "or more")
     out = config.out or root / "pairs.parquet"
-    labelling = {name: getattr(config, name) for name in LABELLING_SETTINGS}
+    labelling = labelling_settings(config)
     check_same_labelling(out, labelling)
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")

@@ -9,6 +9,7 @@ chunk as row groups of one parquet file: no stage holds the table, its images or
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import TMP_MARK, atomic_path, file_identity
 from rlaif.images import image_bytes
-from rlaif.label import Progress, load_scorers, offset, score_images
+from rlaif.label import Progress, check_same_labelling, labelling_settings, load_scorers, offset, score_images
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights
+from rlaif.tables import LABELLING_METADATA
 from rlaif.train.pair_table import open_parquet, parquet_files
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -177,6 +179,9 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     weights = parse_weights(config.scorers)
     source = Path(config.relabel)
     files = table_files(source)
+    out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
+    labelling = labelling_settings(config)
+    check_same_labelling(out, labelling)
     rows = max(1, config.chunk_size // 2)
     table_chunks = chunks(files, rows)
     total = 2 * sum(chunk.count for chunk in table_chunks)
@@ -203,7 +208,6 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
             if progress:
                 progress(scorer.spec, done, total)
         del scorer  # freed before the next scorer loads
-    out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
     if not state.is_main_process:  # no collective here: writing a large table outlasts any collective's timeout
         agreement = Agreement(0, 0, 0, 0, 0)
         for chunk, values in read_chunks(table_chunks, rows, ["label_0"]):
@@ -212,12 +216,13 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         return out, agreement
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
         stale.unlink()
-    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out)
+    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out, labelling)
 
 
 def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Path], weights: dict[str, float],
-                    combine: str, out: Path) -> Agreement:
-    """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically; return the agreement."""
+                    combine: str, out: Path, labelling: dict) -> Agreement:
+    """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically, with the settings that
+    labelled it in its metadata; return the agreement."""
     agreement = Agreement(0, 0, 0, 0, 0)
     with atomic_path(out) as tmp:
         writer = None
@@ -228,7 +233,8 @@ def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Pat
                 table = table.drop_columns([c for c in AI_COLUMNS if c in table.column_names])  # relabelled again
                 for name in AI_COLUMNS:
                     table = table.append_column(name, ai[name].to_arrow())
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer = writer or pq.ParquetWriter(tmp, table.schema.with_metadata(
+                    {**(table.schema.metadata or {}), LABELLING_METADATA.encode(): json.dumps(labelling).encode()}))
                 writer.write_table(table.cast(writer.schema))
         finally:
             if writer is not None:

@@ -98,7 +98,7 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
             for part in attr.split("."):
                 target = getattr(target, part)
         except (ImportError, AttributeError) as exc:
-            absent = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
+            absent = isinstance(exc, ModuleNotFoundError) and exc.name in (module_name, module_name.split(".")[0])
             if absent and module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
                 raise RlaifError(f"--scorer {spec!r}: the weight {attr!r} is not a positive number") from exc
             top = module_name.split(".")[0]

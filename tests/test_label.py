@@ -78,14 +78,14 @@ def test_a_table_labelled_otherwise_is_not_replaced(fresh):
     same ones, a rerun replaces it, as after adding samples)."""
     assert run_cli("label", fresh, "--scorer", "compressibility").returncode == 0
     before = (fresh / "pairs.parquet").read_bytes()
-    again = run_cli("label", fresh, "--scorer", "compressibility")
+    again = run_cli("label", fresh, "--scorer", "compressibility:1", "--top-k", 3)  # the same: top-k applies not
     assert again.returncode == 0, again.stderr
     other = run_cli("label", fresh, "--scorer", "incompressibility", "--strategy", "all-pairs")
     assert other.returncode == 2 and (fresh / "pairs.parquet").read_bytes() == before
     assert other.stderr.strip() == (f"error: {fresh / 'pairs.parquet'} holds pairs labelled with other settings "
-                                    "(scorers ['compressibility'] -> ['incompressibility']; strategy 'best-worst' -> "
-                                    "'all-pairs'), which a training run may have used; give another --out, or delete "
-                                    "it to label anew")
+                                    "(scorers ['compressibility:1'] -> ['incompressibility:1']; strategy "
+                                    "'best-worst' -> 'all-pairs'), which a training run may have used; give another "
+                                    "--out, or delete it to label anew")
 
 
 def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
@@ -164,6 +164,14 @@ def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
                     "-o", tmp_path / "again.parquet")  # the AI columns are replaced, not added twice
     assert again.returncode == 0, again.stderr
     assert pl.read_parquet(tmp_path / "again.parquet").equals(out)
+    # its AI labels are not replaced by another scorer's under a run that trained on them; the same scorer, written
+    # another way, may rerun
+    same = run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility:1")
+    assert same.returncode == 0, same.stderr
+    other = run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "incompressibility")
+    assert other.returncode == 2 and pl.read_parquet(tmp_path / "pickapic.ai-labels.parquet").equals(out)
+    assert "pickapic.ai-labels.parquet holds pairs labelled with other settings (scorers ['compressibility:1'] -> " \
+        "['incompressibility:1'])" in other.stderr
 
 
 def test_relabel_needs_pick_a_pic_columns(tmp_path):
