@@ -85,6 +85,7 @@ def sample(
 ) -> None:
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
     config = SampleConfig(**locals())
+    config.validate()  # before the heavy imports: a mistyped path is told at once, not after seconds
     from rlaif.sample import run_sample
 
     show, output = start("images")
@@ -120,6 +121,7 @@ def label(
     human labels.
     """
     config = LabelConfig(**locals())
+    config.validate()  # before the heavy imports
     from rlaif.label import run_label
     from rlaif.relabel import run_relabel
 
@@ -205,6 +207,7 @@ def train(
     PAIRS, --model and --out are required, on the command line or in --config.
     """
     config = config_from_cli(TrainConfig, ctx, locals(), config_file)
+    config.validate()  # before the heavy imports
     from rlaif.train.trainer import run_train
 
     show, output = start("steps")
@@ -297,6 +300,7 @@ def evaluate(
         if not value:
             raise RlaifError(f"missing {flag} (or give --pairs TABLE to judge a pairs table)")
     config = EvalConfig(**settings)
+    config.validate()  # before the heavy imports
     from rlaif.eval import run_eval
 
     show, output = start("images")

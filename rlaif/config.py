@@ -118,7 +118,21 @@ def _is_pairs_table(path: Path) -> bool:
     return "label_0" in names and bool({"image_0", "jpg_0"} & names)
 
 
+def _check_prompts(source: str, column: str | None) -> None:
+    """A prompts file that can be read as given (it exists, its type, its column), before any model loads."""
+    from rlaif.prompts import load_prompt_table
+
+    load_prompt_table(source, column)
+
+
+def _check_exists(folder: Path, option: str) -> None:
+    """The cheap part of ``_check_tuned``, told before diffusers is imported, as the other path checks are."""
+    if not Path(folder).is_dir():
+        raise RlaifError(f"{option} {folder} does not exist")
+
+
 def _check_tuned(folder: Path, option: str) -> None:
+    _check_exists(folder, option)
     from rlaif.train.outputs import check_output  # diffusers: imported only when a command runs
 
     check_output(folder, option)
@@ -167,6 +181,7 @@ class SampleConfig:
         check_out_dir(self.out, "--out")
         if self.tuned is not None:
             _check_tuned(self.tuned, "--tuned")
+        _check_prompts(self.prompts, self.prompt_column)
 
     def check_values(self) -> None:
         """Reject impossible settings (paths aside)."""
@@ -234,6 +249,8 @@ class LabelConfig:
             if self.out.exists() and not _is_pairs_table(self.out):
                 raise RlaifError(f"--out {self.out} exists and is not a pairs table; give a new file name (label "
                                  "replaces only a table of pairs, as a rerun does)")
+        if self.samples_dir is not None and not (self.samples_dir / "samples.parquet").is_file():
+            raise RlaifError(f"table {self.samples_dir / 'samples.parquet'} does not exist")
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""
@@ -470,8 +487,10 @@ class EvalConfig:
         """Reject impossible settings, unknown scorers and options, and a --tuned that is no train output,
         before anything is sampled."""
         self.check_values()
-        _check_tuned(self.tuned, "--tuned")
+        _check_exists(self.tuned, "--tuned")  # the cheap checks first: _check_tuned's whole one imports diffusers
         check_out_dir(self.out, "--out")
+        _check_prompts(self.prompts, self.prompt_column)
+        _check_tuned(self.tuned, "--tuned")
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""

@@ -259,7 +259,7 @@ def test_a_filesystem_fault_is_one_line(tree, monkeypatch, capsys):
 
     monkeypatch.setattr(label, "run_label", fail)
     monkeypatch.chdir(tree)
-    monkeypatch.setattr(sys, "argv", ["rlaif", "label", "empty", "-s", "compressibility"])
+    monkeypatch.setattr(sys, "argv", ["rlaif", "label", "no-samples", "-s", "compressibility"])
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2

@@ -23,6 +23,22 @@ def test_help_and_scorers_list_import_no_heavy_library(argv):
     assert result.stdout.strip().splitlines()[-1] == "LOADED"
 
 
+@pytest.mark.parametrize("argv", [
+    ["sample", "-m", "tiny", "-p", "missing.txt", "-o", "s"], ["label", "missing", "-s", "compressibility"],
+    ["train", "missing.parquet", "-m", "tiny", "-o", "t"],
+    ["eval", "-m", "tiny", "--tuned", "missing", "-p", "missing.txt", "-o", "e", "-s", "compressibility"]])
+def test_a_mistyped_path_is_told_before_the_slow_libraries_load(argv, tmp_path):
+    """Each command checks its paths before torch and diffusers load (seconds): a typo is told at once."""
+    slow = ("torch", "diffusers", "transformers", "accelerate", "open_clip")
+    code = ("import sys; sys.argv = ['rlaif', *sys.argv[1:]]\nfrom rlaif.cli import main\ntry:\n    main()\n"
+            f"except SystemExit as exit_:\n    print('EXIT', exit_.code, *sorted(m for m in {slow!r} if m in "
+            "sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.stdout.strip().splitlines()[-1] == "EXIT 2", result.stderr
+    assert "does not exist" in result.stderr
+
+
 def test_version():
     from importlib.metadata import version
 
