@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rlaif.errors import RlaifError
-from rlaif.files import check_out_dir
+from rlaif.files import check_in_dir, check_out_dir
 from rlaif.scoring import check_scorers
 
 # The choices of settings, named here so that help texts need no heavy import; the modules that implement
@@ -125,14 +125,8 @@ def _check_prompts(source: str, column: str | None) -> None:
     load_prompt_table(source, column)
 
 
-def _check_exists(folder: Path, option: str) -> None:
-    """The cheap part of ``_check_tuned``, told before diffusers is imported, as the other path checks are."""
-    if not Path(folder).is_dir():
-        raise RlaifError(f"{option} {folder} does not exist")
-
-
 def _check_tuned(folder: Path, option: str) -> None:
-    _check_exists(folder, option)
+    check_in_dir(folder, option)  # told before diffusers is imported, as the other path checks are
     from rlaif.train.outputs import check_output  # diffusers: imported only when a command runs
 
     check_output(folder, option)
@@ -487,7 +481,7 @@ class EvalConfig:
         """Reject impossible settings, unknown scorers and options, and a --tuned that is no train output,
         before anything is sampled."""
         self.check_values()
-        _check_exists(self.tuned, "--tuned")  # the cheap checks first: _check_tuned's whole one imports diffusers
+        check_in_dir(self.tuned, "--tuned")  # the cheap checks first: _check_tuned's whole one imports diffusers
         check_out_dir(self.out, "--out")
         _check_prompts(self.prompts, self.prompt_column)
         _check_tuned(self.tuned, "--tuned")

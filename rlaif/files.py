@@ -8,7 +8,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,12 @@ def check_out_dir(path: str | os.PathLike[str], option: str) -> None:
         raise RlaifError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RlaifError(f"{option} {path}: {existing} is not writable")
+
+
+def check_in_dir(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse, before any work, an input folder that does not exist."""
+    if not Path(path).is_dir():
+        raise RlaifError(f"{option} {path} does not exist")
 
 
 def write_json(data: Any, target: str | os.PathLike[str]) -> None:
@@ -135,6 +141,13 @@ def setting_change(key: str, then: Any, now: Any) -> str:
     shown = "; ".join(f"{word}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
                       for word, names in parts)
     return f"{key} (files {shown})"
+
+
+def changed_settings(then: dict, now: dict, keys: Iterable[str] | None = None) -> list[str]:
+    """``setting_change`` for each of ``keys`` (default: every key of either) whose value differs between ``then``
+    and ``now``: the list a refusal to resume or to replace names."""
+    keys = dict.fromkeys([*then, *now]) if keys is None else keys
+    return [setting_change(key, then.get(key), now.get(key)) for key in keys if then.get(key) != now.get(key)]
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -20,7 +20,7 @@ from PIL import Image
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import read_json, setting_change
+from rlaif.files import changed_settings, read_json
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
 from rlaif.scoring import LoadedScorer, parse_options, parse_weights
@@ -188,8 +188,7 @@ def check_same_labelling(out: Path, labelling: dict) -> None:
         return
     recorded = (pq.read_schema(out).metadata or {}).get(LABELLING_METADATA.encode())
     before = json.loads(recorded) if recorded else labelling  # written before labelling was recorded: as before
-    changed = [setting_change(key, before.get(key), labelling.get(key)) for key in {**before, **labelling}
-               if before.get(key) != labelling.get(key)]
+    changed = changed_settings(before, labelling)
     if changed:
         raise RlaifError(f"{out} holds pairs labelled with other settings ({'; '.join(changed)}), which a training "
                          "run may have used; give another --out, or delete it to label anew")

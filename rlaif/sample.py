@@ -19,7 +19,7 @@ from pathlib import Path
 from rlaif.config import SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import read_json, remove_stale_temporaries, setting_change, write_json
+from rlaif.files import changed_settings, read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import check_size, default_size, load_pipeline, model_identity, prompt_length
 from rlaif.prompts import load_prompts
@@ -88,8 +88,7 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
         raise RlaifError(f"{run_file} records no generation settings: not a run of `rlaif sample`; use an empty "
                          "--out folder")
     previous = {**(unrecorded or {}), **record["generation"]}
-    changed = [setting_change(key, previous.get(key), generation[key]) for key in generation
-               if previous.get(key) != generation[key]]
+    changed = changed_settings(previous, generation, generation)
     if changed:
         raise RlaifError(
             f"{run_file.parent} holds images made with other settings ({'; '.join(changed)}); "

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import publish, read_json, write_json
+from rlaif.files import check_in_dir, publish, read_json, write_json
 from rlaif.models import DTYPE_KWARG, denoiser, denoiser_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -51,8 +51,7 @@ def is_full(folder: Path) -> bool:
 def check_output(folder: str | Path, option: str = "--tuned") -> Path:
     """``folder`` as a Path if it holds an ``rlaif train`` output in the current format, else a one-line error."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise RlaifError(f"{option} {folder} does not exist")
+    check_in_dir(folder, option)
     if not (is_full(folder) or (folder / LORA_FILE).is_file()):
         unfinished = ("a training checkpoint" if (folder / "position.json").is_file() else
                       "an unfinished training run (checkpoints only)" if (folder / "checkpoints").is_dir() else None)

@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from rlaif.config import (
 )
 from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import atomic_path, publish, read_json, setting_change, write_json
+from rlaif.files import atomic_path, changed_settings, publish, read_json, write_json
 from rlaif.models import (
     check_size,
     default_size,
@@ -559,16 +559,11 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
     """Refuse to train ``config`` on from ``previous`` (a loop's earlier round) when settings it leaves to the
     defaults now resolve otherwise than they did for ``previous``."""
     now = asdict(with_family_defaults(config))
-    changed = _changes(settings_then(trained_config(previous)), now, DEFAULTED)
+    changed = changed_settings(settings_then(trained_config(previous)), now, DEFAULTED)
     if changed:
         raise RlaifError(f"{previous} was trained under other defaults than this rlaif's ({'; '.join(changed)}), so "
                          "the next round would train another loss; finish the loop with the rlaif that started it, or "
                          "start it again in a new --out")
-
-
-def _changes(then: dict, now: dict, keys: Iterable[str]) -> list[str]:
-    """"key old -> new" for each of ``keys`` whose value differs between ``then`` and ``now``."""
-    return [setting_change(key, then.get(key), now[key]) for key in keys if then.get(key) != now[key]]
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
@@ -579,7 +574,7 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
                          "new run in another --out")
     saved = {**settings_then(position["settings"]), **position.get("identities", {})}
     now = {**_settings(config), **identities}
-    changed = _changes(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
+    changed = changed_settings(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
