@@ -119,9 +119,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                   "model_weights": model_identity(config.model)}
     run_file = config.out / "run.json"
     unrecorded = {"max_sequence_length": prompt_length(pipe).get("max_sequence_length")}  # before rlaif recorded it
-    owner = (read_json(run_file, "use an empty --out folder") or {}).get("made_by") \
-        if replace_stale and state.is_main_process else None
-    if owner is not None and owner == replace_stale:
+    if replace_stale and state.is_main_process and \
+            (read_json(run_file, "use an empty --out folder") or {}).get("made_by") == replace_stale:
         try:
             check_resumable(run_file, generation, unrecorded)
         except RlaifError:  # made by other settings or another model: none of it may be reused
@@ -141,13 +140,14 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     jobs = plan_jobs(prompts, config.per_prompt, config.seed)
     mine = plan_batches(jobs, config.batch_size)[state.process_index :: state.num_processes]
     total = sum(len(batch) for batch in mine)
-    todo = [batch for batch in mine if not all((config.out / job.image).exists() for job in batch)]
-    done = total - sum(len(batch) for batch in todo)  # made by an earlier run: counted at once, not as speed
+    # each batch with the images it lacks (a batch is made whole, so its images are those of an uninterrupted run)
+    pending = [(batch, [job for job in batch if not (config.out / job.image).exists()]) for batch in mine]
+    todo = [(batch, missing) for batch, missing in pending if missing]
+    done = total - sum(len(batch) for batch, _ in todo)  # made by an earlier run: counted at once, not as speed
     if progress:
         progress(done, total)
     with ImageWriter() as writer:
-        for batch in todo:
-            missing = [job for job in batch if not (config.out / job.image).exists()]
+        for batch, missing in todo:
             images = pipe(
                 prompt=[job.prompt for job in batch],
                 negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,

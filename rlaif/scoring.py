@@ -98,10 +98,10 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
             for part in attr.split("."):
                 target = getattr(target, part)
         except (ImportError, AttributeError) as exc:
-            absent = isinstance(exc, ModuleNotFoundError) and exc.name in (module_name, module_name.split(".")[0])
+            top = module_name.split(".")[0]
+            absent = isinstance(exc, ModuleNotFoundError) and exc.name in (module_name, top)
             if absent and module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
                 raise RlaifError(f"--scorer {spec!r}: the weight {attr!r} is not a positive number") from exc
-            top = module_name.split(".")[0]
             here = absent and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file())
             hint = (f"; {top} is in the current folder, which the `rlaif` command does not import from: run it with "
                     "PYTHONPATH=. (or as python -m rlaif)") if here else ""
