@@ -61,6 +61,10 @@ MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at m
                              "most the T5 tokenizer's limit; sample, train and eval a model at the same length "
                              "(eval defaults to the length the model was trained at).")
 
+GUIDANCE_HELP = ("Classifier-free guidance scale (FLUX.1-dev: its distilled guidance input). Default: what the model's "
+                 "diffusers pipeline uses when called without one: 7.5 for SD1.5 / SD2, 5.0 for SDXL, 7.0 for SD3 / "
+                 "SD3.5, 3.5 for FLUX.1-dev, none for FLUX.1-schnell (it has no guidance input).")
+
 
 def check_sequence_length(value: int | None) -> None:
     """--max-sequence-length: 1 to 512 tokens (the T5 limit of the SD3 and FLUX pipelines), or unset."""
@@ -74,7 +78,7 @@ def _check_generation(config: SampleConfig | EvalConfig) -> None:
         value = getattr(config, name)
         if value is not None and (value < 8 or value % 8):
             raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
-    if config.guidance < 0:
+    if config.guidance is not None and config.guidance < 0:
         raise RlaifError(f"--guidance must not be negative, got {config.guidance}")
     if config.dtype not in DTYPES:
         raise RlaifError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -145,7 +149,7 @@ class SampleConfig:
         "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
     per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
     steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    guidance: float | None = field(default=None, metadata={"help": GUIDANCE_HELP})
     width: int | None = field(
         default=None, metadata={"help": "Image width in pixels (multiple of 8); default: the model's."}
     )
@@ -457,7 +461,7 @@ class EvalConfig:
     seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
                                                    "the training samples' seed so seeds are held out too."})
     steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    guidance: float | None = field(default=None, metadata={"help": GUIDANCE_HELP})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass and per scorer call."})
     dtype: str = field(default="fp32", metadata={"help": "Model dtype: fp32, fp16 or bf16."})
     scheduler: str | None = field(default=None, metadata={"help": "Diffusers scheduler class; default: the model's."})

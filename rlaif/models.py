@@ -4,6 +4,7 @@ pipelines from a hub id, a local folder or a tiny alias."""
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
 
 import diffusers
@@ -138,6 +139,15 @@ def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:
     if name not in choices:
         raise RlaifError(f"unknown --scheduler {name!r}; this model accepts: {', '.join(sorted(choices))}")
     return choices[name]
+
+
+def default_guidance(pipe: DiffusionPipeline) -> float:
+    """The guidance scale ``pipe`` samples with when called without one (its ``__call__`` default: SD 7.5, SDXL 5.0,
+    SD3 7.0, FLUX.1 3.5), so that an unset --guidance means for every family what it means in diffusers; 0 for
+    FLUX.1-schnell, whose transformer has no guidance input (the pipeline ignores the scale)."""
+    if isinstance(pipe, FluxPipeline) and not pipe.transformer.config.guidance_embeds:
+        return 0.0
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
 
 
 def default_size(pipe: DiffusionPipeline) -> int:

@@ -21,7 +21,7 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import changed_settings, read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
-from rlaif.models import check_size, default_size, load_pipeline, model_identity, prompt_length
+from rlaif.models import check_size, default_guidance, default_size, load_pipeline, model_identity, prompt_length
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
@@ -109,8 +109,10 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     check_size(pipe, "--width", width)
     check_size(pipe, "--height", height)
     length = prompt_length(pipe, config.max_sequence_length)
+    guidance = default_guidance(pipe) if config.guidance is None else config.guidance
     settings = {**asdict(config), "out": str(config.out), "tuned": config.tuned and str(config.tuned.resolve()),
                 "width": width, "height": height, "max_sequence_length": length.get("max_sequence_length"),
+                "guidance": guidance,
                 "scheduler": type(pipe.scheduler).__name__}
     # the models are identified by their weights, not their names: retraining into the same folder, a new hub
     # revision or a changed model folder makes other images
@@ -152,7 +154,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                 prompt=[job.prompt for job in batch],
                 negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
                 num_inference_steps=config.steps,
-                guidance_scale=config.guidance,
+                guidance_scale=guidance,
                 width=width,
                 height=height,
                 generator=[generator(job.seed) for job in batch],

@@ -62,6 +62,25 @@ def test_plain_diffusers_loads_the_tiny_folders_and_sampling_uses_their_schedule
     assert set(table["width"]) == {64}  # the VAE's native size, not FLUX's hard-coded 1024
 
 
+def test_sampling_without_guidance_uses_the_pipelines_own(flow_run, tmp_path):
+    alias, folder = flow_run
+    table = pl.read_parquet(folder / "run" / "samples.parquet")
+    expected = {"tiny-sd3": 7.0, "tiny-flux": 3.5}[alias]  # diffusers' StableDiffusion3Pipeline / FluxPipeline
+    assert set(table["guidance"]) == {expected}
+    assert json.loads((folder / "run" / "run.json").read_text())["generation"]["guidance"] == expected
+    made = {}
+    for guidance in (expected, 7.5):
+        out = tmp_path / str(guidance)
+        result = run_cli("sample", "--model", alias, "--prompts", folder / "p.txt", "--per-prompt", 4, "--steps", 4,
+                         "--batch-size", 16, "--guidance", guidance, "--out", out)
+        assert result.returncode == 0, result.stderr
+        made[guidance] = (out / table["image"][0]).read_bytes()
+    assert made[expected] == (folder / "run" / table["image"][0]).read_bytes() != made[7.5]
+    refused = run_cli("sample", "--model", alias, "--prompts", folder / "p.txt", "--per-prompt", 4, "--steps", 4,
+                      "--batch-size", 16, "--guidance", 7.5, "--out", folder / "run")
+    assert refused.returncode != 0 and f"guidance {expected} -> 7.5" in refused.stderr
+
+
 def test_two_processes_sample_the_same_images_as_one(flow_run, tmp_path):
     alias, folder = flow_run
     result = subprocess.run(

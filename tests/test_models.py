@@ -12,7 +12,7 @@ from conftest import install_in_hf_cache, run_cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from rlaif.errors import RlaifError
-from rlaif.models import load_pipeline
+from rlaif.models import default_guidance, load_pipeline
 from rlaif.tiny import TINY_SD3_DIR, TINY_SD_DIR, tiny_model_dir
 
 
@@ -88,6 +88,16 @@ def test_scheduler_by_class_name_and_unknown_ones():
 
 def test_dtype_is_applied():
     assert load_pipeline("tiny", dtype="bf16").unet.dtype == torch.bfloat16
+
+
+def test_unset_guidance_is_what_each_family_samples_with_in_diffusers():
+    # the values of diffusers' pipelines (and FLUX.1-dev's model card): 7.5 would overdrive FLUX.1-dev's distilled
+    # guidance input and SDXL, whose pipelines default to 3.5 and 5.0
+    expected = {"tiny": 7.5, "tiny-xl": 5.0, "tiny-sd3": 7.0, "tiny-flux": 3.5}
+    assert {alias: default_guidance(load_pipeline(alias)) for alias in expected} == expected
+    schnell = load_pipeline("tiny-flux")
+    schnell.transformer.register_to_config(guidance_embeds=False)  # FLUX.1-schnell's transformer: no guidance input
+    assert default_guidance(schnell) == 0.0
 
 
 def test_unreadable_model_folder(tmp_path):
