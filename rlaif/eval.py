@@ -23,9 +23,9 @@ from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
-from rlaif.tables import SAMPLES_SCHEMA, SAMPLING_METADATA, prompt_id, read_table, write_table
-from rlaif.train.outputs import trained_config
-from rlaif.train.pair_table import open_parquet, parquet_files
+from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+from rlaif.train.outputs import train_info, trained_config
+from rlaif.train.pair_table import local_identity, parquet_files, recorded_sampling
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -82,19 +82,28 @@ def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
 def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
     """Refuse to evaluate ``tuned`` on the very images it was trained on: an image's seed is a function of the run
     seed, prompt and candidate, so prompts among the captions of its pairs table, at the run seed that table's
-    samples were drawn with, make base images identical to those training samples (the check reads what `rlaif
-    label` recorded; other tables record no seed)."""
-    pairs = trained_config(tuned).get("pairs")
-    if not pairs or not Path(pairs).exists():
+    samples were drawn with, make base images identical to those training samples. train.json records that table
+    and its seeds (`rlaif label` records them; other tables have none); a table changed since cannot tell which
+    prompts were trained on, so that seed is refused outright."""
+    info = train_info(tuned)
+    pairs = info.get("config", {}).get("pairs")
+    if not pairs:
         return
     try:
-        files = parquet_files(Path(pairs))
-        recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
-        if seed not in {json.loads(value).get("seed") for value in recorded if value}:
-            return
-        captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
-    except RlaifError:  # the table is gone or changed since: nothing to check against, not the user's input
+        files = parquet_files(Path(pairs)) if Path(pairs).exists() else []
+        seeds = info.get("sampled_seeds")
+        if seeds is None:  # an output of an rlaif that did not record them: the table's record, as it is now
+            seeds = [record.get("seed") for record in recorded_sampling(files)]
+        same = "pairs_file" not in info or local_identity(files) == info["pairs_file"]
+    except RlaifError:  # not a table any more: unchanged only if an older output recorded nothing to compare
+        files, seeds, same = [], info.get("sampled_seeds") or [], "pairs_file" not in info
+    if seed not in seeds or not files and same:
         return
+    if not same:
+        raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
+                         f"table {pairs} is {'changed' if files else 'gone'} since, so which prompts it saw cannot "
+                         "be checked; pass another --seed (its images are then held out)")
+    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
     seen = [prompt for prompt in prompts if prompt in captions]
     if seen:
         raise RlaifError(f"--seed {seed} with {len(seen)} of {len(prompts)} prompts that {tuned} was trained on (its "

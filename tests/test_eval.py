@@ -1,6 +1,7 @@
 """`rlaif eval`: win rates against independent computations, categories, the report in a real browser."""
 
 import html.parser
+import json
 import shutil
 import subprocess
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import PROMPTS, run_cli
 from PIL import Image
 
+from rlaif.errors import RlaifError
 from rlaif.eval import check_images_held_out, compare, reward_hacking
 from rlaif.pair_eval import judged_batches
 from rlaif.report import _win_table
@@ -250,14 +252,29 @@ def test_the_report_colours_the_relative_change_by_its_own_interval():
 def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     """tiny_pairs was sampled at run seed 0: evaluating on its prompts at seed 0 would compare the training samples
     themselves (a new user's run scored 0.750 there against 0.562 on held-out prompts)."""
-    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
+    shutil.copytree(tiny_pairs.parent, tmp_path / "run")  # a copy: this test rewrites its table
+    table = tmp_path / "run" / tiny_pairs.name
+    trained = run_cli("train", table, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
     assert trained.returncode == 0, trained.stderr
+    info = json.loads((tmp_path / "lora" / "train.json").read_text())
+    assert info["sampled_seeds"] == [0] and info["pairs_file"].startswith(str(table.resolve()))
+    trained_prompts = (tiny_pairs.parent.parent / "p.txt").read_text().splitlines()
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a prompt never trained on\n" + (tiny_pairs.parent.parent / "p.txt").read_text())
+    prompts.write_text("\n".join(["a prompt never trained on", *trained_prompts]) + "\n")
     result = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-p", prompts, "-s", "compressibility",
                      "--seed", 0, "-o", tmp_path / "e")
     assert result.returncode == 2 and not (tmp_path / "e").exists()
     assert result.stderr.startswith(f"error: --seed 0 with 4 of 5 prompts that {tmp_path / 'lora'} was trained on "
-                                    f"(its pairs table {tiny_pairs} was sampled at run seed 0, e.g. ")
+                                    f"(its pairs table {table.resolve()} was sampled at run seed 0, e.g. ")
     check_images_held_out(tmp_path / "lora", prompts.read_text().splitlines(), 1)  # new seeds: fine
     check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0)  # a new prompt: fine
+    # the table relabelled in place after training, now without the first prompt: read as it is now, that prompt
+    # would pass as held out at the very seed it was trained at
+    pl.read_parquet(table).filter(pl.col("caption") != trained_prompts[0]).write_parquet(table)
+    for reason in ("changed", "gone"):
+        with pytest.raises(RlaifError, match=f"^--seed 0: .* was trained on images sampled at run seed 0, and its "
+                                             f"pairs table .* is {reason} since, so which prompts it saw cannot be "
+                                             "checked; pass another --seed"):
+            check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 0)
+        table.unlink(missing_ok=True)
+    check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 1)  # another seed needs no table

@@ -62,7 +62,7 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
                          "train` output")
     if not (folder / TRAIN_FILE).is_file():
         raise RlaifError(f"{option} {folder} has no {TRAIN_FILE}: not a finished `rlaif train` output")
-    info = _train_info(folder)
+    info = train_info(folder)
     config = info.get("config", {})
     if info.get("format", 1) < FORMAT and (config.get("init") or (
             not config.get("full") and config.get("lora_alpha") != config.get("lora_rank"))):
@@ -73,10 +73,11 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
 
 def trained_config(folder: Path) -> dict:
     """The settings an `rlaif train` output was trained with (train.json's ``config``); empty if unrecorded."""
-    return _train_info(folder).get("config", {})
+    return train_info(folder).get("config", {})
 
 
-def _train_info(folder: Path) -> dict:
+def train_info(folder: Path) -> dict:
+    """An `rlaif train` output's train.json: its settings and what it trained on; empty if unrecorded."""
     return read_json(folder / TRAIN_FILE, "train the folder again") or {}
 
 

@@ -80,6 +80,19 @@ def parquet_files(path: Path) -> list[str]:
     return [str(path)]
 
 
+def local_identity(files: list[str]) -> str:
+    """The identity of a local table's parquet files (``file_identity`` of each): a table rewritten in place, or
+    with shards added or removed, is another table."""
+    return ";".join(map(file_identity, files))
+
+
+def recorded_sampling(files: list[str]) -> list[dict]:
+    """The generation settings `rlaif label` recorded in local parquet files (run.json's of the samples it
+    paired), one per file that holds them: none for tables it did not write."""
+    recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
+    return [json.loads(value) for value in recorded if value]
+
+
 def hub_revision(source: str) -> tuple[str, str | None]:
     """(ORG/NAME, REVISION or None) of a hub dataset id, pinned as ``ORG/NAME@REVISION`` or not."""
     repo_id, _, revision = source.partition("@")
@@ -247,17 +260,14 @@ class PairTable(Sequence[PreferencePair]):
     def sampling(self) -> list[dict]:
         """The generation settings `rlaif label` recorded of the samples it paired (run.json's), one per file
         that holds them: none for tables it did not write (Pick-a-Pic, a datasets folder, a remote table)."""
-        if getattr(self, "remote", True):
-            return []
-        recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in self.files]
-        return [json.loads(value) for value in recorded if value]
+        return [] if getattr(self, "remote", True) else recorded_sampling(self.files)
 
     # -- building the index ------------------------------------------------------------------------------------
 
     def _init_parquet(self, files: list[str], remote: bool = False) -> None:
         self.files = files
         self.remote = remote
-        self.identity = ";".join(files if remote else (file_identity(f) for f in files))
+        self.identity = ";".join(files) if remote else local_identity(files)
 
     def _init_arrow(self, source: str, label: str | None) -> None:
         self.files = [source]
