@@ -176,7 +176,7 @@ class SampleConfig:
     def validate(self) -> None:
         """Reject impossible settings and unusable paths before anything is loaded or written."""
         self.check_values()
-        check_out_dir(self.out, "--out")
+        check_out_dir(self.out, "--out", "sample")
         if self.tuned is not None:
             _check_tuned(self.tuned, "--tuned")
         _check_prompts(self.prompts, self.prompt_column)
@@ -387,7 +387,7 @@ class TrainConfig:
         if not Path(self.pairs).exists() and not HUB_DATASET.match(self.pairs) and "://" not in self.pairs:
             raise RlaifError(f"pairs table {self.pairs} does not exist (expected a parquet file, a folder of "
                              "parquet shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
-        check_out_dir(self.out, "--out")
+        check_out_dir(self.out, "--out", "train")
         if self.init is not None:
             _check_tuned(self.init, "--init")
 
@@ -486,7 +486,7 @@ class EvalConfig:
         before anything is sampled."""
         self.check_values()
         check_in_dir(self.tuned, "--tuned")  # the cheap checks first: _check_tuned's whole one imports diffusers
-        check_out_dir(self.out, "--out")
+        check_out_dir(self.out, "--out", "eval")
         _check_prompts(self.prompts, self.prompt_column)
         _check_tuned(self.tuned, "--tuned")
 

@@ -30,12 +30,28 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def check_out_dir(path: str | os.PathLike[str], option: str) -> None:
+# What marks the output folder of each command (at its top), and the subfolder to suggest instead: one command's
+# outputs per folder, so that no command's resume, --overwrite or input reading meets another's files
+OUTPUTS = {"sample": ("run.json",), "train": ("train.json", "checkpoints"), "eval": ("eval.parquet",),
+           "loop": ("loop.json",)}
+SUBFOLDERS = {"sample": "samples", "train": "train", "eval": "eval", "loop": "loop"}
+
+
+def check_out_dir(path: str | os.PathLike[str], option: str, command: str | None = None) -> None:
     """Refuse, before any work, an output folder that cannot be made: an existing file, a file among its
-    parents, or a parent folder this user cannot write to."""
+    parents, or a parent folder this user cannot write to; for ``command`` (sample, train, eval, loop), also a
+    folder that holds another command's outputs or a model."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RlaifError(f"{option} {path} is a file, not a folder")
+    if command is not None and path.is_dir():
+        found = [(other, marker) for other, markers in OUTPUTS.items() if other != command for marker in markers
+                 if (path / marker).exists()]
+        held = f"the output of `rlaif {found[0][0]}` ({found[0][1]})" if found else \
+            "a diffusers model (model_index.json)" if (path / "model_index.json").exists() else None
+        if held:
+            raise RlaifError(f"{option} {path} holds {held}; give `rlaif {command}` a folder of its own, e.g. "
+                             f"{path / SUBFOLDERS[command]}")
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise RlaifError(f"{option} {path}: {existing} is a file, not a folder")

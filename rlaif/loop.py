@@ -25,7 +25,7 @@ from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, run_eval
-from rlaif.files import atomic_path, read_json, write_json
+from rlaif.files import atomic_path, check_out_dir, read_json, write_json
 from rlaif.label import run_label
 from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
@@ -100,6 +100,7 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
+    check_out_dir(config.out, f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
     return LoopPlan(config, stages, source)

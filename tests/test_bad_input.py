@@ -84,6 +84,11 @@ def tree(tmp_path: Path) -> Path:
     loop_config(tmp_path, "broken-loop")
     edit = (tmp_path / "broken-loop.toml").read_text().replace('out = "loop-out"', 'out = "broken-loop"')
     (tmp_path / "broken-loop.toml").write_text(edit)
+    loop_config(tmp_path, "into-train")
+    edit = (tmp_path / "into-train.toml").read_text().replace('out = "loop-out"', 'out = "lora"')
+    (tmp_path / "into-train.toml").write_text(edit)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
     return tmp_path
 
@@ -122,6 +127,18 @@ CASES = [
      "--device 'bogus' is not a device (e.g. cpu, cuda, cuda:1, mps)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
+    # one command's outputs per folder
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "lora"], "--out lora holds the output of `rlaif train` "
+     "(train.json); give `rlaif sample` a folder of its own, e.g. lora/samples"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "model"], "--out model holds a diffusers model (model_index.json)"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "broken-samples"], "--out broken-samples holds the output of "
+     "`rlaif sample` (run.json); give `rlaif train` a folder of its own, e.g. broken-samples/train"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "stopped"], "--out stopped holds the output of `rlaif train` "
+     "(checkpoints)"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "-p", "p.txt", "-s", "compressibility", "-o", "broken-loop"],
+     "--out broken-loop holds the output of `rlaif loop` (loop.json); give `rlaif eval` a folder of its own"),
+    (["loop", "--config", "into-train.toml"], "into-train.toml [loop] out lora holds the output of `rlaif train` "
+     "(train.json); give `rlaif loop` a folder of its own, e.g. lora/loop"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--steps", "abc"], "Invalid value for '--steps'"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--stpes", "4"], "No such option: --stpes"),
     (["sample", "-m", "tiny", "-p", "p.txt"], "Missing option '--out' / '-o'. (see rlaif sample --help)"),
