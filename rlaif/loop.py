@@ -31,7 +31,7 @@ from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.tables import write_table
-from rlaif.train.trainer import check_defaults_as_before, run_train, with_family_defaults
+from rlaif.train.trainer import ANCHOR_CLASH, check_defaults_as_before, run_train, with_family_defaults
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 class Progress(Protocol):
@@ -162,10 +162,11 @@ def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: 
                 f"{path}: this loop was started by an rlaif without the unconditional anchor, which is now on by "
                 f"default but does not serve [{negative[0]}] negative_prompt; finish the loop with the rlaif that "
                 "started it, or start it again in a new out with [train] keep_unconditional set")
-        raise RlaifError(
-            f"{path}: [{negative[0]}] negative_prompt replaces the empty caption in guidance, but [train]'s "
-            "unconditional anchor (on by default) holds the empty caption's prediction; set [train] "
-            "keep_unconditional = 0 to train without it, or a weight to keep it anyway")
+        raise RlaifError(f"{path}: [{negative[0]}] negative_prompt {ANCHOR_CLASH}; set [train] keep_unconditional = 0 "
+                         "to train without it, or a weight to keep it anyway")
+
+
+UNREADABLE_STATE = "restore it, or choose another --out"  # what to do about a loop.json rlaif did not write
 
 
 def _control_run_in(out: Path, control_out: Path) -> bool:
@@ -173,7 +174,7 @@ def _control_run_in(out: Path, control_out: Path) -> bool:
     was started in ``control_out`` since): ``--control`` then goes on in it rather than start again."""
     if (control_out / "loop.json").exists():
         return False
-    state = read_json(out / "loop.json", "restore it, or choose another --out") or {}
+    state = read_json(out / "loop.json", UNREADABLE_STATE) or {}
     return bool((state.get("settings") or {}).get("label", {}).get("invert"))
 
 
@@ -181,7 +182,7 @@ def _state(plan: LoopPlan) -> dict:
     """OUT/loop.json: the settings it was started with and the stages done; other settings are refused, but for
     more ``rounds``, which go on from the last finished round (the settings recorded are then the new ones)."""
     path = plan.loop.out / "loop.json"
-    state = read_json(path, "restore it, or choose another --out")
+    state = read_json(path, UNREADABLE_STATE)
     if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
     if state.get("settings") != plan.source:

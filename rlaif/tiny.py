@@ -58,6 +58,11 @@ RESOLUTION = 64
 TEXT_LENGTHS = {"clip": 16, "t5": 32}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The noise schedule of SD1.5 / SDXL.
+# The UNet layout both tiny UNet models share: two resolutions, the lower one with cross-attention
+UNET_LAYOUT = {"sample_size": RESOLUTION // 4, "in_channels": 4, "out_channels": 4,
+               "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+               "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (32, 64),
+               "layers_per_block": 1}
 NOISE_SCHEDULE = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000
 }
@@ -128,13 +133,7 @@ def build_sd_components(seed: int = 0) -> dict:
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=64, projection_dim=64))
         vae = build_vae()
         unet = UNet2DConditionModel(
-            sample_size=RESOLUTION // 4,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+            **UNET_LAYOUT,
             cross_attention_dim=64,
             attention_head_dim=8,
             norm_num_groups=32,
@@ -161,13 +160,7 @@ def build_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=32, projection_dim=32))
         time_embed_dim = 8
         unet = UNet2DConditionModel(
-            sample_size=RESOLUTION // 4,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+            **UNET_LAYOUT,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),

@@ -145,7 +145,7 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
      + "[label]\nscorers=['compressibility']\n[train]\nkeep_unconditional=1\n",
      "[train]: FLUX.1 samples without classifier-free guidance"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[sample]\nnegative_prompt='blurry'\n",
-     "[sample] negative_prompt replaces the empty caption in guidance, but [train]'s unconditional anchor"),
+     "[sample] negative_prompt replaces the empty caption in guidance, but the unconditional anchor (on by default)"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='blurry'\n",
      "[eval] negative_prompt replaces the empty caption"),
 ])

@@ -301,6 +301,12 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
 
 
+# Why a negative prompt and the unconditional anchor (left on by default) do not go together, as `rlaif train` and
+# `rlaif loop` refuse them
+ANCHOR_CLASH = ("replaces the empty caption in guidance, but the unconditional anchor (on by default) holds the empty "
+                "caption's prediction")
+
+
 def check_sampling(samplings: list[dict], config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
     """Refuse to train otherwise than the pairs' samples were drawn, where `rlaif label` recorded how
     (``samplings``, run.json's generation settings, one per file of the table): the same model at another T5 prompt
@@ -318,10 +324,9 @@ def check_sampling(samplings: list[dict], config: TrainConfig, anchor_defaulted:
                 raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would "
                                  f"encode its captions at {length}; pass --max-sequence-length {recorded}")
         if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
-            raise RlaifError(
-                f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which replaces the "
-                "empty caption in guidance, but the unconditional anchor (on by default) holds the empty caption's "
-                "prediction; pass --keep-unconditional 0 to train without it, or a weight to keep it anyway")
+            raise RlaifError(f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which "
+                             f"{ANCHOR_CLASH}; pass --keep-unconditional 0 to train without it, "
+                             "or a weight to keep it anyway")
 
 
 def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, unet, reference,
