@@ -74,6 +74,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                                     "best-worst", {"caption_dropout": 0.2}),
     "anchor-10-with-caption-dropout": ("`--keep-unconditional 10 --caption-dropout 0.2`", "best-worst",
                                        {"keep_unconditional": 10.0, "caption_dropout": 0.2}),
+    "high-noise": ("`--min-noise 0.75`: pairs noised in the noisiest quarter of the schedule only", "best-worst",
+                   {"min_noise": 0.75}),
     "anchored-beta500": ("`--beta 500`", "best-worst", {"beta": 500.0}),
     "anchored-beta2500": ("`--beta 2500`", "best-worst", {"beta": 2500.0}),
     "anchored-beta5000": ("`--beta 5000`", "best-worst", {"beta": 5000.0}),

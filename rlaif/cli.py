@@ -171,6 +171,8 @@ def train(
     dpo_positive: Annotated[float | None, option(T, "dpo_positive")] = default(T, "dpo_positive"),
     keep_unconditional: Annotated[float | None, option(T, "keep_unconditional")] = default(T, "keep_unconditional"),
     flow_weighting: Annotated[str, option(T, "flow_weighting")] = default(T, "flow_weighting"),
+    min_noise: Annotated[float, option(T, "min_noise")] = default(T, "min_noise"),
+    max_noise: Annotated[float, option(T, "max_noise")] = default(T, "max_noise"),
     learning_rate: Annotated[float, option(T, "learning_rate")] = default(T, "learning_rate"),
     scale_lr: Annotated[bool, option(T, "scale_lr")] = default(T, "scale_lr"),
     warmup_steps: Annotated[int, option(T, "warmup_steps")] = default(T, "warmup_steps"),

@@ -127,6 +127,8 @@ CASES = [
      "--device 'bogus' is not a device (e.g. cpu, cuda, cuda:1, mps)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],
+     "--min-noise 0.8 and --max-noise 0.5: give 0 <= min < max <= 1 (fractions of the noise schedule)"),
     # one command's outputs per folder
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "lora"], "--out lora holds the output of `rlaif train` "
      "(train.json); give `rlaif sample` a folder of its own, e.g. lora/samples"),

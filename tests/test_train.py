@@ -63,6 +63,20 @@ def test_first_step_loss_is_ln2_for_full_sdxl_in_fp16(tiny_pairs, tmp_path):
     assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
 
 
+def test_the_noise_range_reaches_training(tiny_pairs, tmp_path):
+    """--min-noise / --max-noise decide where pairs are noised: near the clean image, the epsilon a UNet predicts is
+    hidden under the image (large error); near pure noise it is nearly the input itself (small error)."""
+    errors = {}
+    for low, high in ((0.0, 0.01), (0.99, 1.0)):
+        out = tmp_path / str(low)
+        result = run_cli("train", tiny_pairs, "--model", "tiny", "--out", out, "--max-steps", 1, "--min-noise", low,
+                         "--max-noise", high)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "train.json").read_text())["config"]["min_noise"] == low
+        errors[low] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["ref_mse_w"]
+    assert errors[0.0] > 20 * errors[0.99], errors
+
+
 @pytest.mark.parametrize("alias", ["tiny", "tiny-xl", "tiny-sd3", "tiny-flux"])
 def test_the_half_stored_reference_of_full_fine_tuning_computes_the_policys_function(alias):
     """Under fp16 / bf16 autocast the reference keeps its linear and convolution weights in that dtype: its

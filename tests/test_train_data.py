@@ -182,6 +182,31 @@ def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
                       "format that PIL reads"
 
 
+def test_the_noise_range_bounds_every_draw_and_its_default_draws_as_before(tmp_path):
+    from rlaif.seeding import generator, keyed_seed
+    from rlaif.train.batches import BatchSettings, MicroBatches
+    from rlaif.train.flow import draw_u
+
+    pq.write_table(pick_a_pic_rows(64), tmp_path / "t.parquet")
+    table = PairTable(tmp_path / "t.parquet")
+    unet = BatchSettings(seed=3, batch_size=32, processes=1, rank=0, resolution=8, random_crop=False, hflip=False,
+                         caption_dropout=0.0, latent_shape=(4, 1, 1), timesteps=1000, shuffle=False)
+
+    def drawn(settings):
+        return MicroBatches(table, settings, None)[0].timesteps.tolist()
+
+    # the full range draws the timesteps that `randrange(1000)` drew before the option existed
+    assert drawn(unet) == [random.Random(keyed_seed("t", 3, p)).randrange(1000) for p in range(32)]
+    high = drawn(dataclasses.replace(unet, noise_range=(0.75, 1.0)))
+    assert all(750 <= t < 1000 for t in high) and len(set(high)) > 16
+    assert drawn(dataclasses.replace(unet, noise_range=(0.0, 0.0001))) == [0] * 32  # at least one timestep
+    flow = dataclasses.replace(unet, weighting="logit_normal")
+    u = [draw_u("logit_normal", generator(keyed_seed("t", 3, p))) for p in range(32)]
+    assert drawn(flow) == pytest.approx(u, abs=1e-7)
+    assert drawn(dataclasses.replace(flow, noise_range=(0.5, 0.9))) == pytest.approx([0.5 + 0.4 * x for x in u],
+                                                                                    abs=1e-6)
+
+
 def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):
     """--val-fraction holds out every pair of a share of the captions (by a hash of the text, so the split is the
     same whatever the row order or sharding); tables with fewer than 20 captions hold nothing out."""

@@ -42,6 +42,7 @@ class BatchSettings:
     timesteps: int  # of the training noise schedule
     shuffle: bool = True  # False: position p is the table's pair p (held-out measurement, read in table order)
     weighting: str | None = None  # flow models: the density of u (rlaif.train.flow); None: integer timesteps
+    noise_range: tuple[float, float] = (0.0, 1.0)  # the share of the noise schedule trained on (--min/max-noise)
 
 
 @dataclass
@@ -104,11 +105,15 @@ class MicroBatches(Dataset):
                  for side in ("chosen", "rejected") for position in positions]  # per image, not per batch
         noise = [torch.randn(s.latent_shape, generator=generator(keyed_seed("noise", s.seed, position)))
                  for position in positions]
-        if s.weighting is None:
-            timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(s.timesteps)
+        low, high = s.noise_range
+        if s.weighting is None:  # [0, 1) of the schedule draws exactly what randrange(timesteps) always drew
+            first = round(low * s.timesteps)
+            end = max(round(high * s.timesteps), first + 1)
+            timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(first, end)
                          for position in positions]
         else:
-            timesteps = [draw_u(s.weighting, generator(keyed_seed("t", s.seed, position))) for position in positions]
+            timesteps = [low + (high - low) * draw_u(s.weighting, generator(keyed_seed("t", s.seed, position)))
+                         for position in positions]
         return MicroBatch(positions, captions, augmentations, chosen + rejected, torch.stack(draws),
                           torch.stack(noise), torch.tensor(timesteps))
 

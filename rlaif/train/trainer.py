@@ -108,7 +108,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     settings = BatchSettings(
         config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
         config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
-        objective.timesteps, weighting=objective.weighting)
+        objective.timesteps, weighting=objective.weighting, noise_range=(config.min_noise, config.max_noise))
 
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
