@@ -322,7 +322,8 @@ class TrainConfig:
     min_noise: float = field(default=0.0, metadata={
         "help": "Train only from this noise level up, as a fraction of the noise schedule (0: the clean image, 1: "
                 "pure noise), to --max-noise: UNet models draw timesteps uniformly from [min, max) x the schedule's "
-                "length, SD3 / FLUX rescale the --flow-weighting draw into [min, max]. Colour and layout are set at "
+                "length; SD3 / FLUX rescale the --flow-weighting draw into that part of the timesteps, before the "
+                "shift (SD3's shift 3 makes 0.5 noise levels from 0.75 up). Colour and layout are set at "
                 "high noise: on bench/reward_suite.py, 0.75 raised a colour reward the defaults did not "
                 "(colourfulness), and lowered one that asks the prompt's colour (bench/RESULTS.md)."})
     max_noise: float = field(default=1.0, metadata={"help": "Train only up to this noise level (see --min-noise)."})

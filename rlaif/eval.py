@@ -100,9 +100,10 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
     if seed not in seeds or not files and same:
         return
     if not same:
+        now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
-                         f"table {pairs} is {'changed' if files else 'gone'} since, so which prompts it saw cannot "
-                         "be checked; pass another --seed (its images are then held out)")
+                         f"table {pairs} is {now} since, so which prompts it saw cannot be checked; pass another "
+                         "--seed (its images are then held out)")
     captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
     seen = [prompt for prompt in prompts if prompt in captions]
     if seen:

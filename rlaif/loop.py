@@ -100,7 +100,7 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
-    check_out_dir(config.out, f"{path} [loop] out", "loop")
+    check_out_dir(config.out, "--out" if out is not None else f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
     return LoopPlan(config, stages, source)
@@ -199,6 +199,15 @@ def _state(plan: LoopPlan) -> dict:
     return state
 
 
+def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:
+    """``{"guidance": value}`` that ``folder`` (a stage's samples of an earlier round) was sampled with, when
+    ``stage`` leaves the guidance unset; else nothing."""
+    if "guidance" in stage:
+        return {}
+    recorded = ((read_json(folder / "run.json", UNREADABLE_STATE) or {}).get("generation") or {}).get("guidance")
+    return {} if recorded is None else {"guidance": recorded}
+
+
 def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
     """Run every unfinished stage of every round; return OUT/rounds.parquet, every round's win rates."""
     loop, stages = plan.loop, plan.stages
@@ -214,6 +223,11 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
     def report(prefix: str) -> Callable[..., None] | None:
         return progress and (lambda description, done, total: progress(f"{prefix} {description}", done, total))
 
+    # an unset guidance resolves once per loop: every round samples, and is evaluated, at its first round's (an
+    # upgrade of rlaif that changed the default must not change it between rounds)
+    stages = {**stages, "sample": {**stages["sample"], **_guidance_then(loop.out / "round_1" / "samples",
+                                                                          stages["sample"])},
+              "eval": {**stages["eval"], **_guidance_then(loop.out / "eval_base", stages["eval"])}}
     previous: Path | None = None
     for number in range(1, loop.rounds + 1):
         folder = loop.out / f"round_{number}"

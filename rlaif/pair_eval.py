@@ -64,7 +64,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     resolution = trained["resolution"] or default_size(policy)
     objective = objective_for(policy, config.flow_weighting)
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
-                             objective.timesteps, shuffle=False, weighting=objective.weighting)
+                             objective.timesteps, shuffle=False, weighting=objective.weighting,
+                             noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained
     found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, float("nan"), table.label)]
     if count and config.loss != "sft":
         encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)

@@ -57,12 +57,12 @@ RESOLUTION = 64
 # short sequences keep their transformers cheap on a CPU. SD1.5 / SDXL-style models keep CLIP's 77.
 TEXT_LENGTHS = {"clip": 16, "t5": 32}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# The noise schedule of SD1.5 / SDXL.
 # The UNet layout both tiny UNet models share: two resolutions, the lower one with cross-attention
 UNET_LAYOUT = {"sample_size": RESOLUTION // 4, "in_channels": 4, "out_channels": 4,
                "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
                "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (32, 64),
                "layers_per_block": 1}
+# The noise schedule of SD1.5 / SDXL.
 NOISE_SCHEDULE = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000
 }

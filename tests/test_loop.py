@@ -87,6 +87,25 @@ def test_a_finished_loop_goes_on_for_more_rounds_and_keeps_the_ones_it_ran(tmp_p
     assert fewer.returncode == 2 and "([loop] rounds 2 -> 1)" in fewer.stderr
 
 
+def test_rounds_sample_and_evaluate_at_the_guidance_of_the_first_round(tmp_path):
+    """A loop begun when an unset guidance meant another value (7.5 for every model before 2026-11-28; here
+    recorded as 6.0) goes on at that value: its rounds stay comparable, and the base model's samples are kept."""
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))
+    assert run_cli("loop", "--config", config).returncode == 0
+    for folder in (out / "round_1" / "samples", out / "eval_base"):
+        record = json.loads((folder / "run.json").read_text())
+        record["generation"]["guidance"] = 6.0
+        (folder / "run.json").write_text(json.dumps(record))
+    stamps = {png: png.stat().st_mtime_ns for png in (out / "eval_base").rglob("*.png")}
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    more = run_cli("loop", "--config", config)
+    assert more.returncode == 0, more.stderr
+    for folder in (out / "round_2" / "samples", out / "round_2" / "eval" / "tuned", out / "eval_base"):
+        assert json.loads((folder / "run.json").read_text())["generation"]["guidance"] == 6.0, folder
+    assert stamps and {png: png.stat().st_mtime_ns for png in (out / "eval_base").rglob("*.png")} == stamps
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a UNet model, and a flow transformer (Flow-DPO)
 def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     config, out = small_loop(tmp_path, model)

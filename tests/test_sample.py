@@ -124,6 +124,23 @@ def test_other_generation_settings_are_refused(reference):
     assert tree(out) == before
 
 
+def test_a_folder_sampled_at_the_former_default_guidance_says_which_to_pass(reference, tmp_path):
+    """A run begun when an unset --guidance meant 7.5 for every model (here: as if at 6.0, not tiny's 7.5) is not
+    resumed at today's default: the refusal says which --guidance goes on with it."""
+    prompts, out = reference
+    shutil.copytree(out, tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "run.json").read_text())
+    record["generation"]["guidance"] = 6.0
+    (tmp_path / "old" / "run.json").write_text(json.dumps(record))
+    argv = ("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", tmp_path / "old", *FAST)
+    refused = run_cli(*argv)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: {tmp_path / 'old'} was sampled at guidance 6.0, and --guidance unset now means this model's "
+        "pipeline default, 7.5 (rlaif before 2026-11-28 sampled every model at 7.5); pass --guidance 6.0 to go on "
+        "with it, or choose another --out\n")
+    assert run_cli(*argv, "--guidance", 6.0).returncode == 0  # every image is there: nothing to make
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

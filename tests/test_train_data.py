@@ -185,7 +185,7 @@ def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
 def test_the_noise_range_bounds_every_draw_and_its_default_draws_as_before(tmp_path):
     from rlaif.seeding import generator, keyed_seed
     from rlaif.train.batches import BatchSettings, MicroBatches
-    from rlaif.train.flow import draw_u
+    from rlaif.train.flow import draw_u, shifted_sigma
 
     pq.write_table(pick_a_pic_rows(64), tmp_path / "t.parquet")
     table = PairTable(tmp_path / "t.parquet")
@@ -203,8 +203,12 @@ def test_the_noise_range_bounds_every_draw_and_its_default_draws_as_before(tmp_p
     flow = dataclasses.replace(unet, weighting="logit_normal")
     u = [draw_u("logit_normal", generator(keyed_seed("t", 3, p))) for p in range(32)]
     assert drawn(flow) == pytest.approx(u, abs=1e-7)
-    assert drawn(dataclasses.replace(flow, noise_range=(0.5, 0.9))) == pytest.approx([0.5 + 0.4 * x for x in u],
+    assert drawn(dataclasses.replace(flow, noise_range=(0.5, 0.9))) == pytest.approx([0.1 + 0.4 * x for x in u],
                                                                                     abs=1e-6)
+    # both families: the noisiest quarter of the schedule is noisier than three quarters of the way to pure noise
+    sigma = shifted_sigma(torch.tensor(drawn(dataclasses.replace(flow, noise_range=(0.75, 1.0)))), 1000, 1.0)
+    assert sigma.min() >= 0.75 and sigma.max() <= 1.0
+    assert drawn(dataclasses.replace(unet, noise_range=(0.9999, 1.0))) == [999] * 32  # the last timestep, no further
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):

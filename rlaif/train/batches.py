@@ -105,14 +105,14 @@ class MicroBatches(Dataset):
                  for side in ("chosen", "rejected") for position in positions]  # per image, not per batch
         noise = [torch.randn(s.latent_shape, generator=generator(keyed_seed("noise", s.seed, position)))
                  for position in positions]
-        low, high = s.noise_range
+        low, high = s.noise_range  # fractions of the schedule's axis, from the clean image (0) to pure noise (1)
         if s.weighting is None:  # [0, 1) of the schedule draws exactly what randrange(timesteps) always drew
-            first = round(low * s.timesteps)
+            first = min(round(low * s.timesteps), s.timesteps - 1)
             end = max(round(high * s.timesteps), first + 1)
             timesteps = [random.Random(keyed_seed("t", s.seed, position)).randrange(first, end)
                          for position in positions]
-        else:
-            timesteps = [low + (high - low) * draw_u(s.weighting, generator(keyed_seed("t", s.seed, position)))
+        else:  # u runs the other way (u = 0: pure noise, rlaif.train.flow.shifted_sigma): 1 - u rescaled into the range
+            timesteps = [1 - high + (high - low) * draw_u(s.weighting, generator(keyed_seed("t", s.seed, position)))
                          for position in positions]
         return MicroBatch(positions, captions, augmentations, chosen + rejected, torch.stack(draws),
                           torch.stack(noise), torch.tensor(timesteps))

@@ -178,8 +178,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
                 # which table, and the run seeds of its samples: eval's check that its images are held out
+                # (a local table's: eval cannot read a hub dataset again)
                 "pairs_file": pairs.identity,
-                "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record}),
+                "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record})
+                if Path(config.pairs).exists() else [],
                 "pairs_held_out": len(held_out_pairs),
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
