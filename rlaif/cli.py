@@ -339,16 +339,18 @@ def print_win_rates(table: Path) -> None:
     from rich.table import Table
 
     from rlaif.eval import reward_hacking
-    from rlaif.stats import interval_text
+    from rlaif.stats import interval_decimals, interval_text
 
     rows = pl.read_parquet(table)
     extra = ["round"] if "round" in rows.columns else []
     view = Table(*extra, "scorer", "role", "prompts", "win (95% CI)", "base", "tuned", "delta (95% CI)",
                  "relative (95% CI)", "p", box=None)
     for row in rows.iter_rows(named=True):
+        means = interval_decimals(row["delta_low"], row["delta_high"])  # to the digits the delta shows
         view.add_row(*(str(row[c]) for c in extra), row["scorer"], row["role"], str(row["prompts"]),
-                     f"{row['win_rate']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})", f"{row['mean_base']:.4g}",
-                     f"{row['mean_tuned']:.4g}", interval_text(row["delta"], row["delta_low"], row["delta_high"]),
+                     f"{row['win_rate']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})",
+                     f"{row['mean_base']:.{means}f}", f"{row['mean_tuned']:.{means}f}",
+                     interval_text(row["delta"], row["delta_low"], row["delta_high"]),
                      interval_text(row["relative"], row["relative_low"], row["relative_high"], percent=True),
                      f"{row['p_value']:.2g}")
     Console(width=None if sys.stdout.isatty() else 170).print(view)  # a log gets whole lines, not wrapped cells

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from rlaif.files import atomic_path
-from rlaif.stats import interval_text
+from rlaif.stats import interval_decimals, interval_text
 
 CURVES = ("loss", "implicit_acc", "reward_margin", "val_implicit_acc", "val_reward_margin")
 STYLE = """
@@ -39,13 +39,15 @@ def _win_table(table: pl.DataFrame, table_id: str, extra: tuple[str, ...] = ()) 
                                                              "relative (95% CI)", "p"))
     rows = []
     for row in table.iter_rows(named=True):
+        means = interval_decimals(row["delta_low"], row["delta_high"])  # to the digits the delta shows
         verdict = "good" if row["ci_low"] > 0.5 else "bad" if row["ci_high"] < 0.5 else ""
         change = "good" if row["delta_low"] > 0 else "bad" if row["delta_high"] < 0 else ""
         relative = "good" if row["relative_low"] > 0 else "bad" if row["relative_high"] < 0 else ""
         cells = [html.escape(str(row[c])) for c in extra] + [
             html.escape(row["scorer"]), str(row["prompts"]), str(row["n"]),
             f'<span class="{verdict}">{row["win_rate"]:.3f}</span>',
-            f"{row['ci_low']:.3f} - {row['ci_high']:.3f}", f"{row['mean_base']:.4g}", f"{row['mean_tuned']:.4g}",
+            f"{row['ci_low']:.3f} - {row['ci_high']:.3f}", f"{row['mean_base']:.{means}f}",
+            f"{row['mean_tuned']:.{means}f}",
             f'<span class="{change}">{interval_text(row["delta"], row["delta_low"], row["delta_high"])}</span>',
             f'<span class="{relative}">'
             f'{interval_text(row["relative"], row["relative_low"], row["relative_high"], percent=True)}</span>',

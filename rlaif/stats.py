@@ -88,14 +88,21 @@ def signed_rank_p(differences: np.ndarray) -> float:
     return float(wilcoxon(differences, zero_method="wilcox").pvalue)
 
 
+def interval_decimals(low: float, high: float, percent: bool = False) -> int:
+    """The decimals that show an interval's width to two digits (4 when it has no width), for its bounds, its
+    estimate and the numbers it is the difference of (the means beside a delta)."""
+    width = (high - low) * (100.0 if percent else 1.0)
+    return min(6, max(0, 1 - math.floor(math.log10(width)))) if math.isfinite(width) and width > 0 else 4
+
+
 def interval_text(value: float, low: float, high: float, percent: bool = False) -> str:
-    """``value (low to high)``, signed, all three to the decimals that show the interval's width to two digits
-    (``+0.0135 (+0.0100 to +0.0174)``; ``percent``: ``+0.62% (+0.41% to +0.80%)``), never a ``-0``."""
+    """``value (low to high)``, signed, all three to ``interval_decimals`` (``+0.0135 (+0.0100 to +0.0174)``;
+    ``percent``: ``+0.62% (+0.41% to +0.80%)``). Each sign is its number's own, even where the digits round to
+    zero: a bound just below 0 reads ``-0.000``, so an interval that holds 0 never looks as if it did not."""
     scale, unit = (100.0, "%") if percent else (1.0, "")
-    width = (high - low) * scale
-    decimals = min(6, max(0, 1 - math.floor(math.log10(width)))) if math.isfinite(width) and width > 0 else 4
+    decimals = interval_decimals(low, high, percent)
 
     def text(number: float) -> str:
-        return f"{round(number * scale, decimals) + 0.0:+.{decimals}f}{unit}"
+        return f"{'-' if number < 0 else '+'}{abs(number * scale):.{decimals}f}{unit}"
 
     return f"{text(value)} ({text(low)} to {text(high)})"

@@ -243,6 +243,7 @@ def test_the_report_colours_the_relative_change_by_its_own_interval():
     cells = _win_table(pl.DataFrame([row]), "t")
     assert '<span class="">0.600</span>' in cells  # the win rate's interval holds 0.5
     assert '<span class="good">+0.020 (+0.010 to +0.030)</span>' in cells
+    assert "<td>2.000</td><td>2.020</td>" in cells  # the means to the delta's digits (not 2 and 2.02)
     assert '<span class="good">+1.00% (+0.50% to +1.50%)</span>' in cells
     falling = _win_table(pl.DataFrame([{**row, "relative": -0.01, "relative_low": -0.015, "relative_high": -0.005}]),
                          "t")

@@ -84,6 +84,9 @@ def test_clustered_intervals_cover_the_truth_and_per_comparison_ones_do_not():
 def test_intervals_are_printed_to_the_decimals_their_width_needs():
     assert interval_text(0.01349, 0.0100, 0.0174) == "+0.0135 (+0.0100 to +0.0174)"  # not "+0.01349 (+0.01 to ..."
     assert interval_text(0.0062, 0.0041, 0.0080, percent=True) == "+0.62% (+0.41% to +0.80%)"
-    assert interval_text(-0.00004, -0.0009, 0.0008, percent=True) == "+0.00% (-0.09% to +0.08%)"  # never "-0.00%"
+    assert interval_text(-0.00004, -0.0009, 0.0008, percent=True) == "-0.00% (-0.09% to +0.08%)"  # its own sign
+    # a bound just below 0 keeps its sign: "+0.000" would hide that the interval holds 0 (a new user's eval)
+    assert interval_text(0.012, -0.000157, 0.025) == "+0.012 (-0.000 to +0.025)"
+    assert interval_text(0.0, 0.0, 0.002) == "+0.0000 (+0.0000 to +0.0020)"
     assert interval_text(24.4, 15.3, 35.6) == "+24 (+15 to +36)"
     assert interval_text(0.5, 0.5, 0.5) == "+0.5000 (+0.5000 to +0.5000)"  # no width: 4 decimals
