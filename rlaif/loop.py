@@ -27,6 +27,7 @@ from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, run_eval
 from rlaif.files import atomic_path, check_out_dir, read_json, write_json
 from rlaif.label import run_label
+from rlaif.models import check_negative_prompt
 from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
@@ -127,8 +128,10 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
-    _check_anchor(path, TrainConfig(**placeholders["train"], **stages["train"]),
-                  [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")],
+    negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
+    if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
+        check_negative_prompt(loop.model, f"{path} [{negative[0]}] negative_prompt")
+    _check_anchor(path, TrainConfig(**placeholders["train"], **stages["train"]), negative,
                   (loop.out / "loop.json").exists())
     lengths = {stage: stages[stage].get("max_sequence_length") for stage in ("sample", "train", "eval")}
     if lengths["eval"] is None:  # eval takes the length the model was trained at

@@ -118,6 +118,15 @@ def guided(model: str) -> bool:
     return not issubclass(pipeline_class, FluxPipeline)
 
 
+def check_negative_prompt(model: str, option: str) -> None:
+    """Refuse a negative prompt for FLUX.1 (from model_index.json alone): without classifier-free guidance, diffusers'
+    FluxPipeline drops it (unless true CFG, which rlaif does not run), so the images would be made without it
+    while the run records it."""
+    if not guided(model):
+        raise RlaifError(f"{option}: FLUX.1 samples without classifier-free guidance, and its pipeline ignores a "
+                         "negative prompt (it needs true CFG, which rlaif does not run); leave it out")
+
+
 def _family(pipeline_class: type[DiffusionPipeline]) -> str:
     return "transformer" if issubclass(pipeline_class, FLOW_PIPELINES) else "unet"
 

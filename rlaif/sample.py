@@ -21,7 +21,15 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import changed_settings, read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
-from rlaif.models import check_size, default_guidance, default_size, load_pipeline, model_identity, prompt_length
+from rlaif.models import (
+    check_negative_prompt,
+    check_size,
+    default_guidance,
+    default_size,
+    load_pipeline,
+    model_identity,
+    prompt_length,
+)
 from rlaif.prompts import load_prompts
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
@@ -101,6 +109,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     made with other generation settings is refused; with ``replace_stale`` (the name of the caller that owns
     the folder, recorded in run.json) a folder that caller made is emptied and made again instead."""
     config.validate()
+    if config.negative_prompt:
+        check_negative_prompt(config.model, "--negative-prompt")
     prompts = load_prompts(config.prompts, config.prompt_column)
     state = process_state()
     pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler, config.tuned)

@@ -129,6 +129,9 @@ CASES = [
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],
      "--min-noise 0.8 and --max-noise 0.5: give 0 <= min < max <= 1 (fractions of the noise schedule)"),
+    (["sample", "-m", "tiny-flux", "-p", "p.txt", "-o", "s", "--negative-prompt", "blurry"], "--negative-prompt: "
+     "FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative prompt (it needs true "
+     "CFG, which rlaif does not run); leave it out"),  # it made the same images and recorded the prompt as used
     # one command's outputs per folder
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "lora"], "--out lora holds the output of `rlaif train` "
      "(train.json); give `rlaif sample` a folder of its own, e.g. lora/samples"),

@@ -167,6 +167,10 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
      "[sample] negative_prompt replaces the empty caption in guidance, but the unconditional anchor (on by default)"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='blurry'\n",
      "[eval] negative_prompt replaces the empty caption"),
+    (LOOP_TABLE.replace("'tiny'", "'tiny-flux'")
+     + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='x'\n",
+     "[eval] negative_prompt: FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative "
+     "prompt"),  # before the rounds' sampling and training, not after them
 ])
 def test_bad_loop_configs(tmp_path, text, message):
     (tmp_path / "loop.toml").write_text(text)
