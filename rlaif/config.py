@@ -156,7 +156,8 @@ class SampleConfig:
     height: int | None = field(
         default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
     )
-    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image (not FLUX.1: it samples without classifier-free guidance)."})
+    negative_prompt: str = field(default="", metadata={
+        "help": "Negative prompt for every image (not FLUX.1: it samples without classifier-free guidance)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     seed: int = field(
         default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
@@ -480,7 +481,9 @@ class EvalConfig:
                                                               "model's."})
     height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: "
                                                                "the model's."})
-    negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image, base and tuned (not FLUX.1: it samples without classifier-free guidance)."})
+    negative_prompt: str = field(default="", metadata={
+        "help": "Negative prompt for every image, base and tuned (not FLUX.1: it samples without classifier-free "
+                "guidance)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     device: str | None = field(default=None, metadata={"help": "Device for sampling and scoring, e.g. cuda:0; "
                                                                "default: this process's accelerator."})
