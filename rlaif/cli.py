@@ -219,7 +219,10 @@ def train(
             last.update(logs)
             report("training", step, total, training_info(logs))
 
-        written = run_train(config, progress=progress)
+        try:
+            written = run_train(config, progress=progress)
+        except (Interrupted, KeyboardInterrupt) as exc:  # what to do depends on whether a checkpoint was written
+            raise Interrupted(train_interrupted(config.out)) from exc
     if show:
         from rlaif.train.outputs import weights_path
 
@@ -228,6 +231,14 @@ def train(
         say(f"trained {info['steps']} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
             f"{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
+
+
+def train_interrupted(out: Path) -> str:
+    """How to go on with a training run stopped by Ctrl-C: from its last checkpoint, or from step 0."""
+    if any((out / "checkpoints").glob("step_*/position.json")):
+        return ("interrupted: rerun the same command with --resume latest to go on from the last checkpoint "
+                "(--checkpoint-every); the steps after it are done again")
+    return "interrupted before the first checkpoint (--checkpoint-every): rerun the same command to start again"
 
 
 def training_info(logs: dict[str, float]) -> str:
@@ -533,12 +544,9 @@ def main() -> None:
             raise
         say(f"error: {error_line(exc)}")
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt, typer.Abort):
-        if sys.argv[1:2] == ["train"]:
-            say("interrupted: rerun the same command with --resume latest to go on from the last checkpoint "
-                "(--checkpoint-every); the steps after it are done again")
-        else:
-            say("interrupted: nothing finished is lost; rerun the same command to continue where it stopped")
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        say(exc.args[0] if isinstance(exc, Interrupted) and exc.args else
+            "interrupted: nothing finished is lost; rerun the same command to continue where it stopped")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)

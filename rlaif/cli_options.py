@@ -96,6 +96,10 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
     hints = typing.get_type_hints(config)
     where = f"{path}" + (f" [{section}]" if section else "")
     unknown = sorted(set(data) - set(hints))
+    table = next((name for name in unknown if isinstance(data[name], dict)), None)
+    if table is not None and section is None:  # `rlaif loop`'s layout given to a single command
+        raise RlaifError(f"{where}: settings go at the top level of a --config file, not in a [{table}] table (the "
+                         "tables are `rlaif loop`'s layout)")
     if unknown:
         known = [name for name in hints if name not in unlisted]
         close = difflib.get_close_matches(unknown[0], known, n=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rlaif.errors import RlaifError
-from rlaif.files import check_in_dir, check_out_dir
+from rlaif.files import check_in_dir, check_out_dir, held_output
 from rlaif.scoring import check_scorers
 
 # The choices of settings, named here so that help texts need no heavy import; the modules that implement
@@ -239,6 +239,8 @@ class LabelConfig:
                              "holds samples.parquet), or --relabel TABLE for a Pick-a-Pic style pairs table")
         self.check_values()
         if self.out is not None:
+            if self.out.parent.exists() and not self.out.parent.is_dir():
+                raise RlaifError(f"--out {self.out}: {self.out.parent} is a file, not a folder")
             check_out_dir(self.out.parent, "--out")
             if self.out.is_dir():
                 raise RlaifError(f"--out {self.out} is a folder; give the pairs table's file name")
@@ -249,7 +251,10 @@ class LabelConfig:
                 raise RlaifError(f"--out {self.out} exists and is not a pairs table; give a new file name (label "
                                  "replaces only a table of pairs, as a rerun does)")
         if self.samples_dir is not None and not (self.samples_dir / "samples.parquet").is_file():
-            raise RlaifError(f"table {self.samples_dir / 'samples.parquet'} does not exist")
+            check_in_dir(self.samples_dir, "SAMPLES_DIR")
+            held = held_output(self.samples_dir, "sample")
+            raise RlaifError(f"SAMPLES_DIR {self.samples_dir} holds no samples.parquet"
+                             + (f" but {held}" if held else "") + "; give the folder `rlaif sample` wrote")
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""

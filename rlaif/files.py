@@ -44,19 +44,27 @@ def check_out_dir(path: str | os.PathLike[str], option: str, command: str | None
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RlaifError(f"{option} {path} is a file, not a folder")
-    if command is not None and path.is_dir():
-        found = [(other, marker) for other, markers in OUTPUTS.items() if other != command for marker in markers
-                 if (path / marker).exists()]
-        held = f"the output of `rlaif {found[0][0]}` ({found[0][1]})" if found else \
-            "a diffusers model (model_index.json)" if (path / "model_index.json").exists() else None
-        if held:
-            raise RlaifError(f"{option} {path} holds {held}; give `rlaif {command}` a folder of its own, e.g. "
-                             f"{path / SUBFOLDERS[command]}")
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise RlaifError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RlaifError(f"{option} {path}: {existing} is not writable")
+    held = command and held_output(path, command)
+    if held:
+        raise RlaifError(f"{option} {path} holds {held}; give `rlaif {command}` a folder of its own, e.g. "
+                         f"{path / SUBFOLDERS[command]}")
+
+
+def held_output(path: Path, command: str | None = None) -> str | None:
+    """What ``path`` holds of another command than ``command`` (``the output of `rlaif train` (train.json)``, a
+    diffusers model), or None."""
+    if not path.is_dir():
+        return None
+    found = [(other, marker) for other, markers in OUTPUTS.items() if other != command for marker in markers
+             if (path / marker).exists()]
+    if found:
+        return f"the output of `rlaif {found[0][0]}` ({found[0][1]})"
+    return "a diffusers model (model_index.json)" if (path / "model_index.json").exists() else None
 
 
 def check_in_dir(path: str | os.PathLike[str], option: str) -> None:

@@ -87,6 +87,7 @@ def tree(tmp_path: Path) -> Path:
     loop_config(tmp_path, "into-train")
     edit = (tmp_path / "into-train.toml").read_text().replace('out = "loop-out"', 'out = "lora"')
     (tmp_path / "into-train.toml").write_text(edit)
+    (tmp_path / "table.toml").write_text("[train]\nmax_steps = 3\n")  # a loop's layout, given to `rlaif train`
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
@@ -164,7 +165,13 @@ CASES = [
      "with a positive weight"),
     (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
     (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
-    (["label", "empty", "-s", "compressibility"], "table empty/samples.parquet does not exist"),
+    (["label", "empty", "-s", "compressibility"],
+     "SAMPLES_DIR empty holds no samples.parquet; give the folder `rlaif sample` wrote"),
+    (["label", "nowhere", "-s", "compressibility"], "SAMPLES_DIR nowhere does not exist"),
+    (["label", "lora", "-s", "compressibility"], "SAMPLES_DIR lora holds no samples.parquet but the output of "
+     "`rlaif train` (train.json); give the folder `rlaif sample` wrote"),
+    (["label", "one-each", "-s", "compressibility", "-o", "a-file/p.parquet"],
+     "--out a-file/p.parquet: a-file is a file, not a folder"),  # the --out given, not its folder alone
     (["label", "pap.parquet", "-s", "compressibility"], "SAMPLES_DIR pap.parquet is a file; give the folder "
      "`rlaif sample` wrote (it holds samples.parquet), or --relabel TABLE for a Pick-a-Pic style pairs table"),
     (["label", "no-samples", "-s", "compressibility"], "no-samples/samples.parquet holds no samples"),
@@ -176,6 +183,8 @@ CASES = [
      "a-file is a file, not a folder"),
     # train
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--learning-rate", "-1"], "--learning-rate must be positive"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--config", "table.toml"], "table.toml: settings go at the "
+     "top level of a --config file, not in a [train] table (the tables are `rlaif loop`'s layout)"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--beta", "0"], "--beta must be positive, got 0.0"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "ipo", "--dpo-positive", "1"],
      "--dpo-positive applies to --loss sigmoid and hinge, not ipo"),

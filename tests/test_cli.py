@@ -129,17 +129,24 @@ def test_ctrl_c_in_training_says_to_resume(tiny_pairs, tmp_path):
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "rlaif", "train", str(tiny_pairs), "-m", "tiny", "-o",
-                                str(tmp_path / "t"), "--max-steps", "1000", "--checkpoint-every", "1"],
-                               env=cli_env(), stderr=subprocess.PIPE, text=True)
-    while process.poll() is None and not (tmp_path / "t" / "checkpoints").is_dir():
-        time.sleep(0.05)  # at work: its first checkpoint is being written
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == ("interrupted: rerun the same command with --resume latest to go on "
-                                               "from the last checkpoint (--checkpoint-every); the steps after it "
-                                               "are done again")
+    def interrupted(out, every, ready):
+        process = subprocess.Popen([sys.executable, "-m", "rlaif", "train", str(tiny_pairs), "-m", "tiny", "-o",
+                                    str(out), "--max-steps", "1000", "--checkpoint-every", str(every)],
+                                   env=cli_env(), stderr=subprocess.PIPE, text=True)
+        while process.poll() is None and not ready(out):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130
+        return stderr.strip().splitlines()[-1]
+
+    # a checkpoint is complete: go on from it
+    assert interrupted(tmp_path / "t", 1, lambda out: any(out.glob("checkpoints/step_*/position.json"))) == (
+        "interrupted: rerun the same command with --resume latest to go on from the last checkpoint "
+        "(--checkpoint-every); the steps after it are done again")
+    # none yet (it pointed to a checkpoint that did not exist): start again
+    assert interrupted(tmp_path / "u", 1000, lambda out: (out / "train_log.jsonl").exists()) == (
+        "interrupted before the first checkpoint (--checkpoint-every): rerun the same command to start again")
 
 
 def test_cache_info_and_clear(tmp_path):

@@ -125,7 +125,7 @@ def test_plugin_faults_are_one_clear_line(fresh, plugin, message):
 
 def test_missing_samples_table_and_corrupt_image(fresh, tmp_path):
     result = run_cli("label", tmp_path / "nowhere", "--scorer", "compressibility")
-    assert result.returncode == 2 and "samples.parquet does not exist" in result.stderr
+    assert result.returncode == 2 and f"SAMPLES_DIR {tmp_path / 'nowhere'} does not exist" in result.stderr
     image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][3]
     image.write_bytes(b"not a png")
     result = run_cli("label", fresh, "--scorer", "compressibility")
