@@ -206,8 +206,8 @@ class LabelConfig:
                                                          "pair table (caption, jpg_0, jpg_1, label_0) to label "
                                                          "with AI feedback beside its human labels."})
     strategy: str = field(default="best-worst", metadata={"help": f"Pairing: {' | '.join(STRATEGIES)}."})
-    top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom (at most half of a prompt's "
-                                                     "candidates: the best and worst K never overlap)."})
+    top_k: int = field(default=2, metadata={"help": "K of --strategy top-vs-bottom; a prompt with fewer than 2K "
+                                                     "candidates pairs its best half against its worst half."})
     min_margin: float = field(default=0.0, metadata={"help": "Drop pairs whose preference gap is smaller."})
     invert: bool = field(default=False, metadata={
         "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})

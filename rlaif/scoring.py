@@ -205,7 +205,9 @@ class LoadedScorer:
                 unavailable = ("HF_HUB_OFFLINE is set: if these files are not in the local Hugging Face cache, load it "
                                "once while online (or unset HF_HUB_OFFLINE)")
             hint = f"; {unavailable}" if unavailable else ""
-            text = exception_text(exc).rstrip(". ")  # all of it: the CLI joins the lines
+            # all of it (the CLI joins the lines), but for a file not in the cache: its first sentence names it, the
+            # rest is transformers' advice for a mistyped name
+            text = exception_text(exc).split(". ")[0] if unavailable else exception_text(exc).rstrip(". ")
             raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc
         self.name = getattr(self.scorer, "name", None) or self.spec
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),

@@ -61,3 +61,12 @@ def slow_brightness(device="cpu"):
             log.write(f"{len(images)}\n")
         return [float(torch.tensor(list(image.convert("L").getdata())).float().mean()) for image in images]
     return _Scorer(score)
+
+
+def uncached_processor(device="cpu"):
+    """Fails as transformers does for a processor that is not in the offline cache: a first sentence naming the
+    repository, then advice for a mistyped name."""
+    raise OSError("Can't load image processor for 'org/name'. If you were trying to load it from "
+                  "'https://huggingface.co/models', make sure you don't have a local directory with the same name. "
+                  "Otherwise, make sure 'org/name' is the correct path to a directory containing a "
+                  "preprocessor_config.json file")

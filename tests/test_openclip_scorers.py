@@ -150,3 +150,11 @@ def test_a_scorer_missing_from_the_offline_cache_says_how_to_get_it():
         LoadedScorer("clip")  # its OpenAI CLIP weights were never put in the tests' Hugging Face cache
     assert str(error.value).startswith("scorer 'clip' failed to load: Failed to download weights")
     assert str(error.value).endswith("; HF_HUB_OFFLINE is set: load it once while online (or unset HF_HUB_OFFLINE)")
+
+
+def test_a_transformers_scorer_missing_offline_names_the_repository_in_one_short_line():
+    with pytest.raises(RlaifError) as error:
+        LoadedScorer("label_plugins:uncached_processor")
+    assert str(error.value) == ("scorer 'label_plugins:uncached_processor' failed to load: Can't load image processor "
+                                "for 'org/name'; HF_HUB_OFFLINE is set: if these files are not in the local Hugging "
+                                "Face cache, load it once while online (or unset HF_HUB_OFFLINE)")
