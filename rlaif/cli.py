@@ -196,6 +196,7 @@ def train(
     val_fraction: Annotated[float, option(T, "val_fraction")] = default(T, "val_fraction"),
     val_every: Annotated[int | None, option(T, "val_every")] = default(T, "val_every"),
     checkpoint_every: Annotated[int | None, option(T, "checkpoint_every")] = default(T, "checkpoint_every"),
+    keep_checkpoints: Annotated[int, option(T, "keep_checkpoints")] = default(T, "keep_checkpoints"),
     resume: Annotated[str | None, option(T, "resume")] = default(T, "resume"),
     seed: Annotated[int, option(T, "seed")] = default(T, "seed"),
     overwrite: Annotated[bool, option(T, "overwrite")] = default(T, "overwrite"),

@@ -388,6 +388,9 @@ class TrainConfig:
     checkpoint_every: int | None = field(default=None, metadata={
         "help": "Save a resumable checkpoint every N steps (0: never). Default: every ~30 minutes when the first "
                 "steps show the run will take longer than that."})
+    keep_checkpoints: int = field(default=3, metadata={
+        "help": "Complete checkpoints kept: the newest N, older ones removed as new ones are written (each holds "
+                "the trained weights and optimizer states: SDXL's whole UNet, some 30 GB). 0: keep all."})
     resume: str | None = field(default=None, metadata={
         "help": "'latest' (the last complete checkpoint in OUT; none yet: start at step 0), a checkpoint folder, or "
                 "the name of one in OUT/checkpoints."})
@@ -444,7 +447,7 @@ class TrainConfig:
             raise RlaifError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
         if self.val_every is not None and self.val_every < 1:
             raise RlaifError(f"--val-every must be at least 1, got {self.val_every}")
-        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers"):
+        for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

@@ -183,6 +183,8 @@ CASES = [
      "a-file is a file, not a folder"),
     # train
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--learning-rate", "-1"], "--learning-rate must be positive"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--keep-checkpoints", "-1"],
+     "--keep-checkpoints must not be negative, got -1"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--config", "table.toml"], "table.toml: settings go at the "
      "top level of a --config file, not in a [train] table (the tables are `rlaif loop`'s layout)"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--beta", "0"], "--beta must be positive, got 0.0"),

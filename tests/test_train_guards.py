@@ -44,6 +44,23 @@ def test_automatic_checkpoints_resume_with_the_run(tiny_pairs, tmp_path, monkeyp
     assert {"step_00000005", "step_00000006"} <= {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
 
 
+def test_only_the_newest_checkpoints_are_kept(tiny_pairs, tmp_path):
+    """A day of SDXL --full checkpoints every ~30 minutes would be some 50 copies of its weights and optimizer
+    states: the newest --keep-checkpoints stay (default 3), and the run still resumes from the last."""
+    from rlaif.config import TrainConfig
+    from rlaif.train.trainer import run_train
+
+    settings = dict(pairs=str(tiny_pairs), model="tiny", batch_size=2, checkpoint_every=1)
+    run_train(TrainConfig(**settings, out=tmp_path / "run", max_steps=5))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_00000003", "step_00000004", "step_00000005"]
+    run_train(TrainConfig(**settings, out=tmp_path / "run", max_steps=7, resume="latest", overwrite=True,
+                          keep_checkpoints=1))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000007"]
+    run_train(TrainConfig(**settings, out=tmp_path / "all", max_steps=4, keep_checkpoints=0))
+    assert len(list((tmp_path / "all" / "checkpoints").iterdir())) == 4
+
+
 def test_the_cache_estimate_counts_each_trained_pair_once(tiny_pairs):
     """The global batch already holds accumulation and processes; flips make at most two variants of a pair."""
     from rlaif.config import TrainConfig

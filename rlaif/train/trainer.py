@@ -483,7 +483,7 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 UNRECORDED = {"weight_decay": lambda saved: 1e-2 if saved.get("optimizer", "adamw") == "adamw" else 0.0,
               "dpo_positive": lambda saved: 0.0, "keep_unconditional": lambda saved: 0.0}
 RESUMABLE_CHANGES = ("resume", "max_steps", "checkpoint_every", "report_to", "no_cache", "overwrite", "out",
-                     "gradient_checkpointing", "workers", "val_every")
+                     "gradient_checkpointing", "workers", "val_every", "keep_checkpoints")
 
 
 def _settings(config: TrainConfig) -> dict:
@@ -607,4 +607,7 @@ def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, i
         shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
         publish(partial)
         os.replace(partial, final)
+        if config.keep_checkpoints:  # the newest complete ones; this one is complete before any older one goes
+            for old in _complete_checkpoints(config.out)[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
