@@ -327,7 +327,7 @@ def evaluate(
 
 def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                  max_pairs: int, label_column: str | None) -> None:
-    from rlaif.pair_eval import run_pairs_eval
+    from rlaif.pair_eval import run_pairs_eval, trained_table
     from rlaif.scoring import check_scorers
 
     if max_pairs < 1:
@@ -339,6 +339,9 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
         print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)")
+    trained = trained_table(tuned, pairs)
+    if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
+        say(f"{pairs} is {trained} ({tuned}): its accuracy there is what it learnt, not how it generalises")
 
 
 FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little

@@ -18,8 +18,8 @@ from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
-from rlaif.train.outputs import apply_tuned, check_output, is_full, trained_config
-from rlaif.train.pair_table import PairTable
+from rlaif.train.outputs import apply_tuned, check_output, is_full, train_info, trained_config
+from rlaif.train.pair_table import PairTable, local_identity, parquet_files
 from rlaif.train.trainer import frozen_dtypes, held_out_metrics, settings_then
 
 
@@ -32,6 +32,18 @@ class PairAccuracy:
     accuracy: float
     labels: str  # the table's label column judged against
     margin: float | None = None  # the DPO reward margin (tuned model only)
+
+
+def trained_table(tuned: Path, pairs: str) -> str | None:
+    """Whether ``pairs`` is the table ``tuned`` was trained on, for reading its accuracy (what it learnt, or how
+    it generalises): "the table it was trained on", with ", changed since" when its files are no longer the ones
+    train.json records; None for another table."""
+    info = train_info(tuned)
+    path = Path(pairs)
+    if not path.exists() or info.get("config", {}).get("pairs") != str(path.resolve()):
+        return None
+    changed = "pairs_file" in info and local_identity(parquet_files(path)) != info["pairs_file"]
+    return "the table it was trained on" + (", changed since" if changed else "")
 
 
 def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, int]:

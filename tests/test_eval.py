@@ -13,7 +13,7 @@ from PIL import Image
 
 from rlaif.errors import RlaifError
 from rlaif.eval import check_images_held_out, compare, reward_hacking
-from rlaif.pair_eval import judged_batches
+from rlaif.pair_eval import judged_batches, trained_table
 from rlaif.report import _win_table
 from rlaif.scorers.jpeg import jpeg_kilobytes
 from rlaif.stats import paired_effect
@@ -203,6 +203,8 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     assert "scorer compressibility: accuracy 1.000 on 24 pairs" in lines
     assert "scorer incompressibility: accuracy 0.000 on 24 pairs" in lines
     assert "judged against the labels of column label_0 (--label-column chooses another)" in result.stderr
+    assert f"{tiny_pairs} is the table it was trained on ({tmp_path / 'lora'}): its accuracy there is what it " \
+        "learnt, not how it generalises" in result.stderr
     flipped = tmp_path / "flipped.parquet"  # another label column beside label_0, as --relabel writes one
     pl.read_parquet(tiny_pairs).with_columns(
         flipped=1.0 - pl.col("label_0"),
@@ -212,7 +214,7 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
                     "-s", "compressibility", "--label-column", "flipped")
     assert other.returncode == 0, other.stderr
     assert "scorer compressibility: accuracy 0.000 on 24 pairs" in other.stdout.splitlines()
-    assert "judged against the labels of column flipped" in other.stderr
+    assert "judged against the labels of column flipped" in other.stderr and "was trained on" not in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)
     assert float(model.split()[6]) > 0.5 and "on 24 pairs, reward margin +" in model
@@ -271,7 +273,9 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0)  # a new prompt: fine
     # the table relabelled in place after training, now without the first prompt: read as it is now, that prompt
     # would pass as held out at the very seed it was trained at
+    assert trained_table(tmp_path / "lora", str(table)) == "the table it was trained on"
     pl.read_parquet(table).filter(pl.col("caption") != trained_prompts[0]).write_parquet(table)
+    assert trained_table(tmp_path / "lora", str(table)) == "the table it was trained on, changed since"
     for reason in ("changed", "gone"):
         with pytest.raises(RlaifError, match=f"^--seed 0: .* was trained on images sampled at run seed 0, and its "
                                              f"pairs table .* is {reason} since, so which prompts it saw cannot be "
