@@ -220,10 +220,11 @@ def train(
             last.update(logs)
             report("training", step, total, training_info(logs))
 
+        before = checkpoints_in(config.out)
         try:
             written = run_train(config, progress=progress)
-        except (Interrupted, KeyboardInterrupt) as exc:  # what to do depends on whether a checkpoint was written
-            raise Interrupted(train_interrupted(config.out)) from exc
+        except (Interrupted, KeyboardInterrupt) as exc:  # what to do depends on whether this run checkpointed
+            raise Interrupted(train_interrupted(config, checkpoints_in(config.out) - before)) from exc
     if show:
         from rlaif.train.outputs import weights_path
 
@@ -234,11 +235,21 @@ def train(
             f"weights in {weights_path(written)}")
 
 
-def train_interrupted(out: Path) -> str:
-    """How to go on with a training run stopped by Ctrl-C: from its last checkpoint, or from step 0."""
-    if any((out / "checkpoints").glob("step_*/position.json")):
+def checkpoints_in(out: Path) -> set[str]:
+    """The names of the complete checkpoints in a train output folder."""
+    return {p.parent.name for p in (out / "checkpoints").glob("step_*/position.json")
+            if not p.parent.name.endswith(".partial")}
+
+
+def train_interrupted(config: TrainConfig, written: set[str]) -> str:
+    """How to go on with a training run stopped by Ctrl-C: from the checkpoint it ``written`` last, from where it
+    resumed, or from step 0."""
+    if written:
         return ("interrupted: rerun the same command with --resume latest to go on from the last checkpoint "
                 "(--checkpoint-every); the steps after it are done again")
+    if config.resume is not None:
+        return ("interrupted before this run's first checkpoint (--checkpoint-every): rerun the same command to go on "
+                "from where it resumed")
     return "interrupted before the first checkpoint (--checkpoint-every): rerun the same command to start again"
 
 
@@ -341,7 +352,8 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)")
     trained = trained_table(tuned, pairs)
     if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
-        say(f"{pairs} is {trained} ({tuned}): its accuracy there is what it learnt, not how it generalises")
+        say(f"{pairs} is {trained} ({tuned}): on the pairs it trained on, accuracy says what it learnt, not how "
+            "it generalises")
 
 
 FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little

@@ -80,6 +80,9 @@ def _check_generation(config: SampleConfig | EvalConfig) -> None:
             raise RlaifError(f"--{name} must be a positive multiple of 8, got {value}")
     if config.guidance is not None and config.guidance < 0:
         raise RlaifError(f"--guidance must not be negative, got {config.guidance}")
+    if config.negative_prompt and config.guidance is not None and config.guidance <= 1:  # as FLUX.1's, dropped
+        raise RlaifError(f"--negative-prompt needs classifier-free guidance, and at --guidance {config.guidance} "
+                         "(at most 1) the pipeline samples without it, ignoring the negative prompt")
     if config.dtype not in DTYPES:
         raise RlaifError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
     check_sequence_length(config.max_sequence_length)
@@ -252,6 +255,9 @@ class LabelConfig:
                                  "replaces only a table of pairs, as a rerun does)")
         if self.samples_dir is not None and not (self.samples_dir / "samples.parquet").is_file():
             check_in_dir(self.samples_dir, "SAMPLES_DIR")
+            if (self.samples_dir / "run.json").is_file():
+                raise RlaifError(f"SAMPLES_DIR {self.samples_dir} holds an `rlaif sample` run that has not finished "
+                                 "(no samples.parquet yet); rerun its `rlaif sample` command to finish it")
             held = held_output(self.samples_dir, "sample")
             raise RlaifError(f"SAMPLES_DIR {self.samples_dir} holds no samples.parquet"
                              + (f" but {held}" if held else "") + "; give the folder `rlaif sample` wrote")

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from rlaif.config import TrainConfig
 from rlaif.distributed import cpu_only
+from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
 from rlaif.models import default_size, denoiser, load_pipeline
 from rlaif.scoring import LoadedScorer, parse_options
@@ -42,7 +43,10 @@ def trained_table(tuned: Path, pairs: str) -> str | None:
     path = Path(pairs)
     if not path.exists() or info.get("config", {}).get("pairs") != str(path.resolve()):
         return None
-    changed = "pairs_file" in info and local_identity(parquet_files(path)) != info["pairs_file"]
+    try:
+        changed = "pairs_file" in info and local_identity(parquet_files(path)) != info["pairs_file"]
+    except RlaifError:  # a datasets.save_to_disk folder: identified by its fingerprint, not its files
+        changed = False
     return "the table it was trained on" + (", changed since" if changed else "")
 
 

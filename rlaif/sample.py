@@ -140,11 +140,14 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                 target = config.out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     state.wait_for_everyone()
-    before = ((read_json(run_file, "use an empty --out folder") or {}).get("generation") or {}).get("guidance")
-    if config.guidance is None and before not in (None, guidance):
-        raise RlaifError(f"{config.out} was sampled at guidance {before}, and --guidance unset now means this model's "
-                         f"pipeline default, {guidance} (rlaif before 2026-11-28 sampled every model at 7.5); pass "
-                         f"--guidance {before} to go on with it, or choose another --out")
+    previous = {**unrecorded, **((read_json(run_file, "use an empty --out folder") or {}).get("generation") or {})}
+    before = previous.get("guidance")
+    if config.guidance is None and before not in (None, guidance) and \
+            not changed_settings(previous, {**generation, "guidance": before}, generation):  # guidance alone differs
+        former = " (rlaif before 2026-11-28 sampled every model at 7.5)" if before == 7.5 else ""
+        raise RlaifError(f"{config.out} was sampled at guidance {before}, and --guidance unset means this model's "
+                         f"pipeline default, {guidance}{former}; pass --guidance {before} to go on with it, or choose "
+                         "another --out")
     check_resumable(run_file, generation, unrecorded)
     if state.is_main_process:
         if config.out.exists():

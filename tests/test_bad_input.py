@@ -87,6 +87,8 @@ def tree(tmp_path: Path) -> Path:
     loop_config(tmp_path, "into-train")
     edit = (tmp_path / "into-train.toml").read_text().replace('out = "loop-out"', 'out = "lora"')
     (tmp_path / "into-train.toml").write_text(edit)
+    (tmp_path / "unfinished").mkdir()  # `rlaif sample` killed before its table
+    (tmp_path / "unfinished" / "run.json").write_text('{"generation": {}}')
     (tmp_path / "table.toml").write_text("[train]\nmax_steps = 3\n")  # a loop's layout, given to `rlaif train`
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
@@ -130,6 +132,9 @@ CASES = [
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],
      "--min-noise 0.8 and --max-noise 0.5: give 0 <= min < max <= 1 (fractions of the noise schedule)"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--negative-prompt", "blurry", "--guidance", "1"],
+     "--negative-prompt needs classifier-free guidance, and at --guidance 1.0 (at most 1) the pipeline samples "
+     "without it, ignoring the negative prompt"),
     (["sample", "-m", "tiny-flux", "-p", "p.txt", "-o", "s", "--negative-prompt", "blurry"], "--negative-prompt: "
      "FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative prompt (it needs true "
      "CFG, which rlaif does not run); leave it out"),  # it made the same images and recorded the prompt as used
@@ -168,6 +173,8 @@ CASES = [
     (["label", "empty", "-s", "compressibility"],
      "SAMPLES_DIR empty holds no samples.parquet; give the folder `rlaif sample` wrote"),
     (["label", "nowhere", "-s", "compressibility"], "SAMPLES_DIR nowhere does not exist"),
+    (["label", "unfinished", "-s", "compressibility"], "SAMPLES_DIR unfinished holds an `rlaif sample` run that has "
+     "not finished (no samples.parquet yet); rerun its `rlaif sample` command to finish it"),
     (["label", "lora", "-s", "compressibility"], "SAMPLES_DIR lora holds no samples.parquet but the output of "
      "`rlaif train` (train.json); give the folder `rlaif sample` wrote"),
     (["label", "one-each", "-s", "compressibility", "-o", "a-file/p.parquet"],

@@ -203,8 +203,8 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     assert "scorer compressibility: accuracy 1.000 on 24 pairs" in lines
     assert "scorer incompressibility: accuracy 0.000 on 24 pairs" in lines
     assert "judged against the labels of column label_0 (--label-column chooses another)" in result.stderr
-    assert f"{tiny_pairs} is the table it was trained on ({tmp_path / 'lora'}): its accuracy there is what it " \
-        "learnt, not how it generalises" in result.stderr
+    assert f"{tiny_pairs} is the table it was trained on ({tmp_path / 'lora'}): on the pairs it trained on, " \
+        "accuracy says what it learnt, not how it generalises" in result.stderr
     flipped = tmp_path / "flipped.parquet"  # another label column beside label_0, as --relabel writes one
     pl.read_parquet(tiny_pairs).with_columns(
         flipped=1.0 - pl.col("label_0"),

@@ -135,10 +135,11 @@ def test_a_folder_sampled_at_the_former_default_guidance_says_which_to_pass(refe
     argv = ("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", tmp_path / "old", *FAST)
     refused = run_cli(*argv)
     assert refused.returncode == 2 and refused.stderr == (
-        f"error: {tmp_path / 'old'} was sampled at guidance 6.0, and --guidance unset now means this model's "
-        "pipeline default, 7.5 (rlaif before 2026-11-28 sampled every model at 7.5); pass --guidance 6.0 to go on "
-        "with it, or choose another --out\n")
+        f"error: {tmp_path / 'old'} was sampled at guidance 6.0, and --guidance unset means this model's pipeline "
+        "default, 7.5; pass --guidance 6.0 to go on with it, or choose another --out\n")
     assert run_cli(*argv, "--guidance", 6.0).returncode == 0  # every image is there: nothing to make
+    other = run_cli(*argv[:-4], "--steps", 5, "--batch-size", 4)  # more than the guidance differs: all of it listed
+    assert other.returncode == 2 and "(steps 4 -> 5; guidance 6.0 -> 7.5)" in other.stderr, other.stderr
 
 
 @pytest.mark.parametrize(

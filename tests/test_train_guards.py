@@ -59,6 +59,11 @@ def test_only_the_newest_checkpoints_are_kept(tiny_pairs, tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000007"]
     run_train(TrainConfig(**settings, out=tmp_path / "all", max_steps=4, keep_checkpoints=0))
     assert len(list((tmp_path / "all" / "checkpoints").iterdir())) == 4
+    # resumed from an earlier checkpoint while later ones exist: what this run writes is never the one removed
+    run_train(TrainConfig(**settings, out=tmp_path / "all", max_steps=2, resume="step_00000001", overwrite=True,
+                          keep_checkpoints=1))
+    assert sorted(p.name for p in (tmp_path / "all" / "checkpoints").iterdir()) == [
+        "step_00000002", "step_00000003", "step_00000004"]  # its own step 2; the later ones of the earlier run stay
 
 
 def test_the_cache_estimate_counts_each_trained_pair_once(tiny_pairs):

@@ -607,7 +607,17 @@ def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, i
         shutil.rmtree(final, ignore_errors=True)  # a resumed run passing a step it had saved before
         publish(partial)
         os.replace(partial, final)
-        if config.keep_checkpoints:  # the newest complete ones; this one is complete before any older one goes
-            for old in _complete_checkpoints(config.out)[:-config.keep_checkpoints]:
-                shutil.rmtree(old)
+        if config.keep_checkpoints:
+            _prune_checkpoints(config.out, step, config.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+def _prune_checkpoints(out: Path, step: int, keep: int) -> None:
+    """Keep step ``step``'s checkpoint (just completed) and the newest ``keep`` - 1 before it; later ones (of a run
+    this one resumed before) stay. Each goes by renaming it step_N.partial first: a kill mid-removal leaves what
+    the next start clears, never a checkpoint that looks complete and is not."""
+    earlier = [c for c in _complete_checkpoints(out) if int(c.name.removeprefix("step_")) < step]
+    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
+        doomed = old.with_name(old.name + ".partial")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
