@@ -29,7 +29,7 @@ from rlaif.label import Progress, check_same_labelling, labelling_settings, load
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights
 from rlaif.tables import LABELLING_METADATA
-from rlaif.train.pair_table import open_parquet, parquet_files
+from rlaif.train.pair_table import checked_labels, open_parquet, parquet_files
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -73,6 +73,9 @@ def table_files(source: Path) -> list[str]:
     one schema across shards (the output is one table)."""
     if not source.exists():
         raise RlaifError(f"table {source} does not exist")
+    if (source / "state.json").exists() or (source / "dataset_dict.json").exists():
+        raise RlaifError(f"table {source} is a datasets.save_to_disk folder, and --relabel reads parquet: write it "
+                         "as parquet first (datasets.load_from_disk(DIR).to_parquet(FILE), a DatasetDict by split)")
     files = parquet_files(source)
     schema = None
     for file in files:
@@ -84,6 +87,8 @@ def table_files(source: Path) -> list[str]:
             raise RlaifError(f"table {file} has other columns or types than {files[0]}; the shards of one table "
                              "must share a schema")
         schema = found
+        # the human labels, as `rlaif train` checks them, before any scoring: one column, a few bytes a row
+        checked_labels(open_parquet(file).read(columns=["label_0"]).column("label_0"), file, "label_0", 0)
     return files
 
 

@@ -71,6 +71,10 @@ def tree(tmp_path: Path) -> Path:
     Image.new("RGB", (8, 8)).save(image, format="PNG")
     pl.DataFrame({"caption": ["a"], "jpg_0": [image.getvalue()], "jpg_1": [image.getvalue()],
                   "label_0": [1.0]}).write_parquet(tmp_path / "pap.parquet")
+    pl.DataFrame({"caption": ["a", "b"], "jpg_0": [image.getvalue()] * 2, "jpg_1": [image.getvalue()] * 2,
+                  "label_0": [1.0, 1.5]}).write_parquet(tmp_path / "bad-label.parquet")
+    (tmp_path / "hfds").mkdir()  # the marker of a datasets.save_to_disk folder
+    (tmp_path / "hfds" / "state.json").write_text("{}")
     for name, tables in {
         "unknown-scorer": {"label": "scorers = ['pickscroe']"},
         "bad-lr": {"train": "learning_rate = -1.0"},
@@ -188,6 +192,10 @@ CASES = [
      "broken-samples/run.json is not a record rlaif wrote (a JSON list); sample the folder again"),
     (["label", "-s", "compressibility", "--relabel", "pap.parquet", "-o", "a-file/x.parquet"],
      "a-file is a file, not a folder"),
+    (["label", "-s", "compressibility", "--relabel", "bad-label.parquet"],  # as train refuses it, before scoring
+     "pairs table bad-label.parquet, row 1: label_0 is 1.5, expected 1, 0 or 0.5"),
+    (["label", "-s", "compressibility", "--relabel", "hfds"], "table hfds is a datasets.save_to_disk folder, and "
+     "--relabel reads parquet: write it as parquet first"),
     # train
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--learning-rate", "-1"], "--learning-rate must be positive"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--keep-checkpoints", "-1"],

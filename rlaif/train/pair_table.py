@@ -199,7 +199,7 @@ def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
                      f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(columns)}")
 
 
-def _labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int) -> np.ndarray:
+def checked_labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int) -> np.ndarray:
     """A label column as float64, every value checked to be 1, 0 or 0.5."""
     try:
         array = np.asarray(values.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -275,7 +275,7 @@ class PairTable(Sequence[PreferencePair]):
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
         self._check_columns(table.column_names, source, label)
-        labels = _labels(table.column(self.label), source, self.label, 0)
+        labels = checked_labels(table.column(self.label), source, self.label, 0)
         self.blocks = [_Block(source, -1, 0)]
         self._set_index([labels], [caption_hashes(table.column("caption"))])
 
@@ -313,7 +313,7 @@ class PairTable(Sequence[PreferencePair]):
             first = 0
             for group in range(meta.metadata.num_row_groups):
                 values = read_row_group(file, group, read)
-                labels.append(_labels(values.column(0), file, self.label, first))
+                labels.append(checked_labels(values.column(0), file, self.label, first))
                 hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
                 first += len(values)
