@@ -329,3 +329,12 @@ def test_training_that_stops_at_a_bad_image_leaves_no_output(tmp_path):
     assert result.stderr.splitlines() == [f"error: image {tmp_path / 'bad.parquet'} row 1 jpg_0 cannot be read: "
                                           "corrupt, or not an image format that PIL reads"]
     assert not (tmp_path / "t").exists()
+    # met after the first steps (a trial's run left a train_log.jsonl of one step behind): nothing is left either
+    rows = [image.getvalue()] * 5 + [b"not an image"]
+    pl.DataFrame({"caption": list("abcdef"), "jpg_0": rows, "jpg_1": [image.getvalue()] * 6,
+                  "label_0": [1.0] * 6}).write_parquet(tmp_path / "late.parquet")
+    late = run_cli("train", tmp_path / "late.parquet", "-m", "tiny", "-o", tmp_path / "u", "--batch-size", 1,
+                   "--max-steps", 6, "--val-fraction", 0)
+    assert late.returncode == 2 and "row 5 jpg_0 cannot be read" in late.stderr, late.stderr
+    assert "training: 1/6 steps" in late.stderr  # at least one step was taken before it
+    assert not (tmp_path / "u").exists()

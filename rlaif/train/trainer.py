@@ -139,6 +139,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         for _ in range(config.accumulation):
             batch = next(batches)
             if isinstance(batch, str):  # a user error met in a DataLoader worker
+                if accelerator.is_main_process:
+                    _roll_back_log(config.out)
                 raise RlaifError(batch)
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
@@ -453,6 +455,20 @@ def check_cache_space(folder: Path, needed: int) -> None:
         raise RlaifError(f"the training cache ({folder}) may need {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} "
                          "GiB is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half "
                          "the size) or --no-cache")
+
+
+def _roll_back_log(out: Path) -> None:
+    """After bad input stops a run: its log as a resume will find it (up to the last complete checkpoint), and no
+    log, nor the folder when this left it empty, if there is none (an image that cannot be read, met at step 30 of
+    a new run, leaves nothing behind)."""
+    complete = _complete_checkpoints(out)
+    log = out / "train_log.jsonl"
+    if complete:
+        _keep_log_until(log, int(complete[-1].name.removeprefix("step_")))
+        return
+    log.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only when empty
+        out.rmdir()
 
 
 def _keep_log_until(path: Path, step: int) -> None:
