@@ -69,6 +69,7 @@ def sample(
     prompts: Annotated[str, option(S, "prompts", "--prompts", "-p")],
     out: Annotated[Path, option(S, "out", "--out", "-o")],
     tuned: Annotated[Path | None, option(S, "tuned")] = default(S, "tuned"),
+    max_prompts: Annotated[int | None, option(S, "max_prompts")] = default(S, "max_prompts"),
     per_prompt: Annotated[int, option(S, "per_prompt", "--per-prompt", "-n")] = default(S, "per_prompt"),
     steps: Annotated[int, option(S, "steps")] = default(S, "steps"),
     guidance: Annotated[float | None, option(S, "guidance")] = default(S, "guidance"),
@@ -284,6 +285,7 @@ def evaluate(
                                "it (`rlaif label --relabel`), else label_0 (a Pick-a-Pic table's human "
                                "labels).")] = None,
     held_out: Annotated[list[str], option(E, "held_out", "--held-out")] = [],  # noqa: B006
+    max_prompts: Annotated[int | None, option(E, "max_prompts")] = default(E, "max_prompts"),
     per_prompt: Annotated[int, option(E, "per_prompt", "--per-prompt", "-n")] = default(E, "per_prompt"),
     seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
     steps: Annotated[int, option(E, "steps")] = default(E, "steps"),

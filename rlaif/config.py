@@ -61,6 +61,8 @@ MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at m
                              "most the T5 tokenizer's limit; sample, train and eval a model at the same length "
                              "(eval defaults to the length the model was trained at).")
 
+MAX_PROMPTS_HELP = ("Use only N of the prompts: those whose text hashes lowest, a spread over the file (not its first "
+                    "N) that is the same for every model, seed and run; e.g. 200 of parti's 1632 on a small machine.")
 GUIDANCE_HELP = ("Classifier-free guidance scale (FLUX.1-dev: its distilled guidance input). Default: what the model's "
                  "diffusers pipeline uses when called without one: 7.5 for SD1.5 / SD2, 5.0 for SDXL, 7.0 for SD3 / "
                  "SD3.5, 3.5 for FLUX.1-dev, none for FLUX.1-schnell (it has no guidance input).")
@@ -148,6 +150,7 @@ class SampleConfig:
     prompts: str = field(metadata={"help": "Prompt file (.txt, .csv, .tsv, .jsonl, .parquet) or a bundled set: "
                                            "parti, demo-train, demo-eval, shapes."})
     out: Path = field(metadata={"help": "Output folder: images/, samples.parquet, run.json."})
+    max_prompts: int | None = field(default=None, metadata={"help": MAX_PROMPTS_HELP})
     tuned: Path | None = field(default=None, metadata={
         "help": "An `rlaif train` output folder to apply on --model (its LoRA fused, or its UNet)."})
     per_prompt: int = field(default=4, metadata={"help": "Candidate images per prompt."})
@@ -187,8 +190,8 @@ class SampleConfig:
 
     def check_values(self) -> None:
         """Reject impossible settings (paths aside)."""
-        for name in ("per_prompt", "steps", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("per_prompt", "steps", "batch_size", "max_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         _check_generation(self)
 
@@ -483,6 +486,7 @@ class EvalConfig:
     held_out: list[str] = field(default_factory=list, metadata={
         "metavar": "NAME", "help": "Scorer the model was NOT trained on, reported apart: a rise in the trained "
                                    "scores with a significant fall here is flagged as reward hacking."})
+    max_prompts: int | None = field(default=None, metadata={"help": MAX_PROMPTS_HELP})
     per_prompt: int = field(default=4, metadata={"help": "Seeds per prompt (one comparison each)."})
     seed: int = field(default=1, metadata={"help": "Run seed of the evaluation images; keep it different from "
                                                    "the training samples' seed so seeds are held out too."})
@@ -522,8 +526,8 @@ class EvalConfig:
         """Reject impossible settings and unknown scorers or options (paths aside)."""
         if not self.scorers:
             raise RlaifError("give at least one --scorer")
-        for name in ("per_prompt", "steps", "batch_size", "resamples"):
-            if getattr(self, name) < 1:
+        for name in ("per_prompt", "steps", "batch_size", "resamples", "max_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.grid < 0:
             raise RlaifError(f"--grid must not be negative, got {self.grid}")

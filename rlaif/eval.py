@@ -118,7 +118,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     eval_by_category.parquet when the prompts have categories) and report.html; return the eval table.
     ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base)."""
     config.validate()
-    prompt_table = load_prompt_table(config.prompts, config.prompt_column)
+    prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
     check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
@@ -127,6 +127,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     scores = {}
     for side, (folder, tuned) in sides.items():
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,
+                                max_prompts=config.max_prompts,
                                 per_prompt=config.per_prompt, steps=config.steps, guidance=config.guidance,
                                 seed=config.seed, batch_size=config.batch_size, dtype=config.dtype,
                                 scheduler=config.scheduler, prompt_column=config.prompt_column, width=config.width,

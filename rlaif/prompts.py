@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from rlaif.errors import RlaifError, first_line
+from rlaif.tables import prompt_id
 
 # Named prompt sets -> files of data/ (installed as the package rlaif.data; provenance in data/README.md).
 PROMPT_SETS = {
@@ -23,18 +24,30 @@ SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 CATEGORY_COLUMNS = ("Category", "Challenge", "category")
 
 
-def load_prompts(source: str, column: str | None = None) -> list[str]:
-    """Return the distinct, non-blank prompts of ``source`` in file order.
+def load_prompts(source: str, column: str | None = None, limit: int | None = None) -> list[str]:
+    """Return the distinct, non-blank prompts of ``source`` in file order (``limit``: only that many, see
+    ``load_prompt_table``).
 
     ``source`` is a file path or the name of a bundled set (``PROMPT_SETS``: ``parti`` is PartiPrompts.tsv).
     Tables take the ``column`` given, else the first of ``prompt``, ``Prompt``, ``caption`` that exists.
     """
-    return load_prompt_table(source, column)["prompt"].to_list()
+    return load_prompt_table(source, column, limit)["prompt"].to_list()
 
 
-def load_prompt_table(source: str, column: str | None = None) -> pl.DataFrame:
+def load_prompt_table(source: str, column: str | None = None, limit: int | None = None) -> pl.DataFrame:
     """The distinct prompts of ``source`` (see ``load_prompts``) as column ``prompt``, with the category columns
-    the file has (PartiPrompts' ``Category`` and ``Challenge``), taken from each prompt's first row."""
+    the file has (PartiPrompts' ``Category`` and ``Challenge``), taken from each prompt's first row. ``limit``
+    keeps that many, in file order: those whose text hashes lowest (``rlaif.tables.prompt_id``), a spread over
+    the file rather than its first rows (PartiPrompts runs category by category), the same for every model and
+    run."""
+    table = _read_prompt_table(source, column)
+    if limit is None or limit >= table.height:
+        return table
+    ids = table["prompt"].map_elements(prompt_id, pl.String)
+    return table.filter(ids.is_in(ids.sort().head(limit)))
+
+
+def _read_prompt_table(source: str, column: str | None) -> pl.DataFrame:
     path = prompt_set_path(source) if source in PROMPT_SETS else Path(source)
     if path.is_dir():
         raise RlaifError(f"prompts file {path} is a folder; give a file of prompts ({', '.join(SUFFIXES)})")

@@ -111,7 +111,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     config.validate()
     if config.negative_prompt:
         check_negative_prompt(config.model, "--negative-prompt")
-    prompts = load_prompts(config.prompts, config.prompt_column)
+    prompts = load_prompts(config.prompts, config.prompt_column, config.max_prompts)
     state = process_state()
     pipe = load_pipeline(config.model, config.dtype, config.device or state.device, config.scheduler, config.tuned)
     width = config.width or default_size(pipe)

@@ -110,6 +110,7 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--per-prompt", "0"], "--per-prompt must be at least 1"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--width", "100"], "--width must be a positive multiple of 8"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "-1"], "--guidance must not be negative"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-prompts", "0"], "--max-prompts must be at least 1"),
     (["sample", "-m", "tiny", "-p", "missing.txt", "-o", "s"], "prompts file missing.txt does not exist"),
     (["sample", "-m", "tiny", "-p", "empty", "-o", "s"],
      "prompts file empty is a folder; give a file of prompts (.txt, .csv, .tsv, .jsonl, .parquet)"),

@@ -40,6 +40,18 @@ def test_every_named_set_is_installed_and_loads(name, count):
     assert len(load_prompts(name)) == count
 
 
+def test_a_limit_keeps_the_prompts_that_hash_lowest_in_file_order():
+    import hashlib
+
+    full = load_prompt_table("parti")
+    subset = load_prompt_table("parti", limit=200)
+    lowest = sorted(full["prompt"], key=lambda text: hashlib.sha256(text.encode()).hexdigest())[:200]
+    assert subset["prompt"].to_list() == [text for text in full["prompt"] if text in set(lowest)]
+    assert subset.columns == full.columns and subset["Category"].n_unique() >= 8  # a spread, not the first rows
+    assert load_prompts("parti", limit=5) == load_prompts("parti", limit=5)
+    assert load_prompt_table("demo-eval", limit=10_000).height == load_prompt_table("demo-eval").height
+
+
 def test_demo_sets_are_disjoint_scenes_of_the_tiny_world():
     from rlaif.shapes import VOCABULARY
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from rlaif.errors import RlaifError
 from rlaif.files import folder_identity, setting_change
+from rlaif.prompts import load_prompts
 from rlaif.sample import check_resumable
 from rlaif.seeding import image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id
@@ -122,6 +123,16 @@ def test_other_generation_settings_are_refused(reference):
     assert result.returncode == 2
     assert "steps 4 -> 5" in result.stderr and str(out) in result.stderr
     assert tree(out) == before
+
+
+def test_max_prompts_samples_the_same_subset_as_the_prompt_loader(reference, tmp_path):
+    prompts, _ = reference
+    result = run_cli("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 1, "--max-prompts", 3,
+                     "--out", tmp_path / "s", *FAST)
+    assert result.returncode == 0, result.stderr
+    table = pl.read_parquet(tmp_path / "s" / "samples.parquet")
+    assert table["prompt"].to_list() == load_prompts(str(prompts), limit=3) and table.height == 3
+    assert set(table["prompt"]) < set(load_prompts(str(prompts)))
 
 
 def test_a_folder_sampled_at_the_former_default_guidance_says_which_to_pass(reference, tmp_path):
