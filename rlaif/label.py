@@ -184,14 +184,33 @@ def check_same_labelling(out: Path, labelling: dict) -> None:
     """Refuse to replace pairs table ``out`` when `rlaif label` wrote it with other settings (``labelling_settings``):
     a finished training run may have trained on it. A rerun with the same settings may replace it (new samples,
     the same rules)."""
-    if not out.is_file():
-        return
-    recorded = (pq.read_schema(out).metadata or {}).get(LABELLING_METADATA.encode())
-    before = json.loads(recorded) if recorded else labelling  # written before labelling was recorded: as before
-    changed = changed_settings(before, labelling)
+    before = _recorded_labelling(out) or labelling  # none recorded (or no table): as before
+    changed = changed_settings({k: v for k, v in before.items() if k != SCORER_KEYS}, labelling)
     if changed:
         raise RlaifError(f"{out} holds pairs labelled with other settings ({'; '.join(changed)}), which a training "
                          "run may have used; give another --out, or delete it to label anew")
+
+
+SCORER_KEYS = "scorer_keys"  # in the labelling record: each scorer's key (code version, options, weights) used
+
+
+def check_same_scorers(out: Path, keys: dict[str, str]) -> None:
+    """Refuse to replace pairs table ``out`` when its scorers have changed since they labelled it (a plugin's code
+    or weights: the same settings, other labels), as ``check_same_labelling`` refuses other settings."""
+    recorded = (_recorded_labelling(out) or {}).get(SCORER_KEYS)
+    changed = sorted(name for name in keys if recorded is not None and recorded.get(name) != keys[name])
+    if changed:
+        raise RlaifError(f"{out} holds pairs labelled by another version of {', '.join(changed)} (its code, options or "
+                         "weights changed), which a training run may have used; give another --out, or delete it to "
+                         "label anew (the new scores are kept)")
+
+
+def _recorded_labelling(out: Path) -> dict | None:
+    """The labelling record of pairs table ``out``: None when there is no table or it records none."""
+    if not out.is_file():
+        return None
+    recorded = (pq.read_schema(out).metadata or {}).get(LABELLING_METADATA.encode())
+    return json.loads(recorded) if recorded else None
 
 
 def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled:
@@ -213,6 +232,8 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
+    keys = dict(long.filter(pl.col("scorer").is_in(list(weights))).select("scorer", "scorer_key").unique().iter_rows())
+    check_same_scorers(out, keys)
     values = preference(long, weights, config.combine)
     pairs = make_pairs(values, config.strategy, config.top_k, config.min_margin, config.keep_ties)
     compared = make_pairs(values, config.strategy, config.top_k, 0.0, keep_ties=True)  # before any dropping
@@ -232,8 +253,8 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
     )
     if process_state().is_main_process:
-        metadata = {LABELLING_METADATA: json.dumps(labelling), **({SAMPLING_METADATA: json.dumps(generation)}
-                                                                 if generation else {})}
+        metadata = {LABELLING_METADATA: json.dumps({**labelling, SCORER_KEYS: keys}),
+                    **({SAMPLING_METADATA: json.dumps(generation)} if generation else {})}
         write_table(pairs, out, PAIRS_SCHEMA, metadata)
     process_state().wait_for_everyone()  # the table is on disk before any process goes on to train on it
     narrowed = 0

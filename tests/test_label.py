@@ -242,6 +242,19 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     assert label(1, weights="w2") == 81
     (plugins / "plugin_helpers.py").write_text("OFFSET = 1\n")  # edited: the plugin's scores may have changed
     assert label(1, weights="w2") == 97
+    # a table labelled by an earlier version of its scorer is not replaced by other labels under the same settings
+    env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS="w3")
+    before = (fresh / "pairs.parquet").read_bytes()
+    refused = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1", env=env)
+    assert refused.returncode == 2 and (fresh / "pairs.parquet").read_bytes() == before
+    assert refused.stderr.splitlines()[-1] == (
+        f"error: {fresh / 'pairs.parquet'} holds pairs labelled by another version of {scorer} (its code, options or "
+        "weights changed), which a training run may have used; give another --out, or delete it to label anew (the "
+        "new scores are kept)")
+    assert scored(count) == 113  # scored before the refusal, and cached: labelling anew rescores nothing
+    (fresh / "pairs.parquet").unlink()
+    assert run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1",
+                   env=env).returncode == 0 and scored(count) == 113
 
 
 def kill_when(args: list, env: dict, ready) -> None:
