@@ -25,7 +25,16 @@ from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import TMP_MARK, atomic_path, file_identity
 from rlaif.images import image_bytes
-from rlaif.label import Progress, check_same_labelling, labelling_settings, load_scorers, offset, score_images
+from rlaif.label import (
+    SCORER_KEYS,
+    Progress,
+    check_same_labelling,
+    check_same_scorers,
+    labelling_settings,
+    load_scorers,
+    offset,
+    score_images,
+)
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights
 from rlaif.tables import LABELLING_METADATA
@@ -195,7 +204,10 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     identity = ";".join(file_identity(f) for f in files)
     state = process_state()
     folders: dict[str, Path] = {}
+    keys: dict[str, str] = {}
     for scorer in load_scorers(config):
+        keys[scorer.spec] = scorer.key
+        check_same_scorers(out, {scorer.spec: scorer.key})  # before scoring: the scores are per table anyway
         key = hashlib.sha256(f"{identity}\0{scorer.key}\0{rows}".encode()).hexdigest()[:24]
         folder = folders[scorer.spec] = cache_dir() / "relabel" / key
         # the main process decides what is missing, so that every process scores the same chunks
@@ -221,7 +233,8 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         return out, agreement
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
         stale.unlink()
-    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out, labelling)
+    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out,
+                                {**labelling, SCORER_KEYS: keys})
 
 
 def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Path], weights: dict[str, float],

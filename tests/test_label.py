@@ -172,6 +172,16 @@ def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
     assert other.returncode == 2 and pl.read_parquet(tmp_path / "pickapic.ai-labels.parquet").equals(out)
     assert "pickapic.ai-labels.parquet holds pairs labelled with other settings (scorers ['compressibility:1'] -> " \
         "['incompressibility:1'])" in other.stderr
+    # nor by another version of the same scorer (its weights here)
+    scorer = "label_plugins:channel_mean"
+    argv = ("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", scorer, "--scorer-option",
+            f"{scorer}.channel=1", "-o", tmp_path / "mine.parquet")
+    count = str(tmp_path / "count")
+    assert run_cli(*argv, env=cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=count, RLAIF_TEST_WEIGHTS="w1")
+                   ).returncode == 0
+    changed = run_cli(*argv, env=cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=count, RLAIF_TEST_WEIGHTS="w2"))
+    assert changed.returncode == 2 and f"mine.parquet holds pairs labelled by another version of {scorer}" in \
+        changed.stderr
 
 
 def test_relabel_needs_pick_a_pic_columns(tmp_path):
