@@ -43,8 +43,8 @@ def load_prompt_table(source: str, column: str | None = None, limit: int | None 
     table = _read_prompt_table(source, column)
     if limit is None or limit >= table.height:
         return table
-    ids = table["prompt"].map_elements(prompt_id, pl.String)
-    return table.filter(ids.is_in(ids.sort().head(limit)))
+    ids = pl.Series([prompt_id(text) for text in table["prompt"]], dtype=pl.String)
+    return table.filter(ids.is_in(ids.sort().head(limit).implode()))
 
 
 def _read_prompt_table(source: str, column: str | None) -> pl.DataFrame:
