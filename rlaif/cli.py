@@ -564,7 +564,8 @@ def main() -> None:
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
         say(exc.args[0] if isinstance(exc, Interrupted) and exc.args else
-            "interrupted: nothing finished is lost; rerun the same command to continue where it stopped")
+            "interrupted: nothing finished is lost; rerun the same command to go on from what it saved (images, "
+            "score chunks, finished stages, a training run's last checkpoint)")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)
