@@ -123,9 +123,10 @@ def label(
     """
     config = LabelConfig(**locals())
     config.validate()  # before the heavy imports
-    from rlaif.label import run_label
+    from rlaif.label import pairs_out, run_label, scorer_keys
     from rlaif.relabel import run_relabel
 
+    keys_before = scorer_keys(pairs_out(config))
     show, output = start("images")
     with output as report:
         def progress(scorer: str, done: int, total: int) -> None:
@@ -149,6 +150,12 @@ def label(
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "
               f"{agreement.ai_ties_compared} AI ties counted half, of {agreement.compared} non-tied pairs; "
               f"{agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
+    keys = scorer_keys(pairs_out(config))
+    other = sorted(name for name in keys if keys_before.get(name, keys[name]) != keys[name])
+    if other:  # the same settings, other labels: a training run that read the table before saw the old ones
+        say(f"note: {pairs_out(config)} was labelled before by another version of {', '.join(other)} (its code, "
+            "options or weights, or where they are, changed); it now holds the new labels, not those a training "
+            "run may have read")
 
 
 T = TrainConfig

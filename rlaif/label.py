@@ -194,15 +194,21 @@ def check_same_labelling(out: Path, labelling: dict) -> None:
 SCORER_KEYS = "scorer_keys"  # in the labelling record: each scorer's key (code version, options, weights) used
 
 
-def check_same_scorers(out: Path, keys: dict[str, str]) -> None:
-    """Refuse to replace pairs table ``out`` when its scorers have changed since they labelled it (a plugin's code
-    or weights: the same settings, other labels), as ``check_same_labelling`` refuses other settings."""
-    recorded = (_recorded_labelling(out) or {}).get(SCORER_KEYS)
-    changed = sorted(name for name in keys if recorded is not None and recorded.get(name) != keys[name])
-    if changed:
-        raise RlaifError(f"{out} holds pairs labelled by another version of {', '.join(changed)} (its code, options or "
-                         "weights changed), which a training run may have used; give another --out, or delete it to "
-                         "label anew (the new scores are kept)")
+def scorer_keys(out: Path) -> dict[str, str]:
+    """The key of each scorer (its code version, options, weights) that labelled pairs table ``out``, as recorded
+    since 2026-11-28: none for no table or an older one. Compared before and after a rerun, it tells the user that
+    the same settings gave other labels (rlaif was upgraded, a plugin or its weights changed, a cache moved)."""
+    return (_recorded_labelling(out) or {}).get(SCORER_KEYS) or {}
+
+
+def pairs_out(config: LabelConfig) -> Path:
+    """The pairs table ``config`` writes: --out, else SAMPLES_DIR/pairs.parquet, else (--relabel TABLE)
+    TABLE.ai-labels.parquet beside it."""
+    if config.out is not None:
+        return config.out
+    if config.relabel is not None:
+        return config.relabel.with_name(f"{config.relabel.stem}.ai-labels.parquet")
+    return config.samples_dir / "pairs.parquet"
 
 
 def _recorded_labelling(out: Path) -> dict | None:
@@ -226,14 +232,13 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     if samples["prompt_id"].n_unique() == samples.height:  # checked before any scoring: nothing could pair
         raise RlaifError(f"{root}: every prompt has one candidate, and a pair needs two; sample with --per-prompt 2 "
                          "or more")
-    out = config.out or root / "pairs.parquet"
+    out = pairs_out(config)
     labelling = labelling_settings(config)
     check_same_labelling(out, labelling)
     scores = update_scores(samples, config, progress)
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
     keys = dict(long.filter(pl.col("scorer").is_in(list(weights))).select("scorer", "scorer_key").unique().iter_rows())
-    check_same_scorers(out, keys)
     values = preference(long, weights, config.combine)
     pairs = make_pairs(values, config.strategy, config.top_k, config.min_margin, config.keep_ties)
     compared = make_pairs(values, config.strategy, config.top_k, 0.0, keep_ties=True)  # before any dropping

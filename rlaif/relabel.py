@@ -29,10 +29,10 @@ from rlaif.label import (
     SCORER_KEYS,
     Progress,
     check_same_labelling,
-    check_same_scorers,
     labelling_settings,
     load_scorers,
     offset,
+    pairs_out,
     score_images,
 )
 from rlaif.pairing import preference
@@ -97,7 +97,8 @@ def table_files(source: Path) -> list[str]:
                              "must share a schema")
         schema = found
         # the human labels, as `rlaif train` checks them, before any scoring: one column, a few bytes a row
-        checked_labels(open_parquet(file).read(columns=["label_0"]).column("label_0"), file, "label_0", 0)
+        checked_labels(open_parquet(file).read(columns=["label_0"]).column("label_0"), file, "label_0", 0,
+                       missing_ok=True)  # a pair no human labelled: AI-labelled, left out of the agreement
     return files
 
 
@@ -193,7 +194,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     weights = parse_weights(config.scorers)
     source = Path(config.relabel)
     files = table_files(source)
-    out = config.out or source.with_name(f"{source.stem}.ai-labels.parquet")
+    out = pairs_out(config)
     labelling = labelling_settings(config)
     check_same_labelling(out, labelling)
     rows = max(1, config.chunk_size // 2)
@@ -207,7 +208,6 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     keys: dict[str, str] = {}
     for scorer in load_scorers(config):
         keys[scorer.spec] = scorer.key
-        check_same_scorers(out, {scorer.spec: scorer.key})  # before scoring: the scores are per table anyway
         key = hashlib.sha256(f"{identity}\0{scorer.key}\0{rows}".encode()).hexdigest()[:24]
         folder = folders[scorer.spec] = cache_dir() / "relabel" / key
         # the main process decides what is missing, so that every process scores the same chunks

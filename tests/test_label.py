@@ -180,8 +180,16 @@ def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):
     assert run_cli(*argv, env=cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=count, RLAIF_TEST_WEIGHTS="w1")
                    ).returncode == 0
     changed = run_cli(*argv, env=cli_env(PYTHONPATH=PLUGINS, RLAIF_TEST_COUNT=count, RLAIF_TEST_WEIGHTS="w2"))
-    assert changed.returncode == 2 and f"mine.parquet holds pairs labelled by another version of {scorer}" in \
+    assert changed.returncode == 0 and f"mine.parquet was labelled before by another version of {scorer}" in \
         changed.stderr
+    # pairs no human labelled are AI-labelled too, and left out of the agreement
+    pl.read_parquet(tmp_path / "pickapic.parquet").with_columns(label_0=pl.lit(None, pl.Float64)).write_parquet(
+        tmp_path / "unlabelled.parquet")
+    blind = run_cli("label", "--relabel", tmp_path / "unlabelled.parquet", "--scorer", "compressibility")
+    assert blind.returncode == 0, blind.stderr
+    assert "of 0 non-tied pairs; 7 pairs" in blind.stdout
+    assert pl.read_parquet(tmp_path / "unlabelled.ai-labels.parquet")["ai_label_0"].to_list()[:4] == \
+        out["ai_label_0"].to_list()[:4]
 
 
 def test_relabel_needs_pick_a_pic_columns(tmp_path):
@@ -252,19 +260,16 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     assert label(1, weights="w2") == 81
     (plugins / "plugin_helpers.py").write_text("OFFSET = 1\n")  # edited: the plugin's scores may have changed
     assert label(1, weights="w2") == 97
-    # a table labelled by an earlier version of its scorer is not replaced by other labels under the same settings
+    # a table labelled by an earlier version of its scorer is replaced with a note: the same settings, other labels
     env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS="w3")
-    before = (fresh / "pairs.parquet").read_bytes()
-    refused = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1", env=env)
-    assert refused.returncode == 2 and (fresh / "pairs.parquet").read_bytes() == before
-    assert refused.stderr.splitlines()[-1] == (
-        f"error: {fresh / 'pairs.parquet'} holds pairs labelled by another version of {scorer} (its code, options or "
-        "weights changed), which a training run may have used; give another --out, or delete it to label anew (the "
-        "new scores are kept)")
-    assert scored(count) == 113  # scored before the refusal, and cached: labelling anew rescores nothing
-    (fresh / "pairs.parquet").unlink()
-    assert run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1",
-                   env=env).returncode == 0 and scored(count) == 113
+    again = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.splitlines()[-1] == (
+        f"note: {fresh / 'pairs.parquet'} was labelled before by another version of {scorer} (its code, options or "
+        "weights, or where they are, changed); it now holds the new labels, not those a training run may have read")
+    assert scored(count) == 113
+    unchanged = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1", env=env)
+    assert unchanged.returncode == 0 and "note:" not in unchanged.stderr and scored(count) == 113
 
 
 def kill_when(args: list, env: dict, ready) -> None:

@@ -199,13 +199,14 @@ def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
                      f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(columns)}")
 
 
-def checked_labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int) -> np.ndarray:
-    """A label column as float64, every value checked to be 1, 0 or 0.5."""
+def checked_labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int,
+                   missing_ok: bool = False) -> np.ndarray:
+    """A label column as float64, every value checked to be 1, 0 or 0.5 (``missing_ok``: or missing)."""
     try:
         array = np.asarray(values.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise RlaifError(f"pairs table {where}: column {label!r} is not numeric ({values.type})") from exc
-    bad = np.flatnonzero(~np.isin(array, (0.0, 0.5, 1.0)))
+    bad = np.flatnonzero(~np.isin(array, (0.0, 0.5, 1.0)) & ~(missing_ok & np.isnan(array)))
     if bad.size:
         raise RlaifError(f"pairs table {where}, row {first_row + int(bad[0])}: {label} is {array[bad[0]]}, expected "
                          "1, 0 or 0.5")

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -139,9 +140,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         for _ in range(config.accumulation):
             batch = next(batches)
             if isinstance(batch, str):  # a user error met in a DataLoader worker
-                if accelerator.is_main_process:
-                    _roll_back_log(config.out)
-                raise RlaifError(batch)
+                _stop_at_bad_input(batch, config.out, accelerator)
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
                                                 resolution, accelerator.device, config.keep_unconditional)
@@ -159,8 +158,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         step += 1
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if validation and (step % val_every == 0 or step == config.max_steps):
-            logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
-                                         accelerator))
+            try:
+                logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
+                                             accelerator))
+            except RlaifError as exc:  # a held-out pair's image that cannot be read
+                _stop_at_bad_input(str(exc), config.out, accelerator)
         if accelerator.is_main_process:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
@@ -455,6 +457,13 @@ def check_cache_space(folder: Path, needed: int) -> None:
         raise RlaifError(f"the training cache ({folder}) may need {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} "
                          "GiB is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half "
                          "the size) or --no-cache")
+
+
+def _stop_at_bad_input(message: str, out: Path, accelerator: Accelerator) -> NoReturn:
+    """Stop the run at bad input (``message``), its log rolled back (``_roll_back_log``) by the main process."""
+    if accelerator.is_main_process:
+        _roll_back_log(out)
+    raise RlaifError(message)
 
 
 def _roll_back_log(out: Path) -> None:
