@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -339,3 +340,15 @@ def test_training_that_stops_at_a_bad_image_leaves_no_output(tmp_path):
     assert late.returncode == 2 and "row 5 jpg_0 cannot be read" in late.stderr, late.stderr
     assert "training: 1/6 steps" in late.stderr  # at least one step was taken before it
     assert not (tmp_path / "u").exists()
+    # met in a held-out pair, measured at step 2 (step 1 logged): the same
+    from rlaif.train.pair_table import caption_hashes
+
+    captions = [f"caption {i}" for i in range(20)]
+    held = [c for c, h in zip(captions, caption_hashes(pa.array(captions)), strict=True) if h < 2**63]  # of 0.5
+    pl.DataFrame({"caption": captions, "jpg_0": [b"not an image" if c == held[0] else image.getvalue()
+                                                 for c in captions],
+                  "jpg_1": [image.getvalue()] * 20, "label_0": [1.0] * 20}).write_parquet(tmp_path / "held.parquet")
+    measured = run_cli("train", tmp_path / "held.parquet", "-m", "tiny", "-o", tmp_path / "v", "--batch-size", 1,
+                       "--max-steps", 4, "--val-fraction", 0.5, "--val-every", 2)
+    assert measured.returncode == 2 and "jpg_0 cannot be read" in measured.stderr, measured.stderr
+    assert not (tmp_path / "v").exists()
