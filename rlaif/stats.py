@@ -54,7 +54,9 @@ def paired_effect(base: np.ndarray, tuned: np.ndarray, clusters: np.ndarray, res
     count = np.bincount(index, minlength=k).astype(float)
     sums = {name: np.bincount(index, weights=values, minlength=k)
             for name, values in (("win", wins(base, tuned)), ("base", base), ("tuned", tuned))}
-    draws = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    # one prompt: every resample is that prompt, and its zero-width interval would claim a certainty that a
+    # bootstrap over prompts cannot give; the intervals are then undefined (nan)
+    draws = np.random.default_rng(seed).integers(0, k, size=(resamples if k > 1 else 0, k))
     n = count[draws].sum(axis=1)
     drawn = {name: total[draws].sum(axis=1) for name, total in sums.items()}
     win_rates = drawn["win"] / n
@@ -73,7 +75,8 @@ def paired_effect(base: np.ndarray, tuned: np.ndarray, clusters: np.ndarray, res
 
 
 def _interval(name: str, values: np.ndarray) -> dict[str, float]:
-    low, high = np.percentile(values, [2.5, 97.5]) if np.isfinite(values).all() else (float("nan"),) * 2
+    defined = values.size and np.isfinite(values).all()
+    low, high = np.percentile(values, [2.5, 97.5]) if defined else (float("nan"),) * 2
     return {f"{name}_low": float(low), f"{name}_high": float(high)}
 
 
@@ -105,4 +108,6 @@ def interval_text(value: float, low: float, high: float, percent: bool = False) 
     def text(number: float) -> str:
         return f"{'-' if number < 0 else '+'}{abs(number * scale):.{decimals}f}{unit}"
 
+    if not (math.isfinite(low) and math.isfinite(high)):  # a single prompt, say: nothing to bootstrap
+        return f"{text(value)} (no interval)"
     return f"{text(value)} ({text(low)} to {text(high)})"

@@ -88,5 +88,17 @@ def test_intervals_are_printed_to_the_decimals_their_width_needs():
     # a bound just below 0 keeps its sign: "+0.000" would hide that the interval holds 0 (a new user's eval)
     assert interval_text(0.012, -0.000157, 0.025) == "+0.012 (-0.000 to +0.025)"
     assert interval_text(0.0, 0.0, 0.002) == "+0.0000 (+0.0000 to +0.0020)"
+    assert interval_text(0.5, float("nan"), float("nan")) == "+0.5000 (no interval)"
+
+
+def test_one_prompt_has_no_interval():
+    """A bootstrap over one prompt draws it every time: a zero-width interval would claim certainty (a category of
+    PartiPrompts with one prompt under --max-prompts showed one)."""
+    effect = paired_effect(np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 5.0]), np.array(["a", "a", "a"]))
+    assert effect.prompts == 1 and effect.delta == pytest.approx(4 / 3)
+    assert all(math.isnan(getattr(effect, f"{name}_{side}")) for name in ("ci", "delta", "relative")
+               for side in ("low", "high"))
+    two = paired_effect(np.array([1.0, 2.0]), np.array([2.0, 1.5]), np.array(["a", "b"]))
+    assert math.isfinite(two.delta_low) and two.delta_low < two.delta_high
     assert interval_text(24.4, 15.3, 35.6) == "+24 (+15 to +36)"
     assert interval_text(0.5, 0.5, 0.5) == "+0.5000 (+0.5000 to +0.5000)"  # no width: 4 decimals
