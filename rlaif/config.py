@@ -62,7 +62,8 @@ MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at m
                              "(eval defaults to the length the model was trained at).")
 
 MAX_PROMPTS_HELP = ("Use only N of the prompts: those whose text hashes lowest, a spread over the file (not its first "
-                    "N) that is the same for every model, seed and run; e.g. 200 of parti's 1632 on a small machine.")
+                    "N) that is the same for every model, seed and run; e.g. 200 of parti's 1632 on a small machine. "
+                    "Subsets of one file nest (100 lie inside 200): hold out prompts from another file.")
 GUIDANCE_HELP = ("Classifier-free guidance scale (FLUX.1-dev: its distilled guidance input). Default: what the model's "
                  "diffusers pipeline uses when called without one: 7.5 for SD1.5 / SD2, 5.0 for SDXL, 7.0 for SD3 / "
                  "SD3.5, 3.5 for FLUX.1-dev, none for FLUX.1-schnell (it has no guidance input).")
