@@ -375,7 +375,7 @@ def print_win_rates(table: Path) -> None:
     from rich.table import Table
 
     from rlaif.eval import reward_hacking
-    from rlaif.stats import interval_decimals, interval_text
+    from rlaif.stats import bounds_text, interval_decimals, interval_text
 
     rows = pl.read_parquet(table)
     extra = ["round"] if "round" in rows.columns else []
@@ -384,7 +384,7 @@ def print_win_rates(table: Path) -> None:
     for row in rows.iter_rows(named=True):
         means = interval_decimals(row["delta_low"], row["delta_high"])  # to the digits the delta shows
         view.add_row(*(str(row[c]) for c in extra), row["scorer"], row["role"], str(row["prompts"]),
-                     f"{row['win_rate']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})",
+                     f"{row['win_rate']:.3f} ({bounds_text(row['ci_low'], row['ci_high'])})",
                      f"{row['mean_base']:.{means}f}", f"{row['mean_tuned']:.{means}f}",
                      interval_text(row["delta"], row["delta_low"], row["delta_high"]),
                      interval_text(row["relative"], row["relative_low"], row["relative_high"], percent=True),

@@ -66,7 +66,7 @@ MAX_PROMPTS_HELP = ("Use only N of the prompts: those whose text hashes lowest, 
                     "Subsets of one file nest (100 lie inside 200): hold out prompts from another file.")
 GUIDANCE_HELP = ("Classifier-free guidance scale (FLUX.1-dev: its distilled guidance input). Default: what the model's "
                  "diffusers pipeline uses when called without one: 7.5 for SD1.5 / SD2, 5.0 for SDXL, 7.0 for SD3 / "
-                 "SD3.5, 3.5 for FLUX.1-dev, none for FLUX.1-schnell (it has no guidance input).")
+                 "SD3.5, 3.5 for FLUX.1-dev, 0 for FLUX.1-schnell (it has no guidance input).")
 
 
 def check_sequence_length(value: int | None) -> None:
@@ -164,7 +164,8 @@ class SampleConfig:
         default=None, metadata={"help": "Image height in pixels (multiple of 8); default: the model's."}
     )
     negative_prompt: str = field(default="", metadata={
-        "help": "Negative prompt for every image (not FLUX.1: it samples without classifier-free guidance)."})
+        "help": "Negative prompt for every image (not FLUX.1, which samples without classifier-free guidance, "
+                "nor at --guidance 1 or below)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     seed: int = field(
         default=0, metadata={"help": "Run seed; each image's seed derives from (seed, prompt, candidate)."}
@@ -501,8 +502,8 @@ class EvalConfig:
     height: int | None = field(default=None, metadata={"help": "Image height in pixels (multiple of 8); default: "
                                                                "the model's."})
     negative_prompt: str = field(default="", metadata={
-        "help": "Negative prompt for every image, base and tuned (not FLUX.1: it samples without classifier-free "
-                "guidance)."})
+        "help": "Negative prompt for every image, base and tuned (not FLUX.1, which samples without classifier-free "
+                "guidance, nor at --guidance 1 or below)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": MAX_SEQUENCE_LENGTH_HELP})
     device: str | None = field(default=None, metadata={"help": "Device for sampling and scoring, e.g. cuda:0; "
                                                                "default: this process's accelerator."})

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from rlaif.files import atomic_path
-from rlaif.stats import interval_decimals, interval_text
+from rlaif.stats import bounds_text, interval_decimals, interval_text
 
 CURVES = ("loss", "implicit_acc", "reward_margin", "val_implicit_acc", "val_reward_margin")
 STYLE = """
@@ -46,7 +46,8 @@ def _win_table(table: pl.DataFrame, table_id: str, extra: tuple[str, ...] = ()) 
         cells = [html.escape(str(row[c])) for c in extra] + [
             html.escape(row["scorer"]), str(row["prompts"]), str(row["n"]),
             f'<span class="{verdict}">{row["win_rate"]:.3f}</span>',
-            f"{row['ci_low']:.3f} - {row['ci_high']:.3f}", f"{row['mean_base']:.{means}f}",
+            bounds_text(row["ci_low"], row["ci_high"], " - "),
+            f"{row['mean_base']:.{means}f}",
             f"{row['mean_tuned']:.{means}f}",
             f'<span class="{change}">{interval_text(row["delta"], row["delta_low"], row["delta_high"])}</span>',
             f'<span class="{relative}">'

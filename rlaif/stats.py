@@ -98,6 +98,11 @@ def interval_decimals(low: float, high: float, percent: bool = False) -> int:
     return min(6, max(0, 1 - math.floor(math.log10(width)))) if math.isfinite(width) and width > 0 else 4
 
 
+def bounds_text(low: float, high: float, separator: str = "-") -> str:
+    """A win rate's interval, ``0.640-0.850``, or ``no interval`` when it is undefined (one prompt)."""
+    return f"{low:.3f}{separator}{high:.3f}" if math.isfinite(low) and math.isfinite(high) else "no interval"
+
+
 def interval_text(value: float, low: float, high: float, percent: bool = False) -> str:
     """``value (low to high)``, signed, all three to ``interval_decimals`` (``+0.0135 (+0.0100 to +0.0174)``;
     ``percent``: ``+0.62% (+0.41% to +0.80%)``). Each sign is its number's own, even where the digits round to

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from rlaif.stats import interval_text, paired_effect, signed_rank_p, wins
+from rlaif.stats import bounds_text, interval_text, paired_effect, signed_rank_p, wins
 
 
 def test_hand_computed_effect():
@@ -89,6 +89,7 @@ def test_intervals_are_printed_to_the_decimals_their_width_needs():
     assert interval_text(0.012, -0.000157, 0.025) == "+0.012 (-0.000 to +0.025)"
     assert interval_text(0.0, 0.0, 0.002) == "+0.0000 (+0.0000 to +0.0020)"
     assert interval_text(0.5, float("nan"), float("nan")) == "+0.5000 (no interval)"
+    assert bounds_text(0.64, 0.85) == "0.640-0.850" and bounds_text(float("nan"), float("nan")) == "no interval"
 
 
 def test_one_prompt_has_no_interval():
