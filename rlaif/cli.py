@@ -126,7 +126,8 @@ def label(
     from rlaif.label import pairs_out, run_label, scorer_keys
     from rlaif.relabel import run_relabel
 
-    keys_before = scorer_keys(pairs_out(config))
+    table = pairs_out(config)
+    keys_before = scorer_keys(table)
     show, output = start("images")
     with output as report:
         def progress(scorer: str, done: int, total: int) -> None:
@@ -150,10 +151,10 @@ def label(
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "
               f"{agreement.ai_ties_compared} AI ties counted half, of {agreement.compared} non-tied pairs; "
               f"{agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
-    keys = scorer_keys(pairs_out(config))
+    keys = scorer_keys(table)
     other = sorted(name for name in keys if keys_before.get(name, keys[name]) != keys[name])
     if other:  # the same settings, other labels: a training run that read the table before saw the old ones
-        say(f"note: {pairs_out(config)} was labelled before by another version of {', '.join(other)} (its code, "
+        say(f"note: {table} was labelled before by another version of {', '.join(other)} (its code, "
             "options or weights, or where they are, changed); it now holds the new labels, not those a training "
             "run may have read")
 
@@ -219,7 +220,7 @@ def train(
     """
     config = config_from_cli(TrainConfig, ctx, locals(), config_file)
     config.validate()  # before the heavy imports
-    from rlaif.train.trainer import run_train
+    from rlaif.train.trainer import complete_checkpoints, run_train
 
     show, output = start("steps")
     last: dict[str, float] = {}
@@ -228,11 +229,11 @@ def train(
             last.update(logs)
             report("training", step, total, training_info(logs))
 
-        before = checkpoints_in(config.out)
+        before = set(complete_checkpoints(config.out))
         try:
             written = run_train(config, progress=progress)
         except (Interrupted, KeyboardInterrupt) as exc:  # what to do depends on whether this run checkpointed
-            raise Interrupted(train_interrupted(config, checkpoints_in(config.out) - before)) from exc
+            raise Interrupted(train_interrupted(config, set(complete_checkpoints(config.out)) - before)) from exc
     if show:
         from rlaif.train.outputs import weights_path
 
@@ -243,13 +244,7 @@ def train(
             f"weights in {weights_path(written)}")
 
 
-def checkpoints_in(out: Path) -> set[str]:
-    """The names of the complete checkpoints in a train output folder."""
-    return {p.parent.name for p in (out / "checkpoints").glob("step_*/position.json")
-            if not p.parent.name.endswith(".partial")}
-
-
-def train_interrupted(config: TrainConfig, written: set[str]) -> str:
+def train_interrupted(config: TrainConfig, written: set[Path]) -> str:
     """How to go on with a training run stopped by Ctrl-C: from the checkpoint it ``written`` last, from where it
     resumed, or from step 0."""
     if written:

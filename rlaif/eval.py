@@ -25,7 +25,7 @@ from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import train_info, trained_config
-from rlaif.train.pair_table import local_identity, parquet_files, recorded_sampling
+from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -94,16 +94,17 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
         seeds = info.get("sampled_seeds")
         if seeds is None:  # an output of an rlaif that did not record them: the table's record, as it is now
             seeds = [record.get("seed") for record in recorded_sampling(files)]
-        same = "pairs_file" not in info or local_identity(files) == info["pairs_file"]
-    except RlaifError:  # not a table any more: unchanged only if an older output recorded nothing to compare
-        files, seeds, same = [], info.get("sampled_seeds") or [], "pairs_file" not in info
-    if seed not in seeds or not files and same:
+    except RlaifError:  # not a table any more
+        files, seeds = [], info.get("sampled_seeds") or []
+    if seed not in seeds:
         return
-    if not same:
+    if table_changed(pairs, info.get("pairs_file")):
         now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
                          f"table {pairs} is {now} since, so which prompts it saw cannot be checked; pass another "
                          "--seed (its images are then held out)")
+    if not files:  # gone, and an older output recorded nothing to tell
+        return
     captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
     seen = [prompt for prompt in prompts if prompt in captions]
     if seen:

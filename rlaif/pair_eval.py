@@ -12,7 +12,6 @@ from accelerate import Accelerator
 
 from rlaif.config import TrainConfig
 from rlaif.distributed import cpu_only
-from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
 from rlaif.models import default_size, denoiser, load_pipeline
 from rlaif.scoring import LoadedScorer, parse_options
@@ -20,7 +19,7 @@ from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
 from rlaif.train.outputs import apply_tuned, check_output, is_full, train_info, trained_config
-from rlaif.train.pair_table import PairTable, local_identity, parquet_files
+from rlaif.train.pair_table import PairTable, table_changed
 from rlaif.train.trainer import frozen_dtypes, held_out_metrics, settings_then
 
 
@@ -43,10 +42,7 @@ def trained_table(tuned: Path, pairs: str) -> str | None:
     path = Path(pairs)
     if not path.exists() or info.get("config", {}).get("pairs") != str(path.resolve()):
         return None
-    try:
-        changed = "pairs_file" in info and local_identity(parquet_files(path)) != info["pairs_file"]
-    except RlaifError:  # a datasets.save_to_disk folder: identified by its fingerprint, not its files
-        changed = False
+    changed = table_changed(pairs, info.get("pairs_file"))
     return "the table it was trained on" + (", changed since" if changed else "")
 
 

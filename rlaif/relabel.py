@@ -23,7 +23,7 @@ from rlaif.cache import cache_dir
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import TMP_MARK, atomic_path, file_identity
+from rlaif.files import TMP_MARK, atomic_path
 from rlaif.images import image_bytes
 from rlaif.label import (
     SCORER_KEYS,
@@ -38,7 +38,7 @@ from rlaif.label import (
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights
 from rlaif.tables import LABELLING_METADATA
-from rlaif.train.pair_table import checked_labels, open_parquet, parquet_files
+from rlaif.train.pair_table import checked_labels, is_datasets_folder, local_identity, open_parquet, parquet_files
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -82,7 +82,7 @@ def table_files(source: Path) -> list[str]:
     one schema across shards (the output is one table)."""
     if not source.exists():
         raise RlaifError(f"table {source} does not exist")
-    if (source / "state.json").exists() or (source / "dataset_dict.json").exists():
+    if is_datasets_folder(source):
         raise RlaifError(f"table {source} is a datasets.save_to_disk folder, and --relabel reads parquet: write it "
                          "as parquet first (datasets.load_from_disk(DIR).to_parquet(FILE), a DatasetDict by split)")
     files = parquet_files(source)
@@ -202,7 +202,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     total = 2 * sum(chunk.count for chunk in table_chunks)
     if not total:
         raise RlaifError(f"table {source} has no rows")
-    identity = ";".join(file_identity(f) for f in files)
+    identity = local_identity(files)
     state = process_state()
     folders: dict[str, Path] = {}
     keys: dict[str, str] = {}

@@ -86,9 +86,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None) -> None:
+def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None,
+                    guidance_unset: bool = False) -> None:
     """Refuse to add images made with other generation settings to an existing run folder; ``unrecorded``
-    holds the values that settings missing from an older run.json had then."""
+    holds the values that settings missing from an older run.json had then. ``guidance_unset``: --guidance was
+    left to the model's default, so a folder that differs in guidance alone is told which --guidance resumes it."""
     record = read_json(run_file, "use an empty --out folder")
     if record is None:
         return
@@ -97,6 +99,13 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
                          "--out folder")
     previous = {**(unrecorded or {}), **record["generation"]}
     changed = changed_settings(previous, generation, generation)
+    before = previous.get("guidance")
+    if guidance_unset and before not in (None, generation["guidance"]) and \
+            changed == changed_settings(previous, generation, ["guidance"]):  # guidance alone differs
+        former = " (rlaif before 2026-11-28 sampled every model at 7.5)" if before == 7.5 else ""
+        raise RlaifError(f"{run_file.parent} was sampled at guidance {before}, and --guidance unset means this model's "
+                         f"pipeline default, {generation['guidance']}{former}; pass --guidance {before} to go on "
+                         "with it, or choose another --out")
     if changed:
         raise RlaifError(
             f"{run_file.parent} holds images made with other settings ({'; '.join(changed)}); "
@@ -140,15 +149,7 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
                 target = config.out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     state.wait_for_everyone()
-    previous = {**unrecorded, **((read_json(run_file, "use an empty --out folder") or {}).get("generation") or {})}
-    before = previous.get("guidance")
-    if config.guidance is None and before not in (None, guidance) and \
-            not changed_settings(previous, {**generation, "guidance": before}, generation):  # guidance alone differs
-        former = " (rlaif before 2026-11-28 sampled every model at 7.5)" if before == 7.5 else ""
-        raise RlaifError(f"{config.out} was sampled at guidance {before}, and --guidance unset means this model's "
-                         f"pipeline default, {guidance}{former}; pass --guidance {before} to go on with it, or choose "
-                         "another --out")
-    check_resumable(run_file, generation, unrecorded)
+    check_resumable(run_file, generation, unrecorded, guidance_unset=config.guidance is None)
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)

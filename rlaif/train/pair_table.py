@@ -80,6 +80,25 @@ def parquet_files(path: Path) -> list[str]:
     return [str(path)]
 
 
+def is_datasets_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``datasets.save_to_disk`` wrote (a Dataset's or a DatasetDict's)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def table_changed(source: str, recorded: str | None) -> bool:
+    """Whether the local pairs table ``source`` is no longer the one whose identity train.json recorded
+    (``recorded``, its ``pairs_file``): gone, rewritten, shards added or removed, or no longer a table. False when
+    nothing was recorded (an older rlaif) and for a ``datasets.save_to_disk`` folder (known by its fingerprint,
+    not its files)."""
+    path = Path(source)
+    if recorded is None or is_datasets_folder(path):
+        return False
+    try:
+        return local_identity(parquet_files(path) if path.exists() else []) != recorded
+    except RlaifError:
+        return True
+
+
 def local_identity(files: list[str]) -> str:
     """The identity of a local table's parquet files (``file_identity`` of each): a table rewritten in place, or
     with shards added or removed, is another table."""
@@ -243,7 +262,7 @@ class PairTable(Sequence[PreferencePair]):
             self._init_parquet(remote_shards(self.pinned), remote=True)
         elif "://" in self.source:
             self._init_parquet(remote_shards(self.source), remote=True)
-        elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        elif is_datasets_folder(path):
             self._init_arrow(str(path), label)
             return
         elif path.exists():

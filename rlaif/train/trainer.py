@@ -470,10 +470,10 @@ def _roll_back_log(out: Path) -> None:
     """After bad input stops a run: its log as a resume will find it (up to the last complete checkpoint), and no
     log, nor the folder when this left it empty, if there is none (an image that cannot be read, met at step 30 of
     a new run, leaves nothing behind)."""
-    complete = _complete_checkpoints(out)
+    complete = complete_checkpoints(out)
     log = out / "train_log.jsonl"
     if complete:
-        _keep_log_until(log, int(complete[-1].name.removeprefix("step_")))
+        _keep_log_until(log, checkpoint_step(complete[-1]))
         return
     log.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # only when empty
@@ -494,11 +494,16 @@ def _keep_log_until(path: Path, step: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _complete_checkpoints(out: Path) -> list[Path]:
+def complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoint folders whose writing finished, oldest first."""
     found = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and p.suffix != ".partial"
              and (p / "position.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of checkpoint folder ``folder`` (``step_00000100``: 100)."""
+    return int(folder.name.removeprefix("step_"))
 
 
 # Settings that may change between a run and its resumption: they do not change what a step computes.
@@ -533,7 +538,7 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, i
     Refuses to overwrite a finished run without --overwrite, a run with checkpoints without --resume or
     --overwrite, and to resume a run made with other settings or past --max-steps; removes nothing
     (``_clear_outputs`` does, once nothing is refused)."""
-    complete = _complete_checkpoints(config.out)
+    complete = complete_checkpoints(config.out)
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
         go_on = (f" (with --resume latest and a higher --max-steps: to train it on from {complete[-1].name})"
                  if complete else "")
@@ -641,7 +646,7 @@ def _prune_checkpoints(out: Path, step: int, keep: int) -> None:
     """Keep step ``step``'s checkpoint (just completed) and the newest ``keep`` - 1 before it; later ones (of a run
     this one resumed before) stay. Each goes by renaming it step_N.partial first: a kill mid-removal leaves what
     the next start clears, never a checkpoint that looks complete and is not."""
-    earlier = [c for c in _complete_checkpoints(out) if int(c.name.removeprefix("step_")) < step]
+    earlier = [c for c in complete_checkpoints(out) if checkpoint_step(c) < step]
     for old in earlier[:max(0, len(earlier) - (keep - 1))]:
         doomed = old.with_name(old.name + ".partial")
         os.replace(old, doomed)
