@@ -83,6 +83,10 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "anchored-dpo-positive-3": ("`--dpo-positive 3`", "best-worst", {"dpo_positive": 3.0}),
     "anchored-1200-steps": ("`--max-steps 1200`", "best-worst", {"max_steps": 1200}),
     "anchored-lr6e-4": ("`--learning-rate 6e-4`", "best-worst", {"learning_rate": 6e-4}),
+    "anchored-lr1e-4": ("`--learning-rate 1e-4`", "best-worst", {"learning_rate": 1e-4}),
+    "anchor-0.3": ("`--keep-unconditional 0.3`", "best-worst", {"keep_unconditional": 0.3}),
+    "anchored-top-vs-bottom": ("the defaults on each of the 2 best against each of the 2 worst candidates (4 pairs "
+                               "per prompt)", "top-vs-bottom", {}),
     "old-defaults": ("LoRA r8, lr 1e-5, batch 1, 100 steps (the defaults before the sweep)", "best-worst",
                      {**OFFICIAL, "lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-5, "batch_size": 1,
                       "max_steps": 100}),

@@ -106,14 +106,29 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(SHAPES), color, background, rng.choice(SIZES))
 
 
-def draw(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
-    """Render ``scene`` at ``size`` px with a random position (and so a random composition)."""
-    image = Image.new("RGB", (size, size), COLORS[scene.background])
+def shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    """``colour`` with its chroma scaled by ``factor`` about its own grey (its luma; PIL ImageEnhance.Color's
+    rule), clipped to 0..255: above 1 purer, below 1 greyer. White and black have no chroma and stay as they are."""
+    grey = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    return tuple(int(round(min(255.0, max(0.0, grey + factor * (c - grey))))) for c in colour)
+
+
+def draw(scene: Scene, rng: random.Random, size: int = 64, shades: float = 0.0) -> Image.Image:
+    """Render ``scene`` at ``size`` px with a random position (and so a random composition).
+
+    With ``shades`` > 0 the background and the shape each take their own shade of their colour (``shade`` with a
+    factor drawn from [1 - shades, 1 + shades]), as "red" in real pictures spans many reds; at 0 the world's one
+    shade per colour, without drawing from ``rng``, so runs made before shades existed replay exactly.
+    """
+    background, colour = COLORS[scene.background], COLORS[scene.color]
+    if shades:
+        background, colour = (shade(c, rng.uniform(1 - shades, 1 + shades)) for c in (background, colour))
+    image = Image.new("RGB", (size, size), background)
     radius = size * (0.30 if scene.size == "large" else 0.15) * rng.uniform(0.85, 1.15)
     cx = rng.uniform(radius, size - radius)
     cy = rng.uniform(radius, size - radius)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    paint(ImageDraw.Draw(image), scene.shape, box, COLORS[scene.color])
+    paint(ImageDraw.Draw(image), scene.shape, box, colour)
     return image
 
 

@@ -15,9 +15,19 @@ The committed weights come from four runs (~27 + ~17 + ~8 + ~9 CPU minutes on 2 
         --omit-probability 0.4 --seed 1
 
 the second continuing the first's UNet and text encoder with every other timestep drawn from the noisier
-half of the schedule and a 3x learning rate for the text encoder (what made it follow colours); the last two
-teaching it shorter captions ("a red circle", "a circle on a blue background"), so that what a caption leaves
+half of the schedule and a 3x learning rate for the text encoder (what made it follow colours); the third and
+fourth teaching it shorter captions ("a red circle", "a circle on a blue background"), so that what a caption leaves
 out it draws differently from seed to seed, as the world does.
+
+A fifth run from the committed weights teaches shades (``--shades``: each colour's chroma scaled by a random
+factor, so "red" spans many reds), first to the VAE's decoder alone (``--decoder-steps``: the committed decoder
+snaps shades to the world's; training it alone keeps the encoder, and so the latents the UNet knows):
+
+    python scripts/pretrain_tiny.py --init rlaif/assets/tiny-sd --vae-steps 0 --decoder-steps 600 \
+        --unet-steps 800 --lr 3e-4 --omit-probability 0.4 --shades 0.4 --seed 2 --out /tmp/tiny-shades
+
+Its weights are not committed: on them `rlaif demo` fell below its bar (bench/RESULTS.md, 2026-11-28, the
+section from 12:58 UTC).
 ``python bench/tiny_world.py`` measures how well a model follows the prompt.
 """
 
@@ -41,54 +51,62 @@ OFFSET_NOISE = 0.1
 MIN_SNR_GAMMA = 5.0
 
 
-def drawings(scenes: list[Scene], rng: random.Random) -> torch.Tensor:
-    """``scenes`` drawn (random positions from ``rng``) as a [-1, 1] N x 3 x H x W image tensor."""
-    pixels = np.stack([np.asarray(draw(s, rng, RESOLUTION), dtype=np.float32) for s in scenes])
+def drawings(scenes: list[Scene], rng: random.Random, shades: float = 0.0) -> torch.Tensor:
+    """``scenes`` drawn (random positions, and shades within ``shades``, from ``rng``) as a [-1, 1]
+    N x 3 x H x W image tensor."""
+    pixels = np.stack([np.asarray(draw(s, rng, RESOLUTION, shades), dtype=np.float32) for s in scenes])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[Scene]]:
+def batch(rng: random.Random, size: int, shades: float = 0.0) -> tuple[torch.Tensor, list[Scene]]:
     """``size`` random scenes as a [-1, 1] image tensor, and the scenes."""
     scenes = [random_scene(rng) for _ in range(size)]
-    return drawings(scenes, rng), scenes
+    return drawings(scenes, rng, shades), scenes
 
 
-def train_vae(vae, steps: int, rng: random.Random) -> None:
-    """Reconstruction + a small KL, on random 32 px crops (the VAE is convolutional: 4x cheaper steps)."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    crop = RESOLUTION // 2
+def train_vae(vae, steps: int, rng: random.Random, shades: float, decoder_only: bool = False) -> None:
+    """Reconstruction + a small KL, on random 32 px crops (the VAE is convolutional: 4x cheaper steps).
+
+    ``decoder_only`` trains the decoder alone, on whole pictures (its attention then sees what sampling gives it),
+    reconstruction only, at a quarter of the rate: the encoder, and so the latents a trained UNet knows, stay.
+    """
+    lr = 5e-4 if decoder_only else 2e-3
+    trained = [part for name, part in vae.named_children() if not decoder_only or name in ("decoder", "post_quant_conv")]
+    optimizer = torch.optim.AdamW([p for part in trained for p in part.parameters()], lr=lr, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    crop = RESOLUTION if decoder_only else RESOLUTION // 2
     for step in range(steps):
-        images, _ = batch(rng, 32)
+        images, _ = batch(rng, 32, shades)
         top, left = rng.randrange(0, RESOLUTION - crop + 1, 4), rng.randrange(0, RESOLUTION - crop + 1, 4)
         images = images[:, :, top : top + crop, left : left + crop]
-        posterior = vae.encode(images).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        loss = F.mse_loss(recon, images) + (0.0 if decoder_only else 1e-6 * posterior.kl().mean())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         lr_schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step} loss {loss.item():.4f}", flush=True)
+            print(f"{'decoder' if decoder_only else 'vae'} step {step} loss {loss.item():.4f}", flush=True)
 
 
-def reconstruction_accuracy(vae, rng: random.Random, size: int = 256) -> float:
+def reconstruction_accuracy(vae, rng: random.Random, shades: float, size: int = 256) -> float:
     """Share of VAE round trips whose background, shape colour and shape still read as drawn."""
     scenes = [random_scene(rng) for _ in range(size)]
     with torch.no_grad():
-        latents = vae.encode(drawings(scenes, rng)).latent_dist.mode()
+        latents = vae.encode(drawings(scenes, rng, shades)).latent_dist.mode()
         decoded = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
     read = [read_scene(Image.fromarray(array)) for array in decoded.numpy()]
     return sum(r == (s.background, s.color, s.shape) for s, r in zip(scenes, read, strict=True)) / size
 
 
-def encode_dataset(vae, rng: random.Random, size: int) -> tuple[torch.Tensor, list[Scene]]:
+def encode_dataset(vae, rng: random.Random, size: int, shades: float = 0.0) -> tuple[torch.Tensor, list[Scene]]:
     """Encode ``size`` random scenes once (scaled latents), so the UNet stage never runs the VAE."""
     latents, scenes = [], []
     with torch.no_grad():
         for _ in range(size // 128):
-            images, drawn = batch(rng, 128)
+            images, drawn = batch(rng, 128, shades)
             latents.append(vae.encode(images).latent_dist.sample() * vae.config.scaling_factor)
             scenes += drawn
     return torch.cat(latents), scenes
@@ -161,6 +179,12 @@ def main() -> None:
     parser.add_argument("--omit-probability", type=float, default=0.0,
                         help="leave each of size, colour and background out of a training caption with this "
                              "probability, so a caption that says less leaves it to chance")
+    parser.add_argument("--shades", type=float, default=0.0,
+                        help="draw each colour in a random shade, chroma scaled by a factor from [1 - S, 1 + S] "
+                             "(rlaif.shapes.shade); 0 draws the world's one shade per colour")
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="then train the VAE's decoder alone for this many steps, keeping the latents a trained "
+                             "UNet knows")
     parser.add_argument("--init", type=Path, help="continue from this tiny folder (its VAE is kept if --vae-steps 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TINY_SD_DIR)
@@ -173,14 +197,16 @@ def main() -> None:
         parts = build_sd_components(seed=args.seed)
     start = time.time()
     if args.vae_steps:
-        train_vae(parts["vae"], args.vae_steps, rng)
+        train_vae(parts["vae"], args.vae_steps, rng, args.shades)
         with torch.no_grad():
-            latents = parts["vae"].encode(batch(rng, 256)[0]).latent_dist.sample()
+            latents = parts["vae"].encode(batch(rng, 256, args.shades)[0]).latent_dist.sample()
         parts["vae"].register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
+    if args.decoder_steps:
+        train_vae(parts["vae"], args.decoder_steps, rng, args.shades, decoder_only=True)
     parts["vae"].requires_grad_(False).eval()
     print(f"vae done in {time.time() - start:.0f}s, scaling_factor {parts['vae'].config.scaling_factor}, "
-          f"reconstructions read right: {reconstruction_accuracy(parts['vae'], rng):.1%}", flush=True)
-    data = encode_dataset(parts["vae"], rng, args.dataset_size)
+          f"reconstructions read right: {reconstruction_accuracy(parts['vae'], rng, args.shades):.1%}", flush=True)
+    data = encode_dataset(parts["vae"], rng, args.dataset_size, args.shades)
     train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng, args.lr,
                args.noisier_half, args.text_lr_factor, args.omit_probability)
     print(f"all done in {time.time() - start:.0f}s", flush=True)

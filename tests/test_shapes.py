@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 from rlaif.shapes import (
     COLORS,
@@ -19,17 +19,40 @@ from rlaif.shapes import (
     paint,
     random_omission,
     read_scene,
+    shade,
     shorter_caption,
 )
 
 
-def test_the_reader_reads_every_drawn_scene_as_drawn():
+@pytest.mark.parametrize("shades", [0.0, 0.4])
+def test_the_reader_reads_every_drawn_scene_as_drawn(shades):
     rng = random.Random(0)
     scenes = [Scene(shape, colour, background, size)
               for colour, background in itertools.permutations(sorted(COLORS), 2)
               for shape in SHAPES for size in ("small", "large")]
-    read = [read_scene(draw(scene, rng)) for scene in scenes]
+    read = [read_scene(draw(scene, rng, shades=shades)) for scene in scenes]
     assert read == [(scene.background, scene.color, scene.shape) for scene in scenes]
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 1.4])
+def test_a_shade_is_pils_colour_enhancement_of_the_world_colour(factor):
+    for colour in COLORS.values():
+        enhanced = ImageEnhance.Color(Image.new("RGB", (1, 1), colour)).enhance(factor).getpixel((0, 0))
+        assert np.abs(np.subtract(shade(colour, factor), enhanced)).max() <= 1  # PIL rounds its luma to an integer
+    assert shade(COLORS["white"], 1.4) == COLORS["white"] and shade(COLORS["black"], 0.6) == COLORS["black"]
+
+
+def test_shades_vary_the_colours_and_leave_the_flat_world_as_it_was():
+    scene = Scene("circle", "red", "yellow", "large")
+    rng, before_shades = random.Random(3), random.Random(3)
+    flat = np.asarray(draw(scene, rng))
+    assert set(map(tuple, flat.reshape(-1, 3))) == {COLORS["red"], COLORS["yellow"]}
+    for _ in range(3):  # what draw took from the generator before shades: the size and the position
+        before_shades.uniform(0, 1)
+    assert rng.getstate() == before_shades.getstate()  # so runs made before shades replay exactly
+    rng = random.Random(3)
+    corners = {tuple(np.asarray(draw(scene, rng, shades=0.4))[0, 0]) for _ in range(20)}
+    assert len(corners) > 10
 
 
 def test_a_plain_picture_has_a_background_and_no_shape():
