@@ -71,7 +71,8 @@ def train_vae(vae, steps: int, rng: random.Random, shades: float, decoder_only: 
     reconstruction only, at a quarter of the rate: the encoder, and so the latents a trained UNet knows, stay.
     """
     lr = 5e-4 if decoder_only else 2e-3
-    trained = [part for name, part in vae.named_children() if not decoder_only or name in ("decoder", "post_quant_conv")]
+    trained = [part for name, part in vae.named_children()
+               if not decoder_only or name in ("decoder", "post_quant_conv")]
     optimizer = torch.optim.AdamW([p for part in trained for p in part.parameters()], lr=lr, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     crop = RESOLUTION if decoder_only else RESOLUTION // 2

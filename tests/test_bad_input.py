@@ -6,6 +6,8 @@ loaded; a case that got as far as sampling or training would show here as a slow
 
 import hashlib
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -352,3 +354,33 @@ def test_training_that_stops_at_a_bad_image_leaves_no_output(tmp_path):
                        "--max-steps", 4, "--val-fraction", 0.5, "--val-every", 2)
     assert measured.returncode == 2 and "jpg_0 cannot be read" in measured.stderr, measured.stderr
     assert not (tmp_path / "v").exists()
+
+
+def test_a_bad_image_met_only_by_the_second_process_leaves_no_output(tmp_path):
+    """With two processes the launcher kills the main one when the other stops, so the process that meets the bad
+    image rolls the run back itself: here process 1, at step 2, after step 1 was logged."""
+    from conftest import cli_env
+
+    from rlaif.train.pair_table import PairTable, pair_index
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+
+    def table(bad_row: int | None) -> Path:
+        path = tmp_path / ("good.parquet" if bad_row is None else "bad.parquet")
+        pl.DataFrame({"caption": [f"caption {i}" for i in range(8)],
+                      "jpg_0": [b"not an image" if i == bad_row else image.getvalue() for i in range(8)],
+                      "jpg_1": [image.getvalue()] * 8, "label_0": [1.0] * 8}).write_parquet(path)
+        return path
+
+    # one pair per process: step 1 trains positions 0 (process 0) and 1 (process 1), step 2 positions 2 and 3
+    bad_row = pair_index(3, PairTable(table(None)), seed=0)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(32500 + os.getpid() % 1000), "-m", "rlaif", "train", str(table(bad_row)), "-m", "tiny", "-o",
+         str(tmp_path / "t"), "--batch-size", "1", "--max-steps", "4", "--val-fraction", "0", "--workers", "0"],
+        env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert f"row {bad_row} jpg_0 cannot be read" in run.stderr, run.stderr[-3000:]
+    assert "training: 1/4 steps" in run.stderr  # step 1 was taken (and logged) before it
+    assert not (tmp_path / "t").exists()

@@ -140,7 +140,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         for _ in range(config.accumulation):
             batch = next(batches)
             if isinstance(batch, str):  # a user error met in a DataLoader worker
-                _stop_at_bad_input(batch, config.out, accelerator)
+                _stop_at_bad_input(batch, config.out)
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
                                                 resolution, accelerator.device, config.keep_unconditional)
@@ -162,7 +162,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
                                              accelerator))
             except RlaifError as exc:  # a held-out pair's image that cannot be read
-                _stop_at_bad_input(str(exc), config.out, accelerator)
+                _stop_at_bad_input(str(exc), config.out)
         if accelerator.is_main_process:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
@@ -459,10 +459,10 @@ def check_cache_space(folder: Path, needed: int) -> None:
                          "the size) or --no-cache")
 
 
-def _stop_at_bad_input(message: str, out: Path, accelerator: Accelerator) -> NoReturn:
-    """Stop the run at bad input (``message``), its log rolled back (``_roll_back_log``) by the main process."""
-    if accelerator.is_main_process:
-        _roll_back_log(out)
+def _stop_at_bad_input(message: str, out: Path) -> NoReturn:
+    """Stop the run at bad input (``message``), its log rolled back (``_roll_back_log``) by the process that met
+    it: with several processes, the launcher kills the main one as soon as another stops, before it could."""
+    _roll_back_log(out)
     raise RlaifError(message)
 
 
