@@ -1,7 +1,8 @@
 """Pretrain the tiny SD1.5-style model on the shapes world and save it to rlaif/assets/tiny-sd.
 
 Deterministic (fixed seeds, fixed step counts). Stage 1 trains the VAE to reconstruct shapes pictures (on 32 px
-crops; it prints the share of round trips that still read as drawn). Stage 2 freezes it and trains the UNet
+crops; it prints the share of round trips that still read as drawn), or with ``--decoder-steps`` its decoder alone
+on whole pictures. Stage 2 freezes it and trains the UNet
 and text encoder with the standard epsilon-prediction objective, 10% caption dropout (for classifier-free
 guidance), offset noise (so colours come from the prompt, not from the noise's mean) and Min-SNR-5 weighting.
 
@@ -186,10 +187,16 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="then train the VAE's decoder alone for this many steps, keeping the latents a trained "
                              "UNet knows")
-    parser.add_argument("--init", type=Path, help="continue from this tiny folder (its VAE is kept if --vae-steps 0)")
+    parser.add_argument("--init", type=Path,
+                        help="continue from this tiny folder (its VAE is kept if --vae-steps 0 and --decoder-steps 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TINY_SD_DIR)
     args = parser.parse_args()
+    if not 0 <= args.shades < 1:
+        parser.error(f"--shades must be in [0, 1), got {args.shades}: a factor of 0 or below turns a colour grey "
+                     "or inverts it")
+    if args.decoder_steps and not args.vae_steps and not args.init:
+        parser.error("--decoder-steps trains a decoder for an encoder: give --init (a trained VAE) or --vae-steps")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     if args.init:

@@ -357,8 +357,9 @@ def test_training_that_stops_at_a_bad_image_leaves_no_output(tmp_path):
 
 
 def test_a_bad_image_met_only_by_the_second_process_leaves_no_output(tmp_path):
-    """With two processes the launcher kills the main one when the other stops, so the process that meets the bad
-    image rolls the run back itself: here process 1, at step 2, after step 1 was logged."""
+    """With two processes, a bad image met by one of them stops both together, the main one rolling the run back
+    (the launcher kills every process as soon as one exits): here process 1 meets it at step 2, after step 1 was
+    logged."""
     from conftest import cli_env
 
     from rlaif.train.pair_table import PairTable, pair_index
@@ -382,5 +383,7 @@ def test_a_bad_image_met_only_by_the_second_process_leaves_no_output(tmp_path):
         env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert f"row {bad_row} jpg_0 cannot be read" in run.stderr, run.stderr[-3000:]
+    # every process stops together (none is left waiting in the step), the main one after rolling back
+    assert "error: stopped: another process met bad input (its error names the row)" in run.stderr
     assert "training: 1/4 steps" in run.stderr  # step 1 was taken (and logged) before it
     assert not (tmp_path / "t").exists()

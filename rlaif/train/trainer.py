@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -138,9 +137,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         logs: dict[str, float] = {"lr": optimizer.param_groups[0]["lr"]}  # the rate this step's update uses
         started = time.perf_counter()
         for _ in range(config.accumulation):
-            batch = next(batches)
-            if isinstance(batch, str):  # a user error met in a DataLoader worker
-                _stop_at_bad_input(batch, config.out)
+            batch = checked_batch(next(batches), config.out, accelerator)
             with accelerator.accumulate(unet):
                 loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective,
                                                 resolution, accelerator.device, config.keep_unconditional)
@@ -158,11 +155,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         step += 1
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if validation and (step % val_every == 0 or step == config.max_steps):
-            try:
-                logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
-                                             accelerator))
-            except RlaifError as exc:  # a held-out pair's image that cannot be read
-                _stop_at_bad_input(str(exc), config.out)
+            logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
+                                         accelerator))
         if accelerator.is_main_process:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
@@ -398,9 +392,7 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
     batches = min(len(validation.table), max_pairs) // per_batch
     totals: dict[str, float] = {}
     for k in range(batches):
-        batch = validation[k]
-        if isinstance(batch, str):
-            raise RlaifError(batch)
+        batch = checked_batch(validation[k], config.out, accelerator)
         loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective, resolution,
                                         accelerator.device)
         for name, mean in process_means(accelerator, {"loss": loss, **metrics}).items():
@@ -459,11 +451,22 @@ def check_cache_space(folder: Path, needed: int) -> None:
                          "the size) or --no-cache")
 
 
-def _stop_at_bad_input(message: str, out: Path) -> NoReturn:
-    """Stop the run at bad input (``message``), its log rolled back (``_roll_back_log``) by the process that met
-    it: with several processes, the launcher kills the main one as soon as another stops, before it could."""
-    _roll_back_log(out)
-    raise RlaifError(message)
+def checked_batch(batch: MicroBatch | str, out: Path, accelerator: Accelerator) -> MicroBatch:
+    """``batch``, or, when any process's micro-batch is a user error's message (an image that cannot be read),
+    the run stopped on every process together with its log rolled back (``_roll_back_log``). Together: a process
+    that stopped alone would leave the others waiting in the step, and the launcher kills them all as soon as one
+    exits, so the main process rolls back first and the others wait for it."""
+    bad = isinstance(batch, str)
+    if accelerator.num_processes > 1:
+        bad_anywhere = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum").item() > 0
+    else:
+        bad_anywhere = bad
+    if not bad_anywhere:
+        return batch
+    if accelerator.is_main_process:
+        _roll_back_log(out)
+    accelerator.wait_for_everyone()
+    raise RlaifError(batch if bad else "stopped: another process met bad input (its error names the row)")
 
 
 def _roll_back_log(out: Path) -> None:
