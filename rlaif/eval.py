@@ -24,7 +24,7 @@ from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
-from rlaif.train.outputs import train_info, trained_config
+from rlaif.train.outputs import check_trained_from, train_info, trained_config
 from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
@@ -121,6 +121,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
     check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
+    check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
     # both sides at the T5 prompt length the model was trained at, unless one is given

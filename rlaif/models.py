@@ -20,7 +20,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError, first_line, hub_unavailable
-from rlaif.files import folder_identity
+from rlaif.files import folder_identity, weights_fingerprint
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -140,6 +140,24 @@ def model_identity(model: str) -> str:
         index = huggingface_hub.try_to_load_from_cache(source, "model_index.json")
         return f"{model}@{Path(index).parent.name}" if isinstance(index, str) else model
     return folder_identity(Path(source).expanduser())
+
+
+def denoiser_fingerprint(model: str) -> str | None:
+    """What identifies the weights of ``model``'s UNet or transformer, wherever they lie (``weights_fingerprint``
+    of its weight files, a variant's such as fp16 only when there is nothing else): the same for a folder, its copy
+    and the hub snapshot it came from. None when the files are not on this machine (a hub id not in the cache)."""
+    source = resolve_model(model)
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+    else:
+        index = huggingface_hub.try_to_load_from_cache(source, "model_index.json")
+        if not isinstance(index, str):
+            return None
+        folder = Path(index).parent
+    weights = [p for part in ("unet", "transformer") for p in (folder / part).glob("*")
+               if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    plain = [p for p in weights if len(p.suffixes) == 1]  # diffusion_pytorch_model(-00001-of-00002).safetensors
+    return weights_fingerprint(plain or weights) if weights else None
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

@@ -18,7 +18,7 @@ from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
-from rlaif.train.outputs import apply_tuned, check_output, is_full, train_info, trained_config
+from rlaif.train.outputs import apply_tuned, check_output, check_trained_from, is_full, train_info, trained_config
 from rlaif.train.pair_table import PairTable, table_changed
 from rlaif.train.trainer import frozen_dtypes, held_out_metrics, settings_then
 
@@ -59,6 +59,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     the plain ``base`` model as its reference (the beta, loss and precision it was trained with, a LoRA's frozen
     weights included; centre crop, no caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
+    check_trained_from(tuned, base)
     trained = settings_then(trained_config(tuned))
     table = PairTable(pairs, label).in_table_order()
     count, batch_size = judged_batches(len(table), max_pairs, batch_size)

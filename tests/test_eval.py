@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from conftest import PROMPTS, run_cli
 from PIL import Image
 
@@ -283,3 +284,38 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
             check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 0)
         table.unlink(missing_ok=True)
     check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 1)  # another seed needs no table
+
+
+def test_eval_refuses_another_base_than_the_one_trained_from(tiny_pairs, tmp_path):
+    """A tuned model compared with another base than the one it was trained from measures the two bases'
+    difference too (a trial's +1.07% was +0.76% against the right base): refused, in eval and eval --pairs. The
+    same weights elsewhere (a copy, the hub cache's snapshot) are the same base."""
+    from conftest import install_in_hf_cache
+    from diffusers import UNet2DConditionModel
+
+    from rlaif.tiny import TINY_SD_DIR
+    from rlaif.train.outputs import check_trained_from
+
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1,
+                      "--batch-size", 2)
+    assert trained.returncode == 0, trained.stderr
+    shutil.copytree(TINY_SD_DIR, tmp_path / "copy")
+    install_in_hf_cache("someone/tiny-copy", TINY_SD_DIR)
+    for same in ("tiny", str(tmp_path / "copy"), "someone/tiny-copy"):
+        check_trained_from(tmp_path / "lora", same)  # no error
+    shutil.copytree(TINY_SD_DIR, tmp_path / "other")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "other" / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1e-3)  # another revision: the same architecture, other weights
+    unet.save_pretrained(tmp_path / "other" / "unet")
+    (tmp_path / "p.txt").write_text(PROMPTS[6] + "\n")
+    message = (f"error: --tuned {tmp_path / 'lora'} was trained from tiny, whose weights differ from --model "
+               f"{tmp_path / 'other'}'s: a comparison with another base measures the bases' difference too; pass "
+               "--model tiny")
+    evaluated = run_cli("eval", "--model", tmp_path / "other", "--tuned", tmp_path / "lora", "--prompts",
+                        tmp_path / "p.txt", "--scorer", "compressibility", "--out", tmp_path / "eval")
+    assert evaluated.returncode == 2 and evaluated.stderr.strip() == message, evaluated.stderr
+    assert not (tmp_path / "eval").exists()
+    judged = run_cli("eval", "--model", tmp_path / "other", "--tuned", tmp_path / "lora", "--pairs", tiny_pairs,
+                     "--scorer", "compressibility")
+    assert judged.returncode == 2 and judged.stderr.strip() == message, judged.stderr

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import check_in_dir, publish, read_json, write_json
-from rlaif.models import DTYPE_KWARG, denoiser, denoiser_name
+from rlaif.models import DTYPE_KWARG, denoiser, denoiser_fingerprint, denoiser_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TRAIN_FILE = "train.json"
@@ -69,6 +69,20 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
         raise RlaifError(f"{option} {folder} was written by an older rlaif that saved it incompletely (without its "
                          "earlier rounds, or without its LoRA alpha); retrain it")
     return folder
+
+
+def check_trained_from(folder: Path, model: str, option: str = "--model") -> None:
+    """Refuse ``model`` as the base to compare the tuned ``folder`` with when it is not the model that folder was
+    trained from (their UNet or transformer weights differ): the comparison would measure the two bases'
+    difference as much as the training. Outputs that recorded no base weights, or a base not on this machine,
+    pass."""
+    recorded = train_info(folder).get("base_weights")
+    current = recorded and denoiser_fingerprint(model)
+    if current and current != recorded:
+        trained_on = trained_config(folder).get("model", "another model")
+        raise RlaifError(f"--tuned {folder} was trained from {trained_on}, whose weights differ from {option} "
+                         f"{model}'s: a comparison with another base measures the bases' difference too; pass "
+                         f"{option} {trained_on}")
 
 
 def trained_config(folder: Path) -> dict:

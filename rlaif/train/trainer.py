@@ -47,6 +47,7 @@ from rlaif.models import (
     check_size,
     default_size,
     denoiser,
+    denoiser_fingerprint,
     denoiser_name,
     guided,
     load_pipeline,
@@ -181,6 +182,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record})
                 if Path(config.pairs).exists() else [],
                 "pairs_held_out": len(held_out_pairs),
+                "base_weights": denoiser_fingerprint(config.model),  # eval's check that it compares with this model
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
