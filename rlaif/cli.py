@@ -239,8 +239,9 @@ def train(
 
         info = json.loads((written / "train.json").read_text())
         final = f"final {training_info(last)}" if last else "no step left after the checkpoint"
+        unlabelled = f"{info['unlabelled_dropped']} unlabelled dropped, " if info["unlabelled_dropped"] else ""
         say(f"trained {info['steps']} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
-            f"{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
+            f"{unlabelled}{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
 
 
@@ -347,13 +348,16 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
 
     if max_pairs < 1:
         raise RlaifError(f"--max-pairs must be at least 1, got {max_pairs}")
-    check_scorers(scorers, scorer_options)
+    check_scorers(scorers, scorer_options, weighted=False)
     start("pairs")
     judged = run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs, label=label_column)
     for row in judged:
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
         print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
-    say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)")
+    left_out = [f"{n} pair{'s' * (n != 1)} {what}" for n, what in
+                ((judged[0].ties, "labelled 0.5"), (judged[0].unlabelled, "without a label")) if n]
+    say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)"
+        + (f"; left out, as they rank neither image first: {', '.join(left_out)}" if left_out else ""))
     trained = trained_table(tuned, pairs)
     if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
         say(f"{pairs} is {trained} ({tuned}): on the pairs it trained on, accuracy says what it learnt, not how "

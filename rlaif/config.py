@@ -539,5 +539,5 @@ class EvalConfig:
         if twice is not None:
             raise RlaifError(f"scorer {twice!r} is given twice (--scorer and --held-out must differ; a loop's "
                              "[eval] scorers are [label]'s unless it names its own)")
-        check_scorers(both, self.scorer_options)
+        check_scorers(both, self.scorer_options, weighted=False)
 

@@ -32,6 +32,8 @@ class PairAccuracy:
     accuracy: float
     labels: str  # the table's label column judged against
     margin: float | None = None  # the DPO reward margin (tuned model only)
+    ties: int = 0  # the table's pairs labelled 0.5, which no judge is asked about
+    unlabelled: int = 0  # and its pairs without a label
 
 
 def trained_table(tuned: Path, pairs: str) -> str | None:
@@ -79,13 +81,14 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting,
                              noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained
-    found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, float("nan"), table.label)]
+    left_out = {"ties": table.ties, "unlabelled": table.unlabelled}
+    found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, float("nan"), table.label, **left_out)]
     if count and config.loss != "sft":
         encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
         metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
                                    denoiser(policy), reference, objective, resolution, accelerator, count)
         found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], table.label,
-                              metrics["val_reward_margin"])]
+                              metrics["val_reward_margin"], **left_out)]
     del policy, reference
     judged = [table[position] for position in range(count)]
     options = parse_options(scorer_options)
@@ -99,6 +102,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
             scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2), dtype=torch.float64)
             chosen, rejected = scores[: len(batch)], scores[len(batch):]
             agree += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-        found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan"), table.label))
+        found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan"), table.label,
+                                  **left_out))
         del scorer
     return found

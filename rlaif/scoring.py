@@ -243,9 +243,13 @@ def unique_prompts(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
     return distinct, torch.tensor([position[p] for p in prompts], dtype=torch.long)
 
 
-def check_scorers(scorers: list[str], scorer_options: list[str]) -> None:
-    """Every scorer exists and takes the options given to it: checked before any work."""
+def check_scorers(scorers: list[str], scorer_options: list[str], weighted: bool = True) -> None:
+    """Every scorer exists and takes the options given to it: checked before any work. ``weighted``: a weight
+    (``NAME:WEIGHT``, what `rlaif label` combines an ensemble by) is allowed; eval scores each scorer apart."""
     weights = parse_weights(scorers)
+    if not weighted and (spec := next((s for s in scorers if s not in weights), None)):
+        raise RlaifError(f"--scorer {spec!r}: eval reports each scorer apart, so a weight means nothing there (it "
+                         f"weighs `rlaif label`'s ensemble); give {next(n for n in weights if spec.startswith(n))!r}")
     for spec in weights:
         resolve_factory(spec)
     for spec, options in parse_options(scorer_options).items():

@@ -207,15 +207,18 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     assert f"{tiny_pairs} is the table it was trained on ({tmp_path / 'lora'}): on the pairs it trained on, " \
         "accuracy says what it learnt, not how it generalises" in result.stderr
     flipped = tmp_path / "flipped.parquet"  # another label column beside label_0, as --relabel writes one
-    pl.read_parquet(tiny_pairs).with_columns(
-        flipped=1.0 - pl.col("label_0"),
+    pl.read_parquet(tiny_pairs).with_row_index().with_columns(  # one human tie, one pair without a label
+        flipped=pl.when(pl.col("index") == 0).then(0.5).when(pl.col("index") == 1).then(None)
+        .otherwise(1.0 - pl.col("label_0")),
         **{side: pl.lit(f"{tiny_pairs.parent}/") + pl.col(side) for side in ("image_0", "image_1")},  # elsewhere now
     ).write_parquet(flipped)
     other = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", flipped, "--max-pairs", 24,
                     "-s", "compressibility", "--label-column", "flipped")
     assert other.returncode == 0, other.stderr
-    assert "scorer compressibility: accuracy 0.000 on 24 pairs" in other.stdout.splitlines()
-    assert "judged against the labels of column flipped" in other.stderr and "was trained on" not in other.stderr
+    assert "scorer compressibility: accuracy 0.000 on 22 pairs" in other.stdout.splitlines()
+    assert "judged against the labels of column flipped (--label-column chooses another); left out, as they rank " \
+        "neither image first: 1 pair labelled 0.5, 1 pair without a label" in other.stderr
+    assert "was trained on" not in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)
     assert float(model.split()[6]) > 0.5 and "on 24 pairs, reward margin +" in model

@@ -47,6 +47,8 @@ def test_pick_a_pic_and_rlaif_tables(tmp_path):
 
 @pytest.mark.parametrize(("frame", "message"), [
     ({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [0.5]}, "no pairs with a preference"),
+    ({"caption": ["a", "b"], "jpg_0": [b"x"] * 2, "jpg_1": [b"y"] * 2, "label_0": [None, 0.5]},
+     r"no pairs with a preference in label_0 \(all ties, unlabelled or empty\)"),
     ({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [0.7]}, "row 0: label_0 is 0.7"),
     ({"caption": ["a"], "picture": [b"x"]}, "has neither the rlaif columns"),
 ])
@@ -54,6 +56,17 @@ def test_bad_tables(tmp_path, frame, message):
     pl.DataFrame(frame).write_parquet(tmp_path / "t.parquet")
     with pytest.raises(RlaifError, match=message):
         PairTable(tmp_path / "t.parquet")
+
+
+def test_pairs_nobody_labelled_are_dropped_and_counted_as_ties_are(tmp_path):
+    """A relabelled table's label_0 holds no value for a pair no human labelled (`label --relabel` keeps them):
+    training or judging on those human labels leaves such pairs out, as it leaves out ties, and counts them."""
+    table = pick_a_pic_rows(6)  # labels 1, 0, 0.5, 1, 0, 0.5
+    pq.write_table(table.set_column(3, "label_0", pa.array([1.0, None, 0.5, None, 0.0, 0.5])), tmp_path / "t.parquet")
+    pairs = PairTable(tmp_path / "t.parquet")
+    assert (len(pairs), pairs.ties, pairs.unlabelled) == (2, 2, 2)
+    assert [p.caption for p in pairs.in_table_order()] == ["caption 0", "caption 4"]
+    assert pairs.in_table_order()[1].chosen_name.endswith("row 4 jpg_1")  # label 0: the second image won
 
 
 def test_augmentation_is_shared_by_winner_and_loser():
@@ -128,7 +141,7 @@ def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp
     pq.write_table(pick_a_pic_rows(4), tmp_path / "pap" / "data" / "validation-00000-of-00001.parquet")
     datasets.Dataset(table).save_to_disk(tmp_path / "saved")
     whole = PairTable(tmp_path / "whole.parquet")
-    assert len(whole) == 20  # 10 ties of 30 dropped
+    assert len(whole) == 20 and whole.ties == 10 and whole.unlabelled == 0  # 10 ties of 30 dropped
     shards = PairTable(tmp_path / "pap")
     assert len(shards.blocks) == 3 + 4  # row groups of 5 rows: 12 -> 3, 18 -> 4
     assert described(shards) == described(whole) == described(PairTable(tmp_path / "saved"))

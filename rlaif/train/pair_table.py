@@ -227,7 +227,8 @@ def checked_labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, f
         raise RlaifError(f"pairs table {where}: column {label!r} is not numeric ({values.type})") from exc
     bad = np.flatnonzero(~np.isin(array, (0.0, 0.5, 1.0)) & ~(missing_ok & np.isnan(array)))
     if bad.size:
-        raise RlaifError(f"pairs table {where}, row {first_row + int(bad[0])}: {label} is {array[bad[0]]}, expected "
+        value = "missing" if np.isnan(array[bad[0]]) else array[bad[0]]
+        raise RlaifError(f"pairs table {where}, row {first_row + int(bad[0])}: {label} is {value}, expected "
                          "1, 0 or 0.5")
     return array
 
@@ -242,8 +243,8 @@ class _Block:
 
 
 class PairTable(Sequence[PreferencePair]):
-    """The pairs with a preference of a table (ties dropped), winner first, read lazily. Picklable (DataLoader
-    workers re-open files on first use) and safe to read from several processes at once."""
+    """The pairs with a preference of a table (ties and unlabelled pairs dropped), winner first, read lazily.
+    Picklable (DataLoader workers re-open files on first use) and safe to read from several processes at once."""
 
     def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False,
                  hold_out: float = 0.0) -> None:
@@ -295,7 +296,7 @@ class PairTable(Sequence[PreferencePair]):
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
         self._check_columns(table.column_names, source, label)
-        labels = checked_labels(table.column(self.label), source, self.label, 0)
+        labels = checked_labels(table.column(self.label), source, self.label, 0, missing_ok=True)
         self.blocks = [_Block(source, -1, 0)]
         self._set_index([labels], [caption_hashes(table.column("caption"))])
 
@@ -333,7 +334,7 @@ class PairTable(Sequence[PreferencePair]):
             first = 0
             for group in range(meta.metadata.num_row_groups):
                 values = read_row_group(file, group, read)
-                labels.append(checked_labels(values.column(0), file, self.label, first))
+                labels.append(checked_labels(values.column(0), file, self.label, first, missing_ok=True))
                 hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
                 first += len(values)
@@ -343,8 +344,10 @@ class PairTable(Sequence[PreferencePair]):
     def _set_index(self, labels: list[np.ndarray], hashes: list[np.ndarray | None]) -> None:
         """Index the rows with a preference, less those of held-out captions (a ``hold_out`` share of the
         distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS), which ``held_out_pairs`` gives."""
-        valid = [values != 0.5 for values in labels]
-        self.ties = int(sum((~v).sum() for v in valid))  # dropped: a tie teaches no preference
+        # dropped: a tie teaches no preference, nor does a pair nobody labelled (a relabelled table's label_0)
+        self.ties = int(sum((values == 0.5).sum() for values in labels))
+        self.unlabelled = int(sum(np.isnan(values).sum() for values in labels))
+        valid = [(values == 0.0) | (values == 1.0) for values in labels]
         held = [np.zeros_like(v) for v in valid]
         if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
             threshold = np.uint64(self.hold_out * 2.0**64)
@@ -353,7 +356,8 @@ class PairTable(Sequence[PreferencePair]):
         self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first
         self._assign([v & ~h for v, h in zip(valid, held, strict=True)], chosen_first)
         if not len(self):
-            raise RlaifError(f"pairs table {self.source} holds no pairs with a preference (all ties or empty)")
+            raise RlaifError(f"pairs table {self.source} holds no pairs with a preference in {self.label} (all ties, "
+                             "unlabelled or empty)")
 
     def _assign(self, kept: list[np.ndarray], chosen_first: list[np.ndarray], cache_blocks: int | None = None) -> None:
         """Make the rows ``kept`` (a mask per block) the table's pairs."""

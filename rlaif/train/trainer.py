@@ -176,6 +176,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
+                "unlabelled_dropped": pairs.unlabelled,
                 # which table, and the run seeds of its samples: eval's check that its images are held out
                 # (a local table's: eval cannot read a hub dataset again)
                 "pairs_file": pairs.identity,
