@@ -357,7 +357,8 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     left_out = [f"{n} pair{'s' * (n != 1)} {what}" for n, what in
                 ((judged[0].ties, "labelled 0.5"), (judged[0].unlabelled, "without a label")) if n]
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)"
-        + (f"; left out, as they rank neither image first: {', '.join(left_out)}" if left_out else ""))
+        + (f"; of the table's rows, these are not judged, as they rank neither image first: {', '.join(left_out)}"
+           if left_out else ""))
     trained = trained_table(tuned, pairs)
     if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
         say(f"{pairs} is {trained} ({tuned}): on the pairs it trained on, accuracy says what it learnt, not how "

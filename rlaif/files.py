@@ -130,9 +130,8 @@ def folder_identity(folder: Path) -> str:
     return ";".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{_content_stamp(p)}" for p in files)
 
 
-def _content_stamp(path: Path, with_time: bool = True) -> str:
-    """A file's bytes hashed (``b``HASH), or for a large one its modification time (``with_time``) and its two
-    ends' hash."""
+def _content_stamp(path: Path) -> str:
+    """A file's bytes hashed (``b``HASH), or for a large one its modification time and its two ends' hash."""
     size = path.stat().st_size
     digest = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as handle:
@@ -142,13 +141,29 @@ def _content_stamp(path: Path, with_time: bool = True) -> str:
         digest.update(handle.read(_END))
         handle.seek(size - _END)
         digest.update(handle.read(_END))
-    return f"{path.stat().st_mtime_ns}_{digest.hexdigest()}" if with_time else f"e{digest.hexdigest()}"
+    return f"{path.stat().st_mtime_ns}_{digest.hexdigest()}"
+
+
+_SAMPLES = 64  # blocks of _SAMPLE bytes, evenly spaced, that weights_fingerprint hashes of a large file
+_SAMPLE = 2**16
 
 
 def weights_fingerprint(files: list[Path]) -> str:
-    """What identifies weight files wherever they lie: each one's name, size and ``_content_stamp`` without the
-    time, so a copy, a clone or the hub cache's snapshot of the same weights give the same string."""
-    return ";".join(f"{p.name}:{p.stat().st_size}:{_content_stamp(p, with_time=False)}" for p in sorted(files))
+    """What identifies weight files wherever they lie: each one's name, size and a hash of its bytes (whole up to
+    HASHED_UP_TO, else its two ends and _SAMPLES blocks spread over it: 6 MiB of a 3 GB UNet), no path or time,
+    so a copy, a clone or the hub cache's snapshot of the same weights give the same string."""
+    def stamp(path: Path) -> str:
+        size = path.stat().st_size
+        if size <= HASHED_UP_TO:
+            return _content_stamp(path)
+        digest = hashlib.blake2b(digest_size=8)
+        with open(path, "rb") as handle:
+            for offset in (0, *range(_END, size - _END, (size - 2 * _END) // _SAMPLES or 1), size - _END):
+                handle.seek(offset)
+                digest.update(handle.read(_END if offset in (0, size - _END) else _SAMPLE))
+        return f"s{digest.hexdigest()}"
+
+    return ";".join(f"{p.name}:{p.stat().st_size}:{stamp(p)}" for p in sorted(files))
 
 
 _ENTRY = re.compile(r"^(?P<name>.+):(?P<size>\d+):(?P<stamp>\w+)$")

@@ -144,8 +144,9 @@ def model_identity(model: str) -> str:
 
 def denoiser_fingerprint(model: str) -> str | None:
     """What identifies the weights of ``model``'s UNet or transformer, wherever they lie (``weights_fingerprint``
-    of its weight files, a variant's such as fp16 only when there is nothing else): the same for a folder, its copy
-    and the hub snapshot it came from. None when the files are not on this machine (a hub id not in the cache)."""
+    of the files diffusers loads: ``diffusion_pytorch_model*.safetensors``, else ``.bin``, a variant's such as fp16
+    only when there is nothing else): the same for a folder, its copy and the hub snapshot it came from. None when
+    the files are not on this machine (a hub id not in the cache)."""
     source = resolve_model(model)
     if _looks_like_path(source):
         folder = Path(source).expanduser()
@@ -154,10 +155,13 @@ def denoiser_fingerprint(model: str) -> str | None:
         if not isinstance(index, str):
             return None
         folder = Path(index).parent
-    weights = [p for part in ("unet", "transformer") for p in (folder / part).glob("*")
+    weights = [p for part in ("unet", "transformer") for p in (folder / part).glob("diffusion_pytorch_model*")
                if p.suffix in (".safetensors", ".bin") and p.is_file()]
-    plain = [p for p in weights if len(p.suffixes) == 1]  # diffusion_pytorch_model(-00001-of-00002).safetensors
-    return weights_fingerprint(plain or weights) if weights else None
+    for suffix in (".safetensors", ".bin"):  # diffusion_pytorch_model(-00001-of-00002).safetensors, no variant
+        plain = [p for p in weights if p.suffix == suffix and len(p.suffixes) == 1]
+        if plain:
+            return weights_fingerprint(plain)
+    return weights_fingerprint(weights) if weights else None
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

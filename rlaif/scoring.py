@@ -249,7 +249,7 @@ def check_scorers(scorers: list[str], scorer_options: list[str], weighted: bool 
     weights = parse_weights(scorers)
     if not weighted and (spec := next((s for s in scorers if s not in weights), None)):
         raise RlaifError(f"--scorer {spec!r}: eval reports each scorer apart, so a weight means nothing there (it "
-                         f"weighs `rlaif label`'s ensemble); give {next(n for n in weights if spec.startswith(n))!r}")
+                         f"weighs `rlaif label`'s ensemble); give {WEIGHTED.fullmatch(spec)['name']!r}")
     for spec in weights:
         resolve_factory(spec)
     for spec, options in parse_options(scorer_options).items():

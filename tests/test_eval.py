@@ -216,8 +216,9 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
                     "-s", "compressibility", "--label-column", "flipped")
     assert other.returncode == 0, other.stderr
     assert "scorer compressibility: accuracy 0.000 on 22 pairs" in other.stdout.splitlines()
-    assert "judged against the labels of column flipped (--label-column chooses another); left out, as they rank " \
-        "neither image first: 1 pair labelled 0.5, 1 pair without a label" in other.stderr
+    assert "judged against the labels of column flipped (--label-column chooses another); of the table's rows, " \
+        "these are not judged, as they rank neither image first: 1 pair labelled 0.5, 1 pair without a label" \
+        in other.stderr
     assert "was trained on" not in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)
@@ -322,3 +323,30 @@ def test_eval_refuses_another_base_than_the_one_trained_from(tiny_pairs, tmp_pat
     judged = run_cli("eval", "--model", tmp_path / "other", "--tuned", tmp_path / "lora", "--pairs", tiny_pairs,
                      "--scorer", "compressibility")
     assert judged.returncode == 2 and judged.stderr.strip() == message, judged.stderr
+    # trained from a folder that was rewritten since: the same name, other weights
+    shutil.copytree(TINY_SD_DIR, tmp_path / "folder")
+    assert run_cli("train", tiny_pairs, "--model", tmp_path / "folder", "--out", tmp_path / "from-folder",
+                   "--max-steps", 1, "--batch-size", 2).returncode == 0
+    shutil.copytree(tmp_path / "other" / "unet", tmp_path / "folder" / "unet", dirs_exist_ok=True)
+    rewritten = run_cli("eval", "--model", tmp_path / "folder", "--tuned", tmp_path / "from-folder", "--pairs",
+                        tiny_pairs, "--scorer", "compressibility")
+    assert rewritten.returncode == 2 and rewritten.stderr.strip() == (
+        f"error: --tuned {tmp_path / 'from-folder'} was trained from {tmp_path / 'folder'}, whose weights have "
+        "changed since (a new revision, or a rewritten folder): a comparison with other base weights measures their "
+        "difference too; evaluate against the weights it was trained from"), rewritten.stderr
+
+
+def test_eval_pairs_meeting_a_bad_image_leaves_the_tuned_models_log(tiny_pairs, tmp_path):
+    """eval --pairs measures with the training code's held-out step, whose bad-input stop rolls a training run's
+    log back: not the log of the model it judges."""
+    assert run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 2,
+                   "--batch-size", 2).returncode == 0
+    log = (tmp_path / "lora" / "train_log.jsonl").read_bytes()
+    bad = tmp_path / "bad.parquet"
+    pl.read_parquet(tiny_pairs).with_row_index().with_columns(
+        image_0=pl.when(pl.col("index") == 0).then(pl.lit(str(tmp_path / "missing.png")))
+        .otherwise(pl.lit(f"{tiny_pairs.parent}/") + pl.col("image_0")),
+        image_1=pl.lit(f"{tiny_pairs.parent}/") + pl.col("image_1")).drop("index").write_parquet(bad)
+    judged = run_cli("eval", "--model", "tiny", "--tuned", tmp_path / "lora", "--pairs", bad, "-s", "compressibility")
+    assert judged.returncode == 2 and "missing.png" in judged.stderr, judged.stderr
+    assert (tmp_path / "lora" / "train_log.jsonl").read_bytes() == log

@@ -180,3 +180,29 @@ def test_docs_name_hub_ids_that_exist():
     docs = [root / "README.md", *sorted((root / "examples").rglob("*.toml")), *sorted((root / "rlaif").rglob("*.py"))]
     assert not [str(p) for p in docs if "runwayml/" in p.read_text()]
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in (root / "README.md").read_text()
+
+
+def test_a_weights_fingerprint_is_the_content_not_the_place(tmp_path):
+    """Copies of the same weights (another folder, another time) give one fingerprint; a change at either end or
+    in a sampled block of a large file gives another, and so does a change anywhere in a small file."""
+    from rlaif.files import _END, _SAMPLES, HASHED_UP_TO, weights_fingerprint
+
+    size = HASHED_UP_TO + 3 * _END
+    data = bytearray(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, copy = (tmp_path / folder / "diffusion_pytorch_model.safetensors" for folder in ("a", "b"))
+    first.write_bytes(data)
+    copy.write_bytes(data)  # written later: another modification time
+    assert weights_fingerprint([first]) == weights_fingerprint([copy])
+    step = (size - 2 * _END) // _SAMPLES
+    for offset in (3, size - 5, _END + 7 * step + 100):  # the start, the end, inside the 8th sampled block
+        changed = bytearray(data)
+        changed[offset] ^= 1
+        copy.write_bytes(changed)
+        assert weights_fingerprint([copy]) != weights_fingerprint([first]), offset
+    small = tmp_path / "a" / "small.safetensors"
+    small.write_bytes(bytes(1000))
+    before = weights_fingerprint([small])
+    small.write_bytes(bytes(500) + b"\x01" + bytes(499))
+    assert weights_fingerprint([small]) != before

@@ -80,6 +80,10 @@ def check_trained_from(folder: Path, model: str, option: str = "--model") -> Non
     current = recorded and denoiser_fingerprint(model)
     if current and current != recorded:
         trained_on = trained_config(folder).get("model", "another model")
+        if trained_on == model:
+            raise RlaifError(f"--tuned {folder} was trained from {model}, whose weights have changed since (a new "
+                             "revision, or a rewritten folder): a comparison with other base weights measures their "
+                             "difference too; evaluate against the weights it was trained from")
         raise RlaifError(f"--tuned {folder} was trained from {trained_on}, whose weights differ from {option} "
                          f"{model}'s: a comparison with another base measures the bases' difference too; pass "
                          f"{option} {trained_on}")

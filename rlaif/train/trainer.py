@@ -87,6 +87,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
+    base_weights = denoiser_fingerprint(config.model)  # eval's check that it compares with this model
     check_sampling(pairs.sampling, config, anchor_defaulted,
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
@@ -157,7 +158,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
         logs["pairs_per_s"] = global_batch / (time.perf_counter() - started)
         if validation and (step % val_every == 0 or step == config.max_steps):
             logs.update(held_out_metrics(config, validation, encoder, unet, reference, objective, resolution,
-                                         accelerator))
+                                         accelerator, roll_back=config.out))
         if accelerator.is_main_process:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
@@ -183,7 +184,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record})
                 if Path(config.pairs).exists() else [],
                 "pairs_held_out": len(held_out_pairs),
-                "base_weights": denoiser_fingerprint(config.model),  # eval's check that it compares with this model
+                "base_weights": base_weights,
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
@@ -385,17 +386,17 @@ VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the 
 @torch.no_grad()
 def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Encoder, unet, reference,
                      objective: NoisePrediction | FlowMatching, resolution: int, accelerator: Accelerator,
-                     max_pairs: int = VAL_MAX_PAIRS) -> dict[str, float]:
+                     max_pairs: int = VAL_MAX_PAIRS, roll_back: Path | None = None) -> dict[str, float]:
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
     order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
     model; ``val_pairs`` says how many (a few pairs' accuracy is noise). Empty when there are fewer held-out pairs
-    than processes."""
+    than processes. ``roll_back``: the training run whose log bad input rolls back (``checked_batch``)."""
     per_batch = validation.settings.batch_size * validation.settings.processes
     batches = min(len(validation.table), max_pairs) // per_batch
     totals: dict[str, float] = {}
     for k in range(batches):
-        batch = checked_batch(validation[k], config.out, accelerator)
+        batch = checked_batch(validation[k], roll_back, accelerator)
         loss, metrics = _dpo_micro_step(config, batch, encoder, unet, reference, objective, resolution,
                                         accelerator.device)
         for name, mean in process_means(accelerator, {"loss": loss, **metrics}).items():
@@ -454,11 +455,11 @@ def check_cache_space(folder: Path, needed: int) -> None:
                          "the size) or --no-cache")
 
 
-def checked_batch(batch: MicroBatch | str, out: Path, accelerator: Accelerator) -> MicroBatch:
+def checked_batch(batch: MicroBatch | str, out: Path | None, accelerator: Accelerator) -> MicroBatch:
     """``batch``, or, when any process's micro-batch is a user error's message (an image that cannot be read),
-    the run stopped on every process together with its log rolled back (``_roll_back_log``). Together: a process
-    that stopped alone would leave the others waiting in the step, and the launcher kills them all as soon as one
-    exits, so the main process rolls back first and the others wait for it."""
+    the run stopped on every process together with the log of training run ``out`` (if any) rolled back
+    (``_roll_back_log``). Together: a process that stopped alone would leave the others waiting in the step, and
+    the launcher kills them all as soon as one exits, so the main process rolls back first and the others wait."""
     bad = isinstance(batch, str)
     if accelerator.num_processes > 1:
         bad_anywhere = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum").item() > 0
@@ -466,7 +467,7 @@ def checked_batch(batch: MicroBatch | str, out: Path, accelerator: Accelerator) 
         bad_anywhere = bad
     if not bad_anywhere:
         return batch
-    if accelerator.is_main_process:
+    if out is not None and accelerator.is_main_process:
         _roll_back_log(out)
     accelerator.wait_for_everyone()
     raise RlaifError(batch if bad else "stopped: another process met bad input (its error names the row)")
