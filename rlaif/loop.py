@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from rlaif.cli_options import read_settings, read_toml
-from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
+from rlaif.config import FLOW_WEIGHTINGS, EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, run_eval
@@ -96,6 +96,9 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     if "scorers" not in stages["label"]:
         raise RlaifError(f"{path} [label]: missing scorers")
     if control:
+        if stages["label"].get("invert"):  # the control would be the run itself, its numbers reported as the control's
+            raise RlaifError(f"{path} [label]: invert = true already swaps winners and losers, so --control would "
+                             "run the same experiment; drop one of them")
         stages["label"]["invert"] = True
     stages["eval"].setdefault("scorers", list(parse_weights(stages["label"]["scorers"])))
     config = LoopConfig(**loop)
@@ -137,9 +140,9 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
     if lengths["eval"] is None:  # eval takes the length the model was trained at
         del lengths["eval"]
     if len(set(lengths.values())) > 1:
-        found = ", ".join(f"[{stage}] {length}" for stage, length in lengths.items())
+        found = ", ".join(f"[{stage}] {'unset' if length is None else length}" for stage, length in lengths.items())
         raise RlaifError(f"{path}: max_sequence_length differs between stages ({found}); give [sample] and [train] "
-                         "the same T5 prompt length")
+                         "the same T5 prompt length (set both, even to the model's default)")
     sample_seed = stages["sample"].get("seed", SampleConfig.seed)
     eval_seed = stages["eval"].get("seed", EvalConfig.seed)
     clash = [n for n in range(1, loop.rounds + 1) if round_seed(sample_seed, n) == eval_seed]
@@ -149,12 +152,13 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
 
 
 def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: bool) -> None:
-    """The unconditional anchor's refusals, before round 1 samples: FLUX.1 (no unconditional branch to hold), and
+    """``with_family_defaults``' refusals (--flow-weighting for a UNet model, the anchor for FLUX.1) and the
+    unconditional anchor's, before round 1 samples: FLUX.1 (no unconditional branch to hold), and
     the anchor left on by default while a stage samples with a negative prompt (guidance then subtracts the
     negative prompt's prediction, not the empty caption's that the anchor holds): the user chooses, in a new loop
     (``started``: OUT holds a loop, begun by an rlaif without the anchor, whose settings cannot change)."""
-    if not train.keep_unconditional and not negative:  # nothing to refuse: skip reading the model's files
-        return
+    if not train.keep_unconditional and not negative and train.flow_weighting == FLOW_WEIGHTINGS[0]:
+        return  # nothing to refuse: skip reading the model's files
     try:
         resolved = with_family_defaults(train)
     except RlaifError as exc:

@@ -86,6 +86,8 @@ def tree(tmp_path: Path) -> Path:
         "bad-option": {"label": "scorers = ['compressibility']\nscorer_options = ['compressibility.quality=3']"},
         "grid": {"eval": "grid = -1"},
         "lengths": {"sample": "max_sequence_length = 128"},
+        "inverted": {"label": "scorers = ['compressibility']\ninvert = true"},
+        "flow-weighting": {"train": "flow_weighting = 'mode'"},
     }.items():
         loop_config(tmp_path, name, **tables)
     loop_config(tmp_path, "broken-loop")
@@ -138,6 +140,8 @@ CASES = [
      "--device 'bogus' is not a device (e.g. cpu, cuda, cuda:1, mps)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--flow-weighting", "mode"],
+     "--flow-weighting mode: only SD3 / FLUX.1 models train on a noise path it weighs; for this model leave it out"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],
      "--min-noise 0.8 and --max-noise 0.5: give 0 <= min < max <= 1 (fractions of the noise schedule)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--negative-prompt", "blurry", "--guidance", "1"],
@@ -282,7 +286,12 @@ CASES = [
      "'learning_rate'?"),
     (["loop", "--config", "bad-option.toml"], "scorer 'compressibility' takes no options"),
     (["loop", "--config", "grid.toml"], "grid.toml [eval]: --grid must not be negative"),
-    (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] None)"),
+    (["loop", "--config", "inverted.toml", "--control"], "inverted.toml [label]: invert = true already swaps winners "
+     "and losers, so --control would run the same experiment; drop one of them"),
+    (["loop", "--config", "flow-weighting.toml"], "--flow-weighting mode: only SD3 / FLUX.1 models train on a noise "
+     "path it weighs"),
+    (["loop", "--config", "lengths.toml"], "max_sequence_length differs between stages ([sample] 128, [train] "
+     "unset); give [sample] and [train] the same T5 prompt length (set both, even to the model's default)"),
     (["loop", "--config", "broken-loop.toml"], "broken-loop/loop.json is not a record rlaif wrote (Expecting "
      "value: line 1 column 1 (char 0)); restore it, or choose another --out"),
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),

@@ -37,6 +37,7 @@ from rlaif.config import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_LORA_TARGETS,
     DEFAULT_WEIGHT_DECAY,
+    FLOW_WEIGHTINGS,
     POSITIVE_LOSS_TYPES,
     TrainConfig,
 )
@@ -285,6 +286,9 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     run's checkpoints and train.json hold the values it trained with. Refuses the anchor for FLUX.1 here, before
     any work (or an --overwrite) starts."""
     family = model_family(config.model)
+    if family == "unet" and config.flow_weighting != FLOW_WEIGHTINGS[0]:  # it would be recorded, never used
+        raise RlaifError(f"--flow-weighting {config.flow_weighting}: only SD3 / FLUX.1 models train on a noise path "
+                         "it weighs; for this model leave it out (--min-noise / --max-noise choose the timesteps)")
     if config.keep_unconditional and not guided(config.model):
         raise RlaifError("FLUX.1 samples without classifier-free guidance, so --keep-unconditional has no "
                          "unconditional prediction to hold; pass --keep-unconditional 0")
