@@ -124,8 +124,12 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
-    # both sides at the T5 prompt length the model was trained at, unless one is given
-    length = config.max_sequence_length or trained_config(config.tuned).get("max_sequence_length")
+    # both sides at the T5 prompt length the model was trained at
+    trained_length = trained_config(config.tuned).get("max_sequence_length")
+    if config.max_sequence_length and trained_length and config.max_sequence_length != trained_length:
+        raise RlaifError(f"--max-sequence-length {config.max_sequence_length}: {config.tuned} was trained at T5 prompt "
+                         f"length {trained_length}; evaluate it at that length (leave the option out)")
+    length = config.max_sequence_length or trained_length
     scores = {}
     for side, (folder, tuned) in sides.items():
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,

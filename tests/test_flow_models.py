@@ -263,3 +263,8 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     assert evaluated.returncode == 0, evaluated.stderr
     for side in ("tuned", "base"):
         assert json.loads((tmp_path / "e" / side / "run.json").read_text())["generation"]["max_sequence_length"] == 8
+    other = run_cli("eval", "--base", alias, "--tuned", out, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "e2",
+                    "--scorer", "compressibility", "--max-sequence-length", 16)
+    assert other.returncode == 2 and not (tmp_path / "e2").exists()
+    assert other.stderr.strip() == f"error: --max-sequence-length 16: {out} was trained at T5 prompt length 8; " \
+        "evaluate it at that length (leave the option out)"
