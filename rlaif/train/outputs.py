@@ -71,7 +71,7 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
     return folder
 
 
-def check_trained_from(folder: Path, model: str, option: str = "--model") -> None:
+def check_trained_from(folder: Path, model: str) -> None:
     """Refuse ``model`` as the base to compare the tuned ``folder`` with when it is not the model that folder was
     trained from (their UNet or transformer weights differ): the comparison would measure the two bases'
     difference as much as the training. Outputs that recorded no base weights, or a base not on this machine,
@@ -84,9 +84,9 @@ def check_trained_from(folder: Path, model: str, option: str = "--model") -> Non
             raise RlaifError(f"--tuned {folder} was trained from {model}, whose weights have changed since (a new "
                              "revision, or a rewritten folder): a comparison with other base weights measures their "
                              "difference too; evaluate against the weights it was trained from")
-        raise RlaifError(f"--tuned {folder} was trained from {trained_on}, whose weights differ from {option} "
+        raise RlaifError(f"--tuned {folder} was trained from {trained_on}, whose weights differ from --model "
                          f"{model}'s: a comparison with another base measures the bases' difference too; pass "
-                         f"{option} {trained_on}")
+                         f"--model {trained_on}")
 
 
 def trained_config(folder: Path) -> dict:
