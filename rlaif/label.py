@@ -23,7 +23,7 @@ from rlaif.errors import RlaifError
 from rlaif.files import changed_settings, read_json
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
-from rlaif.scoring import LoadedScorer, parse_options, parse_weights
+from rlaif.scoring import LoadedScorer, parse_options, parse_weights, weighted_names
 from rlaif.tables import (
     LABELLING_METADATA,
     PAIRS_SCHEMA,
@@ -168,7 +168,7 @@ def labelling_settings(config: LabelConfig) -> dict:
     the scorers with their weights and their options (sorted), how several scorers combine, and for a samples
     folder the pairing settings that apply (``top_k`` with top-vs-bottom only)."""
     weights = parse_weights(config.scorers)
-    settings = {"scorers": sorted(f"{name}:{weight:g}" for name, weight in weights.items()),
+    settings = {"scorers": sorted(weighted_names(weights)),
                 "scorer_options": sorted(config.scorer_options)}
     if len(weights) > 1:
         settings["combine"] = config.combine
@@ -255,7 +255,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
         caption=pl.col("prompt_id").replace_strict(captions),
         image_0=pl.col("sample_id_0").replace_strict(images),
         image_1=pl.col("sample_id_1").replace_strict(images),
-        scorer=pl.lit("+".join(f"{name}:{weight:g}" for name, weight in weights.items())),
+        scorer=pl.lit("+".join(weighted_names(weights))),
     )
     if process_state().is_main_process:
         metadata = {LABELLING_METADATA: json.dumps({**labelling, SCORER_KEYS: keys}),

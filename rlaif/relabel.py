@@ -36,7 +36,7 @@ from rlaif.label import (
     score_images,
 )
 from rlaif.pairing import preference
-from rlaif.scoring import parse_weights
+from rlaif.scoring import parse_weights, weighted_names
 from rlaif.tables import LABELLING_METADATA
 from rlaif.train.pair_table import checked_labels, is_datasets_folder, local_identity, open_parquet, parquet_files
 
@@ -165,7 +165,7 @@ def _ai_columns(chunk: Chunk, labels: pa.ChunkedArray, folders: dict[str, Path],
     score_1 = pl.Series([value[f"{i}:1"] for i in ids], dtype=pl.Float64)
     return pl.DataFrame({"ai_score_0": score_0, "ai_score_1": score_1}).with_columns(
         ai_label_0=pl.when(score_0 > score_1).then(1.0).when(score_0 < score_1).then(0.0).otherwise(0.5),
-        ai_scorer=pl.lit("+".join(f"{n}:{w:g}" for n, w in weights.items())),
+        ai_scorer=pl.lit("+".join(weighted_names(weights))),
         label_0=pl.from_arrow(labels).cast(pl.Float64))
 
 

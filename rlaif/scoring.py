@@ -271,6 +271,13 @@ def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
     return options
 
 
+def weighted_names(weights: dict[str, float]) -> list[str]:
+    """``{"pickscore": 2.0}`` -> ``["pickscore:2"]``, as tables and settings record them: short where that is
+    exact, every digit otherwise (so weights that differ are recorded apart)."""
+    return [f"{name}:{weight:g}" if float(f"{weight:g}") == weight else f"{name}:{weight!r}"
+            for name, weight in weights.items()]
+
+
 def parse_weights(specs: list[str]) -> dict[str, float]:
     """``["pickscore:2", "pkg.mod:factory"]`` -> ``{"pickscore": 2.0, "pkg.mod:factory": 1.0}``.
 
@@ -282,8 +289,8 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
         match = WEIGHTED.fullmatch(spec)
         if match:
             name, weight = match["name"], float(match["weight"])
-        if not name or weight <= 0:
-            raise RlaifError(f"--scorer {spec!r}: expected NAME or NAME:WEIGHT with a positive weight")
+        if not name or not 0 < weight < math.inf:
+            raise RlaifError(f"--scorer {spec!r}: expected NAME or NAME:WEIGHT with a positive, finite weight")
         if name in weights:
             raise RlaifError(f"--scorer {name!r} is given twice")
         weights[name] = weight

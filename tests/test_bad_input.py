@@ -179,7 +179,9 @@ CASES = [
     (["label", "empty", "-s", "compressibility", "--min-margin", "-1"], "--min-margin must not be negative"),
     (["label", "empty", "-s", "compressibility", "--top-k", "0"], "--top-k must be at least 1"),
     (["label", "empty", "-s", "compressibility:-1"], "--scorer 'compressibility:-1': expected NAME or NAME:WEIGHT "
-     "with a positive weight"),
+     "with a positive, finite weight"),
+    (["label", "empty", "-s", "compressibility:1e400"], "--scorer 'compressibility:1e400': expected NAME or "
+     "NAME:WEIGHT with a positive, finite weight"),  # inf: every label would be NaN > x, image 1 winning
     (["label", "empty", "-s", "compressibility", "-o", "a-file"], "--out a-file exists and is not a pairs table"),
     (["label", "empty", "-s", "compressibility", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     (["label", "empty", "-s", "compressibility"],

@@ -86,6 +86,11 @@ def test_a_table_labelled_otherwise_is_not_replaced(fresh):
                                     "(scorers ['compressibility:1'] -> ['incompressibility:1']; strategy "
                                     "'best-worst' -> 'all-pairs'), which a training run may have used; give another "
                                     "--out, or delete it to label anew")
+    # weights are recorded with every digit they need: 0.1234567 and 0.1234568 both read 0.123457 with :g
+    ensemble = ["-o", fresh / "w.parquet", "-s", "incompressibility:1", "-s"]
+    assert run_cli("label", fresh, *ensemble, "compressibility:0.1234567").returncode == 0
+    near = run_cli("label", fresh, *ensemble, "compressibility:0.1234568")
+    assert near.returncode == 2 and "'compressibility:0.1234567', 'incompressibility:1'] -> [" in near.stderr
 
 
 def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):

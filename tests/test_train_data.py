@@ -20,7 +20,7 @@ from PIL import Image
 from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
 from rlaif.train.data import apply_augmentation, plan_augmentation
-from rlaif.train.pair_table import PairTable
+from rlaif.train.pair_table import PairTable, parquet_shards
 
 
 def png(color, size=(40, 30)) -> bytes:
@@ -123,6 +123,40 @@ def pick_a_pic_rows(count: int) -> pa.Table:
 
 def described(pairs) -> list[tuple]:
     return [(p.caption, p.chosen, p.rejected) for p in pairs]
+
+
+def test_the_train_split_is_chosen_by_the_path_inside_the_table_folder(tmp_path):
+    """Only the path inside the table's folder names a split: a Pick-a-Pic layout kept under a folder of the
+    user's named ``train`` still drops its validation shard, and a file whose name merely starts with "train"
+    (training_notes.parquet) is not taken for the train split of a folder of part-*.parquet shards."""
+    root = "/runs/train/pap"
+    layout = [f"{root}/data/train-00000-of-00001.parquet", f"{root}/data/validation-00000-of-00001.parquet"]
+    assert parquet_shards(layout, root, root) == layout[:1]
+    parts = ["/data/t/part-0.parquet", "/data/t/part-1.parquet", "/data/t/training_notes.parquet"]
+    assert parquet_shards(parts, "/data/t", "/data/t") == parts
+    folders = ["/d/default/test/0.parquet", "/d/default/train/0.parquet", "/d/default/train/1.parquet"]
+    assert parquet_shards(folders, "/d", "/d") == folders[1:]
+    assert parquet_shards(["/d/train.parquet", "/d/test.parquet"], "/d/", "/d") == ["/d/train.parquet"]
+    (tmp_path / "train" / "pap" / "data").mkdir(parents=True)  # the same, read from disk
+    pq.write_table(pick_a_pic_rows(6), tmp_path / "train" / "pap" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pick_a_pic_rows(9), tmp_path / "train" / "pap" / "data" / "validation-00000-of-00001.parquet")
+    assert len(PairTable(tmp_path / "train" / "pap")) == 4  # 6 rows, 2 ties
+
+
+def test_a_table_rewritten_while_it_is_read_is_refused_not_read_through_the_old_index(tmp_path):
+    """The index (rows kept, which image won) is built once; a table rewritten in place under a running train
+    (`rlaif label` rerun into it) must stop the run, not pair the new rows by the old labels."""
+    file = tmp_path / "pairs.parquet"
+    rows = pick_a_pic_rows(12)
+    pq.write_table(rows, file, row_group_size=4)
+    table = PairTable(file)
+    before = table[0]
+    flipped = rows.set_column(3, "label_0", pa.array([1 - v for v in rows.column("label_0").to_pylist()]))
+    pq.write_table(flipped, file, row_group_size=4)  # same size: every winner is now the other image
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 1))
+    assert table[0] == before  # its row group was read before the rewrite
+    with pytest.raises(RlaifError, match="pairs table .*pairs.parquet was rewritten while it was being read"):
+        table[len(table) - 1]  # another row group
 
 
 def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp_path):

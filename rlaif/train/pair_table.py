@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,13 +59,23 @@ def label_column(columns: Sequence[str], chosen: str | None) -> str:
     return AI_LABEL if AI_LABEL in columns else "label_0"
 
 
-def parquet_shards(files: list[str], where: str) -> list[str]:
-    """The shards to train on among a folder's parquet ``files``: when it holds several splits, named like
-    Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet`` or in folders (``train/*.parquet``),
-    the train split's."""
+_TRAIN_SHARD = re.compile(r"^train(?:[-_.][^/]*)?$")  # train.parquet, train-00000-of-00002.parquet, train_3.parquet
+
+
+def parquet_shards(files: list[str], root: str, where: str) -> list[str]:
+    """The shards to train on among the parquet ``files`` under the folder ``root``: when it holds several splits,
+    named like Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet`` or in folders
+    (``train/*.parquet``), the train split's. Only the path inside ``root`` counts, so a folder that lies under a
+    ``train`` directory of the user's does not make every split a train split."""
     if not files:
         raise RlaifError(f"{where} holds no parquet files")
-    train = [f for f in files if f.rsplit("/", 1)[-1].startswith("train") or "/train/" in f]
+    prefix = root.rstrip("/") + "/"
+
+    def in_train_split(file: str) -> bool:
+        *folders, name = (file[len(prefix):] if file.startswith(prefix) else file.rsplit("/", 1)[-1]).split("/")
+        return "train" in folders or bool(_TRAIN_SHARD.match(name))
+
+    train = [f for f in files if in_train_split(f)]
     return train or files
 
 
@@ -76,7 +87,7 @@ def parquet_files(path: Path) -> list[str]:
             raise RlaifError(f"pairs table {path} is a folder of `rlaif sample`; train on the pairs table `rlaif "
                              f"label` writes into it: {path / 'pairs.parquet'}"
                              + ("" if labelled else f" (run `rlaif label {path} --scorer NAME` first)"))
-        return parquet_shards(sorted(map(str, path.rglob("*.parquet"))), str(path))
+        return parquet_shards(sorted(map(str, path.rglob("*.parquet"))), str(path), str(path))
     return [str(path)]
 
 
@@ -167,7 +178,7 @@ def remote_shards(source: str) -> list[str]:
         files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
     except _read_faults(url) as exc:  # a missing backend too: its ImportError says what to install
         raise RlaifError(f"pairs {source}: cannot list it ({first_line(exc)})") from exc
-    return [fs.unstrip_protocol(f) for f in parquet_shards(files, source)]
+    return [fs.unstrip_protocol(f) for f in parquet_shards(files, root, source)]
 
 
 _OPENED: dict[tuple, pq.ParquetFile] = {}
@@ -271,7 +282,8 @@ class PairTable(Sequence[PreferencePair]):
         elif HUB_DATASET.match(self.source):
             snapshot = hub_snapshot(self.source)
             self.pinned = f"{hub_revision(self.source)[0]}@{snapshot.name}"
-            self._init_parquet(parquet_shards(sorted(map(str, snapshot.rglob("*.parquet"))), self.source))
+            self._init_parquet(parquet_shards(sorted(map(str, snapshot.rglob("*.parquet"))), str(snapshot),
+                                              self.source))
         else:
             raise RlaifError(f"pairs table {source} does not exist (expected a parquet file, a folder of parquet "
                              "shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
@@ -288,10 +300,11 @@ class PairTable(Sequence[PreferencePair]):
     def _init_parquet(self, files: list[str], remote: bool = False) -> None:
         self.files = files
         self.remote = remote
-        self.identity = ";".join(files) if remote else local_identity(files)
+        self._file_identities = {} if remote else {file: file_identity(file) for file in files}
+        self.identity = ";".join(files) if remote else ";".join(self._file_identities.values())
 
     def _init_arrow(self, source: str, label: str | None) -> None:
-        self.files = [source]
+        self.files, self._file_identities = [source], {}
         dataset = self._dataset
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
@@ -411,6 +424,11 @@ class PairTable(Sequence[PreferencePair]):
         if block.group < 0:
             values = self._dataset.data.table.select(columns)  # memory-mapped: nothing is read until used
         else:
+            if block.file in self._file_identities and file_identity(block.file) != self._file_identities[block.file]:
+                # the index (rows kept, which image won) is the old file's: read on, it would pair the new rows
+                raise RlaifError(f"pairs table {block.file} was rewritten while it was being read; the run (and any "
+                                 "checkpoint of it) used the table as it was: put that back to go on, or train on "
+                                 "the new table in another --out")
             values = read_row_group(block.file, block.group, columns)
         self._cache[number] = values
         while len(self._cache) > self._cache_size:
