@@ -8,7 +8,7 @@ line of the factory's docstring. Built-ins register through the same entry-point
 as third-party plugins.
 
 Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
-distribution's, or a hash of its source files: ``plugin_version``) and its identity.
+distribution's and a hash of its source files: ``plugin_version``) and its identity.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import distributions, entry_points, packages_distributions, version
+from importlib.metadata import entry_points, packages_distributions, version
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -134,8 +134,7 @@ def check_options(spec: str, options: dict[str, str]) -> None:
 
 def plugin_version(spec: str, factory: Callable[..., Scorer]) -> str:
     """The version of the code behind scorer ``spec``: of the module it names (or registers) and of the module
-    that defines ``factory``, each one's distribution version, or for an editable install or code outside any
-    distribution a hash of its Python files (``_code_hash``)."""
+    that defines ``factory``, each one's distribution version and a hash of its Python files (``_code_hash``)."""
     if ":" in spec:
         named = importlib.import_module(spec.partition(":")[0])
     else:
@@ -147,25 +146,11 @@ def plugin_version(spec: str, factory: Callable[..., Scorer]) -> str:
 
 
 def _module_version(module: ModuleType) -> str:
-    """``dist==version`` of the regular installs that provide ``module``'s top-level name, else its code's hash."""
+    """``dist==version`` of the installs that provide ``module``'s top-level name (the files a new version ships
+    beside the code, such as weights) and its code's hash: code edited and reinstalled under the same version,
+    as a plugin's author does while working on it, is another version."""
     dists = sorted(set(packages_distributions().get(module.__name__.split(".")[0], [])))
-    if dists and not any(_editable(dist) for dist in dists):
-        return "+".join(f"{dist}=={version(dist)}" for dist in dists)
-    return _code_hash(module)
-
-
-def _editable(dist: str) -> bool:
-    """Whether distribution ``dist`` may change its code under the same version: an editable install, or metadata
-    of a source checkout (an ``.egg-info`` folder, found first when Python runs in the checkout) rather than a
-    wheel's installed files, which a RECORD lists."""
-    for found in distributions(name=dist):
-        try:
-            direct = found.read_text("direct_url.json")
-            if found.read_text("RECORD") is None or (direct and json.loads(direct).get("dir_info", {}).get("editable")):
-                return True
-        except (OSError, ValueError, AttributeError):  # unreadable metadata: as a regular install
-            continue
-    return False
+    return "+".join([*(f"{dist}=={version(dist)}" for dist in dists), _code_hash(module)])
 
 
 def _code_hash(module: ModuleType) -> str:

@@ -374,3 +374,31 @@ def test_a_plugins_code_hash_does_not_depend_on_where_it_lives(tmp_path, monkeyp
     (tmp_path / "b" / "plug_where.py").write_text("def f(device='cpu'):\n    return 1\n")
     monkeypatch.delitem(sys.modules, "plug_where", raising=False)
     assert _code_hash(importlib.import_module("plug_where")) != keys[0]
+
+
+def test_a_regular_installs_code_changed_under_the_same_version_is_another_version(tmp_path, monkeypatch):
+    """A plugin's author edits its code and reinstalls it (`pip install .`) without a new version number: its
+    cached scores must not be reused. A regular install (a wheel's files and a dist-info with a RECORD) is laid
+    out by hand here; its version stays in the key too, for what a release ships beside the code."""
+    import importlib
+
+    from rlaif.scoring import plugin_version
+
+    site = tmp_path / "site"
+    (site / "plugdist").mkdir(parents=True)
+    info = site / "plugdist-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugdist\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text("plugdist\n")
+    (info / "RECORD").write_text("plugdist/__init__.py,,\nplugdist-0.1.dist-info/METADATA,,\n")
+    monkeypatch.syspath_prepend(str(site))
+
+    def version_of(code: str) -> str:
+        (site / "plugdist" / "__init__.py").write_text(f"def scorer(device='cpu'):\n    return {code}\n")
+        monkeypatch.delitem(sys.modules, "plugdist", raising=False)
+        module = importlib.import_module("plugdist")
+        return plugin_version("plugdist:scorer", module.scorer)
+
+    first = version_of("1")
+    assert first.startswith("plugdist==0.1+") and version_of("1") == first
+    assert version_of("-1") != first
