@@ -159,6 +159,28 @@ def test_a_table_rewritten_while_it_is_read_is_refused_not_read_through_the_old_
         table[len(table) - 1]  # another row group
 
 
+def test_a_caption_that_is_null_or_not_text_is_refused_before_training(tmp_path):
+    """A null caption would train as an empty one (the unconditional model, without a word); an integer column
+    would fail in the text encoder with a traceback. Found from the row groups' statistics without reading the
+    captions, or by reading them where a file has no statistics; a datasets folder too."""
+    import datasets
+
+    rows = pick_a_pic_rows(12)
+    captions = rows.column("caption").to_pylist()
+    nulled = rows.set_column(0, "caption", pa.array(captions[:7] + [None] + captions[8:]))
+    pq.write_table(nulled, tmp_path / "stats.parquet", row_group_size=4)
+    pq.write_table(nulled, tmp_path / "bare.parquet", row_group_size=4, write_statistics=False)
+    datasets.Dataset(nulled).save_to_disk(tmp_path / "saved")
+    for source in ("stats.parquet", "bare.parquet", "saved"):
+        with pytest.raises(RlaifError, match=r"row 7: the caption is missing \(null\); give every pair a caption"):
+            PairTable(tmp_path / source)
+    pq.write_table(rows.set_column(0, "caption", pa.array(range(12))), tmp_path / "ints.parquet")
+    with pytest.raises(RlaifError, match="ints.parquet: column 'caption' holds int64, not text"):
+        PairTable(tmp_path / "ints.parquet")
+    pq.write_table(rows, tmp_path / "fine.parquet", row_group_size=4, write_statistics=False)
+    assert len(PairTable(tmp_path / "fine.parquet")) == 8  # 4 ties of 12 dropped
+
+
 def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp_path):
     """One table as a parquet file, as Pick-a-Pic v2's layout (data/train-*.parquet shards of several row groups
     beside a validation split that must not be read), as a datasets.save_to_disk folder, as a hub dataset id

@@ -308,7 +308,8 @@ class PairTable(Sequence[PreferencePair]):
         dataset = self._dataset
         self.identity = f"{source}@{dataset._fingerprint}"
         table = dataset.data.table
-        self._check_columns(table.column_names, source, label)
+        self._check_columns(table.schema, source, label)
+        check_captions(table.column("caption"), source, 0)
         labels = checked_labels(table.column(self.label), source, self.label, 0, missing_ok=True)
         self.blocks = [_Block(source, -1, 0)]
         self._set_index([labels], [caption_hashes(table.column("caption"))])
@@ -328,10 +329,14 @@ class PairTable(Sequence[PreferencePair]):
             loaded = loaded["train"]
         return loaded
 
-    def _check_columns(self, columns: Sequence[str], where: str, label: str | None) -> None:
-        """Check a file's columns (image columns of either format, the label column); the first file's decide
-        the table's image columns and label column."""
+    def _check_columns(self, schema: pa.Schema, where: str, label: str | None) -> None:
+        """Check a file's columns (image columns of either format, a caption column of text, the label column);
+        the first file's decide the table's image columns and label column."""
+        columns = schema.names
         image_columns = _image_columns(columns, where)
+        caption = schema.field("caption").type
+        if not (pa.types.is_string(caption) or pa.types.is_large_string(caption) or str(caption) == "string_view"):
+            raise RlaifError(f"pairs table {where}: column 'caption' holds {caption}, not text")
         if self.label is None:
             self.columns, self.label = image_columns, label_column(columns, label)
         if self.label not in columns:
@@ -342,11 +347,17 @@ class PairTable(Sequence[PreferencePair]):
         blocks, labels, hashes = [], [], []
         for file in self.files:
             meta = open_parquet(file)
-            self._check_columns(meta.schema_arrow.names, file, label)
-            read = [self.label, "caption"] if self.hold_out else [self.label]  # captions only to hold some out
+            self._check_columns(meta.schema_arrow, file, label)
+            caption_column = meta.schema_arrow.get_field_index("caption")
             first = 0
             for group in range(meta.metadata.num_row_groups):
+                stats = meta.metadata.row_group(group).column(caption_column).statistics
+                nulls = stats is None or not stats.has_null_count or stats.null_count > 0
+                # captions are read to hold some out, or to find a null one the row group's statistics count
+                read = [self.label, "caption"] if self.hold_out or nulls else [self.label]
                 values = read_row_group(file, group, read)
+                if len(read) > 1:
+                    check_captions(values.column(1), file, first)
                 labels.append(checked_labels(values.column(0), file, self.label, first, missing_ok=True))
                 hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
                 blocks.append(_Block(file, group, first))
@@ -405,7 +416,7 @@ class PairTable(Sequence[PreferencePair]):
         block_number = int(self._block_of[index])
         block, row = self.blocks[block_number], int(self._row_of[index])
         values = self._read_block(block_number)
-        caption = values.column("caption")[row].as_py() or ""
+        caption = values.column("caption")[row].as_py()
         names = [f"{block.file} row {block.first_row + row} {c}" for c in self.columns]
         root = Path(block.file) if block.group < 0 else Path(block.file).parent  # rlaif paths: relative to it
         images = [_image(values.column(c)[row].as_py(), root, name) for c, name in zip(self.columns, names,
@@ -450,10 +461,18 @@ def _image(value: object, root: Path, name: str) -> ImageSource:
     return value
 
 
+def check_captions(captions: pa.ChunkedArray | pa.Array, where: str, first_row: int) -> None:
+    """Refuse a null caption: trained as an empty one, it would teach the unconditional model without a word."""
+    if captions.null_count:
+        row = first_row + int(np.flatnonzero(captions.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RlaifError(f"pairs table {where}, row {row}: the caption is missing (null); give every pair a caption "
+                         "(an empty string trains on the pictures alone)")
+
+
 def caption_hashes(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A 64-bit hash of each caption: which captions are held out is a pure function of their text, so a
     prompt's pairs are all in one part, whatever the table's order, shards or process count."""
-    return np.array([int.from_bytes(hashlib.blake2b((c or "").encode(), digest_size=8).digest(), "little")
+    return np.array([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little")
                      for c in captions.to_pylist()], dtype=np.uint64)
 
 
