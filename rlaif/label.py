@@ -65,7 +65,8 @@ def score_images(
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
         batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], batch_size, pool)
         for start, images in batches:
-            values += scorer(images, [prompts[i] for i in mine[start : start + len(images)]])
+            batch = mine[start : start + len(images)]
+            values += scorer(images, [prompts[i] for i in batch], [names[i] for i in batch])
             if progress:
                 progress(scorer.spec, len(values), len(mine))
     if state.num_processes == 1:

@@ -99,7 +99,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
             batch = judged[start:start + batch_size]
             images = [open_rgb(p.chosen, p.chosen_name) for p in batch] + \
                 [open_rgb(p.rejected, p.rejected_name) for p in batch]
-            scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2), dtype=torch.float64)
+            names = [p.chosen_name for p in batch] + [p.rejected_name for p in batch]
+            scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2, names), dtype=torch.float64)
             chosen, rejected = scores[: len(batch)], scores[len(batch):]
             agree += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
         found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan"), table.label,

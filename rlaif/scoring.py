@@ -194,14 +194,16 @@ class LoadedScorer:
             # rest is transformers' advice for a mistyped name
             text = exception_text(exc).split(". ")[0] if unavailable else exception_text(exc).rstrip(". ")
             raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc
-        self.name = getattr(self.scorer, "name", None) or self.spec
+        own = getattr(self.scorer, "name", None)  # one class may serve several registered names
+        self.name = self.spec if own in (None, "", self.spec) else f"{self.spec} ({own})"
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),
                      "identity": getattr(self.scorer, "identity", None)}
         self.key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
         """Changes whenever the scores could: scores cached under another key are recomputed."""
 
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
-        """Score a batch, returning plain floats; any plugin fault becomes one clear error naming it."""
+    def __call__(self, images: list[Image.Image], prompts: list[str], names: list[str] | None = None) -> list[float]:
+        """Score a batch, returning plain floats; any plugin fault becomes one clear error naming the scorer as
+        given to --scorer and, for a bad score, the image (``names``: where each image came from)."""
         try:
             raw = self.scorer.score(images, prompts)
         except Exception as exc:
@@ -211,8 +213,11 @@ class LoadedScorer:
         values = raw.detach().float().cpu().flatten().tolist() if isinstance(raw, torch.Tensor) else list(raw)
         if len(values) != len(images):
             raise RlaifError(f"scorer {self.name!r} returned {len(values)} scores for {len(images)} images")
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise RlaifError(f"scorer {self.name!r} returned a NaN, infinite or non-numeric score")
+        bad = next((i for i, v in enumerate(values) if not (isinstance(v, (int, float)) and math.isfinite(v))), None)
+        if bad is not None:
+            image = f" for image {names[bad]}" if names else ""
+            raise RlaifError(f"scorer {self.name!r} returned a NaN, infinite or non-numeric score ({values[bad]!r})"
+                             f"{image}")
         return [float(v) for v in values]
 
 

@@ -113,7 +113,8 @@ def test_extra_scorer_reuses_cached_scores(fresh, tmp_path):
     [
         ("label_plugins:raising", "scorer 'label_plugins:raising' raised RuntimeError: model exploded"),
         ("label_plugins:wrong_length", "returned 17 scores for 16 images"),
-        ("label_plugins:nan", "returned a NaN"),
+        ("label_plugins:nan", "scorer 'label_plugins:nan (brightness)' returned a NaN, infinite or non-numeric "
+         "score (nan) for image /"),
         ("label_plugins:absent", "scorer 'label_plugins:absent' cannot be imported"),
         ("compressibility:abc", "--scorer 'compressibility:abc': the weight 'abc' is not a positive number"),
         ("no-such-scorer", "unknown scorer 'no-such-scorer'; available: aesthetic, clip, compressibility"),
