@@ -12,6 +12,7 @@ values are rounded to 1e-9, so that scorers which cancel out make an exact tie r
 
 from __future__ import annotations
 
+import math
 from itertools import combinations, product
 
 import polars as pl
@@ -21,6 +22,8 @@ from rlaif.config import COMBINE_RULES, STRATEGIES
 # Combined values are rounded to 1e-9 (of a standard deviation, or of the rank scale): scorers that cancel out
 # (equal weights, opposite votes) then tie exactly, where float round-off (~1e-15) would pick a winner at random.
 DECIMALS = 9
+# A gap of --min-margin that float subtraction leaves a hair short (0.3 - 0.2 = 0.09999999999999998) still counts.
+MARGIN_ROUND_OFF = 1e-9
 
 
 def preference(scores: pl.DataFrame, weights: dict[str, float], rule: str = "zscore") -> pl.DataFrame:
@@ -70,7 +73,8 @@ def make_pairs(
 ) -> pl.DataFrame:
     """Pairs from ``values`` (prompt_id, sample_id, value): sample_id_0 < sample_id_1, label_0 = 1 if 0 wins.
 
-    Pairs whose |value difference| is below ``min_margin`` are dropped; exact ties are dropped unless
+    Pairs whose |value difference| is below ``min_margin`` (beyond float round-off) are dropped; exact ties are
+    dropped unless
     ``keep_ties``, which labels them 0.5.
     """
     rows = []
@@ -81,7 +85,7 @@ def make_pairs(
             margin = abs(v_0 - v_1)
             if margin == 0 and not keep_ties:
                 continue
-            if margin < min_margin and margin != 0:
+            if margin < min_margin and margin != 0 and not math.isclose(margin, min_margin, rel_tol=MARGIN_ROUND_OFF):
                 continue
             label = 0.5 if margin == 0 else float(v_0 > v_1)
             rows.append({"prompt_id": pid, "sample_id_0": id_0, "sample_id_1": id_1, "label_0": label,

@@ -66,6 +66,9 @@ def test_pairs_are_ordered_labelled_and_filtered():
     wide = make_pairs(preference(SCORES, {"x": 1.0}), "all-pairs", min_margin=2.0)
     assert sorted(zip(wide["sample_id_0"], wide["sample_id_1"], strict=True)) == [("a0", "a1"), ("a0", "a3"),
                                                                                      ("a1", "a2"), ("a2", "a3")]
+    tenths = pl.DataFrame({"prompt_id": ["p"] * 3, "sample_id": ["s0", "s1", "s2"], "value": [0.3, 0.2, 0.25]})
+    kept = make_pairs(tenths, "all-pairs", min_margin=0.1)  # 0.3 - 0.2 is 0.09999999999999998 in floats
+    assert list(zip(kept["sample_id_0"], kept["sample_id_1"], strict=True)) == [("s0", "s1")]
 
 
 @pytest.mark.parametrize("rule", ["zscore", "rank"])
