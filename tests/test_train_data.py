@@ -181,6 +181,25 @@ def test_a_caption_that_is_null_or_not_text_is_refused_before_training(tmp_path)
     assert len(PairTable(tmp_path / "fine.parquet")) == 8  # 4 ties of 12 dropped
 
 
+def test_image_paths_that_name_no_file_are_refused_before_training(tmp_path):
+    """A table of image paths (rlaif's) is checked before step 1: a missing file met hours in could not be
+    mended, since a resume refuses a changed table. A tie's images are never read, so they may be gone."""
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "images" / f"{name}.png").write_bytes(png("red" if name == "a" else "blue"))
+    table = {"caption": ["x", "y", "z", "w"], "image_0": ["images/a.png", "images/a.png", "images/gone.png",
+                                                          str(tmp_path / "images" / "b.png")],
+             "image_1": ["images/b.png", "images/gone.png", "images/b.png", "/nowhere/c.png"],
+             "label_0": [1.0, 0.5, 0.0, 1.0]}
+    pl.DataFrame(table).write_parquet(tmp_path / "pairs.parquet")
+    with pytest.raises(RlaifError, match=r"^2 images of pairs table .*pairs.parquet do not exist \(first: "
+                                         r".*pairs.parquet row 2 image_0 \(.*images/gone.png\)\); restore them"):
+        PairTable(tmp_path / "pairs.parquet")
+    pl.DataFrame({**table, "label_0": [1.0, 0.5, 0.5, 0.5]}).write_parquet(tmp_path / "pairs.parquet")
+    (only,) = PairTable(tmp_path / "pairs.parquet")  # the ties' images are not needed
+    assert only.chosen == tmp_path / "images" / "a.png"
+
+
 def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp_path):
     """One table as a parquet file, as Pick-a-Pic v2's layout (data/train-*.parquet shards of several row groups
     beside a validation split that must not be read), as a datasets.save_to_disk folder, as a hub dataset id

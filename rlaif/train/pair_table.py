@@ -335,7 +335,7 @@ class PairTable(Sequence[PreferencePair]):
         columns = schema.names
         image_columns = _image_columns(columns, where)
         caption = schema.field("caption").type
-        if not (pa.types.is_string(caption) or pa.types.is_large_string(caption) or str(caption) == "string_view"):
+        if not _is_text(caption):
             raise RlaifError(f"pairs table {where}: column 'caption' holds {caption}, not text")
         if self.label is None:
             self.columns, self.label = image_columns, label_column(columns, label)
@@ -344,24 +344,32 @@ class PairTable(Sequence[PreferencePair]):
                              f"{', '.join(columns)}")
 
     def _index(self, label: str | None) -> None:
-        blocks, labels, hashes = [], [], []
+        blocks, labels, hashes, missing = [], [], [], []
         for file in self.files:
             meta = open_parquet(file)
             self._check_columns(meta.schema_arrow, file, label)
             caption_column = meta.schema_arrow.get_field_index("caption")
+            # image paths (rlaif's tables) are checked now: a missing file met hours into a run could not be
+            # mended there, as a resume refuses a table changed since
+            paths = [] if self.remote else [c for c in self.columns if _is_text(meta.schema_arrow.field(c).type)]
             first = 0
             for group in range(meta.metadata.num_row_groups):
                 stats = meta.metadata.row_group(group).column(caption_column).statistics
                 nulls = stats is None or not stats.has_null_count or stats.null_count > 0
                 # captions are read to hold some out, or to find a null one the row group's statistics count
-                read = [self.label, "caption"] if self.hold_out or nulls else [self.label]
-                values = read_row_group(file, group, read)
-                if len(read) > 1:
-                    check_captions(values.column(1), file, first)
+                captions = ["caption"] if self.hold_out or nulls else []
+                values = read_row_group(file, group, [self.label, *captions, *paths])
+                if captions:
+                    check_captions(values.column("caption"), file, first)
                 labels.append(checked_labels(values.column(0), file, self.label, first, missing_ok=True))
-                hashes.append(caption_hashes(values.column(1)) if self.hold_out else None)
+                hashes.append(caption_hashes(values.column("caption")) if self.hold_out else None)
+                if paths:
+                    missing += missing_images(values, paths, np.isin(labels[-1], (0.0, 1.0)), file, first)
                 blocks.append(_Block(file, group, first))
                 first += len(values)
+        if missing:
+            raise RlaifError(f"{len(missing)} images of pairs table {self.source} do not exist (first: {missing[0]}); "
+                             "restore them, or remove their rows, before training")
         self.blocks = blocks
         self._set_index(labels, hashes)
 
@@ -459,6 +467,22 @@ def _image(value: object, root: Path, name: str) -> ImageSource:
     if not isinstance(value, bytes):
         raise RlaifError(f"image {name} holds {type(value).__name__}, not image bytes or a path")
     return value
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"
+
+
+def missing_images(values: pa.Table, columns: list[str], wanted: np.ndarray, where: str, first_row: int) -> list[str]:
+    """Each image path of the rows ``wanted`` (those with a preference) in ``columns`` of a row group of table
+    file ``where`` that names no file, as ``FILE row N COLUMN (PATH)``; paths are relative to the table's folder."""
+    root = Path(where).parent
+    found = []
+    for column in columns:
+        for row, path in enumerate(values.column(column).to_pylist()):
+            if wanted[row] and isinstance(path, str) and not (root / path).is_file():
+                found.append(f"{where} row {first_row + row} {column} ({root / path})")
+    return found
 
 
 def check_captions(captions: pa.ChunkedArray | pa.Array, where: str, first_row: int) -> None:
