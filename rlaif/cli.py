@@ -240,7 +240,10 @@ def train(
         info = json.loads((written / "train.json").read_text())
         final = f"final {training_info(last)}" if last else "no step left after the checkpoint"
         unlabelled = f"{info['unlabelled_dropped']} unlabelled dropped, " if info["unlabelled_dropped"] else ""
-        say(f"trained {info['steps']} steps on {info['pairs_trained']} pairs ({info['ties_dropped']} ties dropped, "
+        each = f"{info['pairs_per_step']} pair{'s' if info['pairs_per_step'] > 1 else ''} each"
+        processes = f" over {info['processes']} processes" if info["processes"] > 1 else ""
+        say(f"trained {info['steps']} steps of {each}{processes} on {info['pairs_trained']} "
+            f"pairs ({info['ties_dropped']} ties dropped, "
             f"{unlabelled}{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
 

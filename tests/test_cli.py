@@ -102,9 +102,9 @@ def test_a_command_in_a_log_prints_progress_lines_and_a_summary(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "training: 2/2 steps (100%)" in trained.stderr and ", loss 0.6" in trained.stderr
     last = trained.stderr.strip().splitlines()[-1]
-    assert last.startswith("trained 2 steps on 2 pairs (0 ties dropped, 0 held out; labels: label_0): final loss 0.") \
-        and \
-        last.endswith(f"weights in {tmp_path / 't' / 'pytorch_lora_weights.safetensors'}")
+    assert last.startswith("trained 2 steps of 4 pairs each on 2 pairs (0 ties dropped, 0 held out; labels: "
+                           "label_0): final loss 0.")
+    assert last.endswith(f"weights in {tmp_path / 't' / 'pytorch_lora_weights.safetensors'}")
 
 
 def test_ctrl_c_says_how_to_go_on(tmp_path):

@@ -219,6 +219,9 @@ def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_
          "--batch-size", "2", "--workers", "1"], env=env, capture_output=True, text=True, timeout=600)
     for result in (one, accumulated, two):
         assert result.returncode == 0, result.stderr
+    recorded = {run: json.loads((tmp_path / run / "train.json").read_text()) for run in ("one", "two")}
+    assert [(r["processes"], r["pairs_per_step"]) for r in recorded.values()] == [(1, 4), (2, 4)]
+    assert "trained 4 steps of 4 pairs each over 2 processes on " in two.stderr
     lrs = [0.0, 0.01 / 3, 0.02 / 3, 0.01]  # linear warm-up over 3 optimizer steps, the rate each update used
     for run in ("one", "accumulated", "two"):
         assert [e["step"] for e in log(tmp_path / run)] == [1, 2, 3, 4]  # one log writer: one process group

@@ -185,6 +185,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record})
                 if Path(config.pairs).exists() else [],
                 "pairs_held_out": len(held_out_pairs),
+                # what a launcher decided: a CPU `accelerate launch --num_processes 2` may run one process
+                "processes": accelerator.num_processes, "pairs_per_step": global_batch,
                 "base_weights": base_weights,
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
