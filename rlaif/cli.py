@@ -338,7 +338,7 @@ def evaluate(
 
     show, output = start("images")
     with output as report:
-        table = run_eval(config, progress=report)
+        table = run_eval(config, progress=report, note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
         print_win_rates(table)
         say(f"wrote {table} and {config.out / 'report.html'}")

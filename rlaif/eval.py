@@ -79,16 +79,17 @@ def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
             .with_columns(delta=pl.col("mean_tuned") - pl.col("mean_base")).sort("scorer", "prompt"))
 
 
-def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
+def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | None:
     """Refuse to evaluate ``tuned`` on the very images it was trained on: an image's seed is a function of the run
     seed, prompt and candidate, so prompts among the captions of its pairs table, at the run seed that table's
     samples were drawn with, make base images identical to those training samples. train.json records that table
     and its seeds (`rlaif label` records them; other tables have none); a table changed since cannot tell which
-    prompts were trained on, so that seed is refused outright."""
+    prompts were trained on, so that seed is refused outright. Returns a note when the prompts are among the
+    captions of a table that records no seeds (rebuilt with pandas, say), where nothing can be checked."""
     info = train_info(tuned)
     pairs = info.get("config", {}).get("pairs")
     if not pairs:
-        return
+        return None
     try:
         files = parquet_files(Path(pairs)) if Path(pairs).exists() else []
         seeds = info.get("sampled_seeds")
@@ -96,31 +97,48 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> None:
             seeds = [record.get("seed") for record in recorded_sampling(files)]
     except RlaifError:  # not a table any more
         files, seeds = [], info.get("sampled_seeds") or []
+    if not seeds and files and not table_changed(pairs, info.get("pairs_file")):
+        seen = _trained_prompts(files, prompts)
+        if not seen:
+            return None
+        return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs}, which "
+                "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
+                f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
-        return
+        return None
     if table_changed(pairs, info.get("pairs_file")):
         now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
                          f"table {pairs} is {now} since, so which prompts it saw cannot be checked; pass another "
                          "--seed (its images are then held out)")
     if not files:  # gone, and an older output recorded nothing to tell
-        return
-    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
-    seen = [prompt for prompt in prompts if prompt in captions]
+        return None
+    seen = _trained_prompts(files, prompts)
     if seen:
         raise RlaifError(f"--seed {seed} with {len(seen)} of {len(prompts)} prompts that {tuned} was trained on (its "
                          f"pairs table {pairs} was sampled at run seed {seed}, e.g. {seen[0]!r}): the base images "
                          "would be its training samples; pass another --seed (new seeds of those prompts) or "
                          "held-out prompts")
+    return None
 
 
-def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None) -> Path:
+def _trained_prompts(files: list[str], prompts: list[str]) -> list[str]:
+    """The ``prompts`` that are captions of the pairs table ``files``."""
+    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
+    return [prompt for prompt in prompts if prompt in captions]
+
+
+def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None,
+             note: Callable[[str], None] | None = None) -> Path:
     """Sample base and tuned images with the same seeds, score both, write eval.parquet (and
     eval_by_category.parquet when the prompts have categories) and report.html; return the eval table.
-    ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base)."""
+    ``base_dir`` lets several evaluations of one base model share its samples (default OUT/base); ``note`` is
+    told what could not be checked."""
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
-    check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
+    unchecked = check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
+    if unchecked and note:
+        note(unchecked)
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}

@@ -274,8 +274,8 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     assert result.returncode == 2 and not (tmp_path / "e").exists()
     assert result.stderr.startswith(f"error: --seed 0 with 4 of 5 prompts that {tmp_path / 'lora'} was trained on "
                                     f"(its pairs table {table.resolve()} was sampled at run seed 0, e.g. ")
-    check_images_held_out(tmp_path / "lora", prompts.read_text().splitlines(), 1)  # new seeds: fine
-    check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0)  # a new prompt: fine
+    assert check_images_held_out(tmp_path / "lora", prompts.read_text().splitlines(), 1) is None  # new seeds: fine
+    assert check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0) is None  # a new prompt: fine
     # the table relabelled in place after training, now without the first prompt: read as it is now, that prompt
     # would pass as held out at the very seed it was trained at
     assert trained_table(tmp_path / "lora", str(table)) == "the table it was trained on"
@@ -288,6 +288,32 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
             check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 0)
         table.unlink(missing_ok=True)
     check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 1)  # another seed needs no table
+
+
+def test_eval_notes_prompts_of_a_table_that_records_no_seeds(tiny_pairs, tmp_path):
+    """A table rebuilt outside rlaif (pandas drops the parquet metadata) records no run seed: eval cannot refuse
+    the training images, so it says which prompts it cannot check."""
+    import pandas as pd
+
+    rebuilt = tmp_path / "run" / "rebuilt.parquet"
+    rebuilt.parent.mkdir()
+    frame = pd.read_parquet(tiny_pairs)
+    frame["image_0"] = [str(tiny_pairs.parent / p) for p in frame["image_0"]]
+    frame["image_1"] = [str(tiny_pairs.parent / p) for p in frame["image_1"]]
+    frame.to_parquet(rebuilt)
+    trained = run_cli("train", rebuilt, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "lora" / "train.json").read_text())["sampled_seeds"] == []
+    trained_prompts = (tiny_pairs.parent.parent / "p.txt").read_text().splitlines()
+    assert check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0) is None
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"a prompt never trained on\n{trained_prompts[0]}\n")
+    result = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-p", prompts, "-s", "compressibility",
+                     "--seed", 0, "-n", 1, "--steps", 2, "-o", tmp_path / "e")
+    assert result.returncode == 0, result.stderr
+    assert (f"note: 1 of the 2 prompts are captions of {tmp_path / 'lora'}'s pairs table {rebuilt.resolve()}, which "
+            "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
+            "images cannot be checked: --seed 0 must differ from the seed they were sampled with") in result.stderr
 
 
 def test_eval_refuses_another_base_than_the_one_trained_from(tiny_pairs, tmp_path):
