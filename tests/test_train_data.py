@@ -101,7 +101,8 @@ def test_augmentation_is_shared_by_winner_and_loser():
 
 def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):
     """`rlaif label --relabel` writes ai_label_0 beside the human label_0: training takes the AI labels by
-    default, the human ones (or any column) when --label-column says so."""
+    default, the human ones (or any column) when --label-column says so. A table with both kinds of image columns
+    is refused: which pair its labels are about would be a guess."""
     red, blue = png("red"), png("blue")
     pl.DataFrame({"caption": ["a", "b"], "jpg_0": [red, red], "jpg_1": [blue, blue], "label_0": [1.0, 1.0],
                   "ai_label_0": [0.0, 0.5]}).write_parquet(tmp_path / "relabelled.parquet")
@@ -111,6 +112,10 @@ def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):
     assert [(p.caption, p.chosen) for p in human] == [("a", red), ("b", red)]
     with pytest.raises(RlaifError, match="has no column 'label_1' \\(--label-column\\)"):
         PairTable(tmp_path / "relabelled.parquet", "label_1")
+    pl.DataFrame({"caption": ["a"], "jpg_0": [red], "jpg_1": [blue], "image_0": ["b.png"], "image_1": ["r.png"],
+                  "label_0": [1.0]}).write_parquet(tmp_path / "both.parquet")
+    with pytest.raises(RlaifError, match="both.parquet has both rlaif's image columns .* and Pick-a-Pic's"):
+        PairTable(tmp_path / "both.parquet")
 
 
 def pick_a_pic_rows(count: int) -> pa.Table:

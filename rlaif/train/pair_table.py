@@ -221,7 +221,11 @@ def _read_faults(file: str) -> tuple[type[Exception], ...]:
 
 
 def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
+    """Which pair of image columns the table has: rlaif's or Pick-a-Pic's, never both (which would be a guess)."""
     if all(c in columns for c in RLAIF_COLUMNS):
+        if any(c in columns for c in PICKAPIC_COLUMNS[1:]):
+            raise RlaifError(f"pairs table {where} has both rlaif's image columns (image_0, image_1) and Pick-a-Pic's "
+                             "(jpg_0, jpg_1); keep the pair its labels are about")
         return "image_0", "image_1"
     if all(c in columns for c in PICKAPIC_COLUMNS):
         return "jpg_0", "jpg_1"
