@@ -383,7 +383,7 @@ def print_win_rates(table: Path) -> None:
     from rich.table import Table
 
     from rlaif.eval import reward_hacking
-    from rlaif.stats import bounds_text, interval_decimals, interval_text, unstable_relative
+    from rlaif.stats import bounds_text, interval_decimals, interval_text
 
     rows = pl.read_parquet(table)
     extra = ["round"] if "round" in rows.columns else []
@@ -401,10 +401,6 @@ def print_win_rates(table: Path) -> None:
     last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
     for warning in reward_hacking(last):
         say(f"warning: {warning}")
-    for row in last.iter_rows(named=True):
-        if unstable_relative(row):
-            say(f"note: {row['scorer']}'s relative change rests on a base mean near 0 ({row['mean_base']:.3g}) in "
-                "some resamples of the prompts; read its delta instead")
     fewest = last["prompts"].min()
     if fewest is not None and fewest < FEW_PROMPTS:
         say(f"note: {fewest} prompt{'s are' if fewest > 1 else ' is'} too few for these intervals to mean much "

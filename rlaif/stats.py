@@ -10,7 +10,6 @@ each with its interval, and a Wilcoxon signed-rank p-value over the per-prompt m
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,14 +72,6 @@ def paired_effect(base: np.ndarray, tuned: np.ndarray, clusters: np.ndarray, res
         relative=delta / abs(mean_base) if mean_base else float("nan"), **_interval("relative", relatives),
         p_value=signed_rank_p(per_prompt),
     )
-
-
-def unstable_relative(effect: Mapping[str, float]) -> bool:
-    """Whether an effect's relative interval is over twice as wide as its delta interval over |mean base|: the
-    resampled base means come near 0 (a score of either sign), and the relative figure says little."""
-    scaled = (effect["delta_high"] - effect["delta_low"]) / abs(effect["mean_base"]) if effect["mean_base"] \
-        else math.inf
-    return effect["relative_high"] - effect["relative_low"] > 2 * scaled
 
 
 def _interval(name: str, values: np.ndarray) -> dict[str, float]:
