@@ -30,7 +30,7 @@ from rlaif.label import run_label
 from rlaif.models import check_negative_prompt
 from rlaif.prompts import resolve_prompt_source
 from rlaif.sample import run_sample
-from rlaif.scoring import parse_weights
+from rlaif.scoring import parse_options, parse_weights
 from rlaif.tables import write_table
 from rlaif.train.trainer import ANCHOR_CLASH, check_defaults_as_before, run_train, with_family_defaults
 
@@ -101,6 +101,9 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
                              "run the same experiment; drop one of them")
         stages["label"]["invert"] = True
     stages["eval"].setdefault("scorers", list(parse_weights(stages["label"]["scorers"])))
+    options = eval_scorer_options(path, stages["label"], stages["eval"])
+    if options:
+        stages["eval"]["scorer_options"] = options
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
@@ -108,6 +111,25 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
     return LoopPlan(config, stages, source)
+
+
+def eval_scorer_options(path: Path, label: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+    """[eval]'s scorer options: its own, and [label]'s for every scorer the two share, so that the score reported
+    as optimised is the one trained on (a `clip.arch` given to [label] alone was evaluated at clip's default).
+    [eval] giving one of those another value is refused."""
+    given = list(evaluation.get("scorer_options", []))
+    trained, own = parse_options(label.get("scorer_options", [])), parse_options(given)
+    for name in parse_weights(label["scorers"]):
+        if name not in evaluation["scorers"]:
+            continue
+        for key, value in trained.get(name, {}).items():
+            if key not in own.get(name, {}):
+                given.append(f"{name}.{key}={value}")
+            elif own[name][key] != value:
+                raise RlaifError(f"{path} [eval]: scorer_options {name}.{key}={own[name][key]}, but [label] trains on "
+                                 f"{name}.{key}={value}; the optimised score must be the one trained on (drop it from "
+                                 "[eval], which takes [label]'s)")
+    return given
 
 
 def round_seed(seed: int, number: int) -> int:

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from conftest import PROMPTS, cli_env, run_cli
 
+from rlaif.errors import RlaifError
 from rlaif.loop import read_loop
 
 SMALL_LOOP = """
@@ -246,6 +247,23 @@ def test_the_sdxl_loop_example_reads():
     assert plan.loop.prompts == str(example.parent / "prompts.txt")
     assert plan.stages["eval"]["scorers"] == ["pickscore", "hpsv2.1"]  # eval defaults to the label scorers
     assert plan.stages["train"]["gradient_checkpointing"] and plan.stages["sample"]["dtype"] == "fp16"
+
+
+def test_eval_scores_the_label_scorers_with_the_options_they_trained_with(tmp_path):
+    """[label]'s scorer options go to [eval] with its scorers, so the optimised score is the one trained on (a
+    loop evaluated clip.arch=ViT-H-14's training at clip's default arch); [eval] naming another value is refused."""
+    config, _ = small_loop(tmp_path, "tiny")
+    scorer = "label_plugins:channel_mean"
+    text = config.read_text().replace('scorers = ["compressibility"]',
+                                      f'scorers = ["{scorer}"]\nscorer_options = ["{scorer}.channel=2"]')
+    config.write_text(text)
+    assert read_loop(config).stages["eval"]["scorer_options"] == [f"{scorer}.channel=2"]
+    config.write_text(text + 'held_out = ["compressibility"]\n')  # options of other scorers stay [eval]'s own
+    assert read_loop(config).stages["eval"]["scorer_options"] == [f"{scorer}.channel=2"]
+    config.write_text(text + f'scorer_options = ["{scorer}.channel=1"]\n')
+    with pytest.raises(RlaifError, match=rf"\[eval\]: scorer_options {scorer}.channel=1, but \[label\] trains on "
+                                         rf"{scorer}.channel=2; the optimised score must be the one trained on"):
+        read_loop(config)
 
 
 def test_a_control_run_goes_to_its_own_folder_unless_told():
