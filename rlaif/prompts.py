@@ -60,7 +60,8 @@ def _read_prompt_table(source: str, column: str | None) -> pl.DataFrame:
         if column is not None:  # one prompt per line: a column would be silently ignored
             raise RlaifError(f"--prompt-column {column!r}: prompts file {path} is plain text, one prompt per line; "
                              "it has no columns")
-        table = pl.DataFrame({"prompt": path.read_text(encoding="utf-8").splitlines()}, schema={"prompt": pl.String})
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's byte-order mark is not text
+        table = pl.DataFrame({"prompt": lines}, schema={"prompt": pl.String})
     elif suffix == ".jsonl":
         table = pl.DataFrame({"prompt": _jsonl_prompts(path, column or "prompt")}, schema={"prompt": pl.String})
     else:
@@ -122,7 +123,7 @@ def _table_column(table: pl.DataFrame, path: Path, column: str | None) -> list[s
 
 def _jsonl_prompts(path: Path, key: str) -> list[str]:
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:

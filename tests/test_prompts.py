@@ -16,6 +16,16 @@ def test_txt_skips_blank_lines_and_repeats(tmp_path):
     assert load_prompts(str(path)) == ["a cat", "a dog"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark: kept, it made the first prompt another prompt (another id and
+    seed, and no match against the training captions)."""
+    (tmp_path / "p.txt").write_text("\ufeffa cat\na dog\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('\ufeff{"prompt": "a cat"}\n', encoding="utf-8")
+    (tmp_path / "p.csv").write_text("\ufeffprompt\na cat\n", encoding="utf-8")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    assert load_prompts(str(tmp_path / "p.jsonl")) == load_prompts(str(tmp_path / "p.csv")) == ["a cat"]
+
+
 def test_parti_tsv_reads_every_prompt():
     prompts = load_prompts(str(DATA / "PartiPrompts.tsv"))
     expected = pl.read_csv(DATA / "PartiPrompts.tsv", separator="\t", quote_char=None)["Prompt"]
