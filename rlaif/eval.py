@@ -24,7 +24,7 @@ from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
-from rlaif.train.outputs import check_trained_from, train_info, trained_config
+from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
 from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
@@ -81,23 +81,27 @@ def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
 
 def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | None:
     """Refuse to evaluate ``tuned`` on the very images it was trained on: an image's seed is a function of the run
-    seed, prompt and candidate, so prompts among the captions of its pairs table, at the run seed that table's
-    samples were drawn with, make base images identical to those training samples. train.json records that table
-    and its seeds (`rlaif label` records them; other tables have none); a table changed since cannot tell which
-    prompts were trained on, so that seed is refused outright. Returns a note when the prompts are among the
-    captions of a table that records no seeds (rebuilt with pandas, say), where nothing can be checked."""
-    info = train_info(tuned)
-    pairs = info.get("config", {}).get("pairs")
-    if not pairs:
-        return None
+    seed, prompt and candidate, so prompts among the captions of a pairs table it learnt from (its own, or one
+    of its --init chain's), at the run seed that table's samples were drawn with, make base images identical to
+    those training samples. train.json records those tables and their seeds (`rlaif label` records them; other
+    tables have none); a table changed since cannot tell which prompts were trained on, so that seed is refused
+    outright. Returns a note when the prompts are among the captions of a table that records no seeds (rebuilt
+    with pandas, say), where nothing can be checked."""
+    notes = [_check_table(tuned, table, prompts, seed) for table in trained_tables(train_info(tuned))]
+    return next((note for note in notes if note), None)
+
+
+def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str | None:
+    """``check_images_held_out`` for one table that ``tuned`` learnt from (a ``trained_tables`` entry)."""
+    pairs = table["pairs"]
     try:
         files = parquet_files(Path(pairs)) if Path(pairs).exists() else []
-        seeds = info.get("sampled_seeds")
+        seeds = table["sampled_seeds"]
         if seeds is None:  # an output of an rlaif that did not record them: the table's record, as it is now
             seeds = [record.get("seed") for record in recorded_sampling(files)]
     except RlaifError:  # not a table any more
-        files, seeds = [], info.get("sampled_seeds") or []
-    if not seeds and files and not table_changed(pairs, info.get("pairs_file")):
+        files, seeds = [], table["sampled_seeds"] or []
+    if not seeds and files and not table_changed(pairs, table["pairs_file"]):
         seen = _trained_prompts(files, prompts)
         if not seen:
             return None
@@ -106,7 +110,7 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | N
                 f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
         return None
-    if table_changed(pairs, info.get("pairs_file")):
+    if table_changed(pairs, table["pairs_file"]):
         now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
                          f"table {pairs} is {now} since, so which prompts it saw cannot be checked; pass another "

@@ -297,6 +297,34 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 1)  # another seed needs no table
 
 
+def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
+    """Round 2 of iterative DPO (`train --init` round 1) learnt from round 1's images as well: its prompts at round
+    1's seed are refused, though round 2's own table was sampled at another seed."""
+    import pyarrow.parquet as pq
+
+    from rlaif.tables import SAMPLING_METADATA
+
+    shutil.copytree(tiny_pairs.parent, tmp_path / "run")
+    first = tmp_path / "run" / tiny_pairs.name
+    assert run_cli("train", first, "--model", "tiny", "--out", tmp_path / "r1", "--max-steps", 1).returncode == 0
+    table = pq.read_table(first)  # round 2's table: the same rows, as if sampled at run seed 7
+    metadata = dict(table.schema.metadata)
+    metadata[SAMPLING_METADATA.encode()] = json.dumps({**json.loads(metadata[SAMPLING_METADATA.encode()]),
+                                                       "seed": 7}).encode()
+    pq.write_table(table.replace_schema_metadata(metadata), tmp_path / "run" / "round2.parquet")
+    second = run_cli("train", tmp_path / "run" / "round2.parquet", "--model", "tiny", "--init", tmp_path / "r1",
+                     "--out", tmp_path / "r2", "--max-steps", 1)
+    assert second.returncode == 0, second.stderr
+    info = json.loads((tmp_path / "r2" / "train.json").read_text())
+    assert info["sampled_seeds"] == [7] and [t["sampled_seeds"] for t in info["earlier_tables"]] == [[0]]
+    trained_prompts = (tiny_pairs.parent.parent / "p.txt").read_text().splitlines()
+    for seed, table_name in ((0, first.name), (7, "round2.parquet")):
+        with pytest.raises(RlaifError, match=f"^--seed {seed} with 4 of 4 prompts that .*r2 was trained on \\(its "
+                                             f"pairs table .*{table_name} was sampled at run seed {seed}"):
+            check_images_held_out(tmp_path / "r2", trained_prompts, seed)
+    assert check_images_held_out(tmp_path / "r2", trained_prompts, 1) is None
+
+
 def test_eval_notes_prompts_of_a_table_that_records_no_seeds(tiny_pairs, tmp_path):
     """A table rebuilt outside rlaif (pandas drops the parquet metadata) records no run seed: eval cannot refuse
     the training images, so it says which prompts it cannot check."""

@@ -99,6 +99,14 @@ def train_info(folder: Path) -> dict:
     return read_json(folder / TRAIN_FILE, "train the folder again") or {}
 
 
+def trained_tables(info: dict) -> list[dict]:
+    """The local pairs tables a train output (its train.json ``info``) learnt from: its own, then those of its
+    --init chain, each as ``{"pairs": path, "pairs_file": identity, "sampled_seeds": seeds or None}``."""
+    own = {"pairs": info.get("config", {}).get("pairs"), "pairs_file": info.get("pairs_file"),
+           "sampled_seeds": info.get("sampled_seeds")}
+    return [table for table in (own, *info.get("earlier_tables", [])) if table["pairs"]]
+
+
 def weights_path(folder: str | Path) -> Path:
     """Where an output's weights are: its ``unet/`` or ``transformer/`` folder, or its LoRA file."""
     folder = Path(folder)

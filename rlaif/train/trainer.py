@@ -60,7 +60,16 @@ from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_b
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
 from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, append_rows, objective_for
-from rlaif.train.outputs import TRAIN_FILE, is_full, remove_outputs, save_outputs, trained_config, weights_identity
+from rlaif.train.outputs import (
+    TRAIN_FILE,
+    is_full,
+    remove_outputs,
+    save_outputs,
+    train_info,
+    trained_config,
+    trained_tables,
+    weights_identity,
+)
 from rlaif.train.pair_table import PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -185,6 +194,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 "sampled_seeds": sorted({record["seed"] for record in pairs.sampling if "seed" in record})
                 if Path(config.pairs).exists() else [],
                 "pairs_held_out": len(held_out_pairs),
+                # those of --init's chain too: eval keeps their images out as well
+                "earlier_tables": trained_tables(train_info(Path(config.init))) if config.init else [],
                 # what a launcher decided: a CPU `accelerate launch --num_processes 2` may run one process
                 "processes": accelerator.num_processes, "pairs_per_step": global_batch,
                 "base_weights": base_weights,
