@@ -74,8 +74,7 @@ def make_pairs(
     """Pairs from ``values`` (prompt_id, sample_id, value): sample_id_0 < sample_id_1, label_0 = 1 if 0 wins.
 
     Pairs whose |value difference| is below ``min_margin`` (beyond float round-off) are dropped; exact ties are
-    dropped unless
-    ``keep_ties``, which labels them 0.5.
+    dropped unless ``keep_ties``, which labels them 0.5.
     """
     rows = []
     for (pid,), group in values.sort("prompt_id", "sample_id").group_by("prompt_id", maintain_order=True):
