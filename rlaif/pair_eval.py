@@ -18,7 +18,15 @@ from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
 from rlaif.train.objective import objective_for
-from rlaif.train.outputs import apply_tuned, check_output, check_trained_from, is_full, train_info, trained_config
+from rlaif.train.outputs import (
+    apply_tuned,
+    check_output,
+    check_trained_from,
+    is_full,
+    train_info,
+    trained_config,
+    trained_tables,
+)
 from rlaif.train.pair_table import PairTable, table_changed
 from rlaif.train.trainer import frozen_dtypes, held_out_metrics, settings_then
 
@@ -37,15 +45,19 @@ class PairAccuracy:
 
 
 def trained_table(tuned: Path, pairs: str) -> str | None:
-    """Whether ``pairs`` is the table ``tuned`` was trained on, for reading its accuracy (what it learnt, or how
-    it generalises): "the table it was trained on", with ", changed since" when its files are no longer the ones
-    train.json records; None for another table."""
-    info = train_info(tuned)
+    """Whether ``pairs`` is a table ``tuned`` was trained on, its own or one of its --init chain's, for reading its
+    accuracy (what it learnt, or how it generalises): "the table it was trained on" (or "... trained on through
+    --init"), with ", changed since" when its files are no longer the ones train.json records; None for another
+    table."""
     path = Path(pairs)
-    if not path.exists() or info.get("config", {}).get("pairs") != str(path.resolve()):
+    if not path.exists():
         return None
-    changed = table_changed(pairs, info.get("pairs_file"))
-    return "the table it was trained on" + (", changed since" if changed else "")
+    for number, table in enumerate(trained_tables(train_info(tuned))):
+        if table["pairs"] == str(path.resolve()):
+            changed = table_changed(pairs, table["pairs_file"])
+            return ("the table it was trained on" + (" through --init" if number else "")
+                    + (", changed since" if changed else ""))
+    return None
 
 
 def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, int]:

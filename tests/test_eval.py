@@ -323,6 +323,8 @@ def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
                                              f"pairs table .*{table_name} was sampled at run seed {seed}"):
             check_images_held_out(tmp_path / "r2", trained_prompts, seed)
     assert check_images_held_out(tmp_path / "r2", trained_prompts, 1) is None
+    assert trained_table(tmp_path / "r2", str(first)) == "the table it was trained on through --init"
+    assert trained_table(tmp_path / "r2", str(tmp_path / "run" / "round2.parquet")) == "the table it was trained on"
 
 
 def test_eval_notes_prompts_of_a_table_that_records_no_seeds(tiny_pairs, tmp_path):
