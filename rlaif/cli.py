@@ -231,7 +231,8 @@ def train(
 
         before = set(complete_checkpoints(config.out))
         try:
-            written = run_train(config, progress=progress)
+            written = run_train(config, progress=progress,
+                                note=(lambda message: say(f"note: {message}")) if show else None)
         except (Interrupted, KeyboardInterrupt) as exc:  # what to do depends on whether this run checkpointed
             raise Interrupted(train_interrupted(config, set(complete_checkpoints(config.out)) - before)) from exc
     if show:

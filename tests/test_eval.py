@@ -299,22 +299,29 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
 
 def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
     """Round 2 of iterative DPO (`train --init` round 1) learnt from round 1's images as well: its prompts at round
-    1's seed are refused, though round 2's own table was sampled at another seed."""
+    1's seed are refused, though round 2's own table was sampled at another seed. Training on round 1's samples
+    without --init round 1 says so."""
     import pyarrow.parquet as pq
 
     from rlaif.tables import SAMPLING_METADATA
+    from rlaif.train.outputs import weights_identity
 
     shutil.copytree(tiny_pairs.parent, tmp_path / "run")
     first = tmp_path / "run" / tiny_pairs.name
     assert run_cli("train", first, "--model", "tiny", "--out", tmp_path / "r1", "--max-steps", 1).returncode == 0
-    table = pq.read_table(first)  # round 2's table: the same rows, as if sampled at run seed 7
+    table = pq.read_table(first)  # round 2's table: the same rows, as if sampled from round 1 at run seed 7
     metadata = dict(table.schema.metadata)
     metadata[SAMPLING_METADATA.encode()] = json.dumps({**json.loads(metadata[SAMPLING_METADATA.encode()]),
-                                                       "seed": 7}).encode()
+                                                       "seed": 7, "tuned": weights_identity(tmp_path / "r1")}).encode()
     pq.write_table(table.replace_schema_metadata(metadata), tmp_path / "run" / "round2.parquet")
     second = run_cli("train", tmp_path / "run" / "round2.parquet", "--model", "tiny", "--init", tmp_path / "r1",
                      "--out", tmp_path / "r2", "--max-steps", 1)
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 0 and "note:" not in second.stderr, second.stderr
+    forgot = run_cli("train", tmp_path / "run" / "round2.parquet", "--model", "tiny", "--out", tmp_path / "off",
+                     "--max-steps", 1)  # round 2 without --init: the base trained on round 1's samples
+    assert forgot.returncode == 0 and (f"note: pairs table {tmp_path / 'run' / 'round2.parquet'} was sampled from a "
+                                       "tuned model, and this run starts from tiny itself; for the next round of "
+                                       "iterative DPO, pass --init the model that sampled it") in forgot.stderr
     info = json.loads((tmp_path / "r2" / "train.json").read_text())
     assert info["sampled_seeds"] == [7] and [t["sampled_seeds"] for t in info["earlier_tables"]] == [[0]]
     trained_prompts = (tiny_pairs.parent.parent / "p.txt").read_text().splitlines()

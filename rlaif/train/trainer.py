@@ -78,9 +78,9 @@ Progress = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, max_steps, logs)`` after every optimizer step."""
 
 
-def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
+def run_train(config: TrainConfig, progress: Progress | None = None, note: Callable[[str], None] | None = None) -> Path:
     """Train with Diffusion-DPO / Flow-DPO (or SFT) and write the LoRA, UNet or transformer to ``config.out``;
-    return it."""
+    return it. ``note`` is told (on the main process) what looks unintended but may be meant."""
     config.validate()
     anchor_defaulted = config.keep_unconditional is None
     config = with_family_defaults(config)
@@ -94,6 +94,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> Path:
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
+    unmatched = sampled_elsewhere(config, pairs, identities["init_weights"])
+    if unmatched and note and accelerator.is_main_process:
+        note(unmatched)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
@@ -547,6 +550,18 @@ def _settings(config: TrainConfig) -> dict:
     if Path(config.pairs).exists():
         settings["pairs"] = str(Path(config.pairs).resolve())
     return settings
+
+
+def sampled_elsewhere(config: TrainConfig, pairs: PairTable, init_weights: str | None) -> str | None:
+    """What to say when the table's images came from a tuned model (`rlaif sample --tuned`, as its record says)
+    that this run does not start from: forgetting --init in round 2 of iterative DPO trains the base on another
+    model's samples instead, which is off-policy DPO (legitimate, but rarely what was meant)."""
+    sampled = {record.get("tuned") for record in pairs.sampling} - {None}
+    if not sampled or init_weights in sampled:
+        return None
+    start = f"--init {config.init}" if config.init else f"{config.model} itself"
+    return (f"pairs table {config.pairs} was sampled from a tuned model, and this run starts from {start}; for the "
+            "next round of iterative DPO, pass --init the model that sampled it")
 
 
 def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
