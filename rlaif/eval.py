@@ -17,13 +17,14 @@ import polars as pl
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
+from rlaif.files import read_json
 from rlaif.label import update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, wins
-from rlaif.tables import SAMPLES_SCHEMA, prompt_id, read_table, write_table
+from rlaif.tables import EVAL_METADATA, SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
 from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
 
@@ -132,6 +133,17 @@ def _trained_prompts(files: list[str], prompts: list[str]) -> list[str]:
     return [prompt for prompt in prompts if prompt in captions]
 
 
+def measured_under(config: EvalConfig, prompts: int, run: dict) -> dict:
+    """What an evaluation's numbers were measured under, for eval.parquet's metadata and the report: the prompts,
+    the generation settings both sides were sampled with (``run``: the base side's run.json; the guidance as
+    resolved, not as given) and the scorers' options."""
+    generation = run.get("generation", {})
+    return {"prompts": config.prompts, "prompt_count": prompts, "per_prompt": config.per_prompt,
+            **{key: generation.get(key) for key in ("steps", "guidance", "seed", "width", "height", "scheduler",
+                                                     "negative_prompt", "max_sequence_length")},
+            "scorer_options": config.scorer_options}
+
+
 def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None,
              note: Callable[[str], None] | None = None) -> Path:
     """Sample base and tuned images with the same seeds, score both, write eval.parquet (and
@@ -185,7 +197,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     by_category = compare(paired, config.resamples, categories) if categories else None
     out = config.out / "eval.parquet"
     if process_state().is_main_process:
-        write_table(summary, out, EVAL_SCHEMA)
+        settings = measured_under(config, len(prompt_table), read_json(sides["base"][0] / "run.json", "evaluate into a new --out") or {})
+        write_table(summary, out, EVAL_SCHEMA, {EVAL_METADATA: json.dumps(settings)})
         write_table(by_prompt(paired), config.out / "eval_by_prompt.parquet", BY_PROMPT_SCHEMA)
         if by_category is not None:
             write_table(by_category, config.out / "eval_by_category.parquet", CATEGORY_SCHEMA)
@@ -196,6 +209,6 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             if log_path.is_file() else []
         write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
                      train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid,
-                     warnings=reward_hacking(summary))
+                     warnings=reward_hacking(summary), settings=settings)
     process_state().wait_for_everyone()
     return out

@@ -96,11 +96,15 @@ def _pairs_grid(paired: pl.DataFrame, scorers: list[str], grid: int) -> str:
 
 def write_report(path: Path, summary: pl.DataFrame, by_category: pl.DataFrame | None, paired: pl.DataFrame,
                  scorers: list[str], train_log: list[dict], title: str, grid: int = 24,
-                 warnings: list[str] = ()) -> Path:
+                 warnings: list[str] = (), settings: dict | None = None) -> Path:
     """Write the report: warnings first, win rates and effects (overall, marked optimised or held-out, and per
     category), training curves from ``train_log`` (when given) and a base | tuned image grid with scores;
-    ``paired`` holds one row per scorer and comparison."""
+    ``paired`` holds one row per scorer and comparison; ``settings``, what the numbers were measured under, in a
+    line below the title (two reports of one model at two guidance scales look alike otherwise)."""
+    measured = "; ".join(f"{key.replace('_', ' ')} {value}" for key, value in (settings or {}).items()
+                         if value not in (None, [], ""))
     parts = [f"<h1>rlaif evaluation</h1><p>{html.escape(title)}</p>",
+             *([f'<p class="settings">Measured under: {html.escape(measured)}</p>'] if measured else []),
              "<h2>Win rate of tuned over base</h2>",
              "<p>Per prompt and seed: 1 if the tuned image scores higher, 0.5 on a tie. Beside it the size of the "
              "change: the mean delta (tuned - base), absolute and relative to the base mean. Intervals are 95% "

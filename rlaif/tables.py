@@ -55,6 +55,9 @@ SAMPLING_METADATA = "rlaif.sampling"
 # and the settings that labelled them, so that a rerun into the same table with others is refused: a finished
 # `rlaif train` may have trained on it (its train.json names the table)
 LABELLING_METADATA = "rlaif.labelling"
+# eval.parquet's: what its numbers were measured under (prompts, steps, guidance, seed, scorer options), which
+# the table's rows do not say and two evaluations of one model at two guidance scales differ by
+EVAL_METADATA = "rlaif.eval"
 
 
 def prompt_id(prompt: str) -> str:

@@ -101,6 +101,22 @@ def test_eval_tables_match_an_independent_computation(evaluated):
     assert dict(zip(prompts["prompt_id"], prompts["delta"], strict=True)) == pytest.approx(per_prompt)
 
 
+def test_eval_records_what_its_numbers_were_measured_under(evaluated):
+    """eval.parquet's metadata and the report say the prompts, steps, guidance (as resolved: tiny's pipeline
+    default, not given) and seed: two evaluations at two guidance scales are otherwise alike."""
+    import pyarrow.parquet as pq
+
+    from rlaif.tables import EVAL_METADATA
+
+    out, _ = evaluated
+    settings = json.loads(pq.read_schema(out / "eval.parquet").metadata[EVAL_METADATA.encode()])
+    assert {key: settings[key] for key in ("prompt_count", "per_prompt", "steps", "guidance", "seed")} == \
+        {"prompt_count": 4, "per_prompt": 3, "steps": 6, "guidance": 7.5, "seed": 1}
+    page = (out / "report.html").read_text()
+    assert f"Measured under: prompts {out.parent / 'held_out.tsv'}; prompt count 4; per prompt 3; steps 6; " \
+        "guidance 7.5; seed 1; width 64; height 64" in page
+
+
 class Page(html.parser.HTMLParser):
     """Collects what a person would look for on the report."""
 
