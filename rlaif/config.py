@@ -431,6 +431,10 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        lora_set = [f.name for f in fields(self) if f.name.startswith("lora_") and getattr(self, f.name) != f.default]
+        if self.full and lora_set:  # they would be recorded in train.json and never used
+            raise RlaifError(f"--{lora_set[0].replace('_', '-')} applies to LoRA training; --full trains every weight "
+                             "of the UNet / transformer")
         if self.flow_weighting not in FLOW_WEIGHTINGS:
             raise RlaifError(f"--flow-weighting {self.flow_weighting!r} is not one of {', '.join(FLOW_WEIGHTINGS)}")
         if not 0 <= self.min_noise < self.max_noise <= 1:

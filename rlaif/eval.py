@@ -197,7 +197,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     by_category = compare(paired, config.resamples, categories) if categories else None
     out = config.out / "eval.parquet"
     if process_state().is_main_process:
-        settings = measured_under(config, len(prompt_table), read_json(sides["base"][0] / "run.json", "evaluate into a new --out") or {})
+        run = read_json(sides["base"][0] / "run.json", "evaluate into a new --out") or {}
+        settings = measured_under(config, len(prompt_table), run)
         write_table(summary, out, EVAL_SCHEMA, {EVAL_METADATA: json.dumps(settings)})
         write_table(by_prompt(paired), config.out / "eval_by_prompt.parquet", BY_PROMPT_SCHEMA)
         if by_category is not None:

@@ -142,6 +142,8 @@ CASES = [
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--flow-weighting", "mode"],
      "--flow-weighting mode: only SD3 / FLUX.1 models train on a noise path it weighs; for this model leave it out"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--full", "--lora-rank", "8"],
+     "--lora-rank applies to LoRA training; --full trains every weight of the UNet / transformer"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],
      "--min-noise 0.8 and --max-noise 0.5: give 0 <= min < max <= 1 (fractions of the noise schedule)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--negative-prompt", "blurry", "--guidance", "1"],
