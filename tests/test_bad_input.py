@@ -142,6 +142,8 @@ CASES = [
     (["tiny", "-o", "lora"], "--out lora is not empty; give a new or empty folder"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--flow-weighting", "mode"],
      "--flow-weighting mode: only SD3 / FLUX.1 models train on a noise path it weighs; for this model leave it out"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--lora-targets", "to_q,to_vv"],
+     "--lora-targets to_q,to_vv: 'to_vv' names no module of the model"),  # peft trained to_q alone
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--full", "--lora-rank", "8"],
      "--lora-rank applies to LoRA training; --full trains every weight of the UNet / transformer"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--min-noise", "0.8", "--max-noise", "0.5"],

@@ -307,3 +307,13 @@ def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
     assert few.returncode == 0, few.stderr
     val_losses = [e["val_loss"] for e in log(tmp_path / "few") if "val_loss" in e]  # every step (max-steps // 10 is 0)
     assert val_losses == pytest.approx([math.log(2)] * 2, abs=1e-4)
+
+
+def test_lora_targets_written_with_spaces_train_every_module_named(tiny_pairs, tmp_path):
+    """"to_q, to_v" (a space after the comma, as people write lists) trains both: peft matched " to_v" to nothing
+    and, as to_q matched, trained to_q alone without a word."""
+    result = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "o", "--max-steps", 1,
+                     "--lora-targets", "to_q, to_v")
+    assert result.returncode == 0, result.stderr
+    trained = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in weights(tmp_path / "o")}
+    assert trained == {"to_q", "to_v"}

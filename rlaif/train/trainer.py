@@ -240,9 +240,10 @@ def trainable_network(pipe, config: TrainConfig) -> tuple[torch.nn.Module, torch
     if not config.full:
         from peft import LoraConfig
 
+        targets = lora_targets(unet, config.lora_targets)
         try:
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                        init_lora_weights="gaussian", target_modules=config.lora_targets.split(",")))
+                                        init_lora_weights="gaussian", target_modules=targets))
         except ValueError as exc:  # peft: no module matches a target name
             raise RlaifError(f"--lora-targets {config.lora_targets}: {first_line(exc)}") from exc
     if config.gradient_checkpointing:
@@ -550,6 +551,18 @@ def _settings(config: TrainConfig) -> dict:
     if Path(config.pairs).exists():
         settings["pairs"] = str(Path(config.pairs).resolve())
     return settings
+
+
+def lora_targets(network: torch.nn.Module, targets: str) -> list[str]:
+    """The module names of ``--lora-targets`` (comma-separated, spaces allowed), each checked to name a module of
+    ``network`` as peft matches them (the whole name or its last dotted parts): peft drops a name that matches
+    nothing when another matches, so "to_q,to_vv" would train to_q alone."""
+    names = [name.strip() for name in targets.split(",") if name.strip()]
+    modules = [name for name, _ in network.named_modules()]
+    for target in names:
+        if not any(module == target or module.endswith(f".{target}") for module in modules):
+            raise RlaifError(f"--lora-targets {targets}: {target!r} names no module of the model")
+    return names
 
 
 def sampled_elsewhere(config: TrainConfig, pairs: PairTable, init_weights: str | None) -> str | None:
