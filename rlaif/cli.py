@@ -330,6 +330,8 @@ def evaluate(
         return
     if label_column is not None:
         raise RlaifError("--label-column applies with --pairs only")
+    if getattr(ctx.get_parameter_source("max_pairs"), "name", None) == "COMMANDLINE":
+        raise RlaifError("--max-pairs applies with --pairs only")
     for value, flag in ((prompts, "--prompts"), (out, "--out"), (scorers, "--scorer")):
         if not value:
             raise RlaifError(f"missing {flag} (or give --pairs TABLE to judge a pairs table)")

@@ -280,6 +280,8 @@ class LabelConfig:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
+        if self.top_k != LabelConfig.top_k and self.strategy != "top-vs-bottom":  # it would pair nothing otherwise
+            raise RlaifError(f"--top-k applies to --strategy top-vs-bottom, not {self.strategy}")
         check_device(self.device)
         check_scorers(self.scorers, self.scorer_options)
 
@@ -463,6 +465,8 @@ class TrainConfig:
             raise RlaifError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
         if self.val_every is not None and self.val_every < 1:
             raise RlaifError(f"--val-every must be at least 1, got {self.val_every}")
+        if self.val_every is not None and not self.val_fraction:
+            raise RlaifError("--val-every applies when pairs are held out; --val-fraction 0 holds out none")
         for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise RlaifError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")

@@ -139,8 +139,8 @@ def measured_under(config: EvalConfig, prompts: int, run: dict) -> dict:
     resolved, not as given) and the scorers' options."""
     generation = run.get("generation", {})
     return {"prompts": config.prompts, "prompt_count": prompts, "per_prompt": config.per_prompt,
-            **{key: generation.get(key) for key in ("steps", "guidance", "seed", "width", "height", "scheduler",
-                                                     "negative_prompt", "max_sequence_length")},
+            **{key: generation.get(key) for key in ("steps", "guidance", "seed", "width", "height", "dtype",
+                                                     "scheduler", "negative_prompt", "max_sequence_length")},
             "scorer_options": config.scorer_options}
 
 

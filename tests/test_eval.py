@@ -110,8 +110,8 @@ def test_eval_records_what_its_numbers_were_measured_under(evaluated):
 
     out, _ = evaluated
     settings = json.loads(pq.read_schema(out / "eval.parquet").metadata[EVAL_METADATA.encode()])
-    assert {key: settings[key] for key in ("prompt_count", "per_prompt", "steps", "guidance", "seed")} == \
-        {"prompt_count": 4, "per_prompt": 3, "steps": 6, "guidance": 7.5, "seed": 1}
+    assert {key: settings[key] for key in ("prompt_count", "per_prompt", "steps", "guidance", "seed", "dtype")} == \
+        {"prompt_count": 4, "per_prompt": 3, "steps": 6, "guidance": 7.5, "seed": 1, "dtype": "fp32"}
     page = (out / "report.html").read_text()
     assert f"Measured under: prompts {out.parent / 'held_out.tsv'}; prompt count 4; per prompt 3; steps 6; " \
         "guidance 7.5; seed 1; width 64; height 64" in page

@@ -78,7 +78,7 @@ def test_a_table_labelled_otherwise_is_not_replaced(fresh):
     same ones, a rerun replaces it, as after adding samples)."""
     assert run_cli("label", fresh, "--scorer", "compressibility").returncode == 0
     before = (fresh / "pairs.parquet").read_bytes()
-    again = run_cli("label", fresh, "--scorer", "compressibility:1", "--top-k", 3)  # the same: top-k applies not
+    again = run_cli("label", fresh, "--scorer", "compressibility:1")  # the same: a weight of 1 is no weight
     assert again.returncode == 0, again.stderr
     other = run_cli("label", fresh, "--scorer", "incompressibility", "--strategy", "all-pairs")
     assert other.returncode == 2 and (fresh / "pairs.parquet").read_bytes() == before

@@ -317,3 +317,14 @@ def test_lora_targets_written_with_spaces_train_every_module_named(tiny_pairs, t
     assert result.returncode == 0, result.stderr
     trained = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in weights(tmp_path / "o")}
     assert trained == {"to_q", "to_v"}
+
+
+def test_val_every_on_a_table_that_holds_out_nothing_says_so(tiny_pairs, tmp_path):
+    """tiny_pairs has 4 captions, under the 20 a table needs to hold any out: --val-every then measures nothing,
+    and the run says why instead of logging no held-out figures without a word."""
+    result = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "o", "--max-steps", 2,
+                     "--val-every", 1)
+    assert result.returncode == 0, result.stderr
+    assert f"note: no pairs are held out: captions are held out by their hash, a --val-fraction 0.05 share of them, " \
+        f"and none of {tiny_pairs}'s fell there" in result.stderr
+    assert not any(key.startswith("val_") for entry in log(tmp_path / "o") for key in entry)

@@ -70,7 +70,7 @@ from rlaif.train.outputs import (
     trained_tables,
     weights_identity,
 )
-from rlaif.train.pair_table import PairTable
+from rlaif.train.pair_table import MIN_HELD_OUT_CAPTIONS, PairTable
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_STORED = (torch.nn.Linear, torch.nn.Conv2d)  # layers whose weights autocast only reads in half precision
@@ -94,9 +94,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
-    unmatched = sampled_elsewhere(config, pairs, identities["init_weights"])
-    if unmatched and note and accelerator.is_main_process:
-        note(unmatched)
+    if note and accelerator.is_main_process:
+        for text in (sampled_elsewhere(config, pairs, identities["init_weights"]),
+                     nothing_held_out(config, len(held_out_pairs))):
+            if text:
+                note(text)
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
@@ -563,6 +565,15 @@ def lora_targets(network: torch.nn.Module, targets: str) -> list[str]:
         if not any(module == target or module.endswith(f".{target}") for module in modules):
             raise RlaifError(f"--lora-targets {targets}: {target!r} names no module of the model")
     return names
+
+
+def nothing_held_out(config: TrainConfig, held_out: int) -> str | None:
+    """What to say when --val-every asks for held-out measurements and the table held out no pairs (``held_out``)."""
+    if config.val_every is None or held_out:
+        return None
+    return (f"no pairs are held out: captions are held out by their hash, a --val-fraction {config.val_fraction} "
+            f"share of them, and none of {config.pairs}'s fell there (a table of under {MIN_HELD_OUT_CAPTIONS} "
+            "captions holds none out); no held-out accuracy will be measured")
 
 
 def sampled_elsewhere(config: TrainConfig, pairs: PairTable, init_weights: str | None) -> str | None:
