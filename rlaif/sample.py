@@ -13,7 +13,6 @@ import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from rlaif.config import SampleConfig
@@ -31,6 +30,7 @@ from rlaif.models import (
     prompt_length,
 )
 from rlaif.prompts import load_prompts
+from rlaif.scoring import library_versions
 from rlaif.seeding import generator, image_seed
 from rlaif.tables import SAMPLES_SCHEMA, prompt_id, write_table
 from rlaif.train.outputs import weights_identity
@@ -77,13 +77,8 @@ def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape the images, for run.json."""
-    found = {"python": platform.python_version()}
-    for name in ("rlaif", "torch", "diffusers", "transformers", "accelerate"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {"python": platform.python_version(),
+            **library_versions(("rlaif", "torch", "diffusers", "transformers", "accelerate"))}
 
 
 def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None,

@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points, packages_distributions, version
+from importlib.metadata import PackageNotFoundError, entry_points, packages_distributions, version
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -132,6 +132,22 @@ def check_options(spec: str, options: dict[str, str]) -> None:
                              f"{', '.join(accepted) or 'no options'}")
 
 
+# distributions whose upgrade can change a score without any change to the scorer (open_clip >= 2.29 built
+# OpenAI's ViT-L-14 with another activation; an image processor or JPEG encoder may change): part of the cache key
+SCORE_LIBRARIES = ("torch", "torchvision", "open-clip-torch", "transformers", "pillow")
+
+
+def library_versions(names: Sequence[str]) -> dict[str, str]:
+    """Each distribution's installed version, "not installed" for one that is not."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def plugin_version(spec: str, factory: Callable[..., Scorer]) -> str:
     """The version of the code behind scorer ``spec``: of the module it names (or registers) and of the module
     that defines ``factory``, each one's distribution version and a hash of its Python files (``_code_hash``)."""
@@ -197,7 +213,8 @@ class LoadedScorer:
         own = getattr(self.scorer, "name", None)  # one class may serve several registered names
         self.name = self.spec if own in (None, "", self.spec) else f"{self.spec} ({own})"
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),
-                     "identity": getattr(self.scorer, "identity", None)}
+                     "identity": getattr(self.scorer, "identity", None),
+                     "libraries": library_versions(SCORE_LIBRARIES)}
         self.key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
         """Changes whenever the scores could: scores cached under another key are recomputed."""
 

@@ -14,8 +14,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def load_pretrained(arch: str, pretrained: str, device: torch.device) -> tuple[torch.nn.Module, object]:
     """An OpenCLIP model with its pretrained weights (tag or file) in eval mode on ``device``, and its
-    evaluation preprocessing."""
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    evaluation preprocessing. Weights trained with QuickGELU (OpenAI's) get it: open_clip >= 2.29 builds
+    ``ViT-L-14`` with plain GELU and loads the OpenAI weights into it with a warning, other embeddings."""
+    quick = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, force_quick_gelu=quick)
     return model.eval().to(device), preprocess
 
 

@@ -403,3 +403,15 @@ def test_a_regular_installs_code_changed_under_the_same_version_is_another_versi
     first = version_of("1")
     assert first.startswith("plugdist==0.1+") and version_of("1") == first
     assert version_of("-1") != first
+
+
+def test_a_library_upgrade_is_another_scorer_version(monkeypatch):
+    """An upgrade of a library a score depends on (open_clip >= 2.29 changed OpenAI CLIP's activation) makes the
+    cache score anew: the libraries' versions are part of a scorer's key."""
+    from rlaif import scoring
+
+    before = scoring.LoadedScorer("compressibility").key
+    assert scoring.LoadedScorer("compressibility").key == before
+    real = scoring.library_versions
+    monkeypatch.setattr(scoring, "library_versions", lambda names: {**real(names), "open-clip-torch": "99.0"})
+    assert scoring.LoadedScorer("compressibility").key != before

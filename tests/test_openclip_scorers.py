@@ -158,3 +158,26 @@ def test_a_transformers_scorer_missing_offline_names_the_repository_in_one_short
     assert str(error.value) == ("scorer 'label_plugins:uncached_processor' failed to load: Can't load image processor "
                                 "for 'org/name'; HF_HUB_OFFLINE is set: if these files are not in the local Hugging "
                                 "Face cache, load it once while online (or unset HF_HUB_OFFLINE)")
+
+
+def test_weights_trained_with_quick_gelu_load_with_it(tiny_clip, tmp_path, monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU; open_clip >= 2.29 builds ViT-L-14 with plain GELU and
+    loads them anyway (a warning), so `clip` and `aesthetic` embedded every image otherwise than the originals.
+    Here a tiny architecture without quick_gelu, and a tag (as open_clip records OpenAI's) saying its weights
+    need it: the loaded model must compute what the QuickGELU model that made the weights computes."""
+    from rlaif.scorers.openclip_common import load_pretrained
+
+    model, folder = tiny_clip
+    config = json.loads((folder / f"{ARCH}.json").read_text())
+    del config["quick_gelu"]
+    plain = f"{ARCH}-plain-gelu"
+    (tmp_path / f"{plain}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{plain}.json")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    tag = {"file": str(tmp_path / "weights.pt"), "quick_gelu": True, "mean": tuple(MEAN.tolist()),
+           "std": tuple(STD.tolist()), "interpolation": "bicubic", "resize_mode": "shortest"}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, plain, {"openai": tag})
+    loaded, _ = load_pretrained(plain, "openai", torch.device("cpu"))
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(pixels), model.encode_image(pixels), atol=1e-6)
