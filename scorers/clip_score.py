@@ -1,4 +1,5 @@
-"""CLIP score (Hessel et al., 2021): text-image alignment, max(100 * cos, 0) per image, with OpenCLIP.
+"""CLIP score as torchmetrics computes it: text-image alignment, max(100 * cos, 0) per image, with OpenCLIP.
+(Hessel et al.'s 2021 CLIP-S is 2.5 * max(cos, 0) with ViT-B/32; the ranking within a prompt is the same.)
 
 Defaults to ViT-L-14 with the OpenAI weights and OpenCLIP's own preprocessing for them (shortest side to
 224, bicubic, centre crop, OpenAI mean/std); ``arch`` and ``pretrained`` choose another OpenCLIP model.
