@@ -369,11 +369,15 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
         from rlaif.train.outputs import train_info
 
-        held_out = 0 if "through --init" in trained else train_info(tuned).get("pairs_held_out") or 0
+        info = {} if "through --init" in trained else train_info(tuned)
+        held_out = info.get("pairs_held_out") or 0
         some = (f" (all but the {held_out} pairs it held out by caption, whose accuracy its log gives as the held-out "
                 "accuracy)" if held_out else "")
         say(f"{pairs} is {trained} ({tuned}): on the pairs it trained on{some}, accuracy says what it learnt, not how "
             "it generalises")
+        if info.get("label_column") not in (None, judged[0].labels):
+            say(f"note: it trained on the labels of column {info['label_column']}, not {judged[0].labels}; pass "
+                f"--label-column {info['label_column']} to judge against those")
 
 
 FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little

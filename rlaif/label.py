@@ -33,6 +33,7 @@ from rlaif.tables import (
     read_table,
     write_table,
 )
+from rlaif.train.pair_table import RELABELLED_SUFFIX
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(scorer, done, total)`` while images are scored."""
@@ -208,7 +209,7 @@ def pairs_out(config: LabelConfig) -> Path:
     if config.out is not None:
         return config.out
     if config.relabel is not None:
-        return config.relabel.with_name(f"{config.relabel.stem}.ai-labels.parquet")
+        return config.relabel.with_name(f"{config.relabel.stem}{RELABELLED_SUFFIX}")
     return config.samples_dir / "pairs.parquet"
 
 

@@ -223,12 +223,15 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     assert f"{tiny_pairs} is the table it was trained on ({tmp_path / 'lora'}): on the pairs it trained on, " \
         "accuracy says what it learnt, not how it generalises" in result.stderr
     record = tmp_path / "lora" / "train.json"  # as a run of a table of more captions records its held-out pairs
-    record.write_text(json.dumps({**json.loads(record.read_text()), "pairs_held_out": 3}))
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pairs_held_out": 3,
+                                  "label_column": "ai_label_0"}))  # and as if trained on a relabelled table's AI labels
     again = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", tiny_pairs, "--max-pairs", 2,
                     "-s", "compressibility")
     assert again.returncode == 0, again.stderr
     assert "on the pairs it trained on (all but the 3 pairs it held out by caption, whose accuracy its log gives as " \
         "the held-out accuracy), accuracy says what it learnt" in again.stderr
+    assert "note: it trained on the labels of column ai_label_0, not label_0; pass --label-column ai_label_0 to " \
+        "judge against those" in again.stderr
     flipped = tmp_path / "flipped.parquet"  # another label column beside label_0, as --relabel writes one
     pl.read_parquet(tiny_pairs).with_row_index().with_columns(  # one human tie, one pair without a label
         flipped=pl.when(pl.col("index") == 0).then(0.5).when(pl.col("index") == 1).then(None)

@@ -133,7 +133,8 @@ def described(pairs) -> list[tuple]:
 def test_the_train_split_is_chosen_by_the_path_inside_the_table_folder(tmp_path):
     """Only the path inside the table's folder names a split: a Pick-a-Pic layout kept under a folder of the
     user's named ``train`` still drops its validation shard, and a file whose name merely starts with "train"
-    (training_notes.parquet) is not taken for the train split of a folder of part-*.parquet shards."""
+    (training_notes.parquet) is not taken for the train split of a folder of part-*.parquet shards. A relabelled
+    shard written beside the shards (`label --relabel`'s default) is refused, not read as one more shard."""
     root = "/runs/train/pap"
     layout = [f"{root}/data/train-00000-of-00001.parquet", f"{root}/data/validation-00000-of-00001.parquet"]
     assert parquet_shards(layout, root, root) == layout[:1]
@@ -142,6 +143,11 @@ def test_the_train_split_is_chosen_by_the_path_inside_the_table_folder(tmp_path)
     folders = ["/d/default/test/0.parquet", "/d/default/train/0.parquet", "/d/default/train/1.parquet"]
     assert parquet_shards(folders, "/d", "/d") == folders[1:]
     assert parquet_shards(["/d/train.parquet", "/d/test.parquet"], "/d/", "/d") == ["/d/train.parquet"]
+    beside = ["/d/data/train-0.parquet", "/d/data/train-0.ai-labels.parquet"]  # `label --relabel SHARD`'s default
+    with pytest.raises(RlaifError, match=r"^/d holds the output of `rlaif label --relabel` "
+                                         r"\(/d/data/train-0.ai-labels.parquet\) beside its shards"):
+        parquet_shards(beside, "/d", "/d")
+    assert parquet_shards(beside[1:], "/d", "/d") == beside[1:]  # a folder of such outputs alone is a table
     (tmp_path / "train" / "pap" / "data").mkdir(parents=True)  # the same, read from disk
     pq.write_table(pick_a_pic_rows(6), tmp_path / "train" / "pap" / "data" / "train-00000-of-00001.parquet")
     pq.write_table(pick_a_pic_rows(9), tmp_path / "train" / "pap" / "data" / "validation-00000-of-00001.parquet")

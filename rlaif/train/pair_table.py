@@ -59,6 +59,7 @@ def label_column(columns: Sequence[str], chosen: str | None) -> str:
     return AI_LABEL if AI_LABEL in columns else "label_0"
 
 
+RELABELLED_SUFFIX = ".ai-labels.parquet"  # `rlaif label --relabel TABLE`'s default output: TABLE.ai-labels.parquet
 _TRAIN_SHARD = re.compile(r"^train(?:[-_.][^/]*)?$")  # train.parquet, train-00000-of-00002.parquet, train_3.parquet
 
 
@@ -69,6 +70,11 @@ def parquet_shards(files: list[str], root: str, where: str) -> list[str]:
     ``train`` directory of the user's does not make every split a train split."""
     if not files:
         raise RlaifError(f"{where} holds no parquet files")
+    relabelled = [f for f in files if f.endswith(RELABELLED_SUFFIX)]
+    if relabelled and len(relabelled) < len(files):  # `label --relabel SHARD` writes beside the shard by default
+        raise RlaifError(f"{where} holds the output of `rlaif label --relabel` ({relabelled[0]}) beside its shards: "
+                         "it would be read as one more shard, its pairs twice; move it out of the folder, or give "
+                         "that file alone")
     prefix = root.rstrip("/") + "/"
 
     def in_train_split(file: str) -> bool:
