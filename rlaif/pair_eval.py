@@ -50,11 +50,10 @@ def trained_table(tuned: Path, pairs: str) -> str | None:
     --init"), with ", changed since" when its files are no longer the ones train.json records; None for another
     table."""
     path = Path(pairs)
-    if not path.exists():
-        return None
+    named = str(path.resolve()) if path.exists() else pairs  # as train.json records it: a hub id or URL as given
     for number, table in enumerate(trained_tables(train_info(tuned))):
-        if table["pairs"] == str(path.resolve()):
-            changed = table_changed(pairs, table["pairs_file"])
+        if table["pairs"] == named:
+            changed = path.exists() and table_changed(pairs, table["pairs_file"])  # a hub id's or URL's: unknown
             return ("the table it was trained on" + (" through --init" if number else "")
                     + (", changed since" if changed else ""))
     return None

@@ -38,7 +38,14 @@ from rlaif.label import (
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights, weighted_names
 from rlaif.tables import LABELLING_METADATA
-from rlaif.train.pair_table import checked_labels, is_datasets_folder, local_identity, open_parquet, parquet_files
+from rlaif.train.pair_table import (
+    check_captions,
+    checked_labels,
+    is_datasets_folder,
+    local_identity,
+    open_parquet,
+    parquet_files,
+)
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -96,9 +103,11 @@ def table_files(source: Path) -> list[str]:
             raise RlaifError(f"table {file} has other columns or types than {files[0]}; the shards of one table "
                              "must share a schema")
         schema = found
-        # the human labels, as `rlaif train` checks them, before any scoring: one column, a few bytes a row
-        checked_labels(open_parquet(file).read(columns=["label_0"]).column("label_0"), file, "label_0", 0,
+        # the human labels and the captions, as `rlaif train` checks them, before any scoring
+        read = open_parquet(file).read(columns=["label_0", "caption"])
+        checked_labels(read.column("label_0"), file, "label_0", 0,
                        missing_ok=True)  # a pair no human labelled: AI-labelled, left out of the agreement
+        check_captions(read.column("caption"), file, 0)
     return files
 
 

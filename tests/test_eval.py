@@ -353,6 +353,16 @@ def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
     assert trained_table(tmp_path / "r2", str(tmp_path / "run" / "round2.parquet")) == "the table it was trained on"
 
 
+def test_a_hub_id_or_url_trained_on_is_named_as_the_training_table(tmp_path):
+    """train.json records a hub dataset id or an fsspec URL as given: `eval --pairs` with the same one is the table
+    the model trained on (it was named only for a local path)."""
+    for source in ("someone/pairs", "file:///data/pairs"):
+        (tmp_path / "t").mkdir(exist_ok=True)
+        (tmp_path / "t" / "train.json").write_text(json.dumps({"config": {"pairs": source}, "pairs_file": "x"}))
+        assert trained_table(tmp_path / "t", source) == "the table it was trained on"
+        assert trained_table(tmp_path / "t", "someone/other") is None
+
+
 def test_eval_notes_prompts_of_a_table_that_records_no_seeds(tiny_pairs, tmp_path):
     """A table rebuilt outside rlaif (pandas drops the parquet metadata) records no run seed: eval cannot refuse
     the training images, so it says which prompts it cannot check."""

@@ -202,6 +202,12 @@ def test_relabel_needs_pick_a_pic_columns(tmp_path):
     pl.DataFrame({"caption": ["x"], "jpg_0": [b"x"]}).write_parquet(tmp_path / "bad.parquet")
     result = run_cli("label", "--relabel", tmp_path / "bad.parquet", "--scorer", "compressibility")
     assert result.returncode == 2 and "lacks column(s) jpg_1, label_0" in result.stderr
+    # a null caption is refused before any scoring, as train would refuse the output after it
+    pl.DataFrame({"caption": ["x", None], "jpg_0": [b"x", b"x"], "jpg_1": [b"y", b"y"], "label_0": [1.0, 0.0]}
+                 ).write_parquet(tmp_path / "nullcap.parquet")
+    nulled = run_cli("label", "--relabel", tmp_path / "nullcap.parquet", "--scorer", "compressibility")
+    assert nulled.returncode == 2 and "nullcap.parquet, row 1: the caption is missing (null)" in nulled.stderr
+    assert not (tmp_path / "nullcap.ai-labels.parquet").exists()
 
 
 def test_two_processes_score_the_same_as_one(fresh, tmp_path):

@@ -134,7 +134,8 @@ def test_the_train_split_is_chosen_by_the_path_inside_the_table_folder(tmp_path)
     """Only the path inside the table's folder names a split: a Pick-a-Pic layout kept under a folder of the
     user's named ``train`` still drops its validation shard, and a file whose name merely starts with "train"
     (training_notes.parquet) is not taken for the train split of a folder of part-*.parquet shards. A relabelled
-    shard written beside the shards (`label --relabel`'s default) is refused, not read as one more shard."""
+    shard written beside the shards (`label --relabel`'s default) is refused, not read as one more shard, and so
+    are several splits without a train split, rather than mixed."""
     root = "/runs/train/pap"
     layout = [f"{root}/data/train-00000-of-00001.parquet", f"{root}/data/validation-00000-of-00001.parquet"]
     assert parquet_shards(layout, root, root) == layout[:1]
@@ -148,6 +149,10 @@ def test_the_train_split_is_chosen_by_the_path_inside_the_table_folder(tmp_path)
                                          r"\(/d/data/train-0.ai-labels.parquet\) beside its shards"):
         parquet_shards(beside, "/d", "/d")
     assert parquet_shards(beside[1:], "/d", "/d") == beside[1:]  # a folder of such outputs alone is a table
+    splits = ["/v/data/test-0.parquet", "/v/data/validation-0.parquet"]  # no train split: not mixed
+    with pytest.raises(RlaifError, match="^/v holds the splits test, validation and no train split"):
+        parquet_shards(splits, "/v", "/v")
+    assert parquet_shards(splits[1:], "/v", "/v") == splits[1:]  # one split alone is a table
     (tmp_path / "train" / "pap" / "data").mkdir(parents=True)  # the same, read from disk
     pq.write_table(pick_a_pic_rows(6), tmp_path / "train" / "pap" / "data" / "train-00000-of-00001.parquet")
     pq.write_table(pick_a_pic_rows(9), tmp_path / "train" / "pap" / "data" / "validation-00000-of-00001.parquet")

@@ -60,14 +60,15 @@ def label_column(columns: Sequence[str], chosen: str | None) -> str:
 
 
 RELABELLED_SUFFIX = ".ai-labels.parquet"  # `rlaif label --relabel TABLE`'s default output: TABLE.ai-labels.parquet
-_TRAIN_SHARD = re.compile(r"^train(?:[-_.][^/]*)?$")  # train.parquet, train-00000-of-00002.parquet, train_3.parquet
+_SPLIT = re.compile(r"^(train|validation|valid|val|test|eval|dev)(?:[-_.][^/]*)?$")  # train-00000-of-00002.parquet
 
 
 def parquet_shards(files: list[str], root: str, where: str) -> list[str]:
     """The shards to train on among the parquet ``files`` under the folder ``root``: when it holds several splits,
     named like Pick-a-Pic v2's ``data/train-*.parquet`` / ``data/validation-*.parquet`` or in folders
     (``train/*.parquet``), the train split's. Only the path inside ``root`` counts, so a folder that lies under a
-    ``train`` directory of the user's does not make every split a train split."""
+    ``train`` directory of the user's does not make every split a train split. Splits without a train split are
+    refused rather than mixed."""
     if not files:
         raise RlaifError(f"{where} holds no parquet files")
     relabelled = [f for f in files if f.endswith(RELABELLED_SUFFIX)]
@@ -77,11 +78,17 @@ def parquet_shards(files: list[str], root: str, where: str) -> list[str]:
                          "that file alone")
     prefix = root.rstrip("/") + "/"
 
-    def in_train_split(file: str) -> bool:
+    def split_of(file: str) -> str | None:
         *folders, name = (file[len(prefix):] if file.startswith(prefix) else file.rsplit("/", 1)[-1]).split("/")
-        return "train" in folders or bool(_TRAIN_SHARD.match(name))
+        found = [match[1] for part in (*folders, name) if (match := _SPLIT.match(part))]
+        return "train" if "train" in found else found[0] if found else None
 
-    train = [f for f in files if in_train_split(f)]
+    splits = {file: split_of(file) for file in files}
+    train = [f for f in files if splits[f] == "train"]
+    named = sorted(set(splits.values()) - {None})
+    if not train and len(named) > 1:
+        raise RlaifError(f"{where} holds the splits {', '.join(named)} and no train split; give one split's folder "
+                         "or file")
     return train or files
 
 
