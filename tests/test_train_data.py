@@ -110,8 +110,10 @@ def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):
     assert (ai.caption, ai.chosen, ai.rejected) == ("a", blue, red)
     human = PairTable(tmp_path / "relabelled.parquet", "label_0")
     assert [(p.caption, p.chosen) for p in human] == [("a", red), ("b", red)]
-    with pytest.raises(RlaifError, match="has no column 'label_1' \\(--label-column\\)"):
-        PairTable(tmp_path / "relabelled.parquet", "label_1")
+    with pytest.raises(RlaifError, match="has no column 'label_2' \\(--label-column\\)"):
+        PairTable(tmp_path / "relabelled.parquet", "label_2")
+    with pytest.raises(RlaifError, match="--label-column label_1 is Pick-a-Pic's 'image 1 wins' column"):
+        PairTable(tmp_path / "relabelled.parquet", "label_1")  # every preference would be reversed
     pl.DataFrame({"caption": ["a"], "jpg_0": [red], "jpg_1": [blue], "image_0": ["b.png"], "image_1": ["r.png"],
                   "label_0": [1.0]}).write_parquet(tmp_path / "both.parquet")
     with pytest.raises(RlaifError, match="both.parquet has both rlaif's image columns .* and Pick-a-Pic's"):

@@ -54,6 +54,9 @@ class PreferencePair:
 def label_column(columns: Sequence[str], chosen: str | None) -> str:
     """The column holding the preference: ``chosen`` if given, else the AI labels of a relabelled table
     (``ai_label_0``), else ``label_0``."""
+    if chosen == "label_1":  # Pick-a-Pic's 1 - label_0: read as 1 = image 0 wins, every preference reversed
+        raise RlaifError("--label-column label_1 is Pick-a-Pic's 'image 1 wins' column, and a label column here says "
+                         "1 when image 0 wins; use label_0")
     if chosen is not None:
         return chosen
     return AI_LABEL if AI_LABEL in columns else "label_0"
