@@ -63,14 +63,19 @@ def shortest_side_crop(image: Image.Image) -> Image.Image:
     return resized.crop((left, top, left + SIZE, top + SIZE))
 
 
-def longest_side_pad(image: Image.Image) -> Image.Image:
-    """HPS's ResizeMaxSize: longest side to SIZE (bicubic, skipped if already SIZE), zero padding centred."""
-    w, h = image.size
-    scale = SIZE / max(w, h)
-    nw, nh = round(w * scale), round(h * scale)
-    canvas = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
-    canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((SIZE - nw) // 2, (SIZE - nh) // 2))
-    return canvas
+def longest_side_pad(image: Image.Image) -> torch.Tensor:
+    """HPS's evaluation transform (hpsv2/src/open_clip/transform.py): ToTensor, then ResizeMaxSize on the float
+    tensor (longest side to SIZE, bicubic; skipped if already SIZE), zero padding centred, then normalisation."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    height, width = pixels.shape[1:]
+    scale = SIZE / max(height, width)
+    if scale != 1.0:
+        height, width = round(height * scale), round(width * scale)
+        pixels = torch.nn.functional.interpolate(pixels[None], size=(height, width), mode="bicubic",
+                                                 align_corners=False, antialias=True)[0]
+    pad_h, pad_w = SIZE - height, SIZE - width
+    pixels = torch.nn.functional.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return ((pixels - torch.from_numpy(MEAN)[:, None, None]) / torch.from_numpy(STD)[:, None, None])[None]
 
 
 def cosine(model, pixels: torch.Tensor, prompt: str) -> float:
@@ -88,7 +93,7 @@ def test_hps_matches_reference_formula(tiny_clip, images, tmp_path, version):
     install_in_hf_cache(REPO, tmp_path / "repo")
     scorer = LoadedScorer(version, arch=ARCH)
     got = scorer(images, PROMPTS)
-    expected = [cosine(model, to_pixels(longest_side_pad(im)), p) for im, p in zip(images, PROMPTS, strict=True)]
+    expected = [cosine(model, longest_side_pad(im), p) for im, p in zip(images, PROMPTS, strict=True)]
     # Cosines (|v| <= 1) of 768-d float32 embeddings from 2-layer, 32-wide towers: rounding ~ sqrt(768) * u ~ 2e-6
     # (u = 2**-24; worst case 768 * u = 5e-5); seen 2e-8. The four scores differ by > 4e-3.
     assert got == pytest.approx(expected, abs=1e-5)
