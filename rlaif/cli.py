@@ -349,7 +349,7 @@ def evaluate(
 
 def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                  max_pairs: int, label_column: str | None) -> None:
-    from rlaif.pair_eval import run_pairs_eval, trained_table
+    from rlaif.pair_eval import run_pairs_eval, trained_table_remarks
     from rlaif.scoring import check_scorers
 
     if max_pairs < 1:
@@ -365,19 +365,8 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)"
         + (f"; of the table's rows, these are not judged, as they rank neither image first: {', '.join(left_out)}"
            if left_out else ""))
-    trained = trained_table(tuned, pairs)
-    if trained:  # the model's accuracy on the pairs it learnt says little of how it generalises
-        from rlaif.train.outputs import train_info
-
-        info = {} if "through --init" in trained else train_info(tuned)
-        held_out = info.get("pairs_held_out") or 0
-        some = (f" (all but the {held_out} pairs it held out by caption, whose accuracy its log gives as the held-out "
-                "accuracy)" if held_out else "")
-        say(f"{pairs} is {trained} ({tuned}): on the pairs it trained on{some}, accuracy says what it learnt, not how "
-            "it generalises")
-        if info.get("label_column") not in (None, judged[0].labels):
-            say(f"note: it trained on the labels of column {info['label_column']}, not {judged[0].labels}; pass "
-                f"--label-column {info['label_column']} to judge against those")
+    for remark in trained_table_remarks(tuned, pairs, judged[0].labels):  # accuracy on pairs it learnt
+        say(remark)
 
 
 FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little

@@ -49,13 +49,41 @@ def trained_table(tuned: Path, pairs: str) -> str | None:
     accuracy (what it learnt, or how it generalises): "the table it was trained on" (or "... trained on through
     --init"), with ", changed since" when its files are no longer the ones train.json records; None for another
     table."""
+    found = _learnt_from(tuned, pairs, train_info(tuned))
+    return found[1] if found else None
+
+
+def trained_table_remarks(tuned: Path, pairs: str, labels: str) -> list[str]:
+    """What `eval --pairs` says after judging ``pairs`` against column ``labels`` when ``tuned`` learnt from that
+    table: the accuracy there says what it learnt (less the pairs its own run held out), and, for its own table,
+    which label column it trained on when that is another. Nothing for another table."""
+    info = train_info(tuned)
+    found = _learnt_from(tuned, pairs, info)
+    if found is None:
+        return []
+    own, described = found
+    recorded = info if own else {}  # an --init table's held-out pairs and labels are its run's, not recorded here
+    held_out = recorded.get("pairs_held_out") or 0
+    some = (f" (all but the {held_out} pairs it held out by caption, whose accuracy its log gives as the held-out "
+            "accuracy)" if held_out else "")
+    remarks = [f"{pairs} is {described} ({tuned}): on the pairs it trained on{some}, accuracy says what it learnt, "
+               "not how it generalises"]
+    if recorded.get("label_column") not in (None, labels):
+        remarks.append(f"note: it trained on the labels of column {recorded['label_column']}, not {labels}; pass "
+                       f"--label-column {recorded['label_column']} to judge against those")
+    return remarks
+
+
+def _learnt_from(tuned: Path, pairs: str, info: dict) -> tuple[bool, str] | None:
+    """Whether ``pairs`` is among the tables ``tuned`` (its train.json ``info``) learnt from: (its own table rather
+    than one of its --init chain's, ``trained_table``'s description), else None."""
     path = Path(pairs)
     named = str(path.resolve()) if path.exists() else pairs  # as train.json records it: a hub id or URL as given
-    for number, table in enumerate(trained_tables(train_info(tuned))):
+    for number, table in enumerate(trained_tables(info)):
         if table["pairs"] == named:
             changed = path.exists() and table_changed(pairs, table["pairs_file"])  # a hub id's or URL's: unknown
-            return ("the table it was trained on" + (" through --init" if number else "")
-                    + (", changed since" if changed else ""))
+            return not number, ("the table it was trained on" + (" through --init" if number else "")
+                                + (", changed since" if changed else ""))
     return None
 
 
