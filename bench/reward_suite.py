@@ -35,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from rlaif.config import OFFICIAL_LOSS as OFFICIAL
+from rlaif.config import official_loss
 
 REWARDS = {
     "brightness": "suite_rewards:brightness",
@@ -112,7 +113,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
     "defaults-2-rounds": ("the official loss, two rounds as `rlaif loop` runs them: round 2 samples the training "
                           "prompts from round 1's model (new noise), labels them and trains from and against it",
                           "best-worst", {**OFFICIAL, "rounds": 2}),
-    "sft": ("`rlaif train --loss sft` (fine-tuning on the winners alone)", "best-worst", {**OFFICIAL, "loss": "sft"}),
+    "sft": ("`rlaif train --loss sft` (fine-tuning on the winners alone)", "best-worst",
+            {**official_loss("sft"), "loss": "sft"}),
     "defaults-top-vs-bottom": ("the official loss, on each of the 2 best against each of the 2 worst candidates (4 "
                                "pairs per prompt)", "top-vs-bottom", OFFICIAL),
     "defaults-beta2500": ("the official loss at beta 2500", "best-worst", {**OFFICIAL, "beta": 2500.0}),
@@ -171,6 +173,8 @@ def run_cell(work: Path, recipe: str, reward: str, samples: Path, eval_prompts: 
     cell = work / recipe / reward
     recorded = cell / "recipe.json"
     settings = {**train_defaults(), **options}  # the defaults too: a cell made under other defaults is not reused
+    if settings.get("loss") == "sft":  # no beta: recorded as the official recipe's, as before --beta was refused
+        settings["beta"] = OFFICIAL["beta"]
     recipe_text = json.dumps({"strategy": strategy, "options": settings, "scorer": scorer}
                              | ({"rounds": rounds} if rounds > 1 else {}), sort_keys=True)
     if recorded.exists() and recorded.read_text() != recipe_text:

@@ -53,7 +53,7 @@ from PIL import Image
 from torchvision import transforms
 
 from rlaif.cli import quiet_libraries
-from rlaif.config import OFFICIAL_LOSS, LabelConfig, SampleConfig, TrainConfig
+from rlaif.config import OFFICIAL_LOSS, LabelConfig, SampleConfig, TrainConfig, official_loss
 from rlaif.label import run_label
 from rlaif.models import load_pipeline
 from rlaif.sample import run_sample
@@ -81,7 +81,7 @@ def make_pairs(folder: Path) -> Path:
 def rlaif_step_seconds(pairs: Path, out: Path, **settings) -> list[float]:
     """Per-step wall times of `rlaif train` (from its log), after a first untimed run that warms the cache."""
     config = dict(pairs=pairs, model="tiny", max_steps=settings.pop("max_steps"), learning_rate=1e-5,
-                  **{**OFFICIAL_LOSS, **settings})
+                  **{**official_loss(settings.get("loss", "sigmoid")), **settings})
     log = out / "train_log.jsonl"
     run_train(TrainConfig(out=out / "warm", **{**config, "max_steps": 12}))
     run_train(TrainConfig(out=out, **config))
@@ -169,7 +169,7 @@ def probe_memory(pairs: Path, loss: str, steps: int, batch: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_train(TrainConfig(pairs=pairs, model="tiny", out=Path(tmp), loss=loss, batch_size=batch, max_steps=steps,
-                              **OFFICIAL_LOSS), progress)
+                              **official_loss(loss)), progress)
     print(json.dumps({"baseline_kb": baseline["rss_kb"], "peak_kb": _status_kb("VmHWM")}))
 
 
@@ -221,11 +221,12 @@ def step_intervals(times: Path, untimed: int = 5) -> list[float]:
 
 def contenders(lora: bool) -> dict[str, list[str]]:
     """(e)'s `rlaif train` runs by name: their options beyond the shared ones (LoRA runs only with ``lora``)."""
-    full = ["--full", "--learning-rate", "1e-5"]  # as the official script is run here
+    beta = ["--beta", str(BETA)]  # the official loss's; SFT has none
+    full = [*beta, "--full", "--learning-rate", "1e-5"]  # as the official script is run here
     runs = {"rlaif train": full, "rlaif --no-cache": [*full, "--no-cache"]}
     if lora:
-        runs |= {"rlaif LoRA DPO": [], "rlaif LoRA SFT": ["--loss", "sft"],
-                 "rlaif LoRA DPO, anchored": ["--keep-unconditional", "1"]}
+        runs |= {"rlaif LoRA DPO": beta, "rlaif LoRA SFT": ["--loss", "sft"],
+                 "rlaif LoRA DPO, anchored": [*beta, "--keep-unconditional", "1"]}
     return runs
 
 
@@ -253,7 +254,8 @@ def against_official(official: Path, steps: int, batch: int, repeats: int, size:
         table = pick_a_pic_table(folder / "pickapic-64", 64, size=max(256, resolution), shard_rows=64)
         script = official_script(official, folder / "official")
         rlaif = [sys.executable, timer, None, "-m", "rlaif", "train", str(table), "--model", str(model),
-                 *flags({**OFFICIAL_LOSS, "caption_dropout": 0.0}),  # the official loss, as the script runs here
+                 *flags({**official_loss("sft"), "caption_dropout": 0.0}),  # the official loss (each DPO contender
+                 # adds its beta), as the script runs here
                  "--batch-size", str(batch), "--mixed-precision", precision, "--workers", str(workers),
                  "--checkpoint-every", "0", "--val-fraction", "0", "--overwrite", "--out", str(folder / "rlaif")]
         env["RLAIF_CACHE"] = str(folder / "cache")

@@ -91,7 +91,8 @@ def sample(
 
     show, output = start("images")
     with output as report:
-        table = run_sample(config, progress=lambda done, total: report("sampling", done, total))
+        table = run_sample(config, progress=lambda done, total: report("sampling", done, total),
+                           note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
         say(f"wrote {table}")
 
@@ -110,7 +111,7 @@ def label(
     min_margin: Annotated[float, option(L, "min_margin")] = default(L, "min_margin"),
     keep_ties: Annotated[bool, option(L, "keep_ties")] = default(L, "keep_ties"),
     invert: Annotated[bool, option(L, "invert")] = default(L, "invert"),
-    combine: Annotated[str, option(L, "combine")] = default(L, "combine"),
+    combine: Annotated[str | None, option(L, "combine")] = default(L, "combine"),
     scorer_options: Annotated[list[str], option(L, "scorer_options", "--scorer-option")] = [],  # noqa: B006
     batch_size: Annotated[int, option(L, "batch_size")] = default(L, "batch_size"),
     chunk_size: Annotated[int, option(L, "chunk_size")] = default(L, "chunk_size"),
@@ -416,7 +417,7 @@ def _run_loop(config: Path, out: Path | None, control: bool) -> None:
         def progress(description: str, done: int, total: int, logs: dict[str, float] | None = None) -> None:
             report(description, done, total, training_info(logs) if logs else "", "steps" if logs else None)
 
-        table = run_loop(plan, progress=progress)
+        table = run_loop(plan, progress=progress, note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
         print_win_rates(table)
         say(f"wrote {plan.loop.out} (open {plan.loop.out / 'report.html'})")

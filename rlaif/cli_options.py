@@ -80,8 +80,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def read_toml(path: Path) -> dict[str, Any]:
     """A TOML config file as a dict; an unreadable or malformed one is a one-line error."""
     try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RlaifError(f"config file {path} cannot be read: {exc}") from exc
 
 
@@ -91,10 +91,12 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
     type; paths stay as written (relative ones are relative to the working directory). ``unlisted``: settings
     not offered among the known names when a misspelling is reported (the caller sets them)."""
     data = read_toml(path)
+    where = f"{path}" + (f" [{section}]" if section else "")
     if section is not None:
         data = data.get(section, {})
+        if not isinstance(data, dict):
+            raise RlaifError(f"{path}: {section} must be a [{section}] table of settings, got {data!r}")
     hints = typing.get_type_hints(config)
-    where = f"{path}" + (f" [{section}]" if section else "")
     unknown = sorted(set(data) - set(hints))
     table = next((name for name in unknown if isinstance(data[name], dict)), None)
     if table is not None and section is None:  # `rlaif loop`'s layout given to a single command

@@ -9,6 +9,7 @@ stage's values before the files of later stages exist).
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,11 @@ DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
 CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
 # The official Diffusion-DPO loss as `rlaif train` settings: what examples/*.toml pin and the benchmarks compare with
 OFFICIAL_LOSS = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": CAPTION_DROPOUT}
+
+
+def official_loss(loss: str = "sigmoid") -> dict:
+    """OFFICIAL_LOSS's settings as ``--loss loss`` takes them: sft, which has no beta, without it."""
+    return {name: value for name, value in OFFICIAL_LOSS.items() if not (loss == "sft" and name == "beta")}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 # Peak learning rate, by what is trained: LoRA's, the best LoRA recipe of bench/reward_suite.py; the whole network's,
@@ -73,6 +79,15 @@ def check_sequence_length(value: int | None) -> None:
     """--max-sequence-length: 1 to 512 tokens (the T5 limit of the SD3 and FLUX pipelines), or unset."""
     if value is not None and not 1 <= value <= 512:
         raise RlaifError(f"--max-sequence-length must be between 1 and 512 tokens, got {value}")
+
+
+def _check_finite(config: object) -> None:
+    """Refuse a NaN or infinite number for any setting: every comparison with NaN is false, so range checks pass it
+    (--guidance nan sampled, --max-grad-norm nan turned clipping off, --min-margin nan dropped nothing)."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RlaifError(f"--{spec.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def _check_generation(config: SampleConfig | EvalConfig) -> None:
@@ -192,6 +207,7 @@ class SampleConfig:
 
     def check_values(self) -> None:
         """Reject impossible settings (paths aside)."""
+        _check_finite(self)
         for name in ("per_prompt", "steps", "batch_size", "max_prompts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -220,8 +236,9 @@ class LabelConfig:
     invert: bool = field(default=False, metadata={
         "help": "Swap winners and losers: a control experiment (training on it should lower the reward)."})
     keep_ties: bool = field(default=False, metadata={"help": "Keep exact ties, labelled 0.5 (dropped otherwise)."})
-    combine: str = field(default="zscore", metadata={"help": "How several scorers combine: zscore | rank "
-                                                     "(per prompt, then weighted mean)."})
+    combine: str | None = field(default=None, metadata={
+        "help": "How several scorers combine: zscore (default) | rank (per prompt, then weighted mean). One "
+                "scorer's pairs come from its own scores."})
     scorer_options: list[str] = field(default_factory=list, metadata={"metavar": "NAME.KEY=VALUE", 
         "help": "NAME.KEY=VALUE passed to scorer NAME's factory, e.g. clip.arch=ViT-H-14."})
     batch_size: int = field(default=32, metadata={"help": "Images per scorer call."})
@@ -269,12 +286,16 @@ class LabelConfig:
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""
+        _check_finite(self)
         if not self.scorers:
             raise RlaifError("give at least one --scorer")
         if self.strategy not in STRATEGIES:
             raise RlaifError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.combine not in COMBINE_RULES:
+        if self.combine is not None and self.combine not in COMBINE_RULES:
             raise RlaifError(f"--combine {self.combine!r} is not one of {', '.join(COMBINE_RULES)}")
+        if self.combine is not None and len(set(self.scorers)) == 1:  # --min-margin is then on its own scale
+            raise RlaifError(f"--combine {self.combine} combines several scorers; with one, pairs come from its own "
+                             "scores: drop --combine")
         for name in ("top_k", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
@@ -284,6 +305,11 @@ class LabelConfig:
             raise RlaifError(f"--top-k applies to --strategy top-vs-bottom, not {self.strategy}")
         check_device(self.device)
         check_scorers(self.scorers, self.scorer_options)
+
+    @property
+    def combine_rule(self) -> str:
+        """How the scorers combine: --combine, zscore by default."""
+        return self.combine or COMBINE_RULES[0]
 
 
 @dataclass
@@ -424,6 +450,7 @@ class TrainConfig:
 
     def check_values(self) -> None:
         """Reject impossible settings (paths aside: ``rlaif loop`` checks these before their files exist)."""
+        _check_finite(self)
         if self.loss not in (*LOSS_TYPES, "sft"):
             raise RlaifError(f"--loss {self.loss!r} is not one of {', '.join((*LOSS_TYPES, 'sft'))}")
         if self.optimizer not in OPTIMIZERS:
@@ -453,6 +480,9 @@ class TrainConfig:
         if self.keep_unconditional and self.loss == "sft":
             raise RlaifError("--keep-unconditional needs a reference model, which --loss sft has not; drop it or pass "
                              "--keep-unconditional 0")
+        if self.beta is not None and self.loss == "sft":  # it would be recorded, and never used
+            raise RlaifError("--beta applies to the DPO losses; --loss sft fine-tunes on the winners alone, without a "
+                             "reference or beta: drop --beta")
         if self.dpo_positive and self.loss not in POSITIVE_LOSS_TYPES:
             raise RlaifError(f"--dpo-positive applies to --loss {' and '.join(POSITIVE_LOSS_TYPES)}, not "
                              f"{self.loss}; drop it or pass --dpo-positive 0")
@@ -465,6 +495,9 @@ class TrainConfig:
             raise RlaifError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
         if self.val_every is not None and self.val_every < 1:
             raise RlaifError(f"--val-every must be at least 1, got {self.val_every}")
+        if self.val_every is not None and self.loss == "sft":  # held_out_metrics need a reference
+            raise RlaifError("--val-every measures the held-out DPO implicit accuracy, which --loss sft (no reference) "
+                             "has not; drop --val-every")
         if self.val_every is not None and not self.val_fraction:
             raise RlaifError("--val-every applies when pairs are held out; --val-fraction 0 holds out none")
         for name in ("warmup_steps", "checkpoint_every", "max_grad_norm", "workers", "keep_checkpoints"):
@@ -529,12 +562,16 @@ class EvalConfig:
         before anything is sampled."""
         self.check_values()
         check_in_dir(self.tuned, "--tuned")  # the cheap checks first: _check_tuned's whole one imports diffusers
+        if self.train_log is not None and not self.train_log.is_file():
+            raise RlaifError(f"--train-log {self.train_log} is not a file (give a train_log.jsonl, or leave it out "
+                             "for --tuned's own)")
         check_out_dir(self.out, "--out", "eval")
         _check_prompts(self.prompts, self.prompt_column)
         _check_tuned(self.tuned, "--tuned")
 
     def check_values(self) -> None:
         """Reject impossible settings and unknown scorers or options (paths aside)."""
+        _check_finite(self)
         if not self.scorers:
             raise RlaifError("give at least one --scorer")
         for name in ("per_prompt", "steps", "batch_size", "resamples", "max_prompts"):

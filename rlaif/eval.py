@@ -174,7 +174,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
                                 height=config.height, negative_prompt=config.negative_prompt, device=config.device,
                                 max_sequence_length=length),
                    progress=progress and (lambda done, total, side=side: progress(f"sampling {side}", done, total)),
-                   replace_stale="eval")  # eval's own folders: samples of another model or setting are remade
+                   replace_stale="eval", note=note)  # eval's own folders: another model's or setting's are remade
         samples = read_table(folder / "samples.parquet", SAMPLES_SCHEMA)
         label = LabelConfig(samples_dir=folder, scorers=[*config.scorers, *config.held_out],
                             scorer_options=config.scorer_options,

@@ -69,6 +69,8 @@ def held_output(path: Path, command: str | None = None) -> str | None:
 
 def check_in_dir(path: str | os.PathLike[str], option: str) -> None:
     """Refuse, before any work, an input folder that does not exist."""
+    if Path(path).is_file():
+        raise RlaifError(f"{option} {path} is a file; give the folder that holds it, {Path(path).parent}")
     if not Path(path).is_dir():
         raise RlaifError(f"{option} {path} does not exist")
 
@@ -113,6 +115,17 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     path = path.resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def content_identity(path: str | os.PathLike[str]) -> str:
+    """What identifies a checkpoint file or folder by its content alone (``weights_fingerprint``): no path or time,
+    so every process and node, a copy, and a download raced by two processes name the same weights alike (a
+    scorer's key must agree across ranks, or they disagree on what is left to score)."""
+    path = Path(path)
+    if not path.exists():  # not a file: a hub id, identified by name alone
+        return str(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return weights_fingerprint(files)
 
 
 HASHED_UP_TO = 32 * 2**20  # folder_identity hashes files up to this size whole, larger ones at both ends

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from PIL import Image, UnidentifiedImageError
 
@@ -23,6 +24,8 @@ ImageSource = Path | bytes
 def _opened(source: ImageSource, name: str | None) -> Iterator[Image.Image]:
     """A file or encoded bytes opened lazily by PIL; an unreadable image is a user error naming ``name`` (or
     the file)."""
+    if source is None:  # a null cell of an image column
+        raise RlaifError(f"image {name} is missing: its table cell is empty")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             yield image
@@ -33,9 +36,18 @@ def _opened(source: ImageSource, name: str | None) -> Iterator[Image.Image]:
         raise RlaifError(f"image {name or source} cannot be read: {exc}") from exc
 
 
+# 16-bit greyscale (a 16-bit PNG): PIL's convert("RGB") clips its 0..65535 to 255, a white picture; 32-bit "I"
+# (older Pillow's 16-bit PNG) only when its values pass 255
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def open_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode a file or encoded bytes as RGB."""
+    """Decode a file or encoded bytes as RGB; 16-bit greyscale is scaled to 8 bits first (0..65535 -> 0..255)."""
     with _opened(source, name) as image:
+        grey = np.asarray(image, dtype=np.float64) if image.mode in (*WIDE_GREY, "I") else None
+        if grey is not None and (image.mode != "I" or grey.max() > 255):
+            grey = grey / 257.0
+            return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
         return image.convert("RGB")
 
 

@@ -68,8 +68,8 @@ def score_images(
         for start, images in batches:
             batch = mine[start : start + len(images)]
             values += scorer(images, [prompts[i] for i in batch], [names[i] for i in batch])
-            if progress:
-                progress(scorer.spec, len(values), len(mine))
+            if progress:  # this process's share stands for all of them (the first holds the most: it ends at 100%)
+                progress(scorer.spec, min(len(values) * state.num_processes, len(sources)), len(sources))
     if state.num_processes == 1:
         return values
     ordered = [0.0] * len(sources)
@@ -173,7 +173,7 @@ def labelling_settings(config: LabelConfig) -> dict:
     settings = {"scorers": sorted(weighted_names(weights)),
                 "scorer_options": sorted(config.scorer_options)}
     if len(weights) > 1:
-        settings["combine"] = config.combine
+        settings["combine"] = config.combine_rule
     if config.relabel is None:
         settings |= {"strategy": config.strategy, "min_margin": config.min_margin, "keep_ties": config.keep_ties,
                      "invert": config.invert}
@@ -241,7 +241,7 @@ def run_label(config: LabelConfig, progress: Progress | None = None) -> Labelled
     keyed = samples.select("sample_id", "prompt_id", "prompt", "image")
     long = scores.join(keyed.select("sample_id", "prompt_id"), on="sample_id")
     keys = dict(long.filter(pl.col("scorer").is_in(list(weights))).select("scorer", "scorer_key").unique().iter_rows())
-    values = preference(long, weights, config.combine)
+    values = preference(long, weights, config.combine_rule)
     pairs = make_pairs(values, config.strategy, config.top_k, config.min_margin, config.keep_ties)
     compared = make_pairs(values, config.strategy, config.top_k, 0.0, keep_ties=True)  # before any dropping
     ties = 0 if config.keep_ties else compared.filter(pl.col("label_0") == 0.5).height

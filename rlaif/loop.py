@@ -42,7 +42,7 @@ class Progress(Protocol):
 STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
                "train": {"pairs", "model", "out", "init", "resume", "overwrite"},
-               "eval": {"base", "tuned", "prompts", "out"}}
+               "eval": {"base", "tuned", "prompts", "out", "train_log"}}  # each round's report: its own log
 
 
 @dataclass
@@ -237,8 +237,9 @@ def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:
     return {} if recorded is None else {"guidance": recorded}
 
 
-def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
-    """Run every unfinished stage of every round; return OUT/rounds.parquet, every round's win rates."""
+def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[str], None] | None = None) -> Path:
+    """Run every unfinished stage of every round; return OUT/rounds.parquet, every round's win rates. ``note`` is
+    told what training and evaluation say beside their results (eval base samples remade, nothing held out)."""
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
     main = process_state().is_main_process
@@ -268,19 +269,20 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None) -> Path:
         if f"{number}/sample" not in state["done"]:
             sample = {**stages["sample"], "seed": round_seed(stages["sample"].get("seed", SampleConfig.seed), number)}
             run_sample(SampleConfig(model=loop.model, prompts=loop.prompts, out=samples, tuned=previous, **sample),
-                       progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)))
+                       progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)),
+                       note=note)
             finished(f"{number}/sample")
         if f"{number}/label" not in state["done"]:
             run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
             run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t,
-                                                                                  logs=logs)))
+                                                                                  logs=logs)), note=note)
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:
             table = run_eval(EvalConfig(base=loop.model, tuned=train_out, prompts=loop.eval_prompts, out=eval_out,
                                         **stages["eval"]), report(f"round {number} eval"),
-                             base_dir=loop.out / "eval_base")
+                             base_dir=loop.out / "eval_base", note=note)
             state["rounds"][str(number)] = pl.read_parquet(table).to_dicts()
             finished(f"{number}/eval")
         previous = train_out

@@ -105,7 +105,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     table = PairTable(pairs, label).in_table_order()
     count, batch_size = judged_batches(len(table), max_pairs, batch_size)
     accelerator = Accelerator(cpu=cpu_only())
-    config = TrainConfig(pairs=pairs, model=base, out=tuned, beta=trained["beta"], loss=trained["loss"],
+    config = TrainConfig(pairs=pairs, model=base, out=tuned, loss=trained["loss"],
+                         beta=None if trained["loss"] == "sft" else trained["beta"],
                          dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],
                          flow_weighting=trained["flow_weighting"], max_sequence_length=trained["max_sequence_length"])
     if is_full(tuned):  # two networks: the tuned one, and the base as its reference

@@ -238,11 +238,11 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         agreement = Agreement(0, 0, 0, 0, 0)
         for chunk, values in read_chunks(table_chunks, rows, ["label_0"]):
             agreement = _plus(agreement, _agreement(_ai_columns(chunk, values["label_0"], folders, weights,
-                                                                config.combine)))
+                                                                config.combine_rule)))
         return out, agreement
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
         stale.unlink()
-    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine, out,
+    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine_rule, out,
                                 {**labelling, SCORER_KEYS: keys})
 
 

@@ -81,18 +81,26 @@ def versions() -> dict[str, str]:
             **library_versions(("rlaif", "torch", "diffusers", "transformers", "accelerate"))}
 
 
+def _recorded_generation(run_file: Path, unrecorded: dict | None) -> dict | None:
+    """The generation settings a run folder's run.json records (None: no run.json), with ``unrecorded``'s values
+    for settings an older run.json lacks; a run.json of something else is refused."""
+    record = read_json(run_file, "use an empty --out folder")
+    if record is None:
+        return None
+    if not isinstance(record.get("generation"), dict):
+        raise RlaifError(f"{run_file} records no generation settings: not a run of `rlaif sample`; use an empty "
+                         "--out folder")
+    return {**(unrecorded or {}), **record["generation"]}
+
+
 def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None,
                     guidance_unset: bool = False) -> None:
     """Refuse to add images made with other generation settings to an existing run folder; ``unrecorded``
     holds the values that settings missing from an older run.json had then. ``guidance_unset``: --guidance was
     left to the model's default, so a folder that differs in guidance alone is told which --guidance resumes it."""
-    record = read_json(run_file, "use an empty --out folder")
-    if record is None:
+    previous = _recorded_generation(run_file, unrecorded)
+    if previous is None:
         return
-    if not isinstance(record.get("generation"), dict):
-        raise RlaifError(f"{run_file} records no generation settings: not a run of `rlaif sample`; use an empty "
-                         "--out folder")
-    previous = {**(unrecorded or {}), **record["generation"]}
     changed = changed_settings(previous, generation, generation)
     before = previous.get("guidance")
     if guidance_unset and before not in (None, generation["guidance"]) and \
@@ -108,10 +116,30 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
         )
 
 
-def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: str | None = None) -> Path:
+def _versions_record(run_file: Path, lacking: bool, note: Callable[[str], None] | None) -> dict:
+    """run.json's record of the library versions: those the folder was begun under, and when images it still
+    ``lacking`` are made under other versions of the libraries that shape them (rlaif aside), these as
+    ``resumed_under`` (kept by later runs that make none); ``note`` is told, as those images may differ from an
+    uninterrupted run's."""
+    now = versions()
+    record = read_json(run_file, "use an empty --out folder") or {}
+    then = record.get("versions") or now
+    changed = [f"{name} {then.get(name)} -> {now[name]}" for name in now
+               if name != "rlaif" and then.get(name) != now[name]]
+    if not (changed and lacking):
+        return {"versions": then, **({"resumed_under": record["resumed_under"]} if "resumed_under" in record else {})}
+    if note:
+        note(f"{run_file.parent} was begun under other library versions ({'; '.join(changed)}); the images it still "
+             "lacks are made under these, and may differ from those an uninterrupted run would have made")
+    return {"versions": then, "resumed_under": now}
+
+
+def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: str | None = None,
+               note: Callable[[str], None] | None = None) -> Path:
     """Generate every missing image of ``config`` and write the samples table; return its path. A folder
     made with other generation settings is refused; with ``replace_stale`` (the name of the caller that owns
-    the folder, recorded in run.json) a folder that caller made is emptied and made again instead."""
+    the folder, recorded in run.json) a folder that caller made is emptied and made again instead, and ``note``
+    told why (hours of sampling may go)."""
     config.validate()
     if config.negative_prompt:
         check_negative_prompt(config.model, "--negative-prompt")
@@ -137,23 +165,27 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     unrecorded = {"max_sequence_length": prompt_length(pipe).get("max_sequence_length")}  # before rlaif recorded it
     if replace_stale and state.is_main_process and \
             (read_json(run_file, "use an empty --out folder") or {}).get("made_by") == replace_stale:
-        try:
-            check_resumable(run_file, generation, unrecorded)
-        except RlaifError:  # made by other settings or another model: none of it may be reused
+        previous = _recorded_generation(run_file, unrecorded)
+        changed = previous and changed_settings(previous, generation, generation)
+        if changed:  # made by other settings or another model: none of it may be reused
+            if note:
+                note(f"{config.out} holds images of other settings or another model ({'; '.join(changed)}); "
+                     "removing them and sampling again")
             for name in ("images", "samples.parquet", "scores.parquet", "run.json"):
                 target = config.out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     state.wait_for_everyone()
     check_resumable(run_file, generation, unrecorded, guidance_unset=config.guidance is None)
+    jobs = plan_jobs(prompts, config.per_prompt, config.seed)
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)
-        write_json({"generation": generation, "settings": settings, "versions": versions(),
+        lacking = any(not (config.out / job.image).exists() for job in jobs)
+        write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
                    run_file)
     state.wait_for_everyone()
 
-    jobs = plan_jobs(prompts, config.per_prompt, config.seed)
     mine = plan_batches(jobs, config.batch_size)[state.process_index :: state.num_processes]
     total = sum(len(batch) for batch in mine)
     # each batch with the images it lacks (a batch is made whole, so its images are those of an uninterrupted run)

@@ -3,7 +3,7 @@
 A scorer factory is called as ``factory(device=..., **options)`` and returns an object with
 ``score(images, prompts) -> torch.Tensor | Sequence[float]``: one value per image, higher is better.
 It may expose ``name`` (for its error messages) and ``identity``: a string that changes whenever its weights do
-(``rlaif.files.file_identity`` of the checkpoint it loaded, say); ``rlaif scorers list`` describes it by the first
+(``rlaif.files.content_identity`` of the checkpoint it loaded, say); ``rlaif scorers list`` describes it by the first
 line of the factory's docstring. Built-ins register through the same entry-point group
 as third-party plugins.
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from rlaif.cache import cached_download
-from rlaif.files import file_identity
+from rlaif.files import content_identity
 from rlaif.scorers.openclip_common import load_pretrained, pixel_batch
 
 ARCH = "ViT-L-14"
@@ -49,7 +49,7 @@ class Aesthetic:
         self.device = torch.device(device)
         self.model, self.preprocess = load_pretrained(arch, pretrained, self.device)
         head = cached_download(HEAD_URL, HEAD_FILE)
-        self.identity = file_identity(head)
+        self.identity = content_identity(head)
         self.head = load_head(str(head)).to(self.device)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from torchvision.transforms import functional as TF
 
-from rlaif.files import file_identity
+from rlaif.files import content_identity
 from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
 
 ARCH = "ViT-H-14"
@@ -49,7 +49,7 @@ class HumanPreferenceScore:
         self.device = torch.device(device)
         model = open_clip.create_model(arch, pretrained=None)
         path = hf_hub_download(repo, CHECKPOINTS[version])
-        self.identity = file_identity(path)
+        self.identity = content_identity(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
         self.model = model.eval().to(self.device)

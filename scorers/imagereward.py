@@ -22,7 +22,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from rlaif.files import file_identity
+from rlaif.files import content_identity
 from rlaif.scorers.aesthetic import AestheticHead
 from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, pixel_batch
 from rlaif.scoring import unique_prompts
@@ -115,7 +115,7 @@ class ImageReward:
     def __init__(self, device: str | torch.device = "cpu", repo: str = REPO, tokenizer: str = TOKENIZER) -> None:
         self.device = torch.device(device)
         checkpoint = hf_hub_download(repo, CHECKPOINT)
-        self.identity = file_identity(checkpoint)
+        self.identity = content_identity(checkpoint)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         with open(hf_hub_download(repo, MED_CONFIG)) as file:
             med = json.load(file)

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel
 
-from rlaif.files import file_identity
+from rlaif.files import content_identity
 from rlaif.scoring import unique_prompts
 
 MODEL = "yuvalkirstain/PickScore_v1"
@@ -36,7 +36,7 @@ class PickScore:
         self.tokenizer = AutoTokenizer.from_pretrained(processor)
         self.model = CLIPModel.from_pretrained(model).eval().to(self.device)
         # a hub load records the snapshot it read; a local folder is identified by its files
-        self.identity = getattr(self.model.config, "_commit_hash", None) or file_identity(model)
+        self.identity = getattr(self.model.config, "_commit_hash", None) or content_identity(model)
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

@@ -214,9 +214,10 @@ def main() -> None:
     parts["vae"].requires_grad_(False).eval()
     print(f"vae done in {time.time() - start:.0f}s, scaling_factor {parts['vae'].config.scaling_factor}, "
           f"reconstructions read right: {reconstruction_accuracy(parts['vae'], rng, args.shades):.1%}", flush=True)
-    data = encode_dataset(parts["vae"], rng, args.dataset_size, args.shades)
-    train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng, args.lr,
-               args.noisier_half, args.text_lr_factor, args.omit_probability)
+    if args.unet_steps:  # 0: the VAE alone (e.g. a new decoder under the UNet as it is)
+        data = encode_dataset(parts["vae"], rng, args.dataset_size, args.shades)
+        train_unet(parts["unet"], parts["text_encoder"], parts["tokenizer"], data, args.unet_steps, rng, args.lr,
+                   args.noisier_half, args.text_lr_factor, args.omit_probability)
     print(f"all done in {time.time() - start:.0f}s", flush=True)
     StableDiffusionPipeline(**parts).save_pretrained(args.out, safe_serialization=True)
 

@@ -88,6 +88,7 @@ def tree(tmp_path: Path) -> Path:
         "lengths": {"sample": "max_sequence_length = 128"},
         "inverted": {"label": "scorers = ['compressibility']\ninvert = true"},
         "flow-weighting": {"train": "flow_weighting = 'mode'"},
+        "own-train-log": {"eval": "train_log = 'lora/train_log.jsonl'"},
     }.items():
         loop_config(tmp_path, name, **tables)
     loop_config(tmp_path, "broken-loop")
@@ -99,6 +100,9 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "unfinished").mkdir()  # `rlaif sample` killed before its table
     (tmp_path / "unfinished" / "run.json").write_text('{"generation": {}}')
     (tmp_path / "table.toml").write_text("[train]\nmax_steps = 3\n")  # a loop's layout, given to `rlaif train`
+    (tmp_path / "utf16.toml").write_text("max_steps = 3\n", encoding="utf-16")  # saved by Windows Notepad
+    (tmp_path / "stage-value.toml").write_text('sample = 3\n[loop]\nmodel = "tiny"\nprompts = "p.txt"\n'
+                                               'eval_prompts = "p.txt"\nout = "loop-out"\n')
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
@@ -115,6 +119,8 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--per-prompt", "0"], "--per-prompt must be at least 1"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--width", "100"], "--width must be a positive multiple of 8"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "-1"], "--guidance must not be negative"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "nan"], "--guidance must be a finite number, got "
+     "nan"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-prompts", "0"], "--max-prompts must be at least 1"),
     (["sample", "-m", "tiny", "-p", "missing.txt", "-o", "s"], "prompts file missing.txt does not exist"),
     (["sample", "-m", "tiny", "-p", "empty", "-o", "s"],
@@ -228,6 +234,23 @@ CASES = [
      "--keep-unconditional must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--keep-unconditional", "1"],
      "--keep-unconditional needs a reference model, which --loss sft has not"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--beta", "5000"],
+     "--beta applies to the DPO losses; --loss sft fine-tunes on the winners alone"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--val-every", "5"],
+     "--val-every measures the held-out DPO implicit accuracy, which --loss sft (no reference) has not"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-grad-norm", "nan"],
+     "--max-grad-norm must be a finite number, got nan"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--config", "utf16.toml"], "config file utf16.toml cannot be "
+     "read: 'utf-8' codec can't decode"),
+    (["label", "one-each", "-s", "compressibility", "--min-margin", "inf"], "--min-margin must be a finite number"),
+    (["label", "one-each", "-s", "compressibility", "--combine", "rank"], "--combine rank combines several scorers; "
+     "with one, pairs come from its own scores"),
+    (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility", "--train-log",
+      "lora/train_log.json"], "--train-log lora/train_log.json is not a file"),
+    (["eval", "--base", "tiny", "--tuned", "lora/train.json", "-p", "p.txt", "-o", "e", "-s", "compressibility"],
+     "--tuned lora/train.json is a file; give the folder that holds it, lora"),
+    (["loop", "--config", "own-train-log.toml"], "own-train-log.toml [eval]: 'train_log' is set by the loop"),
+    (["loop", "--config", "stage-value.toml"], "stage-value.toml: sample must be a [sample] table of settings, got 3"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "lion"], "--optimizer 'lion' is not one of"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--optimizer", "sgd", "--weight-decay", "0.1"],

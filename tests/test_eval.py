@@ -197,6 +197,10 @@ def test_retraining_into_the_same_folder_remakes_the_tuned_samples(tiny_pairs, t
     (tmp_path / "eval" / "eval_by_category.parquet").write_bytes(b"an earlier evaluation's, on categories")
     result = run_cli(*evaluate)
     assert result.returncode == 0, result.stderr
+    # the samples it removes (hours of a real base model's, when a folder's weights changed) are said
+    assert (f"note: {tmp_path / 'eval' / 'tuned'} holds images of other settings or another model (tuned "
+            in result.stderr and "removing them and sampling again" in result.stderr), result.stderr
+    assert f"{tmp_path / 'eval' / 'base'} holds" not in result.stderr
     assert not (tmp_path / "eval" / "eval_by_category.parquet").exists()  # these prompts have no categories
     tuned_after = images("tuned")
     assert tuned_after.keys() == tuned_before.keys()

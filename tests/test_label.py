@@ -421,3 +421,22 @@ def test_a_library_upgrade_is_another_scorer_version(monkeypatch):
     real = scoring.library_versions
     monkeypatch.setattr(scoring, "library_versions", lambda names: {**real(names), "open-clip-torch": "99.0"})
     assert scoring.LoadedScorer("compressibility").key != before
+
+
+def test_a_scorer_checkpoint_is_identified_by_its_content_alone(tmp_path):
+    """The built-in scorers' identity (part of their cache key) names their checkpoint's bytes, not its path or
+    time: two processes that raced to download the aesthetic head, or nodes with their own cache folders, would
+    otherwise key the same scorer apart and disagree on what is left to score."""
+    from rlaif.files import content_identity
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = tmp_path / "a" / "head.pth"
+    first.write_bytes(bytes(range(256)) * 64)
+    copy = tmp_path / "b" / "head.pth"
+    shutil.copyfile(first, copy)
+    os.utime(copy, (1, 1))
+    assert content_identity(first) == content_identity(copy) == content_identity(tmp_path / "a")
+    copy.write_bytes(bytes(range(256)) * 63 + bytes(256))
+    assert content_identity(copy) != content_identity(first)
+    assert content_identity("org/name") == "org/name"  # a hub id: its name

@@ -153,6 +153,30 @@ def test_a_folder_sampled_at_the_former_default_guidance_says_which_to_pass(refe
     assert other.returncode == 2 and "(steps 4 -> 5; guidance 6.0 -> 7.5)" in other.stderr, other.stderr
 
 
+def test_a_folder_begun_under_other_library_versions_says_so_and_keeps_both(reference, tmp_path):
+    """A resume after a diffusers or torch upgrade may make other pixels than an uninterrupted run: it says so,
+    and run.json keeps the versions the folder was begun under (it used to overwrite them with the new ones)."""
+    prompts, out = reference
+    shutil.copytree(out, tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "run.json").read_text())
+    now = record["versions"]
+    record["versions"] = {**now, "diffusers": "0.30.0"}
+    (tmp_path / "old" / "run.json").write_text(json.dumps(record))
+    argv = ("sample", "--model", "tiny", "--prompts", prompts, "--per-prompt", 4, "--out", tmp_path / "old", *FAST)
+    whole = run_cli(*argv)  # every image there: nothing made under the new versions, nothing to say
+    assert whole.returncode == 0 and "note:" not in whole.stderr, whole.stderr
+    assert "resumed_under" not in json.loads((tmp_path / "old" / "run.json").read_text())
+    next(iter((tmp_path / "old" / "images").rglob("*.png"))).unlink()  # killed before its last image
+    resumed = run_cli(*argv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"note: {tmp_path / 'old'} was begun under other library versions (diffusers 0.30.0 -> "
+            f"{now['diffusers']}); the images it still lacks are made under these") in resumed.stderr
+    after = json.loads((tmp_path / "old" / "run.json").read_text())
+    assert after["versions"]["diffusers"] == "0.30.0" and after["resumed_under"] == now
+    assert run_cli(*argv).returncode == 0  # a later run that makes nothing keeps the record
+    assert json.loads((tmp_path / "old" / "run.json").read_text())["resumed_under"] == now
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -94,7 +94,7 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
 
 @pytest.mark.parametrize(("model", "loss", "beta", "positive", "keep"), [
     ("tiny", "sigmoid", 1000.0, 1.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0), ("tiny", "ipo", 1000.0, 0.0, 0.0),
-    ("tiny", "sft", 1000.0, 0.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0)])
+    ("tiny", "sft", None, 0.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0)])
 def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive, keep):
     """UNets: beta 1000 with DPO-Positive's penalty and the unconditional prediction held where they were
     measured (sigmoid, hinge; IPO's loss has another scale, SFT no reference); flow transformers: Flow-DPO as

@@ -19,7 +19,7 @@ from PIL import Image
 
 from rlaif.errors import RlaifError
 from rlaif.images import open_rgb
-from rlaif.train.data import apply_augmentation, plan_augmentation
+from rlaif.train.data import apply_augmentation, fit_augmentation, plan_augmentation
 from rlaif.train.pair_table import PairTable, parquet_shards
 
 
@@ -97,6 +97,56 @@ def test_augmentation_is_shared_by_winner_and_loser():
     assert seen_flip == {True, False}  # some pairs flipped, some not
     centre = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
     assert centre.crop_top_left == (0, (53 - 32) // 2) and centre.key == "53x32-0-10-0-32"
+
+
+def test_16_bit_greyscale_decodes_to_its_8_bit_values_and_an_empty_cell_is_named():
+    """PIL's convert("RGB") clips a 16-bit PNG's 0..65535 to 255 (a white picture, trained and scored as such);
+    it is scaled to 8 bits instead. A null image cell (a Hugging Face struct with no bytes) is one line naming
+    it, not an AttributeError."""
+    wide = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    decoded = np.asarray(open_rgb(buffer.getvalue(), "w.png"))
+    assert np.array_equal(decoded[..., 0], np.rint(wide / 257).astype(np.uint8)) and decoded[..., 2].mean() < 128
+    with pytest.raises(RlaifError, match="image t.parquet row 3 jpg_1 is missing: its table cell is empty"):
+        open_rgb(None, "t.parquet row 3 jpg_1")
+
+
+def test_a_loser_of_another_aspect_ratio_is_resized_on_its_own_not_stretched():
+    """The chosen image plans the pair's transform; a loser of the same aspect ratio (any size) shares it, one of
+    another ratio gets its own shortest-side resize, cropped at the same relative place and flipped alike: the
+    chosen's absolute size would squash a 64 x 96 loser into a square."""
+    rng = np.random.default_rng(1)
+    chosen = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tall = Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8))
+    plan = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
+    assert fit_augmentation(plan, (128, 128), False) is plan and fit_augmentation(plan, (64, 64), False) is plan
+    fitted = fit_augmentation(plan, tall.size, False)
+    assert (fitted.resized, fitted.top, fitted.left, fitted.original_size) == ((32, 48), 8, 0, (96, 64))
+    by_hand = np.asarray(tall.resize((32, 48), Image.BICUBIC).crop((0, 8, 32, 40)), dtype=np.float32) / 127.5 - 1.0
+    assert torch.equal(apply_augmentation(tall, fitted), torch.from_numpy(by_hand).permute(2, 0, 1))
+    wide = plan_augmentation((80, 48), 32, random_crop=True, hflip=True, rng=random.Random(3))  # left > 0
+    moved = fit_augmentation(wide, (120, 48), True)  # more room to the side: the same fraction of it
+    assert moved.flip == wide.flip and moved.top == 0 and moved.resized == (80, 32)
+    assert moved.left == round(wide.left / (53 - 32) * (80 - 32))
+    odd = plan_augmentation((64, 66), 32, random_crop=False, hflip=False, rng=random.Random(0))  # 1 px to spare
+    assert fit_augmentation(odd, (48, 64), False).top == (43 - 32) // 2  # centred, not at the top as 0 / 1 says
+
+
+def test_a_training_batch_crops_a_loser_of_another_aspect_ratio_unstretched(tmp_path):
+    from rlaif.train.batches import BatchSettings, MicroBatches
+
+    rng = np.random.default_rng(2)
+    tall = Image.fromarray(rng.integers(0, 255, (24, 16, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    tall.save(buffer, format="PNG")
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [png("red", (16, 16))], "jpg_1": [buffer.getvalue()],
+                             "label_0": [1.0]}), tmp_path / "t.parquet")
+    settings = BatchSettings(seed=0, batch_size=1, processes=1, rank=0, resolution=8, random_crop=False, hflip=False,
+                             caption_dropout=0.0, latent_shape=(4, 1, 1), timesteps=10)
+    batch = MicroBatches(PairTable(tmp_path / "t.parquet"), settings, None)[0]
+    by_hand = np.asarray(tall.resize((8, 12), Image.BICUBIC).crop((0, 2, 8, 10)), dtype=np.float32) / 127.5 - 1.0
+    assert torch.equal(batch.images[1].pixels, torch.from_numpy(by_hand).permute(2, 0, 1))
 
 
 def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):

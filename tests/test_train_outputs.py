@@ -6,6 +6,7 @@ state (base weights, with earlier rounds fused in, plus the LoRA factors), loade
 with PEFT adapters of the run's rank and alpha.
 """
 
+import json
 import os
 import shutil
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 from conftest import run_cli
 from peft import LoraConfig
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rlaif.models import load_pipeline
+from rlaif.tiny import TINY_SD_DIR
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FAST = ("--model", "tiny", "--batch-size", 2, "--learning-rate", 1e-2, "--max-steps", 3, "--checkpoint-every", 3)
@@ -87,6 +89,27 @@ def test_round_two_alone_reproduces_the_chain(tiny_pairs, tmp_path, first):
     assert (unet_output(load_pipeline("tiny", tuned=round_2).unet) - chained).abs().max() < SAME
 
 
+def test_a_resume_over_other_base_weights_is_refused(tiny_pairs, tmp_path):
+    """A run killed and resumed after its model folder was rewritten (or a new hub revision came) would train its
+    LoRA on over another model, and train.json would name only the new one: refused, its checkpoint kept."""
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD_DIR, model)
+    out = tmp_path / "o"
+    assert run_cli("train", tiny_pairs, "--out", out, *FAST, "--model", model).returncode == 0
+    same = run_cli("train", tiny_pairs, "--out", tmp_path / "same", *FAST, "--model", model, "--max-steps", 4,
+                   "--resume", out / "checkpoints" / "step_00000003")
+    assert same.returncode == 0, same.stderr  # the same weights resume
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    save_file({**state, name: state[name] + 1e-3}, weights)
+    moved = run_cli("train", tiny_pairs, "--out", out, *FAST, "--model", model, "--max-steps", 4, "--resume",
+                    "latest", "--overwrite")
+    assert moved.returncode == 2
+    assert "that run trained on other weights of" in moved.stderr and "its UNet / transformer changed" in moved.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+
+
 def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pairs, tmp_path):
     out = tmp_path / "o"
     assert run_cli("train", tiny_pairs, "--out", out, *FAST).returncode == 0
@@ -113,6 +136,7 @@ def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pa
     full = run_cli("train", tiny_pairs, "--out", out, *FAST, "--full", "--overwrite")
     assert full.returncode == 0, full.stderr
     assert (out / "unet").is_dir() and not weights.exists()  # never a stale LoRA beside the new UNet
+    assert json.loads((out / "train.json").read_text())["config"]["lora_targets"] is None  # trained no LoRA
     failed = run_cli("train", tiny_pairs, "--out", out, *FAST, "--overwrite", "--learning-rate", 1e30)
     assert failed.returncode == 2 and "loss became nan" in failed.stderr
     assert not (out / "unet").exists() and not (out / "train.json").exists()  # no old run posing as this one

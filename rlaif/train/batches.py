@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlaif.errors import RlaifError
 from rlaif.images import ImageSource, image_size
 from rlaif.seeding import generator, keyed_seed
-from rlaif.train.data import Augmentation, plan_augmentation
+from rlaif.train.data import Augmentation, fit_augmentation, plan_augmentation
 from rlaif.train.encoding import PreparedImage, prepare_image
 from rlaif.train.flow import draw_u
 from rlaif.train.pair_table import PairTable, pair_index
@@ -98,7 +98,10 @@ class MicroBatches(Dataset):
                                              s.hflip, random.Random(keyed_seed("augment", s.seed, position)))
             augmentations.append(augmentation)
             chosen.append(prepare_image(data[0], pair.chosen_name, augmentation, self.store))
-            rejected.append(prepare_image(data[1], pair.rejected_name, augmentation, self.store))
+            rejected.append(prepare_image(data[1], pair.rejected_name,
+                                          fit_augmentation(augmentation, image_size(data[1], pair.rejected_name),
+                                                           s.random_crop),
+                                          self.store))
             dropped = random.Random(keyed_seed("drop", s.seed, position)).random() < s.caption_dropout
             captions.append("" if dropped else pair.caption)
         draws = [torch.randn(s.latent_shape, generator=generator(keyed_seed("vae", s.seed, position, side)))

@@ -1,5 +1,5 @@
 """Augmentation of training pairs: winner and loser get the same resize, crop and flip, as Diffusion-DPO
-requires."""
+requires (a loser of another aspect ratio its own resize, never a stretch)."""
 
 from __future__ import annotations
 
@@ -40,14 +40,38 @@ def plan_augmentation(size: tuple[int, int], resolution: int, random_crop: bool,
     """The transform of a pair whose chosen image is ``size`` (width, height): resize so the shortest side is
     ``resolution``, crop a square (centre, or random from ``rng``), flip with p = 0.5 when ``hflip``."""
     width, height = size
-    scale = resolution / min(width, height)
-    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    resized = _resized(size, resolution)
     if random_crop:
         top, left = rng.randint(0, resized[1] - resolution), rng.randint(0, resized[0] - resolution)
     else:
         top, left = (resized[1] - resolution) // 2, (resized[0] - resolution) // 2
     flip = hflip and rng.random() < 0.5
     return Augmentation(resized, top, left, flip, resolution, (height, width))
+
+
+def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` resized so that its shortest side is ``resolution``."""
+    scale = resolution / min(size)
+    return max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
+
+
+def fit_augmentation(augmentation: Augmentation, size: tuple[int, int], random_crop: bool) -> Augmentation:
+    """``augmentation`` (planned on a pair's chosen image) for its other image, of ``size``: the same one when
+    that image has the chosen one's aspect ratio (whatever its size); else its own resize to the resolution on
+    the shortest side, cropped in its centre (``random_crop``: at the same relative position) and flipped alike,
+    so it is never stretched. SDXL's micro-conditioning stays the chosen image's, the pair's (the official
+    script gives every image the same constant one)."""
+    a = augmentation
+    resized = _resized(size, a.resolution)
+    if resized == a.resized:
+        return a
+
+    def at(offset: int, span: int, other_span: int) -> int:  # the same fraction of the room to move the crop in
+        return round(offset / span * other_span) if span and random_crop else other_span // 2
+
+    return Augmentation(resized, at(a.top, a.resized[1] - a.resolution, resized[1] - a.resolution),
+                        at(a.left, a.resized[0] - a.resolution, resized[0] - a.resolution), a.flip, a.resolution,
+                        (size[1], size[0]))
 
 
 def apply_augmentation(image: Image.Image, augmentation: Augmentation) -> torch.Tensor:

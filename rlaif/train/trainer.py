@@ -103,6 +103,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
     base_weights = denoiser_fingerprint(config.model)  # eval's check that it compares with this model
+    if resume_from is not None:
+        _check_same_base(resume_from, config.model, base_weights)
+    identities = {**identities, "base_weights": base_weights}  # known once loaded (a hub id's first download)
     check_sampling(pairs.sampling, config, anchor_defaulted,
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
@@ -315,7 +318,8 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
     # scaled by beta, so there the same weight would swamp it
     keep = config.keep_unconditional if config.keep_unconditional is not None \
         else DEFAULT_KEEP_UNCONDITIONAL[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0
-    return replace(config, beta=DEFAULT_BETA[family] if config.beta is None else config.beta,
+    beta = None if config.loss == "sft" else DEFAULT_BETA[family] if config.beta is None else config.beta
+    return replace(config, beta=beta,
                    learning_rate=config.learning_rate if config.learning_rate is not None
                    else DEFAULT_LEARNING_RATE["full" if config.full else "lora"],
                    keep_unconditional=keep,
@@ -323,7 +327,7 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    else 0.0 if keep else CAPTION_DROPOUT,
                    dpo_positive=config.dpo_positive if config.dpo_positive is not None
                    else DEFAULT_DPO_POSITIVE[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0,
-                   lora_targets=config.lora_targets or DEFAULT_LORA_TARGETS[family],
+                   lora_targets=None if config.full else config.lora_targets or DEFAULT_LORA_TARGETS[family],
                    weight_decay=config.weight_decay if config.weight_decay is not None
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
 
@@ -649,7 +653,9 @@ def settings_then(saved: dict) -> dict:
     """Settings recorded by a checkpoint or train.json, completed with those added since: each had its default
     value then, or the value ``UNRECORDED`` says it stood for."""
     then = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    return then | {key: value(saved) for key, value in UNRECORDED.items()} | saved
+    settings = then | {key: value(saved) for key, value in UNRECORDED.items()} | saved
+    unused = {"beta": settings.get("loss") == "sft", "lora_targets": settings.get("full")}  # recorded before 11-28
+    return settings | {name: None for name, is_unused in unused.items() if is_unused}
 
 
 # Settings that a run left out resolves from rlaif's defaults (with_family_defaults): a loop's later round must
@@ -682,6 +688,17 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
     return position["step"]
+
+
+def _check_same_base(folder: Path, model: str, base_weights: str | None) -> None:
+    """Refuse to resume checkpoint ``folder`` over other UNet / transformer weights than it trained on (a model
+    folder rewritten, a new hub revision): training would go on over another model, and train.json name only the
+    new one. Checkpoints from before rlaif recorded the weights are not checked."""
+    then = (read_json(folder / "position.json", "start a new run in another --out") or {}).get("identities", {})
+    if None not in (then.get("base_weights"), base_weights) and then["base_weights"] != base_weights:
+        raise RlaifError(f"--resume {folder}: that run trained on other weights of {model} than it holds now (its "
+                         "UNet / transformer changed: a folder rewritten, or a new hub revision); resume with the "
+                         "weights it trained on, or start a new run in another --out")
 
 
 def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, identities: dict) -> None:
