@@ -113,16 +113,27 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
 
 def config_from_cli(config: type, ctx: typer.Context, values: dict[str, Any], config_file: Path | None) -> Any:
     """Build ``config`` from a command's parameter ``values``: settings from ``config_file`` fill every
-    parameter not given on the command line (flags override the file); required fields must come from one."""
+    parameter not given on the command line (flags override the file); required fields must come from one. A
+    value refused by ``check_values`` that came from the file is said to."""
     merged = {f.name: values[f.name] for f in dataclasses.fields(config)}
+    from_file = []
     if config_file is not None:
         for name, value in read_settings(config_file, config).items():
             source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
             if getattr(source, "name", None) != "COMMANDLINE":
                 merged[name] = value
+                from_file.append(name)
     for spec in dataclasses.fields(config):
         if spec.default is dataclasses.MISSING and merged[spec.name] is None:
             flag = next((p.opts[0] if p.param_type_name == "option" else p.name.upper()
                          for p in ctx.command.params if p.name == spec.name), spec.name)
             raise RlaifError(f"missing {flag}: give it on the command line or in --config")
-    return config(**merged)
+    built = config(**merged)
+    try:
+        built.check_values()
+    except RlaifError as exc:  # a refusal of a value the user did not type names where it came from
+        named = next((name for name in from_file if f"--{name.replace('_', '-')}" in str(exc)), None)
+        if named is None:
+            raise
+        raise RlaifError(f"{exc} (--{named.replace('_', '-')} is set by --config {config_file})") from exc
+    return built
