@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from rlaif.cli_options import argument, config_from_cli, default, option
+from rlaif.cli_options import PATH_OPTION, argument, config_from_cli, default, option
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.errors import RlaifError, exception_text
 from rlaif.files import check_out_dir
@@ -212,7 +212,7 @@ def train(
     overwrite: Annotated[bool, option(T, "overwrite")] = default(T, "overwrite"),
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of these settings (names as the options, with _ for -); flags given on the "
-                         "command line win. See examples/*.toml for the paper's recipes.")] = None,
+                         "command line win. See examples/*.toml for the paper's recipes.", **PATH_OPTION)] = None,
 ) -> None:
     """Fine-tune a model on winner/loser pairs with Diffusion-DPO, or Flow-DPO for SD3 / FLUX.1 (LoRA by default;
     --full for all weights).
@@ -427,9 +427,9 @@ def _run_loop(config: Path, out: Path | None, control: bool) -> None:
 def loop(
     config: Annotated[Path, typer.Option("--config", help="Loop config (TOML): a [loop] table (model, prompts, "
                                           "eval_prompts, out, rounds) and [sample] [label] [train] [eval] tables of "
-                                          "each command's settings. See rlaif/assets/demo.toml.")],
+                                          "each command's settings. See rlaif/assets/demo.toml.", **PATH_OPTION)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: [loop] out (with --control: "
-                                                                 "[loop] out-control).")] = None,
+                                                                 "[loop] out-control).", **PATH_OPTION)] = None,
     control: Annotated[bool, typer.Option("--control", help="Swap winners and losers (a control run: the reward "
                                                              "should go down).")] = False,
 ) -> None:
@@ -442,7 +442,7 @@ def loop(
 def demo(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default: runs/demo (runs/demo-sd3 "
                                                                  "with --model tiny-sd3; -control added with "
-                                                                 "--control).")] = None,
+                                                                 "--control).", **PATH_OPTION)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="tiny (SD1.5-style, Diffusion-DPO) or tiny-sd3 "
                                                             "(SD3-style, Flow-DPO).")] = "tiny",
     control: Annotated[bool, typer.Option("--control", help="Swap winners and losers: the compressibility win "
@@ -503,7 +503,8 @@ def cache_clear(
 
 @app.command()
 def tiny(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline into.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline into.",
+                                      **PATH_OPTION)],
     kind: Annotated[str, typer.Option("--kind", help="tiny (SD1.5-style), tiny-xl (SDXL), tiny-sd3 (SD3) or "
                                                      "tiny-flux (FLUX.1-dev).")] = "tiny",
     xl: Annotated[bool, typer.Option("--xl", help="Same as --kind tiny-xl.")] = False,

@@ -33,6 +33,23 @@ def _hints(config: type) -> dict[str, Any]:
     return typing.get_type_hints(config)
 
 
+def nonempty_path(value: str | Path) -> Path:
+    """A path option's value, refusing an empty one: typer reads "" as the working folder (".") itself, so
+    ``--out "$OUT"`` with OUT unset would write there."""
+    if not str(value).strip():
+        raise typer.BadParameter("is empty (an unset shell variable?); give a path, or . for the working folder")
+    return Path(value)
+
+
+PATH_OPTION = {"parser": nonempty_path, "metavar": "<path>"}  # for a path option typer.Option makes directly
+
+
+def _path_parser(config: type, name: str) -> dict[str, Any]:
+    """``parser=nonempty_path`` for a field typed ``Path`` or ``Path | None``, else nothing."""
+    hint = _hints(config)[name]
+    return {"parser": nonempty_path} if hint is Path or Path in typing.get_args(hint) else {}
+
+
 def option(config: type, name: str, *flags: str) -> Any:
     """A ``typer.Option`` for field ``name`` of dataclass ``config``, with the field's help text. A list field
     is an option given once per value, shown as ``--flag VALUE`` (its help says "repeatable"); a boolean one is
@@ -43,14 +60,16 @@ def option(config: type, name: str, *flags: str) -> Any:
         flag += f"/--{flag[5:]}" if name.startswith("no_") else f"/--no-{flag[2:]}"
     flags = flags or (flag,)
     repeated = typing.get_origin(_hints(config)[name]) is list
+    path = _path_parser(config, name)
     return typer.Option(*flags, help=spec.metadata["help"] + (" Repeatable." if repeated else ""),
-                        metavar=spec.metadata.get("metavar", "VALUE") if repeated else None,
-                        show_default=spec.default is not dataclasses.MISSING and not repeated)
+                        metavar=spec.metadata.get("metavar", "VALUE") if repeated else "<path>" if path else None,
+                        show_default=spec.default is not dataclasses.MISSING and not repeated, **path)
 
 
 def argument(config: type, name: str) -> Any:
     """A positional ``typer.Argument`` for field ``name`` of ``config``, with the field's help text."""
-    return typer.Argument(help=_field(config, name).metadata["help"], show_default=False)
+    return typer.Argument(help=_field(config, name).metadata["help"], show_default=False,
+                          **_path_parser(config, name))
 
 
 def default(config: type, name: str) -> Any:

@@ -120,6 +120,9 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--per-prompt", "0"], "--per-prompt must be at least 1"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--width", "100"], "--width must be a positive multiple of 8"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "-1"], "--guidance must not be negative"),
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", ""], "Invalid value for '--out' / '-o': is empty (an unset shell "
+     "variable?)"),  # typer reads "" as ".": it sampled into the working folder
+    (["label", "", "-s", "compressibility"], "Invalid value for 'samples_dir': is empty"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "nan"], "--guidance must be a finite number, got "
      "nan"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-prompts", "0"], "--max-prompts must be at least 1"),
