@@ -43,11 +43,6 @@ DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
 CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
 # The official Diffusion-DPO loss as `rlaif train` settings: what examples/*.toml pin and the benchmarks compare with
 OFFICIAL_LOSS = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": CAPTION_DROPOUT}
-
-
-def official_loss(loss: str = "sigmoid") -> dict:
-    """OFFICIAL_LOSS's settings as ``--loss loss`` takes them: sft, which has no beta, without it."""
-    return {name: value for name, value in OFFICIAL_LOSS.items() if not (loss == "sft" and name == "beta")}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
 DEFAULT_WEIGHT_DECAY = {"unet": 1e-2, "transformer": 1e-4}
 # Peak learning rate, by what is trained: LoRA's, the best LoRA recipe of bench/reward_suite.py; the whole network's,
@@ -73,6 +68,11 @@ MAX_PROMPTS_HELP = ("Use only N of the prompts: those whose text hashes lowest, 
 GUIDANCE_HELP = ("Classifier-free guidance scale (FLUX.1-dev: its distilled guidance input). Default: what the model's "
                  "diffusers pipeline uses when called without one: 7.5 for SD1.5 / SD2, 5.0 for SDXL, 7.0 for SD3 / "
                  "SD3.5, 3.5 for FLUX.1-dev, 0 for FLUX.1-schnell (it has no guidance input).")
+
+
+def official_loss(loss: str = "sigmoid") -> dict:
+    """OFFICIAL_LOSS's settings as ``--loss loss`` takes them: sft, which has no beta, without it."""
+    return {name: value for name, value in OFFICIAL_LOSS.items() if not (loss == "sft" and name == "beta")}
 
 
 def check_sequence_length(value: int | None) -> None:

@@ -120,11 +120,13 @@ def file_identity(path: str | os.PathLike[str]) -> str:
 def content_identity(path: str | os.PathLike[str]) -> str:
     """What identifies a checkpoint file or folder by its content alone (``weights_fingerprint``): no path or time,
     so every process and node, a copy, and a download raced by two processes name the same weights alike (a
-    scorer's key must agree across ranks, or they disagree on what is left to score)."""
+    scorer's key must agree across ranks, or they disagree on what is left to score). A folder's hidden files
+    (.git, a download's .cache metadata) are not its content."""
     path = Path(path)
     if not path.exists():  # not a file: a hub id, identified by name alone
         return str(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
     return weights_fingerprint(files)
 
 

@@ -437,6 +437,9 @@ def test_a_scorer_checkpoint_is_identified_by_its_content_alone(tmp_path):
     shutil.copyfile(first, copy)
     os.utime(copy, (1, 1))
     assert content_identity(first) == content_identity(copy) == content_identity(tmp_path / "a")
+    (tmp_path / "a" / ".cache").mkdir()  # `hf download --local-dir`'s metadata is not the weights
+    (tmp_path / "a" / ".cache" / "head.pth.metadata").write_text("etag and time of this download")
+    assert content_identity(tmp_path / "a") == content_identity(tmp_path / "b")
     copy.write_bytes(bytes(range(256)) * 63 + bytes(256))
     assert content_identity(copy) != content_identity(first)
     assert content_identity("org/name") == "org/name"  # a hub id: its name
