@@ -3,7 +3,8 @@
 Prompts: every ordered pair of different world colours (8 x 7 = 56) x every shape x ``--seeds`` seeds, as
 "a large {colour} {shape} on a {background} background", sampled on the CPU through ``rlaif.models.load_pipeline``
 (the model's own scheduler, ``--steps`` steps, guidance ``--guidance``), image k of a prompt from
-``rlaif.seeding.generator(k)``.
+``rlaif.seeding.image_seed(0, prompt, k)``, as `rlaif sample` seeds it: each prompt its own noise (until
+2026-11-28 every prompt's image k started from one noise, k's, so the 336 samples held 2 noise draws).
 
 How an image is read: ``rlaif.shapes.read_scene`` (nearest world colour per pixel; corners give the
 background, the commonest other colour the shape's, the best-fitting template by IoU the shape).
@@ -13,7 +14,8 @@ Then shorter captions (``--free-seeds`` seeds each): "a {size} {shape}" (both co
 {colour} {shape}" (background left out) and "a {size} {shape} on a {background} background" (shape colour left
 out), for every shape, size and colour. What a caption leaves out the world leaves to chance, so a model that
 learned the world draws it differently from seed to seed. Printed per kind: the share of what the caption asks
-that is drawn, and the mean number of distinct colours among each caption's seeds where a colour is left out,
+that is drawn, and the mean number of distinct colours among each caption's seeds where a colour is left out
+(an image without a readable shape adds none),
 beside what the world's own pictures of those captions show on average (a left-out colour is uniform over
 the colours it may take).
 Run: ``python bench/tiny_world.py [--model tiny]``.
@@ -75,26 +77,27 @@ def variety(captions: list[str], images: list[Image.Image], seeds: int, omit: fr
     read = [dict(zip(READ_KEYS, scene, strict=True)) for scene in found]
     for key in sorted(omit):
         groups = [read[i : i + seeds] for i in range(0, len(read), seeds)]
-        result[f"distinct {key}s"] = sum(len({drawn[key] for drawn in group}) for group in groups) / len(groups)
+        result[f"distinct {key}s"] = sum(len({drawn[key] for drawn in group} - {None})
+                                         for group in groups) / len(groups)
     return result
 
 
 def sample_scenes(model: str, jobs: list[tuple[str, int]], steps: int, guidance: float,
                   batch_size: int = 48) -> list[Image.Image]:
-    """Generate each job's caption with its seed, as ``rlaif sample`` would."""
+    """Generate image k of each job's caption (job: caption, k) from its own seed, as ``rlaif sample`` would."""
     from tqdm import tqdm
 
     from rlaif.models import default_size, load_pipeline, prompt_length
-    from rlaif.seeding import generator
+    from rlaif.seeding import generator, image_seed
 
     pipe = load_pipeline(model)
     size = default_size(pipe)  # FLUX's pipeline would default to 128 latent pixels a side whatever its VAE
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", file=sys.stderr):
         batch = jobs[start : start + batch_size]
-        images += pipe(prompt=[caption for caption, _ in batch], num_inference_steps=steps,
-                       guidance_scale=guidance, generator=[generator(seed) for _, seed in batch], height=size,
-                       width=size, **prompt_length(pipe)).images
+        seeds = [generator(image_seed(0, caption, k)) for caption, k in batch]
+        images += pipe(prompt=[caption for caption, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=seeds, height=size, width=size, **prompt_length(pipe)).images
     return images
 
 

@@ -43,6 +43,12 @@ STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "e
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
                "train": {"pairs", "model", "out", "init", "resume", "overwrite"},
                "eval": {"base", "tuned", "prompts", "out", "train_log"}}  # each round's report: its own log
+# Settings a loop may go on under other values of: they change no number (scoring batches, checkpoints, loggers), or
+# as little as `rlaif sample` lets a sampling batch size change (float round-off); [loop] out is where the run lies
+RESUMABLE = {"sample": {"batch_size"}, "label": {"batch_size", "chunk_size"}, "eval": {"batch_size"},
+             "train": {"checkpoint_every", "keep_checkpoints", "report_to", "no_cache", "gradient_checkpointing",
+                       "workers", "val_every"}, "loop": {"out"}}
+PROMPT_FILES = "prompt files (sha256)"  # loop.json's table of what the prompt files held
 
 
 @dataclass
@@ -109,8 +115,16 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
     check_out_dir(config.out, "--out" if out is not None else f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
-    source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages}, default=str))
+    source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages, PROMPT_FILES: _prompt_files(config)},
+                                   default=str))
     return LoopPlan(config, stages, source)
+
+
+def _prompt_files(config: LoopConfig) -> dict[str, str]:
+    """What each prompt source holds: a file's content hash (a file edited between rounds would give the rounds
+    other prompts, and their numbers other meanings), a bundled set's name (its content comes with rlaif)."""
+    return {name: hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16] if Path(source).is_file() else source
+            for name, source in (("prompts", config.prompts), ("eval_prompts", config.eval_prompts))}
 
 
 def eval_scorer_options(path: Path, label: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
@@ -208,24 +222,25 @@ def _control_run_in(out: Path, control_out: Path) -> bool:
 
 
 def _state(plan: LoopPlan) -> dict:
-    """OUT/loop.json: the settings it was started with and the stages done; other settings are refused, but for
-    more ``rounds``, which go on from the last finished round (the settings recorded are then the new ones)."""
+    """OUT/loop.json: the settings it was started with (and what its prompt files held) and the stages done; other
+    settings are refused, but for more ``rounds``, which go on from the last finished round, and those in
+    ``RESUMABLE`` (the settings recorded are then the new ones)."""
     path = plan.loop.out / "loop.json"
     state = read_json(path, UNREADABLE_STATE)
     if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
-    if state.get("settings") != plan.source:
-        before, now = state.get("settings") or {}, plan.source
-        values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
-                  for table in sorted(set(before) | set(now))
-                  for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
-        changed = [(table, key, old, new) for table, key, old, new in values if old != new]
-        if [(table, key) for table, key, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]:
-            return {**state, "settings": plan.source}  # more rounds: the finished ones stand
-        changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
-        raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
-                         "the same config and options to continue it, or choose another --out")
-    return state
+    before, now = state.get("settings") or {}, plan.source
+    tables = set(before) | set(now) if PROMPT_FILES in before else (set(before) | set(now)) - {PROMPT_FILES}
+    values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
+              for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
+    changed = [(table, key, old, new) for table, key, old, new in values
+               if old != new and key not in RESUMABLE.get(table, ())]
+    more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
+    if not changed or more_rounds:  # more rounds: the finished ones stand
+        return {**state, "settings": now}
+    changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
+    raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
+                     "the same config and options to continue it, or choose another --out")
 
 
 def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:

@@ -82,10 +82,15 @@ def _interval(name: str, values: np.ndarray) -> dict[str, float]:
 
 def signed_rank_p(differences: np.ndarray) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test that ``differences`` centre on 0 (zeros dropped;
-    exact for small samples without ties, the normal approximation otherwise; 1.0 when all are zero)."""
+    exact for small samples without ties, the normal approximation otherwise; 1.0 when all are zero). The
+    differences are first rounded to a billionth of the largest: per-prompt means summed in another order differ
+    in their last bits, which would split a tie (or hide a zero) and switch the test's method by chance."""
     from scipy.stats import wilcoxon
 
     differences = np.asarray(differences, dtype=float)
+    step = 1e-9 * np.abs(differences).max(initial=0.0)
+    if step > 0:
+        differences = np.round(differences / step) * step
     if not np.any(differences != 0):
         return 1.0
     return float(wilcoxon(differences, zero_method="wilcox").pvalue)

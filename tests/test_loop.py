@@ -88,6 +88,35 @@ def test_a_finished_loop_goes_on_for_more_rounds_and_keeps_the_ones_it_ran(tmp_p
     assert fewer.returncode == 2 and "([loop] rounds 2 -> 1)" in fewer.stderr
 
 
+def test_a_loop_refuses_edited_prompt_files_and_goes_on_moved_or_with_other_batch_sizes(tmp_path):
+    """loop.json holds what the prompt files held: an eval prompt file edited between rounds would measure the
+    rounds on other prompts without a word (a new user's trial: round 1 on the old prompts, round 2 on new ones,
+    eval_base resampled). A loop folder moved elsewhere, or a sampling batch size lowered after running out of
+    memory, changes no number and goes on. A loop.json from before the prompt files were recorded goes on."""
+    from rlaif.loop import _state
+
+    config, out = small_loop(tmp_path, "tiny")
+    out.mkdir()
+    (out / "loop.json").write_text(json.dumps({"settings": read_loop(config).source, "done": ["1/sample"],
+                                               "rounds": {}}))
+    shutil.copytree(out, tmp_path / "moved")
+    assert _state(read_loop(config, out=tmp_path / "moved"))["done"] == ["1/sample"]
+    config.write_text(config.read_text().replace("batch_size = 12", "batch_size = 4"))
+    assert _state(read_loop(config))["settings"]["sample"]["batch_size"] == 4
+    old = json.loads((out / "loop.json").read_text())
+    del old["settings"]["prompt files (sha256)"]
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "loop.json").write_text(json.dumps(old))
+    assert _state(read_loop(config, out=tmp_path / "older"))["done"] == ["1/sample"]
+    (tmp_path / "held_out.txt").write_text("a large green square on a white background\n" + PROMPTS[5] + "\n")
+    with pytest.raises(RlaifError, match=r"other settings \(\[prompt files \(sha256\)\] eval_prompts '[0-9a-f]{16}' "
+                                         r"-> '[0-9a-f]{16}'\)"):
+        _state(read_loop(config))
+    config.write_text(config.read_text().replace("steps = 4", "steps = 5", 1))
+    with pytest.raises(RlaifError, match=r"\[sample\] steps 4 -> 5"):  # a setting that changes numbers
+        _state(read_loop(config))
+
+
 def test_rounds_sample_and_evaluate_at_the_guidance_of_the_first_round(tmp_path):
     """A loop begun when an unset guidance meant another value (7.5 for every model before 2026-11-28; here
     recorded as 6.0) goes on at that value: its rounds stay comparable, and the base model's samples are kept."""

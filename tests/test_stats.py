@@ -41,6 +41,20 @@ def test_signed_rank_p_matches_the_exact_distribution():
     assert signed_rank_p(np.array([0.1, -0.2, 0.3, -0.4, 0.5])) > 0.5
 
 
+def test_signed_rank_p_sees_a_tie_and_a_zero_that_float_round_off_split():
+    """Two prompts whose mean deltas are equal, or one whose delta is 0, summed in another order differ in their
+    last bits: the tie, the zero and with them scipy's choice of method must not hang on that (a new user's demo
+    reported 1.2e-11 where its per-prompt table gave 1.0e-8)."""
+    from scipy.stats import wilcoxon
+
+    exact = np.random.default_rng(0).normal(0.3, 1.0, size=30)
+    exact[5], exact[6] = exact[4], 0.0
+    noisy = exact.copy()
+    noisy[5], noisy[6] = np.nextafter(exact[4], 9.0), 1e-17
+    assert wilcoxon(noisy).pvalue != wilcoxon(exact).pvalue
+    assert signed_rank_p(noisy) == signed_rank_p(exact) == wilcoxon(exact).pvalue
+
+
 def simulate(rng, prompts=30, seeds=4, shift=0.3, prompt_sd=1.0, noise_sd=0.2):
     """An evaluation whose score gain varies mostly by prompt: delta = shift + prompt effect + seed noise."""
     clusters = np.repeat(np.arange(prompts), seeds)
