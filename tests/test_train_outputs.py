@@ -137,6 +137,7 @@ def test_a_finished_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_pa
     assert full.returncode == 0, full.stderr
     assert (out / "unet").is_dir() and not weights.exists()  # never a stale LoRA beside the new UNet
     assert json.loads((out / "train.json").read_text())["config"]["lora_targets"] is None  # trained no LoRA
+    assert not json.loads((out / "unet" / "config.json").read_text()).get("_name_or_path")  # no folder's path
     failed = run_cli("train", tiny_pairs, "--out", out, *FAST, "--overwrite", "--learning-rate", 1e30)
     assert failed.returncode == 2 and "loss became nan" in failed.stderr
     assert not (out / "unet").exists() and not (out / "train.json").exists()  # no old run posing as this one

@@ -228,6 +228,9 @@ def save_outputs(unet: torch.nn.Module, pipe: DiffusionPipeline, out: Path, full
         if not full:  # a LoRA on top of a full output: fuse it in (its base weights are that network)
             unet.fuse_lora(lora_scale=1.0)
             unet.unload_lora()
+        # not where it was loaded from (a round 2's --init folder): the output is identified by its content
+        # (weights_identity), and two copies of equal weights trained in two folders must not differ
+        unet.register_to_config(_name_or_path="")
         unet.save_pretrained(staging / name, safe_serialization=True)
     else:
         factors = scaled_lora_factors(unet)
