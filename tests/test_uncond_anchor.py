@@ -67,7 +67,7 @@ def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pa
     # measured on the first committed tiny: without, 2.9e-3 (empty caption) and 6.5e-3 (the prompt); with, 1.6e-4
     # and 1.1e-2. On the tiny retrained 2026-11-28, whose prompted and empty predictions are more alike: without,
     # 4.7e-3 and 1.2e-2; with, 9.2e-4 (20%) and 4.7e-3 (39%). The anchor held the empty caption twice as much as
-    # the prompt there, not 17 times: how selective it is depends on the model
+    # the prompt there, not 30 times: how selective it is depends on the model
     assert moved[1][""] < 0.3 * moved[0][""]
     assert moved[1][prompt] > 0.25 * moved[0][prompt]
     assert moved[1][""] / moved[1][prompt] < 0.6 * moved[0][""] / moved[0][prompt]
