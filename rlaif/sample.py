@@ -116,17 +116,17 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
         )
 
 
-def _versions_record(run_file: Path, lacking: bool, note: Callable[[str], None] | None) -> dict:
+def _versions_record(run_file: Path, lacking: Callable[[], bool], note: Callable[[str], None] | None) -> dict:
     """run.json's record of the library versions: those the folder was begun under, and when images it still
-    ``lacking`` are made under other versions of the libraries that shape them (rlaif aside), these as
-    ``resumed_under`` (kept by later runs that make none); ``note`` is told, as those images may differ from an
-    uninterrupted run's."""
+    ``lacking()`` (asked only then: a stat of every image) are made under other versions of the libraries that
+    shape them (rlaif aside), these as ``resumed_under`` (kept by later runs that make none); ``note`` is told,
+    as those images may differ from an uninterrupted run's."""
     now = versions()
     record = read_json(run_file, "use an empty --out folder") or {}
     then = record.get("versions") or now
     changed = [f"{name} {then.get(name)} -> {now[name]}" for name in now
                if name != "rlaif" and then.get(name) != now[name]]
-    if not (changed and lacking):
+    if not (changed and lacking()):
         return {"versions": then, **({"resumed_under": record["resumed_under"]} if "resumed_under" in record else {})}
     if note:
         note(f"{run_file.parent} was begun under other library versions ({'; '.join(changed)}); the images it still "
@@ -180,7 +180,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)
-        lacking = any(not (config.out / job.image).exists() for job in jobs)
+        def lacking() -> bool:
+            return any(not (config.out / job.image).exists() for job in jobs)
+
         write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
                    run_file)
