@@ -338,6 +338,27 @@ def test_an_undecodable_image_is_named_by_table_row_and_column(tmp_path):
                       "format that PIL reads"
 
 
+def test_a_pair_with_its_label_flipped_sees_each_image_through_the_same_draws(tmp_path):
+    """Noise, timestep and caption dropout are the pair's; each image's VAE posterior draw is keyed by its content,
+    not by its side, so `eval --pairs` on another label column judges exactly the same model inputs with winner
+    and loser swapped (keyed by side, a model's accuracy on a table and on its flipped copy did not add up to 1)."""
+    from rlaif.train.batches import BatchSettings, MicroBatches
+
+    table = pick_a_pic_rows(6)
+    pq.write_table(table, tmp_path / "t.parquet")
+    flipped = table.set_column(3, "label_0", pa.array([1.0 - v for v in table["label_0"].to_pylist()]))
+    pq.write_table(flipped, tmp_path / "flipped.parquet")
+    settings = BatchSettings(seed=0, batch_size=4, processes=1, rank=0, resolution=8, random_crop=False, hflip=False,
+                             caption_dropout=0.5, latent_shape=(4, 1, 1), timesteps=10, shuffle=False)
+    one, other = (MicroBatches(PairTable(tmp_path / name), settings, None)[0] for name in ("t.parquet",
+                                                                                           "flipped.parquet"))
+    assert torch.equal(one.vae_draws, torch.cat([other.vae_draws[4:], other.vae_draws[:4]]))
+    assert torch.equal(torch.stack([i.pixels for i in one.images]),
+                       torch.stack([i.pixels for i in other.images[4:] + other.images[:4]]))
+    assert (one.captions, torch.equal(one.noise, other.noise), torch.equal(one.timesteps, other.timesteps)) == \
+        (other.captions, True, True)
+
+
 def test_the_noise_range_bounds_every_draw_and_its_default_draws_as_before(tmp_path):
     from rlaif.seeding import generator, keyed_seed
     from rlaif.train.batches import BatchSettings, MicroBatches

@@ -9,6 +9,7 @@ holds positions ``k*B*P + rank*B ... + B`` for B pairs per process and P process
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,11 @@ class MicroBatches(Dataset):
         positions = self.positions(k)
         pairs = [self.table[pair_index(position, self.table, s.seed) if s.shuffle else position]
                  for position in positions]
-        augmentations, chosen, rejected, captions = [], [], [], []
+        augmentations, chosen, rejected, captions, contents = [], [], [], [], ([], [])
         for pair, position in zip(pairs, positions, strict=True):
             data = _bytes(pair.chosen, pair.chosen_name), _bytes(pair.rejected, pair.rejected_name)
+            for side, content in zip(contents, data, strict=True):
+                side.append(hashlib.sha256(content).hexdigest())
             augmentation = plan_augmentation(image_size(data[0], pair.chosen_name), s.resolution, s.random_crop,
                                              s.hflip, random.Random(keyed_seed("augment", s.seed, position)))
             augmentations.append(augmentation)
@@ -104,8 +107,10 @@ class MicroBatches(Dataset):
                                           self.store))
             dropped = random.Random(keyed_seed("drop", s.seed, position)).random() < s.caption_dropout
             captions.append("" if dropped else pair.caption)
-        draws = [torch.randn(s.latent_shape, generator=generator(keyed_seed("vae", s.seed, position, side)))
-                 for side in ("chosen", "rejected") for position in positions]  # per image, not per batch
+        # per image, keyed by its content, not its side: a pair judged with its label flipped (eval --pairs on another
+        # label column) sees each image through the same draw, so its verdict flips exactly
+        draws = [torch.randn(s.latent_shape, generator=generator(keyed_seed("vae", s.seed, position, content)))
+                 for side in contents for position, content in zip(positions, side, strict=True)]
         noise = [torch.randn(s.latent_shape, generator=generator(keyed_seed("noise", s.seed, position)))
                  for position in positions]
         low, high = s.noise_range  # fractions of the schedule's axis, from the clean image (0) to pure noise (1)

@@ -417,8 +417,9 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
     order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
-    model; ``val_pairs`` says how many (a few pairs' accuracy is noise). Empty when there are fewer held-out pairs
-    than processes. ``roll_back``: the training run whose log bad input rolls back (``checked_batch``)."""
+    model; ``val_pairs`` says how many: whole batches of batch size x processes, the remainder unmeasured (a few
+    pairs' accuracy is noise). Empty when there are fewer held-out pairs than one such batch. ``roll_back``: the
+    training run whose log bad input rolls back (``checked_batch``)."""
     per_batch = validation.settings.batch_size * validation.settings.processes
     batches = min(len(validation.table), max_pairs) // per_batch
     totals: dict[str, float] = {}
