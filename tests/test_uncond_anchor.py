@@ -45,10 +45,12 @@ def predictions(pipe, prompt: str) -> torch.Tensor:
         return pipe.unet(latents, torch.tensor([100, 500, 900]), embeds.expand(3, -1, -1)).sample
 
 
-def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pairs, tmp_path):
-    """Trained without and with the anchor (its default weight): the empty caption's prediction moves many times
-    less with it, while a trained prompt's still moves (a positive reward margin), relatively far more than the
-    empty caption's; the log carries the drift the anchor pays for."""
+def test_keep_unconditional_holds_the_empty_caption_back(tiny_pairs, tmp_path):
+    """Trained without and with the anchor (its default weight): the empty caption's prediction moves less with it,
+    while the model still learns (a positive reward margin); the log carries the drift the anchor pays for. How much
+    less depends on the model and the draws: to 6% on the first committed tiny, 20% and 63% on the one retrained on
+    2026-11-28 under two draws of the VAE noise, where the trained prompt's fell about as much (39%, 48%). Held
+    selectively, empty caption far more than prompt, it is on the first model only (bench/RESULTS.md)."""
     base = load_pipeline("tiny")
     prompt = pl.read_parquet(tiny_pairs)["caption"][0]  # a prompt DPO trains on
     moved, margins = {}, {}
@@ -64,13 +66,9 @@ def test_keep_unconditional_holds_the_empty_caption_more_than_the_prompt(tiny_pa
         tuned = load_pipeline("tiny", tuned=out)
         moved[keep] = {caption: float((predictions(tuned, caption) - predictions(base, caption)).pow(2).mean())
                        for caption in ("", prompt)}
-    # measured on the first committed tiny: without, 2.9e-3 (empty caption) and 6.5e-3 (the prompt); with, 1.6e-4
-    # and 1.1e-2. On the tiny retrained 2026-11-28, whose prompted and empty predictions are more alike: without,
-    # 4.7e-3 and 1.2e-2; with, 9.2e-4 (20%) and 4.7e-3 (39%). The anchor held the empty caption twice as much as
-    # the prompt there, not 30 times: how selective it is depends on the model
-    assert moved[1][""] < 0.3 * moved[0][""]
-    assert moved[1][prompt] > 0.25 * moved[0][prompt]
-    assert moved[1][""] / moved[1][prompt] < 0.6 * moved[0][""] / moved[0][prompt]
+    # measured (empty caption, prompt), without / with: first tiny 2.9e-3, 6.5e-3 / 1.6e-4, 1.1e-2; retrained
+    # tiny 4.7e-3, 1.2e-2 / 9.2e-4, 4.7e-3 (side-keyed draws) and 2.0e-3, 9.7e-3 / 1.3e-3, 4.7e-3 (content-keyed)
+    assert moved[1][""] < 0.8 * moved[0][""]  # an anchor that held nothing moves it as far (ratio ~1)
     assert margins[1] > 0
 
 
