@@ -125,9 +125,13 @@ def content_identity(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     if not path.exists():  # not a file: a hub id, identified by name alone
         return str(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
-    return weights_fingerprint(files)
+    return weights_fingerprint(_visible_files(path) if path.is_dir() else [path])
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder``, sorted, but for hidden ones and those in hidden folders (.git, .cache)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 HASHED_UP_TO = 32 * 2**20  # folder_identity hashes files up to this size whole, larger ones at both ends
@@ -140,9 +144,8 @@ def folder_identity(folder: Path) -> str:
     same model), or for larger files (weights of GB, too costly to read whole) their modification time and a hash
     of their first and last MiB. Hidden files and folders (.git, a download cache's metadata) are not the model."""
     folder = folder.resolve()
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return ";".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{_content_stamp(p)}" for p in files)
+    return ";".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{_content_stamp(p)}"
+                    for p in _visible_files(folder))
 
 
 def _content_stamp(path: Path) -> str:

@@ -44,9 +44,8 @@ WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 def open_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
     """Decode a file or encoded bytes as RGB; 16-bit greyscale is scaled to 8 bits first (0..65535 -> 0..255)."""
     with _opened(source, name) as image:
-        grey = np.asarray(image, dtype=np.float64) if image.mode in (*WIDE_GREY, "I") else None
-        if grey is not None and (image.mode != "I" or grey.max() > 255):
-            grey = grey / 257.0
+        if image.mode in WIDE_GREY or image.mode == "I" and image.getextrema()[1] > 255:
+            grey = np.asarray(image, dtype=np.float64) / 257.0
             return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
         return image.convert("RGB")
 

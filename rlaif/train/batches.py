@@ -100,11 +100,11 @@ class MicroBatches(Dataset):
             augmentation = plan_augmentation(image_size(data[0], pair.chosen_name), s.resolution, s.random_crop,
                                              s.hflip, random.Random(keyed_seed("augment", s.seed, position)))
             augmentations.append(augmentation)
-            chosen.append(prepare_image(data[0], pair.chosen_name, augmentation, self.store))
+            chosen.append(prepare_image(data[0], pair.chosen_name, augmentation, self.store, contents[0][-1]))
             rejected.append(prepare_image(data[1], pair.rejected_name,
                                           fit_augmentation(augmentation, image_size(data[1], pair.rejected_name),
                                                            s.random_crop),
-                                          self.store))
+                                          self.store, contents[1][-1]))
             dropped = random.Random(keyed_seed("drop", s.seed, position)).random() < s.caption_dropout
             captions.append("" if dropped else pair.caption)
         # per image, keyed by its content, not its side: a pair judged with its label flipped (eval --pairs on another

@@ -57,12 +57,14 @@ class PreparedImage:
     pixels: torch.Tensor | None = None
 
 
-def prepare_image(data: bytes, name: str, augmentation: Augmentation, store: TensorStore | None) -> PreparedImage:
+def prepare_image(data: bytes, name: str, augmentation: Augmentation, store: TensorStore | None,
+                  digest: str | None = None) -> PreparedImage:
     """The cached moments of an image's ``augmentation`` if ``store`` has them, else its decoded, augmented
-    pixels (runs in DataLoader workers: the main process only encodes what is missing)."""
+    pixels (runs in DataLoader workers: the main process only encodes what is missing); ``digest``: the SHA-256
+    of ``data`` when the caller has it already (MicroBatches keys the image's VAE draw by it)."""
     key = None
     if store is not None:
-        key = f"{hashlib.sha256(data).hexdigest()}-{augmentation.key}"
+        key = f"{digest or hashlib.sha256(data).hexdigest()}-{augmentation.key}"
         found = store.get(key)
         if found is not None:
             return PreparedImage(key, moments=found["moments"])
