@@ -7,6 +7,7 @@ to the base mean), and a signed-rank p-value; every interval is a bootstrap over
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,12 +19,12 @@ from rlaif.config import EvalConfig, LabelConfig, SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import read_json
-from rlaif.label import update_scores
+from rlaif.label import labelled_by, update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_weights
-from rlaif.stats import interval_text, paired_effect, wins
+from rlaif.stats import interval_text, paired_effect, significance, wins
 from rlaif.tables import EVAL_METADATA, SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
 from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
@@ -59,15 +60,19 @@ def compare(paired: pl.DataFrame, resamples: int, by: list[str]) -> pl.DataFrame
 
 
 def reward_hacking(summary: pl.DataFrame) -> list[str]:
-    """Warnings for each held-out scorer that fell significantly (delta interval below 0) while a scorer the
-    model was trained on rose significantly: the model may be exploiting the trained scorer."""
-    rose = summary.filter((pl.col("role") == OPTIMISED) & (pl.col("delta_low") > 0))["scorer"].to_list()
-    fell = summary.filter((pl.col("role") == HELD_OUT) & (pl.col("delta_high") < 0))
+    """Warnings for each held-out scorer that fell significantly (delta interval below 0 and p < ALPHA) while a
+    scorer the model was trained on rose significantly: the model may be exploiting the trained scorer."""
+    def moved(row: dict) -> int:
+        return significance(row["delta_low"], row["delta_high"], row["p_value"])
+
+    rose = [row["scorer"] for row in summary.iter_rows(named=True) if row["role"] == OPTIMISED and moved(row) > 0]
+    fell = [row for row in summary.iter_rows(named=True) if row["role"] == HELD_OUT and moved(row) < 0]
     if not rose:
         return []
     return [f"reward hacking? {', '.join(rose)} rose while held-out {row['scorer']} fell significantly: "
+            f"{interval_text(row['delta'], row['delta_low'], row['delta_high'])} ("
             f"{interval_text(row['relative'], row['relative_low'], row['relative_high'], percent=True)} of the base "
-            "mean (95% CI)" for row in fell.iter_rows(named=True)]
+            f"mean; 95% CIs), p = {row['p_value']:.2g}" for row in fell]
 
 
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
@@ -90,6 +95,30 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | N
     with pandas, say), where nothing can be checked."""
     notes = [_check_table(tuned, table, prompts, seed) for table in trained_tables(train_info(tuned))]
     return next((note for note in notes if note), None)
+
+
+def check_roles(config: EvalConfig) -> str | None:
+    """Refuse a --held-out scorer that labelled a pairs table ``config.tuned`` learnt from (its own or its --init
+    chain's): a scorer trained on, reported as held out, would hide reward hacking or flag it the wrong way round.
+    Returns a note naming --scorer scorers that labelled none of them (reported as optimised all the same)."""
+    trained: dict[str, str] = {}  # scorer -> a table it labelled
+    for table in trained_tables(train_info(config.tuned)):
+        path = Path(table["pairs"])
+        with contextlib.suppress(RlaifError):  # a table gone or changed since: nothing to read roles from
+            for file in parquet_files(path) if path.exists() else []:
+                trained |= dict.fromkeys(labelled_by(Path(file)), table["pairs"])
+    if not trained:
+        return None
+    clash = next((name for name in config.held_out if name in trained), None)
+    if clash is not None:
+        raise RlaifError(f"--held-out {clash}: {config.tuned} was trained on pairs labelled by {clash} "
+                         f"({trained[clash]}), so it is not held out; pass it as --scorer")
+    untrained = [name for name in parse_weights(config.scorers) if name not in trained]
+    if not untrained:
+        return None
+    return (f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "
+            f"{', '.join(trained)}, not by {'this scorer' if len(untrained) == 1 else 'these'}; it is reported as "
+            "optimised all the same (pass it as --held-out to have it watched for reward hacking)")
 
 
 def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str | None:
@@ -152,9 +181,10 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     told what could not be checked."""
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
-    unchecked = check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)
-    if unchecked and note:
-        note(unchecked)
+    notes = [check_roles(config), check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)]
+    for text in notes:
+        if text and note:
+            note(text)
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}

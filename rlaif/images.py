@@ -36,6 +36,11 @@ def _opened(source: ImageSource, name: str | None) -> Iterator[Image.Image]:
         raise RlaifError(f"image {name or source} cannot be read: {exc}") from exc
 
 
+# The version of open_rgb's decoding. Caches key images by their bytes, not their pixels (latents, label scores):
+# raise it whenever a release changes the pixels some file decodes to (2: 16-bit greyscale scaled to 8 bits, where
+# it was clipped to white), so that a warm cache from before is not reused.
+DECODE_VERSION = 2
+
 # 16-bit greyscale (a 16-bit PNG): PIL's convert("RGB") clips its 0..65535 to 255, a white picture; 32-bit "I"
 # (older Pillow's 16-bit PNG) only when its values pass 255
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N")

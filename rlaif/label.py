@@ -213,6 +213,12 @@ def pairs_out(config: LabelConfig) -> Path:
     return config.samples_dir / "pairs.parquet"
 
 
+def labelled_by(table: Path) -> list[str]:
+    """The scorers whose scores labelled pairs table ``table``, from its labelling record; none when it records
+    none (human labels, a table from elsewhere)."""
+    return list(parse_weights((_recorded_labelling(table) or {}).get("scorers", [])))
+
+
 def _recorded_labelling(out: Path) -> dict | None:
     """The labelling record of pairs table ``out``: None when there is no table or it records none."""
     if not out.is_file():

@@ -167,6 +167,15 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
+    trained = parse_weights(stages["label"]["scorers"])
+    held = next((name for name in stages["eval"].get("held_out", []) if name in trained), None)
+    if held is not None:
+        raise RlaifError(f"{path} [eval]: held_out {held!r} is a [label] scorer, which the loop trains on: a held-out "
+                         "scorer must be another one")
+    untrained = next((name for name in parse_weights(stages["eval"]["scorers"]) if name not in trained), None)
+    if untrained is not None:
+        raise RlaifError(f"{path} [eval]: scorers {untrained!r} is not a [label] scorer, so the loop does not train "
+                         "on it: list it under held_out")
     negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
     if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
         check_negative_prompt(loop.model, f"{path} [{negative[0]}] negative_prompt")
@@ -229,7 +238,7 @@ def _state(plan: LoopPlan) -> dict:
     state = read_json(path, UNREADABLE_STATE)
     if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
-    before, now = state.get("settings") or {}, plan.source
+    before, now = _as_now(state.get("settings") or {}), plan.source
     tables = set(before) | set(now) if PROMPT_FILES in before else (set(before) | set(now)) - {PROMPT_FILES}
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
@@ -241,6 +250,19 @@ def _state(plan: LoopPlan) -> dict:
     changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
     raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                      "the same config and options to continue it, or choose another --out")
+
+
+def _as_now(settings: dict) -> dict:
+    """A loop.json's settings without those this rlaif refuses that changed nothing then (a combine rule for one
+    scorer, a beta for --loss sft, an [eval] train_log, which the loop now sets per round), so that a loop begun
+    with them goes on without them rather than being stuck between two refusals."""
+    label, train, evaluation = (dict(settings.get(table, {})) for table in ("label", "train", "eval"))
+    if len(parse_weights(label.get("scorers", []))) == 1:
+        label.pop("combine", None)
+    if train.get("loss") == "sft":
+        train.pop("beta", None)
+    evaluation.pop("train_log", None)
+    return settings | {"label": label, "train": train, "eval": evaluation}
 
 
 def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:

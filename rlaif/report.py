@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from rlaif.files import atomic_path
-from rlaif.stats import bounds_text, interval_decimals, interval_text
+from rlaif.stats import bounds_text, interval_decimals, interval_text, significance
 
 CURVES = ("loss", "implicit_acc", "reward_margin", "val_implicit_acc", "val_reward_margin")
 STYLE = """
@@ -33,6 +33,9 @@ def _image_uri(path: str | Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+SIGNIFICANCE_CLASS = {1: "good", -1: "bad", 0: ""}
+
+
 def _win_table(table: pl.DataFrame, table_id: str, extra: tuple[str, ...] = ()) -> str:
     header = "".join(f"<th>{html.escape(c)}</th>" for c in (*extra, "scorer", "prompts", "n", "win rate", "95% CI",
                                                              "mean base", "mean tuned", "delta (95% CI)",
@@ -40,9 +43,10 @@ def _win_table(table: pl.DataFrame, table_id: str, extra: tuple[str, ...] = ()) 
     rows = []
     for row in table.iter_rows(named=True):
         means = interval_decimals(row["delta_low"], row["delta_high"])  # to the digits the delta shows
-        verdict = "good" if row["ci_low"] > 0.5 else "bad" if row["ci_high"] < 0.5 else ""
-        change = "good" if row["delta_low"] > 0 else "bad" if row["delta_high"] < 0 else ""
-        relative = "good" if row["relative_low"] > 0 else "bad" if row["relative_high"] < 0 else ""
+        p = row["p_value"]  # coloured only where the interval and the signed-rank test agree
+        verdict = SIGNIFICANCE_CLASS[significance(row["ci_low"], row["ci_high"], p, null=0.5)]
+        change = SIGNIFICANCE_CLASS[significance(row["delta_low"], row["delta_high"], p)]
+        relative = SIGNIFICANCE_CLASS[significance(row["relative_low"], row["relative_high"], p)]
         cells = [html.escape(str(row[c])) for c in extra] + [
             html.escape(row["scorer"]), str(row["prompts"]), str(row["n"]),
             f'<span class="{verdict}">{row["win_rate"]:.3f}</span>',

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from rlaif.errors import RlaifError, exception_text, hub_unavailable
+from rlaif.images import DECODE_VERSION
 
 if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
     import torch
@@ -214,7 +215,7 @@ class LoadedScorer:
         self.name = self.spec if own in (None, "", self.spec) else f"{self.spec} ({own})"
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),
                      "identity": getattr(self.scorer, "identity", None),
-                     "libraries": library_versions(SCORE_LIBRARIES)}
+                     "libraries": library_versions(SCORE_LIBRARIES), "decoding": DECODE_VERSION}
         self.key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
         """Changes whenever the scores could: scores cached under another key are recomputed."""
 

@@ -80,9 +80,22 @@ def _interval(name: str, values: np.ndarray) -> dict[str, float]:
     return {f"{name}_low": float(low), f"{name}_high": float(high)}
 
 
+ALPHA = 0.05  # the level at which a result is called significant
+
+
+def significance(low: float, high: float, p_value: float, null: float = 0.0) -> int:
+    """1 (significantly above ``null``) or -1 (below) when the interval excludes ``null`` *and* the signed-rank
+    test agrees (p < ALPHA); else 0. A percentile bootstrap over 2-5 prompts can exclude the null by chance
+    (it has only a few distinct resamples), while the test cannot reach p < 0.05 with fewer than 6 prompts."""
+    if not p_value < ALPHA:
+        return 0
+    return 1 if low > null else -1 if high < null else 0
+
+
 def signed_rank_p(differences: np.ndarray) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test that ``differences`` centre on 0 (zeros dropped;
-    exact for small samples without ties, the normal approximation otherwise; 1.0 when all are zero). The
+    1.0 when all are zero), as scipy >= 1.15 chooses its method: exact up to 50 differences without ties or
+    zeros, a permutation test up to 13 with them, the normal approximation otherwise. The
     differences are first rounded to a billionth of the largest: per-prompt means summed in another order differ
     in their last bits, which would split a tie (or hide a zero) and switch the test's method by chance."""
     from scipy.stats import wilcoxon

@@ -1,5 +1,6 @@
 """`rlaif eval`: win rates against independent computations, categories, the report in a real browser."""
 
+import dataclasses
 import html.parser
 import json
 import shutil
@@ -17,7 +18,7 @@ from rlaif.eval import check_images_held_out, compare, reward_hacking
 from rlaif.pair_eval import judged_batches, trained_table
 from rlaif.report import _win_table
 from rlaif.scorers.jpeg import jpeg_kilobytes
-from rlaif.stats import paired_effect
+from rlaif.stats import paired_effect, significance
 
 
 def test_with_one_comparison_per_prompt_the_interval_is_the_binomial_one():
@@ -32,16 +33,38 @@ def test_with_one_comparison_per_prompt_the_interval_is_the_binomial_one():
 
 
 def test_reward_hacking_is_flagged_when_the_trained_score_rises_and_a_held_out_one_falls():
-    def row(scorer, role, low, high):
-        return {"scorer": scorer, "role": role, "delta_low": low, "delta_high": high, "relative": (low + high) / 2,
-                "relative_low": low, "relative_high": high}
+    def row(scorer, role, low, high, p=0.01):
+        return {"scorer": scorer, "role": role, "delta": (low + high) / 20, "delta_low": low / 10,
+                "delta_high": high / 10, "relative": (low + high) / 2, "relative_low": low, "relative_high": high,
+                "p_value": p}
 
     summary = pl.DataFrame([row("pickscore", "optimised", 0.02, 0.05), row("aesthetic", "held-out", -0.04, -0.01),
                             row("clip", "held-out", -0.02, 0.01)])
     (warning,) = reward_hacking(summary)
-    assert warning == ("reward hacking? pickscore rose while held-out aesthetic fell significantly: -2.5% (-4.0% to "
-                       "-1.0%) of the base mean (95% CI)")
+    assert warning == ("reward hacking? pickscore rose while held-out aesthetic fell significantly: -0.0025 (-0.0040 "
+                       "to -0.0010) (-2.5% (-4.0% to -1.0%) of the base mean; 95% CIs), p = 0.01")
     assert reward_hacking(summary.with_columns(delta_low=pl.lit(-0.01))) == []  # the trained score did not rise
+    # the intervals exclude 0, but the signed-rank test does not agree: not significant, no warning
+    assert reward_hacking(summary.with_columns(p_value=pl.lit(0.5))) == []
+
+
+def test_a_handful_of_prompts_is_never_called_significant():
+    """Two prompts of four seeds: the percentile bootstrap can draw only three distinct resamples, and its
+    intervals exclude 0 on both scorers. The signed-rank test cannot reach p < 0.05 with 2 prompts, so neither
+    the report's colours nor the reward-hacking warning call them significant (found by a review)."""
+    clusters = np.repeat([0, 1], 4)
+    base = np.zeros(8)
+    rose = paired_effect(base, np.r_[np.full(4, 0.1), np.full(4, 0.2)] + np.tile([0, 0.01, 0.02, 0.03], 2), clusters)
+    fell = paired_effect(base + 1.0, 1.0 - np.r_[np.full(4, 0.1), np.full(4, 0.3)], clusters)
+    assert rose.delta_low > 0 and fell.delta_high < 0 and rose.p_value == fell.p_value == 0.5
+    assert significance(rose.delta_low, rose.delta_high, rose.p_value) == 0
+    assert significance(rose.ci_low, rose.ci_high, rose.p_value, null=0.5) == 0
+    summary = pl.DataFrame([{"scorer": "pickscore", "role": "optimised", **dataclasses.asdict(rose)},
+                            {"scorer": "aesthetic", "role": "held-out", **dataclasses.asdict(fell)}])
+    assert reward_hacking(summary) == []
+    # with six prompts that all rise, the test agrees with the interval
+    six = paired_effect(np.zeros(24), np.repeat(np.arange(1, 7) / 10, 4), np.repeat(np.arange(6), 4))
+    assert six.p_value < 0.05 and significance(six.delta_low, six.delta_high, six.p_value) == 1
 
 
 def test_compare_breaks_down_by_category():
@@ -285,6 +308,9 @@ def test_the_report_colours_the_relative_change_by_its_own_interval():
     falling = _win_table(pl.DataFrame([{**row, "relative": -0.01, "relative_low": -0.015, "relative_high": -0.005}]),
                          "t")
     assert '<span class="bad">-1.00% (-1.50% to -0.50%)</span>' in falling
+    # the interval excludes 0 but the signed-rank test does not agree (a handful of prompts): left uncoloured
+    unsure = _win_table(pl.DataFrame([{**row, "p_value": 0.25}]), "t")
+    assert '<span class="">+0.020 (+0.010 to +0.030)</span>' in unsure
 
 
 def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
@@ -318,6 +344,31 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
             check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 0)
         table.unlink(missing_ok=True)
     check_images_held_out(tmp_path / "lora", [trained_prompts[0]], 1)  # another seed needs no table
+
+
+def test_a_scorer_the_model_was_trained_on_is_not_held_out(tiny_pairs, tmp_path):
+    """The roles come from the pairs the model learnt from (their labelling record), not from the option typed: a
+    label scorer passed as --held-out would be reported as held out and hide reward hacking (found by a review);
+    a --scorer that labelled none of them is reported as optimised, with a note."""
+    from rlaif.config import EvalConfig
+    from rlaif.eval import check_roles
+
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
+    assert trained.returncode == 0, trained.stderr
+
+    def roles(scorers, held_out):
+        return check_roles(EvalConfig(base="tiny", tuned=tmp_path / "lora", prompts="p.txt", out=tmp_path / "e",
+                                      scorers=scorers, held_out=held_out))
+
+    assert roles(["compressibility"], ["incompressibility"]) is None
+    with pytest.raises(RlaifError, match=rf"^--held-out compressibility: {tmp_path / 'lora'} was trained on pairs "
+                                         rf"labelled by compressibility \({tiny_pairs.resolve()}\), so it is not held "
+                                         "out; pass it as --scorer$"):
+        roles(["incompressibility"], ["compressibility"])
+    assert roles(["incompressibility"], []) == (
+        f"--scorer incompressibility: {tmp_path / 'lora'} was trained on pairs labelled by compressibility, not by "
+        "this scorer; it is reported as optimised all the same (pass it as --held-out to have it watched for reward "
+        "hacking)")
 
 
 def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):

@@ -412,14 +412,19 @@ def test_a_regular_installs_code_changed_under_the_same_version_is_another_versi
 
 
 def test_a_library_upgrade_is_another_scorer_version(monkeypatch):
-    """An upgrade of a library a score depends on (open_clip >= 2.29 changed OpenAI CLIP's activation) makes the
-    cache score anew: the libraries' versions are part of a scorer's key."""
+    """An upgrade of a library a score depends on (open_clip >= 2.29 changed OpenAI CLIP's activation), or of how
+    rlaif decodes images, makes the cache score anew: both versions are part of a scorer's key."""
     from rlaif import scoring
 
     before = scoring.LoadedScorer("compressibility").key
     assert scoring.LoadedScorer("compressibility").key == before
     real = scoring.library_versions
     monkeypatch.setattr(scoring, "library_versions", lambda names: {**real(names), "open-clip-torch": "99.0"})
+    assert scoring.LoadedScorer("compressibility").key != before
+
+    monkeypatch.setattr(scoring, "library_versions", real)
+    assert scoring.LoadedScorer("compressibility").key == before
+    monkeypatch.setattr(scoring, "DECODE_VERSION", scoring.DECODE_VERSION + 1)  # images decode to other pixels
     assert scoring.LoadedScorer("compressibility").key != before
 
 

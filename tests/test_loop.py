@@ -117,6 +117,24 @@ def test_a_loop_refuses_edited_prompt_files_and_goes_on_moved_or_with_other_batc
         _state(read_loop(config))
 
 
+def test_a_loop_begun_with_settings_now_refused_that_changed_nothing_goes_on(tmp_path):
+    """A loop begun before a combine rule for one scorer, a beta with --loss sft and an [eval] train_log were
+    refused: kept in the config they are refused now, and dropped from it they differed from loop.json, so the
+    loop could go on neither way (found by a review). loop.json's record of them is read without them."""
+    from rlaif.loop import _state
+
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("max_steps = 3", "max_steps = 3\nloss = 'sft'"))
+    out.mkdir()
+    old = read_loop(config).source
+    old["label"]["combine"], old["train"]["beta"], old["eval"]["train_log"] = "zscore", 5000.0, "log.jsonl"
+    (out / "loop.json").write_text(json.dumps({"settings": old, "done": ["1/sample"], "rounds": {}}))
+    assert _state(read_loop(config))["done"] == ["1/sample"]
+    config.write_text(config.read_text().replace("loss = 'sft'", "loss = 'sigmoid'"))
+    with pytest.raises(RlaifError, match=r"other settings \(\[train\] loss 'sft' -> 'sigmoid'\)"):
+        _state(read_loop(config))  # what counted is still compared
+
+
 def test_rounds_sample_and_evaluate_at_the_guidance_of_the_first_round(tmp_path):
     """A loop begun when an unset guidance meant another value (7.5 for every model before 2026-11-28; here
     recorded as 6.0) goes on at that value: its rounds stay comparable, and the base model's samples are kept."""
@@ -201,6 +219,10 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
      + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='x'\n",
      "[eval] negative_prompt: FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative "
      "prompt"),  # before the rounds' sampling and training, not after them
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nheld_out=['compressibility']\n",
+     "[eval]: held_out 'compressibility' is a [label] scorer, which the loop trains on"),  # reported as held out
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nscorers=['incompressibility']\n",
+     "[eval]: scorers 'incompressibility' is not a [label] scorer, so the loop does not train on it"),
 ])
 def test_bad_loop_configs(tmp_path, text, message):
     (tmp_path / "loop.toml").write_text(text)

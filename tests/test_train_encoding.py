@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from rlaif.models import load_pipeline
+from rlaif.train import encoding
 from rlaif.train.data import plan_augmentation
 from rlaif.train.encoding import Encoder, prepare_image
 
@@ -90,8 +91,8 @@ def test_a_half_precision_cache_computes_the_same_cached_or_not(pipe, images, tm
     exact = posterior(Encoder(pipe, tmp_path, "fp32"), images, plans)
     assert torch.equal(fresh.mean, cached.mean) and torch.equal(fresh.std, cached.std)
     assert not torch.equal(fresh.mean, exact.mean) and torch.allclose(fresh.mean, exact.mean, rtol=1e-2, atol=1e-2)
-    (bf16,) = (tmp_path / "latents").glob("*-bf16")
-    (fp32,) = (tmp_path / "latents").glob("*-fp32")
+    (bf16,) = (tmp_path / "latents").glob("*-bf16-*")
+    (fp32,) = (tmp_path / "latents").glob("*-fp32-*")
     assert items(bf16) == items(fp32) == 3
 
 
@@ -105,6 +106,18 @@ def test_changed_weights_get_their_own_cache(pipe, tmp_path):
         with torch.no_grad():
             pipe.vae.encoder.conv_in.bias.sub_(1e-3)
     assert Encoder(pipe, tmp_path).latents.folder == before
+
+
+def test_a_new_decoding_gets_its_own_cache(pipe, images, tmp_path, monkeypatch):
+    """Latents are keyed by an image's bytes: when a release changes the pixels a file decodes to (16-bit
+    greyscale was clipped, now scaled), DECODE_VERSION moves and a warm cache's moments are not reused."""
+    counter = CallCounter(pipe.vae.encode)
+    monkeypatch.setattr(pipe.vae, "encode", counter)
+    plans = [plan_augmentation(Image.open(p).size, 64, False, False, random.Random(0)) for p in images]
+    posterior(Encoder(pipe, tmp_path), images, plans)
+    monkeypatch.setattr(encoding, "DECODE_VERSION", encoding.DECODE_VERSION + 1)
+    posterior(Encoder(pipe, tmp_path), images, plans)
+    assert counter.calls == 2 and len(list((tmp_path / "latents").iterdir())) == 2
 
 
 def test_each_caption_is_encoded_once(pipe, tmp_path, monkeypatch):

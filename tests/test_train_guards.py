@@ -164,3 +164,28 @@ def test_a_loop_round_refuses_defaults_that_changed_since_the_round_before(tmp_p
         check_defaults_as_before(tmp_path / "round_1", now)
     check_defaults_as_before(tmp_path / "round_1", TrainConfig(
         pairs="p2.parquet", model="tiny", out=tmp_path / "round_2", keep_unconditional=0.0))
+
+
+def test_a_run_moved_with_its_pairs_resumes_and_other_pairs_are_refused(tiny_pairs, tmp_path):
+    """A loop folder (pairs and training run side by side) moved elsewhere goes on training from its checkpoint:
+    its recorded paths are compared relative to --out (a review found `rlaif loop` in a moved folder refused at
+    the training stage, naming --pairs). Pairs that differ are still refused."""
+    import shutil
+
+    from rlaif.config import TrainConfig
+    from rlaif.train.trainer import run_train
+
+    shutil.copytree(tiny_pairs.parent, tmp_path / "a" / "run")  # copytree keeps the files' times, as mv does
+
+    def train(root, **options):
+        return run_train(TrainConfig(pairs=str(root / "run" / tiny_pairs.name), model="tiny", out=root / "train",
+                                     batch_size=2, checkpoint_every=1, **options))
+
+    train(tmp_path / "a", max_steps=2)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    train(tmp_path / "b", max_steps=3, resume="latest", overwrite=True)
+    assert (tmp_path / "b" / "train" / "checkpoints" / "step_00000003").is_dir()
+    table = tmp_path / "b" / "run" / tiny_pairs.name
+    table.write_bytes(table.read_bytes())  # rewritten in place: another table as far as resuming knows
+    with pytest.raises(RlaifError, match=r"that run was made with other settings \(pairs_file "):
+        train(tmp_path / "b", max_steps=4, resume="latest", overwrite=True)

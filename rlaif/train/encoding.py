@@ -1,9 +1,9 @@
 """What the frozen parts of a pipeline compute for training: VAE latent distributions of augmented images and
 text conditioning of captions, optionally cached on disk.
 
-The cache keys an image's latent distribution by (VAE weights, image content, augmentation) and a caption's
-embeddings by (text encoders + tokenizers, caption), so each image is encoded once per augmentation variant and
-each caption once, across epochs, runs and processes, in sharded stores (``rlaif.train.store``). The VAE
+The cache keys an image's latent distribution by (VAE weights, image content, augmentation, decoding version) and
+a caption's embeddings by (text encoders + tokenizers, caption), so each image is encoded once per augmentation
+variant and each caption once, across epochs, runs and processes, in sharded stores (``rlaif.train.store``). The VAE
 *sample* is drawn afterwards from the cached distribution with the pair's own seed, so the cache never changes
 what is trained.
 """
@@ -19,7 +19,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from rlaif.images import open_rgb
+from rlaif.images import DECODE_VERSION, open_rgb
 from rlaif.models import prompt_length
 from rlaif.train.data import Augmentation, apply_augmentation
 from rlaif.train.store import TensorStore
@@ -91,7 +91,8 @@ class Encoder:
             present = sorted(name for name, part in components.items() if part is not None)
             encoders = [components[name] for name in present if name.startswith("text_encoder")]
             tokenizers = [components[name] for name in present if name.startswith("tokenizer")]
-            self.latents = TensorStore(cache / "latents" / f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}")
+            vae_key = f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}-d{DECODE_VERSION}"
+            self.latents = TensorStore(cache / "latents" / vae_key)
             text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers), *([length] if length else []))[:24]
             self.texts = TensorStore(cache / "text" / text_key)
 

@@ -683,12 +683,35 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
     saved = {**settings_then(position["settings"]), **position.get("identities", {})}
-    now = {**_settings(config), **identities}
+    now = _moved_alike(saved, {**_settings(config), **identities})
     changed = changed_settings(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
     return position["step"]
+
+
+LOCATED = ("pairs", "init", "pairs_file")  # settings and identities that hold absolute paths
+
+
+def _moved_alike(saved: dict, now: dict) -> dict:
+    """``now`` with each path setting that names, relative to its --out, what ``saved`` named relative to its own
+    taken as unchanged: a run folder moved together with its pairs and --init (a loop's rounds; ``mv``, ``cp -a``
+    and ``rsync -a`` keep the files' times, which the pairs' identity holds) resumes as the same run."""
+    def relative(settings: dict, key: str) -> str | None:
+        value, root = settings.get(key), settings.get("out")
+        if not isinstance(value, str) or not root:
+            return None
+        return ";".join(_relative_entry(entry, root) for entry in value.split(";"))
+
+    return now | {key: saved[key] for key in LOCATED
+                  if relative(saved, key) is not None and relative(saved, key) == relative(now, key)}
+
+
+def _relative_entry(entry: str, root: str) -> str:
+    """A path, or a ``file_identity`` entry (``PATH:SIZE:MTIME``), with an absolute path made relative to ``root``."""
+    path, *stamp = entry.rsplit(":", 2) if re.fullmatch(r".*:\d+:\d+", entry) else (entry,)
+    return ":".join([os.path.relpath(path, root) if os.path.isabs(path) else path, *stamp])
 
 
 def _check_same_base(folder: Path, model: str, base_weights: str | None) -> None:
