@@ -33,21 +33,39 @@ def _hints(config: type) -> dict[str, Any]:
     return typing.get_type_hints(config)
 
 
+EMPTY_PATH = "is empty (an unset shell variable?); give a path, or . for the working folder"
+# text settings that name a file, folder or hub id: empty, "" would be the working folder (Path("").exists())
+NAMED_SOURCES = frozenset({"pairs", "prompts", "eval_prompts", "model", "base"})
+
+
 def nonempty_path(value: str | Path) -> Path:
     """A path option's value, refusing an empty one: typer reads "" as the working folder (".") itself, so
     ``--out "$OUT"`` with OUT unset would write there."""
+    return Path(nonempty_text(value))
+
+
+def nonempty_text(value: str | Path) -> str:
+    """A file, folder or hub id option's value (``NAMED_SOURCES``), refusing an empty one, as ``nonempty_path``."""
     if not str(value).strip():
-        raise typer.BadParameter("is empty (an unset shell variable?); give a path, or . for the working folder")
-    return Path(value)
+        raise typer.BadParameter(EMPTY_PATH)
+    return str(value)
 
 
 PATH_OPTION = {"parser": nonempty_path, "metavar": "<path>"}  # for a path option typer.Option makes directly
 
 
-def _path_parser(config: type, name: str) -> dict[str, Any]:
-    """``parser=nonempty_path`` for a field typed ``Path`` or ``Path | None``, else nothing."""
+def _names_a_path(config: type, name: str) -> bool:
     hint = _hints(config)[name]
-    return {"parser": nonempty_path} if hint is Path or Path in typing.get_args(hint) else {}
+    return hint is Path or Path in typing.get_args(hint) or name in NAMED_SOURCES
+
+
+def _path_parser(config: type, name: str) -> dict[str, Any]:
+    """``parser=nonempty_path`` for a field typed ``Path`` or ``Path | None`` (``nonempty_text`` for the text
+    fields of ``NAMED_SOURCES``), else nothing."""
+    hint = _hints(config)[name]
+    if hint is Path or Path in typing.get_args(hint):
+        return {"parser": nonempty_path}
+    return {"parser": nonempty_text} if name in NAMED_SOURCES else {}
 
 
 def option(config: type, name: str, *flags: str) -> Any:
@@ -62,7 +80,8 @@ def option(config: type, name: str, *flags: str) -> Any:
     repeated = typing.get_origin(_hints(config)[name]) is list
     path = _path_parser(config, name)
     return typer.Option(*flags, help=spec.metadata["help"] + (" Repeatable." if repeated else ""),
-                        metavar=spec.metadata.get("metavar", "VALUE") if repeated else "<path>" if path else None,
+                        metavar=spec.metadata.get("metavar", "VALUE") if repeated
+                        else "<path>" if path.get("parser") is nonempty_path else None,
                         show_default=spec.default is not dataclasses.MISSING and not repeated, **path)
 
 
@@ -127,6 +146,10 @@ def read_settings(path: Path, config: type, section: str | None = None, unlisted
         if close:
             raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; did you mean {close[0]!r}?")
         raise RlaifError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(known)}")
+    empty = next((name for name, value in data.items() if isinstance(value, str) and not value.strip()
+                  and _names_a_path(config, name)), None)
+    if empty is not None:  # as on the command line: "" would be the working folder
+        raise RlaifError(f"{where} {empty}: {EMPTY_PATH}")
     return {name: _coerce(value, hints[name], f"{where} {name}") for name, value in data.items()}
 
 

@@ -143,10 +143,18 @@ def model_identity(model: str) -> str:
 
 
 def denoiser_fingerprint(model: str) -> str | None:
-    """What identifies the weights of ``model``'s UNet or transformer, wherever they lie (``weights_fingerprint``
-    of the files diffusers loads: ``diffusion_pytorch_model*.safetensors``, else ``.bin``, a variant's such as fp16
-    only when there is nothing else): the same for a folder, its copy and the hub snapshot it came from. None when
-    the files are not on this machine (a hub id not in the cache)."""
+    """What identifies the weights of ``model``'s UNet or transformer wherever they lie (``component_fingerprint``):
+    the same for a folder, its copy and the hub snapshot it came from."""
+    return component_fingerprint(model, ("unet", "transformer"))
+
+
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # what training encodes with
+
+
+def component_fingerprint(model: str, parts: tuple[str, ...]) -> str | None:
+    """``weights_fingerprint`` of the weight files the loader takes from ``model``'s component folders ``parts``
+    (``*.safetensors`` without a variant, else ``.bin``; a variant's such as fp16 only when there is nothing else).
+    None when the files are not on this machine (a hub id not in the cache) or there are none."""
     source = resolve_model(model)
     if _looks_like_path(source):
         folder = Path(source).expanduser()
@@ -155,13 +163,13 @@ def denoiser_fingerprint(model: str) -> str | None:
         if not isinstance(index, str):
             return None
         folder = Path(index).parent
-    weights = [p for part in ("unet", "transformer") for p in (folder / part).glob("diffusion_pytorch_model*")
-               if p.suffix in (".safetensors", ".bin") and p.is_file()]
-    for suffix in (".safetensors", ".bin"):  # diffusion_pytorch_model(-00001-of-00002).safetensors, no variant
-        plain = [p for p in weights if p.suffix == suffix and len(p.suffixes) == 1]
-        if plain:
-            return weights_fingerprint(plain)
-    return weights_fingerprint(weights) if weights else None
+    chosen = []
+    for part in parts:
+        weights = [p for p in (folder / part).glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()]
+        plain = next((found for suffix in (".safetensors", ".bin")  # model(-00001-of-00002).safetensors, no variant
+                      if (found := [p for p in weights if p.suffix == suffix and len(p.suffixes) == 1])), weights)
+        chosen += [p for p in plain if not p.name.startswith(".")]
+    return weights_fingerprint(chosen) if chosen else None
 
 
 def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:

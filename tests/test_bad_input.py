@@ -102,6 +102,7 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "table.toml").write_text("[train]\nmax_steps = 3\n")  # a loop's layout, given to `rlaif train`
     (tmp_path / "lora-recipe.toml").write_text("lora_rank = 16\n")  # a shipped recipe, taken to --full
     (tmp_path / "utf16.toml").write_text("max_steps = 3\n", encoding="utf-16")  # saved by Windows Notepad
+    (tmp_path / "empty_out.toml").write_text('pairs = "pairs.parquet"\nmodel = "tiny"\nout = ""\n')
     (tmp_path / "stage-value.toml").write_text('sample = 3\n[loop]\nmodel = "tiny"\nprompts = "p.txt"\n'
                                                'eval_prompts = "p.txt"\nout = "loop-out"\n')
     (tmp_path / "model").mkdir()
@@ -123,6 +124,9 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", ""], "Invalid value for '--out' / '-o': is empty (an unset shell "
      "variable?)"),  # typer reads "" as ".": it sampled into the working folder
     (["label", "", "-s", "compressibility"], "Invalid value for 'samples_dir': is empty"),
+    (["train", "", "--model", "tiny", "--out", "o"], "Invalid value for 'pairs': is empty"),  # "" read the
+    (["sample", "-m", "", "-p", "p.txt", "-o", "s"], "Invalid value for '--model' / '-m': is empty"),  # working folder
+    (["train", "--config", "empty_out.toml"], "empty_out.toml out: is empty (an unset shell variable?)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--guidance", "nan"], "--guidance must be a finite number, got "
      "nan"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--max-prompts", "0"], "--max-prompts must be at least 1"),

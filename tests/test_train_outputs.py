@@ -91,7 +91,8 @@ def test_round_two_alone_reproduces_the_chain(tiny_pairs, tmp_path, first):
 
 def test_a_resume_over_other_base_weights_is_refused(tiny_pairs, tmp_path):
     """A run killed and resumed after its model folder was rewritten (or a new hub revision came) would train its
-    LoRA on over another model, and train.json would name only the new one: refused, its checkpoint kept."""
+    LoRA on over another model (or over other latents: another VAE), and train.json would name only the new one:
+    refused, its checkpoint kept."""
     model = tmp_path / "model"
     shutil.copytree(TINY_SD_DIR, model)
     out = tmp_path / "o"
@@ -100,6 +101,7 @@ def test_a_resume_over_other_base_weights_is_refused(tiny_pairs, tmp_path):
                    "--resume", out / "checkpoints" / "step_00000003")
     assert same.returncode == 0, same.stderr  # the same weights resume
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
     state = load_file(weights)
     name = next(iter(state))
     save_file({**state, name: state[name] + 1e-3}, weights)
@@ -107,6 +109,15 @@ def test_a_resume_over_other_base_weights_is_refused(tiny_pairs, tmp_path):
                     "latest", "--overwrite")
     assert moved.returncode == 2
     assert "that run trained on other weights of" in moved.stderr and "its UNet / transformer changed" in moved.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+    weights.write_bytes(original)  # the UNet as it was, and another VAE swapped in (a review found this resumed)
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_state = load_file(vae)
+    name = next(iter(vae_state))
+    save_file({**vae_state, name: vae_state[name] + 1e-3}, vae)
+    swapped = run_cli("train", tiny_pairs, "--out", out, *FAST, "--model", model, "--max-steps", 4, "--resume",
+                      "latest", "--overwrite")
+    assert swapped.returncode == 2 and "(its VAE or text encoders changed: " in swapped.stderr, swapped.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
 
 

@@ -45,7 +45,9 @@ from rlaif.distributed import cpu_only
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, changed_settings, publish, read_json, write_json
 from rlaif.models import (
+    FROZEN_PARTS,
     check_size,
+    component_fingerprint,
     default_size,
     denoiser,
     denoiser_fingerprint,
@@ -102,10 +104,13 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
-    base_weights = denoiser_fingerprint(config.model)  # eval's check that it compares with this model
+    # known once loaded (a hub id's first download); base_weights is also eval's check that it compares with this model
+    weights = {"base_weights": denoiser_fingerprint(config.model),
+               "frozen_weights": component_fingerprint(config.model, FROZEN_PARTS)}
     if resume_from is not None:
-        _check_same_base(resume_from, config.model, base_weights)
-    identities = {**identities, "base_weights": base_weights}  # known once loaded (a hub id's first download)
+        _check_same_base(resume_from, config.model, weights)
+    identities = {**identities, **weights}
+    base_weights = weights["base_weights"]
     check_sampling(pairs.sampling, config, anchor_defaulted,
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
@@ -714,15 +719,19 @@ def _relative_entry(entry: str, root: str) -> str:
     return ":".join([os.path.relpath(path, root) if os.path.isabs(path) else path, *stamp])
 
 
-def _check_same_base(folder: Path, model: str, base_weights: str | None) -> None:
-    """Refuse to resume checkpoint ``folder`` over other UNet / transformer weights than it trained on (a model
-    folder rewritten, a new hub revision): training would go on over another model, and train.json name only the
-    new one. Checkpoints from before rlaif recorded the weights are not checked."""
+def _check_same_base(folder: Path, model: str, weights: dict[str, str | None]) -> None:
+    """Refuse to resume checkpoint ``folder`` over other weights of ``model`` than it trained on (``weights``: the
+    UNet / transformer's and the VAE and text encoders'; a model folder rewritten, a VAE swapped in, a new hub
+    revision): training would go on over another model or other latents, and train.json name only the new one.
+    What a checkpoint did not record (older rlaif) is not checked."""
     then = (read_json(folder / "position.json", "start a new run in another --out") or {}).get("identities", {})
-    if None not in (then.get("base_weights"), base_weights) and then["base_weights"] != base_weights:
-        raise RlaifError(f"--resume {folder}: that run trained on other weights of {model} than it holds now (its "
-                         "UNet / transformer changed: a folder rewritten, or a new hub revision); resume with the "
-                         "weights it trained on, or start a new run in another --out")
+    parts = {"base_weights": "its UNet / transformer", "frozen_weights": "its VAE or text encoders"}
+    changed = [part for key, part in parts.items()
+               if None not in (then.get(key), weights.get(key)) and then[key] != weights[key]]
+    if changed:
+        raise RlaifError(f"--resume {folder}: that run trained on other weights of {model} than it holds now "
+                         f"({' and '.join(changed)} changed: a folder rewritten, a component swapped, or a new hub "
+                         "revision); resume with the weights it trained on, or start a new run in another --out")
 
 
 def _save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, identities: dict) -> None:
