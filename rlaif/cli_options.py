@@ -171,6 +171,13 @@ def config_from_cli(config: type, ctx: typer.Context, values: dict[str, Any], co
                          for p in ctx.command.params if p.name == spec.name), spec.name)
             raise RlaifError(f"missing {flag}: give it on the command line or in --config")
     built = config(**merged)
+    unused = getattr(built, "inapplicable", dict)()
+    dropped = [name for name in unused if name in from_file]
+    if dropped:  # a recipe for another kind of run (DPO with LoRA) taken to --loss sft or --full: its extras go
+        built = config(**(merged | {name: unused[name] for name in dropped}))
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in dropped)
+        typer.echo(f"note: {flags} from --config {config_file} left out: unused with this run's --loss / --full",
+                   err=True)
     try:
         built.check_values()
     except RlaifError as exc:  # a refusal of a value the user did not type names where it came from

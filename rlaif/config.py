@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from rlaif.errors import RlaifError
 from rlaif.files import check_in_dir, check_out_dir, held_output
@@ -447,6 +448,17 @@ class TrainConfig:
         check_out_dir(self.out, "--out", "train")
         if self.init is not None:
             _check_tuned(self.init, "--init")
+
+    def inapplicable(self) -> dict[str, Any]:
+        """The settings that --loss sft or --full leave unused, each with the value that leaves it out: a --config
+        recipe written for DPO with LoRA sets them, and is still the recipe to take to an SFT or full baseline."""
+        unused: dict[str, Any] = {}
+        if self.loss == "sft":
+            unused |= {"beta": None, "val_every": None}
+            unused |= {name: None for name in ("keep_unconditional", "dpo_positive") if getattr(self, name)}
+        if self.full:
+            unused |= {f.name: f.default for f in fields(self) if f.name.startswith("lora_")}
+        return {name: value for name, value in unused.items() if getattr(self, name) != value}
 
     def check_values(self) -> None:
         """Reject impossible settings (paths aside: ``rlaif loop`` checks these before their files exist)."""

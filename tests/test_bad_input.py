@@ -100,7 +100,6 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "unfinished").mkdir()  # `rlaif sample` killed before its table
     (tmp_path / "unfinished" / "run.json").write_text('{"generation": {}}')
     (tmp_path / "table.toml").write_text("[train]\nmax_steps = 3\n")  # a loop's layout, given to `rlaif train`
-    (tmp_path / "lora-recipe.toml").write_text("lora_rank = 16\n")  # a shipped recipe, taken to --full
     (tmp_path / "utf16.toml").write_text("max_steps = 3\n", encoding="utf-16")  # saved by Windows Notepad
     (tmp_path / "empty_out.toml").write_text('pairs = "pairs.parquet"\nmodel = "tiny"\nout = ""\n')
     (tmp_path / "stage-value.toml").write_text('sample = 3\n[loop]\nmodel = "tiny"\nprompts = "p.txt"\n'
@@ -248,9 +247,8 @@ CASES = [
      "--val-every measures the held-out DPO implicit accuracy, which --loss sft (no reference) has not"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--max-grad-norm", "nan"],
      "--max-grad-norm must be a finite number, got nan"),
-    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--config", "lora-recipe.toml", "--full"], "--lora-rank "
-     "applies to LoRA training; --full trains every weight of the UNet / transformer (--lora-rank is set by --config "
-     "lora-recipe.toml)"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--lora-rank", "16", "--full"], "--lora-rank "
+     "applies to LoRA training; --full trains every weight of the UNet / transformer"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--config", "utf16.toml"], "config file utf16.toml cannot be "
      "read: 'utf-8' codec can't decode"),
     (["label", "one-each", "-s", "compressibility", "--min-margin", "inf"], "--min-margin must be a finite number"),

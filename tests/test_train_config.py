@@ -43,6 +43,24 @@ def test_flags_override_the_config_file(tiny_pairs, tmp_path):
     assert (recorded["hflip"], recorded["full"]) == (True, False)  # a `true` of the file undone by --no-full
 
 
+def test_a_dpo_lora_recipe_taken_to_sft_or_full_leaves_its_extras_out(tiny_pairs, tmp_path):
+    """A shipped recipe sets beta and LoRA settings: `--config recipe --loss sft` (or `--full`) was refused,
+    telling the user to drop a value they cannot unset on the command line (found by a review). The file's
+    unused settings are left out with a note; given on the command line they are still refused."""
+    (tmp_path / "run.toml").write_text(f'model = "tiny"\nout = "{tmp_path / "o"}"\nmax_steps = 1\nbatch_size = 2\n'
+                                       'beta = 2500.0\nlora_rank = 16\n')
+    result = run_cli("train", tiny_pairs, "--config", tmp_path / "run.toml", "--loss", "sft", "--full",
+                     "--learning-rate", 1e-5)
+    assert result.returncode == 0, result.stderr
+    assert (f"note: --beta, --lora-rank from --config {tmp_path / 'run.toml'} left out: unused with this run's "
+            "--loss / --full") in result.stderr
+    recorded = json.loads((tmp_path / "o" / "train.json").read_text())["config"]
+    assert (recorded["beta"], recorded["lora_rank"], recorded["loss"], recorded["full"]) == (None, 32, "sft", True)
+    typed = run_cli("train", tiny_pairs, "--config", tmp_path / "run.toml", "--loss", "sft", "--beta", 100,
+                    "--out", tmp_path / "typed")
+    assert typed.returncode == 2 and "--beta applies to the DPO losses" in typed.stderr
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ('model = "tiny"\nbetta = 1.0\n', "run.toml: unknown setting 'betta'; did you mean 'beta'?"),
     ('model = "tiny"\nbeta = "high"\n', "run.toml beta: expected float, got 'high'"),
