@@ -99,7 +99,7 @@ def test_the_half_stored_reference_of_full_fine_tuning_computes_the_policys_func
     shape = (2, *latent_shape(pipe, default_size(pipe)))
     draws = torch.tensor([0.3, 0.8]) if objective.weighting else torch.tensor([100, 700])
     inputs = objective.inputs(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)[:1],
-                              draws[:1], embeds[:1], None if pooled is None else pooled[:1], torch.zeros(1, 6))
+                              draws[:1], embeds[:1], None if pooled is None else pooled[:1], torch.zeros(2, 6))
     size = sum(p.numel() * p.element_size() for p in policy.parameters())
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         reference = frozen_reference(policy, replace(config, mixed_precision=precision))

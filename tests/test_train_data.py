@@ -147,6 +147,13 @@ def test_a_training_batch_crops_a_loser_of_another_aspect_ratio_unstretched(tmp_
     batch = MicroBatches(PairTable(tmp_path / "t.parquet"), settings, None)[0]
     by_hand = np.asarray(tall.resize((8, 12), Image.BICUBIC).crop((0, 2, 8, 10)), dtype=np.float32) / 127.5 - 1.0
     assert torch.equal(batch.images[1].pixels, torch.from_numpy(by_hand).permute(2, 0, 1))
+    # SDXL micro-conditioning: each image its own original size; with the label flipped, each image keeps its own
+    assert [a.original_size for a in batch.augmentations] == [(16, 16), (24, 16)]
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [png("red", (16, 16))], "jpg_1": [buffer.getvalue()],
+                             "label_0": [0.0]}), tmp_path / "flipped.parquet")
+    flipped = MicroBatches(PairTable(tmp_path / "flipped.parquet"), settings, None)[0]
+    assert flipped.augmentations == batch.augmentations[::-1]
+    assert torch.equal(flipped.images[0].pixels, batch.images[1].pixels)
 
 
 def test_relabelled_tables_train_on_the_ai_labels_unless_told(tmp_path):

@@ -49,7 +49,7 @@ class BatchSettings:
 @dataclass
 class MicroBatch:
     """One micro-batch, ready for the UNet once the missing latents are encoded; ``images`` holds the chosen
-    image of every pair, then the rejected ones."""
+    image of every pair, then the rejected ones, and ``augmentations`` their transforms in the same order."""
 
     positions: list[int]
     captions: list[str]
@@ -92,19 +92,18 @@ class MicroBatches(Dataset):
         positions = self.positions(k)
         pairs = [self.table[pair_index(position, self.table, s.seed) if s.shuffle else position]
                  for position in positions]
-        augmentations, chosen, rejected, captions, contents = [], [], [], [], ([], [])
+        plans, chosen, rejected, captions, contents = ([], []), [], [], [], ([], [])
         for pair, position in zip(pairs, positions, strict=True):
             data = _bytes(pair.chosen, pair.chosen_name), _bytes(pair.rejected, pair.rejected_name)
             for side, content in zip(contents, data, strict=True):
                 side.append(hashlib.sha256(content).hexdigest())
             augmentation = plan_augmentation(image_size(data[0], pair.chosen_name), s.resolution, s.random_crop,
                                              s.hflip, random.Random(keyed_seed("augment", s.seed, position)))
-            augmentations.append(augmentation)
+            fitted = fit_augmentation(augmentation, image_size(data[1], pair.rejected_name), s.random_crop)
+            plans[0].append(augmentation)
+            plans[1].append(fitted)
             chosen.append(prepare_image(data[0], pair.chosen_name, augmentation, self.store, contents[0][-1]))
-            rejected.append(prepare_image(data[1], pair.rejected_name,
-                                          fit_augmentation(augmentation, image_size(data[1], pair.rejected_name),
-                                                           s.random_crop),
-                                          self.store, contents[1][-1]))
+            rejected.append(prepare_image(data[1], pair.rejected_name, fitted, self.store, contents[1][-1]))
             dropped = random.Random(keyed_seed("drop", s.seed, position)).random() < s.caption_dropout
             captions.append("" if dropped else pair.caption)
         # per image, keyed by its content, not its side: a pair judged with its label flipped (eval --pairs on another
@@ -122,7 +121,7 @@ class MicroBatches(Dataset):
         else:  # u runs the other way (u = 0: pure noise, rlaif.train.flow.shifted_sigma): 1 - u rescaled into the range
             timesteps = [1 - high + (high - low) * draw_u(s.weighting, generator(keyed_seed("t", s.seed, position)))
                          for position in positions]
-        return MicroBatch(positions, captions, augmentations, chosen + rejected, torch.stack(draws),
+        return MicroBatch(positions, captions, plans[0] + plans[1], chosen + rejected, torch.stack(draws),
                           torch.stack(noise), torch.tensor(timesteps))
 
 

@@ -21,7 +21,7 @@ class Augmentation:
     left: int
     flip: bool
     resolution: int  # side of the square crop
-    original_size: tuple[int, int]  # (height, width) of the chosen image, for SDXL micro-conditioning
+    original_size: tuple[int, int]  # (height, width) of the image it transforms, for SDXL micro-conditioning
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
@@ -59,8 +59,8 @@ def fit_augmentation(augmentation: Augmentation, size: tuple[int, int], random_c
     """``augmentation`` (planned on a pair's chosen image) for its other image, of ``size``: the same one when
     that image has the chosen one's aspect ratio (whatever its size); else its own resize to the resolution on
     the shortest side, cropped in its centre (``random_crop``: at the same relative position) and flipped alike,
-    so it is never stretched. SDXL's micro-conditioning stays the chosen image's, the pair's (the official
-    script gives every image the same constant one)."""
+    so it is never stretched. Its ``original_size`` is that image's own: SDXL's micro-conditioning describes each
+    image, so a pair judged with its label flipped sees each image under the same conditioning."""
     a = augmentation
     resized = _resized(size, a.resolution)
     if resized == a.resized:

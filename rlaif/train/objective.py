@@ -88,14 +88,14 @@ class NoisePrediction:
     def inputs(self, sample: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor, embeds: torch.Tensor,
                pooled: torch.Tensor | None, micro_conditions: torch.Tensor) -> Inputs:
         """``sample`` is a VAE posterior draw of every image, ``noise`` and ``draws`` (timesteps) one per pair;
-        ``micro_conditions`` SDXL's (original size, crop, target size) per pair."""
+        ``micro_conditions`` SDXL's (original size, crop, target size) per image, ``[winners; losers]``."""
         latents = sample * self.scaling
         noise, timesteps = noise.repeat(2, 1, 1, 1), draws.repeat(2)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.scheduler.config.prediction_type, latents, noise, timesteps, self.scheduler)
         conditions = {"encoder_hidden_states": embeds.repeat(2, 1, 1)}
         if self.xl:
-            conditions |= {"text_embeds": pooled.repeat(2, 1), "time_ids": micro_conditions.repeat(2, 1)}
+            conditions |= {"text_embeds": pooled.repeat(2, 1), "time_ids": micro_conditions}
         return Inputs(latents, noise, noisy, target, timesteps, conditions, {})
 
     def predict(self, model, inputs: Inputs, rows: slice) -> torch.Tensor:

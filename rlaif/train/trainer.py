@@ -376,7 +376,7 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     posterior = encoder.latent_distribution(batch.images, device)
     sample = posterior.mean + posterior.std * batch.vae_draws.to(device)
     embeds, pooled = encoder.text(batch.captions, device)
-    # SDXL micro-conditioning: each pair's original size, crop and target size
+    # SDXL micro-conditioning: each image's own original size, crop and target size ([winners; losers])
     micro = torch.tensor([[*a.original_size, *a.crop_top_left, resolution, resolution] for a in batch.augmentations],
                          dtype=embeds.dtype, device=device)
     noise, draws = batch.noise.to(device), batch.timesteps.to(device)
