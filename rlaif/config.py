@@ -364,8 +364,8 @@ class TrainConfig:
                 "closer), 0 for SD3 / SD3.5 / FLUX.1 and --loss ipo or sft."})
     flow_weighting: str = field(default=FLOW_WEIGHTINGS[0], metadata={
         "help": f"SD3 / FLUX only (refused for others): where on the noise path pairs are trained, "
-                f"{' | '.join(FLOW_WEIGHTINGS)} (SD3 paper; logit-normal(0, 1) as in diffusers' scripts and "
-                "Flow-DPO)."})
+                f"{' | '.join(FLOW_WEIGHTINGS)} (SD3 paper; logit-normal(0, 1) as in diffusers' SD3 script and "
+                "Flow-DPO; diffusers' FLUX script draws uniformly)."})
     min_noise: float = field(default=0.0, metadata={
         "help": "Train only from this noise level up, as a fraction of the noise schedule (0: the clean image, 1: "
                 "pure noise), to --max-noise: UNet models draw timesteps uniformly from [min, max) x the schedule's "

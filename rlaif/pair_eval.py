@@ -17,7 +17,7 @@ from rlaif.models import default_size, denoiser, load_pipeline
 from rlaif.scoring import LoadedScorer, parse_options
 from rlaif.train.batches import BatchSettings, MicroBatches
 from rlaif.train.encoding import Encoder, latent_shape
-from rlaif.train.objective import objective_for
+from rlaif.train.objective import FLUX_TRAIN_GUIDANCE, objective_for
 from rlaif.train.outputs import (
     apply_tuned,
     check_output,
@@ -117,7 +117,8 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
         apply_tuned(policy, tuned, fuse=False)
         reference = None
     resolution = trained["resolution"] or default_size(policy)
-    objective = objective_for(policy, config.flow_weighting)
+    objective = objective_for(policy, config.flow_weighting,  # FLUX.1-dev: the distilled guidance it trained at
+                              train_info(tuned).get("distilled_guidance", FLUX_TRAIN_GUIDANCE))
     settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
                              objective.timesteps, shuffle=False, weighting=objective.weighting,
                              noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained

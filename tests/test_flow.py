@@ -109,3 +109,60 @@ def test_flux_tokens_are_2x2_patches_and_the_ids_flux_samples_with():
     assert torch.equal(FluxPipeline._unpack_latents(packed_noise, 64, 48, 8), noise)
     assert torch.equal(ids["img_ids"], torch.tensor([[0.0, row, col] for row in range(4) for col in range(3)]))
     assert ids["txt_ids"].shape == (7, 3) and not ids["txt_ids"].any()
+
+
+def test_dynamic_shifting_trains_on_the_plain_schedule():
+    """FLUX.1-dev shifts by resolution when it samples (use_dynamic_shifting): its training sigmas are the
+    unshifted schedule's, as diffusers' train_dreambooth_lora_flux.py indexes them."""
+    from rlaif.train.flow import training_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    u = torch.tensor([0.0, 0.25, 0.5, 0.999])
+    assert training_shift(scheduler.config) == 1.0
+    assert torch.allclose(shifted_sigma(u, 1000, training_shift(scheduler.config)), scheduler.sigmas[(u * 1000).long()],
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_the_objective_gives_each_transformer_its_own_inputs(model):
+    """What the transformer is called with, written out: latents (x - shift_factor) * scaling_factor, the noised
+    point at sigma, the time input sigma * 1000 for SD3 and sigma for FLUX (its pipeline divides by 1000), and for
+    FLUX.1-dev its distilled guidance. A swap here would pass the ln 2 test (policy and reference get the same
+    wrong inputs): found missing by a review."""
+    from rlaif.models import load_pipeline
+    from rlaif.train.objective import objective_for
+
+    pipe = load_pipeline(model)
+    objective = objective_for(pipe, "uniform", 5.0)
+    shape = (4, 8, 8) if model == "tiny-sd3" else (pipe.vae.config.latent_channels, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    sample, noise = torch.randn(2, *shape, generator=generator), torch.randn(1, *shape, generator=generator)
+    embeds, pooled = torch.randn(1, 5, pipe.transformer.config.joint_attention_dim), torch.randn(1, 8)
+    u = torch.tensor([0.25])
+    inputs = objective.inputs(sample, noise, u, embeds, pooled, torch.zeros(2, 6))
+    sigma = float(shifted_sigma(u, 1000, objective.shift)[0])
+    latents = (sample - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    if model == "tiny-flux":
+        latents = FluxPipeline._pack_latents(latents, 2, shape[0], 8, 8)
+        noise = FluxPipeline._pack_latents(noise, 1, shape[0], 8, 8)
+        assert torch.equal(inputs.conditions["guidance"], torch.full((2,), 5.0))
+        assert torch.allclose(inputs.timestep, torch.full((2,), sigma))
+    else:
+        assert "guidance" not in inputs.conditions
+        assert torch.allclose(inputs.timestep, torch.full((2,), sigma * 1000))
+    noise = noise.expand_as(latents)  # a pair's two images share their noise
+    assert torch.allclose(inputs.latents, latents)
+    assert torch.allclose(inputs.noisy, (1 - sigma) * latents + sigma * noise)
+    assert torch.allclose(inputs.target, noise - latents)
+
+
+def test_flux_dev_trains_at_the_guidance_its_pairs_were_sampled_at():
+    """Pairs sampled at --guidance 5 were drawn under distilled guidance 5: training them at diffusers' 3.5 would
+    learn the preference for another conditioning (a review). Records of other models or in disagreement: 3.5."""
+    from rlaif.train.objective import FLUX_TRAIN_GUIDANCE, distilled_guidance
+
+    flux = "black-forest-labs/FLUX.1-dev"
+    assert distilled_guidance([{"model": flux, "guidance": 5}, {"model": flux, "guidance": 5.0}], flux) == 5.0
+    assert distilled_guidance([{"model": flux, "guidance": 5.0}, {"model": flux, "guidance": 3.0}], flux) == 3.5
+    assert distilled_guidance([{"model": "sd15", "guidance": 7.5}], flux) == FLUX_TRAIN_GUIDANCE == 3.5
+    assert distilled_guidance([], flux) == 3.5

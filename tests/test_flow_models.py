@@ -106,8 +106,11 @@ def test_flow_dpo_starts_at_ln2_with_flow_defaults(flow_run, tmp_path, full, pre
     assert log(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(entry["loss"]) for entry in log(out))
     # a LoRA under bf16 trains on bf16 frozen weights (half the memory); fp32 and full fine-tuning keep fp32
-    frozen = json.loads((out / "train.json").read_text())["frozen_weights"]
-    assert frozen == ("bf16" if precision == "bf16" and not full else "fp32")
+    info = json.loads((out / "train.json").read_text())
+    assert info["frozen_weights"] == ("bf16" if precision == "bf16" and not full else "fp32")
+    # FLUX.1-dev (tiny-flux has its guidance embedding) trains at the distilled guidance its pairs were sampled at
+    sampled_at = json.loads((folder / "run" / "run.json").read_text())["generation"]["guidance"]
+    assert info.get("distilled_guidance") == (sampled_at if alias == "tiny-flux" else None)
     config = json.loads((out / "train.json").read_text())["config"]
     assert config["beta"] == 100.0 and config["flow_weighting"] == "logit_normal"
     assert config["lora_targets"] is None if full else "add_q_proj" in config["lora_targets"]

@@ -2,11 +2,12 @@
 
 A pair is trained at a point ``s`` of the straight path from its clean latents ``x0`` (s = 0) to noise ``e``
 (s = 1): ``x_s = (1 - s) x0 + s e``, and the model predicts the velocity ``v = e - x0`` (Esser et al. 2024,
-"Scaling Rectified Flow Transformers", section 2; diffusers' ``train_dreambooth_lora_sd3.py`` /
-``train_dreambooth_lora_flux.py``). Where ``s`` falls is drawn as in those scripts: ``u`` from a weighting
-density (logit-normal, mode or uniform), then the training schedule's ``s`` at index ``floor(u * N)`` of the
-``N`` training timesteps, shifted by the scheduler's ``shift`` unless it shifts by resolution at inference
-(FLUX's dynamic shifting), where training uses the plain schedule.
+"Scaling Rectified Flow Transformers", section 2; diffusers' ``train_dreambooth_lora_flux.py``, and
+``train_dreambooth_lora_sd3.py`` without its default ``--precondition_outputs``, which weights this error by
+s^2; Flow-DPO's released code uses it unweighted, as here). Where ``s`` falls is drawn as in those scripts:
+``u`` from a weighting density (logit-normal, mode or uniform), then the training schedule's ``s`` at index
+``floor(u * N)`` of the ``N`` training timesteps, shifted by the scheduler's ``shift`` unless it shifts by
+resolution at inference (FLUX's dynamic shifting), where training uses the plain schedule.
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ class NoisePrediction:
     """DDPM training of a UNet (SD1.5 / SD2 / SDXL)."""
 
     weighting = None  # timesteps are drawn uniformly as integers
+    distilled_guidance = None  # FLUX.1-dev's alone
 
     def __init__(self, pipe) -> None:
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
@@ -112,14 +113,15 @@ class NoisePrediction:
 class FlowMatching:
     """Rectified-flow training of an SD3 or FLUX.1 transformer."""
 
-    def __init__(self, pipe, weighting: str) -> None:
+    def __init__(self, pipe, weighting: str, guidance: float = FLUX_TRAIN_GUIDANCE) -> None:
         config = pipe.scheduler.config
         self.weighting = weighting
         self.timesteps = config.num_train_timesteps
         self.shift = training_shift(config)
         self.scaling, self.offset = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
         self.flux = isinstance(pipe, FluxPipeline)
-        self.guidance = pipe.transformer.config.get("guidance_embeds", False)
+        # FLUX.1-dev's distilled guidance, an input of the transformer (schnell and SD3 have none)
+        self.distilled_guidance = guidance if pipe.transformer.config.get("guidance_embeds", False) else None
 
     def inputs(self, sample: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor, embeds: torch.Tensor,
                pooled: torch.Tensor | None, micro_conditions: torch.Tensor) -> Inputs:
@@ -131,8 +133,8 @@ class FlowMatching:
             (latents, noise), shared = flux_tokens([latents, noise], embeds.shape[1])
         noisy, target = flow_inputs(latents, noise, sigma)
         conditions = {"encoder_hidden_states": embeds.repeat(2, 1, 1), "pooled_projections": pooled.repeat(2, 1)}
-        if self.flux and self.guidance:
-            conditions["guidance"] = torch.full((len(sigma),), FLUX_TRAIN_GUIDANCE, device=latents.device)
+        if self.flux and self.distilled_guidance is not None:
+            conditions["guidance"] = torch.full((len(sigma),), self.distilled_guidance, device=latents.device)
         # SD3's transformer takes the timestep s * 1000, FLUX's s itself (its pipeline divides by 1000)
         timestep = sigma if self.flux else sigma * self.timesteps
         return Inputs(latents, noise, noisy, target, timestep, conditions, shared)
@@ -147,6 +149,15 @@ class FlowMatching:
                              positive=positive)
 
 
-def objective_for(pipe, weighting: str = "logit_normal") -> NoisePrediction | FlowMatching:
-    """The training objective of ``pipe``'s family."""
-    return FlowMatching(pipe, weighting) if is_flow(pipe) else NoisePrediction(pipe)
+def objective_for(pipe, weighting: str = "logit_normal", guidance: float = FLUX_TRAIN_GUIDANCE
+                  ) -> NoisePrediction | FlowMatching:
+    """The training objective of ``pipe``'s family (``guidance``: FLUX.1-dev's distilled guidance)."""
+    return FlowMatching(pipe, weighting, guidance) if is_flow(pipe) else NoisePrediction(pipe)
+
+
+def distilled_guidance(samplings: list[dict], model: str) -> float:
+    """The distilled guidance a FLUX.1-dev run trains at: the one ``model`` sampled its pairs at, when their
+    records (run.json's generation settings, one per file) agree on one, so the preference is learnt under the
+    conditioning the pictures were drawn with; else diffusers' FLUX_TRAIN_GUIDANCE."""
+    recorded = {s["guidance"] for s in samplings if s.get("model") == model and s.get("guidance") is not None}
+    return float(recorded.pop()) if len(recorded) == 1 else FLUX_TRAIN_GUIDANCE

@@ -61,7 +61,14 @@ from rlaif.models import (
 from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
-from rlaif.train.objective import FlowMatching, Inputs, NoisePrediction, append_rows, objective_for
+from rlaif.train.objective import (
+    FlowMatching,
+    Inputs,
+    NoisePrediction,
+    append_rows,
+    distilled_guidance,
+    objective_for,
+)
 from rlaif.train.outputs import (
     TRAIN_FILE,
     is_full,
@@ -115,7 +122,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
-    objective = objective_for(pipe, config.flow_weighting)
+    objective = objective_for(pipe, config.flow_weighting, distilled_guidance(pairs.sampling, config.model))
     check_size(pipe, "--resolution", resolution)
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
@@ -212,6 +219,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                 # what a launcher decided: a CPU `accelerate launch --num_processes 2` may run one process
                 "processes": accelerator.num_processes, "pairs_per_step": global_batch,
                 "base_weights": base_weights,
+                **({"distilled_guidance": objective.distilled_guidance}  # FLUX.1-dev's, for eval --pairs
+                   if objective.distilled_guidance is not None else {}),
                 **({"pinned_pairs": pairs.pinned} if pairs.pinned else {})}  # --pairs to read the same again
         save_outputs(accelerator.unwrap_model(unet), pipe, config.out, config.full, config.init and Path(config.init),
                      info)
