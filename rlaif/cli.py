@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from rlaif.cli_options import PATH_OPTION, argument, config_from_cli, default, option
+from rlaif.cli_options import PATH_OPTION, argument, config_from_cli, default, nonempty_text, option
 from rlaif.config import EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.errors import RlaifError, exception_text
 from rlaif.files import check_out_dir
@@ -284,9 +284,10 @@ def evaluate(
     out: Annotated[Path | None, option(E, "out", "--out", "-o")] = None,
     scorers: Annotated[list[str], option(E, "scorers", "--scorer", "-s")] = [],  # noqa: B006
     pairs: Annotated[str | None, typer.Option(
-        "--pairs", help="Instead of generating: judge the pairs of this table (any form `rlaif train` reads) with "
-                        "the tuned model as a DPO preference classifier (against --model as its reference) and "
-                        "with each --scorer; prints each one's accuracy on the labels.")] = None,
+        "--pairs", parser=nonempty_text,
+        help="Instead of generating: judge the pairs of this table (any form `rlaif train` reads) with "
+             "the tuned model as a DPO preference classifier (against --model as its reference) and "
+             "with each --scorer; prints each one's accuracy on the labels.")] = None,
     max_pairs: Annotated[int, typer.Option("--max-pairs", help="Pairs judged with --pairs.")] = 512,
     label_column: Annotated[str | None, typer.Option(
         "--label-column", help="With --pairs: the labels judged against; default: ai_label_0 when the table has "

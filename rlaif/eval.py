@@ -27,7 +27,7 @@ from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, significance, wins
 from rlaif.tables import EVAL_METADATA, SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
-from rlaif.train.pair_table import parquet_files, recorded_sampling, table_changed
+from rlaif.train.pair_table import AI_LABEL, parquet_files, recorded_sampling, table_changed
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -106,7 +106,9 @@ def check_roles(config: EvalConfig) -> str | None:
         path = Path(table["pairs"])
         with contextlib.suppress(RlaifError):  # a table gone or changed since: nothing to read roles from
             for file in parquet_files(path) if path.exists() else []:
-                trained |= dict.fromkeys(labelled_by(Path(file)), table["pairs"])
+                # a relabelled table's scorers labelled its AI column: trained on its human labels, they are not
+                if table.get("label_column") in (None, _scored_column(Path(file))):
+                    trained |= dict.fromkeys(labelled_by(Path(file)), table["pairs"])
     if not trained:
         return None
     clash = next((name for name in config.held_out if name in trained), None)
@@ -119,6 +121,14 @@ def check_roles(config: EvalConfig) -> str | None:
     return (f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "
             f"{', '.join(trained)}, not by {'this scorer' if len(untrained) == 1 else 'these'}; it is reported as "
             "optimised all the same (pass it as --held-out to have it watched for reward hacking)")
+
+
+def _scored_column(table: Path) -> str:
+    """The label column a pairs table's labelling scorers wrote: `rlaif label --relabel`'s AI column beside the
+    human labels, else label_0."""
+    import pyarrow.parquet as pq
+
+    return AI_LABEL if AI_LABEL in pq.read_schema(table).names else "label_0"
 
 
 def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str | None:

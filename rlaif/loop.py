@@ -167,15 +167,8 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
-    trained = parse_weights(stages["label"]["scorers"])
-    held = next((name for name in stages["eval"].get("held_out", []) if name in trained), None)
-    if held is not None:
-        raise RlaifError(f"{path} [eval]: held_out {held!r} is a [label] scorer, which the loop trains on: a held-out "
-                         "scorer must be another one")
-    untrained = next((name for name in parse_weights(stages["eval"]["scorers"]) if name not in trained), None)
-    if untrained is not None:
-        raise RlaifError(f"{path} [eval]: scorers {untrained!r} is not a [label] scorer, so the loop does not train "
-                         "on it: list it under held_out")
+    if not (loop.out / "loop.json").exists():  # a loop begun before these checks goes on as it was begun
+        _check_roles(path, stages)
     negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
     if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
         check_negative_prompt(loop.model, f"{path} [{negative[0]}] negative_prompt")
@@ -250,6 +243,20 @@ def _state(plan: LoopPlan) -> dict:
     changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
     raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                      "the same config and options to continue it, or choose another --out")
+
+
+def _check_roles(path: Path, stages: dict[str, dict[str, Any]]) -> None:
+    """Refuse an [eval] that reports a [label] scorer as held out, or a scorer the loop does not train on as
+    optimised: the reward-hacking warning would watch the wrong scorer, or flag the wrong way round."""
+    trained = parse_weights(stages["label"]["scorers"])
+    held = next((name for name in stages["eval"].get("held_out", []) if name in trained), None)
+    if held is not None:
+        raise RlaifError(f"{path} [eval]: held_out {held!r} is a [label] scorer, which the loop trains on: a held-out "
+                         "scorer must be another one")
+    untrained = next((name for name in parse_weights(stages["eval"]["scorers"]) if name not in trained), None)
+    if untrained is not None:
+        raise RlaifError(f"{path} [eval]: scorers {untrained!r} is not a [label] scorer, so the loop does not train "
+                         "on it: list it under held_out")
 
 
 def _as_now(settings: dict) -> dict:

@@ -119,19 +119,23 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
 def _versions_record(run_file: Path, lacking: Callable[[], bool], note: Callable[[str], None] | None) -> dict:
     """run.json's record of the library versions: those the folder was begun under, and when images it still
     ``lacking()`` (asked only then: a stat of every image) are made under other versions of the libraries that
-    shape them (rlaif aside), these as ``resumed_under`` (kept by later runs that make none); ``note`` is told,
-    as those images may differ from an uninterrupted run's."""
+    shape them (rlaif aside), these appended to ``resumed_under``, the list of every other set some images were
+    made under (kept by later runs that make none); ``note`` is told, as those images may differ from an
+    uninterrupted run's."""
     now = versions()
     record = read_json(run_file, "use an empty --out folder") or {}
     then = record.get("versions") or now
+    earlier = record.get("resumed_under") or []
+    earlier = [earlier] if isinstance(earlier, dict) else earlier  # one set, as rlaif recorded it before
+    kept = {"versions": then, **({"resumed_under": earlier} if earlier else {})}
     changed = [f"{name} {then.get(name)} -> {now[name]}" for name in now
                if name != "rlaif" and then.get(name) != now[name]]
     if not (changed and lacking()):
-        return {"versions": then, **({"resumed_under": record["resumed_under"]} if "resumed_under" in record else {})}
+        return kept
     if note:
         note(f"{run_file.parent} was begun under other library versions ({'; '.join(changed)}); the images it still "
              "lacks are made under these, and may differ from those an uninterrupted run would have made")
-    return {"versions": then, "resumed_under": now}
+    return {"versions": then, "resumed_under": earlier + [now] if now not in earlier else earlier}
 
 
 def run_sample(config: SampleConfig, progress: Progress | None = None, replace_stale: str | None = None,

@@ -8,7 +8,8 @@ line of the factory's docstring. Built-ins register through the same entry-point
 as third-party plugins.
 
 Cached scores are keyed by ``LoadedScorer.key``: the scorer's name, its options, the plugin's version (its
-distribution's and a hash of its source files: ``plugin_version``) and its identity.
+distribution's and a hash of its source files: ``plugin_version``), its identity, the versions of the libraries
+scores depend on and of rlaif's image decoding (``rlaif.images.DECODE_VERSION``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from rlaif.errors import RlaifError, exception_text, hub_unavailable
-from rlaif.images import DECODE_VERSION
 
 if TYPE_CHECKING:  # importing this module stays cheap (`rlaif scorers list`, option checks): torch comes later
     import torch
@@ -211,6 +211,8 @@ class LoadedScorer:
             # rest is transformers' advice for a mistyped name
             text = exception_text(exc).split(". ")[0] if unavailable else exception_text(exc).rstrip(". ")
             raise RlaifError(f"scorer {self.spec!r} failed to load: {text}{hint}") from exc
+        from rlaif.images import DECODE_VERSION  # here: the CLI's --help imports this module, not numpy or PIL
+
         own = getattr(self.scorer, "name", None)  # one class may serve several registered names
         self.name = self.spec if own in (None, "", self.spec) else f"{self.spec} ({own})"
         described = {"spec": spec, "options": dict(sorted(options.items())), "version": plugin_version(spec, factory),

@@ -32,7 +32,7 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
     "scorer": pl.String(),
     "score": pl.Float64(),
     "prompt": pl.String(),
-    "scorer_key": pl.String(),  # rlaif.scoring.LoadedScorer.key: name, options, version, weights
+    "scorer_key": pl.String(),  # rlaif.scoring.LoadedScorer.key: name, options, versions, weights, decoding
     "image_sha256": pl.String(),  # of the image file the score was made from
 }
 PAIRS_SCHEMA: dict[str, pl.DataType] = {

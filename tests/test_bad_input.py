@@ -123,6 +123,8 @@ CASES = [
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", ""], "Invalid value for '--out' / '-o': is empty (an unset shell "
      "variable?)"),  # typer reads "" as ".": it sampled into the working folder
     (["label", "", "-s", "compressibility"], "Invalid value for 'samples_dir': is empty"),
+    (["eval", "-m", "tiny", "--tuned", "lora", "--pairs", "", "-s", "compressibility"],
+     "Invalid value for '--pairs': is empty"),
     (["train", "", "--model", "tiny", "--out", "o"], "Invalid value for 'pairs': is empty"),  # "" read the
     (["sample", "-m", "", "-p", "p.txt", "-o", "s"], "Invalid value for '--model' / '-m': is empty"),  # working folder
     (["train", "--config", "empty_out.toml"], "empty_out.toml out: is empty (an unset shell variable?)"),

@@ -369,6 +369,24 @@ def test_a_scorer_the_model_was_trained_on_is_not_held_out(tiny_pairs, tmp_path)
         f"--scorer incompressibility: {tmp_path / 'lora'} was trained on pairs labelled by compressibility, not by "
         "this scorer; it is reported as optimised all the same (pass it as --held-out to have it watched for reward "
         "hacking)")
+    # a relabelled table (human label_0, the scorer's ai_label_0 beside it) trained on its human labels: the scorer
+    # that wrote the AI labels did not train the model, and may be held out (a review found it refused)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tiny_pairs)
+    relabelled = tmp_path / "relabelled.parquet"
+    pq.write_table(table.append_column("ai_label_0", pa.array([0.0] * table.num_rows)), relabelled)
+    record = tmp_path / "lora" / "train.json"
+    info = json.loads(record.read_text())
+    for column, refused in (("label_0", False), ("ai_label_0", True)):
+        record.write_text(json.dumps({**info, "config": {**info["config"], "pairs": str(relabelled)},
+                                      "label_column": column}))
+        if refused:
+            with pytest.raises(RlaifError, match="^--held-out compressibility: "):
+                roles(["incompressibility"], ["compressibility"])
+        else:
+            assert roles(["incompressibility"], ["compressibility"]) is None
 
 
 def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):

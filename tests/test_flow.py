@@ -162,7 +162,17 @@ def test_flux_dev_trains_at_the_guidance_its_pairs_were_sampled_at():
     from rlaif.train.objective import FLUX_TRAIN_GUIDANCE, distilled_guidance
 
     flux = "black-forest-labs/FLUX.1-dev"
-    assert distilled_guidance([{"model": flux, "guidance": 5}, {"model": flux, "guidance": 5.0}], flux) == 5.0
-    assert distilled_guidance([{"model": flux, "guidance": 5.0}, {"model": flux, "guidance": 3.0}], flux) == 3.5
-    assert distilled_guidance([{"model": "sd15", "guidance": 7.5}], flux) == FLUX_TRAIN_GUIDANCE == 3.5
-    assert distilled_guidance([], flux) == 3.5
+
+    def weights():
+        asked.append(1)
+        return "w1"
+
+    asked = []
+    same = [{"model": flux, "guidance": 5}, {"model": flux, "guidance": 5.0}]
+    assert distilled_guidance(same, flux, weights) == 5.0 and not asked  # named alike: the weights not hashed
+    disagree = [{"model": flux, "guidance": 5.0}, {"model": flux, "guidance": 3.0}]
+    assert distilled_guidance(disagree, flux, weights) == 3.5
+    assert distilled_guidance([{"model": "sd15", "guidance": 7.5}], flux, weights) == FLUX_TRAIN_GUIDANCE == 3.5
+    assert distilled_guidance([], flux, weights) == 3.5
+    # sampled from the hub id, trained from a local copy of it: the same weights (a review)
+    assert distilled_guidance([{"model": flux, "model_weights": "w1", "guidance": 4.0}], "/models/flux", weights) == 4.0

@@ -271,3 +271,27 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     assert other.returncode == 2 and not (tmp_path / "e2").exists()
     assert other.stderr.strip() == f"error: --max-sequence-length 16: {out} was trained at T5 prompt length 8; " \
         "evaluate it at that length (leave the option out)"
+
+
+@pytest.mark.parametrize("flow_run", ["tiny-flux"], indirect=True)  # FLUX.1-dev's transformer alone takes it
+def test_a_resumed_flux_run_keeps_the_distilled_guidance_it_trained_at(flow_run, tmp_path):
+    """The distilled guidance is the pairs' now; a checkpoint trained at another one (an rlaif that trained at 3.5
+    whatever the pairs said, recorded nothing) goes on at its own, as an uninterrupted run would have (a review)."""
+    alias, folder = flow_run
+    out = tmp_path / "o"
+    args = ("train", folder / "run" / "pairs.parquet", "--model", alias, "--out", out, "--checkpoint-every", 1, *FAST)
+    assert run_cli(*args, "--max-steps", 1).returncode == 0
+    position = out / "checkpoints" / "step_00000001" / "position.json"
+    record = json.loads(position.read_text())
+    assert record["identities"]["distilled_guidance"] == json.loads((out / "train.json").read_text())[
+        "distilled_guidance"]
+    record["identities"]["distilled_guidance"] = 5.0
+    position.write_text(json.dumps(record))
+    resumed = run_cli(*args, "--max-steps", 2, "--resume", "step_00000001", "--overwrite")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "train.json").read_text())["distilled_guidance"] == 5.0
+    del record["identities"]["distilled_guidance"]
+    position.write_text(json.dumps(record))
+    older = run_cli(*args, "--max-steps", 2, "--resume", "step_00000001", "--overwrite")
+    assert older.returncode == 0, older.stderr
+    assert json.loads((out / "train.json").read_text())["distilled_guidance"] == 3.5

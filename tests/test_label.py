@@ -424,7 +424,9 @@ def test_a_library_upgrade_is_another_scorer_version(monkeypatch):
 
     monkeypatch.setattr(scoring, "library_versions", real)
     assert scoring.LoadedScorer("compressibility").key == before
-    monkeypatch.setattr(scoring, "DECODE_VERSION", scoring.DECODE_VERSION + 1)  # images decode to other pixels
+    from rlaif import images
+
+    monkeypatch.setattr(images, "DECODE_VERSION", images.DECODE_VERSION + 1)  # images decode to other pixels
     assert scoring.LoadedScorer("compressibility").key != before
 
 

@@ -219,7 +219,8 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
      + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='x'\n",
      "[eval] negative_prompt: FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative "
      "prompt"),  # before the rounds' sampling and training, not after them
-    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nheld_out=['compressibility']\n",
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nscorers=['incompressibility']\n"
+     "held_out=['compressibility']\n",
      "[eval]: held_out 'compressibility' is a [label] scorer, which the loop trains on"),  # reported as held out
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nscorers=['incompressibility']\n",
      "[eval]: scorers 'incompressibility' is not a [label] scorer, so the loop does not train on it"),

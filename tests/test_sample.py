@@ -172,9 +172,15 @@ def test_a_folder_begun_under_other_library_versions_says_so_and_keeps_both(refe
     assert (f"note: {tmp_path / 'old'} was begun under other library versions (diffusers 0.30.0 -> "
             f"{now['diffusers']}); the images it still lacks are made under these") in resumed.stderr
     after = json.loads((tmp_path / "old" / "run.json").read_text())
-    assert after["versions"]["diffusers"] == "0.30.0" and after["resumed_under"] == now
+    assert after["versions"]["diffusers"] == "0.30.0" and after["resumed_under"] == [now]
     assert run_cli(*argv).returncode == 0  # a later run that makes nothing keeps the record
-    assert json.loads((tmp_path / "old" / "run.json").read_text())["resumed_under"] == now
+    assert json.loads((tmp_path / "old" / "run.json").read_text())["resumed_under"] == [now]
+    # resumed under a third set (an older record's single set read as such): every set some images came from stays
+    between = {**now, "torch": "2.5.0"}
+    (tmp_path / "old" / "run.json").write_text(json.dumps({**after, "resumed_under": between}))
+    next(iter((tmp_path / "old" / "images").rglob("*.png"))).unlink()
+    assert run_cli(*argv).returncode == 0
+    assert json.loads((tmp_path / "old" / "run.json").read_text())["resumed_under"] == [between, now]
 
 
 @pytest.mark.parametrize(

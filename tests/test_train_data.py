@@ -120,7 +120,9 @@ def test_a_loser_of_another_aspect_ratio_is_resized_on_its_own_not_stretched():
     chosen = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     tall = Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8))
     plan = plan_augmentation(chosen.size, 32, random_crop=False, hflip=False, rng=random.Random(0))
-    assert fit_augmentation(plan, (128, 128), False) is plan and fit_augmentation(plan, (64, 64), False) is plan
+    assert fit_augmentation(plan, (64, 64), False) == plan
+    bigger = fit_augmentation(plan, (128, 128), False)  # the same transform, conditioned on its own size (SDXL)
+    assert bigger == dataclasses.replace(plan, original_size=(128, 128)) and bigger.key == plan.key
     fitted = fit_augmentation(plan, tall.size, False)
     assert (fitted.resized, fitted.top, fitted.left, fitted.original_size) == ((32, 48), 8, 0, (96, 64))
     by_hand = np.asarray(tall.resize((32, 48), Image.BICUBIC).crop((0, 8, 32, 40)), dtype=np.float32) / 127.5 - 1.0

@@ -189,3 +189,28 @@ def test_a_run_moved_with_its_pairs_resumes_and_other_pairs_are_refused(tiny_pai
     table.write_bytes(table.read_bytes())  # rewritten in place: another table as far as resuming knows
     with pytest.raises(RlaifError, match=r"that run was made with other settings \(pairs_file "):
         train(tmp_path / "b", max_steps=4, resume="latest", overwrite=True)
+
+
+def test_a_checkpoint_of_other_batch_rules_resumes_and_says_so(tiny_pairs, tmp_path):
+    """A checkpoint written before the VAE draws were keyed by content (and SDXL conditioning made per image)
+    goes on with the new rules: a valid run, but not the uninterrupted one, which the run says (a review)."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.train.batches import BATCH_RULES
+    from rlaif.train.trainer import run_train
+
+    settings = dict(pairs=str(tiny_pairs), model="tiny", out=tmp_path / "run", batch_size=2, checkpoint_every=1)
+    run_train(TrainConfig(**settings, max_steps=1))
+    position = tmp_path / "run" / "checkpoints" / "step_00000001" / "position.json"
+    record = json.loads(position.read_text())
+    assert record["identities"]["batch_rules"] == BATCH_RULES
+    notes = []
+    run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True), note=notes.append)
+    assert not notes  # the same rules: nothing to say
+    del record["identities"]["batch_rules"]  # as an rlaif before the rules were recorded wrote it
+    position.write_text(json.dumps(record))
+    run_train(TrainConfig(**settings, max_steps=2, resume="step_00000001", overwrite=True), note=notes.append)
+    assert notes == [f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, now "
+                     f"{BATCH_RULES}: other VAE draws, crops or SDXL conditioning for the same pairs); the remaining "
+                     "steps use these, so the result will differ from an uninterrupted run's"]

@@ -4,7 +4,7 @@ requires (a loser of another aspect ratio its own resize, never a stretch)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,15 +56,15 @@ def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 
 
 def fit_augmentation(augmentation: Augmentation, size: tuple[int, int], random_crop: bool) -> Augmentation:
-    """``augmentation`` (planned on a pair's chosen image) for its other image, of ``size``: the same one when
+    """``augmentation`` (planned on a pair's chosen image) for its other image, of ``size``: the same transform when
     that image has the chosen one's aspect ratio (whatever its size); else its own resize to the resolution on
     the shortest side, cropped in its centre (``random_crop``: at the same relative position) and flipped alike,
     so it is never stretched. Its ``original_size`` is that image's own: SDXL's micro-conditioning describes each
     image, so a pair judged with its label flipped sees each image under the same conditioning."""
     a = augmentation
     resized = _resized(size, a.resolution)
-    if resized == a.resized:
-        return a
+    if resized == a.resized:  # the same transform; the conditioning on its own size (512 beside a 1024 chosen)
+        return replace(a, original_size=(size[1], size[0]))
 
     def at(offset: int, span: int, other_span: int) -> int:  # the same fraction of the room to move the crop in
         return round(offset / span * other_span) if span and random_crop else other_span // 2

@@ -12,6 +12,7 @@ A micro-batch's ``timesteps`` are the family's draws: integer timesteps, or ``u`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,7 @@ class NoisePrediction:
 class FlowMatching:
     """Rectified-flow training of an SD3 or FLUX.1 transformer."""
 
-    def __init__(self, pipe, weighting: str, guidance: float = FLUX_TRAIN_GUIDANCE) -> None:
+    def __init__(self, pipe, weighting: str, guidance: float | None = FLUX_TRAIN_GUIDANCE) -> None:
         config = pipe.scheduler.config
         self.weighting = weighting
         self.timesteps = config.num_train_timesteps
@@ -149,15 +150,21 @@ class FlowMatching:
                              positive=positive)
 
 
-def objective_for(pipe, weighting: str = "logit_normal", guidance: float = FLUX_TRAIN_GUIDANCE
+def objective_for(pipe, weighting: str = "logit_normal", guidance: float | None = FLUX_TRAIN_GUIDANCE
                   ) -> NoisePrediction | FlowMatching:
     """The training objective of ``pipe``'s family (``guidance``: FLUX.1-dev's distilled guidance)."""
     return FlowMatching(pipe, weighting, guidance) if is_flow(pipe) else NoisePrediction(pipe)
 
 
-def distilled_guidance(samplings: list[dict], model: str) -> float:
-    """The distilled guidance a FLUX.1-dev run trains at: the one ``model`` sampled its pairs at, when their
-    records (run.json's generation settings, one per file) agree on one, so the preference is learnt under the
-    conditioning the pictures were drawn with; else diffusers' FLUX_TRAIN_GUIDANCE."""
-    recorded = {s["guidance"] for s in samplings if s.get("model") == model and s.get("guidance") is not None}
+def distilled_guidance(samplings: list[dict], model: str, identity: Callable[[], str | None]) -> float:
+    """The distilled guidance a FLUX.1-dev run trains at: the one ``model`` sampled its pairs at (named alike, or
+    its weights: ``identity()``, asked only for records of another name), when their records (run.json's
+    generation settings, one per file) agree on one, so the preference is learnt under the conditioning the
+    pictures were drawn with; else diffusers' FLUX_TRAIN_GUIDANCE."""
+    weights = identity() if any(s.get("model") != model for s in samplings) else None
+
+    def same_model(sampling: dict) -> bool:
+        return sampling.get("model") == model or weights is not None and sampling.get("model_weights") == weights
+
+    recorded = {s["guidance"] for s in samplings if same_model(s) and s.get("guidance") is not None}
     return float(recorded.pop()) if len(recorded) == 1 else FLUX_TRAIN_GUIDANCE

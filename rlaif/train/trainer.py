@@ -58,10 +58,11 @@ from rlaif.models import (
     model_identity,
     prompt_length,
 )
-from rlaif.train.batches import BatchSettings, MicroBatch, MicroBatches, micro_batches
+from rlaif.train.batches import BATCH_RULES, BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
 from rlaif.train.objective import (
+    FLUX_TRAIN_GUIDANCE,
     FlowMatching,
     Inputs,
     NoisePrediction,
@@ -105,15 +106,16 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
     if note and accelerator.is_main_process:
         for text in (sampled_elsewhere(config, pairs, identities["init_weights"]),
-                     nothing_held_out(config, len(held_out_pairs))):
+                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from)):
             if text:
                 note(text)
+    identities["batch_rules"] = BATCH_RULES
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
     pipe = load_pipeline(config.model, "fp32", accelerator.device, tuned=config.init, component_dtypes=frozen)
     # known once loaded (a hub id's first download); base_weights is also eval's check that it compares with this model
     weights = {"base_weights": denoiser_fingerprint(config.model),
-               "frozen_weights": component_fingerprint(config.model, FROZEN_PARTS)}
+               "frozen_parts": component_fingerprint(config.model, FROZEN_PARTS)}
     if resume_from is not None:
         _check_same_base(resume_from, config.model, weights)
     identities = {**identities, **weights}
@@ -122,7 +124,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
-    objective = objective_for(pipe, config.flow_weighting, distilled_guidance(pairs.sampling, config.model))
+    # FLUX.1-dev's distilled guidance: the pairs' (a resumed run: the one it trained at; before rlaif recorded it, 3.5)
+    guidance = (_checkpoint_identities(resume_from).get("distilled_guidance", FLUX_TRAIN_GUIDANCE) if resume_from
+                else distilled_guidance(pairs.sampling, config.model, lambda: model_identity(config.model)))
+    objective = objective_for(pipe, config.flow_weighting, guidance)
+    identities["distilled_guidance"] = objective.distilled_guidance
     check_size(pipe, "--resolution", resolution)
     unet, reference, params = trainable_network(pipe, config)
     global_batch = config.batch_size * config.accumulation * accelerator.num_processes
@@ -690,6 +696,20 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
                          "start it again in a new --out")
 
 
+def resumed_under_other_rules(folder: Path | None) -> str | None:
+    """What to say when checkpoint ``folder`` was written by an rlaif that built micro-batches otherwise (other
+    VAE draws, crops or SDXL conditioning for the same pairs; ``BATCH_RULES``): the run goes on, a valid training
+    run, but not the one an uninterrupted run would have been."""
+    if folder is None:
+        return None
+    then = _checkpoint_identities(folder).get("batch_rules", 1)  # before the rules were recorded: the first
+    if then == BATCH_RULES:
+        return None
+    return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
+            "other VAE draws, crops or SDXL conditioning for the same pairs); the remaining steps use these, so the "
+            "result will differ from an uninterrupted run's")
+
+
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its step."""
     position = read_json(folder / "position.json", "start a new run in another --out") or {}
@@ -725,7 +745,15 @@ def _moved_alike(saved: dict, now: dict) -> dict:
 def _relative_entry(entry: str, root: str) -> str:
     """A path, or a ``file_identity`` entry (``PATH:SIZE:MTIME``), with an absolute path made relative to ``root``."""
     path, *stamp = entry.rsplit(":", 2) if re.fullmatch(r".*:\d+:\d+", entry) else (entry,)
-    return ":".join([os.path.relpath(path, root) if os.path.isabs(path) else path, *stamp])
+    try:
+        return ":".join([os.path.relpath(path, root) if os.path.isabs(path) else path, *stamp])
+    except ValueError:  # Windows: another drive than --out's, no relative path to it
+        return entry
+
+
+def _checkpoint_identities(folder: Path) -> dict:
+    """What checkpoint ``folder`` recorded beside its settings (position.json's ``identities``)."""
+    return (read_json(folder / "position.json", "start a new run in another --out") or {}).get("identities", {})
 
 
 def _check_same_base(folder: Path, model: str, weights: dict[str, str | None]) -> None:
@@ -733,8 +761,8 @@ def _check_same_base(folder: Path, model: str, weights: dict[str, str | None]) -
     UNet / transformer's and the VAE and text encoders'; a model folder rewritten, a VAE swapped in, a new hub
     revision): training would go on over another model or other latents, and train.json name only the new one.
     What a checkpoint did not record (older rlaif) is not checked."""
-    then = (read_json(folder / "position.json", "start a new run in another --out") or {}).get("identities", {})
-    parts = {"base_weights": "its UNet / transformer", "frozen_weights": "its VAE or text encoders"}
+    then = _checkpoint_identities(folder)
+    parts = {"base_weights": "its UNet / transformer", "frozen_parts": "its VAE or text encoders"}
     changed = [part for key, part in parts.items()
                if None not in (then.get(key), weights.get(key)) and then[key] != weights[key]]
     if changed:
