@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -361,7 +362,8 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     judged = run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs, label=label_column)
     for row in judged:
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
-        print(f"{row.judge}: accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}")
+        measured = f": accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}"
+        print(row.judge + ("" if math.isnan(row.accuracy) and row.pairs else measured))  # sft: says why not
     left_out = [f"{n} pair{'s' * (n != 1)} {what}" for n, what in
                 ((judged[0].ties, "labelled 0.5"), (judged[0].unlabelled, "without a label")) if n]
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)"
@@ -371,7 +373,6 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
         say(remark)
 
 
-FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little
 
 
 def print_win_rates(table: Path) -> None:
@@ -380,7 +381,7 @@ def print_win_rates(table: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rlaif.eval import reward_hacking
+    from rlaif.eval import few_prompts, reward_hacking
     from rlaif.stats import bounds_text, interval_decimals, interval_text
 
     rows = pl.read_parquet(table)
@@ -399,10 +400,9 @@ def print_win_rates(table: Path) -> None:
     last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
     for warning in reward_hacking(last):
         say(f"warning: {warning}")
-    fewest = last["prompts"].min()
-    if fewest is not None and fewest < FEW_PROMPTS:
-        say(f"note: {fewest} prompt{'s are' if fewest > 1 else ' is'} too few for these intervals to mean much "
-            f"(under {FEW_PROMPTS}: see README, Reading the numbers)")
+    few = few_prompts(last)
+    if few:
+        say(f"note: {few}")
 
 
 DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",

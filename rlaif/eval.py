@@ -75,6 +75,18 @@ def reward_hacking(summary: pl.DataFrame) -> list[str]:
             f"mean; 95% CIs), p = {row['p_value']:.2g}" for row in fell]
 
 
+FEW_PROMPTS = 20  # README "Reading the numbers": fewer prompts, and a bootstrap over them says little
+
+
+def few_prompts(summary: pl.DataFrame) -> str | None:
+    """What to say when the fewest prompts behind a row of ``summary`` are under FEW_PROMPTS."""
+    fewest = summary["prompts"].min()
+    if fewest is None or fewest >= FEW_PROMPTS:
+        return None
+    return (f"{fewest} prompt{'s are' if fewest > 1 else ' is'} too few for these intervals to mean much "
+            f"(under {FEW_PROMPTS}: see README, Reading the numbers)")
+
+
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
     """One row per scorer and prompt (``paired``: one row per scorer and comparison): its comparisons, win
     rate, means and mean delta, for eval_by_prompt.parquet."""
@@ -250,6 +262,6 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             if log_path.is_file() else []
         write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
                      train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid,
-                     warnings=reward_hacking(summary), settings=settings)
+                     warnings=[*reward_hacking(summary), *filter(None, [few_prompts(summary)])], settings=settings)
     process_state().wait_for_everyone()
     return out

@@ -94,6 +94,28 @@ def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, in
     return count, max(size for size in range(1, batch_size + 1) if count % size == 0)
 
 
+def _dpo_accuracy(config: TrainConfig, tuned: Path, base: str, trained: dict, table: PairTable, count: int,
+                  batch_size: int, accelerator: Accelerator) -> tuple[float, float]:
+    """The tuned model's DPO implicit accuracy and reward margin on the first ``count`` pairs of ``table``."""
+    if is_full(tuned):  # two networks: the tuned one, and the base as its reference
+        policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
+        reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
+    else:  # one network, as in training: the LoRA unfused, the reference the same network with it switched off
+        policy = load_pipeline(base, "fp32", accelerator.device, component_dtypes=frozen_dtypes(config))
+        apply_tuned(policy, tuned, fuse=False)
+        reference = None
+    resolution = trained["resolution"] or default_size(policy)
+    objective = objective_for(policy, config.flow_weighting,  # FLUX.1-dev: the distilled guidance it trained at
+                              train_info(tuned).get("distilled_guidance", FLUX_TRAIN_GUIDANCE))
+    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
+                             objective.timesteps, shuffle=False, weighting=objective.weighting,
+                             noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained
+    encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
+    metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
+                               denoiser(policy), reference, objective, resolution, accelerator, count)
+    return metrics["val_implicit_acc"], metrics["val_reward_margin"]
+
+
 def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                    max_pairs: int = 512, batch_size: int = 4, label: str | None = None) -> list[PairAccuracy]:
     """Judge the first ``max_pairs`` pairs of ``pairs`` (in table order) with the tuned model against
@@ -109,28 +131,14 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
                          beta=None if trained["loss"] == "sft" else trained["beta"],
                          dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],
                          flow_weighting=trained["flow_weighting"], max_sequence_length=trained["max_sequence_length"])
-    if is_full(tuned):  # two networks: the tuned one, and the base as its reference
-        policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
-        reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
-    else:  # one network, as in training: the LoRA unfused, the reference the same network with it switched off
-        policy = load_pipeline(base, "fp32", accelerator.device, component_dtypes=frozen_dtypes(config))
-        apply_tuned(policy, tuned, fuse=False)
-        reference = None
-    resolution = trained["resolution"] or default_size(policy)
-    objective = objective_for(policy, config.flow_weighting,  # FLUX.1-dev: the distilled guidance it trained at
-                              train_info(tuned).get("distilled_guidance", FLUX_TRAIN_GUIDANCE))
-    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
-                             objective.timesteps, shuffle=False, weighting=objective.weighting,
-                             noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained
     left_out = {"ties": table.ties, "unlabelled": table.unlabelled}
-    found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, float("nan"), table.label, **left_out)]
-    if count and config.loss != "sft":
-        encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
-        metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
-                                   denoiser(policy), reference, objective, resolution, accelerator, count)
-        found = [PairAccuracy(found[0].judge, count, metrics["val_implicit_acc"], table.label,
-                              metrics["val_reward_margin"], **left_out)]
-    del policy, reference
+    if config.loss == "sft":  # no reference model: the DPO classifier does not exist, nothing to load
+        found = [PairAccuracy("tuned model: no DPO implicit accuracy (trained with --loss sft, without a reference "
+                              "model)", count, float("nan"), table.label, **left_out)]
+    else:
+        accuracy, margin = (_dpo_accuracy(config, tuned, base, trained, table, count, batch_size, accelerator)
+                            if count else (float("nan"), None))
+        found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, accuracy, table.label, margin, **left_out)]
     judged = [table[position] for position in range(count)]
     options = parse_options(scorer_options)
     for spec in scorers:

@@ -113,7 +113,8 @@ def write_report(path: Path, summary: pl.DataFrame, by_category: pl.DataFrame | 
              "<p>Per prompt and seed: 1 if the tuned image scores higher, 0.5 on a tie. Beside it the size of the "
              "change: the mean delta (tuned - base), absolute and relative to the base mean. Intervals are 95% "
              "bootstraps over prompts (a prompt's seeds are correlated); p: Wilcoxon signed-rank test of the "
-             "per-prompt mean deltas. Green: the interval lies above 0.5 (win rate) or 0 (delta); red: below.</p>",
+             "per-prompt mean deltas. Green: the interval lies above 0.5 (win rate) or 0 (delta) and p < 0.05; "
+             "red: below it and p < 0.05 (with fewer than 6 prompts p cannot be below 0.05).</p>",
              "<p>Role: <i>optimised</i> scorers are the ones the model was trained on (their rise measures "
              "optimisation); <i>held-out</i> ones were not (a fall there while the optimised ones rise suggests "
              "reward hacking).</p>",

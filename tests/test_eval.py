@@ -113,6 +113,7 @@ def test_eval_tables_match_an_independent_computation(evaluated):
         ("Category", "Colours", 6), ("Category", "Shapes", 6), ("Challenge", "Basic", 12)]
     assert f"{table['compressibility']['win_rate']:.3f}" in result.stdout
     assert "note: 4 prompts are too few for these intervals to mean much" in result.stderr
+    assert "4 prompts are too few for these intervals to mean much" in (out / "report.html").read_text()  # shared
     delta = -(kb_tuned.mean() - kb_base.mean())
     assert table["compressibility"]["delta"] == pytest.approx(delta)
     assert table["compressibility"]["relative"] == pytest.approx(delta / kb_base.mean())
@@ -522,3 +523,18 @@ def test_eval_pairs_meeting_a_bad_image_leaves_the_tuned_models_log(tiny_pairs, 
     judged = run_cli("eval", "--model", "tiny", "--tuned", tmp_path / "lora", "--pairs", bad, "-s", "compressibility")
     assert judged.returncode == 2 and "missing.png" in judged.stderr, judged.stderr
     assert (tmp_path / "lora" / "train_log.jsonl").read_bytes() == log
+
+
+def test_pairs_judged_for_an_sft_output_say_why_the_model_has_no_accuracy(tiny_pairs, tmp_path):
+    """An SFT model has no reference, so no DPO implicit accuracy: `eval --pairs` said "accuracy nan" without a
+    reason (a new user's trial). It says why, and the scorers are judged as ever."""
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "sft", "--loss", "sft",
+                      "--max-steps", 1, "--batch-size", 2)
+    assert trained.returncode == 0, trained.stderr
+    judged = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "sft", "--pairs", tiny_pairs, "--max-pairs", 4,
+                     "-s", "compressibility")
+    assert judged.returncode == 0, judged.stderr
+    lines = judged.stdout.splitlines()
+    assert "tuned model: no DPO implicit accuracy (trained with --loss sft, without a reference model)" in lines
+    assert "nan" not in judged.stdout
+    assert any(line.startswith("scorer compressibility: accuracy ") for line in lines)

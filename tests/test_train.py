@@ -330,3 +330,18 @@ def test_val_every_on_a_table_that_holds_out_nothing_says_so(tiny_pairs, tmp_pat
     assert f"note: no pairs are held out: captions are held out by their hash, a --val-fraction 0.05 share of them, " \
         f"and none of {tiny_pairs}'s fell there" in result.stderr
     assert not any(key.startswith("val_") for entry in log(tmp_path / "o") for key in entry)
+
+
+def test_a_run_that_ends_inside_its_warm_up_says_so(tiny_pairs, tmp_path):
+    """The SD1.5 recipe's --warmup-steps 500 kept for a 4-step trial trained at 0.6% of its rate, and its weights
+    moved by 1e-10 without a word (a new user's trial)."""
+    from rlaif.config import TrainConfig
+    from rlaif.train.trainer import within_warmup
+
+    result = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "o", "--max-steps", 4,
+                     "--warmup-steps", 500)
+    assert result.returncode == 0, result.stderr
+    assert ("note: --warmup-steps 500 is not below --max-steps 4: the run ends inside its warm-up, its last step at "
+            "0.6% of the learning rate, so the weights will barely move; lower --warmup-steps") in result.stderr
+    assert log(tmp_path / "o")[-1]["lr"] == pytest.approx(3e-4 * 3 / 500)  # what the note says, as logged
+    assert within_warmup(TrainConfig(pairs="p", model="tiny", out=tmp_path, max_steps=501, warmup_steps=500)) is None

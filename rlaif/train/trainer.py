@@ -106,7 +106,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
     if note and accelerator.is_main_process:
         for text in (sampled_elsewhere(config, pairs, identities["init_weights"]),
-                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from)):
+                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from),
+                     within_warmup(config)):
             if text:
                 note(text)
     identities["batch_rules"] = BATCH_RULES
@@ -599,6 +600,17 @@ def nothing_held_out(config: TrainConfig, held_out: int) -> str | None:
     return (f"no pairs are held out: captions are held out by their hash, a --val-fraction {config.val_fraction} "
             f"share of them, and none of {config.pairs}'s fell there (a table of under {MIN_HELD_OUT_CAPTIONS} "
             "captions holds none out); no held-out accuracy will be measured")
+
+
+def within_warmup(config: TrainConfig) -> str | None:
+    """What to say when the run ends inside its learning-rate warm-up (a recipe's --warmup-steps 500 kept for a
+    short run): its last step trains at a small share of --learning-rate, and the weights barely move."""
+    if config.warmup_steps < config.max_steps:
+        return None
+    share = (config.max_steps - 1) / config.warmup_steps  # the linear warm-up's factor at the last step
+    return (f"--warmup-steps {config.warmup_steps} is not below --max-steps {config.max_steps}: the run ends inside "
+            f"its warm-up, its last step at {share:.1%} of the learning rate, so the weights will barely move; lower "
+            "--warmup-steps")
 
 
 def sampled_elsewhere(config: TrainConfig, pairs: PairTable, init_weights: str | None) -> str | None:
