@@ -97,6 +97,11 @@ def test_eval_tables_match_an_independent_computation(evaluated):
     base = pl.read_parquet(out / "base" / "samples.parquet").sort("sample_id")
     tuned = pl.read_parquet(out / "tuned" / "samples.parquet").sort("sample_id")
     assert base["seed"].to_list() == tuned["seed"].to_list() and base.height == 12  # identical seeds
+    from rlaif.seeding import image_seed
+
+    # at eval's run seed 1, never the training samples' 0 (a sampler that ignored it would pass the line above)
+    assert base["seed"].to_list() == [image_seed(1, prompt, candidate)
+                                      for prompt, candidate in zip(base["prompt"], base["candidate"], strict=True)]
     kb_base = np.array([jpeg_kilobytes(Image.open(out / "base" / p)) for p in base["image"]])
     kb_tuned = np.array([jpeg_kilobytes(Image.open(out / "tuned" / p)) for p in tuned["image"]])
     assert not np.array_equal(kb_base, kb_tuned)  # the LoRA changed the images

@@ -48,6 +48,19 @@ def test_sigmoid_loss_matches_official_formula(beta):
     assert float(metrics["implicit_acc"]) == accuracy  # exact: a count over 4 pairs
     assert float(metrics["reward_margin"]) == pytest.approx(sum(terms) / len(terms), rel=1e-6,
                                                             abs=inside_tolerance(beta))
+    # the logged rewards and errors, each against its own definition (a swapped pair of keys would pass the above)
+    def err(pred, i):
+        return float(((pred[i].double() - target[i].double()) ** 2).mean())
+
+    tolerance = {"rel": 1e-5, "abs": inside_tolerance(beta)}
+    winners, losers = range(4), range(4, 8)
+    for name, pred, rows in (("model_mse_w", model_pred, winners), ("model_mse_l", model_pred, losers),
+                             ("ref_mse_w", ref_pred, winners), ("ref_mse_l", ref_pred, losers)):
+        assert float(metrics[name]) == pytest.approx(sum(err(pred, i) for i in rows) / 4, rel=1e-5)
+    for name, rows in (("chosen_reward", winners), ("rejected_reward", losers)):
+        expected_reward = sum(-0.5 * beta * (err(model_pred, i) - err(ref_pred, i)) for i in rows) / 4
+        assert float(metrics[name]) == pytest.approx(expected_reward, **tolerance)
+    assert float(metrics["chosen_reward"]) != pytest.approx(float(metrics["rejected_reward"]), **tolerance)
 
 
 @pytest.mark.parametrize("positive", [1.0, 5.0])

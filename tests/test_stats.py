@@ -23,7 +23,23 @@ def test_hand_computed_effect():
     assert effect.ci_low == pytest.approx(0.5) and effect.ci_high == pytest.approx(0.75)
     # per-prompt deltas: a +0.5, b 0.0 -> drawn means 0.5, 0.25, 0.0
     assert effect.delta_low == pytest.approx(0.0) and effect.delta_high == pytest.approx(0.5)
-    assert paired_effect(base, tuned, np.array(["a", "a", "b", "b"])) == effect  # fixed seed: same interval
+    # relative to each draw's base mean: 0.5 / 1.5, 0.25 / 2.5, 0 / 3.5
+    assert effect.relative_low == pytest.approx(0.0) and effect.relative_high == pytest.approx(1 / 3)
+    # a score below zero (compressibility's negative kilobytes): a fall is a negative relative change
+    negative = paired_effect(-base, -tuned, np.array(["a", "a", "b", "b"]))
+    assert negative.relative == pytest.approx(-0.1)
+    assert negative.relative_low == pytest.approx(-1 / 3) and negative.relative_high == pytest.approx(0.0)
+
+
+def test_the_interval_is_a_function_of_the_seed():
+    """30 prompts, so resamples differ: the same seed gives the same interval, another seed another."""
+    rng = np.random.default_rng(3)
+    clusters = np.repeat(np.arange(30), 4)
+    base, tuned = rng.normal(size=120), rng.normal(0.2, 1.0, size=120)
+    effect = paired_effect(base, tuned, clusters, seed=0)
+    assert paired_effect(base, tuned, clusters, seed=0) == effect
+    other = paired_effect(base, tuned, clusters, seed=1)
+    assert (other.delta_low, other.delta_high) != (effect.delta_low, effect.delta_high)
 
 
 def test_identical_models_and_bad_input():

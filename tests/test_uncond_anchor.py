@@ -4,6 +4,7 @@ otherwise than the pairs were sampled (a negative prompt under the default ancho
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +17,7 @@ from rlaif.config import TrainConfig
 from rlaif.errors import RlaifError
 from rlaif.models import load_pipeline
 from rlaif.tables import SAMPLING_METADATA
-from rlaif.train.loss import unconditional_anchor
+from rlaif.train.loss import diffusion_dpo_loss, unconditional_anchor
 from rlaif.train.pair_table import PairTable
 from rlaif.train.trainer import check_sampling
 
@@ -134,6 +135,32 @@ def test_the_anchor_runs_in_the_dpo_calls_and_equals_an_independent_computation(
     torch.testing.assert_close(anchored.detach() - term.detach(), plain.detach(), rtol=0, atol=1e-4)
     expected = gradient(term)
     assert float((anchor_gradient - expected).norm() / expected.norm()) < 1e-3
+
+    # the DPO rows themselves, with separate calls conditioned on the captions: the loss the trainer passes its
+    # --loss, --beta and --dpo-positive (1 here, SD's default) to, and hinge too (a review found no test would see
+    # a trainer that dropped one of them)
+    assert pipe.scheduler.config.prediction_type == "epsilon" and config.dpo_positive == 1.0
+    captions, caption_pooled = encoder.text(batch.captions, cpu)
+    latents = (posterior.mean + posterior.std * batch.vae_draws) * pipe.vae.config.scaling_factor
+    noise, steps = batch.noise.repeat(2, 1, 1, 1), batch.timesteps.repeat(2)
+    noised = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
+    conditioned = {} if caption_pooled is None else {"added_cond_kwargs": {
+        "text_embeds": caption_pooled.repeat(2, 1), "time_ids": torch.tensor(
+            [[*a.original_size, *a.crop_top_left, size, size] for a in batch.augmentations], dtype=torch.float32)}}
+    with torch.no_grad():
+        model_pred = unet(noised, steps, captions.repeat(2, 1, 1), **conditioned).sample
+        if frozen is not None:
+            ref_pred = frozen(noised, steps, captions.repeat(2, 1, 1), **conditioned).sample
+        else:
+            unet.disable_adapters()
+            ref_pred = unet(noised, steps, captions.repeat(2, 1, 1), **conditioned).sample
+            unet.enable_adapters()
+    for loss_type in ("sigmoid", "hinge"):
+        step, _ = _dpo_micro_step(replace(config, loss=loss_type), batch, encoder, unet, frozen, objective, size,
+                                  cpu, 0.0)
+        expected_loss, _ = diffusion_dpo_loss(model_pred, ref_pred, noise, beta=1000.0, loss_type=loss_type,
+                                              positive=1.0)
+        torch.testing.assert_close(step.detach(), expected_loss, rtol=1e-4, atol=1e-5)
 
 
 def test_the_anchor_holds_what_the_sampler_feeds_its_unconditional_branch():
