@@ -40,7 +40,10 @@ def test_automatic_checkpoints_resume_with_the_run(tiny_pairs, tmp_path, monkeyp
     settings = dict(pairs=str(tiny_pairs), model="tiny", out=tmp_path / "run", batch_size=2)
     trainer.run_train(TrainConfig(**settings, max_steps=3))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
-    trainer.run_train(TrainConfig(**settings, max_steps=6, resume="latest", overwrite=True))
+    steps = []
+    trainer.run_train(TrainConfig(**settings, max_steps=6, resume="latest", overwrite=True),
+                      progress=lambda step, total, logs: steps.append(step))
+    assert steps == [4, 5, 6]  # resumed from step 3, not started again (--overwrite alone would also write 5, 6)
     assert {"step_00000005", "step_00000006"} <= {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
 
 
