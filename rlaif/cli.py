@@ -373,8 +373,6 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
         say(remark)
 
 
-
-
 def print_win_rates(table: Path) -> None:
     """Print an eval.parquet (or a loop's rounds.parquet, with its round column) as a table on stdout."""
     import polars as pl

@@ -103,10 +103,11 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
-    resume_from, step, complete = _resume_point(config, identities)  # step: the checkpoint's, else 0
+    resume_from, position, complete = _resume_point(config, identities)  # position.json's record, else {}
+    step, recorded = position.get("step", 0), position.get("identities", {})  # the checkpoint's, else 0 and none
     if note and accelerator.is_main_process:
         for text in (sampled_elsewhere(config, pairs, identities["init_weights"]),
-                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from),
+                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from, recorded),
                      within_warmup(config)):
             if text:
                 note(text)
@@ -118,7 +119,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     weights = {"base_weights": denoiser_fingerprint(config.model),
                "frozen_parts": component_fingerprint(config.model, FROZEN_PARTS)}
     if resume_from is not None:
-        _check_same_base(resume_from, config.model, weights)
+        _check_same_base(resume_from, config.model, weights, recorded)
     identities = {**identities, **weights}
     base_weights = weights["base_weights"]
     check_sampling(pairs.sampling, config, anchor_defaulted,
@@ -126,7 +127,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
     # FLUX.1-dev's distilled guidance: the pairs' (a resumed run: the one it trained at; before rlaif recorded it, 3.5)
-    guidance = (_checkpoint_identities(resume_from).get("distilled_guidance", FLUX_TRAIN_GUIDANCE) if resume_from
+    guidance = (recorded.get("distilled_guidance", FLUX_TRAIN_GUIDANCE) if resume_from
                 else distilled_guidance(pairs.sampling, config.model, lambda: model_identity(config.model)))
     objective = objective_for(pipe, config.flow_weighting, guidance)
     identities["distilled_guidance"] = objective.distilled_guidance
@@ -633,8 +634,9 @@ def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
             "init_weights": config.init and weights_identity(config.init)}
 
 
-def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, int, list[Path]]:
-    """The checkpoint to resume from (None: start at step 0), its step, and the folder's complete checkpoints.
+def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, dict, list[Path]]:
+    """The checkpoint to resume from (None: start at step 0), its position.json ({} for none), and the folder's
+    complete checkpoints.
     Refuses to overwrite a finished run without --overwrite, a run with checkpoints without --resume or
     --overwrite, and to resume a run made with other settings or past --max-steps; removes nothing
     (``_clear_outputs`` does, once nothing is refused)."""
@@ -660,11 +662,12 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, i
                              f"name of one in {config.out / 'checkpoints'})")
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
-    step = 0 if folder is None else _check_same_run(folder, config, identities)
+    position = {} if folder is None else _check_same_run(folder, config, identities)
+    step = position.get("step", 0)
     if step > config.max_steps:  # its weights have trained longer than asked: nothing could undo that
         raise RlaifError(f"--resume {config.resume}: {folder.name} is at step {step}, past --max-steps "
                          f"{config.max_steps}; give --max-steps {step} or more, or resume an earlier checkpoint")
-    return folder, step, complete
+    return folder, position, complete
 
 
 def _clear_outputs(config: TrainConfig, accelerator: Accelerator, complete: list[Path]) -> None:
@@ -708,13 +711,13 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
                          "start it again in a new --out")
 
 
-def resumed_under_other_rules(folder: Path | None) -> str | None:
-    """What to say when checkpoint ``folder`` was written by an rlaif that built micro-batches otherwise (other
-    VAE draws, crops or SDXL conditioning for the same pairs; ``BATCH_RULES``): the run goes on, a valid training
-    run, but not the one an uninterrupted run would have been."""
+def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None:
+    """What to say when checkpoint ``folder`` (``recorded``: its identities) was written by an rlaif that built
+    micro-batches otherwise (other VAE draws, crops or SDXL conditioning for the same pairs; ``BATCH_RULES``): the
+    run goes on, a valid training run, but not the one an uninterrupted run would have been."""
     if folder is None:
         return None
-    then = _checkpoint_identities(folder).get("batch_rules", 1)  # before the rules were recorded: the first
+    then = recorded.get("batch_rules", 1)  # before the rules were recorded: the first
     if then == BATCH_RULES:
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
@@ -722,8 +725,9 @@ def resumed_under_other_rules(folder: Path | None) -> str | None:
             "result will differ from an uninterrupted run's")
 
 
-def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
-    """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its step."""
+def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict:
+    """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its
+    position.json (its step, settings and identities)."""
     position = read_json(folder / "position.json", "start a new run in another --out") or {}
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
@@ -734,7 +738,7 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> int:
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or start a new run in another --out")
-    return position["step"]
+    return position
 
 
 LOCATED = ("pairs", "init", "pairs_file")  # settings and identities that hold absolute paths
@@ -763,17 +767,11 @@ def _relative_entry(entry: str, root: str) -> str:
         return entry
 
 
-def _checkpoint_identities(folder: Path) -> dict:
-    """What checkpoint ``folder`` recorded beside its settings (position.json's ``identities``)."""
-    return (read_json(folder / "position.json", "start a new run in another --out") or {}).get("identities", {})
-
-
-def _check_same_base(folder: Path, model: str, weights: dict[str, str | None]) -> None:
-    """Refuse to resume checkpoint ``folder`` over other weights of ``model`` than it trained on (``weights``: the
-    UNet / transformer's and the VAE and text encoders'; a model folder rewritten, a VAE swapped in, a new hub
-    revision): training would go on over another model or other latents, and train.json name only the new one.
-    What a checkpoint did not record (older rlaif) is not checked."""
-    then = _checkpoint_identities(folder)
+def _check_same_base(folder: Path, model: str, weights: dict[str, str | None], then: dict) -> None:
+    """Refuse to resume checkpoint ``folder`` (``then``: the identities it recorded) over other weights of
+    ``model`` than it trained on (``weights``: the UNet / transformer's and the VAE and text encoders'; a model
+    folder rewritten, a VAE swapped in, a new hub revision): training would go on over another model or other
+    latents, and train.json name only the new one. What a checkpoint did not record (older rlaif) is not checked."""
     parts = {"base_weights": "its UNet / transformer", "frozen_parts": "its VAE or text encoders"}
     changed = [part for key, part in parts.items()
                if None not in (then.get(key), weights.get(key)) and then[key] != weights[key]]
