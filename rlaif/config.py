@@ -492,6 +492,10 @@ class TrainConfig:
         if self.keep_unconditional and self.loss == "sft":
             raise RlaifError("--keep-unconditional needs a reference model, which --loss sft has not; drop it or pass "
                              "--keep-unconditional 0")
+        if self.keep_unconditional and self.loss not in (*POSITIVE_LOSS_TYPES, "sft"):  # its weight is beta-scaled
+            raise RlaifError(f"--keep-unconditional applies to --loss {' and '.join(POSITIVE_LOSS_TYPES)}, whose loss "
+                             f"beta scales as it scales the anchor; --loss {self.loss}'s is not, and the anchor would "
+                             "swamp it: drop it or pass --keep-unconditional 0")
         if self.beta is not None and self.loss == "sft":  # it would be recorded, and never used
             raise RlaifError("--beta applies to the DPO losses; --loss sft fine-tunes on the winners alone, without a "
                              "reference or beta: drop --beta")

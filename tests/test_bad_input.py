@@ -243,6 +243,9 @@ CASES = [
      "--keep-unconditional must not be negative"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--keep-unconditional", "1"],
      "--keep-unconditional needs a reference model, which --loss sft has not"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "ipo", "--keep-unconditional", "0.5"],
+     "--keep-unconditional applies to --loss sigmoid and hinge, whose loss beta scales as it scales the anchor; "
+     "--loss ipo's is not"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--beta", "5000"],
      "--beta applies to the DPO losses; --loss sft fine-tunes on the winners alone"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--loss", "sft", "--val-every", "5"],

@@ -160,6 +160,7 @@ def test_flux_dev_trains_at_the_guidance_its_pairs_were_sampled_at():
     """Pairs sampled at --guidance 5 were drawn under distilled guidance 5: training them at diffusers' 3.5 would
     learn the preference for another conditioning (a review). Records of other models or in disagreement: 3.5."""
     from rlaif.train.objective import FLUX_TRAIN_GUIDANCE, distilled_guidance
+    from rlaif.train.pair_table import sampled_by
 
     flux = "black-forest-labs/FLUX.1-dev"
 
@@ -167,12 +168,16 @@ def test_flux_dev_trains_at_the_guidance_its_pairs_were_sampled_at():
         asked.append(1)
         return "w1"
 
+    def guidance(samplings: list[dict], model: str = flux) -> float:
+        return distilled_guidance(sampled_by(samplings, model, weights))
+
     asked = []
     same = [{"model": flux, "guidance": 5}, {"model": flux, "guidance": 5.0}]
-    assert distilled_guidance(same, flux, weights) == 5.0 and not asked  # named alike: the weights not hashed
+    assert guidance(same) == 5.0 and not asked  # named alike: the weights not hashed
     disagree = [{"model": flux, "guidance": 5.0}, {"model": flux, "guidance": 3.0}]
-    assert distilled_guidance(disagree, flux, weights) == 3.5
-    assert distilled_guidance([{"model": "sd15", "guidance": 7.5}], flux, weights) == FLUX_TRAIN_GUIDANCE == 3.5
-    assert distilled_guidance([], flux, weights) == 3.5
+    assert guidance(disagree) == 3.5
+    assert guidance([{"model": "sd15", "guidance": 7.5}]) == FLUX_TRAIN_GUIDANCE == 3.5
+    assert guidance([]) == 3.5
     # sampled from the hub id, trained from a local copy of it: the same weights (a review)
-    assert distilled_guidance([{"model": flux, "model_weights": "w1", "guidance": 4.0}], "/models/flux", weights) == 4.0
+    assert guidance([{"model": flux, "model_weights": "w1", "guidance": 4.0}], "/models/flux") == 4.0
+    assert guidance([{"model": flux, "model_weights": "w2", "guidance": 4.0}], "/models/flux") == 3.5

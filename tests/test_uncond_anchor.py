@@ -18,7 +18,7 @@ from rlaif.errors import RlaifError
 from rlaif.models import load_pipeline
 from rlaif.tables import SAMPLING_METADATA
 from rlaif.train.loss import diffusion_dpo_loss, unconditional_anchor
-from rlaif.train.pair_table import PairTable
+from rlaif.train.pair_table import PairTable, sampled_by
 from rlaif.train.trainer import check_sampling
 
 
@@ -214,11 +214,15 @@ SD3 = {"model": "tiny-sd3"}
     ({"model": "tiny-flux", "max_sequence_length": 256}, 32, None),  # another model's length: nothing to compare
     ({**SD3, "max_sequence_length": 32}, 8, "was sampled at T5 prompt length 32, and training would encode its "
                                             "captions at 8; pass --max-sequence-length 32"),
+    ({"model": "/models/sd3-copy", "model_weights": "tiny-sd3 weights", "max_sequence_length": 32}, 8,
+     "was sampled at T5 prompt length 32"),  # a copy of this model's weights under another name
+    ({"model": "/models/sd3-copy", "model_weights": "other weights", "max_sequence_length": 32}, 8, None),
 ])
 def test_check_sampling_refuses_another_t5_length_of_the_same_model(sampling, length, refused):
     config = TrainConfig(pairs="p.parquet", model="tiny-sd3", out=Path("o"), keep_unconditional=0.0)
+    own = sampled_by([sampling], config.model, lambda: "tiny-sd3 weights")
     if refused is None:
-        check_sampling([sampling], config, False, length)
+        check_sampling([sampling], own, config, False, length)
     else:
         with pytest.raises(RlaifError, match=re.escape(f"p.parquet {refused}")):
-            check_sampling([sampling], config, False, length)
+            check_sampling([sampling], own, config, False, length)

@@ -12,7 +12,6 @@ A micro-batch's ``timesteps`` are the family's draws: integer timesteps, or ``u`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,15 +155,9 @@ def objective_for(pipe, weighting: str = "logit_normal", guidance: float | None 
     return FlowMatching(pipe, weighting, guidance) if is_flow(pipe) else NoisePrediction(pipe)
 
 
-def distilled_guidance(samplings: list[dict], model: str, identity: Callable[[], str | None]) -> float:
-    """The distilled guidance a FLUX.1-dev run trains at: the one ``model`` sampled its pairs at (named alike, or
-    its weights: ``identity()``, asked only for records of another name), when their records (run.json's
-    generation settings, one per file) agree on one, so the preference is learnt under the conditioning the
-    pictures were drawn with; else diffusers' FLUX_TRAIN_GUIDANCE."""
-    weights = identity() if any(s.get("model") != model for s in samplings) else None
-
-    def same_model(sampling: dict) -> bool:
-        return sampling.get("model") == model or weights is not None and sampling.get("model_weights") == weights
-
-    recorded = {s["guidance"] for s in samplings if same_model(s) and s.get("guidance") is not None}
+def distilled_guidance(own_samplings: list[dict]) -> float:
+    """The distilled guidance a FLUX.1-dev run trains at: the one its pairs were sampled at, when the records of
+    this model's samples (``pair_table.sampled_by``) agree on one, so the preference is learnt under the
+    conditioning the pictures were drawn with; else diffusers' FLUX_TRAIN_GUIDANCE."""
+    recorded = {s["guidance"] for s in own_samplings if s.get("guidance") is not None}
     return float(recorded.pop()) if len(recorded) == 1 else FLUX_TRAIN_GUIDANCE

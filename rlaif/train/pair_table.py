@@ -16,7 +16,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -137,6 +137,14 @@ def recorded_sampling(files: list[str]) -> list[dict]:
     paired), one per file that holds them: none for tables it did not write."""
     recorded = [(open_parquet(file).metadata.metadata or {}).get(SAMPLING_METADATA.encode()) for file in files]
     return [json.loads(value) for value in recorded if value]
+
+
+def sampled_by(samplings: list[dict], model: str, identity: Callable[[], str | None]) -> list[dict]:
+    """The records among ``samplings`` (``recorded_sampling``) of pictures ``model`` drew: named alike, or drawn
+    by its weights (``identity()``, asked only when a record names another model: a local copy of a hub model)."""
+    weights = identity() if any(s.get("model") != model for s in samplings) else None
+    return [s for s in samplings
+            if s.get("model") == model or weights is not None and s.get("model_weights") == weights]
 
 
 def hub_revision(source: str) -> tuple[str, str | None]:

@@ -80,7 +80,7 @@ from rlaif.train.outputs import (
     trained_tables,
     weights_identity,
 )
-from rlaif.train.pair_table import MIN_HELD_OUT_CAPTIONS, PairTable
+from rlaif.train.pair_table import MIN_HELD_OUT_CAPTIONS, PairTable, sampled_by
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_STORED = (torch.nn.Linear, torch.nn.Conv2d)  # layers whose weights autocast only reads in half precision
@@ -122,13 +122,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
         _check_same_base(resume_from, config.model, weights, recorded)
     identities = {**identities, **weights}
     base_weights = weights["base_weights"]
-    check_sampling(pairs.sampling, config, anchor_defaulted,
+    own = sampled_by(pairs.sampling, config.model, lambda: model_identity(config.model))
+    check_sampling(pairs.sampling, own, config, anchor_defaulted,
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
     # FLUX.1-dev's distilled guidance: the pairs' (a resumed run: the one it trained at; before rlaif recorded it, 3.5)
     guidance = (recorded.get("distilled_guidance", FLUX_TRAIN_GUIDANCE) if resume_from
-                else distilled_guidance(pairs.sampling, config.model, lambda: model_identity(config.model)))
+                else distilled_guidance(own))
     objective = objective_for(pipe, config.flow_weighting, guidance)
     identities["distilled_guidance"] = objective.distilled_guidance
     check_size(pipe, "--resolution", resolution)
@@ -360,22 +361,21 @@ ANCHOR_CLASH = ("replaces the empty caption in guidance, but the unconditional a
                 "caption's prediction")
 
 
-def check_sampling(samplings: list[dict], config: TrainConfig, anchor_defaulted: bool, length: int | None) -> None:
+def check_sampling(samplings: list[dict], own: list[dict], config: TrainConfig, anchor_defaulted: bool,
+                   length: int | None) -> None:
     """Refuse to train otherwise than the pairs' samples were drawn, where `rlaif label` recorded how
-    (``samplings``, run.json's generation settings, one per file of the table): the same model at another T5 prompt
-    length ``length`` (captions encoded unlike the prompts its pictures were made from; another model's length says
-    nothing of this one's), or with the unconditional anchor left on by default though they were sampled with a
-    negative prompt (guidance subtracts that prompt's prediction, not the empty caption's that the anchor holds).
-    ``config`` has the family defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
-    identity = None  # the model's, read once and only where a length must be compared
-    for sampling in samplings:
+    (``samplings``, run.json's generation settings, one per file of the table; ``own``, those of this model's
+    samples, ``sampled_by``): at another T5 prompt length ``length`` than this model drew them at (captions
+    encoded unlike the prompts its pictures were made from; another model's length says nothing of this one's),
+    or with the unconditional anchor left on by default though they were sampled with a negative prompt (guidance
+    subtracts that prompt's prediction, not the empty caption's that the anchor holds). ``config`` has the family
+    defaults resolved; ``anchor_defaulted``: --keep-unconditional unset."""
+    for sampling in own:
         recorded = sampling.get("max_sequence_length")
         if recorded is not None and length is not None and recorded != length:
-            if sampling.get("model") != config.model and identity is None:
-                identity = model_identity(config.model)
-            if sampling.get("model") == config.model or sampling.get("model_weights") == identity:
-                raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would "
-                                 f"encode its captions at {length}; pass --max-sequence-length {recorded}")
+            raise RlaifError(f"{config.pairs} was sampled at T5 prompt length {recorded}, and training would "
+                             f"encode its captions at {length}; pass --max-sequence-length {recorded}")
+    for sampling in samplings:
         if sampling.get("negative_prompt") and anchor_defaulted and config.keep_unconditional:
             raise RlaifError(f"{config.pairs} was sampled with negative prompt {sampling['negative_prompt']!r}, which "
                              f"{ANCHOR_CLASH}; pass --keep-unconditional 0 to train without it, "
