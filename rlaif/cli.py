@@ -289,7 +289,8 @@ def evaluate(
         help="Instead of generating: judge the pairs of this table (any form `rlaif train` reads) with "
              "the tuned model as a DPO preference classifier (against --model as its reference) and "
              "with each --scorer; prints each one's accuracy on the labels.")] = None,
-    max_pairs: Annotated[int, typer.Option("--max-pairs", help="Pairs judged with --pairs.")] = 512,
+    max_pairs: Annotated[int, typer.Option("--max-pairs", help="Pairs judged with --pairs: 16 stretches of "
+                                           "consecutive pairs spread over the table.")] = 512,
     label_column: Annotated[str | None, typer.Option(
         "--label-column", help="With --pairs: the labels judged against; default: ai_label_0 when the table has "
                                "it (`rlaif label --relabel`), else label_0 (a Pick-a-Pic table's human "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,16 +123,23 @@ def check_roles(config: EvalConfig) -> str | None:
                     trained |= dict.fromkeys(labelled_by(Path(file)), table["pairs"])
     if not trained:
         return None
-    clash = next((name for name in config.held_out if name in trained), None)
+    clash, untrained = miscast_scorers(trained, config.scorers, config.held_out)
     if clash is not None:
         raise RlaifError(f"--held-out {clash}: {config.tuned} was trained on pairs labelled by {clash} "
                          f"({trained[clash]}), so it is not held out; pass it as --scorer")
-    untrained = [name for name in parse_weights(config.scorers) if name not in trained]
     if not untrained:
         return None
     return (f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "
             f"{', '.join(trained)}, not by {'this scorer' if len(untrained) == 1 else 'these'}; it is reported as "
             "optimised all the same (pass it as --held-out to have it watched for reward hacking)")
+
+
+def miscast_scorers(trained: Collection[str], scorers: list[str], held_out: list[str]) -> tuple[str | None, list[str]]:
+    """The scorers an evaluation would report in the wrong role, given those that labelled what the model learnt
+    from (``trained``): the first held-out one among them, and the optimised ones (``scorers``, NAME[:WEIGHT])
+    not among them."""
+    return (next((name for name in held_out if name in trained), None),
+            [name for name in parse_weights(scorers) if name not in trained])
 
 
 def _scored_column(table: Path) -> str:

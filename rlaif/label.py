@@ -54,6 +54,9 @@ def batched_images(
         yield start, current
 
 
+IO_THREADS = min(8, (os.cpu_count() or 2) + 2)  # images read (and decoded or hashed) at once: they release the GIL
+
+
 def score_images(
     scorer: LoadedScorer, sources: list[ImageSource], names: list[str], prompts: list[str], batch_size: int,
     progress: Progress | None,
@@ -63,16 +66,22 @@ def score_images(
     state = process_state()
     mine = list(range(state.process_index, len(sources), state.num_processes))
     values: list[float] = []
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], batch_size, pool)
         for start, images in batches:
             batch = mine[start : start + len(images)]
             values += scorer(images, [prompts[i] for i in batch], [names[i] for i in batch])
             if progress:  # this process's share stands for all of them (the first holds the most: it ends at 100%)
                 progress(scorer.spec, min(len(values) * state.num_processes, len(sources)), len(sources))
-    if state.num_processes == 1:
+    return in_index_order(mine, values, len(sources))
+
+
+def in_index_order(mine: list[int], values: list, total: int) -> list:
+    """Every process's ``values`` (each process's for its indices ``mine``) as one list of ``total`` in index
+    order, on every process."""
+    if process_state().num_processes == 1:
         return values
-    ordered = [0.0] * len(sources)
+    ordered = [None] * total
     for index, value in gather_object(list(zip(mine, values, strict=True))):
         ordered[index] = value
     return ordered
@@ -93,8 +102,13 @@ def load_scorers(config: LabelConfig) -> Iterator[LoadedScorer]:
 
 
 def file_hashes(root: Path, images: list[str]) -> list[str]:
-    """SHA-256 of each image file's bytes: a rewritten image is a new image to score."""
-    return [hashlib.sha256((root / image).read_bytes()).hexdigest() for image in images]
+    """SHA-256 of each image file's bytes (a rewritten image is a new image to score), on every process: under
+    accelerate/torchrun each hashes every N-th image, several files at once (hashing releases the GIL)."""
+    state = process_state()
+    mine = list(range(state.process_index, len(images), state.num_processes))
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        values = list(pool.map(lambda i: hashlib.sha256((root / images[i]).read_bytes()).hexdigest(), mine))
+    return in_index_order(mine, values, len(images))
 
 
 PARTS = "scores.parts"  # a samples folder's scores made since scores.parquet was last written, one file per chunk

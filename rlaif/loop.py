@@ -24,7 +24,7 @@ from rlaif.cli_options import read_settings, read_toml
 from rlaif.config import FLOW_WEIGHTINGS, EvalConfig, LabelConfig, SampleConfig, TrainConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.eval import EVAL_SCHEMA, run_eval
+from rlaif.eval import EVAL_SCHEMA, miscast_scorers, run_eval
 from rlaif.files import atomic_path, check_out_dir, read_json, write_json
 from rlaif.label import run_label
 from rlaif.models import check_negative_prompt
@@ -248,14 +248,13 @@ def _state(plan: LoopPlan) -> dict:
 def _check_roles(path: Path, stages: dict[str, dict[str, Any]]) -> None:
     """Refuse an [eval] that reports a [label] scorer as held out, or a scorer the loop does not train on as
     optimised: the reward-hacking warning would watch the wrong scorer, or flag the wrong way round."""
-    trained = parse_weights(stages["label"]["scorers"])
-    held = next((name for name in stages["eval"].get("held_out", []) if name in trained), None)
+    held, untrained = miscast_scorers(parse_weights(stages["label"]["scorers"]), stages["eval"]["scorers"],
+                                      stages["eval"].get("held_out", []))
     if held is not None:
         raise RlaifError(f"{path} [eval]: held_out {held!r} is a [label] scorer, which the loop trains on: a held-out "
                          "scorer must be another one")
-    untrained = next((name for name in parse_weights(stages["eval"]["scorers"]) if name not in trained), None)
-    if untrained is not None:
-        raise RlaifError(f"{path} [eval]: scorers {untrained!r} is not a [label] scorer, so the loop does not train "
+    if untrained:
+        raise RlaifError(f"{path} [eval]: scorers {untrained[0]!r} is not a [label] scorer, so the loop does not train "
                          "on it: list it under held_out")
 
 
@@ -270,6 +269,15 @@ def _as_now(settings: dict) -> dict:
         train.pop("beta", None)
     evaluation.pop("train_log", None)
     return settings | {"label": label, "train": train, "eval": evaluation}
+
+
+def _resumed(out: Path, done: list[str], rounds: int) -> str:
+    """What a loop resumed in ``out`` keeps and where it goes on (``done``: its finished stages, ROUND/STAGE)."""
+    pending = next((f"{number}/{stage}" for number in range(1, rounds + 1) for stage in STAGES
+                    if f"{number}/{stage}" not in done), None)
+    if pending is None:
+        return f"{out}: every stage of the loop is done; writing rounds.parquet and report.html again"
+    return f"{out}: resuming the loop; {', '.join(done)} done before (kept as they are); going on from {pending}"
 
 
 def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:
@@ -287,6 +295,8 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[s
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
     main = process_state().is_main_process
+    if state["done"] and note:
+        note(_resumed(loop.out, state["done"], loop.rounds))
 
     def finished(key: str) -> None:
         state["done"].append(key)

@@ -88,7 +88,7 @@ def _learnt_from(tuned: Path, pairs: str, info: dict) -> tuple[bool, str] | None
 
 
 def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, int]:
-    """(pairs judged, batch size): every one of the first ``max_pairs`` of ``pairs``, in equal batches of the
+    """(pairs judged, batch size): ``max_pairs`` of ``pairs`` (all, if fewer), in equal batches of the
     largest size up to ``batch_size`` that divides them, so no pair is left out and every batch weighs alike."""
     count = min(pairs, max_pairs)
     return count, max(size for size in range(1, batch_size + 1) if count % size == 0)
@@ -118,14 +118,15 @@ def _dpo_accuracy(config: TrainConfig, tuned: Path, base: str, trained: dict, ta
 
 def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                    max_pairs: int = 512, batch_size: int = 4, label: str | None = None) -> list[PairAccuracy]:
-    """Judge the first ``max_pairs`` pairs of ``pairs`` (in table order) with the tuned model against
+    """Judge ``max_pairs`` pairs of ``pairs`` (spread over the table: ``PairTable.spread``) with the tuned model against
     the plain ``base`` model as its reference (the beta, loss and precision it was trained with, a LoRA's frozen
     weights included; centre crop, no caption dropout, fixed noise and timesteps per pair) and with each scorer."""
     tuned = check_output(tuned)
     check_trained_from(tuned, base)
     trained = settings_then(trained_config(tuned))
-    table = PairTable(pairs, label).in_table_order()
+    table = PairTable(pairs, label)
     count, batch_size = judged_batches(len(table), max_pairs, batch_size)
+    table = table.spread(count)
     accelerator = Accelerator(cpu=cpu_only())
     config = TrainConfig(pairs=pairs, model=base, out=tuned, loss=trained["loss"],
                          beta=None if trained["loss"] == "sft" else trained["beta"],

@@ -167,6 +167,8 @@ def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     assert done_before == ["1/sample", "1/label"]
     result = run_cli("loop", "--config", config)
     assert result.returncode == 0, result.stderr
+    assert f"note: {out}: resuming the loop; 1/sample, 1/label done before (kept as they are); going on from " \
+        "1/train" in result.stderr
     assert re.search(r"^round 2 training: 3/3 steps .*, loss \d\.\d{4}", result.stderr, re.MULTILINE)  # as train
     assert re.search(r"^round 2 sampling: \d+/\d+ images ", result.stderr, re.MULTILINE)  # shows them
     state = json.loads((out / "loop.json").read_text())
@@ -190,6 +192,7 @@ def test_rounds_chain_and_a_killed_loop_resumes(tmp_path, model):
     stamp = (out / "round_2" / "eval" / "eval.parquet").stat().st_mtime_ns
     again = run_cli("loop", "--config", config)  # everything done: nothing is redone
     assert again.returncode == 0 and (out / "round_2" / "eval" / "eval.parquet").stat().st_mtime_ns == stamp
+    assert "every stage of the loop is done; writing rounds.parquet and report.html again" in again.stderr
     config.write_text(config.read_text().replace("max_steps = 3", "max_steps = 4"))
     changed = run_cli("loop", "--config", config)
     assert changed.returncode == 2 and "holds a loop run with other settings ([train] max_steps 3 -> 4); " \

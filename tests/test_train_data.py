@@ -413,11 +413,70 @@ def test_held_out_pairs_are_whole_prompts_chosen_by_their_text(tmp_path):
     assert held and not held & {p.caption for p in train} and held | {p.caption for p in train} == everything
     assert 3 <= len(held) <= 18  # about a quarter of the 40 captions
     assert {p.caption for p in PairTable(tmp_path / "reversed.parquet", hold_out=0.25).held_out_pairs()} == held
+    # a prompt typed again with other case or spacing (Pick-a-Pic holds many) falls on the same side (a review)
+    retyped = table.set_column(0, "caption", pa.array([[c, c.upper(), f" {c.replace(' ', '  ')}\t"][i % 3]
+                                                       for i, c in enumerate(captions)]))
+    pq.write_table(retyped, tmp_path / "retyped.parquet")
+    again = PairTable(tmp_path / "retyped.parquet", hold_out=0.25)
+    assert {" ".join(p.caption.split()).lower() for p in again.held_out_pairs()} == held
+    assert len(again.held_out_pairs()) == len(val)
     few = pick_a_pic_rows(30)  # 30 distinct captions ... of which only 19 kept as distinct texts below
     few = few.set_column(0, "caption", pa.array([f"p{i % 19}" for i in range(30)]))
     pq.write_table(few, tmp_path / "few.parquet")
     few_pairs = PairTable(tmp_path / "few.parquet", hold_out=0.25)
     assert len(few_pairs) == 20 and len(few_pairs.held_out_pairs()) == 0
+
+
+def test_a_spread_sample_takes_stretches_from_across_the_table_in_table_order(tmp_path):
+    """What training measures its held-out pairs on, and `eval --pairs` judges: not the first pairs of a table
+    in the order it was collected (a few prompts of its first shard) but stretches from across it."""
+    pq.write_table(pick_a_pic_rows(600), tmp_path / "t.parquet", row_group_size=50)
+    table = PairTable(tmp_path / "t.parquet")  # 400 pairs (every third row a tie)
+    everything = described(table.in_table_order())
+    sample = table.spread(64)
+    taken = described(sample)
+    assert len(taken) == 64 and len(set(taken)) == 64
+    positions = [everything.index(pair) for pair in taken]
+    assert positions == sorted(positions)  # table order: each row group read once
+    assert positions[:4] == [0, 1, 2, 3] and positions[4] == 25 and positions[-4:] == [375, 376, 377, 378]
+    assert sum(sample.block_sizes) == 64 and (np.count_nonzero(sample.block_sizes) == 12)
+    assert described(table.spread(400)) == described(table.spread(1000)) == everything
+    assert described(table.spread(5, runs=16)) == [everything[i] for i in (0, 80, 160, 240, 320)]
+
+
+def test_no_more_than_max_open_files_stay_open(tmp_path, monkeypatch):
+    """A table of more shards than a process may keep open (Pick-a-Pic v2: 645) is read with a bounded number of
+    files open: those used least recently are closed (a review: 'Too many open files')."""
+    from rlaif.train import pair_table
+
+    for i in range(6):
+        pq.write_table(pick_a_pic_rows(9).set_column(0, "caption", pa.array([f"shard {i} {j}" for j in range(9)])),
+                       tmp_path / f"part-{i}.parquet")
+    monkeypatch.setattr(pair_table, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(pair_table, "_OPENED", pair_table.OrderedDict())
+    before = len(os.listdir("/proc/self/fd"))
+    table = PairTable(tmp_path)
+    pairs = described(table.in_table_order())
+    assert [p[0] for p in pairs] == [f"shard {i} {j}" for i in range(6) for j in range(9) if j % 3 != 2]
+    assert len(pair_table._OPENED) == 2 and len(os.listdir("/proc/self/fd")) <= before + 2
+    shuffled = [table[i] for i in random.Random(0).sample(range(len(table)), len(table))]  # reopened on demand
+    assert sorted(described(shuffled)) == sorted(pairs)
+
+
+def test_a_remote_shard_rewritten_under_its_name_is_another_table():
+    """A remote table (an fsspec URL, unpinned) is known by each shard's size and version, not its name alone:
+    a resume over a shard rewritten in place would map positions to other pairs (a review)."""
+    import fsspec
+
+    def write(rows: int) -> None:
+        with fsspec.open("memory://rewritten/t.parquet", "wb") as file:
+            pq.write_table(pick_a_pic_rows(rows), file)
+
+    write(6)
+    first = PairTable("memory://rewritten/t.parquet").identity
+    assert PairTable("memory://rewritten/t.parquet").identity == first
+    write(9)
+    assert PairTable("memory://rewritten/t.parquet").identity != first
 
 
 def test_a_remote_read_that_fails_is_one_line_naming_the_file_and_row_group(monkeypatch):

@@ -27,9 +27,10 @@ from rlaif.train.pair_table import PairTable, pair_index
 from rlaif.train.store import TensorStore
 
 # The version of how a micro-batch is built from (seed, position), recorded in checkpoints: raise it whenever a
-# release draws other numbers or inputs for the same pair (2: VAE draws keyed by image content, a loser of
-# another aspect ratio resized on its own, SDXL micro-conditioning per image), so a resumed run says so.
-BATCH_RULES = 2
+# release draws other numbers or inputs for the same pair, or other pairs for a position (2: VAE draws keyed by
+# image content, a loser of another aspect ratio resized on its own, SDXL micro-conditioning per image; 3:
+# captions held out compared case-folded, whitespace collapsed), so a resumed run says so.
+BATCH_RULES = 3
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
 AI_LABEL = "ai_label_0"  # written by `rlaif label --relabel` beside the human label_0
 MIN_HELD_OUT_CAPTIONS = 20  # fewer distinct captions: nothing is held out (too few to measure anything)
+SPREAD_RUNS = 16  # stretches a measured sample of a table is drawn in (``PairTable.spread``)
 SHUFFLE_WINDOW = 2048  # pairs shuffled together: blocks are added to a window until it holds at least this many
 
 
@@ -191,29 +193,48 @@ def hub_fault(source: str, exc: Exception) -> RlaifError:
     return RlaifError(f"pairs {source}: cannot get the hub dataset ({first_line(exc)})")
 
 
-def remote_shards(source: str) -> list[str]:
+def remote_shards(source: str) -> dict[str, str]:
     """The parquet shards under an fsspec URL (``hf://datasets/ORG/NAME``, ``s3://...``; a hub id when streaming),
-    read in place: only the label column and the row groups trained on are fetched."""
+    read in place: only the label column and the row groups trained on are fetched. Each with its
+    ``remote_stamp``."""
     import fsspec
 
     url = source if "://" in source else f"hf://datasets/{source}"
     try:
         fs, root = fsspec.core.url_to_fs(url)
-        files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+        found = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
     except _read_faults(url) as exc:  # a missing backend too: its ImportError says what to install
         raise RlaifError(f"pairs {source}: cannot list it ({first_line(exc)})") from exc
-    return [fs.unstrip_protocol(f) for f in parquet_shards(files, root, source)]
+    files = sorted(f for f in found if f.endswith(".parquet"))
+    return {fs.unstrip_protocol(f): remote_stamp(found[f]) for f in parquet_shards(files, root, source)}
 
 
-_OPENED: dict[tuple, pq.ParquetFile] = {}
+def remote_stamp(info: dict) -> str:
+    """What tells a remote file's content from the listing's entry for it: its size and the store's version of
+    it (the hub's blob id or LFS hash, an object store's ETag or version, else its modification time), so that a
+    shard rewritten under its name is another table."""
+    lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
+    version = next((str(info[key]) for key in ("blob_id", "ETag", "etag", "VersionId", "generation", "md5Hash",
+                                               "LastModified", "last_modified", "mtime", "created") if info.get(key)),
+                   "")
+    return f"{info.get('size')}:{lfs.get('sha256') or version}"
+
+
+_OPENED: OrderedDict[tuple, pq.ParquetFile] = OrderedDict()  # most recently used last
+MAX_OPEN_FILES = 64  # per process: Pick-a-Pic v2's 645 shards, each kept open, pass a common limit of 1024 files
 
 
 def open_parquet(file: str) -> pq.ParquetFile:
-    """A parquet file, local or at an fsspec URL, opened once per process (its footer read once), without
-    pre-buffering (which would read, and keep, whole files); an unreadable file is a one-line error."""
+    """A parquet file, local or at an fsspec URL, opened once per process (its footer read once) while among
+    the MAX_OPEN_FILES used last, without pre-buffering (which would read, and keep, whole files); an unreadable
+    file is a one-line error."""
     stat = os.stat(file) if "://" not in file else None
     key = (os.getpid(), file, stat and (stat.st_size, stat.st_mtime_ns))  # per worker; a rewritten file anew
-    if key not in _OPENED:
+    if key in _OPENED:
+        _OPENED.move_to_end(key)
+    else:
+        while len(_OPENED) >= MAX_OPEN_FILES:  # a forked worker's first: the parent's, whose copies it never reads
+            _OPENED.popitem(last=False)[1].close(force=True)
         try:
             if "://" in file:
                 import fsspec
@@ -325,11 +346,16 @@ class PairTable(Sequence[PreferencePair]):
 
     # -- building the index ------------------------------------------------------------------------------------
 
-    def _init_parquet(self, files: list[str], remote: bool = False) -> None:
-        self.files = files
+    def _init_parquet(self, files: list[str] | dict[str, str], remote: bool = False) -> None:
+        """Read ``files``: local paths, or remote URLs each with its ``remote_stamp`` (not needed in the identity
+        of a hub dataset pinned to a commit, whose URLs name it)."""
+        self.files = list(files)
         self.remote = remote
         self._file_identities = {} if remote else {file: file_identity(file) for file in files}
-        self.identity = ";".join(files) if remote else ";".join(self._file_identities.values())
+        if not remote:
+            self.identity = ";".join(self._file_identities.values())
+        else:
+            self.identity = ";".join(files if self.pinned else (f"{file}:{files[file]}" for file in files))
 
     def _init_arrow(self, source: str, label: str | None) -> None:
         self.files, self._file_identities = [source], {}
@@ -443,6 +469,26 @@ class PairTable(Sequence[PreferencePair]):
         part._cache, part._cache_size = OrderedDict(), 1
         return part
 
+    def spread(self, count: int, runs: int = SPREAD_RUNS) -> PairTable:
+        """``count`` of its pairs (all, when it has no more) to be read in table order: ``runs`` stretches of
+        consecutive pairs, one at the start of each of as many equal parts of the table. A sample of the whole
+        table at the cost of reading a row group or so per stretch: a table in the order its pairs were collected
+        (Pick-a-Pic) holds only a few prompts in its first pairs."""
+        part = self.in_table_order()
+        if len(self) <= count:
+            return part
+        runs, stretches, end = max(1, min(runs, count)), [], 0
+        for k in range(runs):  # stretch k: its share of count, from its part's start or the last stretch's end
+            start = max(k * len(self) // runs, end)
+            end = start + (k + 1) * count // runs - k * count // runs
+            stretches.append(np.arange(start, end))
+        chosen = np.concatenate(stretches)  # ends within the table: see the test
+        part._block_of, part._row_of = self._block_of[chosen], self._row_of[chosen]
+        part._chosen_first = self._chosen_first[chosen]
+        part.block_sizes = np.bincount(part._block_of, minlength=len(self.blocks)).astype(np.int64)
+        part._sizes_key = tuple(int(size) for size in part.block_sizes)
+        return part
+
     # -- reading -------------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -522,10 +568,17 @@ def check_captions(captions: pa.ChunkedArray | pa.Array, where: str, first_row: 
 
 
 def caption_hashes(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A 64-bit hash of each caption: which captions are held out is a pure function of their text, so a
-    prompt's pairs are all in one part, whatever the table's order, shards or process count."""
-    return np.array([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little")
+    """A 64-bit hash of each caption's ``caption_key``: which captions are held out is a pure function of their
+    text, so a prompt's pairs are all in one part, whatever the table's order, shards or process count."""
+    return np.array([int.from_bytes(hashlib.blake2b(caption_key(c).encode(), digest_size=8).digest(), "little")
                      for c in captions.to_pylist()], dtype=np.uint64)
+
+
+def caption_key(caption: str) -> str:
+    """A caption as the held-out split compares it: Unicode-normalised (NFKC), case-folded, its whitespace
+    collapsed. Pick-a-Pic holds a prompt typed again as "A cat", "a cat " or "a  cat"; split apart, the held-out
+    accuracy would be measured on prompts trained on."""
+    return " ".join(unicodedata.normalize("NFKC", caption).casefold().split())
 
 
 def window_blocks(block_sizes: np.ndarray) -> int:

@@ -96,7 +96,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     config = with_family_defaults(config)
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
     held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
-    held_out = None if config.loss == "sft" else held_out_pairs  # measured in table order
+    held_out = None if config.loss == "sft" else held_out_pairs.spread(VAL_MAX_PAIRS)
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -429,7 +429,7 @@ def _dpo_micro_step(config: TrainConfig, batch: MicroBatch, encoder: Encoder, un
     return loss, metrics
 
 
-VAL_MAX_PAIRS = 256  # held-out pairs measured each time (the first ones in the held-out table's order)
+VAL_MAX_PAIRS = 256  # held-out pairs measured each time (spread over the held-out pairs: PairTable.spread)
 
 
 @torch.no_grad()
@@ -438,8 +438,9 @@ def held_out_metrics(config: TrainConfig, validation: MicroBatches, encoder: Enc
                      max_pairs: int = VAL_MAX_PAIRS, roll_back: Path | None = None) -> dict[str, float]:
     """The DPO loss, implicit accuracy and reward margin on held-out pairs (``val_*``): the model as a preference
     classifier on prompts it never trained on. The same pairs (the first ``max_pairs`` in ``validation``'s
-    order), noise and timesteps every time (centre crop, no caption dropout), so the numbers move only with the
-    model; ``val_pairs`` says how many: whole batches of batch size x processes, the remainder unmeasured (a few
+    order: training's and eval's are a ``PairTable.spread``), noise and timesteps every time (centre crop, no
+    caption dropout), so the numbers move only with the model;
+    ``val_pairs`` says how many: whole batches of batch size x processes, the remainder unmeasured (a few
     pairs' accuracy is noise). Empty when there are fewer held-out pairs than one such batch. ``roll_back``: the
     training run whose log bad input rolls back (``checked_batch``)."""
     per_batch = validation.settings.batch_size * validation.settings.processes
@@ -713,7 +714,7 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
 
 def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None:
     """What to say when checkpoint ``folder`` (``recorded``: its identities) was written by an rlaif that built
-    micro-batches otherwise (other VAE draws, crops or SDXL conditioning for the same pairs; ``BATCH_RULES``): the
+    micro-batches otherwise (other held-out captions, VAE draws, crops or SDXL conditioning; ``BATCH_RULES``): the
     run goes on, a valid training run, but not the one an uninterrupted run would have been."""
     if folder is None:
         return None
@@ -721,7 +722,7 @@ def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None
     if then == BATCH_RULES:
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
-            "other VAE draws, crops or SDXL conditioning for the same pairs); the remaining steps use these, so the "
+            "other held-out captions, VAE draws, crops or SDXL conditioning); the remaining steps use these, so the "
             "result will differ from an uninterrupted run's")
 
 
