@@ -552,6 +552,16 @@ USAGE_ERROR, CLICK_ERROR = typer.BadParameter.__mro__[1:3]  # click's UsageError
 # versions vendor click)
 
 
+ON_INTERRUPT = {  # what a command stopped by Ctrl-C keeps (training, once begun, says it itself: train_interrupted)
+    "sample": "the images written so far are kept; rerun the same command to make the rest",
+    "label": "the scores saved so far are kept (each --chunk-size of them); rerun the same command to score the rest",
+    "train": "training had not begun; rerun the same command",
+    "eval": "the images and scores made so far are kept; rerun the same command to go on",
+    "loop": "its finished stages and what the current one saved are kept; rerun the same command to go on",
+    "demo": "its finished stages and what the current one saved are kept; rerun the same command to go on",
+}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted
 
@@ -576,9 +586,9 @@ def main() -> None:
         say(f"error: {error_line(exc)}")
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
         say(exc.args[0] if isinstance(exc, Interrupted) and exc.args else
-            "interrupted: nothing finished is lost; rerun the same command to go on from what it saved (images, "
-            "score chunks, finished stages, a training run's last checkpoint)")
+            f"interrupted: {ON_INTERRUPT.get(command, 'rerun the same command to go on')}")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -103,8 +103,9 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | N
     of its --init chain's), at the run seed that table's samples were drawn with, make base images identical to
     those training samples. train.json records those tables and their seeds (`rlaif label` records them; other
     tables have none); a table changed since cannot tell which prompts were trained on, so that seed is refused
-    outright. Returns a note when the prompts are among the captions of a table that records no seeds (rebuilt
-    with pandas, say), where nothing can be checked."""
+    outright. Returns a note when the prompts are among the captions of a table it learnt from at other seeds
+    (held-out seeds, not held-out prompts), or of one that records no seeds (rebuilt with pandas, say), where
+    nothing can be checked."""
     notes = [_check_table(tuned, table, prompts, seed) for table in trained_tables(train_info(tuned))]
     return next((note for note in notes if note), None)
 
@@ -168,7 +169,12 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
                 "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
                 f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
-        return None
+        seen = _trained_prompts(files, prompts) if files and not table_changed(pairs, table["pairs_file"]) else []
+        if not seen:
+            return None
+        return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs} (e.g. "
+                f"{seen[0]!r}): at --seed {seed} they are new images of prompts it trained on, which says less than "
+                "prompts it never saw would about how it generalises")
     if table_changed(pairs, table["pairs_file"]):
         now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
@@ -210,9 +216,10 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     told what could not be checked."""
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
-    notes = [check_roles(config), check_images_held_out(config.tuned, prompt_table["prompt"].to_list(), config.seed)]
+    prompts = prompt_table["prompt"].to_list()
+    notes = [text for text in (check_roles(config), check_images_held_out(config.tuned, prompts, config.seed)) if text]
     for text in notes:
-        if text and note:
+        if note:
             note(text)
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
@@ -269,6 +276,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             if log_path.is_file() else []
         write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
                      train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid,
-                     warnings=[*reward_hacking(summary), *filter(None, [few_prompts(summary)])], settings=settings)
+                     warnings=[*reward_hacking(summary), *filter(None, [few_prompts(summary)]), *notes],
+                     settings=settings)
     process_state().wait_for_everyone()
     return out

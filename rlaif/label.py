@@ -19,7 +19,7 @@ from PIL import Image
 
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
-from rlaif.errors import RlaifError
+from rlaif.errors import RlaifError, first_line
 from rlaif.files import changed_settings, read_json
 from rlaif.images import ImageSource, open_rgb
 from rlaif.pairing import make_pairs, preference
@@ -106,9 +106,24 @@ def file_hashes(root: Path, images: list[str]) -> list[str]:
     accelerate/torchrun each hashes every N-th image, several files at once (hashing releases the GIL)."""
     state = process_state()
     mine = list(range(state.process_index, len(images), state.num_processes))
+
+    def digest(index: int) -> str | OSError:
+        try:
+            return hashlib.sha256((root / images[index]).read_bytes()).hexdigest()
+        except OSError as exc:  # raised below on every process, once all have hashed their share
+            return exc
+
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        values = list(pool.map(lambda i: hashlib.sha256((root / images[i]).read_bytes()).hexdigest(), mine))
-    return in_index_order(mine, values, len(images))
+        values = in_index_order(mine, list(pool.map(digest, mine)), len(images))
+    failed = [i for i, value in enumerate(values) if isinstance(value, OSError)]
+    missing = [i for i in failed if isinstance(values[i], FileNotFoundError)]
+    if missing:
+        raise RlaifError(f"{len(missing)} images that {root / 'samples.parquet'} lists are missing (first: "
+                         f"{root / images[missing[0]]}); rerun the `rlaif sample` command that made {root}: it makes "
+                         "them again")
+    if failed:
+        raise RlaifError(f"image {root / images[failed[0]]}: cannot read it ({first_line(values[failed[0]])})")
+    return values
 
 
 PARTS = "scores.parts"  # a samples folder's scores made since scores.parquet was last written, one file per chunk

@@ -54,6 +54,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "lora" / "train.json").write_text('{"format": 2, "config": {}}')
     (tmp_path / "stopped" / "checkpoints" / "step_00000002").mkdir(parents=True)  # a run killed after step 2
     (tmp_path / "stopped" / "checkpoints" / "step_00000002" / "position.json").write_text('{"step": 2}')
+    (tmp_path / "log-only").mkdir()  # `rlaif train` interrupted before its first checkpoint
+    (tmp_path / "log-only" / "train_log.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "broken-lora").mkdir()  # records that rlaif did not write (an edit gone wrong, another tool)
     (tmp_path / "broken-lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (tmp_path / "broken-lora" / "train.json").write_text('{"format": 2, "config": ')
@@ -305,6 +307,12 @@ CASES = [
      "--scorer 'compressibility:2': eval reports each scorer apart"),
     (["eval", "--base", "tiny", "--tuned", "empty", "-p", "p.txt", "-o", "e", "-s", "compressibility"],
      "--tuned empty holds neither"),
+    (["eval", "--base", "tiny", "--tuned", "log-only", "-p", "p.txt", "-o", "e", "-s", "compressibility"],
+     "--tuned log-only is a training run stopped before its first checkpoint (a log, no weights): run the same "
+     "`rlaif train` command again, which starts it over"),
+    (["eval", "--base", "tiny", "--tuned", "one-each", "-p", "p.txt", "-o", "e", "-s", "compressibility"],
+     "--tuned one-each holds the images of `rlaif sample`, not an `rlaif train` output: give the folder `rlaif "
+     "train` wrote (its --out)"),
     (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "a-file", "-s", "compressibility"],
      "--out a-file is a file, not a folder"),
     (["eval", "--base", "tiny", "--tuned", "lora", "-p", "p.txt", "-o", "e", "-s", "compressibility",

@@ -122,7 +122,8 @@ def test_ctrl_c_says_how_to_go_on(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing finished is lost; rerun the same command")
+    assert stderr.strip().splitlines()[-1] == ("interrupted: the images written so far are kept; rerun the same "
+                                               "command to make the rest")
 
 
 def test_ctrl_c_in_training_says_to_resume(tiny_pairs, tmp_path):

@@ -1,6 +1,7 @@
 """`rlaif eval`: win rates against independent computations, categories, the report in a real browser."""
 
 import dataclasses
+import html
 import html.parser
 import json
 import shutil
@@ -336,7 +337,15 @@ def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     assert result.returncode == 2 and not (tmp_path / "e").exists()
     assert result.stderr.startswith(f"error: --seed 0 with 4 of 5 prompts that {tmp_path / 'lora'} was trained on "
                                     f"(its pairs table {table.resolve()} was sampled at run seed 0, e.g. ")
-    assert check_images_held_out(tmp_path / "lora", prompts.read_text().splitlines(), 1) is None  # new seeds: fine
+    # new seeds of trained prompts: evaluated, and said to be what they are (a new user's trial)
+    seeds = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "-p", prompts, "-s", "compressibility",
+                    "--seed", 1, "-n", 1, "-o", tmp_path / "e1")
+    assert seeds.returncode == 0, seeds.stderr
+    said = (f"4 of the 5 prompts are captions of {tmp_path / 'lora'}'s pairs table {table.resolve()} (e.g. "
+            f"{trained_prompts[0]!r}): at --seed 1 they are new images of prompts it trained on, which says less "
+            "than prompts it never saw would about how it generalises")
+    assert f"note: {said}" in seeds.stderr
+    assert html.escape(said) in (tmp_path / "e1" / "report.html").read_text()
     assert check_images_held_out(tmp_path / "lora", ["a prompt never trained on"], 0) is None  # a new prompt: fine
     # the table relabelled in place after training, now without the first prompt: read as it is now, that prompt
     # would pass as held out at the very seed it was trained at
@@ -427,7 +436,9 @@ def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
         with pytest.raises(RlaifError, match=f"^--seed {seed} with 4 of 4 prompts that .*r2 was trained on \\(its "
                                              f"pairs table .*{table_name} was sampled at run seed {seed}"):
             check_images_held_out(tmp_path / "r2", trained_prompts, seed)
-    assert check_images_held_out(tmp_path / "r2", trained_prompts, 1) is None
+    assert check_images_held_out(tmp_path / "r2", trained_prompts, 1).startswith(  # new seeds: a note
+        f"4 of the 4 prompts are captions of {tmp_path / 'r2'}'s pairs table ")
+    assert check_images_held_out(tmp_path / "r2", ["a prompt never trained on"], 1) is None
     assert trained_table(tmp_path / "r2", str(first)) == "the table it was trained on through --init"
     assert trained_table(tmp_path / "r2", str(tmp_path / "run" / "round2.parquet")) == "the table it was trained on"
 

@@ -137,6 +137,13 @@ def test_missing_samples_table_and_corrupt_image(fresh, tmp_path):
     result = run_cli("label", fresh, "--scorer", "compressibility")
     assert result.returncode == 2 and f"image {image} cannot be read" in result.stderr
     assert not (fresh / "scores.parquet").exists()
+    images = pl.read_parquet(fresh / "samples.parquet")["image"].to_list()
+    for name in images[:2]:
+        (fresh / name).unlink()  # deleted by hand: `rlaif sample` makes them again
+    gone = run_cli("label", fresh, "--scorer", "compressibility")
+    assert gone.returncode == 2 and gone.stderr == (
+        f"error: 2 images that {fresh / 'samples.parquet'} lists are missing (first: {fresh / images[0]}); rerun "
+        f"the `rlaif sample` command that made {fresh}: it makes them again\n")
 
 
 def test_scorers_list_shows_builtins():

@@ -179,7 +179,9 @@ def test_resume_finishes_a_run_killed_after_its_last_checkpoint_and_refuses_one_
     assert missing.returncode == 2 and "--resume step_00000099: no such checkpoint folder" in missing.stderr
     assert (tmp_path / "a" / "train.json").exists()  # refused: the finished run is still there
     again = run_cli(*args, "--out", tmp_path / "a")  # a finished run: how to go on, from its last checkpoint
-    assert again.returncode == 2 and "a higher --max-steps: to train it on from step_00000004)" in again.stderr
+    assert again.returncode == 2 and "holds a finished training run; pass --overwrite to replace it, or choose " \
+        "another --out; to train it on from step_00000004 instead, pass --overwrite --resume latest and a higher " \
+        "--max-steps" in again.stderr
     plain = [*args[:2], "--max-steps", 1, "--checkpoint-every", 0, *FAST, "--out", tmp_path / "plain"]
     assert run_cli(*plain).returncode == 0
     again = run_cli(*plain)  # no checkpoint to go on from: only replacing is offered

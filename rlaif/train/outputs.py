@@ -58,6 +58,12 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
         if unfinished:
             raise RlaifError(f"{option} {folder} is {unfinished}, not finished weights: finish the run with the same "
                              "`rlaif train` command and --resume latest")
+        if (folder / "train_log.jsonl").is_file():
+            raise RlaifError(f"{option} {folder} is a training run stopped before its first checkpoint (a log, no "
+                             "weights): run the same `rlaif train` command again, which starts it over")
+        if (folder / "samples.parquet").is_file():
+            raise RlaifError(f"{option} {folder} holds the images of `rlaif sample`, not an `rlaif train` output: give "
+                             "the folder `rlaif train` wrote (its --out)")
         raise RlaifError(f"{option} {folder} holds neither {LORA_FILE} nor unet/ or transformer/: not an `rlaif "
                          "train` output")
     if not (folder / TRAIN_FILE).is_file():

@@ -643,10 +643,10 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, d
     (``_clear_outputs`` does, once nothing is refused)."""
     complete = complete_checkpoints(config.out)
     if (config.out / TRAIN_FILE).exists() and not config.overwrite:
-        go_on = (f" (with --resume latest and a higher --max-steps: to train it on from {complete[-1].name})"
-                 if complete else "")
-        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it{go_on}, or "
-                         "choose another --out")
+        go_on = (f"; to train it on from {complete[-1].name} instead, pass --overwrite --resume latest and a higher "
+                 "--max-steps" if complete else "")
+        raise RlaifError(f"{config.out} holds a finished training run; pass --overwrite to replace it, or choose "
+                         f"another --out{go_on}")
     folder = None
     if config.resume is None and complete and not config.overwrite:
         raise RlaifError(f"{config.out} already holds checkpoints (last: {complete[-1].name}); pass --resume "
