@@ -95,7 +95,11 @@ def sample(
         table = run_sample(config, progress=lambda done, total: report("sampling", done, total),
                            note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
-        say(f"wrote {table}")
+        import polars as pl
+
+        made = pl.read_parquet(table, columns=["prompt_id"])
+        say(f"wrote {table}: {made.height} images, {made['prompt_id'].n_unique()} prompts x {config.per_prompt} "
+            "(blank and repeated prompts are skipped)")
 
 
 L = LabelConfig

@@ -184,8 +184,13 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)
+        kept = sum((config.out / job.image).exists() for job in jobs)
+        if 0 < kept < len(jobs) and note:
+            note(f"{kept} of the {len(jobs)} images are in {config.out} already: kept; making the other "
+                 f"{len(jobs) - kept}")
+
         def lacking() -> bool:
-            return any(not (config.out / job.image).exists() for job in jobs)
+            return kept < len(jobs)
 
         write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
