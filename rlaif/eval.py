@@ -218,9 +218,6 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
     prompts = prompt_table["prompt"].to_list()
     notes = [text for text in (check_roles(config), check_images_held_out(config.tuned, prompts, config.seed)) if text]
-    for text in notes:
-        if note:
-            note(text)
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
@@ -230,6 +227,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
         raise RlaifError(f"--max-sequence-length {config.max_sequence_length}: {config.tuned} was trained at T5 prompt "
                          f"length {trained_length}; evaluate it at that length (leave the option out)")
     length = config.max_sequence_length or trained_length
+    for text in notes if note else []:  # once nothing is refused: a refused command says one thing
+        note(text)
     scores = {}
     for side, (folder, tuned) in sides.items():
         run_sample(SampleConfig(model=config.base, tuned=tuned, prompts=config.prompts, out=folder,

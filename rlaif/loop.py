@@ -271,15 +271,6 @@ def _as_now(settings: dict) -> dict:
     return settings | {"label": label, "train": train, "eval": evaluation}
 
 
-def _resumed(out: Path, done: list[str], rounds: int) -> str:
-    """What a loop resumed in ``out`` keeps and where it goes on (``done``: its finished stages, ROUND/STAGE)."""
-    pending = next((f"{number}/{stage}" for number in range(1, rounds + 1) for stage in STAGES
-                    if f"{number}/{stage}" not in done), None)
-    if pending is None:
-        return f"{out}: every stage of the loop is done; writing rounds.parquet and report.html again"
-    return f"{out}: resuming the loop; {', '.join(done)} done before (kept as they are); going on from {pending}"
-
-
 def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:
     """``{"guidance": value}`` that ``folder`` (a stage's samples of an earlier round) was sampled with, when
     ``stage`` leaves the guidance unset; else nothing."""
@@ -295,8 +286,13 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[s
     loop, stages = plan.loop, plan.stages
     state = _state(plan)
     main = process_state().is_main_process
-    if state["done"] and note:
-        note(_resumed(loop.out, state["done"], loop.rounds))
+    resumed = list(state["done"])  # said once the first stage left begins: a refused resume says one thing
+
+    def begins(key: str) -> None:
+        if resumed and note:
+            note(f"{loop.out}: resuming the loop; {', '.join(resumed)} done before (kept as they are); going on "
+                 f"from {key}")
+        resumed.clear()
 
     def finished(key: str) -> None:
         state["done"].append(key)
@@ -321,25 +317,31 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[s
         if previous is not None and f"{number}/train" not in state["done"]:  # before this round's sampling
             check_defaults_as_before(previous, train)
         if f"{number}/sample" not in state["done"]:
+            begins(f"{number}/sample")
             sample = {**stages["sample"], "seed": round_seed(stages["sample"].get("seed", SampleConfig.seed), number)}
             run_sample(SampleConfig(model=loop.model, prompts=loop.prompts, out=samples, tuned=previous, **sample),
                        progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)),
                        note=note)
             finished(f"{number}/sample")
         if f"{number}/label" not in state["done"]:
+            begins(f"{number}/label")
             run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
+            begins(f"{number}/train")
             run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t,
                                                                                   logs=logs)), note=note)
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:
+            begins(f"{number}/eval")
             table = run_eval(EvalConfig(base=loop.model, tuned=train_out, prompts=loop.eval_prompts, out=eval_out,
                                         **stages["eval"]), report(f"round {number} eval"),
                              base_dir=loop.out / "eval_base", note=note)
             state["rounds"][str(number)] = pl.read_parquet(table).to_dicts()
             finished(f"{number}/eval")
         previous = train_out
+    if resumed and note:  # nothing left to run
+        note(f"{loop.out}: every stage of the loop is done; writing rounds.parquet and report.html again")
     final = loop.out / f"round_{loop.rounds}" / "eval"
     rounds = loop.out / "rounds.parquet"
     if main:
