@@ -384,7 +384,7 @@ def print_win_rates(table: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rlaif.eval import few_prompts, reward_hacking
+    from rlaif.eval import few_prompts, reward_hacking, unsteady_relative
     from rlaif.stats import bounds_text, interval_decimals, interval_text
 
     rows = pl.read_parquet(table)
@@ -403,9 +403,8 @@ def print_win_rates(table: Path) -> None:
     last = rows.filter(pl.col("round") == rows["round"].max()) if extra else rows
     for warning in reward_hacking(last):
         say(f"warning: {warning}")
-    few = few_prompts(last)
-    if few:
-        say(f"note: {few}")
+    for text in [*filter(None, [few_prompts(last)]), *unsteady_relative(last)]:
+        say(f"note: {text}")
 
 
 DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
@@ -85,6 +86,25 @@ def few_prompts(summary: pl.DataFrame) -> str | None:
         return None
     return (f"{fewest} prompt{'s are' if fewest > 1 else ' is'} too few for these intervals to mean much "
             f"(under {FEW_PROMPTS}: see README, Reading the numbers)")
+
+
+UNSTEADY = 2.0  # a relative interval this many times as wide as the delta's over the base mean is not read
+
+
+def unsteady_relative(summary: pl.DataFrame) -> list[str]:
+    """What to say of each row of ``summary`` whose relative interval is over UNSTEADY times as wide as its delta's
+    divided by the base mean: the base mean itself swings between resampled prompts (near 0 on some, for a
+    score that can be near 0 or negative), so the ratio's interval says more of the denominator than of the
+    change (README, Reading the numbers)."""
+    said = []
+    for row in summary.iter_rows(named=True):
+        scaled = (row["delta_high"] - row["delta_low"]) / abs(row["mean_base"]) if row["mean_base"] else math.nan
+        width = row["relative_high"] - row["relative_low"]
+        if math.isfinite(width) and scaled > 0 and width > UNSTEADY * scaled:
+            said.append(f"{row['scorer']}: the relative interval is {width / scaled:.0f} times as wide as the "
+                        "delta's over the base mean, as the base mean swings between resampled prompts (near 0 "
+                        "on some): read the delta's interval")
+    return said
 
 
 def by_prompt(paired: pl.DataFrame) -> pl.DataFrame:
@@ -275,7 +295,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             if log_path.is_file() else []
         write_report(config.out / "report.html", summary, by_category, paired.sort("candidate", "prompt"), names,
                      train_log, title=f"{config.base} vs {config.tuned}", grid=config.grid,
-                     warnings=[*reward_hacking(summary), *filter(None, [few_prompts(summary)]), *notes],
+                     warnings=[*reward_hacking(summary), *filter(None, [few_prompts(summary)]),
+                               *unsteady_relative(summary), *notes],
                      settings=settings)
     process_state().wait_for_everyone()
     return out

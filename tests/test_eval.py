@@ -15,7 +15,7 @@ from conftest import PROMPTS, run_cli
 from PIL import Image
 
 from rlaif.errors import RlaifError
-from rlaif.eval import check_images_held_out, compare, reward_hacking
+from rlaif.eval import check_images_held_out, compare, reward_hacking, unsteady_relative
 from rlaif.pair_eval import judged_batches, trained_table
 from rlaif.report import _win_table
 from rlaif.scorers.jpeg import jpeg_kilobytes
@@ -47,6 +47,26 @@ def test_reward_hacking_is_flagged_when_the_trained_score_rises_and_a_held_out_o
     assert reward_hacking(summary.with_columns(delta_low=pl.lit(-0.01))) == []  # the trained score did not rise
     # the intervals exclude 0, but the signed-rank test does not agree: not significant, no warning
     assert reward_hacking(summary.with_columns(p_value=pl.lit(0.5))) == []
+
+
+def test_a_relative_interval_that_the_base_mean_swings_is_called_unsteady():
+    """A score near 0 on some prompts (a new user's redness: -144% to -1% at a base mean of 0.18): the ratio's
+    bootstrap swings with its denominator, and eval says to read the delta. A base mean well away from 0: quiet."""
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(12), 4)
+    near_zero = np.repeat(np.r_[np.full(9, 0.004), np.full(3, 0.7)], 4)  # 3 red prompts, 9 with hardly any red
+    steady = np.repeat(rng.uniform(0.9, 1.1, 12), 4)
+    rows = []
+    for name, base in (("redness", near_zero), ("brightness", steady)):
+        tuned = base + rng.normal(0.01, 0.02, base.size)
+        rows.append({"scorer": name, **dataclasses.asdict(paired_effect(base, tuned, clusters))})
+    summary = pl.DataFrame(rows)
+    (said,) = unsteady_relative(summary)
+    red = rows[0]
+    times = (red["relative_high"] - red["relative_low"]) / ((red["delta_high"] - red["delta_low"]) / red["mean_base"])
+    assert times > 2 and said == (f"redness: the relative interval is {times:.0f} times as wide as the delta's over "
+                                  "the base mean, as the base mean swings between resampled prompts (near 0 on "
+                                  "some): read the delta's interval")
 
 
 def test_a_handful_of_prompts_is_never_called_significant():
