@@ -34,8 +34,10 @@ def _rows(args: tuple[int, int, int]) -> pa.Table:
                      "label_0": labels, "label_1": [1.0 - label for label in labels]})
 
 
-def pick_a_pic_table(folder: Path, rows: int, size: int = 256, shard_rows: int = 5000, workers: int = 2) -> Path:
-    """Write ``rows`` pairs as ``folder/data/train-*.parquet`` (made once: an existing folder is reused)."""
+def pick_a_pic_table(folder: Path, rows: int, size: int = 256, shard_rows: int = 5000, workers: int = 2,
+                     row_group_rows: int = ROW_GROUP) -> Path:
+    """Write ``rows`` pairs as ``folder/data/train-*.parquet`` in row groups of ``row_group_rows`` (made once: an
+    existing folder is reused)."""
     data = folder / "data"
     shards = range(0, rows, shard_rows)
     names = [data / f"train-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
@@ -45,8 +47,9 @@ def pick_a_pic_table(folder: Path, rows: int, size: int = 256, shard_rows: int =
     with Pool(workers) as pool:
         for name, start in zip(names, shards, strict=True):
             stop = min(start + shard_rows, rows)
-            parts = pool.map(_rows, [(s, min(s + ROW_GROUP, stop), size) for s in range(start, stop, ROW_GROUP)])
+            parts = pool.map(_rows, [(s, min(s + row_group_rows, stop), size)
+                                     for s in range(start, stop, row_group_rows)])
             partial = name.with_suffix(".partial")
-            pq.write_table(pa.concat_tables(parts), partial, row_group_size=ROW_GROUP)
+            pq.write_table(pa.concat_tables(parts), partial, row_group_size=row_group_rows)
             partial.rename(name)
     return folder

@@ -98,8 +98,7 @@ def sample(
         import polars as pl
 
         made = pl.read_parquet(table, columns=["prompt_id"])
-        say(f"wrote {table}: {made.height} images, {made['prompt_id'].n_unique()} prompts x {config.per_prompt} "
-            "(blank and repeated prompts are skipped)")
+        say(f"wrote {table}: {made.height} images, {made['prompt_id'].n_unique()} prompts x {config.per_prompt}")
 
 
 L = LabelConfig
@@ -559,7 +558,7 @@ ON_INTERRUPT = {  # what a command stopped by Ctrl-C keeps (training, once begun
     "sample": "the images written so far are kept; rerun the same command to make the rest",
     "label": "the scores saved so far are kept (each --chunk-size of them); rerun the same command to score the rest",
     "train": "training had not begun; rerun the same command",
-    "eval": "the images and scores made so far are kept; rerun the same command to go on",
+    "eval": "rerun the same command to go on (an evaluation keeps the images and scores it made)",
     "loop": "its finished stages and what the current one saved are kept; rerun the same command to go on",
     "demo": "its finished stages and what the current one saved are kept; rerun the same command to go on",
 }

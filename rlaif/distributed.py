@@ -8,8 +8,11 @@ singleton: the first construction decides).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 
 
 def cpu_only() -> bool:
@@ -20,3 +23,10 @@ def cpu_only() -> bool:
 def process_state() -> PartialState:
     """This process's rank, world size and device (a single process is the world of one)."""
     return PartialState(cpu=cpu_only())
+
+
+def same_on_every_process(value: Hashable) -> bool:
+    """Whether every process holds ``value``: the same answer on all of them (a collective: all must ask)."""
+    if process_state().num_processes == 1:
+        return True
+    return len(set(gather_object([value]))) == 1

@@ -28,7 +28,14 @@ from rlaif.scoring import parse_weights
 from rlaif.stats import interval_text, paired_effect, significance, wins
 from rlaif.tables import EVAL_METADATA, SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
-from rlaif.train.pair_table import AI_LABEL, parquet_files, recorded_sampling, table_changed
+from rlaif.train.pair_table import (
+    AI_LABEL,
+    caption_hashes,
+    held_out_hashes,
+    parquet_files,
+    recorded_sampling,
+    table_changed,
+)
 
 OPTIMISED, HELD_OUT = "optimised", "held-out"  # trained on, or not
 EFFECT_SCHEMA = {"n": pl.Int64, "prompts": pl.Int64, "win_rate": pl.Float64, "ci_low": pl.Float64,
@@ -182,14 +189,15 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
     except RlaifError:  # not a table any more
         files, seeds = [], table["sampled_seeds"] or []
     if not seeds and files and not table_changed(pairs, table["pairs_file"]):
-        seen = _trained_prompts(files, prompts)
+        seen = _trained_prompts(files, prompts, table.get("held_out"))
         if not seen:
             return None
         return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs}, which "
                 "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
                 f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
-        seen = _trained_prompts(files, prompts) if files and not table_changed(pairs, table["pairs_file"]) else []
+        readable = files and not table_changed(pairs, table["pairs_file"])
+        seen = _trained_prompts(files, prompts, table.get("held_out")) if readable else []
         if not seen:
             return None
         return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs} (e.g. "
@@ -202,7 +210,7 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
                          "--seed (its images are then held out)")
     if not files:  # gone, and an older output recorded nothing to tell
         return None
-    seen = _trained_prompts(files, prompts)
+    seen = _trained_prompts(files, prompts, table.get("held_out"))
     if seen:
         raise RlaifError(f"--seed {seed} with {len(seen)} of {len(prompts)} prompts that {tuned} was trained on (its "
                          f"pairs table {pairs} was sampled at run seed {seed}, e.g. {seen[0]!r}): the base images "
@@ -211,10 +219,14 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
     return None
 
 
-def _trained_prompts(files: list[str], prompts: list[str]) -> list[str]:
-    """The ``prompts`` that are captions of the pairs table ``files``."""
-    captions = set(pl.scan_parquet(files).select("caption").collect()["caption"])
-    return [prompt for prompt in prompts if prompt in captions]
+def _trained_prompts(files: list[str], prompts: list[str], held_out: float | None) -> list[str]:
+    """The ``prompts`` that are captions of the pairs table ``files``, less those its training held out (the
+    ``held_out`` share of captions, --val-fraction; None: unrecorded, none taken out)."""
+    captions = pl.scan_parquet(files).select("caption").unique().collect()["caption"]
+    if held_out:
+        captions = captions.filter(~held_out_hashes(caption_hashes(captions.to_arrow()), held_out))
+    known = set(captions)
+    return [prompt for prompt in prompts if prompt in known]
 
 
 def measured_under(config: EvalConfig, prompts: int, run: dict) -> dict:

@@ -107,22 +107,22 @@ def file_hashes(root: Path, images: list[str]) -> list[str]:
     state = process_state()
     mine = list(range(state.process_index, len(images), state.num_processes))
 
-    def digest(index: int) -> str | OSError:
+    def digest(index: int) -> str | tuple[bool, str]:
         try:
             return hashlib.sha256((root / images[index]).read_bytes()).hexdigest()
-        except OSError as exc:  # raised below on every process, once all have hashed their share
-            return exc
+        except Exception as exc:  # noqa: BLE001 - raised below on every process, once all have hashed their share
+            return isinstance(exc, FileNotFoundError), first_line(exc)  # (missing, why)
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         values = in_index_order(mine, list(pool.map(digest, mine)), len(images))
-    failed = [i for i, value in enumerate(values) if isinstance(value, OSError)]
-    missing = [i for i in failed if isinstance(values[i], FileNotFoundError)]
+    failed = [i for i, value in enumerate(values) if isinstance(value, tuple)]
+    missing = [i for i in failed if values[i][0]]
     if missing:
         raise RlaifError(f"{len(missing)} images that {root / 'samples.parquet'} lists are missing (first: "
                          f"{root / images[missing[0]]}); rerun the `rlaif sample` command that made {root}: it makes "
                          "them again")
     if failed:
-        raise RlaifError(f"image {root / images[failed[0]]}: cannot read it ({first_line(values[failed[0]])})")
+        raise RlaifError(f"image {root / images[failed[0]]}: cannot read it ({values[failed[0]][1]})")
     return values
 
 

@@ -184,13 +184,8 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)
-        kept = sum((config.out / job.image).exists() for job in jobs)
-        if 0 < kept < len(jobs) and note:
-            note(f"{kept} of the {len(jobs)} images are in {config.out} already: kept; making the other "
-                 f"{len(jobs) - kept}")
-
         def lacking() -> bool:
-            return kept < len(jobs)
+            return any(not (config.out / job.image).exists() for job in jobs)
 
         write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
@@ -203,6 +198,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     pending = [(batch, [job for job in batch if not (config.out / job.image).exists()]) for batch in mine]
     todo = [(batch, missing) for batch, missing in pending if missing]
     done = total - sum(len(batch) for batch, _ in todo)  # made by an earlier run: counted at once, not as speed
+    kept = total - sum(len(missing) for _, missing in todo)
+    if note and state.num_processes == 1 and 0 < kept < total:
+        note(f"{kept} of the {total} images are in {config.out} already: kept; making the other {total - kept}")
     if progress:
         progress(done, total)
     with ImageWriter() as writer:

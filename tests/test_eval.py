@@ -340,6 +340,25 @@ def test_the_report_colours_the_relative_change_by_its_own_interval():
     assert '<span class="">+0.020 (+0.010 to +0.030)</span>' in unsure
 
 
+def test_captions_held_out_of_training_are_not_called_trained_on(tmp_path):
+    """A table's --val-fraction captions were held out of training: evaluating on them is evaluating on prompts
+    the model never trained on, and eval must not say otherwise (a review)."""
+    from rlaif.eval import _trained_prompts
+    from rlaif.train.pair_table import PairTable
+
+    captions = [f"Prompt {i}" for i in range(40)]
+    images = [f"i{i}.png" for i in range(80)]
+    pl.DataFrame({"caption": captions, "image_0": images[:40], "image_1": images[40:], "label_0": [1.0] * 40}
+                 ).write_parquet(tmp_path / "t.parquet")
+    for name in images:
+        (tmp_path / name).write_bytes(b"")
+    held = {p.caption for p in PairTable(tmp_path / "t.parquet", hold_out=0.25).held_out_pairs()}
+    assert 3 <= len(held) <= 18
+    files = [str(tmp_path / "t.parquet")]
+    assert set(_trained_prompts(files, captions, 0.25)) == set(captions) - held
+    assert _trained_prompts(files, captions, None) == _trained_prompts(files, captions, 0.0) == captions
+
+
 def test_eval_refuses_the_images_the_model_was_trained_on(tiny_pairs, tmp_path):
     """tiny_pairs was sampled at run seed 0: evaluating on its prompts at seed 0 would compare the training samples
     themselves (a new user's run scored 0.750 there against 0.562 on held-out prompts)."""

@@ -205,6 +205,35 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_p
     assert logged == [(e["step"], pytest.approx(e["loss"])) for e in log(tmp_path / "cached")]
 
 
+AGREE = """
+import os, sys
+from rlaif.distributed import same_on_every_process
+rank = int(os.environ["RANK"])
+print(f"rank {rank}: {same_on_every_process(sys.argv[1 + rank])}")
+"""
+
+
+def test_processes_that_indexed_different_tables_all_refuse(tiny_pairs, tmp_path, monkeypatch):
+    """Each process resolves the table itself (a hub dataset's current commit): if it changed in between, every
+    process finds out, none waits for the others, and training refuses (a review)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(32500 + os.getpid() % 1000), str(script), "table@v1"]
+    differ = subprocess.run([*argv, "table@v2"], env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert differ.returncode == 0 and sorted(differ.stdout.split("\n")) == ["", "rank 0: False", "rank 1: False"], \
+        differ.stdout + differ.stderr
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train import trainer
+
+    monkeypatch.setattr(trainer, "same_on_every_process", lambda value: False)  # as the other process answers
+    with pytest.raises(RlaifError, match=f"^pairs {tiny_pairs}: the 1 processes read different versions of it"):
+        trainer.run_train(TrainConfig(pairs=str(tiny_pairs), model="tiny", out=tmp_path / "t", max_steps=1))
+    assert not (tmp_path / "t").exists()
+
+
 def test_one_two_processes_and_accumulation_give_the_same_steps(tiny_pairs, tmp_path):
     """Global batch 4 as 1 process x 4 pairs (no DataLoader workers), 2 processes x 2 pairs (a worker each),
     or 1 process x 1 pair x 4 accumulation steps. Plain SGD without clipping makes every update exactly

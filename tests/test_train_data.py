@@ -477,6 +477,28 @@ def test_a_remote_shard_rewritten_under_its_name_is_another_table():
     assert PairTable("memory://rewritten/t.parquet").identity == first
     write(9)
     assert PairTable("memory://rewritten/t.parquet").identity != first
+    from rlaif.train.pair_table import remote_stamp
+
+    # a rewrite of the same size: the store's version tells it (the hub's blob id, an object store's version)
+    assert remote_stamp({"size": 10, "blob_id": "a"}) != remote_stamp({"size": 10, "blob_id": "b"})
+    assert remote_stamp({"size": 10, "lfs": {"sha256": "x"}, "blob_id": "a"}) == "10:x"
+    # GCS: a metadata edit changes the etag, not the generation, which is what is read
+    assert remote_stamp({"size": 10, "generation": "7", "etag": "e1"}) == remote_stamp(
+        {"size": 10, "generation": "7", "etag": "e2"})
+
+
+def test_a_checkpoint_of_a_remote_table_named_without_stamps_resumes_as_before():
+    """Checkpoints of an unpinned remote table written before its shards' stamps were recorded name the shards
+    alone: the same shards resume (a review), other shards do not."""
+    from rlaif.train.trainer import _unstamped_as_then
+
+    then = {"pairs_file": "s3://b/t/0.parquet;s3://b/t/1.parquet"}
+    now = {"pairs_file": "s3://b/t/0.parquet#10:e1;s3://b/t/1.parquet#12:e2", "beta": 1.0}
+    assert _unstamped_as_then(then, now) == {**now, **then}
+    other = {"pairs_file": "s3://b/t/0.parquet#10:e1", "beta": 1.0}
+    assert _unstamped_as_then(then, other) == other
+    stamped = {"pairs_file": "s3://b/t/0.parquet#10:e0;s3://b/t/1.parquet#12:e2"}  # changed since: not accepted
+    assert _unstamped_as_then(stamped, now) == now
 
 
 def test_a_remote_read_that_fails_is_one_line_naming_the_file_and_row_group(monkeypatch):

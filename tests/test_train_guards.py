@@ -216,4 +216,5 @@ def test_a_checkpoint_of_other_batch_rules_resumes_and_says_so(tiny_pairs, tmp_p
     run_train(TrainConfig(**settings, max_steps=2, resume="step_00000001", overwrite=True), note=notes.append)
     assert notes == [f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, now "
                      f"{BATCH_RULES}: other held-out captions, VAE draws, crops or SDXL conditioning); the remaining "
-                     "steps use these, so the result will differ from an uninterrupted run's"]
+                     "steps and held-out measurements use these, so the result will differ from an uninterrupted "
+                     "run's"]

@@ -108,9 +108,13 @@ def train_info(folder: Path) -> dict:
 def trained_tables(info: dict) -> list[dict]:
     """The local pairs tables a train output (its train.json ``info``) learnt from: its own, then those of its
     --init chain, each as ``{"pairs": path, "pairs_file": identity, "sampled_seeds": seeds or None,
-    "label_column": the column trained on, or None where unrecorded}``."""
-    own = {"pairs": info.get("config", {}).get("pairs"), "pairs_file": info.get("pairs_file"),
-           "sampled_seeds": info.get("sampled_seeds"), "label_column": info.get("label_column")}
+    "label_column": the column trained on, "held_out": the share of captions it held out (0 when it held out no
+    pair), each None where unrecorded}``."""
+    config = info.get("config", {})
+    own = {"pairs": config.get("pairs"), "pairs_file": info.get("pairs_file"),
+           "sampled_seeds": info.get("sampled_seeds"), "label_column": info.get("label_column"),
+           "held_out": config.get("val_fraction") if info.get("pairs_held_out") else 0.0 if "pairs_held_out" in info
+           else None}
     return [table for table in (own, *info.get("earlier_tables", [])) if table["pairs"]]
 
 

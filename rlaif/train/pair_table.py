@@ -211,10 +211,10 @@ def remote_shards(source: str) -> dict[str, str]:
 
 def remote_stamp(info: dict) -> str:
     """What tells a remote file's content from the listing's entry for it: its size and the store's version of
-    it (the hub's blob id or LFS hash, an object store's ETag or version, else its modification time), so that a
-    shard rewritten under its name is another table."""
+    it (the hub's blob id or LFS hash, an object store's version or generation, else its ETag or modification
+    time), so that a shard rewritten under its name is another table. The identity holds it as ``URL#STAMP``."""
     lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
-    version = next((str(info[key]) for key in ("blob_id", "ETag", "etag", "VersionId", "generation", "md5Hash",
+    version = next((str(info[key]) for key in ("blob_id", "VersionId", "generation", "ETag", "etag", "md5Hash",
                                                "LastModified", "last_modified", "mtime", "created") if info.get(key)),
                    "")
     return f"{info.get('size')}:{lfs.get('sha256') or version}"
@@ -355,7 +355,7 @@ class PairTable(Sequence[PreferencePair]):
         if not remote:
             self.identity = ";".join(self._file_identities.values())
         else:
-            self.identity = ";".join(files if self.pinned else (f"{file}:{files[file]}" for file in files))
+            self.identity = ";".join(files if self.pinned else (f"{file}#{files[file]}" for file in files))
 
     def _init_arrow(self, source: str, label: str | None) -> None:
         self.files, self._file_identities = [source], {}
@@ -436,8 +436,7 @@ class PairTable(Sequence[PreferencePair]):
         valid = [(values == 0.0) | (values == 1.0) for values in labels]
         held = [np.zeros_like(v) for v in valid]
         if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
-            threshold = np.uint64(self.hold_out * 2.0**64)
-            held = [h < threshold for h in hashes]
+            held = [held_out_hashes(h, self.hold_out) for h in hashes]
         chosen_first = [values == 1.0 for values in labels]
         self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first
         self._assign([v & ~h for v, h in zip(valid, held, strict=True)], chosen_first)
@@ -572,6 +571,11 @@ def caption_hashes(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
     text, so a prompt's pairs are all in one part, whatever the table's order, shards or process count."""
     return np.array([int.from_bytes(hashlib.blake2b(caption_key(c).encode(), digest_size=8).digest(), "little")
                      for c in captions.to_pylist()], dtype=np.uint64)
+
+
+def held_out_hashes(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Which ``caption_hashes`` a ``fraction`` of held-out captions takes: those below that share of 2**64."""
+    return hashes < np.uint64(fraction * 2.0**64)
 
 
 def caption_key(caption: str) -> str:

@@ -41,7 +41,7 @@ from rlaif.config import (
     POSITIVE_LOSS_TYPES,
     TrainConfig,
 )
-from rlaif.distributed import cpu_only
+from rlaif.distributed import cpu_only, same_on_every_process
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import atomic_path, changed_settings, publish, read_json, write_json
 from rlaif.models import (
@@ -102,6 +102,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
         log_with=config.report_to,
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
     )
+    if not same_on_every_process((pairs.identity, len(pairs))):  # each resolved it (a hub commit, a listing)
+        raise RlaifError(f"pairs {pairs.source}: the {accelerator.num_processes} processes read different versions "
+                         "of it (it changed while they started); pin one (a hub dataset as ORG/NAME@COMMIT) or "
+                         "start again")
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from, position, complete = _resume_point(config, identities)  # position.json's record, else {}
     step, recorded = position.get("step", 0), position.get("identities", {})  # the checkpoint's, else 0 and none
@@ -722,8 +726,8 @@ def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None
     if then == BATCH_RULES:
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
-            "other held-out captions, VAE draws, crops or SDXL conditioning); the remaining steps use these, so the "
-            "result will differ from an uninterrupted run's")
+            "other held-out captions, VAE draws, crops or SDXL conditioning); the remaining steps and held-out "
+            "measurements use these, so the result will differ from an uninterrupted run's")
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict:
@@ -734,7 +738,7 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
     saved = {**settings_then(position["settings"]), **position.get("identities", {})}
-    now = _moved_alike(saved, {**_settings(config), **identities})
+    now = _unstamped_as_then(saved, _moved_alike(saved, {**_settings(config), **identities}))
     changed = changed_settings(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
     if changed:
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
@@ -757,6 +761,16 @@ def _moved_alike(saved: dict, now: dict) -> dict:
 
     return now | {key: saved[key] for key in LOCATED
                   if relative(saved, key) is not None and relative(saved, key) == relative(now, key)}
+
+
+def _unstamped_as_then(saved: dict, now: dict) -> dict:
+    """``now`` with a remote table's identity taken as ``saved``'s when that names the same shards without their
+    ``remote_stamp`` (``URL#STAMP``; an rlaif before the stamps), so that such a checkpoint resumes as it did."""
+    then, current = saved.get("pairs_file"), now.get("pairs_file")
+    if not (isinstance(then, str) and isinstance(current, str) and "://" in then and "#" not in then):
+        return now
+    named = ";".join(entry.split("#", 1)[0] for entry in current.split(";"))
+    return now | {"pairs_file": then} if named == then else now
 
 
 def _relative_entry(entry: str, root: str) -> str:
