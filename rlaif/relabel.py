@@ -128,7 +128,8 @@ def chunks(files: list[str], rows: int) -> list[Chunk]:
 
 def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None) -> Iterator[tuple[Chunk, pa.Table]]:
     """The rows of each wanted chunk (only ``columns``, if given), in order, one chunk in memory at a time; row
-    groups holding no wanted chunk are not read."""
+    groups holding no wanted chunk are not read. A consumer must not open other parquet files between chunks:
+    ``open_parquet`` may close the file this reads (it keeps the MAX_OPEN_FILES used last)."""
     groups: dict[tuple[str, int], dict[int, Chunk]] = {}
     for chunk in wanted:
         groups.setdefault((chunk.file, chunk.group), {})[chunk.offset] = chunk
