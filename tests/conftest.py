@@ -53,7 +53,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 # Environment variables that rlaif reads on every call, so a CLI call that changes only these can run in this
 # process. Anything else (PYTHONPATH, OMP_NUM_THREADS, ...) is read once at start-up and needs a new process.
-PER_CALL_ENV = {"RLAIF_CACHE", "RLAIF_DEBUG", "RLAIF_TEST_COUNT", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED"}
+PER_CALL_ENV = {"RLAIF_CACHE", "RLAIF_DEBUG", "RLAIF_TEST_COUNT", "RLAIF_TEST_WEIGHTS", "HF_HUB_OFFLINE",
+                "PYTHONUNBUFFERED"}
 
 
 def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -3,6 +3,7 @@
 import os
 import time
 
+import numpy as np
 import torch
 
 
@@ -38,7 +39,7 @@ def counting_brightness(device="cpu"):
     def score(images, prompts):
         with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
             log.write(f"{len(images)}\n")
-        return torch.tensor([float(torch.tensor(list(image.convert("L").getdata())).float().mean())
+        return torch.tensor([float(torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32)).mean())
                              for image in images])
     return _Scorer(score)
 
@@ -49,7 +50,7 @@ def channel_mean(device="cpu", channel="0"):
     def score(images, prompts):
         with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
             log.write(f"{len(images)}\n")
-        return [float(torch.tensor(list(image.getchannel(int(channel)).getdata())).float().mean())
+        return [float(torch.from_numpy(np.asarray(image.getchannel(int(channel)), dtype=np.float32)).mean())
                 for image in images]
     scorer = _Scorer(score)
     scorer.identity = os.environ.get("RLAIF_TEST_WEIGHTS", "")
@@ -63,7 +64,7 @@ def slow_brightness(device="cpu"):
         time.sleep(float(os.environ.get("RLAIF_TEST_DELAY", "0")) * len(images))
         with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
             log.write(f"{len(images)}\n")
-        return [float(torch.tensor(list(image.convert("L").getdata())).float().mean()) for image in images]
+        return [float(torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32)).mean()) for image in images]
     return _Scorer(score)
 
 

@@ -243,18 +243,22 @@ def channel_means(folder: Path, channel: int) -> dict[str, float]:
             for sid, image in zip(samples["sample_id"], samples["image"], strict=True)}
 
 
-def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh, tmp_path):
+def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh, tmp_path, monkeypatch):
     """Each thing that changes a score makes the cache recompute it: a scorer option, the scorer's weights
     (its identity), the plugin's code or the code beside it that it may import, and the image file's bytes.
-    Anything else reuses the cache."""
+    Anything else reuses the cache. In this process (ten runs): the plugin is a copy under a name of its own,
+    whose code the cache key reads from its file at each run."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    shutil.copy(Path(PLUGINS) / "label_plugins.py", plugins)
+    shutil.copy(Path(PLUGINS) / "label_plugins.py", plugins / "cached_scores_plugin.py")
+    monkeypatch.syspath_prepend(str(plugins))
+    monkeypatch.delitem(sys.modules, "cached_scores_plugin", raising=False)
     count = tmp_path / "count"
-    scorer = "label_plugins:channel_mean"
+    scorer = "cached_scores_plugin:channel_mean"
+    plugin = plugins / "cached_scores_plugin.py"
 
     def label(channel: int, weights: str = "w1") -> float:
-        env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS=weights)
+        env = cli_env(RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS=weights)
         (fresh / "pairs.parquet").unlink(missing_ok=True)  # the pairs of other options: labelled anew
         result = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel={channel}",
                          env=env)
@@ -269,7 +273,7 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     assert label(0) == 16  # same everything: all 16 cached
     assert label(1) == 32  # another option value: all rescored, with the new option
     assert label(1, weights="w2") == 48  # other weights behind the same name and options
-    with open(plugins / "label_plugins.py", "a") as source:
+    with open(plugin, "a") as source:
         source.write("\n# a new version of the plugin\n")
     assert label(1, weights="w2") == 64
     image = fresh / pl.read_parquet(fresh / "samples.parquet")["image"][5]
@@ -280,7 +284,7 @@ def test_cached_scores_are_keyed_by_options_weights_code_and_image_content(fresh
     (plugins / "plugin_helpers.py").write_text("OFFSET = 1\n")  # edited: the plugin's scores may have changed
     assert label(1, weights="w2") == 97
     # a table labelled by an earlier version of its scorer is replaced with a note: the same settings, other labels
-    env = cli_env(PYTHONPATH=str(plugins), RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS="w3")
+    env = cli_env(RLAIF_TEST_COUNT=str(count), RLAIF_TEST_WEIGHTS="w3")
     again = run_cli("label", fresh, "--scorer", scorer, "--scorer-option", f"{scorer}.channel=1", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stderr.splitlines()[-1] == (
