@@ -188,7 +188,8 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
             seeds = [record.get("seed") for record in recorded_sampling(files)]
     except RlaifError:  # not a table any more
         files, seeds = [], table["sampled_seeds"] or []
-    if not seeds and files and not table_changed(pairs, table["pairs_file"]):
+    changed = table_changed(pairs, table["pairs_file"])
+    if not seeds and files and not changed:
         seen = _trained_prompts(files, prompts, table.get("held_out"))
         if not seen:
             return None
@@ -196,14 +197,13 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
                 "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
                 f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
-        readable = files and not table_changed(pairs, table["pairs_file"])
-        seen = _trained_prompts(files, prompts, table.get("held_out")) if readable else []
+        seen = _trained_prompts(files, prompts, table.get("held_out")) if files and not changed else []
         if not seen:
             return None
         return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs} (e.g. "
                 f"{seen[0]!r}): at --seed {seed} they are new images of prompts it trained on, which says less than "
                 "prompts it never saw would about how it generalises")
-    if table_changed(pairs, table["pairs_file"]):
+    if changed:
         now = "changed" if Path(pairs).exists() else "gone"
         raise RlaifError(f"--seed {seed}: {tuned} was trained on images sampled at run seed {seed}, and its pairs "
                          f"table {pairs} is {now} since, so which prompts it saw cannot be checked; pass another "

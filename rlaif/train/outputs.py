@@ -113,8 +113,8 @@ def trained_tables(info: dict) -> list[dict]:
     config = info.get("config", {})
     own = {"pairs": config.get("pairs"), "pairs_file": info.get("pairs_file"),
            "sampled_seeds": info.get("sampled_seeds"), "label_column": info.get("label_column"),
-           "held_out": config.get("val_fraction") if info.get("pairs_held_out") else 0.0 if "pairs_held_out" in info
-           else None}
+           "held_out": (config.get("val_fraction") if info.get("pairs_held_out")
+                        else 0.0 if "pairs_held_out" in info else None)}
     return [table for table in (own, *info.get("earlier_tables", [])) if table["pairs"]]
 
 
