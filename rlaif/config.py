@@ -41,7 +41,9 @@ DEFAULT_DPO_POSITIVE = {"unet": 1.0, "transformer": 0.0}
 # guidance had cancelled, for more loss of prompt following (bench/RESULTS.md); flow transformers keep Flow-DPO as
 # released (FLUX.1 samples without guidance)
 DEFAULT_KEEP_UNCONDITIONAL = {"unet": 1.0, "transformer": 0.0}
-CAPTION_DROPOUT = 0.2  # the default share of empty captions when the unconditional prediction is not held
+# the default share of empty captions on a UNet whose unconditional prediction is not held; flow transformers keep
+# Flow-DPO as released (flow_grpo trains every pair with its caption): 0
+CAPTION_DROPOUT = 0.2
 # The official Diffusion-DPO loss as `rlaif train` settings: what examples/*.toml pin and the benchmarks compare with
 OFFICIAL_LOSS = {"beta": 5000.0, "dpo_positive": 0.0, "keep_unconditional": 0.0, "caption_dropout": CAPTION_DROPOUT}
 # Weight decay of adamw and adafactor: the official DiffusionDPO train.py's 1e-2 (both optimizers), flow_grpo's 1e-4
@@ -407,7 +409,8 @@ class TrainConfig:
     caption_dropout: float | None = field(default=None, metadata={
         "help": f"Share of pairs trained with an empty caption. Default: 0 while --keep-unconditional holds the "
                 f"unconditional prediction (SD1.5 / SD2 sample with the empty caption, so DPO on it would move what "
-                f"the anchor holds; the default is the same for SDXL, untested there), else {CAPTION_DROPOUT}."})
+                f"the anchor holds; the default is the same for SDXL, untested there) and for SD3 / FLUX.1 (Flow-DPO "
+                f"as released), else {CAPTION_DROPOUT}."})
     no_cache: bool = field(default=False, metadata={
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
                 "($RLAIF_CACHE/train, keyed by content, model and augmentation; see `rlaif cache info`)."})

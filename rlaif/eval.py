@@ -240,6 +240,17 @@ def measured_under(config: EvalConfig, prompts: int, run: dict) -> dict:
             "scorer_options": config.scorer_options}
 
 
+def other_guidance(tuned: Path, used: float | None) -> str | None:
+    """What to say when a FLUX.1-dev model trained at one distilled guidance (train.json's, its pairs' sampling
+    value) is evaluated at another, ``used``: it learnt its preferences at the first."""
+    trained = train_info(tuned).get("distilled_guidance")
+    if trained is None or used is None or float(used) == float(trained):
+        return None
+    return (f"{tuned} learnt its preferences at distilled guidance {trained:g} (FLUX.1-dev's guidance input, its "
+            f"pairs' sampling value), and this evaluation sampled at {float(used):g}: pass --guidance {trained:g} to "
+            "measure it where it learnt, or keep this value to measure it where you will use it")
+
+
 def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Path | None = None,
              note: Callable[[str], None] | None = None) -> Path:
     """Sample base and tuned images with the same seeds, score both, write eval.parquet (and
@@ -280,6 +291,10 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             lambda scorer, done, total, side=side: progress(f"scoring {side} {scorer}", done, total)))
         scores[side] = side_scores.join(samples.select("sample_id", "prompt_id", "candidate", "seed", "image"),
                                         on="sample_id").with_columns(image=pl.lit(str(folder)) + "/" + pl.col("image"))
+    sampled = (read_json(sides["tuned"][0] / "run.json", "evaluate into a new --out") or {}).get("settings", {})
+    guidance_note = other_guidance(config.tuned, sampled.get("guidance"))
+    if guidance_note and note:
+        note(guidance_note)
     names = [*parse_weights(config.scorers), *config.held_out]
     keys = ["scorer", "prompt_id", "candidate"]
     paired = (scores["base"].filter(pl.col("scorer").is_in(names))

@@ -65,15 +65,25 @@ def score_images(
     all processes get the full list back, in order."""
     state = process_state()
     mine = list(range(state.process_index, len(sources), state.num_processes))
+    # this process's share stands for all of them (the first holds the most: it ends at 100%)
+    shown = progress and (lambda spec, done, _: progress(spec, min(done * state.num_processes, len(sources)),
+                                                         len(sources)))
+    values = score_here(scorer, [sources[i] for i in mine], [names[i] for i in mine], [prompts[i] for i in mine],
+                        batch_size, shown)
+    return in_index_order(mine, values, len(sources))
+
+
+def score_here(scorer: LoadedScorer, sources: list[ImageSource], names: list[str], prompts: list[str],
+               batch_size: int, progress: Progress | None) -> list[float]:
+    """Score every image with ``scorer`` in this process alone, the next batch read on threads meanwhile."""
     values: list[float] = []
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        batches = batched_images([sources[i] for i in mine], [names[i] for i in mine], batch_size, pool)
-        for start, images in batches:
-            batch = mine[start : start + len(images)]
-            values += scorer(images, [prompts[i] for i in batch], [names[i] for i in batch])
-            if progress:  # this process's share stands for all of them (the first holds the most: it ends at 100%)
-                progress(scorer.spec, min(len(values) * state.num_processes, len(sources)), len(sources))
-    return in_index_order(mine, values, len(sources))
+        for start, images in batched_images(sources, names, batch_size, pool):
+            stop = start + len(images)
+            values += scorer(images, prompts[start:stop], names[start:stop])
+            if progress:
+                progress(scorer.spec, len(values), len(sources))
+    return values
 
 
 def in_index_order(mine: list[int], values: list, total: int) -> list:

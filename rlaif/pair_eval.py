@@ -42,6 +42,7 @@ class PairAccuracy:
     margin: float | None = None  # the DPO reward margin (tuned model only)
     ties: int = 0  # the table's pairs labelled 0.5, which no judge is asked about
     unlabelled: int = 0  # and its pairs without a label
+    same_images: int = 0  # and its pairs of one picture twice (Pick-a-Pic's are_different false)
 
 
 def trained_table(tuned: Path, pairs: str) -> str | None:
@@ -132,7 +133,7 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
                          beta=None if trained["loss"] == "sft" else trained["beta"],
                          dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],
                          flow_weighting=trained["flow_weighting"], max_sequence_length=trained["max_sequence_length"])
-    left_out = {"ties": table.ties, "unlabelled": table.unlabelled}
+    left_out = {"ties": table.ties, "unlabelled": table.unlabelled, "same_images": table.same_images}
     if config.loss == "sft":  # no reference model: the DPO classifier does not exist, nothing to load
         found = [PairAccuracy("tuned model: no DPO implicit accuracy (trained with --loss sft, without a reference "
                               "model)", count, float("nan"), table.label, **left_out)]

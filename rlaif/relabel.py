@@ -1,8 +1,10 @@
 """``rlaif label --relabel``: AI labels beside the human ones of a Pick-a-Pic style table of any size.
 
-The table (a parquet file or a folder of shards) is read a chunk of rows at a time. Each scorer's scores of a
-chunk are saved as they are made, keyed by the table's files, the scorer's key and the chunk size, so a killed
-run loses at most one chunk and its rerun scores only what is missing. The output is then written chunk by
+The table (a parquet file or a folder of shards) is read a chunk of rows at a time. Under accelerate/torchrun
+each process reads and scores whole row groups of its own (a row group is the least a parquet reader reads), so
+the processes read the table once between them. Each scorer's scores of a chunk are saved as they are made, keyed
+by the table's files, the scorer's key and the chunk size, so a killed run loses at most one chunk per process and
+its rerun scores only what is missing. The output is then written chunk by
 chunk as row groups of one parquet file: no stage holds the table, its images or its scores whole.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from rlaif.cache import cache_dir
 from rlaif.config import LabelConfig
@@ -31,9 +33,8 @@ from rlaif.label import (
     check_same_labelling,
     labelling_settings,
     load_scorers,
-    offset,
     pairs_out,
-    score_images,
+    score_here,
 )
 from rlaif.pairing import preference
 from rlaif.scoring import parse_weights, weighted_names
@@ -145,15 +146,38 @@ def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None
                 break
 
 
-def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int, progress: Progress | None) -> pl.DataFrame:
-    """Scores of both images of each of a chunk's pairs (the processes share the images; all get every score)."""
+def process_shares(wanted: list[Chunk], processes: int) -> list[list[Chunk]]:
+    """Each process's chunks of ``wanted``: whole row groups, in table order, each given to the process with the
+    fewest rows so far, so no row group is read by two processes and the shares differ by at most a row group."""
+    groups: dict[tuple[str, int], list[Chunk]] = {}
+    for chunk in wanted:
+        groups.setdefault((chunk.file, chunk.group), []).append(chunk)
+    shares: list[list[Chunk]] = [[] for _ in range(processes)]
+    loads = [0] * processes
+    for group in groups.values():
+        least = loads.index(min(loads))
+        shares[least] += group
+        loads[least] += sum(chunk.count for chunk in group)
+    return shares
+
+
+def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int,
+                 progress: Progress | None) -> tuple[str, list[float], list[float]]:
+    """The chunk's score file name and the scores of both images of each of its pairs, scored in this process."""
     frame = pl.from_arrow(rows)
     images = image_bytes(frame["jpg_0"]) + image_bytes(frame["jpg_1"])
     names = [f"{chunk.file} row {chunk.first + i} jpg_{side}" for side in (0, 1) for i in range(frame.height)]
     captions = [c or "" for c in frame["caption"].to_list()]
-    values = score_images(scorer, images, names, captions * 2, batch_size, progress)
-    return pl.DataFrame({"score_0": values[: frame.height], "score_1": values[frame.height:]},
-                        schema={"score_0": pl.Float64, "score_1": pl.Float64})
+    values = score_here(scorer, images, names, captions * 2, batch_size, progress)
+    return chunk.name, values[: frame.height], values[frame.height:]
+
+
+def _save_scores(folder: Path, scored: list[tuple[str, list[float], list[float]]]) -> None:
+    """Write each scored chunk's score file (atomically: a kill leaves a chunk saved whole or not at all)."""
+    for name, score_0, score_1 in scored:
+        with atomic_path(folder / name) as tmp:
+            pl.DataFrame({"score_0": score_0, "score_1": score_1},
+                         schema={"score_0": pl.Float64, "score_1": pl.Float64}).write_parquet(tmp)
 
 
 AI_COLUMNS = ("ai_score_0", "ai_score_1", "ai_label_0", "ai_scorer")
@@ -220,18 +244,26 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         keys[scorer.spec] = scorer.key
         key = hashlib.sha256(f"{identity}\0{scorer.key}\0{rows}".encode()).hexdigest()[:24]
         folder = folders[scorer.spec] = cache_dir() / "relabel" / key
-        # the main process decides what is missing, so that every process scores the same chunks
+        # the main process decides what is missing, so that every process deals out the same chunks
         todo = [[chunk for chunk in table_chunks if not (folder / chunk.name).exists()]]
         if state.num_processes > 1:
             todo = broadcast_object_list(todo)
+        shares = process_shares(todo[0], state.num_processes)
+        mine = read_chunks(shares[state.process_index], rows, ["caption", "jpg_0", "jpg_1"])
         done = total - 2 * sum(chunk.count for chunk in todo[0])
-        for chunk, values in read_chunks(todo[0], rows, ["caption", "jpg_0", "jpg_1"]):
-            scores = _score_chunk(scorer, chunk, values, config.batch_size, progress and offset(progress, done, total))
+        for step in range(max(map(len, shares))):  # in step: each process scores one chunk, the main one saves all
+            now = [share[step] for share in shares if step < len(share)]
+            # the main process's chunk, when it holds one, stands for all of this step's
+            shown = progress and (lambda spec, n, _, done=done, now=now: progress(
+                spec, done + min(n * len(now), 2 * sum(c.count for c in now)), total))
+            scored = [_score_chunk(scorer, *next(mine), config.batch_size, shown)] \
+                if step < len(shares[state.process_index]) else []
+            if state.num_processes > 1:
+                scored = gather_object(scored)
             if state.is_main_process:
-                with atomic_path(folder / chunk.name) as tmp:
-                    scores.write_parquet(tmp)
+                _save_scores(folder, scored)
             state.wait_for_everyone()
-            done += 2 * chunk.count
+            done += 2 * sum(chunk.count for chunk in now)
             if progress:
                 progress(scorer.spec, done, total)
         del scorer  # freed before the next scorer loads

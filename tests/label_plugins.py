@@ -68,6 +68,16 @@ def slow_brightness(device="cpu"):
     return _Scorer(score)
 
 
+def recording_brightness(device="cpu"):
+    """Mean brightness, writing "RANK PROMPT" for each scored image to the file named by RLAIF_TEST_COUNT (RANK:
+    the torchrun process, 0 alone), so a test can see which process scored which rows."""
+    def score(images, prompts):
+        with open(os.environ["RLAIF_TEST_COUNT"], "a") as log:
+            log.writelines(f"{os.environ.get('RANK', '0')} {prompt}\n" for prompt in prompts)
+        return [float(np.asarray(image.convert("L"), dtype=np.float64).mean()) for image in images]
+    return _Scorer(score)
+
+
 def uncached_processor(device="cpu"):
     """Fails as transformers does for a processor that is not in the offline cache: a first sentence naming the
     repository, then advice for a mistyped name."""

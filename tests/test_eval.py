@@ -290,15 +290,16 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     pl.read_parquet(tiny_pairs).with_row_index().with_columns(  # one human tie, one pair without a label
         flipped=pl.when(pl.col("index") == 0).then(0.5).when(pl.col("index") == 1).then(None)
         .otherwise(1.0 - pl.col("label_0")),
+        are_different=pl.col("index") != 2,  # and one pair of one picture twice, as Pick-a-Pic marks them
         **{side: pl.lit(f"{tiny_pairs.parent}/") + pl.col(side) for side in ("image_0", "image_1")},  # elsewhere now
     ).write_parquet(flipped)
     other = run_cli("eval", "-m", "tiny", "--tuned", tmp_path / "lora", "--pairs", flipped, "--max-pairs", 24,
                     "-s", "compressibility", "--label-column", "flipped")
     assert other.returncode == 0, other.stderr
-    assert "scorer compressibility: accuracy 0.000 on 22 pairs" in other.stdout.splitlines()
+    assert "scorer compressibility: accuracy 0.000 on 21 pairs" in other.stdout.splitlines()
     assert "judged against the labels of column flipped (--label-column chooses another); of the table's rows, " \
-        "these are not judged, as they rank neither image first: 1 pair labelled 0.5, 1 pair without a label" \
-        in other.stderr
+        "these are not judged, as they prefer neither of two pictures: 1 pair labelled 0.5, 1 pair without a " \
+        "label, 1 pair of one picture twice (are_different false)" in other.stderr
     assert "was trained on" not in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)

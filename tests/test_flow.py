@@ -133,6 +133,8 @@ def test_the_objective_gives_each_transformer_its_own_inputs(model):
     from rlaif.train.objective import objective_for
 
     pipe = load_pipeline(model)
+    assert not pipe.vae.config.shift_factor  # the tiny VAEs have none: the real ones' (SD3 0.0609, FLUX 0.1159)
+    pipe.vae.register_to_config(shift_factor=0.1159)  # so a swapped order, (x * scale - shift), would show
     objective = objective_for(pipe, "uniform", 5.0)
     shape = (4, 8, 8) if model == "tiny-sd3" else (pipe.vae.config.latent_channels, 8, 8)
     generator = torch.Generator().manual_seed(0)
@@ -141,7 +143,7 @@ def test_the_objective_gives_each_transformer_its_own_inputs(model):
     u = torch.tensor([0.25])
     inputs = objective.inputs(sample, noise, u, embeds, pooled, torch.zeros(2, 6))
     sigma = float(shifted_sigma(u, 1000, objective.shift)[0])
-    latents = (sample - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    latents = (sample - 0.1159) * pipe.vae.config.scaling_factor
     if model == "tiny-flux":
         latents = FluxPipeline._pack_latents(latents, 2, shape[0], 8, 8)
         noise = FluxPipeline._pack_latents(noise, 1, shape[0], 8, 8)

@@ -266,6 +266,15 @@ def test_max_sequence_length_sets_the_t5_prompt_length_of_sampling_and_training(
     assert evaluated.returncode == 0, evaluated.stderr
     for side in ("tuned", "base"):
         assert json.loads((tmp_path / "e" / side / "run.json").read_text())["generation"]["max_sequence_length"] == 8
+    assert "distilled guidance" not in evaluated.stderr  # sampled, trained and evaluated at the pipeline's own
+    # FLUX.1-dev evaluated at another distilled guidance than it learnt at says so (SD3's guidance is CFG: nothing)
+    elsewhere = run_cli("eval", "--base", alias, "--tuned", out, "--prompts", tmp_path / "p.txt", "--out",
+                        tmp_path / "e5", "--scorer", "compressibility", "--per-prompt", 1, "--steps", 2,
+                        "--guidance", 5)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    said = f"note: {out} learnt its preferences at distilled guidance 3.5 (FLUX.1-dev's guidance input, its pairs' " \
+        "sampling value), and this evaluation sampled at 5: pass --guidance 3.5 to measure it where it learnt"
+    assert (said in elsewhere.stderr) == (alias == "tiny-flux"), elsewhere.stderr
     other = run_cli("eval", "--base", alias, "--tuned", out, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "e2",
                     "--scorer", "compressibility", "--max-sequence-length", 16)
     assert other.returncode == 2 and not (tmp_path / "e2").exists()
@@ -295,3 +304,41 @@ def test_a_resumed_flux_run_keeps_the_distilled_guidance_it_trained_at(flow_run,
     older = run_cli(*args, "--max-steps", 2, "--resume", "step_00000001", "--overwrite")
     assert older.returncode == 0, older.stderr
     assert json.loads((out / "train.json").read_text())["distilled_guidance"] == 3.5
+
+
+def test_flux_schnell_samples_and_trains_without_a_guidance_input(tmp_path):
+    """FLUX.1-schnell's layout (no guidance embedding, an unshifted schedule without dynamic shifting), which no
+    tiny model has (a review found the path only reasoned about): guidance 0 by default, a 256-token T5 prompt,
+    no distilled guidance in training, and sample -> label -> train runs, its first step at ln 2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from rlaif.models import default_guidance
+    from rlaif.train.flow import training_shift
+    from rlaif.train.objective import objective_for
+
+    dev = load_pipeline("tiny-flux")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel.from_config({**dev.transformer.config, "guidance_embeds": False})
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    schnell = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=dev.vae, text_encoder=dev.text_encoder,
+                           tokenizer=dev.tokenizer, text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2)
+    schnell.save_pretrained(tmp_path / "schnell")
+    assert (default_guidance(schnell), default_guidance(dev)) == (0.0, 3.5)
+    assert objective_for(schnell, "logit_normal", 5.0).distilled_guidance is None
+    assert training_shift(schnell.scheduler.config) == 1.0
+    dev.tokenizer_2.model_max_length = 1024  # the real T5's room, past the tiny one's 32 (one tokenizer, shared)
+    assert (prompt_length(schnell), prompt_length(dev)) == ({"max_sequence_length": 256}, {"max_sequence_length": 512})
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    model = tmp_path / "schnell"
+    sampled = run_cli("sample", "--model", model, "--prompts", tmp_path / "p.txt", "--per-prompt", 2, "--steps", 2,
+                      "--out", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["generation"]["guidance"] == 0.0
+    assert run_cli("label", tmp_path / "s", "--scorer", "compressibility").returncode == 0
+    trained = run_cli("train", tmp_path / "s" / "pairs.parquet", "--model", model, "--out", tmp_path / "o",
+                      "--max-steps", 2, *FAST)
+    assert trained.returncode == 0, trained.stderr
+    assert log(tmp_path / "o")[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    info = json.loads((tmp_path / "o" / "train.json").read_text())
+    assert "distilled_guidance" not in info and info["config"]["caption_dropout"] == 0.0

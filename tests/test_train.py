@@ -340,6 +340,13 @@ def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
     assert few.returncode == 0, few.stderr
     val_losses = [e["val_loss"] for e in log(tmp_path / "few") if "val_loss" in e]  # every step (max-steps // 10 is 0)
     assert val_losses == pytest.approx([math.log(2)] * 2, abs=1e-4)
+    pl.read_parquet(tmp_path / "pap.parquet").with_row_index().with_columns(  # Pick-a-Pic's marks, as read
+        are_different=pl.col("index") >= 3).drop("index").write_parquet(tmp_path / "same.parquet")
+    same = run_cli("train", tmp_path / "same.parquet", "--model", "tiny", "--max-steps", 1, "--val-fraction", 0,
+                   "--out", tmp_path / "same")
+    assert same.returncode == 0, same.stderr
+    assert json.loads((tmp_path / "same" / "train.json").read_text())["same_images_dropped"] == 3
+    assert "on 37 pairs (0 ties dropped, 3 of one picture twice dropped, 0 held out; labels: label_0)" in same.stderr
 
 
 def test_lora_targets_written_with_spaces_train_every_module_named(tiny_pairs, tmp_path):

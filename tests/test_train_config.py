@@ -110,19 +110,21 @@ def test_weight_decay_defaults_to_the_official_recipes(tmp_path, model, optimize
         assert (group["clip_threshold"], group["relative_step"], group["scale_parameter"]) == (1.0, False, False)
 
 
-@pytest.mark.parametrize(("model", "loss", "beta", "positive", "keep"), [
-    ("tiny", "sigmoid", 1000.0, 1.0, 1.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0), ("tiny", "ipo", 1000.0, 0.0, 0.0),
-    ("tiny", "sft", None, 0.0, 0.0), ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0)])
-def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive, keep):
+@pytest.mark.parametrize(("model", "loss", "beta", "positive", "keep", "dropout"), [
+    ("tiny", "sigmoid", 1000.0, 1.0, 1.0, 0.0), ("tiny-xl", "hinge", 1000.0, 1.0, 1.0, 0.0),
+    ("tiny", "ipo", 1000.0, 0.0, 0.0, 0.2), ("tiny", "sft", None, 0.0, 0.0, 0.2),
+    ("tiny-sd3", "sigmoid", 100.0, 0.0, 0.0, 0.0), ("tiny-flux", "sigmoid", 100.0, 0.0, 0.0, 0.0)])
+def test_the_loss_defaults_by_family(tmp_path, model, loss, beta, positive, keep, dropout):
     """UNets: beta 1000 with DPO-Positive's penalty and the unconditional prediction held where they were
-    measured (sigmoid, hinge; IPO's loss has another scale, SFT no reference); flow transformers: Flow-DPO as
-    released (beta 100, no penalty, no anchor). Caption dropout is 0 where the anchor holds the unconditional
-    prediction, else 0.2. The resolved values are what a run records."""
+    measured (sigmoid, hinge; IPO's loss has another scale, SFT no reference), and caption dropout 0 where the
+    anchor holds, else 0.2; flow transformers: Flow-DPO as released in flow_grpo (beta 100, no penalty, no anchor,
+    every pair trained with its caption: a review found 0.2 there, unlike examples/sd35_dpo.toml and
+    examples/flux_dpo.toml). The resolved values are what a run records."""
     from rlaif.train.trainer import with_family_defaults
 
     config = with_family_defaults(TrainConfig(pairs="p", model=model, out=tmp_path, loss=loss))
     assert (config.beta, config.dpo_positive, config.keep_unconditional) == (beta, positive, keep)
-    assert config.caption_dropout == (0.0 if keep else 0.2)
+    assert config.caption_dropout == dropout
 
 
 @pytest.mark.parametrize(("given", "resolved"), [

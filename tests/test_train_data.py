@@ -314,6 +314,37 @@ def test_shard_folders_datasets_folders_hub_ids_and_urls_read_the_same_pairs(tmp
     assert described(streamed) == described(whole)
 
 
+def test_pairs_of_one_picture_twice_are_dropped_in_every_layout(tmp_path):
+    """Pick-a-Pic's ``are_different`` false marks a pair whose two images are one picture: a choice between a
+    picture and itself, left out like a tie, counted apart, in parquet row groups and a datasets folder; a missing
+    value counts as different; a column of another type is refused, naming the file."""
+    import datasets
+
+    table = pick_a_pic_rows(12)  # labels 1, 0, 0.5 repeating
+    same = [True, False, True, None, True, False, False, True, True, True, True, False]
+    table = table.append_column("are_different", pa.array(same, pa.bool_()))
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=5)
+    datasets.Dataset(table).save_to_disk(tmp_path / "saved")
+    whole = described(PairTable(tmp_path / "t.parquet"))
+    preferred = [i for i in range(12) if i % 3 != 2]  # 8 rows labelled 1 or 0
+    kept = [i for i in preferred if same[i] is not False]  # rows 1, 6 are one picture twice; row 3's is missing
+    assert [caption for caption, _, _ in whole] == [f"caption {i}" for i in kept] == \
+        [f"caption {i}" for i in (0, 3, 4, 7, 9, 10)]
+    for source in (tmp_path / "t.parquet", tmp_path / "saved"):
+        pairs = PairTable(source)
+        assert (pairs.same_images, pairs.ties, len(pairs)) == (2, 4, 6)  # row 11, a tie, counts as a tie
+        assert described(pairs) == whole
+    pq.write_table(table.set_column(table.schema.get_field_index("are_different"), "are_different",
+                                    pa.array([int(v is not False) for v in same])), tmp_path / "ints.parquet")
+    with pytest.raises(RlaifError, match=f"pairs table {tmp_path / 'ints.parquet'}: column 'are_different' holds "
+                                         "int64, not booleans"):
+        PairTable(tmp_path / "ints.parquet")
+    pq.write_table(table.slice(1, 1), tmp_path / "one.parquet")
+    with pytest.raises(RlaifError, match=r"all ties, unlabelled, of one picture twice \(are_different false\) or "
+                                         "empty"):
+        PairTable(tmp_path / "one.parquet")
+
+
 def test_the_shuffle_is_a_permutation_by_windows_of_blocks(tmp_path, monkeypatch):
     """Each epoch visits every pair once; blocks (row groups) are shuffled and then pairs within windows of at
     least SHUFFLE_WINDOW pairs, so a reader keeps only a window of blocks; epochs and seeds differ."""

@@ -1,6 +1,7 @@
 """Guard rails of long runs: automatic checkpoints when a run will outlast ~30 minutes, and no cache writing
 into a disk that cannot hold it."""
 
+import polars as pl
 import pytest
 import torch
 from accelerate import Accelerator
@@ -87,6 +88,28 @@ def test_the_cache_estimate_counts_each_trained_pair_once(tiny_pairs):
     assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 200 * one
     config.random_crop = True
     assert _cache_estimate(config, pipe, 64, pairs=100, global_batch=256) == 2 * 2560 * one
+
+
+def test_the_text_cache_estimate_counts_each_caption_once_at_its_padded_size(tiny_pairs, tmp_path):
+    """Each distinct caption is cached once, padded to the trained length, in fp32: for FLUX.1-dev 512 x 4096 x 4
+    bytes (8 MiB), more than its 512 px latents (a review found the check leaving text out)."""
+    from rlaif.models import load_pipeline, prompt_length
+    from rlaif.train.encoding import Encoder
+    from rlaif.train.pair_table import PairTable
+    from rlaif.train.trainer import _text_estimate
+
+    assert _text_estimate(trained=1000, pairs=500, held_out=20, captions=40, entry=3) == 40 * 3  # repeats: once
+    assert _text_estimate(trained=10, pairs=500, held_out=20, captions=400, entry=3) == 30 * 3  # a short run
+    assert _text_estimate(trained=1000, pairs=500, held_out=20, captions=None, entry=3) == 520 * 3  # not read
+    sd = load_pipeline("tiny")
+    assert Encoder(sd, None).text_entry_bytes(torch.device("cpu")) == \
+        4 * sd.tokenizer.model_max_length * sd.text_encoder.config.hidden_size
+    flux = load_pipeline("tiny-flux")
+    length = prompt_length(flux)["max_sequence_length"]
+    assert Encoder(flux, None).text_entry_bytes(torch.device("cpu")) == \
+        4 * (length * flux.text_encoder_2.config.d_model + flux.text_encoder.config.hidden_size)
+    assert PairTable(tiny_pairs).captions is None  # captions not read: at most one per pair
+    assert PairTable(tiny_pairs, hold_out=0.1).captions == pl.read_parquet(tiny_pairs)["caption"].n_unique()
 
 
 def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
@@ -215,6 +238,6 @@ def test_a_checkpoint_of_other_batch_rules_resumes_and_says_so(tiny_pairs, tmp_p
     position.write_text(json.dumps(record))
     run_train(TrainConfig(**settings, max_steps=2, resume="step_00000001", overwrite=True), note=notes.append)
     assert notes == [f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, now "
-                     f"{BATCH_RULES}: other held-out captions, VAE draws, crops or SDXL conditioning); the remaining "
-                     "steps and held-out measurements use these, so the result will differ from an uninterrupted "
-                     "run's"]
+                     f"{BATCH_RULES}: other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out); "
+                     "the remaining steps and held-out measurements use these, so the result will differ from an "
+                     "uninterrupted run's"]

@@ -29,8 +29,9 @@ from rlaif.train.store import TensorStore
 # The version of how a micro-batch is built from (seed, position), recorded in checkpoints: raise it whenever a
 # release draws other numbers or inputs for the same pair, or other pairs for a position (2: VAE draws keyed by
 # image content, a loser of another aspect ratio resized on its own, SDXL micro-conditioning per image; 3:
-# captions held out compared case-folded, whitespace collapsed), so a resumed run says so.
-BATCH_RULES = 3
+# captions held out compared case-folded, whitespace collapsed; 4: Pick-a-Pic pairs of one picture twice,
+# are_different false, left out), so a resumed run says so.
+BATCH_RULES = 4
 
 
 @dataclass(frozen=True)

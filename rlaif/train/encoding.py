@@ -133,6 +133,12 @@ class Encoder:
         pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if has_pooled else None
         return embeds, pooled
 
+    def text_entry_bytes(self, device: torch.device) -> int:
+        """Disk bytes of one caption's cached embeddings (fp32, at the T5 length trained, whatever the caption:
+        they are padded to it), measured on the empty caption, which training may need anyway."""
+        embeds, pooled = self.text([""], device)
+        return 4 * (embeds[0].numel() + (0 if pooled is None else pooled[0].numel()))
+
     def unconditional(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What ``pipe``'s sampler conditions its unconditional (classifier-free guidance) branch on, ``count``
         times: the empty caption's embeddings, or zeros where the pipeline forces them for an empty prompt

@@ -36,6 +36,7 @@ from rlaif.tables import SAMPLING_METADATA
 RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
 AI_LABEL = "ai_label_0"  # written by `rlaif label --relabel` beside the human label_0
+DIFFERENT_COLUMN = "are_different"  # Pick-a-Pic's: false when both images are the same picture
 MIN_HELD_OUT_CAPTIONS = 20  # fewer distinct captions: nothing is held out (too few to measure anything)
 SPREAD_RUNS = 16  # stretches a measured sample of a table is drawn in (``PairTable.spread``)
 SHUFFLE_WINDOW = 2048  # pairs shuffled together: blocks are added to a window until it holds at least this many
@@ -303,7 +304,8 @@ class _Block:
 
 
 class PairTable(Sequence[PreferencePair]):
-    """The pairs with a preference of a table (ties and unlabelled pairs dropped), winner first, read lazily.
+    """The pairs with a preference of a table (ties, unlabelled pairs and pairs of one picture twice dropped), winner
+    first, read lazily.
     Picklable (DataLoader workers re-open files on first use) and safe to read from several processes at once."""
 
     def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False,
@@ -366,7 +368,7 @@ class PairTable(Sequence[PreferencePair]):
         check_captions(table.column("caption"), source, 0)
         labels = checked_labels(table.column(self.label), source, self.label, 0, missing_ok=True)
         self.blocks = [_Block(source, -1, 0)]
-        self._set_index([labels], [caption_hashes(table.column("caption"))])
+        self._set_index([labels], [caption_hashes(table.column("caption"))], [different_images(table, source)])
 
     @cached_property
     def _dataset(self):
@@ -398,7 +400,7 @@ class PairTable(Sequence[PreferencePair]):
                              f"{', '.join(columns)}")
 
     def _index(self, label: str | None) -> None:
-        blocks, labels, hashes, missing = [], [], [], []
+        blocks, labels, hashes, different, missing = [], [], [], [], []
         for file in self.files:
             meta = open_parquet(file)
             self._check_columns(meta.schema_arrow, file, label)
@@ -412,11 +414,13 @@ class PairTable(Sequence[PreferencePair]):
                 nulls = stats is None or not stats.has_null_count or stats.null_count > 0
                 # captions are read to hold some out, or to find a null one the row group's statistics count
                 captions = ["caption"] if self.hold_out or nulls else []
-                values = read_row_group(file, group, [self.label, *captions, *paths])
+                same = [DIFFERENT_COLUMN] if DIFFERENT_COLUMN in meta.schema_arrow.names else []
+                values = read_row_group(file, group, [self.label, *captions, *paths, *same])
                 if captions:
                     check_captions(values.column("caption"), file, first)
                 labels.append(checked_labels(values.column(0), file, self.label, first, missing_ok=True))
                 hashes.append(caption_hashes(values.column("caption")) if self.hold_out else None)
+                different.append(different_images(values, file))
                 if paths:
                     missing += missing_images(values, paths, np.isin(labels[-1], (0.0, 1.0)), file, first)
                 blocks.append(_Block(file, group, first))
@@ -425,24 +429,32 @@ class PairTable(Sequence[PreferencePair]):
             raise RlaifError(f"{len(missing)} images of pairs table {self.source} do not exist (first: {missing[0]}); "
                              "restore them, or remove their rows, before training")
         self.blocks = blocks
-        self._set_index(labels, hashes)
+        self._set_index(labels, hashes, different)
 
-    def _set_index(self, labels: list[np.ndarray], hashes: list[np.ndarray | None]) -> None:
-        """Index the rows with a preference, less those of held-out captions (a ``hold_out`` share of the
-        distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS), which ``held_out_pairs`` gives."""
-        # dropped: a tie teaches no preference, nor does a pair nobody labelled (a relabelled table's label_0)
+    def _set_index(self, labels: list[np.ndarray], hashes: list[np.ndarray | None],
+                   different: list[np.ndarray]) -> None:
+        """Index the rows with a preference between ``different`` images, less those of held-out captions (a
+        ``hold_out`` share of the distinct captions, when there are at least MIN_HELD_OUT_CAPTIONS), which
+        ``held_out_pairs`` gives."""
+        # dropped: a tie teaches no preference, nor does a pair nobody labelled (a relabelled table's label_0), nor
+        # a choice between a picture and itself (its DPO term is 0, and it would count against implicit accuracy)
+        # distinct captions of the whole table, where its captions were read (None: at most one per pair)
+        self.captions = None if not hashes or hashes[0] is None else len(np.unique(np.concatenate(hashes)))
         self.ties = int(sum((values == 0.5).sum() for values in labels))
         self.unlabelled = int(sum(np.isnan(values).sum() for values in labels))
-        valid = [(values == 0.0) | (values == 1.0) for values in labels]
+        preferred = [(values == 0.0) | (values == 1.0) for values in labels]
+        self.same_images = int(sum((p & ~d).sum() for p, d in zip(preferred, different, strict=True)))
+        valid = [p & d for p, d in zip(preferred, different, strict=True)]
         held = [np.zeros_like(v) for v in valid]
-        if self.hold_out and len(np.unique(np.concatenate(hashes))) >= MIN_HELD_OUT_CAPTIONS:
+        if self.hold_out and self.captions >= MIN_HELD_OUT_CAPTIONS:
             held = [held_out_hashes(h, self.hold_out) for h in hashes]
         chosen_first = [values == 1.0 for values in labels]
         self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first
         self._assign([v & ~h for v, h in zip(valid, held, strict=True)], chosen_first)
         if not len(self):
+            twice = f", of one picture twice ({DIFFERENT_COLUMN} false)" if self.same_images else ""
             raise RlaifError(f"pairs table {self.source} holds no pairs with a preference in {self.label} (all ties, "
-                             "unlabelled or empty)")
+                             f"unlabelled{twice} or empty)")
 
     def _assign(self, kept: list[np.ndarray], chosen_first: list[np.ndarray], cache_blocks: int | None = None) -> None:
         """Make the rows ``kept`` (a mask per block) the table's pairs."""
@@ -556,6 +568,18 @@ def missing_images(values: pa.Table, columns: list[str], wanted: np.ndarray, whe
             if wanted[row] and isinstance(path, str) and not (root / path).is_file():
                 found.append(f"{where} row {first_row + row} {column} ({root / path})")
     return found
+
+
+def different_images(rows: pa.Table, where: str) -> np.ndarray:
+    """Per row, whether its two images may differ: False only where the table's ``are_different`` column (Pick-a-Pic
+    v2's) says they are the same picture; a table without the column, or a missing value, counts as different."""
+    if DIFFERENT_COLUMN not in rows.column_names:
+        return np.ones(rows.num_rows, dtype=bool)
+    column = rows.column(DIFFERENT_COLUMN)
+    if not pa.types.is_boolean(column.type):
+        raise RlaifError(f"pairs table {where}: column {DIFFERENT_COLUMN!r} holds {column.type}, not booleans "
+                         "(Pick-a-Pic's: false when both images are the same picture)")
+    return np.asarray(column.fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def check_captions(captions: pa.ChunkedArray | pa.Array, where: str, first_row: int) -> None:

@@ -149,7 +149,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype,
                       config.max_sequence_length)
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
-        check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch))
+        texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs), pairs.captions,
+                               encoder.text_entry_bytes(accelerator.device))
+        check_cache_space(cache_dir() / "train",
+                          _cache_estimate(config, pipe, resolution, len(pairs), global_batch) + texts)
     settings = BatchSettings(
         config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
         config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
@@ -220,7 +223,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
-                "unlabelled_dropped": pairs.unlabelled,
+                "unlabelled_dropped": pairs.unlabelled, "same_images_dropped": pairs.same_images,
                 # which table, and the run seeds of its samples: eval's check that its images are held out
                 # (a local table's: eval cannot read a hub dataset again)
                 "pairs_file": pairs.identity,
@@ -351,7 +354,7 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    else DEFAULT_LEARNING_RATE["full" if config.full else "lora"],
                    keep_unconditional=keep,
                    caption_dropout=config.caption_dropout if config.caption_dropout is not None
-                   else 0.0 if keep else CAPTION_DROPOUT,
+                   else 0.0 if keep or family == "transformer" else CAPTION_DROPOUT,
                    dpo_positive=config.dpo_positive if config.dpo_positive is not None
                    else DEFAULT_DPO_POSITIVE[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0,
                    lora_targets=None if config.full else config.lora_targets or DEFAULT_LORA_TARGETS[family],
@@ -498,6 +501,15 @@ def _cache_estimate(config: TrainConfig, pipe, resolution: int, pairs: int, glob
     trained = config.max_steps * global_batch  # pairs; the global batch counts accumulation and processes
     variants = trained if config.random_crop else min(trained, pairs * (2 if config.hflip else 1))
     return 2 * variants * latent_bytes(pipe, resolution, config.cache_dtype)
+
+
+def _text_estimate(trained: int, pairs: int, held_out: int, captions: int | None, entry: int) -> int:
+    """Bytes the text cache may grow by in this run: ``entry`` for each caption of the ``trained`` pairs (the steps'
+    pairs, repeats included) and the ``held_out`` ones, each once: at most the table's distinct ``captions``, or
+    one per pair where its captions were not read. For SD3 / FLUX.1 an entry (T5 at 256-512 tokens) outweighs an
+    image's latents."""
+    distinct = pairs + held_out if captions is None else captions
+    return min(trained + held_out, distinct) * entry
 
 
 def check_cache_space(folder: Path, needed: int) -> None:
@@ -718,16 +730,16 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
 
 def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None:
     """What to say when checkpoint ``folder`` (``recorded``: its identities) was written by an rlaif that built
-    micro-batches otherwise (other held-out captions, VAE draws, crops or SDXL conditioning; ``BATCH_RULES``): the
-    run goes on, a valid training run, but not the one an uninterrupted run would have been."""
+    micro-batches otherwise (other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out;
+    ``BATCH_RULES``): the run goes on, a valid training run, but not the one an uninterrupted run would have been."""
     if folder is None:
         return None
     then = recorded.get("batch_rules", 1)  # before the rules were recorded: the first
     if then == BATCH_RULES:
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
-            "other held-out captions, VAE draws, crops or SDXL conditioning); the remaining steps and held-out "
-            "measurements use these, so the result will differ from an uninterrupted run's")
+            "other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out); the remaining steps "
+            "and held-out measurements use these, so the result will differ from an uninterrupted run's")
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict:
