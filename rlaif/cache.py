@@ -62,3 +62,16 @@ def clear_cache(part: str | None) -> int:
     freed = folder_size(folder)[1]
     shutil.rmtree(folder, ignore_errors=True)
     return freed
+
+
+def hub_file(repo: str, filename: str) -> str:
+    """The local path of ``filename`` of hub model ``repo`` (``hf_hub_download``: the Hugging Face cache's copy,
+    downloaded once); when it is neither cached nor downloadable, an error that names the file (huggingface_hub's
+    own does not), with the hub's error as its cause for ``rlaif.errors.hub_unavailable`` to read."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, filename)
+    except LocalEntryNotFoundError as exc:
+        raise OSError(f"{filename} of {repo} is not in the local Hugging Face cache. {exc}") from exc

@@ -580,7 +580,8 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `rlaif` or `rlaif scorers` alone: the help, as click has it
             say(exc.format_message())
             sys.exit(2)
-        say(f"error: {error_line(RlaifError(exc.format_message()))} (see {command_name(exc.ctx)} --help)")
+        say(f"error: {error_line(RlaifError(familiar_option(exc) or exc.format_message()))} "
+            f"(see {command_name(exc.ctx)} --help)")
         sys.exit(2)
     except CLICK_ERROR as exc:  # click's other errors (a file option it could not open): one line as well
         say(f"error: {error_line(RlaifError(exc.format_message()))}")
@@ -599,6 +600,28 @@ def main() -> None:
         signal.signal(signal.SIGINT, previous)
     if code:  # typer.Exit(code) from a command
         sys.exit(code)
+
+
+# Other tools' names for rlaif's options (diffusers' and TRL's training scripts, common abbreviations), which
+# click's spelling suggestions do not reach (--lr: "Possible options: --full, --help, --loss")
+FAMILIAR_OPTIONS = {
+    "--lr": "--learning-rate", "--bs": "--batch-size", "--train-batch-size": "--batch-size",
+    "--per-device-train-batch-size": "--batch-size", "--max-train-steps": "--max-steps",
+    "--gradient-accumulation-steps": "--accumulation", "--rank": "--lora-rank", "--beta-dpo": "--beta",
+    "--output-dir": "--out", "--pretrained-model-name-or-path": "--model", "--model-name-or-path": "--model",
+    "--checkpointing-steps": "--checkpoint-every", "--lr-warmup-steps": "--warmup-steps",
+    "--num-images": "--per-prompt", "--num-images-per-prompt": "--per-prompt", "--n-samples": "--per-prompt",
+    "--num-inference-steps": "--steps", "--guidance-scale": "--guidance", "--resume-from-checkpoint": "--resume",
+}
+
+
+def familiar_option(exc: Exception) -> str | None:
+    """For an unknown option that another tool spells so (``FAMILIAR_OPTIONS``), what rlaif's command calls it."""
+    given = getattr(exc, "option_name", None)
+    ours = given and FAMILIAR_OPTIONS.get(given.replace("_", "-").lower())
+    if not ours or exc.ctx is None or not any(ours in param.opts for param in exc.ctx.command.params):
+        return None
+    return f"No such option: {given}; {command_name(exc.ctx)} calls it {ours}"
 
 
 def command_name(ctx: object | None) -> str:

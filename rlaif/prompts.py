@@ -61,6 +61,7 @@ def _read_prompt_table(source: str, column: str | None) -> pl.DataFrame:
             raise RlaifError(f"--prompt-column {column!r}: prompts file {path} is plain text, one prompt per line; "
                              "it has no columns")
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's byte-order mark is not text
+        check_not_a_table(path, lines)
         table = pl.DataFrame({"prompt": lines}, schema={"prompt": pl.String})
     elif suffix == ".jsonl":
         table = pl.DataFrame({"prompt": _jsonl_prompts(path, column or "prompt")}, schema={"prompt": pl.String})
@@ -74,6 +75,17 @@ def _read_prompt_table(source: str, column: str | None) -> pl.DataFrame:
     if table.is_empty():
         raise RlaifError(f"prompts file {path} holds no prompts")
     return table
+
+
+def check_not_a_table(path: Path, lines: list[str]) -> None:
+    """Refuse a plain-text prompts file whose first line is a table's header (``prompt,category``): read one
+    prompt per line, the header would be sampled as a prompt and every row with its other columns."""
+    first = next((line.strip() for line in lines if line.strip()), "")
+    name = first.replace("\t", ",").split(",")[0].strip().strip('"').casefold()
+    if name in {c.casefold() for c in DEFAULT_COLUMNS}:
+        kind = ".tsv" if "\t" in first else ".csv"
+        raise RlaifError(f"prompts file {path}: its first line {first!r} is a table's header, and a .txt file is read "
+                         f"one prompt per line; name it {kind} to read it as a table, or remove the header")
 
 
 def prompt_set_path(name: str) -> Path:
@@ -114,9 +126,10 @@ def _table_column(table: pl.DataFrame, path: Path, column: str | None) -> list[s
     candidates = [column] if column else [c for c in DEFAULT_COLUMNS if c in table.columns]
     if not candidates or candidates[0] not in table.columns:
         wanted = repr(column) if column else " or ".join(repr(c) for c in DEFAULT_COLUMNS)
+        plain = "; or, if it is a list of prompts, one per line, name it .txt" if len(table.columns) == 1 else ""
         raise RlaifError(
             f"prompts file {path} has no column {wanted} (columns: {', '.join(table.columns)}); "
-            "choose one with --prompt-column"
+            f"choose one with --prompt-column{plain}"
         )
     return table.get_column(candidates[0]).cast(pl.String).to_list()
 

@@ -69,7 +69,7 @@ def available_scorers() -> dict[str, ScorerEntry]:
 
 
 def _describe(point) -> str:
-    """The first line of the factory's docstring, read from its source without importing it (importing a
+    """The first paragraph of the factory's docstring, read from its source without importing it (importing a
     model-based scorer costs seconds: torch, transformers); the import is the fallback for compiled code."""
     module, _, attr = point.value.partition(":")
     try:
@@ -80,14 +80,17 @@ def _describe(point) -> str:
     if tree is not None:
         name = attr.split(".")[0]
         node = next((n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name == name), None)
-        doc = ast.get_docstring(node) if node is not None else None
-        return doc.strip().splitlines()[0] if doc else ""
+        return summary(ast.get_docstring(node) if node is not None else None)
     try:
         factory = point.load()
     except Exception as exc:  # a broken plugin must not hide the others
         return f"(cannot be imported: {exc})"
-    doc = getattr(factory, "description", None) or (factory.__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return summary(getattr(factory, "description", None) or factory.__doc__)
+
+
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph as one line (a summary may run over a line break)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:

@@ -32,5 +32,6 @@ class ClipScore:
 
 
 def clip(device: str | torch.device = "cpu", arch: str = ARCH, pretrained: str = PRETRAINED) -> ClipScore:
-    """CLIP score: prompt-image alignment, max(100 * cosine, 0) with OpenCLIP ViT-L-14 (OpenAI weights)."""
+    """CLIP score: prompt-image alignment, max(100 * cosine, 0) with OpenCLIP ViT-L-14 (OpenAI weights).
+    Weights: 1.7 GB from the hub, fetched once."""
     return ClipScore(device, arch, pretrained)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import open_clip
 import torch
-from huggingface_hub import hf_hub_download
 from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from torchvision.transforms import functional as TF
 
+from rlaif.cache import hub_file
 from rlaif.files import content_identity
 from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, image_text_cosine, pixel_batch
 
@@ -48,7 +48,7 @@ class HumanPreferenceScore:
         self.name = version
         self.device = torch.device(device)
         model = open_clip.create_model(arch, pretrained=None)
-        path = hf_hub_download(repo, CHECKPOINTS[version])
+        path = hub_file(repo, CHECKPOINTS[version])
         self.identity = content_identity(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
@@ -65,10 +65,12 @@ class HumanPreferenceScore:
 
 
 def hpsv2(device: str | torch.device = "cpu", arch: str = ARCH, repo: str = REPO) -> HumanPreferenceScore:
-    """HPSv2: human preference (HPD v2), cosine of OpenCLIP ViT-H-14 embeddings."""
+    """HPSv2: human preference (HPD v2), cosine of OpenCLIP ViT-H-14 embeddings. Weights: 2.0 GB from the
+    hub, fetched once."""
     return HumanPreferenceScore("hpsv2", device, arch, repo)
 
 
 def hpsv21(device: str | torch.device = "cpu", arch: str = ARCH, repo: str = REPO) -> HumanPreferenceScore:
-    """HPSv2.1: HPSv2 retrained on more data, cosine of OpenCLIP ViT-H-14 embeddings."""
+    """HPSv2.1: HPSv2 retrained on more data, cosine of OpenCLIP ViT-H-14 embeddings. Weights: 2.0 GB from
+    the hub, fetched once."""
     return HumanPreferenceScore("hpsv2.1", device, arch, repo)

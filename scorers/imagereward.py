@@ -16,12 +16,12 @@ import json
 import re
 
 import torch
-from huggingface_hub import hf_hub_download
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from rlaif.cache import hub_file
 from rlaif.files import content_identity
 from rlaif.scorers.aesthetic import AestheticHead
 from rlaif.scorers.openclip_common import OPENAI_MEAN, OPENAI_STD, pixel_batch
@@ -114,10 +114,10 @@ class ImageReward:
 
     def __init__(self, device: str | torch.device = "cpu", repo: str = REPO, tokenizer: str = TOKENIZER) -> None:
         self.device = torch.device(device)
-        checkpoint = hf_hub_download(repo, CHECKPOINT)
+        checkpoint = hub_file(repo, CHECKPOINT)
         self.identity = content_identity(checkpoint)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        with open(hf_hub_download(repo, MED_CONFIG)) as file:
+        with open(hub_file(repo, MED_CONFIG)) as file:
             med = json.load(file)
         parts = split_checkpoint(state)
         self.vision = BlipVisionModel(vision_config(parts["vision"]))
@@ -150,5 +150,6 @@ class ImageReward:
 
 
 def imagereward(device: str | torch.device = "cpu", repo: str = REPO, tokenizer: str = TOKENIZER) -> ImageReward:
-    """ImageReward v1.0: human preference (ImageRewardDB), BLIP ViT-L + cross-attending BERT, normalised."""
+    """ImageReward v1.0: human preference (ImageRewardDB), BLIP ViT-L + cross-attending BERT, normalised.
+    Weights: 1.8 GB from the hub, fetched once."""
     return ImageReward(device, repo, tokenizer)

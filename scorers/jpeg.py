@@ -30,10 +30,12 @@ class JpegSize:
 
 
 def compressibility(device: str = "cpu") -> JpegSize:
-    """JPEG compressibility (-kB at quality 95): rewards simple, smooth images (DDPO)."""
+    """JPEG compressibility (-kB at quality 95): rewards simple, smooth images (DDPO). No weights: works
+    offline."""
     return JpegSize(-1.0, "compressibility")
 
 
 def incompressibility(device: str = "cpu") -> JpegSize:
-    """JPEG incompressibility (+kB at quality 95): rewards detailed, textured images (DDPO)."""
+    """JPEG incompressibility (+kB at quality 95): rewards detailed, textured images (DDPO). No weights:
+    works offline."""
     return JpegSize(1.0, "incompressibility")

@@ -161,6 +161,9 @@ CASES = [
      "--flow-weighting mode: only SD3 / FLUX.1 models train on a noise path it weighs; for this model leave it out"),
     (["label", "empty", "-s", "compressibility", "--top-k", "3"],
      "--top-k applies to --strategy top-vs-bottom, not best-worst"),
+    (["train", "one-each/samples.parquet", "-m", "tiny", "-o", "t"], "columns: sample_id, prompt_id, prompt, "
+     "candidate, seed, image, model, scheduler, steps, guidance, width, height, negative_prompt; it is the samples "
+     "table of `rlaif sample`: train on the pairs.parquet that `rlaif label` writes beside it"),
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--lora-targets", "to_q,to_vv"],
      "--lora-targets to_q,to_vv: 'to_vv' names no module of the model"),  # peft trained to_q alone
     (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--val-fraction", "0", "--val-every", "2"],
@@ -189,6 +192,12 @@ CASES = [
      "(train.json); give `rlaif loop` a folder of its own, e.g. lora/loop"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--steps", "abc"], "Invalid value for '--steps'"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--stpes", "4"], "No such option: --stpes"),
+    # other tools' names for an option (a new user's trial: --lr got "Possible options: --full, --help, --loss")
+    (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--num_images_per_prompt", "4"],
+     "No such option: --num_images_per_prompt; rlaif sample calls it --per-prompt (see rlaif sample --help)"),
+    (["train", "pap.parquet", "-m", "tiny", "-o", "t", "--lr", "1e-4"],
+     "No such option: --lr; rlaif train calls it --learning-rate (see rlaif train --help)"),
+    (["label", "empty", "--lr", "2"], "No such option: --lr (Possible options: --help)"),  # label has none
     (["sample", "-m", "tiny", "-p", "p.txt"], "Missing option '--out' / '-o'. (see rlaif sample --help)"),
     (["sample", "-m", "tiny", "-p", "p.txt", "-o", "s", "--tuned", "broken-lora"],
      "broken-lora/train.json is not a record rlaif wrote (Expecting value: line 1 column 25 (char 24)); train the "

@@ -151,6 +151,11 @@ def test_scorers_list_shows_builtins():
     result = run_cli("scorers", "list")
     assert result.returncode == 0
     assert "compressibility" in result.stdout and "built-in" in result.stdout
+    from rlaif.scoring import available_scorers  # what each needs, on one line (a new user's trial asked)
+
+    described = {name: entry.description for name, entry in available_scorers().items()}
+    assert described["compressibility"].endswith("(DDPO). No weights: works offline.")
+    assert described["pickscore"].endswith("CLIP-H cosine. Weights: 3.9 GB from the hub, fetched once.")
 
 
 def test_relabel_pick_a_pic_table_prints_agreement(samples, tmp_path):

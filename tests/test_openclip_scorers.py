@@ -157,6 +157,16 @@ def test_a_scorer_missing_from_the_offline_cache_says_how_to_get_it():
     assert str(error.value).endswith("; HF_HUB_OFFLINE is set: load it once while online (or unset HF_HUB_OFFLINE)")
 
 
+@pytest.mark.parametrize(("name", "file"), [("hpsv2", "HPS_v2_compressed.pt"), ("imagereward", "ImageReward.pt")])
+def test_a_checkpoint_missing_offline_is_named_with_its_repository(name, file):
+    """huggingface_hub's own error names no file (a new user's trial); the scorers' checkpoints are named."""
+    with pytest.raises(RlaifError) as error:
+        LoadedScorer(name, repo="someone/absent")
+    assert str(error.value) == (f"scorer '{name}' failed to load: {file} of someone/absent is not in the local Hugging "
+                                "Face cache; HF_HUB_OFFLINE is set: load it once while online (or unset "
+                                "HF_HUB_OFFLINE)")
+
+
 def test_a_transformers_scorer_missing_offline_names_the_repository_in_one_short_line():
     with pytest.raises(RlaifError) as error:
         LoadedScorer("label_plugins:uncached_processor")

@@ -10,6 +10,11 @@ from rlaif.prompts import PROMPT_SETS, load_prompt_table, load_prompts, prompt_s
 DATA = Path(__file__).resolve().parents[1] / "data"  # the checkout's data/, installed as rlaif.data
 
 
+def test_a_prompt_that_begins_like_a_header_word_is_still_a_prompt(tmp_path):
+    (tmp_path / "p.txt").write_text("prompts, drawn by a child\ncaptioned photo, a cat\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["prompts, drawn by a child", "captioned photo, a cat"]
+
+
 def test_txt_skips_blank_lines_and_repeats(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a cat\n\n  a dog  \na cat\n")
@@ -96,6 +101,12 @@ def test_csv_jsonl_parquet_and_explicit_column(tmp_path):
         ("p.jsonl", '{"text": "a"}\n', None, "line 1: no string field 'prompt' (name the field with --prompt-column)"),
         ("p.txt", "a\n", "text", "--prompt-column 'text': prompts file"),
         ("p.doc", "a\n", None, "unsupported type '.doc'"),
+        # a table saved as .txt (a new user's trial: the header was sampled as a prompt), and a list saved as .csv
+        ("p.txt", "\nprompt,category\na red circle,shapes\n", None, "its first line 'prompt,category' is a table's "
+         "header, and a .txt file is read one prompt per line; name it .csv to read it as a table"),
+        ("p.txt", "Caption\ta cat\n", None, "name it .tsv"),
+        ("p.csv", "a red circle\na blue square\n", None, "(columns: a red circle); choose one with --prompt-column; "
+         "or, if it is a list of prompts, one per line, name it .txt"),
     ],
 )
 def test_bad_prompt_files_name_the_file_and_the_fault(tmp_path, name, content, column, message):

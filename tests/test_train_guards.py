@@ -233,11 +233,50 @@ def test_a_checkpoint_of_other_batch_rules_resumes_and_says_so(tiny_pairs, tmp_p
     assert record["identities"]["batch_rules"] == BATCH_RULES
     notes = []
     run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True), note=notes.append)
-    assert not notes  # the same rules: nothing to say
+    resumed = f"resuming from {position.parent}: step 1 of 2 done, 1 to go"  # (a new user's trial asked for it)
+    assert notes == [resumed]  # the same rules: nothing more to say
+    notes.clear()
     del record["identities"]["batch_rules"]  # as an rlaif before the rules were recorded wrote it
     position.write_text(json.dumps(record))
     run_train(TrainConfig(**settings, max_steps=2, resume="step_00000001", overwrite=True), note=notes.append)
-    assert notes == [f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, now "
-                     f"{BATCH_RULES}: other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out); "
-                     "the remaining steps and held-out measurements use these, so the result will differ from an "
-                     "uninterrupted run's"]
+    assert notes == [resumed, f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, "
+                     f"now {BATCH_RULES}: other held-out captions, VAE draws, crops, SDXL conditioning or pairs left "
+                     "out); the remaining steps and held-out measurements use these, so the result will differ from "
+                     "an uninterrupted run's"]
+
+
+def test_a_refused_overwrite_keeps_the_old_run(tiny_pairs, tmp_path):
+    """--overwrite removes the old run's outputs only once every check has passed: a --resolution the model
+    cannot take, or LoRA targets that match nothing, refused after the model loads, leave train.json and the
+    weights where they were (before, the old run was removed first)."""
+    from conftest import run_cli
+
+    common = ["train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "run", "--max-steps", 1]
+    assert run_cli(*common).returncode == 0
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    assert "train.json" in kept
+    for bad in (["--resolution", 60], ["--lora-targets", "no_such_module"]):
+        refused = run_cli(*common, "--overwrite", *bad)
+        assert refused.returncode == 2, refused.stderr
+        assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == kept
+
+
+def test_pairs_sampled_by_another_model_are_trained_with_a_note(tiny_pairs, tmp_path):
+    """A table whose every sample another model drew (its record) trains, off-policy, and says so (a new user's
+    trial trained FLUX.1 on SD1.5's pictures without a word); Pick-a-Pic tables, with no record, say nothing."""
+    from conftest import run_cli
+
+    from rlaif.config import TrainConfig
+    from rlaif.train.pair_table import PairTable
+    from rlaif.train.trainer import sampled_by_another
+
+    trained = run_cli("train", tiny_pairs, "--model", "tiny-sd3", "--out", tmp_path / "o", "--max-steps", 1)
+    assert trained.returncode == 0, trained.stderr
+    assert f"note: pairs table {tiny_pairs} was sampled by tiny, not by --model tiny-sd3: training one model on " \
+        "another's pictures is off-policy DPO (legitimate, as on Pick-a-Pic), and their sampling settings " \
+        "(guidance, T5 length) say nothing of this model's" in trained.stderr
+    pairs = PairTable(tiny_pairs)
+    config = TrainConfig(pairs=str(tiny_pairs), model="tiny-sd3", out=tmp_path)
+    assert sampled_by_another(config, pairs, own=pairs.sampling) is None  # drawn by the model trained
+    pairs.sampling = []  # as a Pick-a-Pic table has none (a cached property: set on the instance)
+    assert sampled_by_another(config, pairs, own=[]) is None

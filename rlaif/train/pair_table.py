@@ -31,7 +31,7 @@ from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity
 from rlaif.images import ImageSource
 from rlaif.seeding import keyed_seed
-from rlaif.tables import SAMPLING_METADATA
+from rlaif.tables import SAMPLES_SCHEMA, SAMPLING_METADATA, SCORES_SCHEMA
 
 RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
@@ -276,7 +276,18 @@ def _image_columns(columns: Sequence[str], where: str) -> tuple[str, str]:
     if all(c in columns for c in PICKAPIC_COLUMNS):
         return "jpg_0", "jpg_1"
     raise RlaifError(f"pairs table {where} has neither the rlaif columns ({', '.join(RLAIF_COLUMNS)}) nor the "
-                     f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(columns)}")
+                     f"Pick-a-Pic ones ({', '.join(PICKAPIC_COLUMNS)}); columns: {', '.join(columns)}"
+                     f"{_another_rlaif_table(columns)}")
+
+
+def _another_rlaif_table(columns: Sequence[str]) -> str:
+    """What to train on instead, when ``columns`` are those of another table rlaif writes (a new user's trial
+    gave `rlaif train` samples.parquet)."""
+    for name, command, schema in (("samples", "sample", SAMPLES_SCHEMA), ("scores", "label", SCORES_SCHEMA)):
+        if set(schema) <= set(columns):
+            return (f"; it is the {name} table of `rlaif {command}`: train on the pairs.parquet that `rlaif label` "
+                    "writes beside it")
+    return ""
 
 
 def checked_labels(values: pa.ChunkedArray | pa.Array, where: str, label: str, first_row: int,

@@ -109,12 +109,6 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
     resume_from, position, complete = _resume_point(config, identities)  # position.json's record, else {}
     step, recorded = position.get("step", 0), position.get("identities", {})  # the checkpoint's, else 0 and none
-    if note and accelerator.is_main_process:
-        for text in (sampled_elsewhere(config, pairs, identities["init_weights"]),
-                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from, recorded),
-                     within_warmup(config)):
-            if text:
-                note(text)
     identities["batch_rules"] = BATCH_RULES
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
     frozen = frozen_dtypes(config)
@@ -129,7 +123,6 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     own = sampled_by(pairs.sampling, config.model, lambda: model_identity(config.model))
     check_sampling(pairs.sampling, own, config, anchor_defaulted,
                    prompt_length(pipe, config.max_sequence_length).get("max_sequence_length"))
-    _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     resolution = config.resolution or default_size(pipe)
     # FLUX.1-dev's distilled guidance: the pairs' (a resumed run: the one it trained at; before rlaif recorded it, 3.5)
     guidance = (recorded.get("distilled_guidance", FLUX_TRAIN_GUIDANCE) if resume_from
@@ -153,6 +146,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                                encoder.text_entry_bytes(accelerator.device))
         check_cache_space(cache_dir() / "train",
                           _cache_estimate(config, pipe, resolution, len(pairs), global_batch) + texts)
+    _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
+    if note and accelerator.is_main_process:
+        for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
+                     sampled_elsewhere(config, pairs, identities["init_weights"]),
+                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from, recorded),
+                     within_warmup(config)):
+            if text:
+                note(text)
     settings = BatchSettings(
         config.seed, config.batch_size, accelerator.num_processes, accelerator.process_index, resolution,
         config.random_crop, config.hflip, config.caption_dropout, latent_shape(pipe, resolution),
@@ -629,6 +630,24 @@ def within_warmup(config: TrainConfig) -> str | None:
     return (f"--warmup-steps {config.warmup_steps} is not below --max-steps {config.max_steps}: the run ends inside "
             f"its warm-up, its last step at {share:.1%} of the learning rate, so the weights will barely move; lower "
             "--warmup-steps")
+
+
+def resumed_at(folder: Path | None, step: int, max_steps: int) -> str | None:
+    """Where a resumed run goes on from (a new user's trial: only the first progress line told)."""
+    if folder is None:
+        return None
+    return f"resuming from {folder}: step {step} of {max_steps} done, {max_steps - step} to go"
+
+
+def sampled_by_another(config: TrainConfig, pairs: PairTable, own: list[dict]) -> str | None:
+    """What to say when every sample of an rlaif table was drawn by another model than --model (``own``: those
+    this model drew, ``sampled_by``): off-policy DPO, as on Pick-a-Pic, but easily a mix-up of runs."""
+    if not pairs.sampling or own:
+        return None
+    models = sorted({str(record.get("model")) for record in pairs.sampling})
+    return (f"pairs table {config.pairs} was sampled by {', '.join(models)}, not by --model {config.model}: training "
+            "one model on another's pictures is off-policy DPO (legitimate, as on Pick-a-Pic), and their sampling "
+            "settings (guidance, T5 length) say nothing of this model's")
 
 
 def sampled_elsewhere(config: TrainConfig, pairs: PairTable, init_weights: str | None) -> str | None:
