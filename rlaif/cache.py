@@ -1,4 +1,5 @@
-"""Where rlaif keeps what it downloads or builds once: ``$RLAIF_CACHE`` or ``~/.cache/rlaif``."""
+"""Where rlaif keeps what it downloads or builds once: ``$RLAIF_CACHE`` or ``~/.cache/rlaif``; and the files it
+fetches into the Hugging Face cache (``hub_file``)."""
 
 from __future__ import annotations
 

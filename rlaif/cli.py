@@ -245,14 +245,14 @@ def train(
 
         info = json.loads((written / "train.json").read_text())
         final = f"final {training_info(last)}" if last else "no step left after the checkpoint"
-        unlabelled = f"{info['unlabelled_dropped']} unlabelled dropped, " if info["unlabelled_dropped"] else ""
+        dropped = f"{info['unlabelled_dropped']} unlabelled dropped, " if info["unlabelled_dropped"] else ""
         if info.get("same_images_dropped"):
-            unlabelled += f"{info['same_images_dropped']} of one picture twice dropped, "
+            dropped += f"{info['same_images_dropped']} pairs of one picture twice dropped, "
         each = f"{info['pairs_per_step']} pair{'s' if info['pairs_per_step'] > 1 else ''} each"
         processes = f" over {info['processes']} processes" if info["processes"] > 1 else ""
         say(f"trained {info['steps']} steps of {each}{processes} on {info['pairs_trained']} "
             f"pairs ({info['ties_dropped']} ties dropped, "
-            f"{unlabelled}{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
+            f"{dropped}{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
 
 
@@ -374,8 +374,8 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
                 ((judged[0].ties, "labelled 0.5"), (judged[0].unlabelled, "without a label"),
                  (judged[0].same_images, "of one picture twice (are_different false)")) if n]
     say(f"judged against the labels of column {judged[0].labels} (--label-column chooses another)"
-        + (f"; of the table's rows, these are not judged, as they prefer neither of two pictures: {', '.join(left_out)}"
-           if left_out else ""))
+        + ("; of the table's rows, these are not judged, as none states a preference between two different "
+           f"pictures: {', '.join(left_out)}" if left_out else ""))
     for remark in trained_table_remarks(tuned, pairs, judged[0].labels):  # accuracy on pairs it learnt
         say(remark)
 

@@ -240,11 +240,17 @@ def measured_under(config: EvalConfig, prompts: int, run: dict) -> dict:
             "scorer_options": config.scorer_options}
 
 
-def other_guidance(tuned: Path, used: float | None) -> str | None:
+def other_guidance(tuned: Path, guidance: float | None) -> str | None:
     """What to say when a FLUX.1-dev model trained at one distilled guidance (train.json's, its pairs' sampling
-    value) is evaluated at another, ``used``: it learnt its preferences at the first."""
-    trained = train_info(tuned).get("distilled_guidance")
-    if trained is None or used is None or float(used) == float(trained):
+    value) is evaluated at another (``guidance``: --guidance, or unset: FluxPipeline's): it learnt its
+    preferences at the first."""
+    from diffusers import FluxPipeline
+
+    from rlaif.models import pipeline_guidance
+
+    trained = train_info(tuned).get("distilled_guidance")  # recorded for FLUX.1-dev alone
+    used = pipeline_guidance(FluxPipeline) if guidance is None else guidance
+    if trained is None or float(used) == float(trained):
         return None
     return (f"{tuned} learnt its preferences at distilled guidance {trained:g} (FLUX.1-dev's guidance input, its "
             f"pairs' sampling value), and this evaluation sampled at {float(used):g}: pass --guidance {trained:g} to "
@@ -260,7 +266,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
     prompts = prompt_table["prompt"].to_list()
-    notes = [text for text in (check_roles(config), check_images_held_out(config.tuned, prompts, config.seed)) if text]
+    notes = [text for text in (check_roles(config), check_images_held_out(config.tuned, prompts, config.seed),
+                               other_guidance(config.tuned, config.guidance)) if text]
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}
@@ -291,10 +298,6 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
             lambda scorer, done, total, side=side: progress(f"scoring {side} {scorer}", done, total)))
         scores[side] = side_scores.join(samples.select("sample_id", "prompt_id", "candidate", "seed", "image"),
                                         on="sample_id").with_columns(image=pl.lit(str(folder)) + "/" + pl.col("image"))
-    sampled = (read_json(sides["tuned"][0] / "run.json", "evaluate into a new --out") or {}).get("settings", {})
-    guidance_note = other_guidance(config.tuned, sampled.get("guidance"))
-    if guidance_note and note:
-        note(guidance_note)
     names = [*parse_weights(config.scorers), *config.held_out]
     keys = ["scorer", "prompt_id", "candidate"]
     paired = (scores["base"].filter(pl.col("scorer").is_in(names))

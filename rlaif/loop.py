@@ -27,8 +27,8 @@ from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, miscast_scorers, run_eval
 from rlaif.files import atomic_path, check_out_dir, read_json, write_json
 from rlaif.label import run_label
-from rlaif.models import check_negative_prompt
-from rlaif.prompts import resolve_prompt_source
+from rlaif.models import check_negative_prompt, model_identity
+from rlaif.prompts import load_prompt_table, resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_options, parse_weights
 from rlaif.tables import write_table
@@ -43,12 +43,15 @@ STAGES = {"sample": SampleConfig, "label": LabelConfig, "train": TrainConfig, "e
 SET_BY_LOOP = {"sample": {"model", "prompts", "out", "tuned"}, "label": {"samples_dir", "out", "relabel"},
                "train": {"pairs", "model", "out", "init", "resume", "overwrite"},
                "eval": {"base", "tuned", "prompts", "out", "train_log"}}  # each round's report: its own log
-# Settings a loop may go on under other values of: they change no number (scoring batches, checkpoints, loggers), or
-# as little as `rlaif sample` lets a sampling batch size change (float round-off); [loop] out is where the run lies
-RESUMABLE = {"sample": {"batch_size"}, "label": {"batch_size", "chunk_size"}, "eval": {"batch_size"},
+# Settings a loop may go on under other values of: they change no number (scoring batches, checkpoints, loggers, the
+# report's grid), or as little as `rlaif sample` lets a sampling batch size or device change (float round-off);
+# [loop] out is where the run lies
+RESUMABLE = {"sample": {"batch_size", "device"}, "label": {"batch_size", "chunk_size", "device"},
+             "eval": {"batch_size", "device", "grid"},
              "train": {"checkpoint_every", "keep_checkpoints", "report_to", "no_cache", "gradient_checkpointing",
                        "workers", "val_every"}, "loop": {"out"}}
 PROMPT_FILES = "prompt files (sha256)"  # loop.json's table of what the prompt files held
+MODEL_WEIGHTS = "model weights (identity)"  # and of the base model's weights (a hub revision, a folder's files)
 
 
 @dataclass
@@ -115,8 +118,8 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
     check_out_dir(config.out, "--out" if out is not None else f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
-    source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages, PROMPT_FILES: _prompt_files(config)},
-                                   default=str))
+    source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages, PROMPT_FILES: _prompt_files(config),
+                                    **_model_weights(config)}, default=str))
     return LoopPlan(config, stages, source)
 
 
@@ -125,6 +128,16 @@ def _prompt_files(config: LoopConfig) -> dict[str, str]:
     other prompts, and their numbers other meanings), a bundled set's name (its content comes with rlaif)."""
     return {name: hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16] if Path(source).is_file() else source
             for name, source in (("prompts", config.prompts), ("eval_prompts", config.eval_prompts))}
+
+
+def _model_weights(config: LoopConfig) -> dict[str, dict[str, str]]:
+    """``{MODEL_WEIGHTS: {"model": digest}}`` of the base model's weights (``model_identity``): every round samples,
+    trains on and is evaluated against that model, so another hub revision or a rewritten folder between rounds
+    would mix two bases in one run; nothing where they are not known yet (a hub id not downloaded)."""
+    identity = model_identity(config.model)
+    if identity == config.model:  # a hub id not in the cache: its revision is known once round 1 downloads it
+        return {}
+    return {MODEL_WEIGHTS: {"model": hashlib.sha256(identity.encode()).hexdigest()[:16]}}
 
 
 def eval_scorer_options(path: Path, label: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
@@ -187,6 +200,13 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
     if clash:
         raise RlaifError(f"{path}: round {clash[0]} would sample with seed {eval_seed}, the [eval] seed; keep "
                          "[sample] seed and [eval] seed apart so the evaluation's seeds stay held out")
+    # last, the prompt files as their stages will read them: a wrong eval_prompts found after a round's training would
+    # cost that round, and the config that mends it would be another loop's
+    for option, source, stage in (("prompts", loop.prompts, "sample"), ("eval_prompts", loop.eval_prompts, "eval")):
+        try:
+            load_prompt_table(source, stages[stage].get("prompt_column"))
+        except RlaifError as exc:
+            raise RlaifError(f"{path} [loop] {option}: {exc}") from exc
 
 
 def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: bool) -> None:
@@ -225,24 +245,38 @@ def _control_run_in(out: Path, control_out: Path) -> bool:
 
 def _state(plan: LoopPlan) -> dict:
     """OUT/loop.json: the settings it was started with (and what its prompt files held) and the stages done; other
-    settings are refused, but for more ``rounds``, which go on from the last finished round, and those in
-    ``RESUMABLE`` (the settings recorded are then the new ones)."""
+    settings are refused, but for more ``rounds``, which go on from the last finished round, those in
+    ``RESUMABLE``, and the evaluation's until a round has been evaluated (the settings recorded are then the new
+    ones)."""
     path = plan.loop.out / "loop.json"
     state = read_json(path, UNREADABLE_STATE)
     if state is None:
         return {"settings": plan.source, "done": [], "rounds": {}}
     before, now = _as_now(state.get("settings") or {}), plan.source
-    tables = set(before) | set(now) if PROMPT_FILES in before else (set(before) | set(now)) - {PROMPT_FILES}
+    # records an earlier rlaif did not keep (or weights not known then, or now) are not compared
+    unknown = {record for record in (PROMPT_FILES, MODEL_WEIGHTS) if record not in before or record not in now}
+    if MODEL_WEIGHTS not in unknown and before[MODEL_WEIGHTS] != now[MODEL_WEIGHTS]:
+        raise RlaifError(f"{plan.loop.out} holds a loop run whose base model {plan.loop.model} had other weights "
+                         "(another hub revision, or its folder's files changed); its next rounds would sample, train "
+                         "and be evaluated on another base: restore those weights, or start again in another --out")
+    tables = (set(before) | set(now)) - unknown
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
+    # before any round is evaluated, [eval] and its prompts may still be mended (eval remakes what it finds stale)
+    mendable = not any(key.endswith("/eval") for key in state.get("done", []))
     changed = [(table, key, old, new) for table, key, old, new in values
-               if old != new and key not in RESUMABLE.get(table, ())]
+               if old != new and key not in RESUMABLE.get(table, ()) and not (mendable and _of_eval(table, key))]
     more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
     if not changed or more_rounds:  # more rounds: the finished ones stand
         return {**state, "settings": now}
     changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
     raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                      "the same config and options to continue it, or choose another --out")
+
+
+def _of_eval(table: str, key: str) -> bool:
+    """Whether loop.json's setting ``key`` of ``table`` is the evaluation's ([eval], or its prompts)."""
+    return table == "eval" or table in ("loop", PROMPT_FILES) and key == "eval_prompts"
 
 
 def _check_roles(path: Path, stages: dict[str, dict[str, Any]]) -> None:

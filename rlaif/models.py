@@ -186,7 +186,12 @@ def default_guidance(pipe: DiffusionPipeline) -> float:
     FLUX.1-schnell, whose transformer has no guidance input (the pipeline ignores the scale)."""
     if isinstance(pipe, FluxPipeline) and not pipe.transformer.config.guidance_embeds:
         return 0.0
-    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+    return pipeline_guidance(type(pipe))
+
+
+def pipeline_guidance(pipeline: type[DiffusionPipeline]) -> float:
+    """The ``guidance_scale`` default of a pipeline class's ``__call__``."""
+    return float(inspect.signature(pipeline.__call__).parameters["guidance_scale"].default)
 
 
 def default_size(pipe: DiffusionPipeline) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def check_not_a_table(path: Path, lines: list[str]) -> None:
     """Refuse a plain-text prompts file whose first line is a table's header (``prompt,category``): read one
     prompt per line, the header would be sampled as a prompt and every row with its other columns."""
     first = next((line.strip() for line in lines if line.strip()), "")
-    name = first.replace("\t", ",").split(",")[0].strip().strip('"').casefold()
-    if name in {c.casefold() for c in DEFAULT_COLUMNS}:
+    names = [field.strip().strip('"') for field in re.split(r"[,\t]", first)]
+    # a header names columns: its first is a prompt column's name, and every field is one word ("caption, a neon
+    # sign" is a prompt)
+    if names[0].casefold() in {c.casefold() for c in DEFAULT_COLUMNS} and all(re.fullmatch(r"\w+", n) for n in names):
         kind = ".tsv" if "\t" in first else ".csv"
         raise RlaifError(f"prompts file {path}: its first line {first!r} is a table's header, and a .txt file is read "
                          f"one prompt per line; name it {kind} to read it as a table, or remove the header")

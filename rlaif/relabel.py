@@ -147,18 +147,23 @@ def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None
 
 
 def process_shares(wanted: list[Chunk], processes: int) -> list[list[Chunk]]:
-    """Each process's chunks of ``wanted``: whole row groups, in table order, each given to the process with the
-    fewest rows so far, so no row group is read by two processes and the shares differ by at most a row group."""
+    """Each process's chunks of ``wanted``, in table order: whole row groups, so that no row group is read by two
+    processes, except a row group of more than a process's share of the rows (a table of fewer row groups than
+    processes), whose chunks are dealt one by one so that every process scores; each unit, largest first, goes to
+    the process with the fewest rows so far."""
     groups: dict[tuple[str, int], list[Chunk]] = {}
     for chunk in wanted:
         groups.setdefault((chunk.file, chunk.group), []).append(chunk)
+    share = sum(chunk.count for chunk in wanted) / processes
+    units = [unit for group in groups.values()
+             for unit in ([[chunk] for chunk in group] if sum(c.count for c in group) > share else [group])]
     shares: list[list[Chunk]] = [[] for _ in range(processes)]
     loads = [0] * processes
-    for group in groups.values():
+    for unit in sorted(units, key=lambda unit: -sum(chunk.count for chunk in unit)):  # stable: table order in ties
         least = loads.index(min(loads))
-        shares[least] += group
-        loads[least] += sum(chunk.count for chunk in group)
-    return shares
+        shares[least] += unit
+        loads[least] += sum(chunk.count for chunk in unit)
+    return [sorted(chunks, key=lambda chunk: (chunk.number, chunk.first)) for chunks in shares]
 
 
 def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int,
@@ -256,8 +261,13 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
             # the main process's chunk, when it holds one, stands for all of this step's
             shown = progress and (lambda spec, n, _, done=done, now=now: progress(
                 spec, done + min(n * len(now), 2 * sum(c.count for c in now)), total))
-            scored = [_score_chunk(scorer, *next(mine), config.batch_size, shown)] \
-                if step < len(shares[state.process_index]) else []
+            scored = []
+            if step < len(shares[state.process_index]):
+                chunk, values = next(mine, (None, None))
+                if chunk != shares[state.process_index][step]:  # the others would wait for this process for ever
+                    wanted = shares[state.process_index][step]
+                    raise RlaifError(f"table {wanted.file} changed while it was read (row group {wanted.group})")
+                scored = [_score_chunk(scorer, chunk, values, config.batch_size, shown)]
             if state.num_processes > 1:
                 scored = gather_object(scored)
             if state.is_main_process:

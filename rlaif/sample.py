@@ -187,6 +187,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
         def lacking() -> bool:
             return any(not (config.out / job.image).exists() for job in jobs)
 
+        if lacking():  # a table of an earlier, smaller run would pass for this one's until it is rewritten at the end
+            (config.out / "samples.parquet").unlink(missing_ok=True)
+
         write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
                    run_file)

@@ -90,7 +90,7 @@ def _describe(point) -> str:
 
 def summary(doc: str | None) -> str:
     """A docstring's first paragraph as one line (a summary may run over a line break)."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
+    return " ".join(re.split(r"\n\s*\n", (doc or "").strip())[0].split())
 
 
 def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:

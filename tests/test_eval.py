@@ -298,8 +298,8 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
     assert other.returncode == 0, other.stderr
     assert "scorer compressibility: accuracy 0.000 on 21 pairs" in other.stdout.splitlines()
     assert "judged against the labels of column flipped (--label-column chooses another); of the table's rows, " \
-        "these are not judged, as they prefer neither of two pictures: 1 pair labelled 0.5, 1 pair without a " \
-        "label, 1 pair of one picture twice (are_different false)" in other.stderr
+        "these are not judged, as none states a preference between two different pictures: 1 pair labelled 0.5, " \
+        "1 pair without a label, 1 pair of one picture twice (are_different false)" in other.stderr
     assert "was trained on" not in other.stderr
     (model,) = [line for line in lines if line.startswith("tuned model (DPO implicit accuracy): accuracy ")]
     print(model)

@@ -354,19 +354,29 @@ def test_relabel_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(tmp_pa
 
 
 def test_relabel_deals_whole_row_groups_to_processes():
-    """Each row group goes to one process (the one with the fewest rows so far), in table order, so processes
-    never read a row group twice between them; every chunk is dealt once."""
+    """Each row group goes to one process (largest first, to the one with the fewest rows so far), so processes
+    never read a row group twice between them, unless it holds more than a process's share: then its chunks are
+    dealt one by one (a table of one row group still keeps every process scoring, a review found); every chunk
+    is dealt once, and each share is in table order."""
     from rlaif.relabel import Chunk, process_shares
 
     sizes = {("a", 0): [4, 4, 4], ("a", 1): [4], ("b", 0): [4, 2], ("b", 1): [4], ("b", 2): [3]}
-    wanted = [Chunk(0, file, group, 0, 4 * i, count) for (file, group), counts in sizes.items()
-              for i, count in enumerate(counts)]
+    wanted, first = [], {"a": 0, "b": 0}  # as `chunks` cuts them: each file's rows numbered on across row groups
+    for (file, group), counts in sizes.items():
+        for i, count in enumerate(counts):
+            wanted.append(Chunk("ab".index(file), file, group, first[file], 4 * i, count))
+            first[file] += count
     shares = process_shares(wanted, 2)
     assert [[(c.file, c.group) for c in share] for share in shares] == [
         [("a", 0)] * 3 + [("b", 2)], [("a", 1)] + [("b", 0)] * 2 + [("b", 1)]]  # rows 12 + 3, 4 + 6 + 4
     assert sorted(sum(shares, []), key=wanted.index) == wanted
     assert process_shares(wanted, 1) == [wanted] and process_shares([], 3) == [[], [], []]
-    assert [len(share) for share in process_shares(wanted, 8)] == [3, 1, 2, 1, 1, 0, 0, 0]
+    eight = process_shares(wanted, 8)  # a share is 29 / 8 rows: a0 and b0 are dealt chunk by chunk
+    assert [[(c.file, c.group, c.offset) for c in share] for share in eight] == [
+        [("a", 0, 0)], [("a", 0, 4)], [("a", 0, 8)], [("a", 1, 0)], [("b", 0, 0)], [("b", 1, 0)], [("b", 2, 0)],
+        [("b", 0, 4)]]
+    one_group = [Chunk(0, "a", 0, 4 * i, 4 * i, 4) for i in range(6)]
+    assert process_shares(one_group, 3) == [one_group[0::3], one_group[1::3], one_group[2::3]]
 
 
 def test_two_processes_relabel_their_own_row_groups_and_write_the_same_table(tmp_path):

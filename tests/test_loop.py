@@ -108,12 +108,69 @@ def test_a_loop_refuses_edited_prompt_files_and_goes_on_moved_or_with_other_batc
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "loop.json").write_text(json.dumps(old))
     assert _state(read_loop(config, out=tmp_path / "older"))["done"] == ["1/sample"]
+    (tmp_path / "train.txt").write_text(PROMPTS[0] + "\n")  # round 1 sampled others: refused at once
+    with pytest.raises(RlaifError, match=r"other settings \(\[prompt files \(sha256\)\] prompts '[0-9a-f]{16}' "
+                                         r"-> '[0-9a-f]{16}'\)"):
+        _state(read_loop(config))
+    (tmp_path / "train.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    state = json.loads((out / "loop.json").read_text())  # round 1 measured: its eval prompts may change no more
+    (out / "loop.json").write_text(json.dumps({**state, "done": ["1/sample", "1/label", "1/train", "1/eval"]}))
     (tmp_path / "held_out.txt").write_text("a large green square on a white background\n" + PROMPTS[5] + "\n")
     with pytest.raises(RlaifError, match=r"other settings \(\[prompt files \(sha256\)\] eval_prompts '[0-9a-f]{16}' "
                                          r"-> '[0-9a-f]{16}'\)"):
         _state(read_loop(config))
     config.write_text(config.read_text().replace("steps = 4", "steps = 5", 1))
     with pytest.raises(RlaifError, match=r"\[sample\] steps 4 -> 5"):  # a setting that changes numbers
+        _state(read_loop(config))
+
+
+def test_a_loop_checks_its_prompt_files_first_and_its_eval_may_be_mended_until_a_round_is_evaluated(tmp_path):
+    """A missing eval_prompts file (or one without the [eval] prompt_column) is refused before round 1 samples, not
+    after it trains (a review); until a round is evaluated, [eval] and its prompts may still change, and a device
+    or the report's grid may change at any time."""
+    from rlaif.loop import _state
+
+    config, out = small_loop(tmp_path, "tiny")
+    (tmp_path / "held_out.txt").rename(tmp_path / "held.txt")
+    refused = run_cli("loop", "--config", config)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and not out.exists()
+    assert refused.stderr.startswith(f"error: {config} [loop] eval_prompts: prompts file {tmp_path / 'held_out.txt'} "
+                                     "does not exist")
+    (tmp_path / "held.txt").rename(tmp_path / "held_out.txt")
+    out.mkdir()
+    (out / "loop.json").write_text(json.dumps({"settings": read_loop(config).source, "done": ["1/sample", "1/label"],
+                                               "rounds": {}}))
+    config.write_text(config.read_text().replace("per_prompt = 2", "per_prompt = 3").replace(
+        "[sample]", "[sample]\ndevice = 'cpu'"))
+    (tmp_path / "held_out.txt").write_text(PROMPTS[6] + "\n")
+    assert _state(read_loop(config))["settings"]["eval"]["per_prompt"] == 3  # nothing evaluated yet: mended
+    state = json.loads((out / "loop.json").read_text())
+    (out / "loop.json").write_text(json.dumps({**state, "done": [*state["done"], "1/train", "1/eval"]}))
+    with pytest.raises(RlaifError, match=r"\[eval\] per_prompt 2 -> 3"):  # round 1 was measured otherwise
+        _state(read_loop(config))
+
+
+def test_a_loop_whose_base_model_changed_between_rounds_is_refused(tmp_path):
+    """Every round samples, trains on and is evaluated against one base: its weights are recorded, and a model
+    folder rewritten between rounds (or another hub revision) is refused before round 2 mixes two bases in one
+    run (a review). A loop.json from before the weights were recorded goes on, and records them."""
+    from rlaif.loop import MODEL_WEIGHTS, _state
+    from rlaif.tiny import TINY_SD_DIR
+
+    shutil.copytree(TINY_SD_DIR, tmp_path / "model")
+    config, out = small_loop(tmp_path, str(tmp_path / "model"))
+    out.mkdir()
+    source = read_loop(config).source
+    assert set(source[MODEL_WEIGHTS]) == {"model"}
+    (out / "loop.json").write_text(json.dumps({"settings": {k: v for k, v in source.items() if k != MODEL_WEIGHTS},
+                                               "done": ["1/sample"], "rounds": {}}))
+    assert _state(read_loop(config))["settings"][MODEL_WEIGHTS] == source[MODEL_WEIGHTS]  # an older loop.json
+    (out / "loop.json").write_text(json.dumps({"settings": source, "done": ["1/sample"], "rounds": {}}))
+    assert _state(read_loop(config))["done"] == ["1/sample"]
+    scheduler = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace("}", ', "note": "edited"}'))
+    with pytest.raises(RlaifError, match=f"{out} holds a loop run whose base model {tmp_path / 'model'} had other "
+                                         "weights"):
         _state(read_loop(config))
 
 

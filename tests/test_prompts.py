@@ -11,8 +11,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"  # the checkout's data/, ins
 
 
 def test_a_prompt_that_begins_like_a_header_word_is_still_a_prompt(tmp_path):
-    (tmp_path / "p.txt").write_text("prompts, drawn by a child\ncaptioned photo, a cat\n")
-    assert load_prompts(str(tmp_path / "p.txt")) == ["prompts, drawn by a child", "captioned photo, a cat"]
+    (tmp_path / "p.txt").write_text("caption, a neon sign\nprompts, drawn by a child\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["caption, a neon sign", "prompts, drawn by a child"]
 
 
 def test_txt_skips_blank_lines_and_repeats(tmp_path):
@@ -104,7 +104,7 @@ def test_csv_jsonl_parquet_and_explicit_column(tmp_path):
         # a table saved as .txt (a new user's trial: the header was sampled as a prompt), and a list saved as .csv
         ("p.txt", "\nprompt,category\na red circle,shapes\n", None, "its first line 'prompt,category' is a table's "
          "header, and a .txt file is read one prompt per line; name it .csv to read it as a table"),
-        ("p.txt", "Caption\ta cat\n", None, "name it .tsv"),
+        ("p.txt", "Caption\tlabel\na cat\tanimals\n", None, "name it .tsv"),
         ("p.csv", "a red circle\na blue square\n", None, "(columns: a red circle); choose one with --prompt-column; "
          "or, if it is a list of prompts, one per line, name it .txt"),
     ],

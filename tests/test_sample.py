@@ -79,6 +79,21 @@ def test_rerun_with_same_arguments_skips_finished_images(reference, tmp_path):
     assert "sampling: 32/32 images (100%), - images/s, ETA 0:00:00" in result.stderr
 
 
+def test_a_rerun_with_more_prompts_that_stops_leaves_no_stale_table(reference, tmp_path):
+    """A finished folder rerun with a prompt more, stopped before the end, must not leave the earlier, smaller
+    samples.parquet for `rlaif label` to take as this run's (a review); the table is rewritten at the end."""
+    prompts, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(expected, out)
+    more, extra = tmp_path / "more.txt", "a small green triangle on a red background"
+    more.write_text(prompts.read_text() + extra + "\n")
+    (out / "images" / prompt_id(extra)).write_text("in the way")  # the new prompt's images cannot be written
+    stopped = run_cli("sample", "--model", "tiny", "--prompts", more, "--per-prompt", 4, "--out", out, *FAST)
+    assert stopped.returncode != 0 and not (out / "samples.parquet").exists()
+    label = run_cli("label", out, "--scorer", "compressibility")
+    assert label.returncode == 2 and "holds an `rlaif sample` run that has not finished" in label.stderr
+
+
 @pytest.mark.parametrize("kill_after_pngs", [1, 13])
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, kill_after_pngs):
     prompts, expected = reference

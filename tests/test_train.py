@@ -346,7 +346,8 @@ def test_held_out_pairs_are_measured_every_val_every_steps(tmp_path):
                    "--out", tmp_path / "same")
     assert same.returncode == 0, same.stderr
     assert json.loads((tmp_path / "same" / "train.json").read_text())["same_images_dropped"] == 3
-    assert "on 37 pairs (0 ties dropped, 3 of one picture twice dropped, 0 held out; labels: label_0)" in same.stderr
+    assert "on 37 pairs (0 ties dropped, 3 pairs of one picture twice dropped, 0 held out; labels: label_0)" \
+        in same.stderr
 
 
 def test_lora_targets_written_with_spaces_train_every_module_named(tiny_pairs, tmp_path):

@@ -24,10 +24,12 @@ def test_a_long_run_checkpoints_every_half_hour_and_a_short_one_never(accelerato
 
 
 def test_the_cache_refuses_a_disk_too_small_and_says_what_to_do(tmp_path):
-    check_cache_space(tmp_path / "not" / "made" / "yet", 1)  # the nearest existing folder's disk is checked
-    with pytest.raises(RlaifError, match=r"may need 931322574.6 GiB but only .* GiB is free there; free space, "
-                                         r"point RLAIF_CACHE elsewhere, use --cache-dtype bf16"):
-        check_cache_space(tmp_path / "cache", 10**18)
+    check_cache_space(tmp_path / "not" / "made" / "yet", 1, 1)  # the nearest existing folder's disk is checked
+    with pytest.raises(RlaifError, match=r"may need 931322574.6 GiB \(latents 465661287.3, text embeddings "
+                                         r"465661287.3\) but only .* GiB is free there; free space, point "
+                                         r"RLAIF_CACHE elsewhere, use --cache-dtype bf16 \(half the latents; text "
+                                         r"embeddings stay fp32\) or --no-cache"):
+        check_cache_space(tmp_path / "cache", 5 * 10**17, 5 * 10**17)
 
 
 def test_automatic_checkpoints_resume_with_the_run(tiny_pairs, tmp_path, monkeypatch):
@@ -108,8 +110,8 @@ def test_the_text_cache_estimate_counts_each_caption_once_at_its_padded_size(tin
     length = prompt_length(flux)["max_sequence_length"]
     assert Encoder(flux, None).text_entry_bytes(torch.device("cpu")) == \
         4 * (length * flux.text_encoder_2.config.d_model + flux.text_encoder.config.hidden_size)
-    assert PairTable(tiny_pairs).captions is None  # captions not read: at most one per pair
-    assert PairTable(tiny_pairs, hold_out=0.1).captions == pl.read_parquet(tiny_pairs)["caption"].n_unique()
+    assert PairTable(tiny_pairs).distinct_captions is None  # captions not read: at most one per pair
+    assert PairTable(tiny_pairs, hold_out=0.1).distinct_captions == pl.read_parquet(tiny_pairs)["caption"].n_unique()
 
 
 def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
@@ -280,3 +282,54 @@ def test_pairs_sampled_by_another_model_are_trained_with_a_note(tiny_pairs, tmp_
     assert sampled_by_another(config, pairs, own=pairs.sampling) is None  # drawn by the model trained
     pairs.sampling = []  # as a Pick-a-Pic table has none (a cached property: set on the instance)
     assert sampled_by_another(config, pairs, own=[]) is None
+
+
+def test_a_run_begun_under_other_defaults_resumes_with_the_option_it_names(tiny_pairs, tmp_path):
+    """A default that changed between a run's start and its resume (SD3 / FLUX.1 caption dropout 0.2 -> 0 on
+    2026-11-29) is refused with the option that resumes the run as it began (a review: before, only "resume with
+    the same settings", though the user had changed nothing)."""
+    import json
+
+    from rlaif.config import TrainConfig
+    from rlaif.errors import RlaifError
+    from rlaif.train.trainer import run_train
+
+    settings = dict(pairs=str(tiny_pairs), model="tiny", out=tmp_path / "run", batch_size=2, checkpoint_every=1)
+    run_train(TrainConfig(**settings, max_steps=1))
+    position = tmp_path / "run" / "checkpoints" / "step_00000001" / "position.json"
+    record = json.loads(position.read_text())
+    assert record["settings"]["caption_dropout"] == 0.0
+    record["settings"]["caption_dropout"] = 0.2  # as if the default was 0.2 when the run began
+    position.write_text(json.dumps(record))
+    with pytest.raises(RlaifError, match=r"other settings \(caption_dropout 0.2 -> 0.0\); rlaif's defaults changed "
+                                         r"since that run began: pass --caption-dropout 0.2 to resume it, or start"):
+        run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True))
+    with pytest.raises(RlaifError, match=r"other settings \(caption_dropout 0.2 -> 0.1\); resume with the same "
+                                         "settings"):  # given, not defaulted: the user's own change
+        run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True, caption_dropout=0.1))
+    run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True, caption_dropout=0.2))
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["steps"] == 2
+
+
+def test_a_rules_change_that_leaves_a_table_alone_says_nothing(tiny_pairs, tmp_path):
+    """Rules 4 changed only tables with pairs of one picture twice (Pick-a-Pic's are_different false): a rules-3
+    checkpoint of any other table goes on as the same run, without the note (a review found it said so of all)."""
+    import polars as pl
+
+    from rlaif.train.batches import BATCH_RULES
+    from rlaif.train.pair_table import PairTable
+    from rlaif.train.trainer import resumed_under_other_rules
+
+    assert BATCH_RULES == 4
+    plain = PairTable(tiny_pairs)
+    pl.read_parquet(tiny_pairs).with_row_index().with_columns(
+        are_different=pl.col("index") > 0,  # its first pair marked one picture twice; its images where they are
+        **{side: pl.lit(f"{tiny_pairs.parent}/") + pl.col(side) for side in ("image_0", "image_1")},
+    ).drop("index").write_parquet(tmp_path / "marked.parquet")
+    marked = PairTable(tmp_path / "marked.parquet")
+    assert (plain.same_images, marked.same_images) == (0, 1)
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    assert resumed_under_other_rules(folder, {"batch_rules": 3}, plain) is None
+    assert resumed_under_other_rules(folder, {"batch_rules": 3}, marked).startswith(f"{folder} was written by")
+    assert resumed_under_other_rules(folder, {"batch_rules": 2}, plain).startswith(f"{folder} was written by")
+    assert resumed_under_other_rules(None, {"batch_rules": 1}, marked) is None

@@ -135,7 +135,7 @@ class Encoder:
 
     def text_entry_bytes(self, device: torch.device) -> int:
         """Disk bytes of one caption's cached embeddings (fp32, at the T5 length trained, whatever the caption:
-        they are padded to it), measured on the empty caption, which training may need anyway."""
+        they are padded to it), measured on the empty caption: one call of the text encoders, whatever the family."""
         embeds, pooled = self.text([""], device)
         return 4 * (embeds[0].numel() + (0 if pooled is None else pooled[0].numel()))
 

@@ -449,15 +449,16 @@ class PairTable(Sequence[PreferencePair]):
         ``held_out_pairs`` gives."""
         # dropped: a tie teaches no preference, nor does a pair nobody labelled (a relabelled table's label_0), nor
         # a choice between a picture and itself (its DPO term is 0, and it would count against implicit accuracy)
-        # distinct captions of the whole table, where its captions were read (None: at most one per pair)
-        self.captions = None if not hashes or hashes[0] is None else len(np.unique(np.concatenate(hashes)))
+        # distinct captions of the whole table where its captions were read (None: at most one per pair), told apart
+        # as held-out captions are (``caption_key``): retyped variants count once
+        self.distinct_captions = None if not hashes or hashes[0] is None else len(np.unique(np.concatenate(hashes)))
         self.ties = int(sum((values == 0.5).sum() for values in labels))
         self.unlabelled = int(sum(np.isnan(values).sum() for values in labels))
         preferred = [(values == 0.0) | (values == 1.0) for values in labels]
         self.same_images = int(sum((p & ~d).sum() for p, d in zip(preferred, different, strict=True)))
         valid = [p & d for p, d in zip(preferred, different, strict=True)]
         held = [np.zeros_like(v) for v in valid]
-        if self.hold_out and self.captions >= MIN_HELD_OUT_CAPTIONS:
+        if self.hold_out and self.distinct_captions >= MIN_HELD_OUT_CAPTIONS:
             held = [held_out_hashes(h, self.hold_out) for h in hashes]
         chosen_first = [values == 1.0 for values in labels]
         self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first

@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
@@ -93,6 +93,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     return it. ``note`` is told (on the main process) what looks unintended but may be meant."""
     config.validate()
     anchor_defaulted = config.keep_unconditional is None
+    left_default = [name for name in DEFAULTED if getattr(config, name) is None]
     config = with_family_defaults(config)
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
     held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
@@ -107,7 +108,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                          "of it (it changed while they started); pin one (a hub dataset as ORG/NAME@COMMIT) or "
                          "start again")
     identities = _identities(config, pairs, accelerator.num_processes)  # hashes the --init weights once per run
-    resume_from, position, complete = _resume_point(config, identities)  # position.json's record, else {}
+    # position.json's record, else {}
+    resume_from, position, complete = _resume_point(config, identities, left_default)
     step, recorded = position.get("step", 0), position.get("identities", {})  # the checkpoint's, else 0 and none
     identities["batch_rules"] = BATCH_RULES
     set_seed(config.seed)  # the LoRA initialisation is the only draw from the global generators
@@ -142,16 +144,16 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype,
                       config.max_sequence_length)
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
-        texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs), pairs.captions,
-                               encoder.text_entry_bytes(accelerator.device))
-        check_cache_space(cache_dir() / "train",
-                          _cache_estimate(config, pipe, resolution, len(pairs), global_batch) + texts)
+        texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs),
+                               pairs.distinct_captions, encoder.text_entry_bytes(accelerator.device))
+        check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch),
+                          texts)
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     if note and accelerator.is_main_process:
         for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
                      sampled_elsewhere(config, pairs, identities["init_weights"]),
-                     nothing_held_out(config, len(held_out_pairs)), resumed_under_other_rules(resume_from, recorded),
-                     within_warmup(config)):
+                     nothing_held_out(config, len(held_out_pairs)),
+                     resumed_under_other_rules(resume_from, recorded, pairs), within_warmup(config)):
             if text:
                 note(text)
     settings = BatchSettings(
@@ -506,21 +508,23 @@ def _cache_estimate(config: TrainConfig, pipe, resolution: int, pairs: int, glob
 
 def _text_estimate(trained: int, pairs: int, held_out: int, captions: int | None, entry: int) -> int:
     """Bytes the text cache may grow by in this run: ``entry`` for each caption of the ``trained`` pairs (the steps'
-    pairs, repeats included) and the ``held_out`` ones, each once: at most the table's distinct ``captions``, or
-    one per pair where its captions were not read. For SD3 / FLUX.1 an entry (T5 at 256-512 tokens) outweighs an
-    image's latents."""
+    pairs, repeats included) and the ``held_out`` ones, each once: at most the table's distinct ``captions`` (as
+    ``PairTable.distinct_captions`` counts them), or one per pair where its captions were not read. For SD3 /
+    FLUX.1 an entry (T5 at 256-512 tokens) outweighs an image's latents."""
     distinct = pairs + held_out if captions is None else captions
     return min(trained + held_out, distinct) * entry
 
 
-def check_cache_space(folder: Path, needed: int) -> None:
-    """Refuse to start when the cache's filesystem has less free space than the run may write to it."""
+def check_cache_space(folder: Path, latents: int, texts: int) -> None:
+    """Refuse to start when the cache's filesystem has less free space than the run may write to it (``latents``
+    and ``texts`` bytes)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise RlaifError(f"the training cache ({folder}) may need {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} "
-                         "GiB is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half "
-                         "the size) or --no-cache")
+    if free < latents + texts:
+        raise RlaifError(f"the training cache ({folder}) may need {(latents + texts) / 2**30:.1f} GiB (latents "
+                         f"{latents / 2**30:.1f}, text embeddings {texts / 2**30:.1f}) but only {free / 2**30:.1f} GiB "
+                         "is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half the "
+                         "latents; text embeddings stay fp32) or --no-cache")
 
 
 def checked_batch(batch: MicroBatch | str, out: Path | None, accelerator: Accelerator) -> MicroBatch:
@@ -670,7 +674,8 @@ def _identities(config: TrainConfig, pairs: PairTable, processes: int) -> dict:
             "init_weights": config.init and weights_identity(config.init)}
 
 
-def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, dict, list[Path]]:
+def _resume_point(config: TrainConfig, identities: dict,
+                  left_default: Collection[str] = ()) -> tuple[Path | None, dict, list[Path]]:
     """The checkpoint to resume from (None: start at step 0), its position.json ({} for none), and the folder's
     complete checkpoints.
     Refuses to overwrite a finished run without --overwrite, a run with checkpoints without --resume or
@@ -698,7 +703,7 @@ def _resume_point(config: TrainConfig, identities: dict) -> tuple[Path | None, d
                              f"name of one in {config.out / 'checkpoints'})")
         if not (folder / "position.json").exists():
             raise RlaifError(f"--resume {config.resume}: {folder} is not a complete rlaif checkpoint")
-    position = {} if folder is None else _check_same_run(folder, config, identities)
+    position = {} if folder is None else _check_same_run(folder, config, identities, left_default)
     step = position.get("step", 0)
     if step > config.max_steps:  # its weights have trained longer than asked: nothing could undo that
         raise RlaifError(f"--resume {config.resume}: {folder.name} is at step {step}, past --max-steps "
@@ -747,23 +752,30 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
                          "start it again in a new --out")
 
 
-def resumed_under_other_rules(folder: Path | None, recorded: dict) -> str | None:
+# Changes of BATCH_RULES that touch only some tables, and whether they touch ``pairs``: 4 left out Pick-a-Pic's
+# pairs of one picture twice
+NARROW_RULES: dict[int, Callable[[PairTable], bool]] = {4: lambda pairs: pairs.same_images > 0}
+
+
+def resumed_under_other_rules(folder: Path | None, recorded: dict, pairs: PairTable) -> str | None:
     """What to say when checkpoint ``folder`` (``recorded``: its identities) was written by an rlaif that built
-    micro-batches otherwise (other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out;
-    ``BATCH_RULES``): the run goes on, a valid training run, but not the one an uninterrupted run would have been."""
+    micro-batches of ``pairs`` otherwise (other held-out captions, VAE draws, crops, SDXL conditioning or pairs
+    left out; ``BATCH_RULES``): the run goes on, a valid training run, but not the one an uninterrupted run would
+    have been."""
     if folder is None:
         return None
     then = recorded.get("batch_rules", 1)  # before the rules were recorded: the first
-    if then == BATCH_RULES:
+    if all(rule in NARROW_RULES and not NARROW_RULES[rule](pairs) for rule in range(then + 1, BATCH_RULES + 1)):
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
             "other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out); the remaining steps "
             "and held-out measurements use these, so the result will differ from an uninterrupted run's")
 
 
-def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict:
+def _check_same_run(folder: Path, config: TrainConfig, identities: dict, left_default: Collection[str] = ()) -> dict:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its
-    position.json (its step, settings and identities)."""
+    position.json (its step, settings and identities). A setting in ``left_default`` (unset, so rlaif's default)
+    that differs is named with the option that resumes it: the default changed since that run began."""
     position = read_json(folder / "position.json", "start a new run in another --out") or {}
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
@@ -772,8 +784,11 @@ def _check_same_run(folder: Path, config: TrainConfig, identities: dict) -> dict
     now = _unstamped_as_then(saved, _moved_alike(saved, {**_settings(config), **identities}))
     changed = changed_settings(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
     if changed:
-        raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); resume "
-                         "with the same settings, or start a new run in another --out")
+        moved = [f"--{key.replace('_', '-')} {saved[key]}" for key in left_default if saved.get(key) != now.get(key)]
+        advice = (f"rlaif's defaults changed since that run began: pass {' '.join(moved)} to resume it" if moved
+                  else "resume with the same settings")
+        raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); {advice}, "
+                         "or start a new run in another --out")
     return position
 
 
