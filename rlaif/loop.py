@@ -135,9 +135,31 @@ def _model_weights(config: LoopConfig) -> dict[str, dict[str, str]]:
     trains on and is evaluated against that model, so another hub revision or a rewritten folder between rounds
     would mix two bases in one run; nothing where they are not known yet (a hub id not downloaded)."""
     identity = model_identity(config.model)
-    if identity == config.model:  # a hub id not in the cache: its revision is known once round 1 downloads it
+    if identity == config.model:  # a hub id not in the cache: known once round 1 has sampled (``_same_base``)
         return {}
-    return {MODEL_WEIGHTS: {"model": hashlib.sha256(identity.encode()).hexdigest()[:16]}}
+    return {MODEL_WEIGHTS: {"model": _digest(identity)}}
+
+
+def _digest(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _same_base(state: dict, samples: Path, loop: LoopConfig) -> None:
+    """Check that a round's ``samples`` were drawn from the base model the loop recorded (its weights, as that
+    sampling loaded them: a hub id resolves afresh in every stage), recording it if none was known yet."""
+    drawn = ((read_json(samples / "run.json", UNREADABLE_STATE) or {}).get("generation") or {}).get("model_weights")
+    if drawn is None:
+        return
+    recorded = state["settings"].setdefault(MODEL_WEIGHTS, {"model": _digest(drawn)})
+    if recorded["model"] != _digest(drawn):
+        raise RlaifError(_other_base(loop))
+
+
+def _other_base(loop: LoopConfig) -> str:
+    """The refusal of a loop whose base model's weights changed."""
+    return (f"{loop.out} holds a loop run whose base model {loop.model} had other weights (another hub revision, or "
+            "its folder's files changed); its next rounds would sample, train and be evaluated on another base: "
+            "restore the model as it was, or start again in another --out")
 
 
 def eval_scorer_options(path: Path, label: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
@@ -180,7 +202,7 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
-    if not (loop.out / "loop.json").exists():  # a loop begun before these checks goes on as it was begun
+    if not _evaluated(loop.out):  # a loop begun before these checks goes on as it was begun, once it evaluated
         _check_roles(path, stages)
     negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
     if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
@@ -256,14 +278,14 @@ def _state(plan: LoopPlan) -> dict:
     # records an earlier rlaif did not keep (or weights not known then, or now) are not compared
     unknown = {record for record in (PROMPT_FILES, MODEL_WEIGHTS) if record not in before or record not in now}
     if MODEL_WEIGHTS not in unknown and before[MODEL_WEIGHTS] != now[MODEL_WEIGHTS]:
-        raise RlaifError(f"{plan.loop.out} holds a loop run whose base model {plan.loop.model} had other weights "
-                         "(another hub revision, or its folder's files changed); its next rounds would sample, train "
-                         "and be evaluated on another base: restore those weights, or start again in another --out")
+        raise RlaifError(_other_base(plan.loop))
+    if MODEL_WEIGHTS in before:  # kept when not known now (a hub cache emptied): the rounds check it as they sample
+        now = {**now, MODEL_WEIGHTS: before[MODEL_WEIGHTS]}
     tables = (set(before) | set(now)) - unknown
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
     # before any round is evaluated, [eval] and its prompts may still be mended (eval remakes what it finds stale)
-    mendable = not any(key.endswith("/eval") for key in state.get("done", []))
+    mendable = not any(key.endswith("/eval") for key in state.get("done", []))  # as _evaluated
     changed = [(table, key, old, new) for table, key, old, new in values
                if old != new and key not in RESUMABLE.get(table, ()) and not (mendable and _of_eval(table, key))]
     more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
@@ -272,6 +294,11 @@ def _state(plan: LoopPlan) -> dict:
     changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
     raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                      "the same config and options to continue it, or choose another --out")
+
+
+def _evaluated(out: Path) -> bool:
+    """Whether the loop in ``out`` has evaluated a round (its [eval] and eval prompts can no longer change)."""
+    return any(key.endswith("/eval") for key in (read_json(out / "loop.json", UNREADABLE_STATE) or {}).get("done", []))
 
 
 def _of_eval(table: str, key: str) -> bool:
@@ -357,6 +384,7 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[s
                        progress and (lambda done, total, n=number: progress(f"round {n} sampling", done, total)),
                        note=note)
             finished(f"{number}/sample")
+        _same_base(state, samples, loop)
         if f"{number}/label" not in state["done"]:
             begins(f"{number}/label")
             run_label(LabelConfig(samples_dir=samples, **stages["label"]), report(f"round {number} scoring"))

@@ -83,9 +83,12 @@ def check_not_a_table(path: Path, lines: list[str]) -> None:
     prompt per line, the header would be sampled as a prompt and every row with its other columns."""
     first = next((line.strip() for line in lines if line.strip()), "")
     names = [field.strip().strip('"') for field in re.split(r"[,\t]", first)]
-    # a header names columns: its first is a prompt column's name, and every field is one word ("caption, a neon
-    # sign" is a prompt)
-    if names[0].casefold() in {c.casefold() for c in DEFAULT_COLUMNS} and all(re.fullmatch(r"\w+", n) for n in names):
+    while len(names) > 1 and not names[-1]:  # a trailing separator
+        names.pop()
+    # a header names columns: its first is a prompt column's name, and every field is a name, without spaces
+    # ("caption, a neon sign" is a prompt)
+    if names[0].casefold() in {c.casefold() for c in DEFAULT_COLUMNS} and all(re.fullmatch(r"[\w.-]+", n)
+                                                                             for n in names):
         kind = ".tsv" if "\t" in first else ".csv"
         raise RlaifError(f"prompts file {path}: its first line {first!r} is a table's header, and a .txt file is read "
                          f"one prompt per line; name it {kind} to read it as a table, or remove the header")

@@ -149,14 +149,13 @@ def read_chunks(wanted: list[Chunk], rows: int, columns: list[str] | None = None
 def process_shares(wanted: list[Chunk], processes: int) -> list[list[Chunk]]:
     """Each process's chunks of ``wanted``, in table order: whole row groups, so that no row group is read by two
     processes, except a row group of more than a process's share of the rows (a table of fewer row groups than
-    processes), whose chunks are dealt one by one so that every process scores; each unit, largest first, goes to
-    the process with the fewest rows so far."""
+    processes), which is cut into runs of consecutive chunks so that every process scores (a reader stops after its
+    run); each unit, largest first, goes to the process with the fewest rows so far."""
     groups: dict[tuple[str, int], list[Chunk]] = {}
     for chunk in wanted:
         groups.setdefault((chunk.file, chunk.group), []).append(chunk)
     share = sum(chunk.count for chunk in wanted) / processes
-    units = [unit for group in groups.values()
-             for unit in ([[chunk] for chunk in group] if sum(c.count for c in group) > share else [group])]
+    units = [unit for group in groups.values() for unit in _runs(group, share)]
     shares: list[list[Chunk]] = [[] for _ in range(processes)]
     loads = [0] * processes
     for unit in sorted(units, key=lambda unit: -sum(chunk.count for chunk in unit)):  # stable: table order in ties
@@ -164,6 +163,19 @@ def process_shares(wanted: list[Chunk], processes: int) -> list[list[Chunk]]:
         shares[least] += unit
         loads[least] += sum(chunk.count for chunk in unit)
     return [sorted(chunks, key=lambda chunk: (chunk.number, chunk.first)) for chunks in shares]
+
+
+def _runs(group: list[Chunk], share: float) -> list[list[Chunk]]:
+    """A row group's chunks whole, or, past ``share`` rows, in runs of consecutive chunks: those starting within
+    the same ``share`` rows of the group form a run."""
+    if sum(chunk.count for chunk in group) <= share:
+        return [group]
+    runs: dict[int, list[Chunk]] = {}
+    start = 0
+    for chunk in group:
+        runs.setdefault(int(start // share), []).append(chunk)
+        start += chunk.count
+    return list(runs.values())
 
 
 def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int,

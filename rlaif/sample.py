@@ -118,7 +118,7 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
 
 def _versions_record(run_file: Path, lacking: Callable[[], bool], note: Callable[[str], None] | None) -> dict:
     """run.json's record of the library versions: those the folder was begun under, and when images it still
-    ``lacking()`` (asked only then: a stat of every image) are made under other versions of the libraries that
+    ``lacking()`` (a stat of every image) are made under other versions of the libraries that
     shape them (rlaif aside), these appended to ``resumed_under``, the list of every other set some images were
     made under (kept by later runs that make none); ``note`` is told, as those images may differ from an
     uninterrupted run's."""

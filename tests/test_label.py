@@ -375,8 +375,9 @@ def test_relabel_deals_whole_row_groups_to_processes():
     assert [[(c.file, c.group, c.offset) for c in share] for share in eight] == [
         [("a", 0, 0)], [("a", 0, 4)], [("a", 0, 8)], [("a", 1, 0)], [("b", 0, 0)], [("b", 1, 0)], [("b", 2, 0)],
         [("b", 0, 4)]]
-    one_group = [Chunk(0, "a", 0, 4 * i, 4 * i, 4) for i in range(6)]
-    assert process_shares(one_group, 3) == [one_group[0::3], one_group[1::3], one_group[2::3]]
+    one_group = [Chunk(0, "a", 0, 4 * i, 4 * i, 4) for i in range(6)]  # each process a run of it: reads stop early
+    assert process_shares(one_group, 3) == [one_group[0:2], one_group[2:4], one_group[4:6]]
+    assert process_shares(one_group, 4) == [one_group[0:2], one_group[3:5], one_group[2:3], one_group[5:6]]
 
 
 def test_two_processes_relabel_their_own_row_groups_and_write_the_same_table(tmp_path):

@@ -172,6 +172,28 @@ def test_a_loop_whose_base_model_changed_between_rounds_is_refused(tmp_path):
     with pytest.raises(RlaifError, match=f"{out} holds a loop run whose base model {tmp_path / 'model'} had other "
                                          "weights"):
         _state(read_loop(config))
+    # a hub id is known by the revision each round's sampling loaded (none before round 1 downloads it): the first
+    # round's is recorded, and a later round drawn from another revision is refused before it trains
+    from rlaif.loop import _same_base
+
+    plan = read_loop(config)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "run.json").write_text(json.dumps({"generation": {"model_weights": "org/model@aaaa"}}))
+    state = {"settings": {}, "done": []}
+    _same_base(state, samples, plan.loop)
+    recorded = state["settings"][MODEL_WEIGHTS]
+    _same_base(state, samples, plan.loop)
+    assert state["settings"][MODEL_WEIGHTS] == recorded
+    (samples / "run.json").write_text(json.dumps({"generation": {"model_weights": "org/model@bbbb"}}))
+    with pytest.raises(RlaifError, match="had other weights"):
+        _same_base(state, samples, plan.loop)
+    del state["settings"][MODEL_WEIGHTS]  # kept by _state when a resume cannot know the weights (an emptied cache)
+    (out / "loop.json").write_text(json.dumps({"settings": {**source, MODEL_WEIGHTS: recorded}, "done": [],
+                                               "rounds": {}}))
+    unknown_now = read_loop(config)
+    del unknown_now.source[MODEL_WEIGHTS]
+    assert _state(unknown_now)["settings"][MODEL_WEIGHTS] == recorded
 
 
 def test_a_loop_begun_with_settings_now_refused_that_changed_nothing_goes_on(tmp_path):

@@ -105,6 +105,7 @@ def test_csv_jsonl_parquet_and_explicit_column(tmp_path):
         ("p.txt", "\nprompt,category\na red circle,shapes\n", None, "its first line 'prompt,category' is a table's "
          "header, and a .txt file is read one prompt per line; name it .csv to read it as a table"),
         ("p.txt", "Caption\tlabel\na cat\tanimals\n", None, "name it .tsv"),
+        ("p.txt", "prompt,sub-category,\na cat,pets,\n", None, "name it .csv"),  # a trailing comma, a hyphen
         ("p.csv", "a red circle\na blue square\n", None, "(columns: a red circle); choose one with --prompt-column; "
          "or, if it is a list of prompts, one per line, name it .txt"),
     ],

@@ -301,12 +301,16 @@ def test_a_run_begun_under_other_defaults_resumes_with_the_option_it_names(tiny_
     assert record["settings"]["caption_dropout"] == 0.0
     record["settings"]["caption_dropout"] = 0.2  # as if the default was 0.2 when the run began
     position.write_text(json.dumps(record))
-    with pytest.raises(RlaifError, match=r"other settings \(caption_dropout 0.2 -> 0.0\); rlaif's defaults changed "
-                                         r"since that run began: pass --caption-dropout 0.2 to resume it, or start"):
+    with pytest.raises(RlaifError, match=r"other settings \(caption_dropout 0.2 -> 0.0\); left to rlaif's defaults, "
+                                         r"these resolve otherwise than when that run began: pass --caption-dropout "
+                                         r"0.2 to resume it, or start"):
         run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True))
     with pytest.raises(RlaifError, match=r"other settings \(caption_dropout 0.2 -> 0.1\); resume with the same "
                                          "settings"):  # given, not defaulted: the user's own change
         run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True, caption_dropout=0.1))
+    with pytest.raises(RlaifError, match=r"\(beta 1000.0 -> 500.0; caption_dropout 0.2 -> 0.0\); resume with the "
+                                         "same settings"):  # a change of the user's beside it: no advice to mislead
+        run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True, beta=500.0))
     run_train(TrainConfig(**settings, max_steps=2, resume="latest", overwrite=True, caption_dropout=0.2))
     assert json.loads((tmp_path / "run" / "train.json").read_text())["steps"] == 2
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 import warnings
@@ -774,19 +775,23 @@ def resumed_under_other_rules(folder: Path | None, recorded: dict, pairs: PairTa
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict, left_default: Collection[str] = ()) -> dict:
     """Refuse to resume checkpoint ``folder`` with settings that change what a step computes; return its
-    position.json (its step, settings and identities). A setting in ``left_default`` (unset, so rlaif's default)
-    that differs is named with the option that resumes it: the default changed since that run began."""
+    position.json (its step, settings and identities). When every difference is a setting of ``left_default``
+    (unset, so rlaif's default, which changed since that run began), the refusal names the options that resume it."""
     position = read_json(folder / "position.json", "start a new run in another --out") or {}
     if "settings" not in position:
         raise RlaifError(f"--resume {folder}: written by an older rlaif that did not record its settings; start a "
                          "new run in another --out")
     saved = {**settings_then(position["settings"]), **position.get("identities", {})}
     now = _unstamped_as_then(saved, _moved_alike(saved, {**_settings(config), **identities}))
-    changed = changed_settings(saved, now, [key for key in now if key not in RESUMABLE_CHANGES])
+    compared = [key for key in now if key not in RESUMABLE_CHANGES]
+    changed = changed_settings(saved, now, compared)
     if changed:
-        moved = [f"--{key.replace('_', '-')} {saved[key]}" for key in left_default if saved.get(key) != now.get(key)]
-        advice = (f"rlaif's defaults changed since that run began: pass {' '.join(moved)} to resume it" if moved
-                  else "resume with the same settings")
+        differ = [key for key in compared if saved.get(key) != now.get(key)]
+        # only when every difference is a default that resolves otherwise now, to a value an option can give
+        moved = set(differ) <= set(left_default) and all(saved.get(key) is not None for key in differ)
+        advice = ("left to rlaif's defaults, these resolve otherwise than when that run began: pass "
+                  + " ".join(f"--{key.replace('_', '-')} {shlex.quote(str(saved[key]))}" for key in sorted(differ))
+                  + " to resume it") if moved else "resume with the same settings"
         raise RlaifError(f"--resume {folder}: that run was made with other settings ({'; '.join(changed)}); {advice}, "
                          "or start a new run in another --out")
     return position
