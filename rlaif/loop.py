@@ -141,6 +141,7 @@ def _model_weights(config: LoopConfig) -> dict[str, dict[str, str]]:
 
 
 def _digest(identity: str) -> str:
+    """A model identity, short enough to record (a folder's lists every file)."""
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
