@@ -203,7 +203,8 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
             config(**placeholders[stage], **stages[stage]).check_values()
         except RlaifError as exc:
             raise RlaifError(f"{path} [{stage}]: {exc}") from exc
-    if not _evaluated(loop.out):  # a loop begun before these checks goes on as it was begun, once it evaluated
+    done = (read_json(loop.out / "loop.json", UNREADABLE_STATE) or {}).get("done", [])
+    if not evaluated(done):  # a loop begun before these checks goes on as it was begun, once it evaluated
         _check_roles(path, stages)
     negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
     if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
@@ -286,7 +287,7 @@ def _state(plan: LoopPlan) -> dict:
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
     # before any round is evaluated, [eval] and its prompts may still be mended (eval remakes what it finds stale)
-    mendable = not any(key.endswith("/eval") for key in state.get("done", []))  # as _evaluated
+    mendable = not evaluated(state.get("done", []))
     changed = [(table, key, old, new) for table, key, old, new in values
                if old != new and key not in RESUMABLE.get(table, ()) and not (mendable and _of_eval(table, key))]
     more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
@@ -297,9 +298,10 @@ def _state(plan: LoopPlan) -> dict:
                      "the same config and options to continue it, or choose another --out")
 
 
-def _evaluated(out: Path) -> bool:
-    """Whether the loop in ``out`` has evaluated a round (its [eval] and eval prompts can no longer change)."""
-    return any(key.endswith("/eval") for key in (read_json(out / "loop.json", UNREADABLE_STATE) or {}).get("done", []))
+def evaluated(done: list[str]) -> bool:
+    """Whether a loop whose finished stages are ``done`` has evaluated a round (its [eval] and eval prompts can no
+    longer change)."""
+    return any(key.endswith("/eval") for key in done)
 
 
 def _of_eval(table: str, key: str) -> bool:

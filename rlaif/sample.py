@@ -116,9 +116,9 @@ def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = 
         )
 
 
-def _versions_record(run_file: Path, lacking: Callable[[], bool], note: Callable[[str], None] | None) -> dict:
-    """run.json's record of the library versions: those the folder was begun under, and when images it still
-    ``lacking()`` (a stat of every image) are made under other versions of the libraries that
+def _versions_record(run_file: Path, lacking: bool, note: Callable[[str], None] | None) -> dict:
+    """run.json's record of the library versions: those the folder was begun under, and when images it is still
+    ``lacking`` are made under other versions of the libraries that
     shape them (rlaif aside), these appended to ``resumed_under``, the list of every other set some images were
     made under (kept by later runs that make none); ``note`` is told, as those images may differ from an
     uninterrupted run's."""
@@ -130,7 +130,7 @@ def _versions_record(run_file: Path, lacking: Callable[[], bool], note: Callable
     kept = {"versions": then, **({"resumed_under": earlier} if earlier else {})}
     changed = [f"{name} {then.get(name)} -> {now[name]}" for name in now
                if name != "rlaif" and then.get(name) != now[name]]
-    if not (changed and lacking()):
+    if not (changed and lacking):
         return kept
     if note:
         note(f"{run_file.parent} was begun under other library versions ({'; '.join(changed)}); the images it still "
@@ -184,12 +184,9 @@ def run_sample(config: SampleConfig, progress: Progress | None = None, replace_s
     if state.is_main_process:
         if config.out.exists():
             remove_stale_temporaries(config.out)
-        def lacking() -> bool:
-            return any(not (config.out / job.image).exists() for job in jobs)
-
-        if lacking():  # a table of an earlier, smaller run would pass for this one's until it is rewritten at the end
+        lacking = any(not (config.out / job.image).exists() for job in jobs)  # a stat of every image, once
+        if lacking:  # a table of an earlier, smaller run would pass for this one's until it is rewritten at the end
             (config.out / "samples.parquet").unlink(missing_ok=True)
-
         write_json({"generation": generation, "settings": settings, **_versions_record(run_file, lacking, note),
                     "prompts": len(prompts), "processes": state.num_processes, "made_by": replace_stale or "sample"},
                    run_file)
