@@ -37,6 +37,7 @@ def cached_download(url: str, name: str) -> Path:
 CACHE_PARTS = {
     "latents": ("train/latents", "VAE latents of training images (per VAE and --cache-dtype)"),
     "text": ("train/text", "text-encoder outputs of training captions (per text encoders)"),
+    "blocks": ("train/blocks", "row groups of remote pairs tables being trained on, shared by the machine's readers"),
     "relabel": ("relabel", "scores of `label --relabel` chunks (per table, scorer and chunk size)"),
     "models": ("models", "the tiny offline models built on first use"),
     "downloads": ("downloads", "files downloaded once (e.g. scorer heads)"),

@@ -328,7 +328,8 @@ class TrainConfig:
     out: Path = field(metadata={"help": "Output folder: LoRA or UNet weights, checkpoints/, train_log.jsonl."})
     streaming: bool = field(default=False, metadata={
         "help": "With a hub dataset id: read its parquet shards over the network (only the label columns and the "
-                "row groups trained on) instead of downloading them first."})
+                "row groups trained on, each once per machine: kept in $RLAIF_CACHE/train/blocks while trained on) "
+                "instead of downloading them first."})
     init: Path | None = field(default=None, metadata={
         "help": "Start from an `rlaif train` output (LoRA fused, or its UNet) instead of the plain model; it is "
                 "also the reference (iterative Diffusion-DPO)."})
@@ -415,8 +416,9 @@ class TrainConfig:
         "help": "Encode images and captions every step instead of caching VAE latents and text embeddings on disk "
                 "($RLAIF_CACHE/train, keyed by content, model and augmentation; see `rlaif cache info`)."})
     cache_dtype: str = field(default="fp32", metadata={
-        "help": "fp32 | bf16 | fp16: how cached latents are kept. fp32 trains exactly as without a cache; bf16 and "
-                "fp16 halve the disk a large run's cache needs (fresh latents are rounded the same way)."})
+        "help": "fp32 | bf16 | fp16: how cached latents and text embeddings are kept. fp32 trains exactly as without "
+                "a cache; bf16 and fp16 halve the disk a large run's cache needs (fresh values are rounded the same "
+                "way)."})
     workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes per training process that read, decode and augment pairs ahead of the "
                 "step (0: in the training process). Default: on a GPU, up to 4 (the CPU cores per process less "

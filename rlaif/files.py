@@ -17,6 +17,13 @@ from rlaif.errors import RlaifError, first_line
 TMP_MARK = ".tmp-"
 
 
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds ``path``, or would hold it (its nearest existing folder's)."""
+    import shutil
+
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""

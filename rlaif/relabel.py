@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from rlaif.cache import cache_dir
 from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import TMP_MARK, atomic_path
+from rlaif.files import TMP_MARK, atomic_path, free_bytes
 from rlaif.images import image_bytes
 from rlaif.label import (
     SCORER_KEYS,
@@ -110,6 +111,15 @@ def table_files(source: Path) -> list[str]:
                        missing_ok=True)  # a pair no human labelled: AI-labelled, left out of the agreement
         check_captions(read.column("caption"), file, 0)
     return files
+
+
+def check_output_space(out: Path, table_bytes: int) -> None:
+    """Refuse, before any scoring, an output its disk cannot hold: it holds the table's images again, about the
+    ``table_bytes`` of the source (found only when writing, it would come after hours of scoring)."""
+    free = free_bytes(out.parent)
+    if free < table_bytes:
+        raise RlaifError(f"{out} will hold the table's images again, about {table_bytes / 2**30:.1f} GiB, but only "
+                         f"{free / 2**30:.1f} GiB is free on its disk; give -o a folder on a disk with room")
 
 
 def chunks(files: list[str], rows: int) -> list[Chunk]:
@@ -248,6 +258,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     out = pairs_out(config)
     labelling = labelling_settings(config)
     check_same_labelling(out, labelling)
+    check_output_space(out, sum(os.path.getsize(file) for file in files))
     rows = max(1, config.chunk_size // 2)
     table_chunks = chunks(files, rows)
     total = 2 * sum(chunk.count for chunk in table_chunks)

@@ -89,6 +89,29 @@ def test_streaming_reads_in_place_at_one_commit_and_fetches_only_what_it_trains_
     assert resumed.stderr.count("\n") == 1
 
 
+def test_workers_fetch_each_row_group_once_and_leave_no_copy_behind(hub, tmp_path):
+    """Every micro-batch draws from all the row groups of its shuffle window, so each DataLoader worker (and each
+    process) used to fetch every row group it met: here 2 workers fetched the images of the row groups both met
+    twice. Kept on disk for the machine's readers, each row group is fetched once, and removed after training."""
+    cache = tmp_path / "cache"
+    result = run_cli("train", "someone/pairs", "--streaming", "--out", tmp_path / "run", "--model", "tiny",
+                     "--batch-size", 2, "--max-steps", 8, "--workers", 2, "--val-fraction", 0,
+                     env=cli_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, RLAIF_CACHE=str(cache)))
+    assert result.returncode == 0, result.stderr
+    spans = {shard.relative_to(tmp_path / "first").as_posix(): byte_ranges(shard)[:-1]  # row groups, no footer
+             for shard in sorted((tmp_path / "first" / "data").glob("train-*.parquet"))}
+    fetched: dict[tuple[str, int], int] = {}
+    for read in hub.reads:
+        for group, (start, end) in enumerate(spans[read.path]):
+            if start <= read.start and read.end <= end and read.end - read.start > 10_000:  # images
+                fetched[read.path, group] = fetched.get((read.path, group), 0) + read.end - read.start
+    assert len(fetched) >= 8  # 32 pairs drawn from most of the table's 24 row groups
+    over = {group: size for group, size in fetched.items()
+            if size > spans[group[0]][group[1]][1] - spans[group[0]][group[1]][0]}
+    assert not over, over  # no row group's images fetched more than once
+    assert not any((cache / "train" / "blocks").rglob("*.arrow"))
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("someone/nothing", "pairs someone/nothing: no such dataset on the hub, or it is private or gated"),
     ("someone/pairs@v9", "pairs someone/pairs@v9: the hub dataset has no such revision"),

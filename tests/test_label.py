@@ -223,6 +223,26 @@ def test_relabel_needs_pick_a_pic_columns(tmp_path):
     assert not (tmp_path / "nullcap.ai-labels.parquet").exists()
 
 
+def test_relabel_refuses_an_output_disk_without_room_before_scoring(samples, tmp_path, monkeypatch):
+    """The relabelled table holds the images again (Pick-a-Pic v2: ~335 GB); a disk that cannot hold it was found
+    only when writing, after every chunk had been scored."""
+    images = [(samples / image).read_bytes() for image in pl.read_parquet(samples / "samples.parquet")["image"]]
+    pl.DataFrame({"caption": ["a circle"] * 3, "jpg_0": images[:3], "jpg_1": images[3:6], "label_0": [1.0, 0.0, 1.0]}
+                 ).write_parquet(tmp_path / "pickapic.parquet")
+    size = (tmp_path / "pickapic.parquet").stat().st_size
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    result = run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility",
+                     env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert (f"pickapic.ai-labels.parquet will hold the table's images again, about {size / 2**30:.1f} GiB, but only "
+            f"{(size - 1) / 2**30:.1f} GiB is free on its disk; give -o a folder on a disk with room") in result.stderr
+    assert not (tmp_path / "pickapic.ai-labels.parquet").exists() and not (tmp_path / "cache" / "relabel").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size))
+    assert run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility",
+                   env=cli_env(RLAIF_CACHE=str(tmp_path / "cache"))).returncode == 0
+
+
 def test_two_processes_score_the_same_as_one(fresh, tmp_path):
     single = run_cli("label", fresh, "--scorer", "compressibility", "--batch-size", 3)
     assert single.returncode == 0, single.stderr

@@ -96,6 +96,34 @@ def test_a_half_precision_cache_computes_the_same_cached_or_not(pipe, images, tm
     assert items(bf16) == items(fp32) == 3
 
 
+def test_a_half_precision_text_cache_is_half_the_disk_and_computes_the_same_cached_or_not(pipe, tmp_path):
+    """--cache-dtype applies to caption embeddings as well (an SDXL caption is 0.6 MB in fp32, a FLUX.1 one 8 MiB):
+    bf16 entries take half the disk, fresh embeddings are rounded alike, and fp32 keeps its own exact entries."""
+    captions = ["a red circle", "a blue square"]
+    fresh = Encoder(pipe, tmp_path, "bf16").text(captions, CPU)[0]
+    cached = Encoder(pipe, tmp_path, "bf16").text(captions, CPU)[0]
+    exact = Encoder(pipe, tmp_path, "fp32").text(captions, CPU)[0]
+    assert fresh.dtype == torch.float32 and torch.equal(fresh, cached)
+    assert torch.equal(fresh, exact.to(torch.bfloat16).float()) and not torch.equal(fresh, exact)
+    (bf16,) = (tmp_path / "text").glob("*-bf16")
+    (fp32,) = (p for p in (tmp_path / "text").iterdir() if p != bf16)
+    assert items(bf16) == items(fp32) == 2
+    assert 0.45 < folder_bytes(bf16) / folder_bytes(fp32) < 0.55
+    assert Encoder(pipe, tmp_path, "bf16").text_entry_bytes(CPU) * 2 == Encoder(pipe, tmp_path).text_entry_bytes(CPU)
+
+
+def folder_bytes(folder):
+    """Bytes of the entries' tensors in a store's SQLite shards (file sizes move in pages)."""
+    total = 0
+    for shard in folder.rglob("shard-*.sqlite"):
+        connection = sqlite3.connect(shard)
+        try:
+            total += sum(length for (length,) in connection.execute("SELECT length(data) FROM items"))
+        finally:
+            connection.close()
+    return total
+
+
 def test_changed_weights_get_their_own_cache(pipe, tmp_path):
     before = Encoder(pipe, tmp_path).latents.folder
     with torch.no_grad():

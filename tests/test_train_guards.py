@@ -27,8 +27,8 @@ def test_the_cache_refuses_a_disk_too_small_and_says_what_to_do(tmp_path):
     check_cache_space(tmp_path / "not" / "made" / "yet", 1, 1)  # the nearest existing folder's disk is checked
     with pytest.raises(RlaifError, match=r"may need 931322574.6 GiB \(latents 465661287.3, text embeddings "
                                          r"465661287.3\) but only .* GiB is free there; free space, point "
-                                         r"RLAIF_CACHE elsewhere, use --cache-dtype bf16 \(half the latents; text "
-                                         r"embeddings stay fp32\) or --no-cache"):
+                                         r"RLAIF_CACHE elsewhere, use --cache-dtype bf16 \(half of both\) or "
+                                         r"--no-cache"):
         check_cache_space(tmp_path / "cache", 5 * 10**17, 5 * 10**17)
 
 

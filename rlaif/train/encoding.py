@@ -73,8 +73,8 @@ def prepare_image(data: bytes, name: str, augmentation: Augmentation, store: Ten
 
 class Encoder:
     """VAE moments and text conditioning of ``pipe``'s frozen components; cached under ``cache`` unless None,
-    latents kept as ``cache_dtype`` (fp32: cached equals uncached exactly; bf16/fp16 halve the disk, and fresh
-    moments are rounded the same way, so a run computes the same whether or not a value was cached)."""
+    both kept as ``cache_dtype`` (fp32: cached equals uncached exactly; bf16/fp16 halve the disk, and fresh values
+    are rounded the same way, so a run computes the same whether or not a value was cached)."""
 
     def __init__(self, pipe, cache: Path | None, cache_dtype: str = "fp32", max_sequence_length: int | None = None
                  ) -> None:
@@ -94,7 +94,7 @@ class Encoder:
             vae_key = f"{fingerprint(pipe.vae)[:24]}-{cache_dtype}-d{DECODE_VERSION}"
             self.latents = TensorStore(cache / "latents" / vae_key)
             text_key = fingerprint(*encoders, *map(_tokenizer_identity, tokenizers), *([length] if length else []))[:24]
-            self.texts = TensorStore(cache / "text" / text_key)
+            self.texts = TensorStore(cache / "text" / (text_key + ("" if cache_dtype == "fp32" else f"-{cache_dtype}")))
 
     @torch.no_grad()
     def latent_distribution(self, images: list[PreparedImage], device: torch.device) -> DiagonalGaussianDistribution:
@@ -122,22 +122,22 @@ class Encoder:
         if missing:
             embeds, pooled = encode_captions(self.pipe, missing, device, self.length)
             for j, caption in enumerate(missing):
-                entry = {"embeds": embeds[j].float().cpu()}
+                entry = {"embeds": embeds[j].to(self.dtype).cpu()}
                 if pooled is not None:
-                    entry["pooled"] = pooled[j].float().cpu()
+                    entry["pooled"] = pooled[j].to(self.dtype).cpu()
                 found[caption] = entry
             if self.texts is not None:
                 self.texts.put({keys[caption]: found[caption] for caption in missing})
-        embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device)
+        embeds = torch.stack([found[c]["embeds"] for c in captions]).to(device, torch.float32)
         has_pooled = "pooled" in found[captions[0]]  # all or none: one text cache per set of encoders
-        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device) if has_pooled else None
+        pooled = torch.stack([found[c]["pooled"] for c in captions]).to(device, torch.float32) if has_pooled else None
         return embeds, pooled
 
     def text_entry_bytes(self, device: torch.device) -> int:
-        """Disk bytes of one caption's cached embeddings (fp32, at the T5 length trained, whatever the caption:
-        they are padded to it), measured on the empty caption: one call of the text encoders, whatever the family."""
+        """Disk bytes of one caption's cached embeddings (as ``cache_dtype``, at the T5 length trained, whatever the
+        caption: they are padded to it), measured on the empty caption: one call of the text encoders."""
         embeds, pooled = self.text([""], device)
-        return 4 * (embeds[0].numel() + (0 if pooled is None else pooled[0].numel()))
+        return self.dtype.itemsize * (embeds[0].numel() + (0 if pooled is None else pooled[0].numel()))
 
     def unconditional(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What ``pipe``'s sampler conditions its unconditional (classifier-free guidance) branch on, ``count``

@@ -32,6 +32,7 @@ from rlaif.files import file_identity
 from rlaif.images import ImageSource
 from rlaif.seeding import keyed_seed
 from rlaif.tables import SAMPLES_SCHEMA, SAMPLING_METADATA, SCORES_SCHEMA
+from rlaif.train.block_cache import BlockCache, table_folder
 
 RLAIF_COLUMNS = ("caption", "image_0", "image_1")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
@@ -320,9 +321,15 @@ class PairTable(Sequence[PreferencePair]):
     Picklable (DataLoader workers re-open files on first use) and safe to read from several processes at once."""
 
     def __init__(self, source: str | Path, label: str | None = None, streaming: bool = False,
-                 hold_out: float = 0.0) -> None:
+                 hold_out: float = 0.0, share_blocks: Path | None = None) -> None:
+        """``share_blocks``: a folder where a remote table's row groups are kept while they are trained on, for
+        every reader of the machine to share (``rlaif.train.block_cache``); a local table is shared by the page
+        cache already."""
         self.source = str(source)
         self.hold_out = hold_out
+        self._share_root = share_blocks
+        self._shared: BlockCache | None = None
+        self._largest_block = 0  # bytes of the largest row group, uncompressed (0: not known)
         self.columns: list[str] = []
         self.label: str | None = None  # both set from the first file's columns (_check_columns)
         path = Path(source)
@@ -435,6 +442,7 @@ class PairTable(Sequence[PreferencePair]):
                 if paths:
                     missing += missing_images(values, paths, np.isin(labels[-1], (0.0, 1.0)), file, first)
                 blocks.append(_Block(file, group, first))
+                self._largest_block = max(self._largest_block, meta.metadata.row_group(group).total_byte_size)
                 first += len(values)
         if missing:
             raise RlaifError(f"{len(missing)} images of pairs table {self.source} do not exist (first: {missing[0]}); "
@@ -463,6 +471,8 @@ class PairTable(Sequence[PreferencePair]):
         chosen_first = [values == 1.0 for values in labels]
         self._held = [v & h for v, h in zip(valid, held, strict=True)], chosen_first
         self._assign([v & ~h for v, h in zip(valid, held, strict=True)], chosen_first)
+        if self._share_root is not None and getattr(self, "remote", False):  # two windows in flight, and a margin
+            self._shared = BlockCache(table_folder(self._share_root, self.identity), keep=2 * self._cache_size + 2)
         if not len(self):
             twice = f", of one picture twice ({DIFFERENT_COLUMN} false)" if self.same_images else ""
             raise RlaifError(f"pairs table {self.source} holds no pairs with a preference in {self.label} (all ties, "
@@ -484,7 +494,18 @@ class PairTable(Sequence[PreferencePair]):
         group once per pass, one kept at a time."""
         part = copy.copy(self)
         part._assign(*self._held, cache_blocks=1)
+        part._shared = None  # read a few times per run: its row groups would push the training window's out
         return part
+
+    @property
+    def shared_folder(self) -> Path | None:
+        """Where this table's row groups are kept for the machine's readers (None: not kept)."""
+        return self._shared and self._shared.folder
+
+    @property
+    def shared_bytes(self) -> int:
+        """The most disk this table's kept row groups take: as many as are kept, of the largest."""
+        return self._shared.keep * self._largest_block if self._shared else 0
 
     def in_table_order(self) -> PairTable:
         """This table, to be read in table order (one row group kept at a time)."""
@@ -545,7 +566,9 @@ class PairTable(Sequence[PreferencePair]):
                 raise RlaifError(f"pairs table {block.file} was rewritten while it was being read; the run (and any "
                                  "checkpoint of it) used the table as it was: put that back to go on, or train on "
                                  "the new table in another --out")
-            values = read_row_group(block.file, block.group, columns)
+            values = (self._shared.read(f"{block.file}\n{block.group}\n{columns}",
+                                        lambda: read_row_group(block.file, block.group, columns))
+                      if self._shared else read_row_group(block.file, block.group, columns))
         self._cache[number] = values
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

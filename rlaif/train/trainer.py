@@ -29,7 +29,7 @@ from accelerate.utils import extract_model_from_parallel as unwrap
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from rlaif.cache import cache_dir
+from rlaif.cache import CACHE_PARTS, cache_dir
 from rlaif.config import (
     CAPTION_DROPOUT,
     DEFAULT_BETA,
@@ -44,7 +44,7 @@ from rlaif.config import (
 )
 from rlaif.distributed import cpu_only, same_on_every_process
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import atomic_path, changed_settings, publish, read_json, write_json
+from rlaif.files import atomic_path, changed_settings, free_bytes, publish, read_json, write_json
 from rlaif.models import (
     FROZEN_PARTS,
     check_size,
@@ -59,6 +59,7 @@ from rlaif.models import (
     model_identity,
     prompt_length,
 )
+from rlaif.train import block_cache
 from rlaif.train.batches import BATCH_RULES, BatchSettings, MicroBatch, MicroBatches, micro_batches
 from rlaif.train.encoding import Encoder, latent_bytes, latent_shape
 from rlaif.train.loss import sft_loss, unconditional_anchor
@@ -96,7 +97,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     anchor_defaulted = config.keep_unconditional is None
     left_default = [name for name in DEFAULTED if getattr(config, name) is None]
     config = with_family_defaults(config)
-    pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction)
+    pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction,
+                      share_blocks=cache_dir() / CACHE_PARTS["blocks"][0] if block_cache.AVAILABLE else None)
     held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
     held_out = None if config.loss == "sft" else held_out_pairs.spread(VAL_MAX_PAIRS)
     accelerator = Accelerator(
@@ -148,7 +150,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
         texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs),
                                pairs.distinct_captions, encoder.text_entry_bytes(accelerator.device))
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch),
-                          texts)
+                          texts, pairs.shared_bytes)
+    elif pairs.shared_folder:
+        check_cache_space(cache_dir() / "train", 0, 0, pairs.shared_bytes)
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     if note and accelerator.is_main_process:
         for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
@@ -224,6 +228,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
             _save_checkpoint(accelerator, config, step, identities)
     del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
+    if pairs.shared_folder and accelerator.is_local_main_process:  # each machine's (a killed run's is resumed with)
+        shutil.rmtree(pairs.shared_folder, ignore_errors=True)
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
@@ -516,16 +522,18 @@ def _text_estimate(trained: int, pairs: int, held_out: int, captions: int | None
     return min(trained + held_out, distinct) * entry
 
 
-def check_cache_space(folder: Path, latents: int, texts: int) -> None:
-    """Refuse to start when the cache's filesystem has less free space than the run may write to it (``latents``
-    and ``texts`` bytes)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < latents + texts:
-        raise RlaifError(f"the training cache ({folder}) may need {(latents + texts) / 2**30:.1f} GiB (latents "
-                         f"{latents / 2**30:.1f}, text embeddings {texts / 2**30:.1f}) but only {free / 2**30:.1f} GiB "
-                         "is free there; free space, point RLAIF_CACHE elsewhere, use --cache-dtype bf16 (half the "
-                         "latents; text embeddings stay fp32) or --no-cache")
+def check_cache_space(folder: Path, latents: int, texts: int, blocks: int = 0) -> None:
+    """Refuse to start when the cache's filesystem has less free space than the run may write to it (``latents``,
+    ``texts`` and a remote table's kept row groups, ``blocks``, in bytes)."""
+    free = free_bytes(folder)
+    needed = latents + texts + blocks
+    if free < needed:
+        parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in
+                          (("latents", latents), ("text embeddings", texts), ("remote row groups", blocks)) if size)
+        advice = ("use --cache-dtype bf16 (half of both) or --no-cache"
+                  if latents + texts else "or train on a downloaded copy of the table")
+        raise RlaifError(f"the training cache ({folder}) may need {needed / 2**30:.1f} GiB ({parts}) but only "
+                         f"{free / 2**30:.1f} GiB is free there; free space, point RLAIF_CACHE elsewhere, {advice}")
 
 
 def checked_batch(batch: MicroBatch | str, out: Path | None, accelerator: Accelerator) -> MicroBatch:
