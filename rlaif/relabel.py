@@ -243,10 +243,11 @@ def _plus(a: Agreement, b: Agreement) -> Agreement:
                      a.ai_ties_compared + b.ai_ties_compared)
 
 
-def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement]:
+def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement | None]:
     """Score both images of every pair of a Pick-a-Pic style table, write AI labels beside the human ones
     (``ai_score_0``, ``ai_score_1``, ``ai_label_0``, ``ai_scorer``; earlier AI columns are replaced) and measure
-    agreement.
+    agreement: the main process writes and measures, the others return None for it (the scores are saved in the
+    main process's cache, which on a cluster may be on another machine).
 
     Several scorers vote per pair: each scorer's two scores become z-scores within the pair (+1 / -1, or
     0 for a tie), weighted and averaged, so ``ai_label_0`` is the weighted majority.
@@ -301,11 +302,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
                 progress(scorer.spec, done, total)
         del scorer  # freed before the next scorer loads
     if not state.is_main_process:  # no collective here: writing a large table outlasts any collective's timeout
-        agreement = Agreement(0, 0, 0, 0, 0)
-        for chunk, values in read_chunks(table_chunks, rows, ["label_0"]):
-            agreement = _plus(agreement, _agreement(_ai_columns(chunk, values["label_0"], folders, weights,
-                                                                config.combine_rule)))
-        return out, agreement
+        return out, None
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
         stale.unlink()
     return out, _write_labelled(table_chunks, rows, folders, weights, config.combine_rule, out,

@@ -402,7 +402,9 @@ def test_relabel_deals_whole_row_groups_to_processes():
 
 def test_two_processes_relabel_their_own_row_groups_and_write_the_same_table(tmp_path):
     """`label --relabel` under torchrun: each process scores (so reads) whole row groups of its own, both images
-    of each pair, and the table written equals one process's (Pick-a-Pic: 335 GB read once, not once per GPU)."""
+    of each pair, and the table written equals one process's (Pick-a-Pic: 335 GB read once, not once per GPU).
+    Each process has a cache of its own, as on two machines: the scores are saved where the main process is, and
+    another process that went on to read them there (it did, to measure agreement) failed."""
     rng = np.random.default_rng(1)
     images = noise_pngs(rng, 80, 8)
     labels = rng.integers(0, 2, 40).astype(float)
@@ -414,14 +416,17 @@ def test_two_processes_relabel_their_own_row_groups_and_write_the_same_table(tmp
     one = run_cli(*args, "-o", tmp_path / "one.parquet",
                   env=cli_env(**env, RLAIF_CACHE=str(tmp_path / "c1"), RLAIF_TEST_COUNT=str(tmp_path / "log1")))
     assert one.returncode == 0, one.stderr
+    own_cache = 'RLAIF_CACHE="$RLAIF_CACHE-$RANK" exec "$0" -m rlaif "$@"'  # per rank, as on two machines
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(31500 + os.getpid() % 1000), "-m", "rlaif", *map(str, args), "-o", str(tmp_path / "two.parquet")],
+         str(31500 + os.getpid() % 1000), "--no-python", "bash", "-c", own_cache, sys.executable, *map(str, args),
+         "-o", str(tmp_path / "two.parquet")],
         env=cli_env(**env, OMP_NUM_THREADS="1", RLAIF_CACHE=str(tmp_path / "c2"),
                     RLAIF_TEST_COUNT=str(tmp_path / "log2")), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert pl.read_parquet(tmp_path / "two.parquet").equals(pl.read_parquet(tmp_path / "one.parquet"))
     assert two.stdout.splitlines()[-1] == one.stdout.splitlines()[-1]  # the same agreement line
+    assert any((tmp_path / "c2-0" / "relabel").rglob("chunk-*")) and not (tmp_path / "c2-1" / "relabel").exists()
     by_rank: dict[str, list[int]] = {}
     for line in (tmp_path / "log2").read_text().splitlines():
         rank, caption = line.split()
