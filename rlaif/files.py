@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,8 +20,6 @@ TMP_MARK = ".tmp-"
 
 def free_bytes(path: Path) -> int:
     """Free bytes on the disk that holds ``path``, or would hold it (its nearest existing folder's)."""
-    import shutil
-
     return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
 
 

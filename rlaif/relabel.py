@@ -115,11 +115,17 @@ def table_files(source: Path) -> list[str]:
 
 def check_output_space(out: Path, table_bytes: int) -> None:
     """Refuse, before any scoring, an output its disk cannot hold: it holds the table's images again, about the
-    ``table_bytes`` of the source (found only when writing, it would come after hours of scoring)."""
-    free = free_bytes(out.parent)
+    ``table_bytes`` of the source (found only when writing, it would come after hours of scoring). The temporary of
+    a write that was killed counts as free: it is removed before writing."""
+    free = free_bytes(out.parent) + sum(stale.stat().st_size for stale in _stale_outputs(out))
     if free < table_bytes:
         raise RlaifError(f"{out} will hold the table's images again, about {table_bytes / 2**30:.1f} GiB, but only "
                          f"{free / 2**30:.1f} GiB is free on its disk; give -o a folder on a disk with room")
+
+
+def _stale_outputs(out: Path) -> list[Path]:
+    """The temporaries of ``out`` left by runs killed while writing it."""
+    return list(out.parent.glob(f".{out.name}{TMP_MARK}*"))
 
 
 def chunks(files: list[str], rows: int) -> list[Chunk]:
@@ -303,7 +309,7 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         del scorer  # freed before the next scorer loads
     if not state.is_main_process:  # no collective here: writing a large table outlasts any collective's timeout
         return out, None
-    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # a temporary left by a run killed while writing
+    for stale in _stale_outputs(out):
         stale.unlink()
     return out, _write_labelled(table_chunks, rows, folders, weights, config.combine_rule, out,
                                 {**labelling, SCORER_KEYS: keys})

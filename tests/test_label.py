@@ -238,9 +238,11 @@ def test_relabel_refuses_an_output_disk_without_room_before_scoring(samples, tmp
     assert (f"pickapic.ai-labels.parquet will hold the table's images again, about {size / 2**30:.1f} GiB, but only "
             f"{(size - 1) / 2**30:.1f} GiB is free on its disk; give -o a folder on a disk with room") in result.stderr
     assert not (tmp_path / "pickapic.ai-labels.parquet").exists() and not (tmp_path / "cache" / "relabel").exists()
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size))
+    (tmp_path / ".pickapic.ai-labels.parquet.tmp-1-killed").write_bytes(b"x")  # a killed write's: removed first
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
     assert run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility",
                    env=cli_env(RLAIF_CACHE=str(tmp_path / "cache"))).returncode == 0
+    assert not list(tmp_path.glob(".pickapic*"))
 
 
 def test_two_processes_score_the_same_as_one(fresh, tmp_path):

@@ -242,9 +242,9 @@ def test_a_checkpoint_of_other_batch_rules_resumes_and_says_so(tiny_pairs, tmp_p
     position.write_text(json.dumps(record))
     run_train(TrainConfig(**settings, max_steps=2, resume="step_00000001", overwrite=True), note=notes.append)
     assert notes == [resumed, f"{position.parent} was written by an rlaif that built its batches otherwise (rules 1, "
-                     f"now {BATCH_RULES}: other held-out captions, VAE draws, crops, SDXL conditioning or pairs left "
-                     "out); the remaining steps and held-out measurements use these, so the result will differ from "
-                     "an uninterrupted run's"]
+                     f"now {BATCH_RULES}: other held-out captions, VAE draws, crops, SDXL conditioning, pairs left "
+                     "out or text embeddings rounded); the remaining steps and held-out measurements use these, so "
+                     "the result will differ from an uninterrupted run's"]
 
 
 def test_a_refused_overwrite_keeps_the_old_run(tiny_pairs, tmp_path):
@@ -317,14 +317,17 @@ def test_a_run_begun_under_other_defaults_resumes_with_the_option_it_names(tiny_
 
 def test_a_rules_change_that_leaves_a_table_alone_says_nothing(tiny_pairs, tmp_path):
     """Rules 4 changed only tables with pairs of one picture twice (Pick-a-Pic's are_different false): a rules-3
-    checkpoint of any other table goes on as the same run, without the note (a review found it said so of all)."""
+    checkpoint of any other table goes on as the same run, without the note (a review found it said so of all).
+    Rules 5 changed only runs with a half-precision --cache-dtype (text embeddings rounded like latents)."""
     import polars as pl
 
+    from rlaif.config import TrainConfig
     from rlaif.train.batches import BATCH_RULES
     from rlaif.train.pair_table import PairTable
     from rlaif.train.trainer import resumed_under_other_rules
 
-    assert BATCH_RULES == 4
+    assert BATCH_RULES == 5
+    exact, rounded = (TrainConfig(pairs="p", model="tiny", out=tmp_path, cache_dtype=d) for d in ("fp32", "bf16"))
     plain = PairTable(tiny_pairs)
     pl.read_parquet(tiny_pairs).with_row_index().with_columns(
         are_different=pl.col("index") > 0,  # its first pair marked one picture twice; its images where they are
@@ -333,7 +336,9 @@ def test_a_rules_change_that_leaves_a_table_alone_says_nothing(tiny_pairs, tmp_p
     marked = PairTable(tmp_path / "marked.parquet")
     assert (plain.same_images, marked.same_images) == (0, 1)
     folder = tmp_path / "checkpoints" / "step_00000001"
-    assert resumed_under_other_rules(folder, {"batch_rules": 3}, plain) is None
-    assert resumed_under_other_rules(folder, {"batch_rules": 3}, marked).startswith(f"{folder} was written by")
-    assert resumed_under_other_rules(folder, {"batch_rules": 2}, plain).startswith(f"{folder} was written by")
-    assert resumed_under_other_rules(None, {"batch_rules": 1}, marked) is None
+    assert resumed_under_other_rules(folder, {"batch_rules": 3}, plain, exact) is None
+    assert resumed_under_other_rules(folder, {"batch_rules": 3}, marked, exact).startswith(f"{folder} was written by")
+    assert resumed_under_other_rules(folder, {"batch_rules": 2}, plain, exact).startswith(f"{folder} was written by")
+    assert resumed_under_other_rules(None, {"batch_rules": 1}, marked, exact) is None
+    assert resumed_under_other_rules(folder, {"batch_rules": 4}, plain, exact) is None
+    assert resumed_under_other_rules(folder, {"batch_rules": 4}, plain, rounded).startswith(f"{folder} was written")

@@ -30,8 +30,9 @@ from rlaif.train.store import TensorStore
 # release draws other numbers or inputs for the same pair, or other pairs for a position (2: VAE draws keyed by
 # image content, a loser of another aspect ratio resized on its own, SDXL micro-conditioning per image; 3:
 # captions held out compared case-folded, whitespace collapsed; 4: Pick-a-Pic pairs of one picture twice,
-# are_different false, left out), so a resumed run says so.
-BATCH_RULES = 4
+# are_different false, left out; 5: text embeddings rounded to a half-precision --cache-dtype, as latents are), so a
+# resumed run says so.
+BATCH_RULES = 5
 
 
 @dataclass(frozen=True)

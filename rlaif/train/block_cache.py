@@ -1,14 +1,16 @@
 """Row groups of a remote pairs table kept on local disk while training reads them, shared by every DataLoader
 worker and process of a machine. Each micro-batch draws its pairs from all the blocks of its shuffle window, so
 without it every worker of every process fetched every row group: P x W times the table per epoch over the
-network. With it a row group is fetched once per machine (once per cluster where the cache folder is shared) and
-read memory-mapped, so the workers also share one copy of it in memory."""
+network. With it a row group is fetched once per machine and read memory-mapped, so the workers also share one
+copy of it in memory. Each machine keeps its own folder, also where the cache root is shared (an NFS home): a file
+removed by one machine while another has it mapped would fault there."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +28,6 @@ except ImportError:  # Windows, where a mapped file can be neither replaced nor 
     fcntl = None
 
 AVAILABLE = fcntl is not None
-LOCKS = 64  # lock files a cache folder's fetches are spread over (fixed: a lock file is never removed)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ class BlockCache:
         found = _mapped(path)
         if found is not None:
             return found
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with _locked(self.folder / f"{int(_name(key)[:8], 16) % LOCKS}.lock"):
+        with _locked(path.with_suffix(".lock")):
             found = _mapped(path)  # fetched by another reader while this one waited
             if found is not None:
                 return found
@@ -67,10 +67,16 @@ class BlockCache:
             path.unlink(missing_ok=True)
 
 
+    def clear(self) -> None:
+        """Remove the row groups kept (not the folder: another run on the same table may be reading through it)."""
+        for path in [*self.folder.glob("*.arrow"), *self.folder.glob("*.lock")]:
+            path.unlink(missing_ok=True)
+
+
 def table_folder(root: Path, identity: str) -> Path:
-    """The folder under ``root`` of the table whose identity (its shards, at their commit or stamps) is
+    """This machine's folder under ``root`` of the table whose identity (its shards, at their commit or stamps) is
     ``identity``: a table changed upstream is another table, never served from the old one's row groups."""
-    return root / _name(identity)[:16]
+    return root / f"{_name(identity)[:16]}-{socket.gethostname()}"
 
 
 def _name(text: str) -> str:
@@ -79,10 +85,14 @@ def _name(text: str) -> str:
 
 def _mapped(path: Path) -> pa.Table | None:
     """The row group in ``path``, memory-mapped (its pages shared by every process that maps it); None when it is
-    not there. A file is complete when it has its name (written under another, then renamed)."""
+    not there, or not whole: a file is complete when it has its name (written under another, then renamed), but
+    nothing is synced to disk, so after a power loss it may be empty; then it is removed, to be fetched again."""
     try:
         return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
     except FileNotFoundError:
+        return None
+    except pa.ArrowInvalid:
+        path.unlink(missing_ok=True)
         return None
 
 
@@ -102,7 +112,9 @@ def _write(path: Path, values: pa.Table) -> None:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (created if need be) across processes, released when the block ends."""
+    """An exclusive lock on ``path`` (created if need be, its folder too) across processes, released when the block
+    ends. A lock file removed while held (``BlockCache.clear``) costs at most a row group fetched twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -19,7 +19,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -498,14 +498,15 @@ class PairTable(Sequence[PreferencePair]):
         return part
 
     @property
-    def shared_folder(self) -> Path | None:
+    def shared_blocks(self) -> BlockCache | None:
         """Where this table's row groups are kept for the machine's readers (None: not kept)."""
-        return self._shared and self._shared.folder
+        return self._shared
 
     @property
     def shared_bytes(self) -> int:
-        """The most disk this table's kept row groups take: as many as are kept, of the largest."""
-        return self._shared.keep * self._largest_block if self._shared else 0
+        """The most disk this table's kept row groups may take: as many as are kept and a few being written, of the
+        largest, with a margin (Arrow holds dictionary-encoded captions expanded; parquet's sizes are encoded)."""
+        return (self._shared.keep + 2) * self._largest_block * 5 // 4 if self._shared else 0
 
     def in_table_order(self) -> PairTable:
         """This table, to be read in table order (one row group kept at a time)."""
@@ -566,9 +567,8 @@ class PairTable(Sequence[PreferencePair]):
                 raise RlaifError(f"pairs table {block.file} was rewritten while it was being read; the run (and any "
                                  "checkpoint of it) used the table as it was: put that back to go on, or train on "
                                  "the new table in another --out")
-            values = (self._shared.read(f"{block.file}\n{block.group}\n{columns}",
-                                        lambda: read_row_group(block.file, block.group, columns))
-                      if self._shared else read_row_group(block.file, block.group, columns))
+            fetch = partial(read_row_group, block.file, block.group, columns)
+            values = self._shared.read(f"{block.file}\n{block.group}\n{columns}", fetch) if self._shared else fetch()
         self._cache[number] = values
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -151,14 +151,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
                                pairs.distinct_captions, encoder.text_entry_bytes(accelerator.device))
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch),
                           texts, pairs.shared_bytes)
-    elif pairs.shared_folder:
+    elif pairs.shared_blocks:
         check_cache_space(cache_dir() / "train", 0, 0, pairs.shared_bytes)
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     if note and accelerator.is_main_process:
         for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
                      sampled_elsewhere(config, pairs, identities["init_weights"]),
                      nothing_held_out(config, len(held_out_pairs)),
-                     resumed_under_other_rules(resume_from, recorded, pairs), within_warmup(config)):
+                     resumed_under_other_rules(resume_from, recorded, pairs, config), within_warmup(config)):
             if text:
                 note(text)
     settings = BatchSettings(
@@ -228,8 +228,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
             _save_checkpoint(accelerator, config, step, identities)
     del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
-    if pairs.shared_folder and accelerator.is_local_main_process:  # each machine's (a killed run's is resumed with)
-        shutil.rmtree(pairs.shared_folder, ignore_errors=True)
+    if pairs.shared_blocks and accelerator.is_local_main_process:  # each machine's (a killed run's is resumed with)
+        pairs.shared_blocks.clear()
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
@@ -761,24 +761,28 @@ def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
                          "start it again in a new --out")
 
 
-# Changes of BATCH_RULES that touch only some tables, and whether they touch ``pairs``: 4 left out Pick-a-Pic's
-# pairs of one picture twice
-NARROW_RULES: dict[int, Callable[[PairTable], bool]] = {4: lambda pairs: pairs.same_images > 0}
+# Changes of BATCH_RULES that touch only some runs, and whether they touch one of ``pairs`` under ``config``: 4 left
+# out Pick-a-Pic's pairs of one picture twice, 5 rounded text embeddings to a half-precision --cache-dtype
+NARROW_RULES: dict[int, Callable[[PairTable, TrainConfig], bool]] = {
+    4: lambda pairs, config: pairs.same_images > 0, 5: lambda pairs, config: config.cache_dtype != "fp32"}
 
 
-def resumed_under_other_rules(folder: Path | None, recorded: dict, pairs: PairTable) -> str | None:
+def resumed_under_other_rules(folder: Path | None, recorded: dict, pairs: PairTable, config: TrainConfig
+                              ) -> str | None:
     """What to say when checkpoint ``folder`` (``recorded``: its identities) was written by an rlaif that built
-    micro-batches of ``pairs`` otherwise (other held-out captions, VAE draws, crops, SDXL conditioning or pairs
-    left out; ``BATCH_RULES``): the run goes on, a valid training run, but not the one an uninterrupted run would
-    have been."""
+    micro-batches of ``pairs`` under ``config`` otherwise (other held-out captions, VAE draws, crops, SDXL
+    conditioning, pairs left out or text embeddings rounded; ``BATCH_RULES``): the run goes on, a valid training
+    run, but not the one an uninterrupted run would have been."""
     if folder is None:
         return None
     then = recorded.get("batch_rules", 1)  # before the rules were recorded: the first
-    if all(rule in NARROW_RULES and not NARROW_RULES[rule](pairs) for rule in range(then + 1, BATCH_RULES + 1)):
+    if all(rule in NARROW_RULES and not NARROW_RULES[rule](pairs, config)
+           for rule in range(then + 1, BATCH_RULES + 1)):
         return None
     return (f"{folder} was written by an rlaif that built its batches otherwise (rules {then}, now {BATCH_RULES}: "
-            "other held-out captions, VAE draws, crops, SDXL conditioning or pairs left out); the remaining steps "
-            "and held-out measurements use these, so the result will differ from an uninterrupted run's")
+            "other held-out captions, VAE draws, crops, SDXL conditioning, pairs left out or text embeddings "
+            "rounded); the remaining steps and held-out measurements use these, so the result will differ from an "
+            "uninterrupted run's")
 
 
 def _check_same_run(folder: Path, config: TrainConfig, identities: dict, left_default: Collection[str] = ()) -> dict:
