@@ -154,6 +154,18 @@ def folder_identity(folder: Path) -> str:
                     for p in _visible_files(folder))
 
 
+def model_files(identity: str) -> str:
+    """A model identity without the files its pipeline does not load: a folder's top-level files but
+    model_index.json (a README, a licence, a single-file checkpoint; the components load from their folders).
+    Also for an older rlaif's records, which counted them; a hub revision is returned as it is."""
+    entries = identity.split(";")
+    if any(entry.count(":") < 2 for entry in entries):  # not a folder's NAME:SIZE:STAMP entries
+        return identity
+    names = [entry.rsplit(":", 2)[0] for entry in entries]
+    return ";".join(entry for entry, name in zip(entries, names, strict=True)
+                    if name == "model_index.json" or "/" in name)
+
+
 def _content_stamp(path: Path) -> str:
     """A file's bytes hashed (``b``HASH), or for a large one its modification time and its two ends' hash."""
     size = path.stat().st_size

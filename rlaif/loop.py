@@ -25,9 +25,9 @@ from rlaif.config import FLOW_WEIGHTINGS, EvalConfig, LabelConfig, SampleConfig,
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, miscast_scorers, run_eval
-from rlaif.files import atomic_path, check_out_dir, read_json, write_json
+from rlaif.files import atomic_path, check_out_dir, model_files, read_json, write_json
 from rlaif.label import run_label
-from rlaif.models import check_negative_prompt, model_identity
+from rlaif.models import check_generation, check_negative_prompt, model_identity
 from rlaif.prompts import load_prompt_table, resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_options, parse_weights
@@ -51,7 +51,8 @@ RESUMABLE = {"sample": {"batch_size", "device"}, "label": {"batch_size", "chunk_
              "train": {"checkpoint_every", "keep_checkpoints", "report_to", "no_cache", "gradient_checkpointing",
                        "workers", "val_every"}, "loop": {"out"}}
 PROMPT_FILES = "prompt files (sha256)"  # loop.json's table of what the prompt files held
-MODEL_WEIGHTS = "model weights (identity)"  # and of the base model's weights (a hub revision, a folder's files)
+MODEL_WEIGHTS = "model files (identity)"  # and of the base model (a hub revision, the files its pipeline loads)
+OLDER_MODEL_WEIGHTS = "model weights (identity)"  # an older rlaif's record of it, which counted every file
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _model_weights(config: LoopConfig) -> dict[str, dict[str, str]]:
 
 
 def _digest(identity: str) -> str:
-    """A model identity, short enough to record (a folder's lists every file)."""
+    """A model identity, short enough to record (a folder's lists every file its pipeline loads)."""
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -151,6 +152,7 @@ def _same_base(state: dict, samples: Path, loop: LoopConfig) -> None:
     drawn = ((read_json(samples / "run.json", UNREADABLE_STATE) or {}).get("generation") or {}).get("model_weights")
     if drawn is None:
         return
+    drawn = model_files(drawn)  # as an older rlaif recorded it too
     recorded = state["settings"].setdefault(MODEL_WEIGHTS, {"model": _digest(drawn)})
     if recorded["model"] != _digest(drawn):
         raise RlaifError(_other_base(loop))
@@ -209,6 +211,14 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
     negative = [stage for stage in ("sample", "eval") if stages[stage].get("negative_prompt")]
     if negative:  # [eval]'s would otherwise be refused only after the rounds' sampling and training
         check_negative_prompt(loop.model, f"{path} [{negative[0]}] negative_prompt")
+    for stage in ("sample", "eval"):  # [eval]'s scheduler and image sides, too, were refused only after round 1 trained
+        scheduler = stages[stage].get("scheduler")
+        sizes = {f"--{side}": stages[stage][side] for side in ("width", "height") if stages[stage].get(side)}
+        if scheduler is not None or sizes:  # else nothing to refuse: skip reading the model's files
+            try:
+                check_generation(loop.model, scheduler, sizes)
+            except RlaifError as exc:
+                raise RlaifError(f"{path} [{stage}]: {exc}") from exc
     _check_anchor(path, TrainConfig(**placeholders["train"], **stages["train"]), negative,
                   (loop.out / "loop.json").exists())
     lengths = {stage: stages[stage].get("max_sequence_length") for stage in ("sample", "train", "eval")}
@@ -284,12 +294,16 @@ def _state(plan: LoopPlan) -> dict:
     if MODEL_WEIGHTS in before:  # kept when not known now (a hub cache emptied): the rounds check it as they sample
         now = {**now, MODEL_WEIGHTS: before[MODEL_WEIGHTS]}
     tables = (set(before) | set(now)) - unknown
+    # a prompt file whose content both record is known by it: another path to it (the config called from another
+    # folder, an absolute path, the config moved with its prompts) names the same prompts
+    by_content = set() if PROMPT_FILES in unknown else {"prompts", "eval_prompts"}
+    resumable = {**RESUMABLE, "loop": RESUMABLE["loop"] | by_content}
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
     # before any round is evaluated, [eval] and its prompts may still be mended (eval remakes what it finds stale)
     mendable = not evaluated(state.get("done", []))
     changed = [(table, key, old, new) for table, key, old, new in values
-               if old != new and key not in RESUMABLE.get(table, ()) and not (mendable and _of_eval(table, key))]
+               if old != new and key not in resumable.get(table, ()) and not (mendable and _of_eval(table, key))]
     more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
     if not changed or more_rounds:  # more rounds: the finished ones stand
         return {**state, "settings": now}
@@ -325,14 +339,17 @@ def _check_roles(path: Path, stages: dict[str, dict[str, Any]]) -> None:
 def _as_now(settings: dict) -> dict:
     """A loop.json's settings without those this rlaif refuses that changed nothing then (a combine rule for one
     scorer, a beta for --loss sft, an [eval] train_log, which the loop now sets per round), so that a loop begun
-    with them goes on without them rather than being stuck between two refusals."""
+    with them goes on without them rather than being stuck between two refusals; and without an older rlaif's
+    record of the base model, which counted every file of its folder (a README's edit refused the loop): the
+    rounds' samples record the model (``_same_base`` checks it)."""
     label, train, evaluation = (dict(settings.get(table, {})) for table in ("label", "train", "eval"))
     if len(parse_weights(label.get("scorers", []))) == 1:
         label.pop("combine", None)
     if train.get("loss") == "sft":
         train.pop("beta", None)
     evaluation.pop("train_log", None)
-    return settings | {"label": label, "train": train, "eval": evaluation}
+    kept = {key: value for key, value in settings.items() if key != OLDER_MODEL_WEIGHTS}
+    return kept | {"label": label, "train": train, "eval": evaluation}
 
 
 def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:

@@ -11,6 +11,7 @@ import diffusers
 import huggingface_hub
 import torch
 from diffusers import (
+    AutoencoderKL,
     DiffusionPipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
@@ -20,7 +21,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError, first_line, hub_unavailable
-from rlaif.files import folder_identity, weights_fingerprint
+from rlaif.files import folder_identity, model_files, weights_fingerprint
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -75,7 +76,7 @@ def load_pipeline(
     except Exception as exc:
         raise RlaifError(f"cannot load model {model!r}: {first_line(exc)}") from exc
     if scheduler is not None:
-        pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_class(pipe.scheduler, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if tuned is not None:
@@ -127,19 +128,38 @@ def check_negative_prompt(model: str, option: str) -> None:
                          "negative prompt (it needs true CFG, which rlaif does not run); leave it out")
 
 
+def check_generation(model: str, scheduler: str | None, sizes: dict[str, int]) -> None:
+    """Refuse a --scheduler that ``model`` does not take and image sides (``sizes``: option -> pixels) its network
+    cannot, as sampling would once the model is loaded, from its config files alone (model_index.json, the
+    scheduler's and the VAE's config): nothing is loaded."""
+    source = resolve_model(model)
+    pipeline_class, index = _pipeline_class(model, source)
+    try:  # the scheduler as from_pretrained builds it, and the VAE config that the pipelines' scale factor is of
+        own = getattr(diffusers, index["scheduler"][1]).from_pretrained(source, subfolder="scheduler") \
+            if scheduler is not None else None
+        vae = AutoencoderKL.load_config(source, subfolder="vae") if sizes else {}
+    except Exception as exc:
+        raise RlaifError(f"cannot read model {model!r}: {first_line(exc)}") from exc
+    if scheduler is not None:
+        scheduler_class(own, scheduler)
+    for option, pixels in sizes.items():
+        _check_multiple(option, pixels, 2 ** (len(vae["block_out_channels"]) - 1),
+                        issubclass(pipeline_class, FLOW_PIPELINES))
+
+
 def _family(pipeline_class: type[DiffusionPipeline]) -> str:
     return "transformer" if issubclass(pipeline_class, FLOW_PIPELINES) else "unet"
 
 
 def model_identity(model: str) -> str:
     """What identifies the weights behind ``model``: for a hub id, the cached snapshot (its revision) that
-    loading used; for a folder or a tiny alias, its content (``folder_identity``). A new revision or a changed
-    folder is another model, whose samples are not this one's."""
+    loading used; for a folder or a tiny alias, the content of the files its pipeline loads (``folder_identity``,
+    ``model_files``). A new revision or a changed folder is another model, whose samples are not this one's."""
     source = resolve_model(model)
     if not _looks_like_path(source):
         index = huggingface_hub.try_to_load_from_cache(source, "model_index.json")
         return f"{model}@{Path(index).parent.name}" if isinstance(index, str) else model
-    return folder_identity(Path(source).expanduser())
+    return model_files(folder_identity(Path(source).expanduser()))
 
 
 def denoiser_fingerprint(model: str) -> str | None:
@@ -172,9 +192,9 @@ def component_fingerprint(model: str, parts: tuple[str, ...]) -> str | None:
     return weights_fingerprint(chosen) if chosen else None
 
 
-def scheduler_class(pipe: DiffusionPipeline, name: str) -> type[SchedulerMixin]:
-    """The scheduler class called ``name`` among those compatible with ``pipe``'s scheduler."""
-    choices = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
+def scheduler_class(scheduler: SchedulerMixin, name: str) -> type[SchedulerMixin]:
+    """The scheduler class called ``name`` among those compatible with a model's ``scheduler``."""
+    choices = {cls.__name__: cls for cls in [type(scheduler), *scheduler.compatibles]}
     if name not in choices:
         raise RlaifError(f"unknown --scheduler {name!r}; this model accepts: {', '.join(sorted(choices))}")
     return choices[name]
@@ -205,7 +225,11 @@ def default_size(pipe: DiffusionPipeline) -> int:
 def check_size(pipe: DiffusionPipeline, option: str, pixels: int) -> None:
     """Refuse an image side the network cannot take: a multiple of the VAE's scale factor, twice that for SD3 and
     FLUX, whose transformers read 2x2 latent patches (8 and 16 px on the real models)."""
-    multiple = pipe.vae_scale_factor * 2 if is_flow(pipe) else pipe.vae_scale_factor
+    _check_multiple(option, pixels, pipe.vae_scale_factor, is_flow(pipe))
+
+
+def _check_multiple(option: str, pixels: int, vae_scale_factor: int, flow: bool) -> None:
+    multiple = vae_scale_factor * 2 if flow else vae_scale_factor
     if pixels % multiple:
         raise RlaifError(f"{option} {pixels}: this model needs a multiple of {multiple} pixels")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rlaif.config import SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import changed_settings, read_json, remove_stale_temporaries, write_json
+from rlaif.files import changed_settings, model_files, read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import (
     check_negative_prompt,
@@ -90,7 +90,10 @@ def _recorded_generation(run_file: Path, unrecorded: dict | None) -> dict | None
     if not isinstance(record.get("generation"), dict):
         raise RlaifError(f"{run_file} records no generation settings: not a run of `rlaif sample`; use an empty "
                          "--out folder")
-    return {**(unrecorded or {}), **record["generation"]}
+    generation = {**(unrecorded or {}), **record["generation"]}
+    if isinstance(generation.get("model_weights"), str):  # an older rlaif counted every file of a model folder
+        generation["model_weights"] = model_files(generation["model_weights"])
+    return generation
 
 
 def check_resumable(run_file: Path, generation: dict, unrecorded: dict | None = None,

@@ -124,6 +124,36 @@ def test_a_loop_refuses_edited_prompt_files_and_goes_on_moved_or_with_other_batc
         _state(read_loop(config))
 
 
+def test_a_loop_goes_on_with_its_prompt_files_named_by_other_paths_and_refuses_other_content(tmp_path, monkeypatch):
+    """A prompt file is known by what it holds: the config called from another folder (its relative paths then read
+    otherwise), an absolute path, or the config moved with its prompts name the same prompts and go on, even once a
+    round is evaluated; a file of other content under the same name is refused."""
+    from rlaif.loop import _state
+
+    config, out = small_loop(tmp_path, "tiny")
+    monkeypatch.chdir(tmp_path)
+    out.mkdir()
+    begun = read_loop(Path("loop.toml"))
+    assert (begun.loop.prompts, begun.loop.eval_prompts) == ("train.txt", "held_out.txt")  # as called
+    done = ["1/sample", "1/label", "1/train", "1/eval"]
+    (out / "loop.json").write_text(json.dumps({"settings": begun.source, "done": done, "rounds": {}}))
+    assert _state(read_loop(config))["done"] == done  # called as /.../loop.toml
+    text = config.read_text()
+    config.write_text(text.replace('"train.txt"', f'"{tmp_path / "train.txt"}"').replace('"held_out.txt"',
+                                                                                        '"./held_out.txt"'))
+    assert _state(read_loop(Path("loop.toml")))["done"] == done
+    moved = tmp_path / "configs"
+    moved.mkdir()
+    for name in ("train.txt", "held_out.txt"):
+        (tmp_path / name).rename(moved / name)
+    (moved / "loop.toml").write_text(text)
+    assert _state(read_loop(moved / "loop.toml"))["settings"]["loop"]["prompts"] == str(moved / "train.txt")
+    (moved / "train.txt").write_text(PROMPTS[0] + "\n")
+    with pytest.raises(RlaifError, match=r"other settings \(\[prompt files \(sha256\)\] prompts '[0-9a-f]{16}' "
+                                         r"-> '[0-9a-f]{16}'\)"):
+        _state(read_loop(moved / "loop.toml"))
+
+
 def test_a_loop_checks_its_prompt_files_first_and_its_eval_may_be_mended_until_a_round_is_evaluated(tmp_path):
     """A missing eval_prompts file (or one without the [eval] prompt_column) is refused before round 1 samples, not
     after it trains (a review); until a round is evaluated, [eval] and its prompts may still change, and a device
@@ -194,6 +224,43 @@ def test_a_loop_whose_base_model_changed_between_rounds_is_refused(tmp_path):
     unknown_now = read_loop(config)
     del unknown_now.source[MODEL_WEIGHTS]
     assert _state(unknown_now)["settings"][MODEL_WEIGHTS] == recorded
+
+
+def test_a_loop_goes_on_when_its_model_folder_changes_but_for_the_files_that_make_the_model(tmp_path):
+    """The base model is known by the files its pipeline loads (model_index.json and its components' folders): a
+    README or a licence beside them may change between rounds (they refused the loop as other weights). A loop.json
+    and samples of an older rlaif, which counted every file, go on; a changed component is still refused."""
+    import hashlib
+
+    from rlaif.files import folder_identity
+    from rlaif.loop import MODEL_WEIGHTS, _same_base, _state
+    from rlaif.tiny import TINY_SD_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD_DIR, model)
+    (model / "README.md").write_text("# tiny\n")
+    config, out = small_loop(tmp_path, str(model))
+    out.mkdir()
+    source = read_loop(config).source
+    samples = out / "round_1" / "samples"
+    samples.mkdir(parents=True)
+    (samples / "run.json").write_text(json.dumps({"generation": {"model_weights": folder_identity(model)}}))
+    older = {k: v for k, v in source.items() if k != MODEL_WEIGHTS}  # as an older rlaif recorded the base
+    older["model weights (identity)"] = {"model": hashlib.sha256(folder_identity(model).encode()).hexdigest()[:16]}
+    (model / "README.md").write_text("# tiny, edited\n")
+    (model / "LICENSE").write_text("MIT\n")
+    for settings in (source, older):
+        (out / "loop.json").write_text(json.dumps({"settings": settings, "done": ["1/sample"], "rounds": {}}))
+        state = _state(read_loop(config))
+        _same_base(state, samples, read_loop(config).loop)  # round 1's samples, as the loop checks them
+        assert state["done"] == ["1/sample"] and state["settings"][MODEL_WEIGHTS] == source[MODEL_WEIGHTS]
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace("}", ', "note": "edited"}'))
+    with pytest.raises(RlaifError, match="had other weights"):  # round 1 was drawn from the model before
+        _same_base({"settings": read_loop(config).source}, samples, read_loop(config).loop)
+    (out / "loop.json").write_text(json.dumps({"settings": source, "done": ["1/sample"], "rounds": {}}))
+    with pytest.raises(RlaifError, match="had other weights"):
+        _state(read_loop(config))
 
 
 def test_a_loop_begun_with_settings_now_refused_that_changed_nothing_goes_on(tmp_path):
@@ -301,6 +368,11 @@ LOOP_TABLE = "[loop]\nmodel='tiny'\nprompts='a'\neval_prompts='b'\nout='o'\n"
      + "[label]\nscorers=['compressibility']\n[eval]\nnegative_prompt='x'\n",
      "[eval] negative_prompt: FLUX.1 samples without classifier-free guidance, and its pipeline ignores a negative "
      "prompt"),  # before the rounds' sampling and training, not after them
+    (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nscheduler='NoSuchScheduler'\n",
+     "[eval]: unknown --scheduler 'NoSuchScheduler'; this model accepts: "),  # before the rounds, not after them
+    (LOOP_TABLE.replace("'tiny'", "'tiny-sd3'") + "[label]\nscorers=['compressibility']\n[eval]\n"
+     "scheduler='DDIMScheduler'\n",
+     "[eval]: unknown --scheduler 'DDIMScheduler'; this model accepts: FlowMatchEulerDiscreteScheduler"),
     (LOOP_TABLE + "[label]\nscorers=['compressibility']\n[eval]\nscorers=['incompressibility']\n"
      "held_out=['compressibility']\n",
      "[eval]: held_out 'compressibility' is a [label] scorer, which the loop trains on"),  # reported as held out
@@ -313,6 +385,29 @@ def test_bad_loop_configs(tmp_path, text, message):
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
     if "known:" in message:  # what the loop sets is not offered
         assert not {"pairs", "model", "out", "resume"} & set(result.stderr.split("known: ")[1].strip().split(", "))
+
+
+def test_a_loop_refuses_image_sides_its_model_cannot_take_before_round_1(tmp_path):
+    """[eval] (and [sample]) width and height are checked against the model's VAE config before round 1 samples
+    (nothing is loaded): an [eval] width that SD3's transformer cannot take was refused only after round 1 trained."""
+    from rlaif.tiny import TINY_SD3_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD3_DIR, model)
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    vae["block_out_channels"] = [16, 32, 32, 32]  # a scale factor of 8, as SD3.5's: sides in multiples of 16
+    (model / "vae" / "config.json").write_text(json.dumps(vae))
+    config, out = small_loop(tmp_path, str(model))
+    text = config.read_text()  # [eval] is its last table
+    config.write_text(text + "width = 24\n")
+    with pytest.raises(RlaifError, match=rf"^{re.escape(str(config))} \[eval\]: --width 24: this model needs a "
+                                         "multiple of 16 pixels$"):
+        read_loop(config)
+    config.write_text(text.replace("[sample]", "[sample]\nheight = 40") + "width = 32\n")
+    with pytest.raises(RlaifError, match=r"\[sample\]: --height 40: this model needs a multiple of 16 pixels"):
+        read_loop(config)
+    config.write_text(text + "width = 32\nheight = 48\n")
+    assert read_loop(config).stages["eval"]["width"] == 32 and not out.exists()
 
 
 def test_a_negative_prompt_passes_once_the_anchor_is_chosen(tmp_path):

@@ -86,6 +86,23 @@ def test_scheduler_by_class_name_and_unknown_ones():
         load_pipeline("tiny", scheduler="Nope")
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])
+def test_generation_settings_are_checked_from_config_files_as_the_loaded_pipeline_takes_them(model):
+    """check_generation (a loop's check of [sample] and [eval] before round 1, nothing loaded) takes the schedulers
+    and image sides that loading and sampling take, and refuses the others."""
+    from rlaif.models import check_generation, is_flow
+
+    pipe = load_pipeline(model)
+    for scheduler in {type(pipe.scheduler), *pipe.scheduler.compatibles}:
+        check_generation(model, scheduler.__name__, {})
+    with pytest.raises(RlaifError, match="unknown --scheduler 'Nope'"):
+        check_generation(model, "Nope", {})
+    multiple = pipe.vae_scale_factor * (2 if is_flow(pipe) else 1)
+    check_generation(model, None, {"--width": 3 * multiple, "--height": multiple})
+    with pytest.raises(RlaifError, match=f"--height {multiple * 3 // 2}: this model needs a multiple of {multiple} "):
+        check_generation(model, None, {"--width": multiple, "--height": multiple * 3 // 2})
+
+
 def test_dtype_is_applied():
     assert load_pipeline("tiny", dtype="bf16").unet.dtype == torch.bfloat16
 

@@ -287,6 +287,30 @@ def test_a_copied_or_touched_model_folder_resumes_and_a_changed_one_names_its_fi
                                       "or choose another --out")
 
 
+def test_a_model_folder_is_known_by_the_files_its_pipeline_loads(tmp_path):
+    """A README, a licence or a single-file checkpoint beside model_index.json is not loaded: editing one is the same
+    model, and a run.json of an older rlaif, which counted them, resumes too (nothing is made again)."""
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD_DIR, model)
+    (model / "README.md").write_text("# tiny\n")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    args = ("sample", "--model", model, "--prompts", tmp_path / "p.txt", "--per-prompt", 1, "--steps", 2,
+            "--out", tmp_path / "s")
+    assert run_cli(*args).returncode == 0
+    images = {png: png.stat().st_mtime_ns for png in (tmp_path / "s" / "images").rglob("*.png")}
+    (model / "README.md").write_text("# tiny, edited\n")
+    (model / "model.safetensors").write_bytes(b"not loaded")
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    run["generation"]["model_weights"] = folder_identity(model)  # as an older rlaif recorded it: every file
+    (tmp_path / "s" / "run.json").write_text(json.dumps(run))
+    (model / "README.md").write_text("# tiny, edited again\n")
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert images and {png: png.stat().st_mtime_ns for png in images} == images
+
+
 def test_a_setting_change_of_file_identities_names_the_files():
     assert setting_change("steps", 10, 12) == "steps 10 -> 12"
     then = "a.json:10:0123abcd;b.bin:99999999:t1700000000;c.txt:3:ffff0000"
