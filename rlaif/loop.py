@@ -32,7 +32,13 @@ from rlaif.prompts import load_prompt_table, resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_options, parse_weights
 from rlaif.tables import write_table
-from rlaif.train.trainer import ANCHOR_CLASH, check_defaults_as_before, run_train, with_family_defaults
+from rlaif.train.trainer import (
+    ANCHOR_CLASH,
+    check_defaults_as_before,
+    finished_before,
+    run_train,
+    with_family_defaults,
+)
 
 ROUNDS_SCHEMA = {"round": pl.Int64, **EVAL_SCHEMA}
 class Progress(Protocol):
@@ -411,8 +417,12 @@ def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[s
             finished(f"{number}/label")
         if f"{number}/train" not in state["done"]:
             begins(f"{number}/train")
-            run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t,
-                                                                                  logs=logs)), note=note)
+            if finished_before(train):  # the loop was stopped after the training, before it recorded it
+                if note:
+                    note(f"{train_out}: round {number}'s training had finished; kept as it is")
+            else:
+                run_train(train, progress and (lambda s, t, logs, n=number: progress(f"round {n} training", s, t,
+                                                                                      logs=logs)), note=note)
             finished(f"{number}/train")
         if f"{number}/eval" not in state["done"]:
             begins(f"{number}/eval")

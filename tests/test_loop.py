@@ -72,6 +72,23 @@ def test_a_loop_continued_by_an_rlaif_with_other_defaults_stops_before_the_next_
     assert not (out / "round_2").exists()
 
 
+def test_a_loop_stopped_after_a_training_finished_keeps_it(tmp_path):
+    """Killed after round 1's training wrote its train.json but before loop.json recorded it, the loop trained the
+    round again (from its last checkpoint, or from step 0 without one); now it keeps the finished training."""
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))
+    assert run_cli("loop", "--config", config).returncode == 0
+    state = json.loads((out / "loop.json").read_text())
+    state["done"] = ["1/sample", "1/label"]  # as the kill left it
+    (out / "loop.json").write_text(json.dumps(state))
+    trained = {path: path.stat().st_mtime_ns for path in (out / "round_1" / "train").rglob("*") if path.is_file()}
+    result = run_cli("loop", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert f"note: {out / 'round_1' / 'train'}: round 1's training had finished; kept as it is" in result.stderr
+    assert {path: path.stat().st_mtime_ns for path in trained} == trained
+    assert json.loads((out / "loop.json").read_text())["done"] == ["1/sample", "1/label", "1/train", "1/eval"]
+
+
 def test_a_finished_loop_goes_on_for_more_rounds_and_keeps_the_ones_it_ran(tmp_path):
     config, out = small_loop(tmp_path, "tiny")
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 1"))

@@ -82,7 +82,7 @@ from rlaif.train.outputs import (
     trained_tables,
     weights_identity,
 )
-from rlaif.train.pair_table import MIN_HELD_OUT_CAPTIONS, PairTable, sampled_by
+from rlaif.train.pair_table import MIN_HELD_OUT_CAPTIONS, PairTable, sampled_by, table_changed
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_STORED = (torch.nn.Linear, torch.nn.Conv2d)  # layers whose weights autocast only reads in half precision
@@ -748,6 +748,14 @@ def settings_then(saved: dict) -> dict:
 # resolve them as its earlier rounds did, or an upgrade of rlaif between rounds would change the loss silently
 DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "weight_decay", "lora_targets",
              "learning_rate")
+
+
+def finished_before(config: TrainConfig) -> bool:
+    """Whether ``config.out`` holds this run finished: a train.json of ``config.max_steps`` steps on the pairs table
+    as it is now (a loop killed after a round's training, before it recorded it, goes on without training again)."""
+    info = train_info(config.out)
+    return (info.get("steps") == config.max_steps and info.get("pairs_file") is not None
+            and not table_changed(str(config.pairs), info["pairs_file"]))
 
 
 def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
