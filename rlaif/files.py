@@ -144,26 +144,31 @@ HASHED_UP_TO = 32 * 2**20  # folder_identity hashes files up to this size whole,
 _END = 2**20
 
 
-def folder_identity(folder: Path) -> str:
+def folder_identity(folder: Path, loaded_only: bool = False) -> str:
     """The identity of a model folder's content: each file by its path inside the folder, its size and a hash of
     its bytes (files up to 32 MiB: configs, tokenizers, small models, so a copy, a `touch` or a fresh clone is the
     same model), or for larger files (weights of GB, too costly to read whole) their modification time and a hash
-    of their first and last MiB. Hidden files and folders (.git, a download cache's metadata) are not the model."""
+    of their first and last MiB. Hidden files and folders (.git, a download cache's metadata) are not the model;
+    with ``loaded_only`` neither are the files its pipeline does not load (``_loaded``)."""
     folder = folder.resolve()
-    return ";".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{_content_stamp(p)}"
-                    for p in _visible_files(folder))
+    files = [(p, p.relative_to(folder).as_posix()) for p in _visible_files(folder)]
+    return ";".join(f"{name}:{p.stat().st_size}:{_content_stamp(p)}" for p, name in files
+                    if not loaded_only or _loaded(name))
 
 
-def model_files(identity: str) -> str:
-    """A model identity without the files its pipeline does not load: a folder's top-level files but
-    model_index.json (a README, a licence, a single-file checkpoint; the components load from their folders).
-    Also for an older rlaif's records, which counted them; a hub revision is returned as it is."""
-    entries = identity.split(";")
-    if any(entry.count(":") < 2 for entry in entries):  # not a folder's NAME:SIZE:STAMP entries
+def loaded_files_identity(identity: str) -> str:
+    """An older record of a model folder's ``folder_identity``, which counted every file, as ``loaded_only`` gives
+    it now; any other identity (a hub revision) as it is."""
+    entries = [_ENTRY.match(entry) for entry in identity.split(";")]
+    if not all(entries):
         return identity
-    names = [entry.rsplit(":", 2)[0] for entry in entries]
-    return ";".join(entry for entry, name in zip(entries, names, strict=True)
-                    if name == "model_index.json" or "/" in name)
+    return ";".join(entry.group(0) for entry in entries if _loaded(entry["name"]))
+
+
+def _loaded(name: str) -> bool:
+    """Whether a model folder's file (its path inside the folder) is one its pipeline loads: model_index.json and
+    the components' folders, not a README, a licence or a single-file checkpoint beside them."""
+    return name == "model_index.json" or "/" in name
 
 
 def _content_stamp(path: Path) -> str:

@@ -25,7 +25,7 @@ from rlaif.config import FLOW_WEIGHTINGS, EvalConfig, LabelConfig, SampleConfig,
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, miscast_scorers, run_eval
-from rlaif.files import atomic_path, check_out_dir, model_files, read_json, write_json
+from rlaif.files import atomic_path, check_out_dir, loaded_files_identity, read_json, write_json
 from rlaif.label import run_label
 from rlaif.models import check_generation, check_negative_prompt, model_identity
 from rlaif.prompts import load_prompt_table, resolve_prompt_source
@@ -158,7 +158,7 @@ def _same_base(state: dict, samples: Path, loop: LoopConfig) -> None:
     drawn = ((read_json(samples / "run.json", UNREADABLE_STATE) or {}).get("generation") or {}).get("model_weights")
     if drawn is None:
         return
-    drawn = model_files(drawn)  # as an older rlaif recorded it too
+    drawn = loaded_files_identity(drawn)  # as an older rlaif recorded it too
     recorded = state["settings"].setdefault(MODEL_WEIGHTS, {"model": _digest(drawn)})
     if recorded["model"] != _digest(drawn):
         raise RlaifError(_other_base(loop))
@@ -301,8 +301,11 @@ def _state(plan: LoopPlan) -> dict:
         now = {**now, MODEL_WEIGHTS: before[MODEL_WEIGHTS]}
     tables = (set(before) | set(now)) - unknown
     # a prompt file whose content both record is known by it: another path to it (the config called from another
-    # folder, an absolute path, the config moved with its prompts) names the same prompts
-    by_content = set() if PROMPT_FILES in unknown else {"prompts", "eval_prompts"}
+    # folder, an absolute path, the config moved with its prompts) names the same prompts; with the same extension,
+    # which says how the bytes are read (a .csv's quotes are a .tsv's text)
+    by_content = set() if PROMPT_FILES in unknown else {
+        name for name in ("prompts", "eval_prompts")
+        if Path(str(before.get("loop", {}).get(name))).suffix == Path(str(now["loop"].get(name))).suffix}
     resumable = {**RESUMABLE, "loop": RESUMABLE["loop"] | by_content}
     values = [(table, key, before.get(table, {}).get(key, "(unset)"), now.get(table, {}).get(key, "(unset)"))
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]

@@ -21,7 +21,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from rlaif.errors import RlaifError, first_line, hub_unavailable
-from rlaif.files import folder_identity, model_files, weights_fingerprint
+from rlaif.files import folder_identity, weights_fingerprint
 from rlaif.tiny import BUILDERS, COMMITTED, tiny_model_dir
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -154,12 +154,12 @@ def _family(pipeline_class: type[DiffusionPipeline]) -> str:
 def model_identity(model: str) -> str:
     """What identifies the weights behind ``model``: for a hub id, the cached snapshot (its revision) that
     loading used; for a folder or a tiny alias, the content of the files its pipeline loads (``folder_identity``,
-    ``model_files``). A new revision or a changed folder is another model, whose samples are not this one's."""
+    ``loaded_only``). A new revision or a changed folder is another model, whose samples are not this one's."""
     source = resolve_model(model)
     if not _looks_like_path(source):
         index = huggingface_hub.try_to_load_from_cache(source, "model_index.json")
         return f"{model}@{Path(index).parent.name}" if isinstance(index, str) else model
-    return model_files(folder_identity(Path(source).expanduser()))
+    return folder_identity(Path(source).expanduser(), loaded_only=True)
 
 
 def denoiser_fingerprint(model: str) -> str | None:
@@ -229,6 +229,7 @@ def check_size(pipe: DiffusionPipeline, option: str, pixels: int) -> None:
 
 
 def _check_multiple(option: str, pixels: int, vae_scale_factor: int, flow: bool) -> None:
+    """Refuse ``pixels`` (of ``option``) that are not a multiple of the network's latent patch in pixels."""
     multiple = vae_scale_factor * 2 if flow else vae_scale_factor
     if pixels % multiple:
         raise RlaifError(f"{option} {pixels}: this model needs a multiple of {multiple} pixels")

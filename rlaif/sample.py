@@ -18,7 +18,7 @@ from pathlib import Path
 from rlaif.config import SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
-from rlaif.files import changed_settings, model_files, read_json, remove_stale_temporaries, write_json
+from rlaif.files import changed_settings, loaded_files_identity, read_json, remove_stale_temporaries, write_json
 from rlaif.images import ImageWriter
 from rlaif.models import (
     check_negative_prompt,
@@ -92,7 +92,7 @@ def _recorded_generation(run_file: Path, unrecorded: dict | None) -> dict | None
                          "--out folder")
     generation = {**(unrecorded or {}), **record["generation"]}
     if isinstance(generation.get("model_weights"), str):  # an older rlaif counted every file of a model folder
-        generation["model_weights"] = model_files(generation["model_weights"])
+        generation["model_weights"] = loaded_files_identity(generation["model_weights"])
     return generation
 
 

@@ -87,6 +87,14 @@ def test_a_loop_stopped_after_a_training_finished_keeps_it(tmp_path):
     assert f"note: {out / 'round_1' / 'train'}: round 1's training had finished; kept as it is" in result.stderr
     assert {path: path.stat().st_mtime_ns for path in trained} == trained
     assert json.loads((out / "loop.json").read_text())["done"] == ["1/sample", "1/label", "1/train", "1/eval"]
+    info = json.loads((out / "round_1" / "train" / "train.json").read_text())
+    info["config"]["beta"] /= 2  # a train.json of another run in the round's folder: trained again
+    (out / "round_1" / "train" / "train.json").write_text(json.dumps(info))
+    (out / "loop.json").write_text(json.dumps(state))
+    again = run_cli("loop", "--config", config)
+    assert again.returncode == 0 and "training had finished" not in again.stderr, again.stderr
+    assert json.loads((out / "round_1" / "train" / "train.json").read_text())["config"]["beta"] == 2 * info["config"][
+        "beta"]
 
 
 def test_a_finished_loop_goes_on_for_more_rounds_and_keeps_the_ones_it_ran(tmp_path):
@@ -169,6 +177,25 @@ def test_a_loop_goes_on_with_its_prompt_files_named_by_other_paths_and_refuses_o
     with pytest.raises(RlaifError, match=r"other settings \(\[prompt files \(sha256\)\] prompts '[0-9a-f]{16}' "
                                          r"-> '[0-9a-f]{16}'\)"):
         _state(read_loop(moved / "loop.toml"))
+
+
+def test_a_prompt_file_of_the_same_bytes_in_another_format_is_another_file(tmp_path):
+    """A .tsv and a .csv of the same bytes may hold other prompts (a .csv's quotes are a .tsv's text): known by their
+    content, they are still told apart by their extension (a review)."""
+    from rlaif.loop import _state
+
+    config, out = small_loop(tmp_path, "tiny")
+    table = "prompt\n" + "\n".join(PROMPTS[:4]) + "\n"
+    for name in ("train.tsv", "train.csv"):
+        (tmp_path / name).write_text(table)
+    text = config.read_text()
+    config.write_text(text.replace('"train.txt"', '"train.tsv"'))
+    out.mkdir()
+    (out / "loop.json").write_text(json.dumps({"settings": read_loop(config).source, "done": ["1/sample"],
+                                               "rounds": {}}))
+    config.write_text(text.replace('"train.txt"', '"train.csv"'))
+    with pytest.raises(RlaifError, match=r"\[loop\] prompts '.*train.tsv' -> '.*train.csv'"):
+        _state(read_loop(config))
 
 
 def test_a_loop_checks_its_prompt_files_first_and_its_eval_may_be_mended_until_a_round_is_evaluated(tmp_path):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from rlaif.config import HUB_DATASET
 from rlaif.errors import RlaifError, first_line
-from rlaif.files import file_identity, model_files
+from rlaif.files import file_identity, loaded_files_identity
 from rlaif.images import ImageSource
 from rlaif.seeding import keyed_seed
 from rlaif.tables import SAMPLES_SCHEMA, SAMPLING_METADATA, SCORES_SCHEMA
@@ -147,8 +147,8 @@ def sampled_by(samplings: list[dict], model: str, identity: Callable[[], str | N
     """The records among ``samplings`` (``recorded_sampling``) of pictures ``model`` drew: named alike, or drawn
     by its weights (``identity()``, asked only when a record names another model: a local copy of a hub model)."""
     weights = identity() if any(s.get("model") != model for s in samplings) else None
-    return [s for s in samplings
-            if s.get("model") == model or weights is not None and model_files(s.get("model_weights") or "") == weights]
+    return [s for s in samplings if s.get("model") == model
+            or weights is not None and loaded_files_identity(s.get("model_weights") or "") == weights]
 
 
 def hub_revision(source: str) -> tuple[str, str | None]:

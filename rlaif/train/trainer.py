@@ -751,11 +751,16 @@ DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "w
 
 
 def finished_before(config: TrainConfig) -> bool:
-    """Whether ``config.out`` holds this run finished: a train.json of ``config.max_steps`` steps on the pairs table
-    as it is now (a loop killed after a round's training, before it recorded it, goes on without training again)."""
+    """Whether ``config.out`` holds this run finished: a train.json of ``config.max_steps`` steps, with the same
+    settings (``--init`` among them), on the pairs table as it is now (a loop killed after a round's training,
+    before it recorded it, goes on without training again)."""
     info = train_info(config.out)
-    return (info.get("steps") == config.max_steps and info.get("pairs_file") is not None
-            and not table_changed(str(config.pairs), info["pairs_file"]))
+    if (info.get("steps") != config.max_steps or info.get("pairs_file") is None
+            or table_changed(str(config.pairs), info["pairs_file"])):
+        return False
+    now = _settings(with_family_defaults(config))
+    return not changed_settings(settings_then(info.get("config", {})), now,
+                                [key for key in now if key not in RESUMABLE_CHANGES])
 
 
 def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
