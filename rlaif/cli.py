@@ -88,10 +88,11 @@ def sample(
     """Generate PER_PROMPT candidate images for every prompt (resumable; shards under accelerate/torchrun)."""
     config = SampleConfig(**locals())
     config.validate()  # before the heavy imports: a mistyped path is told at once, not after seconds
+    from rlaif.out_lock import writing
     from rlaif.sample import run_sample
 
     show, output = start("images")
-    with output as report:
+    with writing(config.out, "sample"), output as report:
         table = run_sample(config, progress=lambda done, total: report("sampling", done, total),
                            note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
@@ -129,12 +130,13 @@ def label(
     config = LabelConfig(**locals())
     config.validate()  # before the heavy imports
     from rlaif.label import pairs_out, run_label, scorer_keys
+    from rlaif.out_lock import writing
     from rlaif.relabel import run_relabel
 
     table = pairs_out(config)
     keys_before = scorer_keys(table)
     show, output = start("images")
-    with output as report:
+    with writing(table, "label"), output as report:
         def progress(scorer: str, done: int, total: int) -> None:
             report(f"scoring {scorer}", done, total)
 
@@ -225,11 +227,12 @@ def train(
     """
     config = config_from_cli(TrainConfig, ctx, locals(), config_file)
     config.validate()  # before the heavy imports
+    from rlaif.out_lock import writing
     from rlaif.train.trainer import complete_checkpoints, run_train
 
     show, output = start("steps")
     last: dict[str, float] = {}
-    with output as report:
+    with writing(config.out, "train"), output as report:
         def progress(step: int, total: int, logs: dict[str, float]) -> None:
             last.update(logs)
             report("training", step, total, training_info(logs))
@@ -249,9 +252,9 @@ def train(
         if info.get("same_images_dropped"):
             dropped += f"{info['same_images_dropped']} pairs of one picture twice dropped, "
         each = f"{info['pairs_per_step']} pair{'s' if info['pairs_per_step'] > 1 else ''} each"
+        trained = f"{info['pairs_trained']} pair{'s' if info['pairs_trained'] != 1 else ''}"
         processes = f" over {info['processes']} processes" if info["processes"] > 1 else ""
-        say(f"trained {info['steps']} steps of {each}{processes} on {info['pairs_trained']} "
-            f"pairs ({info['ties_dropped']} ties dropped, "
+        say(f"trained {info['steps']} steps of {each}{processes} on {trained} ({info['ties_dropped']} ties dropped, "
             f"{dropped}{info['pairs_held_out']} held out; labels: {info['label_column']}): {final}; "
             f"weights in {weights_path(written)}")
 
@@ -347,9 +350,10 @@ def evaluate(
     config = EvalConfig(**settings)
     config.validate()  # before the heavy imports
     from rlaif.eval import run_eval
+    from rlaif.out_lock import writing
 
     show, output = start("images")
-    with output as report:
+    with writing(config.out, "eval"), output as report:
         table = run_eval(config, progress=report, note=(lambda message: say(f"note: {message}")) if show else None)
     if show:
         print_win_rates(table)
@@ -364,8 +368,10 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     if max_pairs < 1:
         raise RlaifError(f"--max-pairs must be at least 1, got {max_pairs}")
     check_scorers(scorers, scorer_options, weighted=False)
-    start("pairs")
+    show, _ = start("pairs")
     judged = run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs, label=label_column)
+    if not show:  # every process judges every pair (the same numbers): the main one reports
+        return
     for row in judged:
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"
         measured = f": accuracy {row.accuracy:.3f} on {row.pairs} pairs{margin}"
@@ -415,10 +421,11 @@ DEMO_CONFIGS = {"tiny": Path(__file__).parent / "assets" / "demo.toml",
 
 def _run_loop(config: Path, out: Path | None, control: bool) -> None:
     from rlaif.loop import read_loop, run_loop
+    from rlaif.out_lock import writing
 
     plan = read_loop(config, out, control)
     show, output = start("images")  # sampled and scored; training reports steps
-    with output as report:
+    with writing(plan.loop.out, "loop"), output as report:
         def progress(description: str, done: int, total: int, logs: dict[str, float] | None = None) -> None:
             report(description, done, total, training_info(logs) if logs else "", "steps" if logs else None)
 
@@ -497,8 +504,8 @@ def cache_info() -> None:
 
 @cache_app.command("clear")
 def cache_clear(
-    part: Annotated[str | None, typer.Argument(help="latents | text | relabel | models | downloads; default: "
-                                                    "everything.")] = None,
+    part: Annotated[str | None, typer.Argument(help="latents | text | blocks | relabel | models | downloads; "
+                                                    "default: everything.")] = None,
 ) -> None:
     """Remove a part of the cache, or all of it (everything in it is rebuilt when needed)."""
     from rlaif.cache import clear_cache
@@ -636,6 +643,11 @@ def command_name(ctx: object | None) -> str:
 def error_line(exc: BaseException) -> str:
     """The one line a user sees for an error: its message, or for an OSError what failed on which file."""
     if isinstance(exc, OSError) and exc.filename is not None:
+        from rlaif.cache import cache_dir
+
         files = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
-        return f"{exc.strerror or type(exc).__name__}: {files}"
+        cache, failed = cache_dir().resolve(), Path(os.fsdecode(exc.filename)).resolve()
+        inside = cache == failed or cache in failed.parents
+        return (f"{exc.strerror or type(exc).__name__}: {files}"
+                + (f" (rlaif's cache, {cache}: set RLAIF_CACHE to a folder you can write)" if inside else ""))
     return " ".join(exception_text(exc).split())

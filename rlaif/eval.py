@@ -194,7 +194,8 @@ def _check_table(tuned: Path, table: dict, prompts: list[str], seed: int) -> str
         if not seen:
             return None
         return (f"{len(seen)} of the {len(prompts)} prompts are captions of {tuned}'s pairs table {pairs}, which "
-                "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
+                "records no run seed of its images (not paired by `rlaif label` from `rlaif sample` runs: Pick-a-Pic, "
+                "or a table `label --relabel` wrote), so whether these are its training "
                 f"images cannot be checked: --seed {seed} must differ from the seed they were sampled with")
     if seed not in seeds:
         seen = _trained_prompts(files, prompts, table.get("held_out")) if files and not changed else []

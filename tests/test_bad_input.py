@@ -380,6 +380,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tree, argv, message, mo
     assert snapshot(tree) == before
 
 
+def test_a_fault_in_the_cache_names_rlaif_cache(tmp_path, monkeypatch):
+    """An unwritable cache gave only "Operation not permitted: /some/folder" (a new user's trial); a file fault under
+    the cache now says that the folder is rlaif's cache, and how to move it."""
+    from rlaif.cli import error_line
+
+    monkeypatch.setenv("RLAIF_CACHE", str(tmp_path / "cache"))
+    inside = PermissionError(1, "Operation not permitted", str(tmp_path / "cache" / "train" / "latents"))
+    assert error_line(inside) == (f"Operation not permitted: {tmp_path / 'cache' / 'train' / 'latents'} (rlaif's "
+                                  f"cache, {tmp_path / 'cache'}: set RLAIF_CACHE to a folder you can write)")
+    outside = PermissionError(1, "Operation not permitted", str(tmp_path / "cached"))
+    assert error_line(outside) == f"Operation not permitted: {tmp_path / 'cached'}"
+
+
 def test_a_filesystem_fault_is_one_line(tree, monkeypatch, capsys):
     """An OSError from deep inside (a folder that turned read-only, a full disk) is one line, not a traceback.
     (Tests run as root, for whom no folder is read-only, so the fault is raised where the table is written.)"""

@@ -342,3 +342,32 @@ def test_a_rules_change_that_leaves_a_table_alone_says_nothing(tiny_pairs, tmp_p
     assert resumed_under_other_rules(None, {"batch_rules": 1}, marked, exact) is None
     assert resumed_under_other_rules(folder, {"batch_rules": 4}, plain, exact) is None
     assert resumed_under_other_rules(folder, {"batch_rules": 4}, plain, rounded).startswith(f"{folder} was written")
+
+
+def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_path):
+    """Workers of a killed torchrun launcher go on training; a `--resume latest` started meanwhile interleaved its
+    steps with theirs in one train_log.jsonl (a new user's trial), and both ended as if alone. Whatever command holds
+    the output, a second one into it stops with one line, leaving nothing there; once the first ends, it runs."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, run_cli
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rlaif.out_lock import writing\n"
+         f"with writing(Path({str(out)!r}), 'train'):\n    print('held', flush=True); time.sleep(120)"],
+        env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ("train", tiny_pairs, "--model", "tiny", "--out", out, "--max-steps", 1, "--batch-size", 2)
+        refused = run_cli(*args)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert (f"error: {out} is being written by another `rlaif train (process {holder.pid} on "
+                in refused.stderr and "then run this again" in refused.stderr)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
