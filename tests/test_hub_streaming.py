@@ -112,6 +112,30 @@ def test_workers_fetch_each_row_group_once_and_leave_no_copy_behind(hub, tmp_pat
     assert not any((cache / "train" / "blocks").rglob("*.arrow"))
 
 
+def test_held_out_measurements_fetch_their_row_groups_once_a_run(hub, tmp_path):
+    """Held-out pairs are measured every --val-every steps; each pass fetched their row groups again (with P
+    processes, P times). Kept apart from the training window's, they are fetched once a run: a row group holding
+    both held-out and trained pairs at most twice, once for each."""
+    cache = tmp_path / "cache"
+    result = run_cli("train", "someone/pairs", "--streaming", "--out", tmp_path / "run", "--model", "tiny",
+                     "--batch-size", 2, "--max-steps", 4, "--val-fraction", 0.25, "--val-every", 1,
+                     env=cli_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, RLAIF_CACHE=str(cache)))
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "val_implicit_acc" in row] == [1, 2, 3, 4]  # four held-out passes
+    spans = {shard.relative_to(tmp_path / "first").as_posix(): byte_ranges(shard)[:-1]
+             for shard in sorted((tmp_path / "first" / "data").glob("train-*.parquet"))}
+    fetched: dict[tuple[str, int], int] = {}
+    for read in hub.reads:
+        for group, (start, end) in enumerate(spans[read.path]):
+            if start <= read.start and read.end <= end and read.end - read.start > 10_000:  # images
+                fetched[read.path, group] = fetched.get((read.path, group), 0) + read.end - read.start
+    span = {(path, group): end - start for path, groups in spans.items() for group, (start, end) in enumerate(groups)}
+    assert len(fetched) >= 8
+    assert not {group: size for group, size in fetched.items() if size > 2 * span[group]}
+    assert not any(cache.rglob("*.arrow"))
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("someone/nothing", "pairs someone/nothing: no such dataset on the hub, or it is private or gated"),
     ("someone/pairs@v9", "pairs someone/pairs@v9: the hub dataset has no such revision"),

@@ -409,7 +409,7 @@ class PairTable(Sequence[PreferencePair]):
         columns = schema.names
         image_columns = _image_columns(columns, where)
         caption = schema.field("caption").type
-        if not _is_text(caption):
+        if not is_text(caption):
             raise RlaifError(f"pairs table {where}: column 'caption' holds {caption}, not text")
         if self.label is None:
             self.columns, self.label = image_columns, label_column(columns, label)
@@ -425,7 +425,7 @@ class PairTable(Sequence[PreferencePair]):
             caption_column = meta.schema_arrow.get_field_index("caption")
             # image paths (rlaif's tables) are checked now: a missing file met hours into a run could not be
             # mended there, as a resume refuses a table changed since
-            paths = [] if self.remote else [c for c in self.columns if _is_text(meta.schema_arrow.field(c).type)]
+            paths = [] if self.remote else [c for c in self.columns if is_text(meta.schema_arrow.field(c).type)]
             first = 0
             for group in range(meta.metadata.num_row_groups):
                 stats = meta.metadata.row_group(group).column(caption_column).statistics
@@ -494,7 +494,7 @@ class PairTable(Sequence[PreferencePair]):
         group once per pass, one kept at a time."""
         part = copy.copy(self)
         part._assign(*self._held, cache_blocks=1)
-        part._shared = None  # read a few times per run: its row groups would push the training window's out
+        part._shared = None  # read again and again, its row groups would push the training window's out (kept_whole)
         return part
 
     @property
@@ -532,6 +532,17 @@ class PairTable(Sequence[PreferencePair]):
         part._chosen_first = self._chosen_first[chosen]
         part.block_sizes = np.bincount(part._block_of, minlength=len(self.blocks)).astype(np.int64)
         part._sizes_key = tuple(int(size) for size in part.block_sizes)
+        return part
+
+    def kept_whole(self, purpose: str) -> PairTable:
+        """This table, read again and again (held-out measurements), with its row groups kept for the machine's
+        readers all at once, in a folder apart from the training window's (``purpose`` tells it apart); itself when
+        its row groups are not kept (a local table)."""
+        if self._share_root is None or not getattr(self, "remote", False):
+            return self
+        part = copy.copy(self)
+        part._shared = BlockCache(table_folder(self._share_root, f"{self.identity}\n{purpose}"),
+                                  keep=int(np.count_nonzero(self.block_sizes)) + 2)
         return part
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -589,7 +600,8 @@ def _image(value: object, root: Path, name: str) -> ImageSource:
     return value
 
 
-def _is_text(kind: pa.DataType) -> bool:
+def is_text(kind: pa.DataType) -> bool:
+    """Whether an Arrow type holds text (string, large_string or string_view)."""
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"
 
 

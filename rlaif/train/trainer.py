@@ -100,7 +100,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     pairs = PairTable(config.pairs, config.label_column, config.streaming, config.val_fraction,
                       share_blocks=cache_dir() / CACHE_PARTS["blocks"][0] if block_cache.AVAILABLE else None)
     held_out_pairs = pairs.held_out_pairs()  # left out of training, with --loss sft too
-    held_out = None if config.loss == "sft" else held_out_pairs.spread(VAL_MAX_PAIRS)
+    held_out = None if config.loss == "sft" else held_out_pairs.spread(VAL_MAX_PAIRS).kept_whole(
+        f"held out: {config.val_fraction} of the captions, {VAL_MAX_PAIRS} pairs")
+    kept = [table.shared_blocks for table in (pairs, held_out) if table is not None and table.shared_blocks]
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=config.accumulation, mixed_precision=config.mixed_precision,
         log_with=config.report_to,
@@ -146,13 +148,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype,
                       config.max_sequence_length)
+    shared_bytes = pairs.shared_bytes + (held_out.shared_bytes if held_out else 0)  # a remote table's row groups
     if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
         texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs),
                                pairs.distinct_captions, encoder.text_entry_bytes(accelerator.device))
         check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch),
-                          texts, pairs.shared_bytes)
-    elif pairs.shared_blocks:
-        check_cache_space(cache_dir() / "train", 0, 0, pairs.shared_bytes)
+                          texts, shared_bytes)
+    elif kept:
+        check_cache_space(cache_dir() / "train", 0, 0, shared_bytes)
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     if note and accelerator.is_main_process:
         for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
@@ -228,8 +231,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
             _save_checkpoint(accelerator, config, step, identities)
     del batches  # the DataLoader workers and what they hold end here
     accelerator.wait_for_everyone()
-    if pairs.shared_blocks and accelerator.is_local_main_process:  # each machine's (a killed run's is resumed with)
-        pairs.shared_blocks.clear()
+    if accelerator.is_local_main_process:  # each machine's row groups (a killed run's are resumed with)
+        for blocks in kept:
+            blocks.clear()
     if accelerator.is_main_process:
         info = {"config": _settings(config), "steps": step, "frozen_weights": frozen.get(denoiser_name(pipe), "fp32"),
                 "label_column": pairs.label, "pairs_trained": len(pairs), "ties_dropped": pairs.ties,
