@@ -157,7 +157,9 @@ def label(
         say(f"wrote {written}")
         print(f"agreement with human labels: {agreement.accuracy:.3f} ({agreement.agree} agree and "
               f"{agreement.ai_ties_compared} AI ties counted half, of {agreement.compared} non-tied pairs; "
-              f"{agreement.pairs} pairs, {agreement.ai_ties} AI ties)")
+              f"{agreement.pairs} pairs, {agreement.ai_ties} AI ties"
+              + (f", {agreement.same_images} pairs of one picture twice (are_different false) left out"
+                 if agreement.same_images else "") + ")")
     keys = scorer_keys(table)
     other = sorted(name for name in keys if keys_before.get(name, keys[name]) != keys[name])
     if other:  # the same settings, other labels: a training run that read the table before saw the old ones

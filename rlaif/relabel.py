@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,9 +43,12 @@ from rlaif.pairing import preference
 from rlaif.scoring import parse_weights, weighted_names
 from rlaif.tables import LABELLING_METADATA
 from rlaif.train.pair_table import (
+    DIFFERENT_COLUMN,
     check_captions,
     checked_labels,
+    different_images,
     is_datasets_folder,
+    is_text,
     local_identity,
     open_parquet,
     parquet_files,
@@ -54,14 +59,16 @@ RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 @dataclass(frozen=True)
 class Agreement:
-    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie; an AI tie there
-    counts half, as a coin toss would (the rule of `rlaif eval --pairs`)."""
+    """How often the AI labels agree with the human ones, on pairs the humans did not call a tie, of two pictures (as
+    `rlaif train` and `rlaif eval --pairs` leave out a pair of one picture twice); an AI tie there counts half, as a
+    coin toss would (the rule of `rlaif eval --pairs`)."""
 
     pairs: int
     compared: int
     agree: int
     ai_ties: int
     ai_ties_compared: int  # AI ties among the compared pairs
+    same_images: int  # pairs the humans did not call a tie, left out: one picture twice (are_different false)
 
     @property
     def accuracy(self) -> float:
@@ -86,31 +93,84 @@ class Chunk:
         return f"chunk-{self.number:05d}-{self.first:012d}-{self.count}.parquet"
 
 
-def table_files(source: Path) -> list[str]:
-    """The parquet files of a relabel source (a file, or a folder of shards), checked for the columns and for
-    one schema across shards (the output is one table)."""
+def table_files(source: Path) -> tuple[list[str], pa.Schema]:
+    """The parquet files of a relabel source (a file, or a folder of shards), checked for the columns, and the one
+    schema of the output table that every shard casts to without loss (``_common_schema``)."""
     if not source.exists():
         raise RlaifError(f"table {source} does not exist")
     if is_datasets_folder(source):
         raise RlaifError(f"table {source} is a datasets.save_to_disk folder, and --relabel reads parquet: write it "
                          "as parquet first (datasets.load_from_disk(DIR).to_parquet(FILE), a DatasetDict by split)")
     files = parquet_files(source)
-    schema = None
+    schemas = []
     for file in files:
         found = open_parquet(file).schema_arrow
         missing = [c for c in RELABEL_COLUMNS if c not in found.names]
         if missing:
             raise RlaifError(f"table {file} lacks column(s) {', '.join(missing)}")
-        if schema is not None and not found.equals(schema):
-            raise RlaifError(f"table {file} has other columns or types than {files[0]}; the shards of one table "
-                             "must share a schema")
-        schema = found
-        # the human labels and the captions, as `rlaif train` checks them, before any scoring
-        read = open_parquet(file).read(columns=["label_0", "caption"])
+        caption = found.field("caption").type
+        if not is_text(caption):  # `rlaif train` would refuse the output, after hours of scoring
+            raise RlaifError(f"table {file}: column 'caption' holds {caption}, not text; write the captions as "
+                             "strings")
+        schemas.append(found)
+        # the human labels, the captions and are_different, as `rlaif train` checks them, before any scoring
+        same = [DIFFERENT_COLUMN] if DIFFERENT_COLUMN in found.names else []
+        read = open_parquet(file).read(columns=["label_0", "caption", *same])
         checked_labels(read.column("label_0"), file, "label_0", 0,
                        missing_ok=True)  # a pair no human labelled: AI-labelled, left out of the agreement
         check_captions(read.column("caption"), file, 0)
-    return files
+        different_images(read, file)
+    return files, _common_schema(files, schemas)
+
+
+def _common_schema(files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
+    """The schema every shard's columns cast to without loss (the first shard's, its types widened where shards
+    differ: ``_common_type``); shards with other column names, or types of another kind, are refused."""
+    first = schemas[0]
+    for file, schema in zip(files, schemas, strict=True):
+        if sorted(schema.names) != sorted(first.names):
+            raise RlaifError(f"table {file} has other columns than {files[0]}; the shards of one table must share "
+                             "their columns")
+    fields = []
+    for name in first.names:
+        kinds = [schema.field(name).type for schema in schemas]
+        common = _common_type(kinds)
+        if common is None:
+            file, kind = next((file, kind) for file, kind in zip(files, kinds, strict=True) if kind != kinds[0])
+            raise RlaifError(f"table {file}: column {name!r} holds {kind} where {files[0]} holds {kinds[0]}; the "
+                             "shards of one table must share a schema (they may differ in the width of numbers, or "
+                             "in how text or binary is stored); write them with one")
+        fields.append(first.field(name).with_type(common).with_nullable(
+            any(schema.field(name).nullable for schema in schemas)))
+    return pa.schema(fields, metadata=first.metadata)
+
+
+def _common_type(kinds: list[pa.DataType]) -> pa.DataType | None:
+    """The type all of ``kinds`` cast to without loss: the widest float, or signed or unsigned integer, float64 for
+    other mixes of numbers; large_string for text, large_binary for binary; None for kinds that do not mix."""
+    types = pa.types
+    if all(kind == kinds[0] for kind in kinds):
+        return kinds[0]
+    if all(is_text(kind) for kind in kinds):
+        return pa.large_string()
+    if all(types.is_binary(kind) or types.is_large_binary(kind) or str(kind) == "binary_view" for kind in kinds):
+        return pa.large_binary()
+    for family in (types.is_floating, types.is_signed_integer, types.is_unsigned_integer):
+        if all(family(kind) for kind in kinds):
+            return max(kinds, key=lambda kind: kind.bit_width)
+    return pa.float64() if all(types.is_integer(kind) or types.is_floating(kind) for kind in kinds) else None
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse, before any scoring, an output whose folder cannot be made or written in (found only when writing,
+    after hours of scoring): a file is made and removed in its nearest existing folder."""
+    folder = next(path for path in out.parents if path.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise RlaifError(f"-o {out}: cannot write in {folder} ({exc.strerror}); give -o a file in a folder you "
+                         "can write") from exc
 
 
 def check_output_space(out: Path, table_bytes: int) -> None:
@@ -198,7 +258,9 @@ def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int,
                  progress: Progress | None) -> tuple[str, list[float], list[float]]:
     """The chunk's score file name and the scores of both images of each of its pairs, scored in this process."""
     frame = pl.from_arrow(rows)
-    images = image_bytes(frame["jpg_0"]) + image_bytes(frame["jpg_1"])
+    root = Path(chunk.file).parent  # image paths are relative to the table's folder, as `rlaif train` reads them
+    images = [root / cell if isinstance(cell, str) else cell
+              for cell in image_bytes(frame["jpg_0"]) + image_bytes(frame["jpg_1"])]
     names = [f"{chunk.file} row {chunk.first + i} jpg_{side}" for side in (0, 1) for i in range(frame.height)]
     captions = [c or "" for c in frame["caption"].to_list()]
     values = score_here(scorer, images, names, captions * 2, batch_size, progress)
@@ -236,17 +298,21 @@ def _ai_columns(chunk: Chunk, labels: pa.ChunkedArray, folders: dict[str, Path],
         label_0=pl.from_arrow(labels).cast(pl.Float64))
 
 
-def _agreement(labelled: pl.DataFrame) -> Agreement:
-    human = labelled.filter(pl.col("label_0").is_in([0.0, 1.0]))
+def _agreement(labelled: pl.DataFrame, different: np.ndarray) -> Agreement:
+    """The agreement of a chunk's AI labels with its human ones, on its pairs of ``different`` images
+    (``different_images``)."""
+    decided = pl.col("label_0").is_in([0.0, 1.0])
+    labelled = labelled.with_columns(different=pl.Series(different, dtype=pl.Boolean))
+    human = labelled.filter(decided & pl.col("different"))
     return Agreement(pairs=labelled.height, compared=human.height,
                      agree=human.filter(pl.col("ai_label_0") == pl.col("label_0")).height,
                      ai_ties=labelled.filter(pl.col("ai_label_0") == 0.5).height,
-                     ai_ties_compared=human.filter(pl.col("ai_label_0") == 0.5).height)
+                     ai_ties_compared=human.filter(pl.col("ai_label_0") == 0.5).height,
+                     same_images=labelled.filter(decided & ~pl.col("different")).height)
 
 
 def _plus(a: Agreement, b: Agreement) -> Agreement:
-    return Agreement(a.pairs + b.pairs, a.compared + b.compared, a.agree + b.agree, a.ai_ties + b.ai_ties,
-                     a.ai_ties_compared + b.ai_ties_compared)
+    return Agreement(*(x + y for x, y in zip(astuple(a), astuple(b), strict=True)))
 
 
 def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[Path, Agreement | None]:
@@ -261,8 +327,9 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
     config.validate()
     weights = parse_weights(config.scorers)
     source = Path(config.relabel)
-    files = table_files(source)
+    files, schema = table_files(source)
     out = pairs_out(config)
+    check_output_folder(out)
     labelling = labelling_settings(config)
     check_same_labelling(out, labelling)
     check_output_space(out, sum(os.path.getsize(file) for file in files))
@@ -311,21 +378,22 @@ def run_relabel(config: LabelConfig, progress: Progress | None = None) -> tuple[
         return out, None
     for stale in _stale_outputs(out):
         stale.unlink()
-    return out, _write_labelled(table_chunks, rows, folders, weights, config.combine_rule, out,
+    return out, _write_labelled(table_chunks, rows, schema, folders, weights, config.combine_rule, out,
                                 {**labelling, SCORER_KEYS: keys})
 
 
-def _write_labelled(table_chunks: list[Chunk], rows: int, folders: dict[str, Path], weights: dict[str, float],
-                    combine: str, out: Path, labelling: dict) -> Agreement:
-    """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically, with the settings that
-    labelled it in its metadata; return the agreement."""
-    agreement = Agreement(0, 0, 0, 0, 0)
+def _write_labelled(table_chunks: list[Chunk], rows: int, schema: pa.Schema, folders: dict[str, Path],
+                    weights: dict[str, float], combine: str, out: Path, labelling: dict) -> Agreement:
+    """Write the labelled table chunk by chunk (one row group each) to ``out`` atomically, its shards' columns cast to
+    ``schema``, with the settings that labelled it in its metadata; return the agreement."""
+    agreement = Agreement(0, 0, 0, 0, 0, 0)
     with atomic_path(out) as tmp:
         writer = None
         try:
             for chunk, table in read_chunks(table_chunks, rows):
+                table = table.select(schema.names).cast(schema)
                 ai = _ai_columns(chunk, table["label_0"], folders, weights, combine)
-                agreement = _plus(agreement, _agreement(ai))
+                agreement = _plus(agreement, _agreement(ai, different_images(table, chunk.file)))
                 table = table.drop_columns([c for c in AI_COLUMNS if c in table.column_names])  # relabelled again
                 for name in AI_COLUMNS:
                     table = table.append_column(name, ai[name].to_arrow())

@@ -38,7 +38,7 @@ def fresh(samples, tmp_path):
     return Path(shutil.copytree(samples, tmp_path / "run"))
 
 
-def jpeg_kb(path: Path) -> float:
+def jpeg_kb(path: Path | io.BytesIO) -> float:
     buffer = io.BytesIO()
     Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
     return buffer.tell() / 1000
@@ -243,6 +243,121 @@ def test_relabel_refuses_an_output_disk_without_room_before_scoring(samples, tmp
     assert run_cli("label", "--relabel", tmp_path / "pickapic.parquet", "--scorer", "compressibility",
                    env=cli_env(RLAIF_CACHE=str(tmp_path / "cache"))).returncode == 0
     assert not list(tmp_path.glob(".pickapic*"))
+
+
+def test_relabel_refuses_captions_that_are_not_text_before_scoring(tmp_path):
+    """A caption column of numbers was relabelled for hours, and then `rlaif train` refused the output."""
+    images = noise_pngs(np.random.default_rng(2), 4, 8)
+    pl.DataFrame({"caption": [1, 2], "jpg_0": images[:2], "jpg_1": images[2:], "label_0": [1.0, 0.0]}
+                 ).write_parquet(tmp_path / "numbers.parquet")
+    result = run_cli("label", "--relabel", tmp_path / "numbers.parquet", "--scorer", "compressibility",
+                     env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"table {tmp_path / 'numbers.parquet'}: column 'caption' holds int64, not text" in result.stderr
+    assert not (tmp_path / "numbers.ai-labels.parquet").exists() and not (tmp_path / "cache" / "relabel").exists()
+
+
+def test_relabel_agreement_leaves_out_pairs_of_one_picture_twice(tmp_path):
+    """As `rlaif train` and `rlaif eval --pairs` do, a pair whose are_different is false (Pick-a-Pic: one picture
+    twice) is left out of the agreement, and counted; it is AI-labelled all the same. A missing value counts as two
+    pictures; a column of other values than booleans is refused before scoring."""
+    images = noise_pngs(np.random.default_rng(3), 12, 16)
+    kb = [jpeg_kb(io.BytesIO(image)) for image in images]  # compressibility prefers the smaller JPEG
+    assert all(kb[i] != kb[i + 6] for i in range(6))  # no AI ties
+    label = [float(kb[i] < kb[i + 6]) for i in range(6)]
+    label[4:] = [1 - value for value in label[4:]]  # humans disagree with the AI on the last two pairs only
+    table = pl.DataFrame({"caption": [f"c{i}" for i in range(6)], "jpg_0": images[:6], "jpg_1": images[6:],
+                          "label_0": label, "are_different": [True, None, True, True, False, False]})
+    table.write_parquet(tmp_path / "pap.parquet")
+    result = run_cli("label", "--relabel", tmp_path / "pap.parquet", "--scorer", "compressibility")
+    assert result.returncode == 0, result.stderr
+    assert ("agreement with human labels: 1.000 (4 agree and 0 AI ties counted half, of 4 non-tied pairs; 6 pairs, "
+            "0 AI ties, 2 pairs of one picture twice (are_different false) left out)") in result.stdout
+    out = pl.read_parquet(tmp_path / "pap.ai-labels.parquet")
+    assert out["ai_label_0"].to_list() == [float(kb[i] < kb[i + 6]) for i in range(6)]
+    from rlaif.relabel import _agreement
+
+    agreement = _agreement(out, np.array([True, True, True, True, False, False]))
+    assert (agreement.compared, agreement.agree, agreement.same_images) == (4, 4, 2)
+    table.with_columns(are_different=pl.Series([1, 1, 1, 1, 0, 0])).write_parquet(tmp_path / "ints.parquet")
+    ints = run_cli("label", "--relabel", tmp_path / "ints.parquet", "--scorer", "compressibility",
+                   env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
+    assert ints.returncode == 2 and "column 'are_different' holds int64, not booleans" in ints.stderr
+    assert not (tmp_path / "cache" / "relabel").exists()
+
+
+def test_relabel_reads_image_paths_relative_to_the_table_from_any_folder(tmp_path, monkeypatch):
+    """Image cells that are paths are relative to the table's folder, as `rlaif train` reads them, not to the
+    folder relabel is run from."""
+    folder = tmp_path / "rel"
+    (folder / "img").mkdir(parents=True)
+    images = noise_pngs(np.random.default_rng(4), 4, 8)
+    for i, image in enumerate(images):
+        (folder / "img" / f"{i}.png").write_bytes(image)
+    pl.DataFrame({"caption": ["a", "b"], "jpg_0": ["img/0.png", "img/1.png"], "jpg_1": ["img/2.png", "img/3.png"],
+                  "label_0": [1.0, 0.0]}).write_parquet(folder / "t.parquet")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("label", "--relabel", "rel/t.parquet", "--scorer", "compressibility")
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(folder / "t.ai-labels.parquet")
+    expected = [-jpeg_kb(folder / "img" / f"{i}.png") for i in range(4)]
+    assert out["ai_score_0"].to_list() + out["ai_score_1"].to_list() == pytest.approx(expected)
+
+
+def test_relabel_reads_shards_whose_numbers_differ_in_width_into_one_table_that_loses_nothing(tmp_path):
+    """`rlaif train` reads a folder of shards whose label_0 is float32 in one and float64 in another; relabel refused
+    it. The output holds each column in a type every shard's values fit (the widest); columns of other names, or of
+    types of another kind, are refused as before."""
+    images = noise_pngs(np.random.default_rng(5), 8, 8)
+
+    def shard(folder: Path, name: str, rows: slice, **types: pa.DataType) -> None:
+        folder.mkdir(exist_ok=True)
+        columns = {"caption": [f"c{i}" for i in range(8)][rows], "jpg_0": images[:4][rows],
+                   "jpg_1": images[4:][rows], "label_0": [1.0, 0.0, 0.5, 1.0][rows], "ranking": [1, 2, 2**40, 3][rows],
+                   "weight": [0.5, 0.25, 0.1, 0.2][rows]}
+        pq.write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in columns.items()}), folder / name)
+
+    narrow = {"label_0": pa.float32(), "ranking": pa.int32(), "weight": pa.float32(), "caption": pa.string()}
+    shard(tmp_path / "mixed", "train-0.parquet", slice(0, 2), **narrow)
+    shard(tmp_path / "mixed", "train-1.parquet", slice(2, 4), caption=pa.large_string())
+    result = run_cli("label", "--relabel", tmp_path / "mixed", "--scorer", "compressibility",
+                     "-o", tmp_path / "mixed.parquet")
+    assert result.returncode == 0, result.stderr
+    out = pq.read_table(tmp_path / "mixed.parquet")
+    assert [out.schema.field(c).type for c in ("caption", "label_0", "ranking", "weight")] == [
+        pa.large_string(), pa.float64(), pa.int64(), pa.float64()]
+    assert out["ranking"].to_pylist() == [1, 2, 2**40, 3] and out["weight"].to_pylist()[2:] == [0.1, 0.2]
+    assert out["label_0"].to_pylist() == [1.0, 0.0, 0.5, 1.0]
+    shard(tmp_path / "kinds", "train-0.parquet", slice(0, 2))
+    shard(tmp_path / "kinds", "train-1.parquet", slice(2, 4))
+    texts = pq.read_table(tmp_path / "kinds" / "train-1.parquet")
+    pq.write_table(texts.set_column(texts.schema.get_field_index("ranking"), "ranking", pa.array(["3", "4"])),
+                   tmp_path / "kinds" / "train-1.parquet")
+    kinds = run_cli("label", "--relabel", tmp_path / "kinds", "--scorer", "compressibility")
+    assert kinds.returncode == 2 and f"table {tmp_path / 'kinds' / 'train-1.parquet'}: column 'ranking' holds " \
+        f"string where {tmp_path / 'kinds' / 'train-0.parquet'} holds int64" in kinds.stderr
+    shard(tmp_path / "names", "train-0.parquet", slice(0, 2))
+    shard(tmp_path / "names", "train-1.parquet", slice(2, 4))
+    pq.write_table(pq.read_table(tmp_path / "names" / "train-1.parquet").drop_columns(["weight"]),
+                   tmp_path / "names" / "train-1.parquet")
+    names = run_cli("label", "--relabel", tmp_path / "names", "--scorer", "compressibility")
+    assert names.returncode == 2 and "train-1.parquet has other columns than" in names.stderr
+
+
+def test_relabel_refuses_an_output_folder_it_cannot_write_before_scoring(tmp_path):
+    """`-o /proc/ai.parquet` was refused as a disk without room ("about 0.0 GiB, but only 0.0 GiB is free"); a
+    folder that is yet to be made is fine."""
+    images = noise_pngs(np.random.default_rng(6), 2, 8)
+    pl.DataFrame({"caption": ["a"], "jpg_0": images[:1], "jpg_1": images[1:], "label_0": [1.0]}
+                 ).write_parquet(tmp_path / "t.parquet")
+    args = ("label", "--relabel", tmp_path / "t.parquet", "--scorer", "compressibility")
+    result = run_cli(*args, "-o", "/proc/ai.parquet", env=cli_env(RLAIF_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "-o /proc/ai.parquet: cannot write in /proc (" in result.stderr and "give -o a file in a folder you " \
+        "can write" in result.stderr
+    assert not (tmp_path / "cache" / "relabel").exists()
+    assert run_cli(*args, "-o", tmp_path / "new" / "deeper" / "ai.parquet").returncode == 0
+    assert pl.read_parquet(tmp_path / "new" / "deeper" / "ai.parquet").height == 1
 
 
 def test_two_processes_score_the_same_as_one(fresh, tmp_path):
@@ -465,9 +580,9 @@ def test_agreement_counts_an_ai_tie_half_on_pairs_humans_decided():
     from rlaif.relabel import _agreement
 
     labelled = pl.DataFrame({"label_0": [1.0, 0.0, 1.0, 0.5, 0.5], "ai_label_0": [1.0, 1.0, 0.5, 0.5, 1.0]})
-    agreement = _agreement(labelled)
+    agreement = _agreement(labelled, np.ones(5, dtype=bool))
     assert (agreement.compared, agreement.agree, agreement.ai_ties, agreement.ai_ties_compared) == (3, 1, 2, 1)
-    assert agreement.accuracy == (1 + 0.5) / 3
+    assert agreement.accuracy == (1 + 0.5) / 3 and agreement.same_images == 0
 
 
 def test_a_plugins_code_hash_does_not_depend_on_where_it_lives(tmp_path, monkeypatch):
