@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -136,7 +137,10 @@ def label(
     table = pairs_out(config)
     keys_before = scorer_keys(table)
     show, output = start("images")
-    with writing(table, "label"), output as report:
+    # the samples folder too (its scores.parts/, scores.parquet): a sample into it, or another label of it, would
+    # write there at the same time
+    within = writing(config.samples_dir, "label") if config.samples_dir is not None else contextlib.nullcontext()
+    with within, writing(table, "label"), output as report:
         def progress(scorer: str, done: int, total: int) -> None:
             report(f"scoring {scorer}", done, total)
 

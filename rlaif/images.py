@@ -10,7 +10,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 from PIL import Image, UnidentifiedImageError
 
 from rlaif.errors import RlaifError
@@ -59,12 +58,6 @@ def image_size(source: ImageSource, name: str | None = None) -> tuple[int, int]:
     """(width, height) of an image, read from its header without decoding the pixels."""
     with _opened(source, name) as image:
         return image.size
-
-
-def image_bytes(column: pl.Series) -> list[bytes]:
-    """Encoded images of a table column: Pick-a-Pic stores binary, Hugging Face image columns structs with
-    a ``bytes`` field."""
-    return (column.struct.field("bytes") if column.dtype == pl.Struct else column).to_list()
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -8,10 +8,11 @@ import contextlib
 import hashlib
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
-from rlaif.cache import cache_dir
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 
@@ -43,11 +44,14 @@ def writing(out: Path, command: str) -> Iterator[None]:
 
 
 def lock_file(out: Path) -> Path:
-    """Where the lock of output ``out`` lives: under the cache, so that a refused command makes nothing in ``out``."""
-    return cache_dir() / "locks" / f"{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]}.lock"
+    """Where the lock of output ``out`` lives: in this machine's temporary folder, so that a refused command makes
+    nothing in ``out`` and --no-cache nothing in the cache."""
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    return (Path(tempfile.gettempdir()) / f"rlaif-locks-{user}"
+            / f"{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]}.lock")
 
 
-def _take(out: Path, command: str):
+def _take(out: Path, command: str) -> tuple[IO[str] | None, str | None]:
     """(the open lock file, None) when this process now holds ``out``; (None, who holds it) when another does;
     (None, None) where no lock can be taken (no fcntl, a cache that cannot be written): then nothing is checked."""
     if fcntl is None:
@@ -65,8 +69,12 @@ def _take(out: Path, command: str):
         holder = handle.read().strip() or "command"
         handle.close()
         return None, holder
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{command} (process {os.getpid()} on {socket.gethostname()})")
-    handle.flush()
+    except OSError:  # no locks on this file system (ENOLCK on some NFS mounts)
+        handle.close()
+        return None, None
+    with contextlib.suppress(OSError):  # who holds it, for the refusal of the next: a full disk only loses that
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{command} (process {os.getpid()} on {socket.gethostname()})")
+        handle.flush()
     return handle, None

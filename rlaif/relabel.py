@@ -29,7 +29,6 @@ from rlaif.config import LabelConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import TMP_MARK, atomic_path, free_bytes
-from rlaif.images import image_bytes
 from rlaif.label import (
     SCORER_KEYS,
     Progress,
@@ -47,6 +46,7 @@ from rlaif.train.pair_table import (
     check_captions,
     checked_labels,
     different_images,
+    image_cell,
     is_datasets_folder,
     is_text,
     local_identity,
@@ -55,6 +55,7 @@ from rlaif.train.pair_table import (
 )
 
 RELABEL_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+TYPED_METADATA = (b"huggingface", b"pandas")  # schema metadata that names column types (datasets, pandas read them)
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,17 @@ def _common_schema(files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
                              "in how text or binary is stored); write them with one")
         fields.append(first.field(name).with_type(common).with_nullable(
             any(schema.field(name).nullable for schema in schemas)))
-    return pa.schema(fields, metadata=first.metadata)
+    metadata = dict(first.metadata or {})
+    if any(field.type != first.field(field.name).type for field in fields):  # their types are the first shard's
+        metadata = {key: value for key, value in metadata.items() if key not in TYPED_METADATA}
+    return pa.schema(fields, metadata=metadata)
 
 
 def _common_type(kinds: list[pa.DataType]) -> pa.DataType | None:
-    """The type all of ``kinds`` cast to without loss: the widest float, or signed or unsigned integer, float64 for
-    other mixes of numbers; large_string for text, large_binary for binary; None for kinds that do not mix."""
+    """The type every value of all of ``kinds`` casts to exactly: the widest of one family (floats, signed or unsigned
+    integers); a signed integer twice as wide as unsigned ones of under 64 bits; float64 for floats with integers
+    of up to 32 bits; large_string for text, large_binary for binary. None for kinds no type holds exactly (64-bit
+    integers beside floats, or uint64 beside signed ones), which are refused before any scoring."""
     types = pa.types
     if all(kind == kinds[0] for kind in kinds):
         return kinds[0]
@@ -158,7 +164,13 @@ def _common_type(kinds: list[pa.DataType]) -> pa.DataType | None:
     for family in (types.is_floating, types.is_signed_integer, types.is_unsigned_integer):
         if all(family(kind) for kind in kinds):
             return max(kinds, key=lambda kind: kind.bit_width)
-    return pa.float64() if all(types.is_integer(kind) or types.is_floating(kind) for kind in kinds) else None
+    if not all(types.is_integer(kind) or types.is_floating(kind) for kind in kinds):
+        return None
+    integers = [kind.bit_width * (1 if types.is_signed_integer(kind) else 2)  # the signed width that holds it
+                for kind in kinds if types.is_integer(kind)]
+    if any(types.is_floating(kind) for kind in kinds):
+        return pa.float64() if max(integers) <= 32 else None
+    return pa.int64() if max(integers) <= 64 else None  # signed and unsigned: a signed type that holds both
 
 
 def check_output_folder(out: Path) -> None:
@@ -257,14 +269,13 @@ def _runs(group: list[Chunk], share: float) -> list[list[Chunk]]:
 def _score_chunk(scorer, chunk: Chunk, rows: pa.Table, batch_size: int,
                  progress: Progress | None) -> tuple[str, list[float], list[float]]:
     """The chunk's score file name and the scores of both images of each of its pairs, scored in this process."""
-    frame = pl.from_arrow(rows)
-    root = Path(chunk.file).parent  # image paths are relative to the table's folder, as `rlaif train` reads them
-    images = [root / cell if isinstance(cell, str) else cell
-              for cell in image_bytes(frame["jpg_0"]) + image_bytes(frame["jpg_1"])]
-    names = [f"{chunk.file} row {chunk.first + i} jpg_{side}" for side in (0, 1) for i in range(frame.height)]
-    captions = [c or "" for c in frame["caption"].to_list()]
+    root = Path(chunk.file).parent  # as `rlaif train` reads them: paths relative to the table's folder
+    names = [f"{chunk.file} row {chunk.first + i} jpg_{side}" for side in (0, 1) for i in range(rows.num_rows)]
+    cells = rows.column("jpg_0").to_pylist() + rows.column("jpg_1").to_pylist()
+    images = [image_cell(cell, root, name) for cell, name in zip(cells, names, strict=True)]
+    captions = [c or "" for c in rows.column("caption").to_pylist()]
     values = score_here(scorer, images, names, captions * 2, batch_size, progress)
-    return chunk.name, values[: frame.height], values[frame.height:]
+    return chunk.name, values[: rows.num_rows], values[rows.num_rows:]
 
 
 def _save_scores(folder: Path, scored: list[tuple[str, list[float], list[float]]]) -> None:

@@ -515,7 +515,8 @@ def test_eval_notes_prompts_of_a_table_that_records_no_seeds(tiny_pairs, tmp_pat
                      "--seed", 0, "-n", 1, "--steps", 2, "-o", tmp_path / "e")
     assert result.returncode == 0, result.stderr
     assert (f"note: 1 of the 2 prompts are captions of {tmp_path / 'lora'}'s pairs table {rebuilt.resolve()}, which "
-            "records no run seed of its images (not written by `rlaif label`), so whether these are its training "
+            "records no run seed of its images (not paired by `rlaif label` from `rlaif sample` runs: Pick-a-Pic, or a "
+            "table `label --relabel` wrote), so whether these are its training "
             "images cannot be checked: --seed 0 must differ from the seed they were sampled with") in result.stderr
 
 

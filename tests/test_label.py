@@ -302,6 +302,29 @@ def test_relabel_reads_image_paths_relative_to_the_table_from_any_folder(tmp_pat
     out = pl.read_parquet(folder / "t.ai-labels.parquet")
     expected = [-jpeg_kb(folder / "img" / f"{i}.png") for i in range(4)]
     assert out["ai_score_0"].to_list() + out["ai_score_1"].to_list() == pytest.approx(expected)
+    # Hugging Face image structs that hold a path and no bytes, read as train reads them
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"caption": ["a", "b"], "label_0": [1.0, 0.0], **{
+        column: pa.array([{"bytes": None, "path": f"img/{i}.png"} for i in indices], struct)
+        for column, indices in (("jpg_0", (0, 1)), ("jpg_1", (2, 3)))}}), folder / "structs.parquet")
+    structs = run_cli("label", "--relabel", "rel/structs.parquet", "--scorer", "compressibility")
+    assert structs.returncode == 0, structs.stderr
+    out = pl.read_parquet(folder / "structs.ai-labels.parquet")
+    assert out["ai_score_0"].to_list() + out["ai_score_1"].to_list() == pytest.approx(expected)
+
+
+def test_shards_widen_only_to_a_type_that_holds_every_value():
+    """A review: int64 beside float64, or uint64 beside a signed type, was widened to float64 or int64, whose cast
+    then failed on a large value at the write, after every chunk had been scored."""
+    from rlaif.relabel import _common_type
+
+    assert _common_type([pa.float32(), pa.float64()]) == pa.float64()
+    assert _common_type([pa.int8(), pa.uint8()]) == pa.int64() and _common_type([pa.int64(), pa.uint32()]) == pa.int64()
+    assert _common_type([pa.int32(), pa.float32()]) == pa.float64()
+    assert _common_type([pa.int64(), pa.uint64()]) is None and _common_type([pa.int64(), pa.float64()]) is None
+    assert _common_type([pa.string(), pa.large_string()]) == pa.large_string()
+    assert _common_type([pa.binary(), pa.large_binary()]) == pa.large_binary()
+    assert _common_type([pa.int32(), pa.string()]) is None
 
 
 def test_relabel_reads_shards_whose_numbers_differ_in_width_into_one_table_that_loses_nothing(tmp_path):
@@ -315,7 +338,8 @@ def test_relabel_reads_shards_whose_numbers_differ_in_width_into_one_table_that_
         columns = {"caption": [f"c{i}" for i in range(8)][rows], "jpg_0": images[:4][rows],
                    "jpg_1": images[4:][rows], "label_0": [1.0, 0.0, 0.5, 1.0][rows], "ranking": [1, 2, 2**40, 3][rows],
                    "weight": [0.5, 0.25, 0.1, 0.2][rows]}
-        pq.write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in columns.items()}), folder / name)
+        table = pa.table({k: pa.array(v, types.get(k)) for k, v in columns.items()})
+        pq.write_table(table.replace_schema_metadata({b"huggingface": b"{}", b"note": b"kept"}), folder / name)
 
     narrow = {"label_0": pa.float32(), "ranking": pa.int32(), "weight": pa.float32(), "caption": pa.string()}
     shard(tmp_path / "mixed", "train-0.parquet", slice(0, 2), **narrow)
@@ -328,6 +352,8 @@ def test_relabel_reads_shards_whose_numbers_differ_in_width_into_one_table_that_
         pa.large_string(), pa.float64(), pa.int64(), pa.float64()]
     assert out["ranking"].to_pylist() == [1, 2, 2**40, 3] and out["weight"].to_pylist()[2:] == [0.1, 0.2]
     assert out["label_0"].to_pylist() == [1.0, 0.0, 0.5, 1.0]
+    # the first shard's features name its narrower types: datasets would cast the output back to them
+    assert b"huggingface" not in out.schema.metadata and out.schema.metadata[b"note"] == b"kept"
     shard(tmp_path / "kinds", "train-0.parquet", slice(0, 2))
     shard(tmp_path / "kinds", "train-1.parquet", slice(2, 4))
     texts = pq.read_table(tmp_path / "kinds" / "train-1.parquet")

@@ -208,9 +208,12 @@ def test_no_cache_trains_the_same_and_tensorboard_gets_the_log(tiny_pairs, tmp_p
 
 AGREE = """
 import os, sys
+import torch.distributed as dist
 from rlaif.distributed import same_on_every_process
 rank = int(os.environ["RANK"])
-print(f"rank {rank}: {same_on_every_process(sys.argv[1 + rank])}")
+print(f"rank {rank}: {same_on_every_process(sys.argv[1 + rank])}", flush=True)
+dist.barrier()
+dist.destroy_process_group()  # left to the interpreter's exit, gloo's threads once aborted a rank (CI, 2026-11-29)
 """
 
 

@@ -369,5 +369,18 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
     finally:
         holder.kill()
         holder.wait()
+    samples = tiny_pairs.parent  # label writes its scores into the samples folder, which a sample may be writing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rlaif.out_lock import writing\n"
+         f"with writing(Path({str(samples)!r}), 'sample'):\n    print('held', flush=True); time.sleep(120)"],
+        env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        labelled = run_cli("label", samples, "--scorer", "compressibility", "-o", tmp_path / "pairs.parquet")
+        assert labelled.returncode == 2 and f"{samples} is being written by another `rlaif sample" in labelled.stderr
+        assert not (tmp_path / "pairs.parquet").exists()
+    finally:
+        holder.kill()
+        holder.wait()
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr

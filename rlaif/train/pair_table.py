@@ -537,8 +537,8 @@ class PairTable(Sequence[PreferencePair]):
     def kept_whole(self, purpose: str) -> PairTable:
         """This table, read again and again (held-out measurements), with its row groups kept for the machine's
         readers all at once, in a folder apart from the training window's (``purpose`` tells it apart); itself when
-        its row groups are not kept (a local table)."""
-        if self._share_root is None or not getattr(self, "remote", False):
+        its row groups are not kept (a local table) or it has no pairs (nothing held out)."""
+        if self._share_root is None or not getattr(self, "remote", False) or not len(self):
             return self
         part = copy.copy(self)
         part._shared = BlockCache(table_folder(self._share_root, f"{self.identity}\n{purpose}"),
@@ -557,7 +557,7 @@ class PairTable(Sequence[PreferencePair]):
         caption = values.column("caption")[row].as_py()
         names = [f"{block.file} row {block.first_row + row} {c}" for c in self.columns]
         root = Path(block.file) if block.group < 0 else Path(block.file).parent  # rlaif paths: relative to it
-        images = [_image(values.column(c)[row].as_py(), root, name) for c, name in zip(self.columns, names,
+        images = [image_cell(values.column(c)[row].as_py(), root, name) for c, name in zip(self.columns, names,
                                                                                          strict=True)]
         if not self._chosen_first[index]:
             images, names = images[::-1], names[::-1]
@@ -589,8 +589,9 @@ class PairTable(Sequence[PreferencePair]):
         return {**self.__dict__, "_cache": OrderedDict()}  # workers read their own blocks
 
 
-def _image(value: object, root: Path, name: str) -> ImageSource:
-    """An image cell: a path relative to the table (rlaif), bytes (Pick-a-Pic) or a datasets Image struct."""
+def image_cell(value: object, root: Path, name: str) -> ImageSource:
+    """An image cell: a path relative to the table's folder ``root`` (rlaif), bytes (Pick-a-Pic) or a datasets
+    Image struct (its bytes, else its path); ``name`` says which cell, in an error."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
