@@ -50,6 +50,7 @@ from rlaif.train.pair_table import (
     is_datasets_folder,
     is_text,
     local_identity,
+    missing_images,
     open_parquet,
     parquet_files,
 )
@@ -103,7 +104,7 @@ def table_files(source: Path) -> tuple[list[str], pa.Schema]:
         raise RlaifError(f"table {source} is a datasets.save_to_disk folder, and --relabel reads parquet: write it "
                          "as parquet first (datasets.load_from_disk(DIR).to_parquet(FILE), a DatasetDict by split)")
     files = parquet_files(source)
-    schemas = []
+    schemas, absent = [], []
     for file in files:
         found = open_parquet(file).schema_arrow
         missing = [c for c in RELABEL_COLUMNS if c not in found.names]
@@ -114,13 +115,19 @@ def table_files(source: Path) -> tuple[list[str], pa.Schema]:
             raise RlaifError(f"table {file}: column 'caption' holds {caption}, not text; write the captions as "
                              "strings")
         schemas.append(found)
-        # the human labels, the captions and are_different, as `rlaif train` checks them, before any scoring
+        # the human labels, the captions, are_different and image paths, as `rlaif train` checks them, before any
+        # scoring
         same = [DIFFERENT_COLUMN] if DIFFERENT_COLUMN in found.names else []
-        read = open_parquet(file).read(columns=["label_0", "caption", *same])
+        paths = [column for column in ("jpg_0", "jpg_1") if is_text(found.field(column).type)]
+        read = open_parquet(file).read(columns=["label_0", "caption", *same, *paths])
         checked_labels(read.column("label_0"), file, "label_0", 0,
                        missing_ok=True)  # a pair no human labelled: AI-labelled, left out of the agreement
         check_captions(read.column("caption"), file, 0)
         different_images(read, file)
+        absent += missing_images(read, paths, np.ones(read.num_rows, dtype=bool), file, 0)
+    if absent:  # met while scoring, they stopped the run there
+        raise RlaifError(f"{len(absent)} images of table {source} do not exist (first: {absent[0]}); restore them, "
+                         "or remove their rows, before relabelling")
     return files, _common_schema(files, schemas)
 
 

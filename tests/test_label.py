@@ -311,6 +311,13 @@ def test_relabel_reads_image_paths_relative_to_the_table_from_any_folder(tmp_pat
     assert structs.returncode == 0, structs.stderr
     out = pl.read_parquet(folder / "structs.ai-labels.parquet")
     assert out["ai_score_0"].to_list() + out["ai_score_1"].to_list() == pytest.approx(expected)
+    (folder / "img" / "3.png").unlink()  # found before any scoring, as train finds it, not when its chunk is scored
+    gone = run_cli("label", "--relabel", "rel/t.parquet", "--scorer", "compressibility", "-o", "rel/gone.parquet",
+                   env=cli_env(RLAIF_CACHE=str(tmp_path / "fresh-cache")))
+    assert gone.returncode == 2 and gone.stderr.count("\n") == 1
+    assert (f"error: 1 images of table rel/t.parquet do not exist (first: rel/t.parquet row 1 jpg_1 "
+            f"({Path('rel') / 'img' / '3.png'}))") in gone.stderr
+    assert not (tmp_path / "fresh-cache" / "relabel").exists() and not (folder / "gone.parquet").exists()
 
 
 def test_shards_widen_only_to_a_type_that_holds_every_value():
