@@ -66,7 +66,6 @@ class BlockCache:
         for _, path in sorted(written)[:-self.keep]:
             path.unlink(missing_ok=True)
 
-
     def clear(self) -> None:
         """Remove the row groups kept (not the folder: another run on the same table may be reading through it)."""
         for path in [*self.folder.glob("*.arrow"), *self.folder.glob("*.lock")]:
