@@ -43,6 +43,7 @@ from rlaif.scoring import parse_weights, weighted_names
 from rlaif.tables import LABELLING_METADATA
 from rlaif.train.pair_table import (
     DIFFERENT_COLUMN,
+    check_caption_type,
     check_captions,
     checked_labels,
     different_images,
@@ -110,10 +111,7 @@ def table_files(source: Path) -> tuple[list[str], pa.Schema]:
         missing = [c for c in RELABEL_COLUMNS if c not in found.names]
         if missing:
             raise RlaifError(f"table {file} lacks column(s) {', '.join(missing)}")
-        caption = found.field("caption").type
-        if not is_text(caption):  # `rlaif train` would refuse the output, after hours of scoring
-            raise RlaifError(f"table {file}: column 'caption' holds {caption}, not text; write the captions as "
-                             "strings")
+        check_caption_type(found, file)  # `rlaif train` would refuse the output, after hours of scoring
         schemas.append(found)
         # the human labels, the captions, are_different and image paths, as `rlaif train` checks them, before any
         # scoring

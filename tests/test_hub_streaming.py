@@ -51,6 +51,20 @@ def byte_ranges(file) -> list[tuple[int, int]]:
     return [*ranges, (max(0, size - 65536), size)]
 
 
+def images_fetched(hub: LocalHub, commit) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """(image bytes the hub served per (shard, row group), each row group's byte span), for the train shards of the
+    commit folder ``commit``: the reads of more than 10 kB within a row group (footers and label columns excluded)."""
+    spans = {shard.relative_to(commit).as_posix(): byte_ranges(shard)[:-1]  # row groups, no footer
+             for shard in sorted((commit / "data").glob("train-*.parquet"))}
+    fetched: dict[tuple[str, int], int] = {}
+    for read in hub.reads:
+        for group, (start, end) in enumerate(spans[read.path]):
+            if start <= read.start and read.end <= end and read.end - read.start > 10_000:  # images
+                fetched[read.path, group] = fetched.get((read.path, group), 0) + read.end - read.start
+    return fetched, {(path, group): end - start for path, groups in spans.items()
+                     for group, (start, end) in enumerate(groups)}
+
+
 @pytest.fixture
 def hub(tmp_path):
     with LocalHub() as server:
@@ -98,16 +112,9 @@ def test_workers_fetch_each_row_group_once_and_leave_no_copy_behind(hub, tmp_pat
                      "--batch-size", 2, "--max-steps", 8, "--workers", 2, "--val-fraction", 0,
                      env=cli_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, RLAIF_CACHE=str(cache)))
     assert result.returncode == 0, result.stderr
-    spans = {shard.relative_to(tmp_path / "first").as_posix(): byte_ranges(shard)[:-1]  # row groups, no footer
-             for shard in sorted((tmp_path / "first" / "data").glob("train-*.parquet"))}
-    fetched: dict[tuple[str, int], int] = {}
-    for read in hub.reads:
-        for group, (start, end) in enumerate(spans[read.path]):
-            if start <= read.start and read.end <= end and read.end - read.start > 10_000:  # images
-                fetched[read.path, group] = fetched.get((read.path, group), 0) + read.end - read.start
+    fetched, span = images_fetched(hub, tmp_path / "first")
     assert len(fetched) >= 8  # 32 pairs drawn from most of the table's 24 row groups
-    over = {group: size for group, size in fetched.items()
-            if size > spans[group[0]][group[1]][1] - spans[group[0]][group[1]][0]}
+    over = {group: size for group, size in fetched.items() if size > span[group]}
     assert not over, over  # no row group's images fetched more than once
     assert not any((cache / "train" / "blocks").rglob("*.arrow"))
 
@@ -123,14 +130,7 @@ def test_held_out_measurements_fetch_their_row_groups_once_a_run(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "val_implicit_acc" in row] == [1, 2, 3, 4]  # four held-out passes
-    spans = {shard.relative_to(tmp_path / "first").as_posix(): byte_ranges(shard)[:-1]
-             for shard in sorted((tmp_path / "first" / "data").glob("train-*.parquet"))}
-    fetched: dict[tuple[str, int], int] = {}
-    for read in hub.reads:
-        for group, (start, end) in enumerate(spans[read.path]):
-            if start <= read.start and read.end <= end and read.end - read.start > 10_000:  # images
-                fetched[read.path, group] = fetched.get((read.path, group), 0) + read.end - read.start
-    span = {(path, group): end - start for path, groups in spans.items() for group, (start, end) in enumerate(groups)}
+    fetched, span = images_fetched(hub, tmp_path / "first")
     assert len(fetched) >= 8
     assert not {group: size for group, size in fetched.items() if size > 2 * span[group]}
     assert not any(cache.rglob("*.arrow"))

@@ -344,22 +344,33 @@ def test_a_rules_change_that_leaves_a_table_alone_says_nothing(tiny_pairs, tmp_p
     assert resumed_under_other_rules(folder, {"batch_rules": 4}, plain, rounded).startswith(f"{folder} was written")
 
 
+def holding(out, command: str):
+    """Another process that holds ``out`` for ``command`` (rlaif.out_lock) until it is killed; returned once it does."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rlaif.out_lock import writing\n"
+         f"with writing(Path({str(out)!r}), {command!r}):\n    print('held', flush=True); time.sleep(120)"],
+        env=cli_env(), stdout=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        holder.wait()
+        raise AssertionError(f"the process meant to hold {out} did not take its lock")
+    return holder
+
+
 def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_path):
     """Workers of a killed torchrun launcher go on training; a `--resume latest` started meanwhile interleaved its
     steps with theirs in one train_log.jsonl (a new user's trial), and both ended as if alone. Whatever command holds
     the output, a second one into it stops with one line, leaving nothing there; once the first ends, it runs."""
-    import subprocess
-    import sys
-
-    from conftest import cli_env, run_cli
+    from conftest import run_cli
 
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rlaif.out_lock import writing\n"
-         f"with writing(Path({str(out)!r}), 'train'):\n    print('held', flush=True); time.sleep(120)"],
-        env=cli_env(), stdout=subprocess.PIPE, text=True)
+    holder = holding(out, "train")
     try:
-        assert holder.stdout.readline().strip() == "held"
         args = ("train", tiny_pairs, "--model", "tiny", "--out", out, "--max-steps", 1, "--batch-size", 2)
         refused = run_cli(*args)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1
@@ -370,12 +381,8 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
         holder.kill()
         holder.wait()
     samples = tiny_pairs.parent  # label writes its scores into the samples folder, which a sample may be writing
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rlaif.out_lock import writing\n"
-         f"with writing(Path({str(samples)!r}), 'sample'):\n    print('held', flush=True); time.sleep(120)"],
-        env=cli_env(), stdout=subprocess.PIPE, text=True)
+    holder = holding(samples, "sample")
     try:
-        assert holder.stdout.readline().strip() == "held"
         labelled = run_cli("label", samples, "--scorer", "compressibility", "-o", tmp_path / "pairs.parquet")
         assert labelled.returncode == 2 and f"{samples} is being written by another `rlaif sample" in labelled.stderr
         assert not (tmp_path / "pairs.parquet").exists()

@@ -408,9 +408,7 @@ class PairTable(Sequence[PreferencePair]):
         the first file's decide the table's image columns and label column."""
         columns = schema.names
         image_columns = _image_columns(columns, where)
-        caption = schema.field("caption").type
-        if not is_text(caption):
-            raise RlaifError(f"pairs table {where}: column 'caption' holds {caption}, not text")
+        check_caption_type(schema, where)
         if self.label is None:
             self.columns, self.label = image_columns, label_column(columns, label)
         if self.label not in columns:
@@ -599,6 +597,14 @@ def image_cell(value: object, root: Path, name: str) -> ImageSource:
     if not isinstance(value, bytes):
         raise RlaifError(f"image {name} holds {type(value).__name__}, not image bytes or a path")
     return value
+
+
+def check_caption_type(schema: pa.Schema, where: str) -> None:
+    """Refuse a caption column that is not text (file ``where``), before any row is read."""
+    caption = schema.field("caption").type
+    if not is_text(caption):
+        raise RlaifError(f"pairs table {where}: column 'caption' holds {caption}, not text; write the captions as "
+                         "strings")
 
 
 def is_text(kind: pa.DataType) -> bool:

@@ -148,14 +148,14 @@ def run_train(config: TrainConfig, progress: Progress | None = None, note: Calla
     unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(pipe, None if config.no_cache else cache_dir() / "train", config.cache_dtype,
                       config.max_sequence_length)
-    shared_bytes = pairs.shared_bytes + (held_out.shared_bytes if held_out else 0)  # a remote table's row groups
-    if not config.no_cache:  # every process checks (and stops alike): they all write to the cache
+    latents = texts = 0
+    if not config.no_cache:
+        latents = _cache_estimate(config, pipe, resolution, len(pairs), global_batch)
         texts = _text_estimate(config.max_steps * global_batch, len(pairs), len(held_out_pairs),
                                pairs.distinct_captions, encoder.text_entry_bytes(accelerator.device))
-        check_cache_space(cache_dir() / "train", _cache_estimate(config, pipe, resolution, len(pairs), global_batch),
-                          texts, shared_bytes)
-    elif kept:
-        check_cache_space(cache_dir() / "train", 0, 0, shared_bytes)
+    # every process checks (and stops alike): they all write to the cache; a remote table's row groups too
+    check_cache_space(cache_dir() / "train", latents, texts,
+                      pairs.shared_bytes + (held_out.shared_bytes if held_out else 0))
     _clear_outputs(config, accelerator, complete)  # nothing refused: only now is anything of an old run removed
     if note and accelerator.is_main_process:
         for text in (resumed_at(resume_from, step, config.max_steps), sampled_by_another(config, pairs, own),
