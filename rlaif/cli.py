@@ -186,7 +186,7 @@ def train(
     label_column: Annotated[str | None, option(T, "label_column")] = default(T, "label_column"),
     full: Annotated[bool, option(T, "full")] = default(T, "full"),
     lora_rank: Annotated[int, option(T, "lora_rank")] = default(T, "lora_rank"),
-    lora_alpha: Annotated[int, option(T, "lora_alpha")] = default(T, "lora_alpha"),
+    lora_alpha: Annotated[int | None, option(T, "lora_alpha")] = default(T, "lora_alpha"),
     lora_targets: Annotated[str | None, option(T, "lora_targets")] = default(T, "lora_targets"),
     loss: Annotated[str, option(T, "loss")] = default(T, "loss"),
     beta: Annotated[float | None, option(T, "beta")] = default(T, "beta"),

@@ -300,7 +300,7 @@ class LabelConfig:
             raise RlaifError(f"--combine {self.combine} combines several scorers; with one, pairs come from its own "
                              "scores: drop --combine")
         for name in ("top_k", "batch_size", "chunk_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
@@ -338,7 +338,9 @@ class TrainConfig:
                 "when the table has it (written by `rlaif label --relabel`), else label_0."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (frozen reference copy) instead of LoRA."})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})
+    lora_alpha: int | None = field(default=None, metadata={
+        "help": "LoRA alpha (the update is scaled by alpha / rank); default: the rank, scale 1, as in diffusers' LoRA "
+                "training examples (so a lower --lora-rank does not scale the update up)."})
     lora_targets: str | None = field(default=None, metadata={
         "help": "LoRA target modules (comma-separated). Default: the attention projections, "
                 f"{DEFAULT_LORA_TARGETS['unet']} of a UNet; of an SD3 / FLUX transformer also its joint attention's "
@@ -475,7 +477,7 @@ class TrainConfig:
         if self.mixed_precision not in PRECISIONS:
             raise RlaifError(f"--mixed-precision {self.mixed_precision!r} is not no, fp16 or bf16")
         for name in ("max_steps", "batch_size", "accumulation", "lora_rank", "lora_alpha"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         lora_set = [f.name for f in fields(self) if f.name.startswith("lora_") and getattr(self, f.name) != f.default]
         if self.full and lora_set:  # they would be recorded in train.json and never used

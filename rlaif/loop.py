@@ -59,6 +59,8 @@ RESUMABLE = {"sample": {"batch_size", "device"}, "label": {"batch_size", "chunk_
 PROMPT_FILES = "prompt files (sha256)"  # loop.json's table of what the prompt files held
 MODEL_WEIGHTS = "model files (identity)"  # and of the base model (a hub revision, the files its pipeline loads)
 OLDER_MODEL_WEIGHTS = "model weights (identity)"  # an older rlaif's record of it, which counted every file
+DEFAULTS = "defaults (as the loop began)"  # and of the stages' fixed defaults then
+PINNED_STAGES = ("sample", "label", "eval")  # [train]'s defaults are checked by check_defaults_as_before
 
 
 @dataclass
@@ -126,8 +128,31 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     check_out_dir(config.out, "--out" if out is not None else f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages, PROMPT_FILES: _prompt_files(config),
-                                    **_model_weights(config)}, default=str))
+                                    **_model_weights(config), DEFAULTS: stage_defaults()}, default=str))
     return LoopPlan(config, stages, source)
+
+
+def stage_defaults() -> dict[str, dict[str, Any]]:
+    """The fixed defaults of [sample], [label] and [eval] (those a model does not resolve, and that change a
+    number): recorded when a loop begins, so that an rlaif upgraded between rounds goes on with them."""
+    return {stage: {f.name: f.default for f in dataclasses.fields(STAGES[stage])
+                    if f.default not in (dataclasses.MISSING, None)
+                    and f.name not in SET_BY_LOOP[stage] | RESUMABLE[stage]} for stage in PINNED_STAGES}
+
+
+def pin_defaults(stages: dict[str, dict[str, Any]], recorded: dict[str, dict[str, Any]]
+                 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``stages`` with every setting they leave unset at the default ``recorded`` when the loop began, where this
+    rlaif's default differs (later rounds would sample, pair or be evaluated otherwise than round 1); and the
+    settings so kept, as ``[stage] key value``."""
+    now, pinned = stage_defaults(), []
+    stages = {name: dict(settings) for name, settings in stages.items()}
+    for stage in PINNED_STAGES:
+        for key, value in recorded.get(stage, {}).items():
+            if key not in stages.get(stage, {}) and key in now.get(stage, {}) and now[stage][key] != value:
+                stages[stage][key] = value
+                pinned.append(f"[{stage}] {key} {value!r} (now {now[stage][key]!r})")
+    return stages, pinned
 
 
 def _prompt_files(config: LoopConfig) -> dict[str, str]:
@@ -287,7 +312,7 @@ def _state(plan: LoopPlan) -> dict:
     """OUT/loop.json: the settings it was started with (and what its prompt files held) and the stages done; other
     settings are refused, but for more ``rounds``, which go on from the last finished round, those in
     ``RESUMABLE``, and the evaluation's until a round has been evaluated (the settings recorded are then the new
-    ones)."""
+    ones). The stages' defaults recorded when the loop began are kept."""
     path = plan.loop.out / "loop.json"
     state = read_json(path, UNREADABLE_STATE)
     if state is None:
@@ -295,6 +320,8 @@ def _state(plan: LoopPlan) -> dict:
     before, now = _as_now(state.get("settings") or {}), plan.source
     # records an earlier rlaif did not keep (or weights not known then, or now) are not compared
     unknown = {record for record in (PROMPT_FILES, MODEL_WEIGHTS) if record not in before or record not in now}
+    unknown.add(DEFAULTS)  # not compared: those the loop began with are kept (an older loop's: this rlaif's)
+    now = {**now, DEFAULTS: before.get(DEFAULTS, now[DEFAULTS])}
     if MODEL_WEIGHTS not in unknown and before[MODEL_WEIGHTS] != now[MODEL_WEIGHTS]:
         raise RlaifError(_other_base(plan.loop))
     if MODEL_WEIGHTS in before:  # kept when not known now (a hub cache emptied): the rounds check it as they sample
@@ -373,8 +400,11 @@ def _guidance_then(folder: Path, stage: dict[str, Any]) -> dict[str, float]:
 def run_loop(plan: LoopPlan, progress: Progress | None = None, note: Callable[[str], None] | None = None) -> Path:
     """Run every unfinished stage of every round; return OUT/rounds.parquet, every round's win rates. ``note`` is
     told what training and evaluation say beside their results (eval base samples remade, nothing held out)."""
-    loop, stages = plan.loop, plan.stages
+    loop = plan.loop
     state = _state(plan)
+    stages, pinned = pin_defaults(plan.stages, state["settings"][DEFAULTS])
+    if pinned and note:
+        note(f"{loop.out}: this loop began under other defaults of rlaif; it goes on with them: {'; '.join(pinned)}")
     main = process_state().is_main_process
     resumed = list(state["done"])  # said once the first stage left begins: a refused resume says one thing
 

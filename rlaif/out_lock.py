@@ -11,7 +11,6 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
@@ -27,7 +26,7 @@ def writing(out: Path, command: str) -> Iterator[None]:
     """Hold ``out`` while ``command`` runs: the main process locks it and tells every process whether it could;
     when another command holds it, every process stops with one line saying which and what to do."""
     state = process_state()
-    handle, holder = _take(out, command) if state.is_main_process else (None, None)
+    held, holder = _take(out, command) if state.is_main_process else (None, None)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -39,42 +38,42 @@ def writing(out: Path, command: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if handle is not None:
-            handle.close()  # releases the lock
+        if held is not None:
+            os.close(held)  # releases the lock
 
 
-def lock_file(out: Path) -> Path:
+def lock_dir(out: Path) -> Path:
     """Where the lock of output ``out`` lives: in this machine's temporary folder, so that a refused command makes
-    nothing in ``out`` and --no-cache nothing in the cache."""
+    nothing in ``out`` and --no-cache nothing in the cache. A folder, locked itself: systemd-tmpfiles' ageing skips
+    a locked folder and what it holds (before 2023 it saw locks on folders only), so a run of weeks keeps its lock."""
     user = os.getuid() if hasattr(os, "getuid") else 0
-    return (Path(tempfile.gettempdir()) / f"rlaif-locks-{user}"
-            / f"{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]}.lock")
+    name = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"rlaif-locks-{user}" / name
 
 
-def _take(out: Path, command: str) -> tuple[IO[str] | None, str | None]:
-    """(the open lock file, None) when this process now holds ``out``; (None, who holds it) when another does;
-    (None, None) where no lock can be taken (no fcntl, a cache that cannot be written): then nothing is checked."""
+def _take(out: Path, command: str) -> tuple[int | None, str | None]:
+    """(the locked folder's descriptor, None) when this process now holds ``out``; (None, who holds it) when another
+    does; (None, None) where no lock can be taken (no fcntl, a temporary folder that cannot be written): then
+    nothing is checked."""
     if fcntl is None:
         return None, None
-    path = lock_file(out)
+    path = lock_dir(out)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
+        path.mkdir(parents=True, exist_ok=True)
+        held = os.open(path, os.O_RDONLY)
     except OSError:
         return None, None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "command"
-        handle.close()
-        return None, holder
+        os.close(held)
+        try:
+            return None, (path / "holder").read_text().strip() or "command"
+        except OSError:  # locked before it could say by whom
+            return None, "command"
     except OSError:  # no locks on this file system (ENOLCK on some NFS mounts)
-        handle.close()
+        os.close(held)
         return None, None
     with contextlib.suppress(OSError):  # who holds it, for the refusal of the next: a full disk only loses that
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{command} (process {os.getpid()} on {socket.gethostname()})")
-        handle.flush()
-    return handle, None
+        (path / "holder").write_text(f"{command} (process {os.getpid()} on {socket.gethostname()})")
+    return held, None

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import PROMPTS, cli_env, run_cli
 
 from rlaif.errors import RlaifError
+from rlaif.label import LABELLING_METADATA
 from rlaif.loop import read_loop
 
 SMALL_LOOP = """
@@ -342,6 +344,32 @@ def test_rounds_sample_and_evaluate_at_the_guidance_of_the_first_round(tmp_path)
     for folder in (out / "round_2" / "samples", out / "round_2" / "eval" / "tuned", out / "eval_base"):
         assert json.loads((folder / "run.json").read_text())["generation"]["guidance"] == 6.0, folder
     assert stamps and {png: png.stat().st_mtime_ns for png in (out / "eval_base").rglob("*.png")} == stamps
+
+
+def test_later_rounds_keep_the_stage_defaults_the_loop_began_with(tmp_path):
+    """A loop begun when rlaif's default [sample] per_prompt was 2 and [label] min_margin 1.0 (here written into its
+    loop.json) goes on with them after an upgrade: round 2 samples 2 images a prompt, pairs them as round 1 did,
+    and says so; settings the config gives stay as given."""
+    config, out = small_loop(tmp_path, "tiny")
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 1").replace("per_prompt = 3\n", ""))
+    assert run_cli("loop", "--config", config).returncode == 0
+    assert json.loads((out / "round_1" / "samples" / "run.json").read_text())["settings"]["per_prompt"] == 4
+    state = json.loads((out / "loop.json").read_text())
+    defaults = state["settings"]["defaults (as the loop began)"]
+    assert defaults["sample"]["per_prompt"] == 4 and defaults["eval"]["per_prompt"] == 4
+    defaults["sample"]["per_prompt"], defaults["label"]["min_margin"] = 2, 1e-9
+    defaults["eval"]["per_prompt"] = 3  # given by the config (2): the config's value stands
+    (out / "loop.json").write_text(json.dumps(state))
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    more = run_cli("loop", "--config", config)
+    assert more.returncode == 0, more.stderr
+    assert "[sample] per_prompt 2 (now 4); [label] min_margin 1e-09 (now 0.0)" in more.stdout + more.stderr
+    record = json.loads((out / "round_2" / "samples" / "run.json").read_text())["settings"]
+    assert record["per_prompt"] == 2
+    labelling = pq.read_schema(out / "round_2" / "samples" / "pairs.parquet").metadata[LABELLING_METADATA.encode()]
+    assert json.loads(labelling)["min_margin"] == 1e-9
+    assert json.loads((out / "round_2" / "eval" / "tuned" / "run.json").read_text())["settings"]["per_prompt"] == 2
+    assert json.loads((out / "loop.json").read_text())["settings"]["defaults (as the loop began)"] == defaults
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a UNet model, and a flow transformer (Flow-DPO)

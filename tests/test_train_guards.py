@@ -366,7 +366,12 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
     """Workers of a killed torchrun launcher go on training; a `--resume latest` started meanwhile interleaved its
     steps with theirs in one train_log.jsonl (a new user's trial), and both ended as if alone. Whatever command holds
     the output, a second one into it stops with one line, leaving nothing there; once the first ends, it runs."""
+    import fcntl
+    import os
+
     from conftest import run_cli
+
+    from rlaif.out_lock import lock_dir
 
     out = tmp_path / "run"
     holder = holding(out, "train")
@@ -377,6 +382,13 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
         assert (f"error: {out} is being written by another `rlaif train (process {holder.pid} on "
                 in refused.stderr and "then run this again" in refused.stderr)
         assert not out.exists()
+        # the lock is on a folder, which systemd-tmpfiles' ageing of /tmp skips while it is locked, as it tests
+        probe = os.open(lock_dir(out), os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
     finally:
         holder.kill()
         holder.wait()

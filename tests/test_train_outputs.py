@@ -64,6 +64,26 @@ def test_lora_alpha_survives_saving(tiny_pairs, tmp_path):
     assert (unet_output(load_pipeline("tiny", tuned=out).unet) - trained).abs().max() < SAME  # rlaif's reader
 
 
+def test_lora_alpha_left_out_is_the_rank_and_a_run_begun_at_32_resumes_with_it(tiny_pairs, tmp_path):
+    """--lora-rank 4 without --lora-alpha trains at scale 1 (alpha 4, as diffusers' LoRA examples; it was 32, scale
+    8, until 2026-11-29), and says so in train.json; a checkpoint begun under the old default is refused with the
+    option that resumes it as it began."""
+    out = tmp_path / "r4"
+    result = run_cli("train", tiny_pairs, "--out", out, "--lora-rank", 4, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "train.json").read_text())["config"]["lora_alpha"] == 4
+    trained = unet_output(trained_unet(out, rank=4, alpha=4))
+    assert (unet_output(load_pipeline("tiny", tuned=out).unet) - trained).abs().max() < SAME
+    position = out / "checkpoints" / "step_00000003" / "position.json"
+    record = json.loads(position.read_text())
+    record["settings"]["lora_alpha"] = 32  # as the default was when the run began
+    position.write_text(json.dumps(record))
+    result = run_cli("train", tiny_pairs, "--out", out, "--lora-rank", 4, *FAST[:-4], "--max-steps", 4,
+                     "--resume", "latest", "--overwrite")
+    assert result.returncode != 0
+    assert "(lora_alpha 32 -> 4); left to rlaif's defaults" in result.stderr and "pass --lora-alpha 32" in result.stderr
+
+
 @pytest.mark.parametrize("first", ["lora", "full"])
 def test_round_two_alone_reproduces_the_chain(tiny_pairs, tmp_path, first):
     round_1, round_2 = tmp_path / "round_1", tmp_path / "round_2"

@@ -347,8 +347,8 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def with_family_defaults(config: TrainConfig) -> TrainConfig:
     """``config`` with the settings left to the model family filled in (beta, DPO-Positive's lambda, the
-    unconditional anchor and with it caption dropout, LoRA targets, weight decay) and the learning rate left to
-    LoRA or full fine-tuning, before anything records them: a
+    unconditional anchor and with it caption dropout, LoRA targets, weight decay), the learning rate left to
+    LoRA or full fine-tuning and LoRA alpha to the rank, before anything records them: a
     run's checkpoints and train.json hold the values it trained with. Refuses the anchor for FLUX.1 here, before
     any work (or an --overwrite) starts."""
     family = model_family(config.model)
@@ -372,6 +372,7 @@ def with_family_defaults(config: TrainConfig) -> TrainConfig:
                    dpo_positive=config.dpo_positive if config.dpo_positive is not None
                    else DEFAULT_DPO_POSITIVE[family] if config.loss in POSITIVE_LOSS_TYPES else 0.0,
                    lora_targets=None if config.full else config.lora_targets or DEFAULT_LORA_TARGETS[family],
+                   lora_alpha=config.lora_rank if config.lora_alpha is None else config.lora_alpha,
                    weight_decay=config.weight_decay if config.weight_decay is not None
                    else 0.0 if config.optimizer == "sgd" else DEFAULT_WEIGHT_DECAY[family])
 
@@ -751,7 +752,7 @@ def settings_then(saved: dict) -> dict:
 # Settings that a run left out resolves from rlaif's defaults (with_family_defaults): a loop's later round must
 # resolve them as its earlier rounds did, or an upgrade of rlaif between rounds would change the loss silently
 DEFAULTED = ("beta", "dpo_positive", "keep_unconditional", "caption_dropout", "weight_decay", "lora_targets",
-             "learning_rate")
+             "learning_rate", "lora_alpha")
 
 
 def finished_before(config: TrainConfig) -> bool:

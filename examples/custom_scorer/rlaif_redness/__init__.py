@@ -15,6 +15,7 @@ class Redness:
         return values
 
 
-def redness(device: str = "cpu", **options: object) -> Redness:
-    """How red an image is: mean R minus the mean of G and B (an example plugin)."""
+def redness(device: str = "cpu") -> Redness:
+    """How red an image is: mean R minus the mean of G and B (an example plugin). It takes no options, so any
+    --scorer-option for it is refused; a plugin that takes some names each as a keyword parameter."""
     return Redness()
