@@ -300,7 +300,7 @@ class LabelConfig:
             raise RlaifError(f"--combine {self.combine} combines several scorers; with one, pairs come from its own "
                              "scores: drop --combine")
         for name in ("top_k", "batch_size", "chunk_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise RlaifError(f"--{name.replace('_', '-')} must be at least 1")
         if self.min_margin < 0:
             raise RlaifError("--min-margin must not be negative")
