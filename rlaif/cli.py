@@ -376,7 +376,7 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
     check_scorers(scorers, scorer_options, weighted=False)
     show, _ = start("pairs")
     judged = run_pairs_eval(base, tuned, pairs, scorers, scorer_options, max_pairs, label=label_column)
-    if not show:  # every process judges every pair (the same numbers): the main one reports
+    if not show:  # the numbers of all the processes' pairs: the main one reports
         return
     for row in judged:
         margin = "" if row.margin is None else f", reward margin {row.margin:+.4g}"

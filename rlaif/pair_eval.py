@@ -88,16 +88,21 @@ def _learnt_from(tuned: Path, pairs: str, info: dict) -> tuple[bool, str] | None
     return None
 
 
-def judged_batches(pairs: int, max_pairs: int, batch_size: int) -> tuple[int, int]:
-    """(pairs judged, batch size): ``max_pairs`` of ``pairs`` (all, if fewer), in equal batches of the
-    largest size up to ``batch_size`` that divides them, so no pair is left out and every batch weighs alike."""
+def judged_batches(pairs: int, max_pairs: int, batch_size: int, processes: int = 1
+                   ) -> tuple[int, int, int]:
+    """(pairs judged, batch size, shares): ``max_pairs`` of ``pairs`` (all, if fewer), split into ``processes``
+    equal shares when they divide them (else every process judges them all: the same pairs whatever the processes),
+    in equal batches of the largest size up to ``batch_size`` that divides a share, so no pair is left out and every
+    batch weighs alike."""
     count = min(pairs, max_pairs)
-    return count, max(size for size in range(1, batch_size + 1) if count % size == 0)
+    shares = processes if count % processes == 0 else 1
+    return count, max(size for size in range(1, batch_size + 1) if count // shares % size == 0), shares
 
 
 def _dpo_accuracy(config: TrainConfig, tuned: Path, base: str, trained: dict, table: PairTable, count: int,
-                  batch_size: int, accelerator: Accelerator) -> tuple[float, float]:
-    """The tuned model's DPO implicit accuracy and reward margin on the first ``count`` pairs of ``table``."""
+                  batch_size: int, shares: int, accelerator: Accelerator) -> tuple[float, float]:
+    """The tuned model's DPO implicit accuracy and reward margin on the first ``count`` pairs of ``table``, each
+    process judging its own of ``shares`` (1: every process all of them)."""
     if is_full(tuned):  # two networks: the tuned one, and the base as its reference
         policy = load_pipeline(base, "fp32", accelerator.device, tuned=tuned)
         reference = denoiser(load_pipeline(base, "fp32", accelerator.device))
@@ -108,8 +113,10 @@ def _dpo_accuracy(config: TrainConfig, tuned: Path, base: str, trained: dict, ta
     resolution = trained["resolution"] or default_size(policy)
     objective = objective_for(policy, config.flow_weighting,  # FLUX.1-dev: the distilled guidance it trained at
                               train_info(tuned).get("distilled_guidance", FLUX_TRAIN_GUIDANCE))
-    settings = BatchSettings(0, batch_size, 1, 0, resolution, False, False, 0.0, latent_shape(policy, resolution),
-                             objective.timesteps, shuffle=False, weighting=objective.weighting,
+    rank = accelerator.process_index if shares > 1 else 0
+    settings = BatchSettings(0, batch_size, shares, rank, resolution, False, False, 0.0,
+                             latent_shape(policy, resolution), objective.timesteps, shuffle=False,
+                             weighting=objective.weighting,
                              noise_range=(trained["min_noise"], trained["max_noise"]))  # where it was trained
     encoder = Encoder(policy, None, max_sequence_length=config.max_sequence_length)
     metrics = held_out_metrics(config, MicroBatches(table, settings, None), encoder,
@@ -126,9 +133,9 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
     check_trained_from(tuned, base)
     trained = settings_then(trained_config(tuned))
     table = PairTable(pairs, label)
-    count, batch_size = judged_batches(len(table), max_pairs, batch_size)
-    table = table.spread(count)
     accelerator = Accelerator(cpu=cpu_only())
+    count, batch_size, shares = judged_batches(len(table), max_pairs, batch_size, accelerator.num_processes)
+    table = table.spread(count)
     config = TrainConfig(pairs=pairs, model=base, out=tuned, loss=trained["loss"],
                          beta=None if trained["loss"] == "sft" else trained["beta"],
                          dpo_positive=trained["dpo_positive"], mixed_precision=trained["mixed_precision"],
@@ -138,15 +145,17 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
         found = [PairAccuracy("tuned model: no DPO implicit accuracy (trained with --loss sft, without a reference "
                               "model)", count, float("nan"), table.label, **left_out)]
     else:
-        accuracy, margin = (_dpo_accuracy(config, tuned, base, trained, table, count, batch_size, accelerator)
+        accuracy, margin = (_dpo_accuracy(config, tuned, base, trained, table, count, batch_size, shares, accelerator)
                             if count else (float("nan"), None))
         found = [PairAccuracy("tuned model (DPO implicit accuracy)", count, accuracy, table.label, margin, **left_out)]
-    judged = [table[position] for position in range(count)]
+    share = count // shares
+    first = share * accelerator.process_index if shares > 1 else 0
+    judged = [table[position] for position in range(first, first + share)]
     options = parse_options(scorer_options)
     for spec in scorers:
         scorer = LoadedScorer(spec, device=accelerator.device, **options.get(spec, {}))
         agree = 0.0
-        for start in range(0, count, batch_size):
+        for start in range(0, share, batch_size):
             batch = judged[start:start + batch_size]
             images = [open_rgb(p.chosen, p.chosen_name) for p in batch] + \
                 [open_rgb(p.rejected, p.rejected_name) for p in batch]
@@ -154,6 +163,9 @@ def run_pairs_eval(base: str, tuned: Path, pairs: str, scorers: list[str], score
             scores = torch.as_tensor(scorer(images, [p.caption for p in batch] * 2, names), dtype=torch.float64)
             chosen, rejected = scores[: len(batch)], scores[len(batch):]
             agree += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+        if shares > 1:  # a count of halves: exact in float64
+            agree = float(accelerator.reduce(torch.tensor([agree], dtype=torch.float64, device=accelerator.device),
+                                             "sum")[0])
         found.append(PairAccuracy(f"scorer {spec}", count, agree / count if count else float("nan"), table.label,
                                   **left_out))
         del scorer

@@ -4,14 +4,17 @@ import dataclasses
 import html
 import html.parser
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import PROMPTS, run_cli
+from conftest import PROMPTS, cli_env, run_cli
 from PIL import Image
 
 from rlaif.errors import RlaifError
@@ -318,10 +321,44 @@ def test_eval_pairs_judges_a_table_with_the_tuned_model_and_each_scorer(tiny_pai
 
 
 def test_pairs_are_judged_all_in_equal_batches():
-    assert judged_batches(600, 512, 4) == (512, 4)
-    assert judged_batches(6, 512, 4) == (6, 3)
-    assert judged_batches(7, 512, 4) == (7, 1)
-    assert judged_batches(10, 3, 4) == (3, 3)
+    assert judged_batches(600, 512, 4) == (512, 4, 1)
+    assert judged_batches(6, 512, 4) == (6, 3, 1)
+    assert judged_batches(7, 512, 4) == (7, 1, 1)
+    assert judged_batches(10, 3, 4) == (3, 3, 1)
+    assert judged_batches(600, 512, 4, processes=8) == (512, 4, 8)  # 64 pairs each
+    assert judged_batches(12, 512, 4, processes=2) == (12, 3, 2)  # 6 each, in batches of 3
+    assert judged_batches(7, 512, 4, processes=2) == (7, 1, 1)  # not split: both judge all 7
+
+
+def test_eval_pairs_in_two_processes_splits_the_pairs_and_gives_the_numbers_of_one(tiny_pairs, tmp_path):
+    """`eval --pairs` under torchrun: each process judges half the pairs (before, each judged all of them: no
+    speed-up), and the accuracies are those of one process."""
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 20,
+                      "--batch-size", 2, "--learning-rate", 1e-3)
+    assert trained.returncode == 0, trained.stderr
+    args = ["eval", "-m", "tiny", "--tuned", str(tmp_path / "lora"), "--pairs", str(tiny_pairs), "--max-pairs", "12",
+            "-s", "compressibility", "-s", "label_plugins:recording_brightness"]
+    plugins = str(Path(__file__).parent)
+    one = run_cli(*args, env=cli_env(PYTHONPATH=plugins, RLAIF_TEST_COUNT=str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(31500 + os.getpid() % 1000), "-m", "rlaif", *args],
+        env=cli_env(OMP_NUM_THREADS="1", PYTHONPATH=plugins, RLAIF_TEST_COUNT=str(tmp_path / "two")),
+        capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    ranks = [line.split()[0] for line in (tmp_path / "two").read_text().splitlines()]
+    assert len((tmp_path / "one").read_text().splitlines()) == 24 and sorted(ranks) == ["0"] * 12 + ["1"] * 12
+
+    def judged(output: str) -> dict[str, str]:
+        return dict(line.split(": ", 1) for line in output.splitlines() if ": accuracy " in line)
+
+    alone, split = judged(one.stdout), judged(two.stdout)
+    assert alone.keys() == split.keys() and len(alone) == 3, (one.stdout, two.stdout)
+    model = "tuned model (DPO implicit accuracy)"
+    assert {k: v for k, v in alone.items() if k != model} == {k: v for k, v in split.items() if k != model}
+    accuracy, margin = (alone[model].split()[1], float(alone[model].split()[-1]))
+    assert split[model].split()[1] == accuracy and float(split[model].split()[-1]) == pytest.approx(margin, rel=1e-3)
 
 
 def test_the_report_colours_the_relative_change_by_its_own_interval():
