@@ -66,20 +66,31 @@ def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.Comp
     argv = [str(arg) for arg in args]
     env = env or cli_env()
     changed = {key for key in set(env) | set(os.environ) if env.get(key) != os.environ.get(key)}
-    if changed - PER_CALL_ENV:
+    if changed - PER_CALL_ENV - {"PYTHONPATH"} or not _importable_here(env.get("PYTHONPATH")):
         return subprocess.run([sys.executable, "-m", "rlaif", *argv], capture_output=True, text=True, env=env,
                               timeout=600)
     return _run_in_process(argv, {key: env.get(key) for key in changed})
 
 
+def _importable_here(pythonpath: str | None) -> bool:
+    """Whether a call with ``pythonpath`` can run in this process, its folders put first on sys.path for the call
+    (plugins a test imports by module:attr or entry point); not when it leaves out a folder this process has."""
+    before = os.environ.get("PYTHONPATH", "")
+    return pythonpath is None or pythonpath.endswith(before) and all(
+        Path(entry).is_dir() for entry in pythonpath[: len(pythonpath) - len(before)].split(os.pathsep) if entry)
+
+
 def _run_in_process(argv: list[str], env_changes: dict[str, str | None]) -> subprocess.CompletedProcess[str]:
-    """``rlaif.cli.main`` with ``argv``, the environment changed for the call, and stdout/stderr captured; an
-    uncaught exception becomes exit code 1 with its traceback on stderr, as in a process of its own."""
+    """``rlaif.cli.main`` with ``argv``, the environment changed for the call (a longer PYTHONPATH's new folders
+    first on sys.path), and stdout/stderr captured; an uncaught exception becomes exit code 1 with its traceback on
+    stderr, as in a process of its own."""
     from accelerate.state import AcceleratorState, GradientState
 
     from rlaif.cli import main
 
-    saved_env, saved_argv = dict(os.environ), sys.argv
+    saved_env, saved_argv, saved_path = dict(os.environ), sys.argv, list(sys.path)
+    added = (env_changes.get("PYTHONPATH") or "")[: -len(os.environ.get("PYTHONPATH", "")) or None]
+    sys.path[:0] = [entry for entry in added.split(os.pathsep) if entry]
     for key, value in env_changes.items():
         if value is None:
             os.environ.pop(key, None)
@@ -103,6 +114,7 @@ def _run_in_process(argv: list[str], env_changes: dict[str, str | None]) -> subp
         os.environ.clear()
         os.environ.update(saved_env)
         sys.argv = saved_argv
+        sys.path[:] = saved_path
         AcceleratorState._reset_state(reset_partial_state=True)  # each call is a fresh run, as in a new process
         GradientState._reset_state()
     return subprocess.CompletedProcess(["rlaif", *argv], code, stdout.getvalue(), stderr.getvalue())
