@@ -60,6 +60,12 @@ DEFAULT_LORA_TARGETS = {  # the attention projections, joint attention included 
 HUB_DATASET = re.compile(r"^(?!.*\.parquet$)[\w.-]+/[\w.-]+(@[\w.-]+)?$")
 
 
+def hub_dataset_id(source: str) -> bool:
+    """Whether a pairs source that is no local path names a hub dataset (ORG/NAME[@REVISION]): not when its first
+    folder exists here, which makes it a mistyped local path (run/pairs.parqet), not a dataset to fetch."""
+    return bool(HUB_DATASET.match(source)) and not Path(source.split("/")[0]).is_dir()
+
+
 MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at most 512 (longer prompts are cut). "
                              "Default: 256 for SD3 and FLUX.1-schnell (its model card's), 512 for FLUX.1-dev, at "
                              "most the T5 tokenizer's limit; sample, train and eval a model at the same length "
@@ -449,7 +455,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible settings and unusable paths before anything is loaded or written."""
         self.check_values()
-        if not Path(self.pairs).exists() and not HUB_DATASET.match(self.pairs) and "://" not in self.pairs:
+        if not Path(self.pairs).exists() and not hub_dataset_id(self.pairs) and "://" not in self.pairs:
             raise RlaifError(f"pairs table {self.pairs} does not exist (expected a parquet file, a folder of "
                              "parquet shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
         check_out_dir(self.out, "--out", "train")

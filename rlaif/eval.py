@@ -20,11 +20,11 @@ from rlaif.config import EvalConfig, LabelConfig, SampleConfig
 from rlaif.distributed import process_state
 from rlaif.errors import RlaifError
 from rlaif.files import read_json
-from rlaif.label import labelled_by, update_scores
+from rlaif.label import labelled_by, labelled_with, update_scores
 from rlaif.prompts import load_prompt_table
 from rlaif.report import write_report
 from rlaif.sample import run_sample
-from rlaif.scoring import parse_weights
+from rlaif.scoring import parse_options, parse_weights
 from rlaif.stats import interval_text, paired_effect, significance, wins
 from rlaif.tables import EVAL_METADATA, SAMPLES_SCHEMA, prompt_id, read_table, write_table
 from rlaif.train.outputs import check_trained_from, train_info, trained_config, trained_tables
@@ -139,22 +139,39 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | N
 
 def check_roles(config: EvalConfig) -> str | None:
     """Refuse a --held-out scorer that labelled a pairs table ``config.tuned`` learnt from (its own or its --init
-    chain's): a scorer trained on, reported as held out, would hide reward hacking or flag it the wrong way round.
-    Returns a note naming --scorer scorers that labelled none of them (reported as optimised all the same)."""
+    chain's): a scorer trained on, reported as held out, would hide reward hacking or flag it the wrong way round;
+    and a --scorer given other options than it labelled with (the score reported as optimised would be another
+    than the one trained on). Returns a note naming --scorer scorers that labelled none of them (reported as
+    optimised all the same)."""
     trained: dict[str, str] = {}  # scorer -> a table it labelled
+    options: dict[str, list[dict[str, str]]] = {}  # scorer -> the options of each table it labelled
     for table in trained_tables(train_info(config.tuned)):
         path = Path(table["pairs"])
         with contextlib.suppress(RlaifError):  # a table gone or changed since: nothing to read roles from
             for file in parquet_files(path) if path.exists() else []:
                 # a relabelled table's scorers labelled its AI column: trained on its human labels, they are not
                 if table.get("label_column") in (None, _scored_column(Path(file))):
-                    trained |= dict.fromkeys(labelled_by(Path(file)), table["pairs"])
+                    given = labelled_with(Path(file))
+                    for name in labelled_by(Path(file)):
+                        trained[name] = table["pairs"]
+                        options.setdefault(name, []).append(given.get(name, {}))
     if not trained:
         return None
     clash, untrained = miscast_scorers(trained, config.scorers, config.held_out)
     if clash is not None:
         raise RlaifError(f"--held-out {clash}: {config.tuned} was trained on pairs labelled by {clash} "
                          f"({trained[clash]}), so it is not held out; pass it as --scorer")
+    now = parse_options(config.scorer_options)
+    for name in parse_weights(config.scorers):
+        if name in options and now.get(name, {}) not in options[name]:
+            then = options[name][-1]
+            labelled = ", ".join(f"{key}={value}" for key, value in sorted(then.items())) or "no options"
+            advice = ("give it exactly " + " ".join(f"--scorer-option {name}.{key}={value}"
+                                                    for key, value in sorted(then.items()))) if then \
+                else "drop its --scorer-option"
+            raise RlaifError(f"--scorer {name}: {config.tuned} was trained on pairs it labelled with {labelled} "
+                             f"({trained[name]}), and the score reported as optimised must be the one trained on: "
+                             f"{advice}")
     if not untrained:
         return None
     return (f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "

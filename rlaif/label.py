@@ -258,6 +258,11 @@ def labelled_by(table: Path) -> list[str]:
     return list(parse_weights((_recorded_labelling(table) or {}).get("scorers", [])))
 
 
+def labelled_with(table: Path) -> dict[str, dict[str, str]]:
+    """The scorer options pairs table ``table`` was labelled with, by scorer (``parse_options``'s form)."""
+    return parse_options((_recorded_labelling(table) or {}).get("scorer_options", []))
+
+
 def _recorded_labelling(out: Path) -> dict | None:
     """The labelling record of pairs table ``out``: None when there is no table or it records none."""
     if not out.is_file():

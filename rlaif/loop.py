@@ -27,7 +27,7 @@ from rlaif.errors import RlaifError
 from rlaif.eval import EVAL_SCHEMA, miscast_scorers, run_eval
 from rlaif.files import atomic_path, check_out_dir, loaded_files_identity, read_json, write_json
 from rlaif.label import run_label
-from rlaif.models import check_generation, check_negative_prompt, model_identity
+from rlaif.models import check_generation, check_negative_prompt, model_identity, resolve_model
 from rlaif.prompts import load_prompt_table, resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_options, parse_weights
@@ -125,6 +125,10 @@ def read_loop(path: Path, out: Path | None = None, control: bool = False) -> Loo
     config = LoopConfig(**loop)
     if config.rounds < 1:
         raise RlaifError(f"{path} [loop]: rounds must be at least 1")
+    try:  # a misspelt tiny alias, told as the config's (its stages would name it as an option's)
+        resolve_model(config.model)
+    except RlaifError as exc:
+        raise RlaifError(f"{path} [loop] model: {exc}") from exc
     check_out_dir(config.out, "--out" if out is not None else f"{path} [loop] out", "loop")
     check_stages(path, config, stages)
     source = json.loads(json.dumps({"loop": dataclasses.asdict(config), **stages, PROMPT_FILES: _prompt_files(config),
@@ -270,8 +274,9 @@ def check_stages(path: Path, loop: LoopConfig, stages: dict[str, dict[str, Any]]
     for option, source, stage in (("prompts", loop.prompts, "sample"), ("eval_prompts", loop.eval_prompts, "eval")):
         try:
             load_prompt_table(source, stages[stage].get("prompt_column"))
-        except RlaifError as exc:
-            raise RlaifError(f"{path} [loop] {option}: {exc}") from exc
+        except RlaifError as exc:  # the column is the stage's setting here, not an option
+            told = str(exc).replace("--prompt-column", f"[{stage}] prompt_column")
+            raise RlaifError(f"{path} [loop] {option}: {told}") from exc
 
 
 def _check_anchor(path: Path, train: TrainConfig, negative: list[str], started: bool) -> None:

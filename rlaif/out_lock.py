@@ -67,13 +67,39 @@ def _take(out: Path, command: str) -> tuple[int | None, str | None]:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(held)
-        try:
-            return None, (path / "holder").read_text().strip() or "command"
-        except OSError:  # locked before it could say by whom
-            return None, "command"
+        return None, _holder(path)
     except OSError:  # no locks on this file system (ENOLCK on some NFS mounts)
         os.close(held)
         return None, None
     with contextlib.suppress(OSError):  # who holds it, for the refusal of the next: a full disk only loses that
         (path / "holder").write_text(f"{command} (process {os.getpid()} on {socket.gethostname()})")
     return held, None
+
+
+def held_by(out: Path) -> str | None:
+    """Which rlaif command on this machine is writing ``out`` now (as ``train (process N on HOST)``), if one is:
+    a folder of checkpoints only is then a run still going, not one to resume."""
+    path = lock_dir(out)
+    if fcntl is None or not path.is_dir():
+        return None
+    try:
+        probe = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once by the close below
+    except BlockingIOError:
+        return _holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(probe)
+    return None
+
+
+def _holder(path: Path) -> str:
+    """The command that holds lock folder ``path``, as it wrote itself there."""
+    try:
+        return (path / "holder").read_text().strip() or "command"
+    except OSError:  # locked before it could say by whom
+        return "command"

@@ -106,6 +106,9 @@ def resolve_factory(spec: str) -> tuple[str, Callable[..., Scorer]]:
             absent = isinstance(exc, ModuleNotFoundError) and exc.name in (module_name, top)
             if absent and module_name in available_scorers():  # "pickscore:two": a weight meant, not a plugin
                 raise RlaifError(f"--scorer {spec!r}: the weight {attr!r} is not a positive number") from exc
+            if not absent and ":" in attr:  # "mod:factory:two": the same, after a plugin's name
+                raise RlaifError(f"--scorer {spec!r}: the weight {attr.rpartition(':')[2]!r} is not a positive "
+                                 "number") from exc
             here = absent and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file())
             hint = (f"; {top} is in the current folder, which the `rlaif` command does not import from: run it with "
                     "PYTHONPATH=. (or as python -m rlaif)") if here else ""
@@ -280,6 +283,8 @@ def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
         name, dot, key = target.rpartition(".")
         if not (equals and dot and name and key.isidentifier()):
             raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
+        if key in options.get(name, {}):  # the last would win, and the records would list both
+            raise RlaifError(f"--scorer-option {name}.{key} is given twice ({options[name][key]!r} and {value!r})")
         options.setdefault(name, {})[key] = value
     return options
 

@@ -109,6 +109,14 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (tmp_path / "unknown-table.toml").write_text((tmp_path / "grid.toml").read_text() + "[trian]\nmax_steps = 3\n")
+    (tmp_path / "semi.csv").write_text("caption;notes\na red circle;round\n")  # saved by a spreadsheet set to ';'
+    (tmp_path / "p.csv").write_text("caption,notes\na red circle,round\n")
+    loop_config(tmp_path, "model-typo")
+    edit = (tmp_path / "model-typo.toml").read_text().replace('model = "tiny"', 'model = "tiny-xll"')
+    (tmp_path / "model-typo.toml").write_text(edit)
+    loop_config(tmp_path, "column", sample="prompt_column = 'captoin'")
+    edit = (tmp_path / "column.toml").read_text().replace('prompts = "p.txt"', 'prompts = "p.csv"', 1)
+    (tmp_path / "column.toml").write_text(edit)
     return tmp_path
 
 
@@ -363,6 +371,19 @@ CASES = [
     (["loop", "--config", "missing.toml"], "config file missing.toml cannot be read"),
     (["loop", "--config", "unknown-table.toml"], "unknown-table.toml: unknown table 'trian'; settings go in [loop], "
      "[sample], [label], [train], [eval]"),
+    (["loop", "--config", "model-typo.toml"], "model-typo.toml [loop] model: model 'tiny-xll' is neither a folder, a "
+     "hub id (ORG/NAME) nor a tiny model alias; did you mean 'tiny-xl'?"),
+    (["loop", "--config", "column.toml"], "column.toml [loop] prompts: prompts file "),
+    (["loop", "--config", "column.toml"], "has no column 'captoin' (columns: caption, notes); choose one with [sample] "
+     "prompt_column"),
+    # mistakes of a new user's trial
+    (["label", "one-each", "-s", "compressibility", "--scorer-option", "compressibility.x=1", "--scorer-option",
+      "compressibility.x=2"], "--scorer-option compressibility.x is given twice ('1' and '2')"),
+    (["label", "one-each", "-s", "rlaif.scorers.jpeg:compressibility:abc"],
+     "--scorer 'rlaif.scorers.jpeg:compressibility:abc': the weight 'abc' is not a positive number"),
+    (["train", "lora/pairs.parqet", "-m", "tiny", "-o", "t"], "pairs table lora/pairs.parqet does not exist"),
+    (["sample", "-m", "tiny", "-p", "semi.csv", "-o", "s"], "prompts file semi.csv reads as one column "
+     "'caption;notes': its fields seem separated by ';', and rlaif reads a .csv's by commas"),
 ]
 
 

@@ -481,6 +481,42 @@ def test_a_scorer_the_model_was_trained_on_is_not_held_out(tiny_pairs, tmp_path)
             assert roles(["incompressibility"], ["compressibility"]) is None
 
 
+def test_an_optimised_scorer_is_scored_with_the_options_it_labelled_with(tiny_pairs, tmp_path):
+    """A new user's trial labelled with a plugin's option and evaluated without it: eval reported another score as
+    the one optimised, without a word. The options must be those of the labelling (`rlaif loop` fills them in)."""
+    import pyarrow.parquet as pq
+
+    from rlaif.config import EvalConfig
+    from rlaif.eval import check_roles
+    from rlaif.label import LABELLING_METADATA
+
+    trained = run_cli("train", tiny_pairs, "--model", "tiny", "--out", tmp_path / "lora", "--max-steps", 1)
+    assert trained.returncode == 0, trained.stderr
+
+    def roles(options):
+        return check_roles(EvalConfig(base="tiny", tuned=tmp_path / "lora", prompts="p.txt", out=tmp_path / "e",
+                                      scorers=["compressibility"], scorer_options=options))
+
+    assert roles([]) is None
+    with pytest.raises(RlaifError, match=r"^--scorer compressibility: .* was trained on pairs it labelled with no "
+                                         r"options \(.*\), and the score reported as optimised must be the one "
+                                         "trained on: drop its --scorer-option$"):
+        roles(["compressibility.level=9"])
+    table = pq.read_table(tiny_pairs)  # as if labelled with --scorer-option compressibility.level=9
+    metadata = dict(table.schema.metadata)
+    labelling = json.loads(metadata[LABELLING_METADATA.encode()])
+    metadata[LABELLING_METADATA.encode()] = json.dumps({**labelling, "scorer_options": ["compressibility.level=9"]})
+    pq.write_table(table.replace_schema_metadata(metadata), tmp_path / "levelled.parquet")
+    record = tmp_path / "lora" / "train.json"
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps({**info, "config": {**info["config"], "pairs": str(tmp_path / "levelled.parquet")}}))
+    assert roles(["compressibility.level=9"]) is None
+    for options in ([], ["compressibility.level=8"], ["compressibility.level=9", "compressibility.other=1"]):
+        with pytest.raises(RlaifError, match=r"labelled with level=9 \(.*levelled.parquet\), .*: give it exactly "
+                                             "--scorer-option compressibility.level=9$"):
+            roles(options)
+
+
 def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):
     """Round 2 of iterative DPO (`train --init` round 1) learnt from round 1's images as well: its prompts at round
     1's seed are refused, though round 2's own table was sampled at another seed. Training on round 1's samples

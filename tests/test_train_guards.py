@@ -382,6 +382,14 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
         assert (f"error: {out} is being written by another `rlaif train (process {holder.pid} on "
                 in refused.stderr and "then run this again" in refused.stderr)
         assert not out.exists()
+        (out / "checkpoints").mkdir(parents=True)  # its first checkpoint being written: a run still going
+        still = run_cli("eval", "-m", "tiny", "--tuned", out, "-p", "demo-eval", "-s", "compressibility", "-o",
+                        tmp_path / "e")
+        assert still.returncode == 2 and (f"--tuned {out} is an unfinished training run (checkpoints only) of a "
+                                          f"training run still going (`rlaif train (process {holder.pid} on ") \
+            in still.stderr and "not finished weights: wait for it to finish" in still.stderr, still.stderr
+        (out / "checkpoints").rmdir()
+        out.rmdir()
         # the lock is on a folder, which systemd-tmpfiles' ageing of /tmp skips while it is locked, as it tests
         probe = os.open(lock_dir(out), os.O_RDONLY)
         try:

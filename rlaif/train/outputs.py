@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import check_in_dir, publish, read_json, write_json
 from rlaif.models import DTYPE_KWARG, denoiser, denoiser_fingerprint, denoiser_name
+from rlaif.out_lock import held_by
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TRAIN_FILE = "train.json"
@@ -56,6 +57,10 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
         unfinished = ("a training checkpoint" if (folder / "position.json").is_file() else
                       "an unfinished training run (checkpoints only)" if (folder / "checkpoints").is_dir() else None)
         if unfinished:
+            writer = held_by(folder.parent.parent if (folder / "position.json").is_file() else folder)
+            if writer is not None:
+                raise RlaifError(f"{option} {folder} is {unfinished} of a training run still going (`rlaif "
+                                 f"{writer}`), not finished weights: wait for it to finish")
             raise RlaifError(f"{option} {folder} is {unfinished}, not finished weights: finish the run with the same "
                              "`rlaif train` command and --resume latest")
         if (folder / "train_log.jsonl").is_file():

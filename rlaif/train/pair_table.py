@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlaif.config import HUB_DATASET
+from rlaif.config import hub_dataset_id
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity, loaded_files_identity
 from rlaif.images import ImageSource
@@ -333,7 +333,7 @@ class PairTable(Sequence[PreferencePair]):
         self.columns: list[str] = []
         self.label: str | None = None  # both set from the first file's columns (_check_columns)
         path = Path(source)
-        if streaming and not HUB_DATASET.match(self.source):
+        if streaming and not hub_dataset_id(self.source):
             raise RlaifError(f"--streaming reads a hub dataset id in place; {source} is not one (a local table is "
                              "read lazily anyway; give an fsspec URL for other remote tables)")
         self.pinned: str | None = None  # for a hub dataset id: ORG/NAME@REVISION, the version read
@@ -348,7 +348,7 @@ class PairTable(Sequence[PreferencePair]):
             return
         elif path.exists():
             self._init_parquet(parquet_files(path))
-        elif HUB_DATASET.match(self.source):
+        elif hub_dataset_id(self.source):
             snapshot = hub_snapshot(self.source)
             self.pinned = f"{hub_revision(self.source)[0]}@{snapshot.name}"
             self._init_parquet(parquet_shards(sorted(map(str, snapshot.rglob("*.parquet"))), str(snapshot),
