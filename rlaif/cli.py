@@ -368,7 +368,8 @@ def evaluate(
 
 def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_options: list[str],
                  max_pairs: int, label_column: str | None) -> None:
-    from rlaif.pair_eval import run_pairs_eval, trained_table_remarks
+    from rlaif.distributed import process_state
+    from rlaif.pair_eval import judged_batches, run_pairs_eval, trained_table_remarks
     from rlaif.scoring import check_scorers
 
     if max_pairs < 1:
@@ -390,6 +391,10 @@ def _judge_pairs(base: str, tuned: Path, pairs: str, scorers: list[str], scorer_
            f"pictures: {', '.join(left_out)}" if left_out else ""))
     for remark in trained_table_remarks(tuned, pairs, judged[0].labels):  # accuracy on pairs it learnt
         say(remark)
+    processes, count = process_state().num_processes, judged[0].pairs
+    if processes > 1 and judged_batches(count, count, 1, processes)[2] == 1:
+        say(f"note: {count} pairs do not divide among {processes} processes, so each judged all of them (no faster "
+            f"than one); a --max-pairs that {processes} divides splits them")
 
 
 def print_win_rates(table: Path) -> None:

@@ -66,6 +66,15 @@ def hub_dataset_id(source: str) -> bool:
     return bool(HUB_DATASET.match(source)) and not Path(source.split("/")[0]).is_dir()
 
 
+def missing_pairs(source: str) -> str:
+    """The refusal of a pairs source that names nothing rlaif can read."""
+    first = source.split("/")[0]
+    here = (f"; a folder {first} is here, so it is read as a local path (for the hub dataset, give "
+            f"hf://datasets/{source})") if HUB_DATASET.match(source) and Path(first).is_dir() else ""
+    return (f"pairs table {source} does not exist (expected a parquet file, a folder of parquet shards, a "
+            f"datasets.save_to_disk folder, a hub dataset id or an fsspec URL){here}")
+
+
 MAX_SEQUENCE_LENGTH_HELP = ("SD3 / FLUX.1 only: T5 prompt length in tokens, at most 512 (longer prompts are cut). "
                              "Default: 256 for SD3 and FLUX.1-schnell (its model card's), 512 for FLUX.1-dev, at "
                              "most the T5 tokenizer's limit; sample, train and eval a model at the same length "
@@ -456,8 +465,7 @@ class TrainConfig:
         """Reject impossible settings and unusable paths before anything is loaded or written."""
         self.check_values()
         if not Path(self.pairs).exists() and not hub_dataset_id(self.pairs) and "://" not in self.pairs:
-            raise RlaifError(f"pairs table {self.pairs} does not exist (expected a parquet file, a folder of "
-                             "parquet shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
+            raise RlaifError(missing_pairs(self.pairs))
         check_out_dir(self.out, "--out", "train")
         if self.init is not None:
             _check_tuned(self.init, "--init")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
@@ -137,12 +138,12 @@ def check_images_held_out(tuned: Path, prompts: list[str], seed: int) -> str | N
     return next((note for note in notes if note), None)
 
 
-def check_roles(config: EvalConfig) -> str | None:
+def check_roles(config: EvalConfig) -> list[str]:
     """Refuse a --held-out scorer that labelled a pairs table ``config.tuned`` learnt from (its own or its --init
-    chain's): a scorer trained on, reported as held out, would hide reward hacking or flag it the wrong way round;
-    and a --scorer given other options than it labelled with (the score reported as optimised would be another
-    than the one trained on). Returns a note naming --scorer scorers that labelled none of them (reported as
-    optimised all the same)."""
+    chain's): a scorer trained on, reported as held out, would hide reward hacking or flag it the wrong way round.
+    Returns notes naming a --scorer given other options than its own table was labelled with (the score reported as
+    optimised may be another than the one trained on; a model path may differ between machines alone), and
+    --scorer scorers that labelled none of them (reported as optimised all the same)."""
     trained: dict[str, str] = {}  # scorer -> a table it labelled
     options: dict[str, list[dict[str, str]]] = {}  # scorer -> the options of each table it labelled
     for table in trained_tables(train_info(config.tuned)):
@@ -152,31 +153,32 @@ def check_roles(config: EvalConfig) -> str | None:
                 # a relabelled table's scorers labelled its AI column: trained on its human labels, they are not
                 if table.get("label_column") in (None, _scored_column(Path(file))):
                     given = labelled_with(Path(file))
-                    for name in labelled_by(Path(file)):
-                        trained[name] = table["pairs"]
+                    for name in labelled_by(Path(file)):  # the model's own table first, then its --init chain's
+                        trained.setdefault(name, table["pairs"])
                         options.setdefault(name, []).append(given.get(name, {}))
     if not trained:
-        return None
+        return []
     clash, untrained = miscast_scorers(trained, config.scorers, config.held_out)
     if clash is not None:
         raise RlaifError(f"--held-out {clash}: {config.tuned} was trained on pairs labelled by {clash} "
                          f"({trained[clash]}), so it is not held out; pass it as --scorer")
-    now = parse_options(config.scorer_options)
+    now, notes = parse_options(config.scorer_options), []
     for name in parse_weights(config.scorers):
         if name in options and now.get(name, {}) not in options[name]:
-            then = options[name][-1]
+            then = options[name][0]
             labelled = ", ".join(f"{key}={value}" for key, value in sorted(then.items())) or "no options"
-            advice = ("give it exactly " + " ".join(f"--scorer-option {name}.{key}={value}"
+            advice = ("give it exactly " + " ".join(f"--scorer-option {shlex.quote(f'{name}.{key}={value}')}"
                                                     for key, value in sorted(then.items()))) if then \
                 else "drop its --scorer-option"
-            raise RlaifError(f"--scorer {name}: {config.tuned} was trained on pairs it labelled with {labelled} "
-                             f"({trained[name]}), and the score reported as optimised must be the one trained on: "
-                             f"{advice}")
-    if not untrained:
-        return None
-    return (f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "
-            f"{', '.join(trained)}, not by {'this scorer' if len(untrained) == 1 else 'these'}; it is reported as "
-            "optimised all the same (pass it as --held-out to have it watched for reward hacking)")
+            notes.append(f"--scorer {name}: {config.tuned} was trained on pairs it labelled with {labelled} "
+                         f"({trained[name]}); scored otherwise here, it is reported as optimised though it may not be "
+                         f"the score trained on: to score it as trained, {advice}")
+    if untrained:
+        notes.append(f"--scorer {', '.join(untrained)}: {config.tuned} was trained on pairs labelled by "
+                     f"{', '.join(trained)}, not by {'this scorer' if len(untrained) == 1 else 'these'}; it is "
+                     "reported as optimised all the same (pass it as --held-out to have it watched for reward "
+                     "hacking)")
+    return notes
 
 
 def miscast_scorers(trained: Collection[str], scorers: list[str], held_out: list[str]) -> tuple[str | None, list[str]]:
@@ -284,8 +286,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None, base_dir: Pat
     config.validate()
     prompt_table = load_prompt_table(config.prompts, config.prompt_column, config.max_prompts)
     prompts = prompt_table["prompt"].to_list()
-    notes = [text for text in (check_roles(config), check_images_held_out(config.tuned, prompts, config.seed),
-                               other_guidance(config.tuned, config.guidance)) if text]
+    notes = [*check_roles(config), *(text for text in (check_images_held_out(config.tuned, prompts, config.seed),
+                                                        other_guidance(config.tuned, config.guidance)) if text)]
     check_trained_from(config.tuned, config.base)
     # the tuned side first: a tuned model that does not fit the base fails before anything is sampled
     sides = {"tuned": (config.out / "tuned", config.tuned), "base": (base_dir or config.out / "base", None)}

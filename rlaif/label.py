@@ -260,7 +260,7 @@ def labelled_by(table: Path) -> list[str]:
 
 def labelled_with(table: Path) -> dict[str, dict[str, str]]:
     """The scorer options pairs table ``table`` was labelled with, by scorer (``parse_options``'s form)."""
-    return parse_options((_recorded_labelling(table) or {}).get("scorer_options", []))
+    return parse_options((_recorded_labelling(table) or {}).get("scorer_options", []), repeats=True)
 
 
 def _recorded_labelling(out: Path) -> dict | None:

@@ -32,11 +32,14 @@ from rlaif.prompts import load_prompt_table, resolve_prompt_source
 from rlaif.sample import run_sample
 from rlaif.scoring import parse_options, parse_weights
 from rlaif.tables import write_table
+from rlaif.train.outputs import trained_config
 from rlaif.train.trainer import (
     ANCHOR_CLASH,
+    DEFAULTED,
     check_defaults_as_before,
     finished_before,
     run_train,
+    settings_then,
     with_family_defaults,
 )
 
@@ -149,13 +152,14 @@ def pin_defaults(stages: dict[str, dict[str, Any]], recorded: dict[str, dict[str
     """``stages`` with every setting they leave unset at the default ``recorded`` when the loop began, where this
     rlaif's default differs (later rounds would sample, pair or be evaluated otherwise than round 1); and the
     settings so kept, as ``[stage] key value``."""
-    now, pinned = stage_defaults(), []
+    pinned = []
     stages = {name: dict(settings) for name, settings in stages.items()}
     for stage in PINNED_STAGES:
+        now = {f.name: f.default for f in dataclasses.fields(STAGES[stage])}  # a default may since be None (resolved)
         for key, value in recorded.get(stage, {}).items():
-            if key not in stages.get(stage, {}) and key in now.get(stage, {}) and now[stage][key] != value:
+            if key not in stages.get(stage, {}) and key in now and now[key] != value:
                 stages[stage][key] = value
-                pinned.append(f"[{stage}] {key} {value!r} (now {now[stage][key]!r})")
+                pinned.append(f"[{stage}] {key} {value!r} (now {now[key]!r})")
     return stages, pinned
 
 
@@ -343,14 +347,26 @@ def _state(plan: LoopPlan) -> dict:
               for table in sorted(tables) for key in sorted(set(before.get(table, {})) | set(now.get(table, {})))]
     # before any round is evaluated, [eval] and its prompts may still be mended (eval remakes what it finds stale)
     mendable = not evaluated(state.get("done", []))
+    trained = _trained_defaults(plan.loop.out, state.get("done", []))
     changed = [(table, key, old, new) for table, key, old, new in values
-               if old != new and key not in resumable.get(table, ()) and not (mendable and _of_eval(table, key))]
+               if old != new and key not in resumable.get(table, ()) and not (mendable and _of_eval(table, key))
+               and not (table == "train" and old == "(unset)" and key in trained and trained[key] == new)]
     more_rounds = [(t, k) for t, k, _, _ in changed] == [("loop", "rounds")] and changed[0][3] > changed[0][2]
     if not changed or more_rounds:  # more rounds: the finished ones stand
         return {**state, "settings": now}
     changed = [f"[{table}] {key} {old!r} -> {new!r}" for table, key, old, new in changed]
     raise RlaifError(f"{plan.loop.out} holds a loop run with other settings ({'; '.join(changed)}); rerun with "
                      "the same config and options to continue it, or choose another --out")
+
+
+def _trained_defaults(out: Path, done: list[str]) -> dict[str, Any]:
+    """The settings [train] left to rlaif's defaults as the loop's last finished training resolved them: set to
+    those values in the config, they change nothing (how a loop goes on after an upgrade changed a default)."""
+    rounds = [int(key.split("/")[0]) for key in done if key.endswith("/train")]
+    if not rounds:
+        return {}
+    then = settings_then(trained_config(out / f"round_{max(rounds)}" / "train"))
+    return {key: then[key] for key in DEFAULTED if then.get(key) is not None}
 
 
 def evaluated(done: list[str]) -> bool:

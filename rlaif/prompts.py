@@ -133,12 +133,14 @@ def _table_column(table: pl.DataFrame, path: Path, column: str | None) -> list[s
     if not candidates or candidates[0] not in table.columns:
         wanted = repr(column) if column else " or ".join(repr(c) for c in DEFAULT_COLUMNS)
         plain = "; or, if it is a list of prompts, one per line, name it .txt" if len(table.columns) == 1 else ""
-        separator = next((mark for mark in (";", "\t", "|") if len(table.columns) == 1 and mark in table.columns[0]),
-                         None)
+        header = table.columns[0] if len(table.columns) == 1 and path.suffix.lower() == ".csv" else ""
+        first = str(table.item(0, 0)) if header and table.height else ""
+        separator = next((mark for mark in (";", "\t", "|")  # as many fields in the first row as in the header
+                          if mark in header and first.count(mark) == header.count(mark)), None)
         if separator is not None:  # one column whose name holds the real separator: "caption;notes"
             raise RlaifError(f"prompts file {path} reads as one column {table.columns[0]!r}: its fields seem separated "
                              f"by {separator!r}, and rlaif reads a .csv's by commas and a .tsv's by tabs; save it with "
-                             "commas (or tabs, as .tsv)")
+                             f"commas (or tabs, as .tsv){plain}")
         raise RlaifError(
             f"prompts file {path} has no column {wanted} (columns: {', '.join(table.columns)}); "
             f"choose one with --prompt-column{plain}"

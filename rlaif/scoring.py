@@ -275,15 +275,16 @@ def check_scorers(scorers: list[str], scorer_options: list[str], weighted: bool 
         check_options(spec, options)
 
 
-def parse_options(specs: list[str]) -> dict[str, dict[str, str]]:
-    """``["clip.arch=ViT-H-14"]`` -> ``{"clip": {"arch": "ViT-H-14"}}`` (the scorer name may contain dots)."""
+def parse_options(specs: list[str], repeats: bool = False) -> dict[str, dict[str, str]]:
+    """``["clip.arch=ViT-H-14"]`` -> ``{"clip": {"arch": "ViT-H-14"}}`` (the scorer name may contain dots).
+    ``repeats``: a key given twice takes the last value, as an rlaif before 2026-11-29 scored with (in its records)."""
     options: dict[str, dict[str, str]] = {}
     for spec in specs:
         target, equals, value = spec.partition("=")
         name, dot, key = target.rpartition(".")
         if not (equals and dot and name and key.isidentifier()):
             raise RlaifError(f"--scorer-option {spec!r}: expected NAME.KEY=VALUE")
-        if key in options.get(name, {}):  # the last would win, and the records would list both
+        if key in options.get(name, {}) and not repeats:  # the last would win, and the records would list both
             raise RlaifError(f"--scorer-option {name}.{key} is given twice ({options[name][key]!r} and {value!r})")
         options.setdefault(name, {})[key] = value
     return options

@@ -76,7 +76,9 @@ def _importable_here(pythonpath: str | None) -> bool:
     """Whether a call with ``pythonpath`` can run in this process, its folders put first on sys.path for the call
     (plugins a test imports by module:attr or entry point); not when it leaves out a folder this process has."""
     before = os.environ.get("PYTHONPATH", "")
-    return pythonpath is None or pythonpath.endswith(before) and all(
+    if pythonpath is None:  # a folder this process imports from would stay importable
+        return not before
+    return pythonpath.endswith(before) and all(
         Path(entry).is_dir() for entry in pythonpath[: len(pythonpath) - len(before)].split(os.pathsep) if entry)
 
 

@@ -382,6 +382,9 @@ CASES = [
     (["label", "one-each", "-s", "rlaif.scorers.jpeg:compressibility:abc"],
      "--scorer 'rlaif.scorers.jpeg:compressibility:abc': the weight 'abc' is not a positive number"),
     (["train", "lora/pairs.parqet", "-m", "tiny", "-o", "t"], "pairs table lora/pairs.parqet does not exist"),
+    (["train", "lora/pairs", "-m", "tiny", "-o", "t"], "pairs table lora/pairs does not exist (expected a parquet "
+     "file, a folder of parquet shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL); a folder "
+     "lora is here, so it is read as a local path (for the hub dataset, give hf://datasets/lora/pairs)"),
     (["sample", "-m", "tiny", "-p", "semi.csv", "-o", "s"], "prompts file semi.csv reads as one column "
      "'caption;notes': its fields seem separated by ';', and rlaif reads a .csv's by commas"),
 ]

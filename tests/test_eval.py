@@ -5,6 +5,7 @@ import html
 import html.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -452,15 +453,15 @@ def test_a_scorer_the_model_was_trained_on_is_not_held_out(tiny_pairs, tmp_path)
         return check_roles(EvalConfig(base="tiny", tuned=tmp_path / "lora", prompts="p.txt", out=tmp_path / "e",
                                       scorers=scorers, held_out=held_out))
 
-    assert roles(["compressibility"], ["incompressibility"]) is None
+    assert roles(["compressibility"], ["incompressibility"]) == []
     with pytest.raises(RlaifError, match=rf"^--held-out compressibility: {tmp_path / 'lora'} was trained on pairs "
                                          rf"labelled by compressibility \({tiny_pairs.resolve()}\), so it is not held "
                                          "out; pass it as --scorer$"):
         roles(["incompressibility"], ["compressibility"])
-    assert roles(["incompressibility"], []) == (
+    assert roles(["incompressibility"], []) == [
         f"--scorer incompressibility: {tmp_path / 'lora'} was trained on pairs labelled by compressibility, not by "
         "this scorer; it is reported as optimised all the same (pass it as --held-out to have it watched for reward "
-        "hacking)")
+        "hacking)"]
     # a relabelled table (human label_0, the scorer's ai_label_0 beside it) trained on its human labels: the scorer
     # that wrote the AI labels did not train the model, and may be held out (a review found it refused)
     import pyarrow as pa
@@ -478,12 +479,13 @@ def test_a_scorer_the_model_was_trained_on_is_not_held_out(tiny_pairs, tmp_path)
             with pytest.raises(RlaifError, match="^--held-out compressibility: "):
                 roles(["incompressibility"], ["compressibility"])
         else:
-            assert roles(["incompressibility"], ["compressibility"]) is None
+            assert roles(["incompressibility"], ["compressibility"]) == []
 
 
 def test_an_optimised_scorer_is_scored_with_the_options_it_labelled_with(tiny_pairs, tmp_path):
     """A new user's trial labelled with a plugin's option and evaluated without it: eval reported another score as
-    the one optimised, without a word. The options must be those of the labelling (`rlaif loop` fills them in)."""
+    the one optimised, without a word. It now says so, with the options that score it as trained (`rlaif loop`
+    fills them in; a note, not a refusal, since a model path in an option may differ between machines alone)."""
     import pyarrow.parquet as pq
 
     from rlaif.config import EvalConfig
@@ -497,24 +499,25 @@ def test_an_optimised_scorer_is_scored_with_the_options_it_labelled_with(tiny_pa
         return check_roles(EvalConfig(base="tiny", tuned=tmp_path / "lora", prompts="p.txt", out=tmp_path / "e",
                                       scorers=["compressibility"], scorer_options=options))
 
-    assert roles([]) is None
-    with pytest.raises(RlaifError, match=r"^--scorer compressibility: .* was trained on pairs it labelled with no "
-                                         r"options \(.*\), and the score reported as optimised must be the one "
-                                         "trained on: drop its --scorer-option$"):
-        roles(["compressibility.level=9"])
-    table = pq.read_table(tiny_pairs)  # as if labelled with --scorer-option compressibility.level=9
-    metadata = dict(table.schema.metadata)
+    assert roles([]) == []
+    (said,) = roles(["compressibility.level=9"])
+    assert re.fullmatch(r"--scorer compressibility: .* was trained on pairs it labelled with no options \(.*\); "
+                        "scored otherwise here, it is reported as optimised though it may not be the score trained "
+                        "on: to score it as trained, drop its --scorer-option", said), said
+    table = pq.read_table(tiny_pairs)  # as if labelled with --scorer-option compressibility.level=9, and a repeat
+    metadata = dict(table.schema.metadata)  # of one key, as an rlaif before 2026-11-29 let through (the last won)
     labelling = json.loads(metadata[LABELLING_METADATA.encode()])
-    metadata[LABELLING_METADATA.encode()] = json.dumps({**labelling, "scorer_options": ["compressibility.level=9"]})
+    metadata[LABELLING_METADATA.encode()] = json.dumps(
+        {**labelling, "scorer_options": ["compressibility.level=1", "compressibility.level=9"]})
     pq.write_table(table.replace_schema_metadata(metadata), tmp_path / "levelled.parquet")
     record = tmp_path / "lora" / "train.json"
     info = json.loads(record.read_text())
     record.write_text(json.dumps({**info, "config": {**info["config"], "pairs": str(tmp_path / "levelled.parquet")}}))
-    assert roles(["compressibility.level=9"]) is None
+    assert roles(["compressibility.level=9"]) == []
     for options in ([], ["compressibility.level=8"], ["compressibility.level=9", "compressibility.other=1"]):
-        with pytest.raises(RlaifError, match=r"labelled with level=9 \(.*levelled.parquet\), .*: give it exactly "
-                                             "--scorer-option compressibility.level=9$"):
-            roles(options)
+        (said,) = roles(options)
+        assert re.search(r"labelled with level=9 \(.*levelled.parquet\); .*: to score it as trained, give it "
+                         "exactly --scorer-option compressibility.level=9$", said), said
 
 
 def test_eval_refuses_the_images_of_the_init_chain_too(tiny_pairs, tmp_path):

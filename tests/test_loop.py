@@ -72,6 +72,15 @@ def test_a_loop_continued_by_an_rlaif_with_other_defaults_stops_before_the_next_
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "keep_unconditional 0.0 -> 1.0; caption_dropout 0.2 -> 0.0" in result.stderr
     assert not (out / "round_2").exists()
+    # as the refusal says: the config gives them as they were, which is no change of the loop's settings
+    assert "set them in the config's [train] table as they were (keep_unconditional = 0.0; caption_dropout = 0.2)" \
+        in result.stderr
+    config.write_text(config.read_text().replace("[train]\n", "[train]\nkeep_unconditional = 0.0\n"
+                                                 "caption_dropout = 0.2\n"))
+    goes_on = run_cli("loop", "--config", config)
+    assert goes_on.returncode == 0, goes_on.stderr
+    round_2 = json.loads((out / "round_2" / "train" / "train.json").read_text())["config"]
+    assert (round_2["keep_unconditional"], round_2["caption_dropout"]) == (0.0, 0.2)
 
 
 def test_a_loop_stopped_after_a_training_finished_keeps_it(tmp_path):

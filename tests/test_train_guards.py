@@ -368,6 +368,7 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
     the output, a second one into it stops with one line, leaving nothing there; once the first ends, it runs."""
     import fcntl
     import os
+    import shutil
 
     from conftest import run_cli
 
@@ -385,11 +386,14 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_pairs, tmp_pa
         (out / "checkpoints").mkdir(parents=True)  # its first checkpoint being written: a run still going
         still = run_cli("eval", "-m", "tiny", "--tuned", out, "-p", "demo-eval", "-s", "compressibility", "-o",
                         tmp_path / "e")
-        assert still.returncode == 2 and (f"--tuned {out} is an unfinished training run (checkpoints only) of a "
-                                          f"training run still going (`rlaif train (process {holder.pid} on ") \
-            in still.stderr and "not finished weights: wait for it to finish" in still.stderr, still.stderr
-        (out / "checkpoints").rmdir()
-        out.rmdir()
+        assert still.returncode == 2 and (f"--tuned {out} belongs to a training run still going (`rlaif train "
+                                          f"(process {holder.pid} on ") in still.stderr, still.stderr
+        assert "not finished weights: wait for it to finish" in still.stderr
+        (out / "round_2" / "train" / "checkpoints").mkdir(parents=True)  # inside it: a loop's round, say
+        inner = run_cli("eval", "-m", "tiny", "--tuned", out / "round_2" / "train", "-p", "demo-eval", "-s",
+                        "compressibility", "-o", tmp_path / "e")
+        assert inner.returncode == 2 and "belongs to a training run still going" in inner.stderr, inner.stderr
+        shutil.rmtree(out)
         # the lock is on a folder, which systemd-tmpfiles' ageing of /tmp skips while it is locked, as it tests
         probe = os.open(lock_dir(out), os.O_RDONLY)
         try:

@@ -57,10 +57,10 @@ def check_output(folder: str | Path, option: str = "--tuned") -> Path:
         unfinished = ("a training checkpoint" if (folder / "position.json").is_file() else
                       "an unfinished training run (checkpoints only)" if (folder / "checkpoints").is_dir() else None)
         if unfinished:
-            writer = held_by(folder.parent.parent if (folder / "position.json").is_file() else folder)
+            writer = held_by(folder)
             if writer is not None:
-                raise RlaifError(f"{option} {folder} is {unfinished} of a training run still going (`rlaif "
-                                 f"{writer}`), not finished weights: wait for it to finish")
+                raise RlaifError(f"{option} {folder} belongs to a training run still going (`rlaif {writer}`), not "
+                                 "finished weights: wait for it to finish")
             raise RlaifError(f"{option} {folder} is {unfinished}, not finished weights: finish the run with the same "
                              "`rlaif train` command and --resume latest")
         if (folder / "train_log.jsonl").is_file():

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlaif.config import hub_dataset_id
+from rlaif.config import hub_dataset_id, missing_pairs
 from rlaif.errors import RlaifError, first_line
 from rlaif.files import file_identity, loaded_files_identity
 from rlaif.images import ImageSource
@@ -354,8 +354,7 @@ class PairTable(Sequence[PreferencePair]):
             self._init_parquet(parquet_shards(sorted(map(str, snapshot.rglob("*.parquet"))), str(snapshot),
                                               self.source))
         else:
-            raise RlaifError(f"pairs table {source} does not exist (expected a parquet file, a folder of parquet "
-                             "shards, a datasets.save_to_disk folder, a hub dataset id or an fsspec URL)")
+            raise RlaifError(missing_pairs(str(source)))
         self._index(label)
 
     @cached_property

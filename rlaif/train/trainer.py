@@ -771,12 +771,15 @@ def finished_before(config: TrainConfig) -> bool:
 def check_defaults_as_before(previous: Path, config: TrainConfig) -> None:
     """Refuse to train ``config`` on from ``previous`` (a loop's earlier round) when settings it leaves to the
     defaults now resolve otherwise than they did for ``previous``."""
-    now = asdict(with_family_defaults(config))
-    changed = changed_settings(settings_then(trained_config(previous)), now, DEFAULTED)
+    now, then = asdict(with_family_defaults(config)), settings_then(trained_config(previous))
+    changed = changed_settings(then, now, DEFAULTED)
     if changed:
+        keep = "; ".join(f"{key} = {then[key]!r}" for key in DEFAULTED
+                         if then.get(key) != now.get(key) and then.get(key) is not None)
         raise RlaifError(f"{previous} was trained under other defaults than this rlaif's ({'; '.join(changed)}), so "
-                         "the next round would train another loss; finish the loop with the rlaif that started it, or "
-                         "start it again in a new --out")
+                         "the next round would train another loss; finish the loop with the rlaif that started it"
+                         + (f", set them in the config's [train] table as they were ({keep})" if keep else "")
+                         + ", or start it again in a new --out")
 
 
 # Changes of BATCH_RULES that touch only some runs, and whether they touch one of ``pairs`` under ``config``: 4 left
