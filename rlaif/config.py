@@ -68,9 +68,8 @@ def hub_dataset_id(source: str) -> bool:
 
 def missing_pairs(source: str) -> str:
     """The refusal of a pairs source that names nothing rlaif can read."""
-    first = source.split("/")[0]
-    here = (f"; a folder {first} is here, so it is read as a local path (for the hub dataset, give "
-            f"hf://datasets/{source})") if HUB_DATASET.match(source) and Path(first).is_dir() else ""
+    here = (f"; a folder {source.split('/')[0]} is here, so it is read as a local path (for the hub dataset, give "
+            f"hf://datasets/{source})") if HUB_DATASET.match(source) and not hub_dataset_id(source) else ""
     return (f"pairs table {source} does not exist (expected a parquet file, a folder of parquet shards, a "
             f"datasets.save_to_disk folder, a hub dataset id or an fsspec URL){here}")
 
